@@ -1,0 +1,189 @@
+"""Typed pipeline configuration: one pydantic model per stage, composed into `PipelineConfig`.
+
+Every model forbids unknown keys, so a typo fails before any work starts. `load_config`
+reads a YAML profile, applies `--set a.b=c` overrides and turns pydantic's errors into one
+readable message that names the field and what it accepts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROFILE_DIR = Path(__file__).parent
+STAGES = ("sample", "ingest", "tokenize", "pretrain")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field(s)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the settings; part of every artifact fingerprint."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SampleConfig(Strict):
+    """The embedded sample world (`tracecore make-sample`)."""
+
+    seed: int = 0
+    n_entities: int = Field(400, ge=10, le=100_000)
+    max_fact_frequency: int = Field(1000, ge=1, le=100_000, description="planted count of the most frequent fact")
+    n_parallel_phrases: int = Field(300, ge=10, le=100_000)
+    filler_documents: int = Field(10000, ge=0, le=10_000_000)
+    sentences_per_document: int = Field(8, ge=1, le=1000)
+    instructions: int = Field(3000, ge=100, le=1_000_000)
+    preference_pairs: int = Field(600, ge=10, le=1_000_000)
+    haystacks: int = Field(40, ge=1, le=100_000)
+    haystack_sentences: int = Field(120, ge=10, le=100_000)
+    corpus_files: int = Field(8, ge=1, le=10_000, description="corpus JSONL files (ingest parallelism)")
+
+
+class IngestConfig(Strict):
+    """Read corpora into validated, de-duplicated document shards."""
+
+    paths: list[str] = Field(default_factory=list, description="globs/URIs; empty = the sample corpus")
+    text_field: str = "text"
+    id_field: str = "id"
+    max_doc_chars: int = Field(1_000_000, ge=1)
+    max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    docs_per_shard: int = Field(2000, ge=1)
+    dedup: bool = True
+
+
+class TokenizeConfig(Strict):
+    """Train (or load) a tokenizer and write token shards."""
+
+    tokenizer_path: str | None = Field(None, description="local HF tokenizer folder; None = train BPE")
+    vocab_size: int = Field(4096, ge=260, le=65_535)
+    min_frequency: int = Field(2, ge=1)
+    train_docs: int = Field(20_000, ge=1, description="documents sampled to train the BPE")
+    batch_size: int = Field(512, ge=1)
+
+
+class PretrainConfig(Strict):
+    """The bootstrap Llama-architecture model, or a user's model by path."""
+
+    model_path: str | None = Field(None, description="local HF causal-LM folder; None = pretrain a tiny Llama")
+    hidden_size: int = Field(128, ge=16, le=8192)
+    layers: int = Field(2, ge=1, le=128)
+    heads: int = Field(4, ge=1, le=128)
+    kv_heads: int = Field(2, ge=1, le=128)
+    intermediate_size: int = Field(384, ge=16)
+    seq_len: int = Field(256, ge=16, le=131_072)
+    batch_size: int = Field(16, ge=1)
+    max_tokens: int = Field(1_000_000, ge=1, description="training tokens (stops early when the corpus ends)")
+    lr: float = Field(3e-3, gt=0, lt=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    eval_fraction: float = Field(0.02, gt=0, lt=0.5)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "PretrainConfig":
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden_size must be divisible by heads, and heads by kv_heads")
+        return self
+
+
+class DaskConfig(Strict):
+    address: str | None = Field(None, description="existing scheduler, e.g. tcp://host:8786")
+    n_workers: int = Field(2, ge=1, le=1024)
+    threads_per_worker: int = Field(1, ge=1, le=256)
+    processes: bool = True
+    memory_limit: str = "auto"
+
+
+class PipelineConfig(Strict):
+    profile: str = "tiny"
+    store: str = ".tracecore/store"
+    stages: list[Literal["sample", "ingest", "tokenize", "pretrain"]] = Field(default_factory=lambda: list(STAGES))
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    def stage_config(self, stage: str) -> Strict:
+        return getattr(self, stage)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"must be one of {e['ctx']['expected']}"
+        lines.append(f"  {field}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _parse_value(raw: str) -> Any:
+    """`--set` values are YAML scalars/lists: 4096, true, null, [a, b], 'text'."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def resolve_profile(profile: str) -> Path:
+    candidate = Path(profile)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        path = candidate
+    else:
+        path = PROFILE_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ConfigError(f"profile {profile!r} not found: use one of {known} or a path to a YAML file")
+    return path
+
+
+def load_config(profile: str = "tiny", overrides: list[str] | None = None, **top: Any) -> PipelineConfig:
+    """Profile YAML + `--set` overrides + explicit top-level values (None = keep)."""
+    path = resolve_profile(profile)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data.setdefault("profile", path.stem)
+    data = apply_overrides(data, list(overrides or []))
+    data.update({k: v for k, v in top.items() if v is not None})
+    return validate_config(data, source=str(path))
+
+
+def validate_config(data: dict, source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

@@ -1,0 +1,165 @@
+"""`tracecore` command line: run, make-sample, status, artifacts.
+
+Imports of Prefect and the stages happen inside the commands, after the offline environment
+and the result-storage path are set (Prefect reads its settings at import time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from configs.schema import STAGES, ConfigError, load_config
+from flows.runtime import configure_environment
+
+EPILOG = """examples:
+  tracecore run                                   # tiny profile, embedded sample world, local store
+  tracecore run --stages ingest,tokenize --set ingest.paths='[data/*.jsonl.gz]'
+  tracecore run --profile gpu --dask-address tcp://10.0.0.5:8786 --store s3://bucket/tracecore
+  tracecore run --resume 20261124-201500-a1b2c3   # re-run a failed run: finished stages/shards are skipped
+  tracecore status                                # what the latest run did / what a re-run will skip
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="tiny", help="profile name in configs/ (tiny, gpu) or a YAML path "
+                   "(default: tiny)")
+    p.add_argument("--store", default=None, help="artifact store root: a local path or any fsspec URI "
+                   "(file://, s3://, memory://); default from the profile (.tracecore/store)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set tokenize.vocab_size=8192 (repeatable; "
+                   "values are YAML: 12, true, null, [a, b])")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tracecore", description="Prefect + Dask pipelines for LLM data work; "
+                                     "every stage reads and writes Parquet artifacts in a store.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (or some stages) as a Prefect flow on a Dask cluster")
+    _add_common(run)
+    run.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}; the upstream "
+                     "stages they need are reused from the store or computed (default: all)")
+    run.add_argument("--dask-address", default=None, help="existing Dask scheduler, e.g. tcp://host:8786 "
+                     "(default: start a LocalCluster for this run)")
+    run.add_argument("--resume", default=None, metavar="RUN_ID", help="re-run RUN_ID with its saved config: "
+                     "committed stages and shards are skipped")
+
+    sample = sub.add_parser("make-sample", help="write the sample world (corpus, tasks, instructions, "
+                            "preferences, long-context) to a local folder")
+    _add_common(sample)
+    sample.add_argument("--out", default="sample_world", help="output folder (default: ./sample_world)")
+
+    for name, text in (("status", "stages of a run: state, artifacts, shards done, rows, rejects, and what a "
+                                  "re-run would skip"),
+                       ("artifacts", "artifacts of a run with their paths, rows and checksums")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run_id", nargs="?", default=None, help="run id (default: the latest run)")
+        p.add_argument("--store", default=".tracecore/store", help="artifact store root (default: .tracecore/store)")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from storage.runs import new_run_id, read_run
+    from storage.store import ArtifactStore
+
+    if args.resume:
+        store = ArtifactStore(args.store or ".tracecore/store")
+        saved = read_run(store, args.resume)["config"]
+        cfg = load_config(args.profile, args.overrides) if args.overrides else None
+        config = {**saved, **({} if cfg is None else cfg.model_dump(mode="json"))}
+        run_id = args.resume
+    else:
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+        cfg = load_config(args.profile, args.overrides, store=args.store, stages=stages)
+        config, run_id = cfg.model_dump(mode="json"), new_run_id()
+    if args.dask_address:
+        config["dask"]["address"] = args.dask_address
+    configure_environment(config["store"])
+    from flows.pipeline import pipeline
+
+    print(f"tracecore run {run_id}: stages {','.join(config['stages'])}, store {config['store']}", flush=True)
+    result = pipeline.with_options(flow_run_name=f"tracecore-{run_id}")(config=config, run_id=run_id)
+    print(f"\nrun {run_id} completed\nreport:    {result['report']}\nartifacts: {config['store']}/artifacts")
+    return 0
+
+
+def cmd_make_sample(args: argparse.Namespace) -> int:
+    from tasks.sample import write_sample
+
+    cfg = load_config(args.profile, args.overrides)
+    counts = write_sample(cfg.sample, args.out)
+    print(json.dumps({"out": str(Path(args.out).resolve()), **counts}, indent=2))
+    return 0
+
+
+def status_rows(store_uri: str, run_id: str | None) -> tuple[dict, list[dict]]:
+    """Per stage: what the run recorded, and what the store holds now (= what a re-run skips)."""
+    from storage.runs import read_run
+    from storage.store import ArtifactStore
+
+    store = ArtifactStore(store_uri)
+    record = read_run(store, run_id)
+    rows = []
+    for stage, info in record["stages"].items():
+        for name, ref in info.get("refs", {}).items():
+            markers = store.markers(ref)
+            committed = store.is_committed(ref)
+            manifest = store.manifest(ref) if committed else {}
+            rows.append({"stage": stage, "artifact": ref, "run_status": info.get("status"),
+                         "committed": committed, "shards_done": len(markers),
+                         "shards": manifest.get("shards", "?"), "rows": sum(m["rows"] for m in markers),
+                         "rejects": manifest.get("rejected", ""),
+                         "on_rerun": "skip" if committed else (f"resume ({len(markers)} shards kept)"
+                                                               if markers else "compute"),
+                         "error": info.get("error") or ""})
+    return record, rows
+
+
+def cmd_status(args: argparse.Namespace, artifacts: bool = False) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    record, rows = status_rows(args.store, args.run_id)
+    if artifacts:
+        from storage.store import ArtifactStore
+
+        store = ArtifactStore(args.store)
+        rows = [{"artifact": r["artifact"], "path": store.display_path(r["artifact"]), "rows": r["rows"],
+                 "checksum": store.manifest(r["artifact"])["checksum"][:16] if r["committed"] else "(uncommitted)"}
+                for r in rows]
+    if args.json:
+        print(json.dumps({"run_id": record["run_id"], "state": record["state"], "rows": rows}, indent=2))
+        return 0
+    table = Table(title=f"run {record['run_id']} · {record['state']} · report: {record.get('report', '-')}")
+    for col in rows[0] if rows else ["artifact"]:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    Console(width=200).print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "make-sample":
+            return cmd_make_sample(args)
+        return cmd_status(args, artifacts=args.command == "artifacts")
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"tracecore: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the stage already logged its traceback through Prefect
+        print(f"tracecore: run failed: {type(exc).__name__}: {exc}\n"
+              "  `tracecore status` shows what finished; `tracecore run --resume RUN_ID` continues.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

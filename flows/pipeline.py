@@ -1,0 +1,90 @@
+"""Prefect flows: one per stage, and `pipeline` chaining them on one Dask cluster per run.
+
+Flows only wire: plan the stage (artifact refs), call its coarse Prefect task with the refs
+and the cluster address (strings only), record the outcome in the run record.
+A stage whose artifact is committed is reused; Prefect's cache (keyed on the same refs) marks
+it Cached in the UI, and `refresh_cache` is forced when the store lacks the artifact so the
+cache can never point at missing data.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow
+
+from configs.schema import STAGES, validate_config
+from flows.plan import PRIMARY, needed_stages, stage_call
+from flows.report import write_report
+from flows.runtime import dask_cluster
+from storage.runs import now, set_stage, start_run, write_run
+from storage.store import ArtifactStore
+from tasks.ingest import ingest_task
+from tasks.pretrain import pretrain_task
+from tasks.sample import sample_task
+from tasks.tokenize import tokenize_task
+
+TASKS = {"sample": sample_task, "ingest": ingest_task, "tokenize": tokenize_task, "pretrain": pretrain_task}
+
+
+def execute_stage(stage: str, config: dict, refs: dict[str, str], address: str | None,
+                  record: dict | None = None) -> dict[str, str]:
+    """Plan + run one stage, or reuse its committed artifacts; returns the stage's artifact refs."""
+    cfg = validate_config(config)
+    store = ArtifactStore(cfg.store)
+    call = stage_call(stage, cfg, store.uri, refs)
+    done_before = store.is_committed(call["refs"][PRIMARY[stage]])
+    if record is not None:
+        set_stage(store, record, stage, refs=call["refs"], started_at=now(), status="running", error=None)
+    task = TASKS[stage].with_options(refresh_cache=not done_before)
+    start = time.perf_counter()
+    try:
+        task(store_uri=store.uri, address=address, **call)
+    except BaseException as exc:
+        if record is not None:
+            set_stage(store, record, stage, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    if record is not None:
+        set_stage(store, record, stage, status="reused" if done_before else "computed", finished_at=now(),
+                  seconds=round(time.perf_counter() - start, 3))
+    return call["refs"]
+
+
+def _stage_flow(stage: str):
+    @flow(name=f"tracecore-{stage}", log_prints=True)
+    def stage_flow(config: dict, address: str | None = None) -> dict[str, str]:
+        """Run one stage (and whatever upstream artifacts it needs that are not in the store yet)."""
+        config = {**config, "stages": [stage]}
+        cfg, refs = validate_config(config), {}
+        with dask_cluster(cfg.dask, address) as addr:
+            for needed in needed_stages(cfg):
+                refs.update(execute_stage(needed, config, refs, addr))
+        return refs
+
+    return stage_flow
+
+
+STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
+
+
+@flow(name="tracecore-pipeline", log_prints=True)
+def pipeline(config: dict, run_id: str) -> dict[str, Any]:
+    """The whole pipeline: every needed stage in order on one Dask cluster; returns refs + report path."""
+    cfg = validate_config(config)
+    store = ArtifactStore(cfg.store)
+    record = start_run(store, run_id, cfg.model_dump(mode="json"))
+    refs: dict[str, str] = {}
+    try:
+        with dask_cluster(cfg.dask) as address:
+            for stage in needed_stages(cfg):
+                refs.update(execute_stage(stage, config, refs, address, record))
+        record["state"] = "completed"
+    except BaseException:
+        record["state"] = "failed"
+        raise
+    finally:
+        write_run(store, record)
+        record["report"] = write_report(store, record)
+        write_run(store, record)
+    return {"refs": refs, "report": record["report"]}

@@ -1,0 +1,40 @@
+"""Deterministic planning: which artifact each stage will produce, computed before any work.
+
+Because refs are fingerprints of (config, inputs, code), the plan tells `tracecore status`
+what a run will skip, and lets `--stages tokenize` find its inputs from earlier runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from configs.schema import STAGES, PipelineConfig
+from storage.store import ArtifactStore
+from tasks.ingest import list_input_files, plan_ingest
+from tasks.pretrain import plan_pretrain
+from tasks.sample import plan_sample, sample_corpus_glob
+from tasks.tokenize import plan_tokenize
+
+PRIMARY = {"sample": "sample", "ingest": "documents", "tokenize": "tokens", "pretrain": "model"}
+
+
+def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) -> dict[str, Any]:
+    """Keyword arguments of the stage's `run_*` function (minus store_uri/address), refs included."""
+    if stage == "sample":
+        return {"cfg": cfg.sample, "refs": plan_sample(cfg.sample)}
+    if stage == "ingest":
+        files = list_input_files(cfg.ingest.paths or [sample_corpus_glob(store_uri, refs["sample"])])
+        return {"cfg": cfg.ingest, "files": files, "refs": plan_ingest(cfg.ingest, files)}
+    if stage == "tokenize":
+        return {"cfg": cfg.tokenize, "documents_ref": refs["documents"],
+                "refs": plan_tokenize(cfg.tokenize, refs["documents"])}
+    if stage == "pretrain":
+        return {"cfg": cfg.pretrain, "tokens_ref": refs["tokens"], "tokenizer_ref": refs["tokenizer"],
+                "refs": plan_pretrain(cfg.pretrain, refs["tokens"], refs["tokenizer"])}
+    raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+
+
+def needed_stages(cfg: PipelineConfig) -> list[str]:
+    """Selected stages plus the upstream ones they read from (reused when committed, else computed)."""
+    last = max(STAGES.index(s) for s in cfg.stages)
+    return list(STAGES[: last + 1])

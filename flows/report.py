@@ -1,0 +1,91 @@
+"""The per-run report: Markdown + PNG plots in the store, mirrored as Prefect artifacts."""
+
+from __future__ import annotations
+
+import io
+
+from storage.store import ArtifactStore
+
+COLUMNS = ["stage", "artifact", "status", "shards", "skipped_shards", "rows", "rejects", "seconds", "notes"]
+
+
+def stage_rows(store: ArtifactStore, record: dict) -> list[dict]:
+    rows = []
+    for stage, info in record["stages"].items():
+        for name, ref in info.get("refs", {}).items():
+            if name == "parsed" or not store.is_committed(ref):
+                continue
+            m = store.manifest(ref)
+            notes = {k: m[k] for k in ("tokens", "tokens_per_second", "duplicates", "reject_fraction",
+                                       "eval_loss_initial", "eval_loss", "parameters", "external_path") if k in m}
+            rows.append({"stage": stage, "artifact": ref, "status": info.get("status", "?"), "shards": m["shards"],
+                         "skipped_shards": m.get("skipped_shards", 0), "rows": m["rows"],
+                         "rejects": m.get("rejected", ""), "seconds": m.get("seconds", ""),
+                         "notes": ", ".join(f"{k}={v}" for k, v in notes.items())})
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def loss_curve_png(store: ArtifactStore, model_ref: str) -> bytes | None:
+    if not store.is_committed(model_ref) or not store.markers(model_ref):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = store.read_table(model_ref).to_pandas()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(curve["tokens"], curve["loss"], lw=1)
+    ax.set(xlabel="training tokens", ylabel="loss", title=f"pretrain loss ({model_ref})")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(store: ArtifactStore, record: dict) -> str:
+    """Write runs/<id>/report.md (+ plots) and return its path."""
+    run_dir = store.run_dir(record["run_id"])
+    rows = stage_rows(store, record)
+    parts = [f"# tracecore run {record['run_id']}", "",
+             f"state: **{record['state']}** · profile `{record['config'].get('profile')}` · store `{store.display_path()}`",
+             "", markdown_table(rows), ""]
+    model_ref = record["stages"].get("pretrain", {}).get("refs", {}).get("model")
+    png = loss_curve_png(store, model_ref) if model_ref else None
+    if png:
+        store.fs.makedirs(f"{run_dir}/plots", exist_ok=True)
+        with store.fs.open(f"{run_dir}/plots/pretrain_loss.png", "wb") as fh:
+            fh.write(png)
+        parts += ["## Pretrain loss", "", "![pretrain loss](plots/pretrain_loss.png)", ""]
+    errors = {s: i["error"] for s, i in record["stages"].items() if i.get("error")}
+    if errors:
+        parts += ["## Errors", ""] + [f"- **{s}**: {e}" for s, e in errors.items()]
+    parts += ["", "Read any artifact with `pyarrow.parquet.read_table(<store>/artifacts/<artifact>/)` "
+              "or `pandas.read_parquet`; lineage is in each artifact's `_MANIFEST.json`."]
+    path = f"{run_dir}/report.md"
+    with store.fs.open(path, "w") as fh:
+        fh.write("\n".join(parts) + "\n")
+    publish(store, record, rows, "\n".join(parts))
+    return store.display_path() + path[len(store.root):]
+
+
+def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str) -> None:
+    """Keyed Prefect artifacts (visible on the UI's Artifacts page) when inside a flow run."""
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:
+        return
+    for stage in {r["stage"] for r in rows}:
+        create_table_artifact([r for r in rows if r["stage"] == stage], key=f"tracecore-{stage}-outputs",
+                              description=f"{stage} outputs of run {record['run_id']}")
+    create_markdown_artifact(markdown, key="tracecore-pipeline-summary", description=f"run {record['run_id']}")

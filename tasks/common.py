@@ -1,0 +1,167 @@
+"""What every stage shares: artifact planning, sharded Dask execution with skip-completed, progress.
+
+A stage is a plain function over artifact references (strings). Its fine-grained work is a list
+of shards mapped over the run's Dask cluster with `client.map`; shards whose completion marker
+already exists are skipped (DataTrove's `skip_completed`), so a killed run resumes where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Iterator
+
+from tqdm.auto import tqdm
+
+from storage.lineage import code_version, fingerprint
+from storage.store import ArtifactStore
+
+FAULT_ENV = "TRACECORE_KILL_AT"  # "<stage>:<n>": SIGKILL the run's process group after n new shards (tests)
+
+
+@dataclass
+class ShardReport:
+    total: int
+    skipped: int
+    computed: int
+    seconds: float
+    markers: list[dict] = field(default_factory=list)
+    computed_shards: list[int] = field(default_factory=list)
+
+    def sum_computed(self, key: str) -> float:
+        """Sum a marker stat over the shards this call computed (for honest throughput numbers)."""
+        done = set(self.computed_shards)
+        return sum(m.get(key, 0) for m in self.markers if m["shard"] in done)
+
+
+def plan_ref(artifact: str, stage: str, config_hash: str, inputs: dict[str, str], module: ModuleType) -> str:
+    return f"{artifact}/{fingerprint(stage, config_hash, inputs, code_version(module))}"
+
+
+def get_logger() -> logging.Logger:
+    """Prefect's run logger inside a flow/task run (shows in the UI), else a plain logger."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()  # type: ignore[return-value]
+    except Exception:
+        return logging.getLogger("tracecore")
+
+
+class Progress:
+    """A terminal progress bar mirrored to a keyed Prefect progress artifact when in a run."""
+
+    def __init__(self, stage: str, total: int, done: int = 0):
+        self.total, self.done = max(total, 1), done
+        self.bar = tqdm(total=total, initial=done, desc=stage, unit="shard", leave=False,
+                        disable=True if os.environ.get("TRACECORE_NO_PROGRESS") == "1" else None)
+        self.artifact_id = None
+        try:
+            from prefect.artifacts import create_progress_artifact
+            from prefect.context import get_run_context
+
+            get_run_context()
+            self.artifact_id = create_progress_artifact(
+                100.0 * done / self.total, key=f"tracecore-{stage}-progress", description=f"{stage}: shards done")
+        except Exception:
+            self.artifact_id = None
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        if self.artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact_id, 100.0 * self.done / self.total)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _maybe_inject_fault(stage: str, computed: int) -> None:
+    """Reliability hook: a real SIGKILL of the whole run mid-stage, so tests exercise resume."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec.split(":")[0] == stage and computed >= int(spec.split(":")[1]):
+        if os.getpgrp() == os.getpid():  # a session leader (tests start runs so): take the workers down too
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def dask_client(address: str | None) -> Iterator[Any]:
+    """A client on the run's cluster; None = run shards in this process (tests, debugging)."""
+    if address is None:
+        yield None
+        return
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+        yield client
+
+
+def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dict], items: list[Any],
+               address: str | None, **kwargs: Any) -> ShardReport:
+    """Run `fn(store_uri, ref, shard, item, **kwargs) -> marker` for every shard not yet complete."""
+    start = time.perf_counter()
+    todo = [(i, item) for i, item in enumerate(items) if not store.shard_done(ref, i)]
+    skipped = len(items) - len(todo)
+    log = get_logger()
+    if skipped:
+        log.info("%s: skipping %d/%d completed shards of %s", stage, skipped, len(items), ref)
+    progress = Progress(stage, len(items), skipped)
+    computed: list[int] = []
+    try:
+        with dask_client(address) as client:
+            if client is None:
+                results = (fn(store.uri, ref, i, item, **kwargs) for i, item in todo)
+            else:
+                from distributed import as_completed
+
+                futures = [client.submit(fn, store.uri, ref, i, item, key=f"{stage}-{ref}-{i}", pure=False, **kwargs)
+                           for i, item in todo]
+                results = (f.result() for f in as_completed(futures, loop=client.loop))
+            for marker in results:
+                computed.append(marker["shard"])
+                progress.step()
+                _maybe_inject_fault(stage, len(computed))
+    finally:
+        progress.close()
+    return ShardReport(total=len(items), skipped=skipped, computed=len(computed),
+                       seconds=round(time.perf_counter() - start, 3), markers=store.markers(ref),
+                       computed_shards=sorted(computed))
+
+
+def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache key: store + planned artifact refs, which already hash the stage config, the input
+    fingerprints and the code version. Deliberately *not* the flow-run id, so a new run reuses work."""
+    import hashlib
+    import json
+
+    payload = json.dumps({"store": parameters["store_uri"], "refs": parameters["refs"]}, sort_keys=True)
+    return "tracecore-" + hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def is_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O and cluster hiccups; never retry bad input or bad config (they fail the same way again)."""
+    try:
+        state.result()
+    except (ConnectionError, TimeoutError):
+        return True
+    except OSError as exc:
+        return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+    except Exception as exc:
+        return type(exc).__name__ in {"CommClosedError", "KilledWorker", "FutureCancelledError"}
+    return False
+
+
+def stage_task(fn: Callable[..., dict], name: str):
+    """Wrap a stage's plain `run_*` function as a coarse, cached, retried Prefect task."""
+    from prefect import task
+
+    return task(fn, name=name, cache_key_fn=stage_cache_key, persist_result=True, retries=2,
+                retry_delay_seconds=2, retry_condition_fn=is_transient, log_prints=True)
