@@ -10,6 +10,7 @@ Two sharded passes, both resumable per shard:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import PurePosixPath
 from typing import Any, Iterator
@@ -91,12 +92,28 @@ def validate_record(obj: Any, cfg: IngestConfig) -> str | None:
     return None
 
 
+def _lines(fh) -> Iterator[bytes]:
+    """Lines of a binary stream. Line iteration keeps every line before a corrupt tail (gzip);
+    fsspec's zstd reader has no readline, so it is split from 1 MiB blocks instead."""
+    try:
+        yield from fh
+        return
+    except io.UnsupportedOperation:
+        pass
+    tail = b""
+    while block := fh.read(1 << 20):
+        *lines, tail = (tail + block).split(b"\n")
+        yield from (line + b"\n" for line in lines)
+    if tail:
+        yield tail
+
+
 def _iter_jsonl(uri: str) -> Iterator[tuple[int, Any, str | None, bytes]]:
     """Yield (line, record, reject_reason, raw) for each non-blank line; stream errors become a reject."""
     line_no = 0
     try:
         with fsspec.open(uri, "rb", compression="infer") as fh:
-            for line_no, raw in enumerate(fh, start=1):
+            for line_no, raw in enumerate(_lines(fh), start=1):
                 raw = raw.rstrip(b"\r\n")
                 if not raw.strip():
                     continue

@@ -1,0 +1,43 @@
+"""Shared fixtures: offline environment, a reduced test profile, a Prefect test harness."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_PROFILE = REPO / "tests" / "profile_test.yaml"
+
+os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                   "DO_NOT_TRACK": "1", "TRACECORE_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def test_config(tmp_path):
+    """The reduced profile with a fresh store and in-process (threaded) Dask."""
+    from configs.schema import load_config
+
+    def make(*overrides: str, store: Path | None = None):
+        return load_config(str(TEST_PROFILE), list(overrides), store=str(store or tmp_path / "store"))
+
+    return make
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run `tracecore ...` in a subprocess in its own session (so SIGKILL of the group spares pytest)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("PREFECT_API_URL", None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout, start_new_session=True, **kwargs)

@@ -1,0 +1,60 @@
+"""Configs: every profile validates; bad values fail before any work, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs.schema import ConfigError, PipelineConfig, load_config, validate_config
+
+
+@pytest.mark.parametrize("profile", ["tiny", "gpu"])
+def test_shipped_profiles_validate(profile):
+    cfg = load_config(profile)
+    assert isinstance(cfg, PipelineConfig) and cfg.profile == profile
+
+
+def test_wrong_type_names_the_field():
+    with pytest.raises(ConfigError, match=r"tokenize\.vocab_size: .*integer"):
+        load_config("tiny", ["tokenize.vocab_size=lots"])
+
+
+def test_unknown_key_names_the_field():
+    with pytest.raises(ConfigError, match=r"pretrain\.hiden_size: unknown key"):
+        load_config("tiny", ["pretrain.hiden_size=64"])
+
+
+def test_out_of_range_names_the_field_and_bound():
+    with pytest.raises(ConfigError, match=r"tokenize\.vocab_size: Input should be less than or equal to 65535"):
+        load_config("tiny", ["tokenize.vocab_size=70000"])
+
+
+def test_literal_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"pretrain\.device: must be one of 'auto', 'cpu' or 'cuda'"):
+        load_config("tiny", ["pretrain.device=tpu"])
+    with pytest.raises(ConfigError, match=r"stages\.0: must be one of"):
+        validate_config({"stages": ["ingest", "bogus"][1:]})
+
+
+def test_cross_field_rule():
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config("tiny", ["pretrain.hidden_size=100", "pretrain.heads=3"])
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config("tiny", ["ingest.paths=[a.jsonl, b/*.parquet]", "dask.processes=false",
+                               "tokenize.tokenizer_path=null", "pretrain.lr=0.01"])
+    assert cfg.ingest.paths == ["a.jsonl", "b/*.parquet"] and cfg.dask.processes is False
+    assert cfg.pretrain.lr == 0.01 and cfg.tokenize.tokenizer_path is None
+
+
+def test_bad_override_syntax_and_profile():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("tiny", ["tokenize.vocab_size"])
+    with pytest.raises(ConfigError, match=r"profile 'nope' not found: use one of \['gpu', 'tiny'\]"):
+        load_config("nope")
+
+
+def test_fingerprint_tracks_settings():
+    a, b = load_config("tiny"), load_config("tiny", ["tokenize.vocab_size=5000"])
+    assert a.tokenize.fingerprint() != b.tokenize.fingerprint()
+    assert a.ingest.fingerprint() == b.ingest.fingerprint()

@@ -1,0 +1,139 @@
+"""Ingest: every malformed input becomes a rejects row (file, line, reason); no good record is lost."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from configs.schema import IngestConfig
+from storage.store import ArtifactStore
+from tasks.ingest import NoInputError, TooManyRejectsError, list_input_files, plan_ingest, run_ingest
+
+
+def good(i: int) -> bytes:
+    return json.dumps({"id": f"good-{i}", "text": f"document number {i} is fine", "source": "t"}).encode()
+
+
+# (bad line, expected reason fragment)
+BAD_LINES = [
+    (b'{"id": "a", "text": "unterminated', "bad JSON"),
+    (b"[1, 2, 3]", "JSON list, not an object"),
+    (b'{"id": "b"}', "missing field 'text'"),
+    (b'{"id": "c", "text": null}', "must be a string, got NoneType"),
+    (b'{"id": "d", "text": 42}', "must be a string, got int"),
+    (b'{"id": "e", "text": ""}', "is empty"),
+    (b'{"id": "f", "text": "  \\n\\t "}', "is empty"),
+    (b'{"id": "g", "text": "caf\xe9 au lait"}', "non-UTF-8 bytes"),
+    (json.dumps({"id": "h", "text": "x" * 5000}).encode(), "oversize record: 5000 chars > max_doc_chars=1000"),
+    (b'{"id": "i", "text": "nul\\u0000byte"}', "NUL characters"),
+    (b'{"id": "j", "text": "half \\ud800 pair"}', "lone surrogate"),
+    (b'{"id": [1], "text": "list id"}', "field 'id' must be a string or integer, got list"),
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A mixed-format corpus: returns (files dir, expected good ids, expected (file, line, reason) rejects)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    lines, expected, good_ids = [], [], []
+    for k, (bad, reason) in enumerate(BAD_LINES):
+        lines += [good(k), bad]
+        good_ids.append(f"good-{k}")
+        expected.append(("mixed.jsonl", 2 * k + 2, reason))
+    (d / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n\n")  # trailing blank line is not a reject
+    (d / "ok.jsonl.zst").write_bytes(zstandard.compress(b"\n".join(good(i) for i in range(100, 103))))
+    good_ids += ["good-100", "good-101", "good-102"]
+    full = gzip.compress(b"\n".join(good(i) for i in range(200, 260)), mtime=0)
+    (d / "truncated.jsonl.gz").write_bytes(full[: len(full) // 2])
+    expected.append(("truncated.jsonl.gz", None, "unreadable stream"))
+    pq.write_table(pa.table({"id": ["p1", "p2"], "text": ["parquet one", "parquet two"]}), d / "good.parquet")
+    good_ids += ["p1", "p2"]
+    pq.write_table(pa.table({"id": ["q"], "content": ["no text column"]}), d / "notext.parquet")
+    expected.append(("notext.parquet", 0, "no 'text' column"))
+    (d / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    expected.append(("broken.parquet", 0, "unreadable Parquet file"))
+    (d / "table.csv").write_text("id,text\n1,hello\n")
+    expected.append(("table.csv", 0, "unsupported file type"))
+    (d / "notes.txt").write_text("a plain text document\nwith two lines")
+    good_ids.append("notes")
+    (d / "latin1.txt").write_bytes("r\xe9sum\xe9".encode("latin-1"))
+    expected.append(("latin1.txt", 1, "non-UTF-8 bytes"))
+    return d, good_ids, expected
+
+
+def ingest(tmp_path, files, **cfg_kwargs):
+    cfg = IngestConfig(**{"max_doc_chars": 1000, "max_reject_fraction": 1.0, **cfg_kwargs})
+    refs = plan_ingest(cfg, files)
+    store = ArtifactStore(tmp_path / "store")
+    run_ingest(store.uri, cfg, files, refs, address=None)
+    return store, refs
+
+
+def test_every_malformed_input_is_rejected_with_file_line_reason(tmp_path, corpus):
+    d, good_ids, expected = corpus
+    store, refs = ingest(tmp_path, list_input_files([str(d / "*")]))
+    rejects = store.read_table(refs["rejects"]).to_pylist()
+    assert len(rejects) == len(expected) >= 10
+    for file, line, reason in expected:
+        hits = [r for r in rejects if r["file"].endswith("/" + file) and reason in r["reason"]
+                and (line is None or r["line"] == line)]
+        assert hits, f"no reject for {file} line {line}: {reason}"
+    docs = store.read_table(refs["documents"])
+    ids = docs.column("id").to_pylist()
+    assert set(good_ids) <= set(ids)
+    truncated = [i for i in ids if i.startswith("good-") and 200 <= int(i[5:]) < 300]  # good lines before the corruption survive
+    assert truncated and truncated == [f"good-{i}" for i in range(200, 200 + len(truncated))]
+    assert len(ids) == len(good_ids) + len(truncated)
+
+
+def test_exact_duplicates_removed_first_occurrence_kept(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_text("\n".join(json.dumps({"id": f"a{i}", "text": f"text {i % 3}"}) for i in range(6)))
+    (d / "b.jsonl").write_text(json.dumps({"id": "b0", "text": "text 1"}) + "\n" + json.dumps({"id": "b1", "text": "new"}))
+    store, refs = ingest(tmp_path, list_input_files([str(d / "*.jsonl")]))
+    assert store.read_table(refs["documents"]).column("id").to_pylist() == ["a0", "a1", "a2", "b1"]
+    assert store.manifest(refs["documents"])["duplicates"] == 4
+    store2, refs2 = ingest(tmp_path / "nodedup", list_input_files([str(d / "*.jsonl")]), dedup=False)
+    assert store2.manifest(refs2["documents"])["rows"] == 8
+
+
+def test_too_many_rejects_fails_clearly_and_keeps_the_rejects(tmp_path, corpus):
+    d, _, _ = corpus
+    files = list_input_files([str(d / "mixed.jsonl")])
+    with pytest.raises(TooManyRejectsError, match=r"12 of 24 records rejected \(50.0%\) > ingest.max_reject_fraction"):
+        ingest(tmp_path, files, max_reject_fraction=0.1)
+    store = ArtifactStore(tmp_path / "store")
+    assert store.read_table(plan_ingest(IngestConfig(max_doc_chars=1000, max_reject_fraction=0.1), files)["rejects"]).num_rows == 12
+
+
+def test_missing_inputs_name_the_pattern(tmp_path):
+    with pytest.raises(NoInputError, match=r"ingest.paths: '.*nothing-\*.jsonl' matches no files"):
+        list_input_files([str(tmp_path / "nothing-*.jsonl")])
+
+
+def test_changed_input_changes_the_fingerprint(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"text": "one"}))
+    before = plan_ingest(IngestConfig(), [str(f)])
+    f.write_text(json.dumps({"text": "one, edited"}))
+    assert plan_ingest(IngestConfig(), [str(f)]) != before
+
+
+def test_memory_store_and_memory_inputs(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with fs.open("/inputs-t/a.jsonl", "wb") as fh:
+        fh.write(b"\n".join(good(i) for i in range(5)))
+    files = list_input_files(["memory://inputs-t/*.jsonl"])
+    cfg = IngestConfig()
+    refs = plan_ingest(cfg, files)
+    run_ingest("memory://store-t", cfg, files, refs)
+    assert ArtifactStore("memory://store-t").read_table(refs["documents"]).num_rows == 5

@@ -1,0 +1,135 @@
+"""Artifact store: atomic shards, markers, manifests/lineage, checksums, memory:// and local roots."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from storage.fs import StorePathError
+from storage.lineage import lineage
+from storage.store import ArtifactStore, CorruptShardError, MissingArtifactError
+
+TABLE = pa.table({"id": ["a", "b", "c"], "n": [1, 2, 3]})
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return ArtifactStore(tmp_path / "store")
+    import uuid
+
+    return ArtifactStore(f"memory://tc-{uuid.uuid4().hex}")
+
+
+def test_shard_roundtrip_and_commit(store):
+    store.write_shard("docs/fp1", 0, TABLE)
+    store.write_shard("docs/fp1", 1, TABLE.slice(0, 1))
+    manifest = store.commit("docs/fp1", lineage("ingest", "cfg", {"files": "f0"}, "code0"), expected_shards=2)
+    assert manifest["rows"] == 4 and manifest["shards"] == 2
+    assert manifest["stage"] == "ingest" and manifest["inputs"] == {"files": "f0"}
+    assert manifest["config_hash"] == "cfg" and manifest["code_version"] == "code0"
+    assert "pyarrow" in manifest["packages"] and manifest["schema"].startswith("id: string")
+    assert store.read_table("docs/fp1").column("id").to_pylist() == ["a", "b", "c", "a"]
+    assert store.list_artifacts() == ["docs/fp1"]
+
+
+def test_commit_refuses_missing_shards(store):
+    store.write_shard("docs/fp", 1, TABLE)
+    with pytest.raises(MissingArtifactError, match=r"shards \[0\] are missing"):
+        store.commit("docs/fp", {}, expected_shards=2)
+    with pytest.raises(MissingArtifactError, match="not committed"):
+        store.read_table("docs/fp")
+
+
+def test_checksum_is_stable_and_order_independent(tmp_path):
+    a, b = ArtifactStore(tmp_path / "a"), ArtifactStore(tmp_path / "b")
+    a.write_shard("x/1", 0, TABLE), a.write_shard("x/1", 1, TABLE.slice(1))
+    b.write_shard("x/1", 1, TABLE.slice(1)), b.write_shard("x/1", 0, TABLE)
+    assert a.commit("x/1", {})["checksum"] == b.commit("x/1", {})["checksum"]
+    c = ArtifactStore(tmp_path / "c")
+    c.write_shard("x/1", 0, TABLE), c.write_shard("x/1", 1, TABLE.slice(2))
+    assert c.commit("x/1", {})["checksum"] != a.manifest("x/1")["checksum"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_shard_is_detected_with_its_path(tmp_path, damage):
+    store = ArtifactStore(tmp_path)
+    store.write_shard("docs/fp", 0, TABLE)
+    path = store.shard_path("docs/fp", 0)
+    data = bytearray(open(path, "rb").read())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(CorruptShardError, match="part-00000.parquet"):
+        store.read_shard("docs/fp", 0)
+    store.drop_shard("docs/fp", 0)
+    assert not store.shard_done("docs/fp", 0)
+
+
+def test_writer_killed_mid_shard_leaves_no_visible_shard(tmp_path):
+    """SIGKILL between the temporary write and the rename: nothing is visible, a re-write succeeds."""
+    script = textwrap.dedent(f"""
+        import os, signal, pyarrow as pa
+        from storage.store import ArtifactStore
+        store = ArtifactStore({str(tmp_path)!r})
+        store.fs.mv = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        store.write_shard("docs/fp", 0, pa.table({{"x": list(range(100000))}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.returncode == -9
+    store = ArtifactStore(tmp_path)
+    assert not store.shard_done("docs/fp", 0)
+    assert not (tmp_path / "artifacts/docs/fp/part-00000.parquet").exists()
+    assert any(p.name.startswith(".tmp-") for p in (tmp_path / "artifacts/docs/fp").iterdir())  # the debris
+    with pytest.raises(MissingArtifactError):
+        store.read_shard("docs/fp", 0)
+    store.write_shard("docs/fp", 0, TABLE)
+    assert store.commit("docs/fp", {}, expected_shards=1)["rows"] == 3
+
+
+def test_tensors_roundtrip_as_safetensors(store):
+    tensors = {"w": torch.arange(6, dtype=torch.float16).reshape(2, 3)}
+    store.write_tensors("feat/fp", "shard0.safetensors", tensors)
+    assert store.read_file("feat/fp", "shard0.safetensors")[:8] != b"\x80\x04"  # not a pickle
+    assert torch.equal(store.read_tensors("feat/fp", "shard0.safetensors")["w"], tensors["w"])
+    manifest = store.commit("feat/fp", {})
+    assert manifest["files"][0]["file"] == "shard0.safetensors"
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/../../b", "/etc/passwd"])
+def test_paths_cannot_escape_the_store(store, bad):
+    with pytest.raises(StorePathError, match="escapes the store root"):
+        store.write_file("x/fp", bad, b"data")
+
+
+def test_store_survives_pickling_for_workers(tmp_path):
+    import pickle
+
+    store = ArtifactStore(tmp_path)
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.uri == store.uri and clone.root == store.root
+
+
+def test_lock_serializes_writers(tmp_path):
+    import threading
+    import time
+
+    store, order = ArtifactStore(tmp_path), []
+
+    def worker(name):
+        with store.lock("docs/fp"):
+            order.append(f"{name}-in")
+            time.sleep(0.2)
+            order.append(f"{name}-out")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in "ab"]
+    [t.start() for t in threads], [t.join() for t in threads]
+    assert order[0][0] == order[1][0] and order[2][0] == order[3][0]  # no interleaving
