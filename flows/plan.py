@@ -23,8 +23,12 @@ def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, 
     if stage == "sample":
         return {"cfg": cfg.sample, "refs": plan_sample(cfg.sample)}
     if stage == "ingest":
-        files = list_input_files(cfg.ingest.paths or [sample_corpus_glob(store_uri, refs["sample"])])
-        return {"cfg": cfg.ingest, "files": files, "refs": plan_ingest(cfg.ingest, files)}
+        if cfg.ingest.paths:
+            files = list_input_files(cfg.ingest.paths)
+            return {"cfg": cfg.ingest, "files": files, "refs": plan_ingest(cfg.ingest, files)}
+        files = list_input_files([sample_corpus_glob(store_uri, refs["sample"])])
+        return {"cfg": cfg.ingest, "files": files, "files_id": refs["sample"],
+                "refs": plan_ingest(cfg.ingest, files, files_id=refs["sample"])}
     if stage == "tokenize":
         return {"cfg": cfg.tokenize, "documents_ref": refs["documents"],
                 "refs": plan_tokenize(cfg.tokenize, refs["documents"])}

@@ -46,6 +46,7 @@ def dask_cluster(cfg: DaskConfig, address: str | None = None) -> Iterator[str]:
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=cfg.processes,
-                      memory_limit=cfg.memory_limit, host="127.0.0.1", dashboard_address=None,
+                      memory_limit=cfg.memory_limit, dashboard_address=None,
+                      host="127.0.0.1" if cfg.processes else None,  # threads use in-process comms
                       silence_logs=logging.WARNING) as cluster:
         yield cluster.scheduler_address

@@ -217,18 +217,20 @@ def check_reject_fraction(parsed_markers: list[dict], rejects_uri: str, cfg: Ing
     return {"documents_read": rows + rejected, "rejected": rejected, "reject_fraction": round(fraction, 6)}
 
 
-def plan_ingest(cfg: IngestConfig, files: list[str]) -> dict[str, str]:
+def plan_ingest(cfg: IngestConfig, files: list[str], files_id: str | None = None) -> dict[str, str]:
+    """Refs of the stage outputs. `files_id` identifies inputs that live in a committed artifact (the
+    sample world) by that artifact, so the same data in another store plans to the same refs."""
     import tasks.ingest as this
     from tasks.common import plan_ref
 
-    inputs = {"files": input_fingerprint(files)}
+    inputs = {"files": files_id or input_fingerprint(files)}
     documents = plan_ref("documents", "ingest", cfg.fingerprint(), inputs, this)
     fp = documents.split("/")[1]
     return {"documents": documents, "rejects": f"rejects/{fp}", "parsed": f"parsed/{fp}"}
 
 
 def run_ingest(store_uri: str, cfg: IngestConfig, files: list[str], refs: dict[str, str],
-               address: str | None = None) -> dict[str, str]:
+               address: str | None = None, files_id: str | None = None) -> dict[str, str]:
     """Parse every file, enforce the reject budget, de-duplicate, commit `documents` + `rejects`."""
     import tasks.ingest as this
     from storage.lineage import code_version, lineage
@@ -239,8 +241,8 @@ def run_ingest(store_uri: str, cfg: IngestConfig, files: list[str], refs: dict[s
         if store.is_committed(refs["documents"]):
             log.info("ingest: %s already committed, skipping", refs["documents"])
             return refs
-        record = lineage("ingest", cfg.fingerprint(), {"files": input_fingerprint(files)},
-                         code_version(this), input_files=files)
+        record = lineage("ingest", cfg.fingerprint(), {"files": files_id or input_fingerprint(files)}, code_version(this),
+                         input_files=files)
         parsed = map_shards("ingest", store, refs["parsed"], parse_file, files, address, cfg=cfg,
                             rejects_ref=refs["rejects"])
         store.commit(refs["rejects"], record, expected_shards=len(files))

@@ -1,0 +1,96 @@
+"""The Prefect pipeline on Dask: end to end, cached re-runs, an external cluster, SIGKILL + resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TEST_PROFILE, run_cli
+
+from storage.store import ArtifactStore
+
+
+def test_pipeline_end_to_end_then_fully_cached(prefect_harness, test_config):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from transformers import AutoModelForCausalLM
+
+    from flows.pipeline import pipeline
+    from tasks.pretrain import model_dir
+
+    cfg = test_config()
+    store = ArtifactStore(cfg.store)
+    first = pipeline(config=cfg.model_dump(mode="json"), run_id="run-a")
+    record = json.loads((store.fs.open(f"{store.run_dir('run-a')}/run.json").read()))
+    assert record["state"] == "completed"
+    assert {s: i["status"] for s, i in record["stages"].items()} == dict.fromkeys(
+        ["sample", "ingest", "tokenize", "pretrain"], "computed")
+    report = (store.fs.open(first["report"]).read()).decode()
+    assert "| tokenize | tokens/" in report and "pretrain_loss.png" in report
+    manifest = store.manifest(first["refs"]["model"])
+    assert manifest["eval_loss"] < manifest["eval_loss_initial"]  # the bootstrap model learned something
+    with model_dir(store, first["refs"]["model"]) as folder:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    assert model.config.model_type == "llama" and model.num_parameters() == manifest["parameters"]
+
+    state = pipeline(config=cfg.model_dump(mode="json"), run_id="run-b", return_state=True)
+    second = state.result()
+    assert second["refs"] == first["refs"]
+    record = json.loads((store.fs.open(f"{store.run_dir('run-b')}/run.json").read()))
+    assert {i["status"] for i in record["stages"].values()} == {"reused"}
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert sorted(r.state.name for r in runs) == ["Cached"] * 4
+
+
+def test_stage_runs_on_an_existing_cluster_by_address(prefect_harness, test_config):
+    from distributed import LocalCluster
+
+    from flows.pipeline import pipeline
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        cfg = test_config("dask.address=" + cluster.scheduler_address, "stages=[sample,ingest,tokenize]")
+        result = pipeline(config=cfg.model_dump(mode="json"), run_id="by-address")
+        prefixes = set(cluster.scheduler.task_prefixes)
+    assert {"ingest", "dedup", "tokenize"} <= {p.split("-")[0] for p in prefixes}, prefixes
+    assert ArtifactStore(cfg.store).is_committed(result["refs"]["tokens"])
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_status_and_artifacts(tmp_path):
+    store = str(tmp_path / "store")
+    proc = run_cli("run", "--profile", str(TEST_PROFILE), "--stages", "ingest,tokenize,pretrain", "--store", store)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "report:" in proc.stdout and "report.md" in proc.stdout
+    status = json.loads(run_cli("status", "--store", store, "--json").stdout)
+    assert status["state"] == "completed"
+    by_artifact = {r["artifact"].split("/")[0]: r for r in status["rows"]}
+    assert by_artifact["tokens"]["committed"] and by_artifact["tokens"]["on_rerun"] == "skip"
+    assert by_artifact["documents"]["rows"] > 0 and by_artifact["model"]["committed"]
+    listing = run_cli("artifacts", "--store", store)
+    assert listing.returncode == 0 and "tokens/" in listing.stdout
+
+
+@pytest.mark.slow
+def test_sigkill_mid_tokenize_then_resume_matches_uninterrupted(tmp_path):
+    common = ["--profile", str(TEST_PROFILE), "--stages", "ingest,tokenize", "--set", "dask.processes=true"]
+    killed_store = str(tmp_path / "killed")
+    proc = run_cli("run", *common, "--store", killed_store, env={"TRACECORE_KILL_AT": "tokenize:2"})
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    status = json.loads(run_cli("status", "--store", killed_store, "--json").stdout)
+    tokens = next(r for r in status["rows"] if r["artifact"].startswith("tokens/"))
+    assert not tokens["committed"] and tokens["shards_done"] >= 2
+    assert tokens["on_rerun"].startswith("resume")
+
+    resumed = run_cli("run", "--resume", status["run_id"], "--store", killed_store)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"skipping {tokens['shards_done']}/6 completed shards" in resumed.stdout + resumed.stderr
+    killed = ArtifactStore(killed_store)
+    manifest = killed.manifest(tokens["artifact"])
+    assert manifest["skipped_shards"] == tokens["shards_done"] and manifest["shards"] == 6
+
+    clean_store = str(tmp_path / "clean")
+    assert run_cli("run", *common, "--store", clean_store).returncode == 0
+    clean = ArtifactStore(clean_store)
+    assert clean.manifest(tokens["artifact"])["checksum"] == manifest["checksum"]
+    assert clean.read_table(tokens["artifact"]).equals(killed.read_table(tokens["artifact"]))

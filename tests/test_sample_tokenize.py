@@ -1,0 +1,102 @@
+"""Sample world ground truth and tokenization on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from configs.schema import SampleConfig, TokenizeConfig
+from tasks.ingest import list_input_files, plan_ingest, run_ingest
+from tasks.sample import FACT_TEMPLATES, write_sample
+from tasks.tokenize import TokenizerError, check_user_tokenizer, plan_tokenize, run_tokenize
+
+SMALL = SampleConfig(n_entities=30, max_fact_frequency=40, n_parallel_phrases=15, filler_documents=200,
+                     instructions=160, preference_pairs=20, haystacks=5, haystack_sentences=20, corpus_files=3)
+
+
+def corpus_text(folder: Path) -> str:
+    import gzip
+
+    return "\n".join(json.loads(line)["text"] for f in sorted((folder / "corpus").glob("*.jsonl.gz"))
+                     for line in gzip.decompress(f.read_bytes()).splitlines())
+
+
+def test_sample_world_is_deterministic(tmp_path):
+    write_sample(SMALL, tmp_path / "a"), write_sample(SMALL, tmp_path / "b")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    write_sample(SMALL.model_copy(update={"seed": 1}), tmp_path / "c")
+    assert (tmp_path / "c/tasks/qa.jsonl").read_bytes() != (tmp_path / "a/tasks/qa.jsonl").read_bytes()
+
+
+def test_planted_frequencies_match_the_corpus(tmp_path):
+    counts = write_sample(SMALL, tmp_path)
+    text = corpus_text(tmp_path)
+    facts = pq.read_table(tmp_path / "ground_truth/facts.parquet").to_pylist()
+    assert len(facts) == counts["facts"] == 90
+    freqs = sorted(f["frequency"] for f in facts)
+    assert freqs[0] == 1 and freqs[-1] == 40  # Zipf spread from 1 to the configured maximum
+    for fact in facts:
+        found = sum(text.count(t.format(name=fact["entity"], value=fact["value"])) for t in FACT_TEMPLATES[fact["attribute"]])
+        assert found == fact["frequency"], fact
+    phrases = pq.read_table(tmp_path / "ground_truth/phrases.parquet").to_pylist()
+    for p in phrases:
+        assert text.count(f"In Zelan, {p['source']} is said as {p['target']}.") == p["frequency"]
+
+
+def test_tasks_instructions_preferences_haystacks_have_public_schemas(tmp_path):
+    write_sample(SMALL, tmp_path)
+    rows = lambda rel: [json.loads(x) for x in (tmp_path / rel).read_text().splitlines()]  # noqa: E731
+    mc = rows("tasks/multiple_choice.jsonl")[0]
+    assert mc["choices"][mc["answer"]] and len(mc["choices"]) == 4
+    pool = rows("instructions/train.jsonl")
+    assert {"instruction", "input", "output"} <= set(pool[0]) and len({r["family"] for r in pool}) == 8
+    assert any(r["quality"] == "low" for r in pool) and any(r["near_duplicate_of"] for r in pool)
+    assert {r["family"] for r in rows("instructions/eval.jsonl")} == {r["family"] for r in pool}
+    prefs = rows("preferences/pairs.jsonl")
+    assert {"prompt", "chosen", "rejected"} <= set(prefs[0])
+    assert any(p["reversible"] and p["criteria_rejected"] for p in prefs) and any(not p["reversible"] for p in prefs)
+    for hay in rows("longctx/haystacks.jsonl"):
+        assert f"is {hay['answer']}." in hay["context"]
+
+
+@pytest.fixture
+def documents(tmp_path):
+    write_sample(SMALL, tmp_path / "world")
+    from configs.schema import IngestConfig
+
+    files = list_input_files([str(tmp_path / "world/corpus/*.jsonl.gz")])
+    refs = plan_ingest(IngestConfig(), files)
+    store_uri = str(tmp_path / "store")
+    run_ingest(store_uri, IngestConfig(), files, refs)
+    return store_uri, refs["documents"]
+
+
+def test_tokenize_trains_bpe_and_roundtrips(documents):
+    from transformers import AutoTokenizer
+
+    from storage.store import ArtifactStore
+
+    store_uri, docs_ref = documents
+    cfg = TokenizeConfig(vocab_size=500, train_docs=1000)
+    refs = plan_tokenize(cfg, docs_ref)
+    run_tokenize(store_uri, cfg, docs_ref, refs)
+    store = ArtifactStore(store_uri)
+    tokens = store.read_table(refs["tokens"])
+    assert str(tokens.schema.field("tokens").type) == "list<element: uint16>"
+    manifest = store.manifest(refs["tokens"])
+    assert manifest["tokens"] == sum(tokens.column("n_tokens").to_pylist()) > 0
+    assert manifest["inputs"] == {"documents": docs_ref} and manifest["tokens_per_second"] > 0
+    with store.local_dir(refs["tokenizer"]) as folder:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert len(tok) <= 500 and tok.eos_token == "<|endoftext|>"
+    texts = store.read_table(docs_ref).column("text").to_pylist()
+    assert tok.decode(tokens.column("tokens")[0].as_py()) == texts[0]
+
+
+def test_user_tokenizer_path_is_checked(tmp_path):
+    with pytest.raises(TokenizerError, match="tokenize.tokenizer_path: .* has no tokenizer.json"):
+        check_user_tokenizer(str(tmp_path))
