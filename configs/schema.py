@@ -91,7 +91,7 @@ class PretrainConfig(Strict):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "PretrainConfig":
+    def _heads_divide(self) -> PretrainConfig:
         if self.hidden_size % self.heads or self.heads % self.kv_heads:
             raise ValueError("hidden_size must be divisible by heads, and heads by kv_heads")
         return self

@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sample)
     sample.add_argument("--out", default="sample_world", help="output folder (default: ./sample_world)")
 
-    for name, text in (("status", "stages of a run: state, artifacts, shards done, rows, rejects, and what a "
-                                  "re-run would skip"),
+    status_help = "stages of a run: state, artifacts, shards done, rows, rejects, and what a re-run would skip"
+    for name, text in (("status", status_help),
                        ("artifacts", "artifacts of a run with their paths, rows and checksums")):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_id", nargs="?", default=None, help="run id (default: the latest run)")
@@ -106,7 +106,7 @@ def status_rows(store_uri: str, run_id: str | None) -> tuple[dict, list[dict]]:
     record = read_run(store, run_id)
     rows = []
     for stage, info in record["stages"].items():
-        for name, ref in info.get("refs", {}).items():
+        for ref in info.get("refs", {}).values():
             markers = store.markers(ref)
             committed = store.is_committed(ref)
             manifest = store.manifest(ref) if committed else {}
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"tracecore: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # the stage already logged its traceback through Prefect
+    except Exception as exc:  # noqa: BLE001 - the stage already logged its traceback through Prefect
         print(f"tracecore: run failed: {type(exc).__name__}: {exc}\n"
               "  `tracecore status` shows what finished; `tracecore run --resume RUN_ID` continues.", file=sys.stderr)
         return 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from configs.schema import STAGES, PipelineConfig
-from storage.store import ArtifactStore
 from tasks.ingest import list_input_files, plan_ingest
 from tasks.pretrain import plan_pretrain
 from tasks.sample import plan_sample, sample_corpus_glob

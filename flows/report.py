@@ -67,8 +67,8 @@ def write_report(store: ArtifactStore, record: dict) -> str:
     errors = {s: i["error"] for s, i in record["stages"].items() if i.get("error")}
     if errors:
         parts += ["## Errors", ""] + [f"- **{s}**: {e}" for s, e in errors.items()]
-    parts += ["", "Read any artifact with `pyarrow.parquet.read_table(<store>/artifacts/<artifact>/)` "
-              "or `pandas.read_parquet`; lineage is in each artifact's `_MANIFEST.json`."]
+    parts += ["", ("Read any artifact with `pyarrow.parquet.read_table(<store>/artifacts/<artifact>/)` "
+                   "or `pandas.read_parquet`; lineage is in each artifact's `_MANIFEST.json`.")]
     path = f"{run_dir}/report.md"
     with store.fs.open(path, "w") as fh:
         fh.write("\n".join(parts) + "\n")
@@ -78,13 +78,12 @@ def write_report(store: ArtifactStore, record: dict) -> str:
 
 def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str) -> None:
     """Keyed Prefect artifacts (visible on the UI's Artifacts page) when inside a flow run."""
-    try:
-        from prefect.artifacts import create_markdown_artifact, create_table_artifact
-        from prefect.context import get_run_context
+    from tasks.common import in_prefect_run
 
-        get_run_context()
-    except Exception:
+    if not in_prefect_run():
         return
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
     for stage in {r["stage"] for r in rows}:
         create_table_artifact([r for r in rows if r["stage"] == stage], key=f"tracecore-{stage}-outputs",
                               description=f"{stage} outputs of run {record['run_id']}")

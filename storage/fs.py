@@ -35,7 +35,7 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def safe_join(root: str, *parts: str) -> str:
     """Join relative parts under root, refusing anything that escapes it."""
     rel = posixpath.normpath(posixpath.join(*parts)) if parts else "."
-    if rel.startswith("/") or rel == ".." or rel.startswith("../"):
+    if rel == ".." or rel.startswith(("/", "../")):
         raise StorePathError(f"path {posixpath.join(*parts)!r} escapes the store root {root!r}")
     return root if rel == "." else f"{root}/{rel}"
 

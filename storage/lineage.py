@@ -6,17 +6,16 @@ import hashlib
 import importlib.metadata as md
 import inspect
 import sys
-from types import ModuleType
 
 TRACKED_PACKAGES = ("tracecore", "prefect", "dask", "distributed", "pyarrow", "torch", "transformers",
                     "tokenizers", "peft", "infini-gram", "pydantic")
 
 
-def code_version(*modules: ModuleType) -> str:
+def code_version(*module_names: str) -> str:
     """Hash of the stage modules' source: editing a stage invalidates its cached artifacts."""
     digest = hashlib.sha256()
-    for module in modules:
-        digest.update(inspect.getsource(module).encode())
+    for name in module_names:
+        digest.update(inspect.getsource(sys.modules[name]).encode())
     return digest.hexdigest()[:12]
 
 

@@ -11,10 +11,10 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -39,18 +39,25 @@ class ShardReport:
         return sum(m.get(key, 0) for m in self.markers if m["shard"] in done)
 
 
-def plan_ref(artifact: str, stage: str, config_hash: str, inputs: dict[str, str], module: ModuleType) -> str:
+def plan_ref(artifact: str, stage: str, config_hash: str, inputs: dict[str, str], module: str) -> str:
+    """`<artifact>/<fingerprint>` for a stage implemented in `module` (its source is the code version)."""
     return f"{artifact}/{fingerprint(stage, config_hash, inputs, code_version(module))}"
+
+
+def in_prefect_run() -> bool:
+    """True inside a Prefect flow or task run (so logs and artifacts reach the UI)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
 def get_logger() -> logging.Logger:
     """Prefect's run logger inside a flow/task run (shows in the UI), else a plain logger."""
-    try:
+    if in_prefect_run():
         from prefect import get_run_logger
 
         return get_run_logger()  # type: ignore[return-value]
-    except Exception:
-        return logging.getLogger("tracecore")
+    return logging.getLogger("tracecore")
 
 
 class Progress:
@@ -61,15 +68,11 @@ class Progress:
         self.bar = tqdm(total=total, initial=done, desc=stage, unit="shard", leave=False,
                         disable=True if os.environ.get("TRACECORE_NO_PROGRESS") == "1" else None)
         self.artifact_id = None
-        try:
+        if in_prefect_run():
             from prefect.artifacts import create_progress_artifact
-            from prefect.context import get_run_context
 
-            get_run_context()
             self.artifact_id = create_progress_artifact(
                 100.0 * done / self.total, key=f"tracecore-{stage}-progress", description=f"{stage}: shards done")
-        except Exception:
-            self.artifact_id = None
 
     def step(self, n: int = 1) -> None:
         self.done += n
@@ -154,7 +157,7 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
         return True
     except OSError as exc:
         return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - classifying, not swallowing: the task fails either way
         return type(exc).__name__ in {"CommClosedError", "KilledWorker", "FutureCancelledError"}
     return False
 

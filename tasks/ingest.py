@@ -12,16 +12,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from pathlib import PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from configs.schema import IngestConfig
+from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import stage_task
+from tasks.common import get_logger, map_shards, plan_ref, stage_task
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
                         ("file", pa.string()), ("line", pa.int64()), ("doc_hash", pa.string())])
@@ -131,7 +133,7 @@ def _iter_parquet(uri: str, cfg: IngestConfig) -> Iterator[tuple[int, Any, str |
     try:
         with fsspec.open(uri, "rb") as fh:
             table = pq.read_table(fh)
-    except Exception as exc:  # pyarrow raises several types for damaged files
+    except (OSError, ValueError, pa.ArrowException) as exc:  # damaged or not Parquet at all
         yield 0, None, f"unreadable Parquet file: {exc}", b""
         return
     if cfg.text_field not in table.column_names:
@@ -160,8 +162,9 @@ def iter_records(uri: str, cfg: IngestConfig) -> Iterator[tuple[int, Any, str | 
         return _iter_parquet(uri, cfg)
     if name.endswith(".txt"):
         return _iter_text(uri)
-    return iter([(0, None, f"unsupported file type {PurePosixPath(uri).name!r} (use .jsonl/.json/.parquet/.txt, "
-                           "optionally .gz/.zst)", b"")])
+    reason = (f"unsupported file type {PurePosixPath(uri).name!r} "
+              "(use .jsonl/.json/.parquet/.txt, optionally .gz/.zst)")
+    return iter([(0, None, reason, b"")])
 
 
 def parse_file(store_uri: str, ref: str, shard: int, uri: str, cfg: IngestConfig, rejects_ref: str) -> dict:
@@ -220,11 +223,9 @@ def check_reject_fraction(parsed_markers: list[dict], rejects_uri: str, cfg: Ing
 def plan_ingest(cfg: IngestConfig, files: list[str], files_id: str | None = None) -> dict[str, str]:
     """Refs of the stage outputs. `files_id` identifies inputs that live in a committed artifact (the
     sample world) by that artifact, so the same data in another store plans to the same refs."""
-    import tasks.ingest as this
-    from tasks.common import plan_ref
 
     inputs = {"files": files_id or input_fingerprint(files)}
-    documents = plan_ref("documents", "ingest", cfg.fingerprint(), inputs, this)
+    documents = plan_ref("documents", "ingest", cfg.fingerprint(), inputs, __name__)
     fp = documents.split("/")[1]
     return {"documents": documents, "rejects": f"rejects/{fp}", "parsed": f"parsed/{fp}"}
 
@@ -232,16 +233,13 @@ def plan_ingest(cfg: IngestConfig, files: list[str], files_id: str | None = None
 def run_ingest(store_uri: str, cfg: IngestConfig, files: list[str], refs: dict[str, str],
                address: str | None = None, files_id: str | None = None) -> dict[str, str]:
     """Parse every file, enforce the reject budget, de-duplicate, commit `documents` + `rejects`."""
-    import tasks.ingest as this
-    from storage.lineage import code_version, lineage
-    from tasks.common import get_logger, map_shards
 
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["documents"]):
         if store.is_committed(refs["documents"]):
             log.info("ingest: %s already committed, skipping", refs["documents"])
             return refs
-        record = lineage("ingest", cfg.fingerprint(), {"files": files_id or input_fingerprint(files)}, code_version(this),
+        record = lineage("ingest", cfg.fingerprint(), {"files": files_id or input_fingerprint(files)}, code_version(__name__),
                          input_files=files)
         parsed = map_shards("ingest", store, refs["parsed"], parse_file, files, address, cfg=cfg,
                             rejects_ref=refs["rejects"])

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 
 from configs.schema import PretrainConfig
+from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import stage_task
+from tasks.common import get_logger, plan_ref, stage_task
 
 
 class ModelPathError(ValueError):
@@ -25,13 +26,11 @@ class ModelPathError(ValueError):
 
 
 def plan_pretrain(cfg: PretrainConfig, tokens_ref: str, tokenizer_ref: str) -> dict[str, str]:
-    import tasks.pretrain as this
-    from tasks.common import plan_ref
 
     inputs = {"tokens": tokens_ref, "tokenizer": tokenizer_ref}
     if cfg.model_path:
         inputs = {"model_path": str(Path(cfg.model_path).resolve()), "tokenizer": tokenizer_ref}
-    return {"model": plan_ref("model", "pretrain", cfg.fingerprint(), inputs, this)}
+    return {"model": plan_ref("model", "pretrain", cfg.fingerprint(), inputs, __name__)}
 
 
 def token_stream(store: ArtifactStore, tokens_ref: str, eos_id: int) -> np.ndarray:
@@ -123,9 +122,6 @@ def run_pretrain(store_uri: str, cfg: PretrainConfig, tokens_ref: str, tokenizer
     import torch
     from transformers import AutoTokenizer
 
-    import tasks.pretrain as this
-    from storage.lineage import code_version, lineage
-    from tasks.common import get_logger
 
     store, log, ref = ArtifactStore(store_uri), get_logger(), refs["model"]
     with store.lock(ref):
@@ -133,7 +129,7 @@ def run_pretrain(store_uri: str, cfg: PretrainConfig, tokens_ref: str, tokenizer
             log.info("pretrain: %s already committed, skipping", ref)
             return refs
         record = lineage("pretrain", cfg.fingerprint(), {"tokens": tokens_ref, "tokenizer": tokenizer_ref},
-                         code_version(this))
+                         code_version(__name__))
         if cfg.model_path:
             register_user_model(store, cfg, tokenizer_ref, ref, record)
             return refs

@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from configs.schema import SampleConfig
-from tasks.common import stage_task
+from storage.lineage import code_version, lineage
+from storage.store import ArtifactStore
+from tasks.common import get_logger, plan_ref, stage_task
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "so", "ta", "vel", "dor", "an", "is", "um", "qua", "zel", "bri",
              "no", "pa", "ther", "gal", "fi", "ou", "rak", "sen", "wy", "mor"]
@@ -277,20 +279,14 @@ def write_sample(cfg: SampleConfig, out_dir: str | Path) -> dict[str, int]:
 
 
 def plan_sample(cfg: SampleConfig) -> dict[str, str]:
-    import tasks.sample as this
-    from tasks.common import plan_ref
 
-    return {"sample": plan_ref("sample", "sample", cfg.fingerprint(), {}, this)}
+    return {"sample": plan_ref("sample", "sample", cfg.fingerprint(), {}, __name__)}
 
 
 def run_sample(store_uri: str, cfg: SampleConfig, refs: dict[str, str], address: str | None = None) -> dict[str, str]:
     """Generate the sample world into the store (files/ of the `sample` artifact)."""
     import tempfile
 
-    import tasks.sample as this
-    from storage.lineage import code_version, lineage
-    from storage.store import ArtifactStore
-    from tasks.common import get_logger
 
     store, ref = ArtifactStore(store_uri), refs["sample"]
     with store.lock(ref):
@@ -298,13 +294,12 @@ def run_sample(store_uri: str, cfg: SampleConfig, refs: dict[str, str], address:
             with tempfile.TemporaryDirectory(prefix="tracecore-sample-") as tmp:
                 counts = write_sample(cfg, tmp)
                 store.put_dir(ref, tmp)
-            store.commit(ref, lineage("sample", cfg.fingerprint(), {}, code_version(this), counts=counts))
+            store.commit(ref, lineage("sample", cfg.fingerprint(), {}, code_version(__name__), counts=counts))
             get_logger().info("sample world written to %s: %s", store.display_path(ref), counts)
     return refs
 
 
 def sample_corpus_glob(store_uri: str, sample_ref: str) -> str:
-    from storage.store import ArtifactStore
 
     return f"{ArtifactStore(store_uri).display_path(sample_ref)}/files/corpus/*.jsonl.gz"
 

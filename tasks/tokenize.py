@@ -14,8 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from configs.schema import TokenizeConfig
+from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import stage_task
+from tasks.common import get_logger, map_shards, plan_ref, stage_task
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -79,13 +80,11 @@ def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str], 
 
 
 def plan_tokenize(cfg: TokenizeConfig, documents_ref: str) -> dict[str, str]:
-    import tasks.tokenize as this
-    from tasks.common import plan_ref
 
     inputs = {"documents": documents_ref}
     if cfg.tokenizer_path:
         inputs["user_tokenizer"] = hashlib.sha256((Path(cfg.tokenizer_path) / "tokenizer.json").read_bytes()).hexdigest()
-    tokenizer = plan_ref("tokenizer", "tokenize", cfg.fingerprint(), inputs, this)
+    tokenizer = plan_ref("tokenizer", "tokenize", cfg.fingerprint(), inputs, __name__)
     return {"tokenizer": tokenizer, "tokens": f"tokens/{tokenizer.split('/')[1]}"}
 
 
@@ -109,16 +108,13 @@ def build_tokenizer(store: ArtifactStore, cfg: TokenizeConfig, documents_ref: st
 
 def run_tokenize(store_uri: str, cfg: TokenizeConfig, documents_ref: str, refs: dict[str, str],
                  address: str | None = None) -> dict[str, str]:
-    import tasks.tokenize as this
-    from storage.lineage import code_version, lineage
-    from tasks.common import get_logger, map_shards
 
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["tokens"]):
         if store.is_committed(refs["tokens"]):
             log.info("tokenize: %s already committed, skipping", refs["tokens"])
             return refs
-        record = lineage("tokenize", cfg.fingerprint(), {"documents": documents_ref}, code_version(this))
+        record = lineage("tokenize", cfg.fingerprint(), {"documents": documents_ref}, code_version(__name__))
         build_tokenizer(store, cfg, documents_ref, refs["tokenizer"], record)
         n_shards = store.manifest(documents_ref)["shards"]
         report = map_shards("tokenize", store, refs["tokens"], tokenize_shard,

@@ -39,5 +39,5 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, **kwargs)
     """Run `tracecore ...` in a subprocess in its own session (so SIGKILL of the group spares pytest)."""
     full_env = {**os.environ, **(env or {})}
     full_env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=full_env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=full_env, capture_output=True, check=False,
                           text=True, timeout=timeout, start_new_session=True, **kwargs)

@@ -32,7 +32,7 @@ def test_literal_lists_allowed_values():
     with pytest.raises(ConfigError, match=r"pretrain\.device: must be one of 'auto', 'cpu' or 'cuda'"):
         load_config("tiny", ["pretrain.device=tpu"])
     with pytest.raises(ConfigError, match=r"stages\.0: must be one of"):
-        validate_config({"stages": ["ingest", "bogus"][1:]})
+        validate_config({"stages": ["bogus"]})
 
 
 def test_cross_field_rule():

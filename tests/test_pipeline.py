@@ -21,7 +21,7 @@ def test_pipeline_end_to_end_then_fully_cached(prefect_harness, test_config):
     cfg = test_config()
     store = ArtifactStore(cfg.store)
     first = pipeline(config=cfg.model_dump(mode="json"), run_id="run-a")
-    record = json.loads((store.fs.open(f"{store.run_dir('run-a')}/run.json").read()))
+    record = json.loads(store.fs.open(f"{store.run_dir('run-a')}/run.json").read())
     assert record["state"] == "completed"
     assert {s: i["status"] for s, i in record["stages"].items()} == dict.fromkeys(
         ["sample", "ingest", "tokenize", "pretrain"], "computed")
@@ -36,7 +36,7 @@ def test_pipeline_end_to_end_then_fully_cached(prefect_harness, test_config):
     state = pipeline(config=cfg.model_dump(mode="json"), run_id="run-b", return_state=True)
     second = state.result()
     assert second["refs"] == first["refs"]
-    record = json.loads((store.fs.open(f"{store.run_dir('run-b')}/run.json").read()))
+    record = json.loads(store.fs.open(f"{store.run_dir('run-b')}/run.json").read())
     assert {i["status"] for i in record["stages"].values()} == {"reused"}
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))

@@ -49,7 +49,9 @@ def test_planted_frequencies_match_the_corpus(tmp_path):
 
 def test_tasks_instructions_preferences_haystacks_have_public_schemas(tmp_path):
     write_sample(SMALL, tmp_path)
-    rows = lambda rel: [json.loads(x) for x in (tmp_path / rel).read_text().splitlines()]  # noqa: E731
+    def rows(rel: str) -> list[dict]:
+        return [json.loads(x) for x in (tmp_path / rel).read_text().splitlines()]
+
     mc = rows("tasks/multiple_choice.jsonl")[0]
     assert mc["choices"][mc["answer"]] and len(mc["choices"]) == 4
     pool = rows("instructions/train.jsonl")
