@@ -45,6 +45,7 @@ def dask_cluster(cfg: DaskConfig, address: str | None = None) -> Iterator[str]:
         return
     from distributed import LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # after Prefect's logging set-up
     with LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=cfg.processes,
                       memory_limit=cfg.memory_limit, dashboard_address=None,
                       host="127.0.0.1" if cfg.processes else None,  # threads use in-process comms
