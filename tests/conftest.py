@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, **kwargs)
     full_env.pop("PREFECT_API_URL", None)
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=full_env, capture_output=True, check=False,
                           text=True, timeout=timeout, start_new_session=True, **kwargs)
+
+
+def reduced_sets() -> list[str]:
+    """The test profile as `--set` overrides, to run the real `tiny` profile on a reduced sample."""
+    import yaml
+
+    args = []
+    for section, values in yaml.safe_load(TEST_PROFILE.read_text()).items():
+        if isinstance(values, dict):
+            args += [x for key, value in values.items() for x in ("--set", f"{section}.{key}={json.dumps(value)}")]
+    return args

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TEST_PROFILE, run_cli
+from conftest import TEST_PROFILE, reduced_sets, run_cli
 
 from storage.store import ArtifactStore
 
@@ -59,7 +59,8 @@ def test_stage_runs_on_an_existing_cluster_by_address(prefect_harness, test_conf
 @pytest.mark.slow
 def test_cli_end_to_end_status_and_artifacts(tmp_path):
     store = str(tmp_path / "store")
-    proc = run_cli("run", "--profile", str(TEST_PROFILE), "--stages", "ingest,tokenize,pretrain", "--store", store)
+    proc = run_cli("run", "--profile", "tiny", "--stages", "ingest,tokenize,pretrain", "--store", store,
+                   *reduced_sets())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "report:" in proc.stdout and "report.md" in proc.stdout
     status = json.loads(run_cli("status", "--store", store, "--json").stdout)

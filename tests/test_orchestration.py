@@ -1,0 +1,80 @@
+"""Orchestration details users rely on: retry policy, per-stage flows, concurrent runs, make-sample."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from conftest import run_cli
+
+from storage.store import ArtifactStore
+from tasks.common import is_transient
+
+
+@pytest.mark.parametrize(("exc", "retry"), [
+    (OSError("connection reset"), True),
+    (TimeoutError("slow object store"), True),
+    (FileNotFoundError("gone"), False),
+    (ValueError("bad input"), False),
+    (type("KilledWorker", (Exception,), {})("worker died"), True),
+])
+def test_only_transient_failures_are_retried(exc, retry):
+    from prefect.states import Failed
+
+    assert is_transient(None, None, Failed(data=exc)) is retry
+
+
+def test_single_stage_flow_computes_missing_upstream(prefect_harness, test_config):
+    from flows.pipeline import STAGE_FLOWS
+
+    cfg = test_config()
+    refs = STAGE_FLOWS["tokenize"](config=cfg.model_dump(mode="json"))
+    store = ArtifactStore(cfg.store)
+    assert {"sample", "documents", "tokens", "tokenizer"} <= set(refs)
+    assert all(store.is_committed(refs[k]) for k in ("sample", "documents", "tokens"))
+    assert not any(a.startswith("model/") for a in store.list_artifacts())  # nothing downstream ran
+
+
+def test_concurrent_runs_of_one_config_compute_once(test_config, tmp_path):
+    from flows.plan import stage_call
+    from tasks.sample import run_sample
+
+    cfg = test_config()
+    sample_call = stage_call("sample", cfg, cfg.store, {})
+    run_sample(cfg.store, **sample_call)
+    call = stage_call("ingest", cfg, cfg.store, {"sample": sample_call["refs"]["sample"]})
+    from tasks.ingest import run_ingest
+
+    errors: list[BaseException] = []
+
+    def worker():
+        try:
+            run_ingest(cfg.store, **call)
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    [t.start() for t in threads], [t.join() for t in threads]
+    assert not errors
+    store = ArtifactStore(cfg.store)
+    manifest = store.manifest(call["refs"]["documents"])
+    assert manifest["rows"] == store.read_table(call["refs"]["documents"]).num_rows > 0
+    assert len(store.markers(call["refs"]["documents"])) == manifest["shards"]
+    ids = store.read_table(call["refs"]["documents"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids))  # nothing written twice
+
+
+def test_make_sample_cli(tmp_path):
+    proc = run_cli("make-sample", "--out", str(tmp_path / "world"), "--set", "sample.filler_documents=50",
+                   "--set", "sample.corpus_files=2")
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads(proc.stdout)
+    assert counts["corpus_documents"] == 50 and len(list((tmp_path / "world/corpus").glob("*.jsonl.gz"))) == 2
+
+
+def test_cli_rejects_bad_config_before_work(tmp_path):
+    proc = run_cli("run", "--store", str(tmp_path / "s"), "--set", "pretrain.device=tpu")
+    assert proc.returncode == 2
+    assert "pretrain.device: must be one of 'auto', 'cpu' or 'cuda'" in proc.stderr
+    assert not (tmp_path / "s").exists()
