@@ -25,13 +25,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRACECORE_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from configs.schema import IngestConfig, SampleConfig, TokenizeConfig  # noqa: E402
-from tasks.ingest import list_input_files, plan_ingest, run_ingest, validate_record  # noqa: E402
-from tasks.sample import write_sample  # noqa: E402
-from tasks.tokenize import plan_tokenize, run_tokenize, train_bpe  # noqa: E402
+from configs.schema import IngestConfig, SampleConfig, TokenizeConfig
+from tasks.ingest import list_input_files, plan_ingest, run_ingest, validate_record
+from tasks.sample import write_sample
+from tasks.tokenize import plan_tokenize, run_tokenize, train_bpe
 
 
 def plain_loop(files: list[Path], tokenizer_json: Path, out_dir: Path) -> int:
