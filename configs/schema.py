@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROFILE_DIR = Path(__file__).parent
-STAGES = ("sample", "ingest", "tokenize", "pretrain")
+STAGES = ("sample", "ingest", "tokenize", "pretrain", "ngram", "memorization")
 
 
 class ConfigError(ValueError):
@@ -97,6 +97,51 @@ class PretrainConfig(Strict):
         return self
 
 
+class NgramConfig(Strict):
+    """Corpus n-gram counting: infini-gram index + exact small-n table."""
+
+    shard_groups: int = Field(2, ge=1, le=4096, description="infini-gram indexes built in parallel")
+    index_mem_gib: int = Field(2, ge=1, le=4096)
+    index_cpus: int = Field(1, ge=1, le=256, description="cpus per indexer process")
+    max_n: int = Field(3, ge=1, le=4, description="exact table holds n-grams for n = 1..max_n")
+    buckets: int = Field(16, ge=1, le=65_535)
+    top_k: int = Field(100, ge=1)
+
+
+class TaskSpec(Strict):
+    """A task file in one of the public shapes: translation (source/target), qa (question/answer),
+    multiple_choice (question/choices/answer index)."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    kind: Literal["translation", "qa", "multiple_choice"]
+    path: str | None = Field(None, description="JSONL/Parquet file or glob; None = the sample world's task")
+    align_threshold: float | None = Field(None, ge=-1, le=1, description="overrides the n-based default")
+
+
+def _sample_tasks() -> list[TaskSpec]:
+    return [TaskSpec(name="translation", kind="translation"), TaskSpec(name="qa", kind="qa"),
+            TaskSpec(name="multiple_choice", kind="multiple_choice")]
+
+
+class MemorizationConfig(Strict):
+    """Task-gram pairs, their corpus counts, LM probabilities and the memorization scores (v5 definitions)."""
+
+    tasks: list[TaskSpec] = Field(default_factory=_sample_tasks)
+    n: int = Field(2, ge=1, le=8, description="word n-gram size for task-gram pairs")
+    max_items: int = Field(400, ge=0, description="items per task (0 = all)")
+    align: bool = True
+    align_threshold_short: float = Field(0.6, ge=-1, le=1, description="cosine threshold for n <= 2 (paper)")
+    align_threshold_long: float = Field(0.9, ge=-1, le=1, description="cosine threshold for n >= 3 (paper)")
+    embedder_path: str | None = Field(None, description="sentence-transformers folder; None = packaged MiniLM")
+    max_diff_tokens: int = Field(1000, ge=1, description="co-occurrence window for count_cnf")
+    max_clause_freq: int = Field(50_000, ge=1)
+    models: list[str] = Field(default_factory=list, description="HF causal-LM folders; empty = bootstrap model")
+    bootstrap: int = Field(1000, ge=10, le=100_000)
+    items_per_chunk: int = Field(50, ge=1, description="items per Dask counting task")
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
 class DaskConfig(Strict):
     address: str | None = Field(None, description="existing scheduler, e.g. tcp://host:8786")
     n_workers: int = Field(2, ge=1, le=1024)
@@ -108,12 +153,15 @@ class DaskConfig(Strict):
 class PipelineConfig(Strict):
     profile: str = "tiny"
     store: str = ".tracecore/store"
-    stages: list[Literal["sample", "ingest", "tokenize", "pretrain"]] = Field(default_factory=lambda: list(STAGES))
+    stages: list[Literal["sample", "ingest", "tokenize", "pretrain", "ngram", "memorization"]] = Field(
+        default_factory=lambda: list(STAGES))
     dask: DaskConfig = Field(default_factory=DaskConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    ngram: NgramConfig = Field(default_factory=NgramConfig)
+    memorization: MemorizationConfig = Field(default_factory=MemorizationConfig)
 
     def stage_config(self, stage: str) -> Strict:
         return getattr(self, stage)

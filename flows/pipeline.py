@@ -21,11 +21,14 @@ from flows.runtime import dask_cluster
 from storage.runs import now, set_stage, start_run, write_run
 from storage.store import ArtifactStore
 from tasks.ingest import ingest_task
+from tasks.memorization import memorization_task
+from tasks.ngram import ngram_task
 from tasks.pretrain import pretrain_task
 from tasks.sample import sample_task
 from tasks.tokenize import tokenize_task
 
-TASKS = {"sample": sample_task, "ingest": ingest_task, "tokenize": tokenize_task, "pretrain": pretrain_task}
+TASKS = {"sample": sample_task, "ingest": ingest_task, "tokenize": tokenize_task, "pretrain": pretrain_task,
+         "ngram": ngram_task, "memorization": memorization_task}
 
 
 def execute_stage(stage: str, config: dict, refs: dict[str, str], address: str | None,

@@ -10,11 +10,14 @@ from typing import Any
 
 from configs.schema import STAGES, PipelineConfig
 from tasks.ingest import list_input_files, plan_ingest
+from tasks.memorization import plan_memorization
+from tasks.ngram import plan_ngram
 from tasks.pretrain import plan_pretrain
 from tasks.sample import plan_sample, sample_corpus_glob
 from tasks.tokenize import plan_tokenize
 
-PRIMARY = {"sample": "sample", "ingest": "documents", "tokenize": "tokens", "pretrain": "model"}
+PRIMARY = {"sample": "sample", "ingest": "documents", "tokenize": "tokens", "pretrain": "model", "ngram": "topk",
+           "memorization": "scores"}
 
 
 def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) -> dict[str, Any]:
@@ -34,6 +37,14 @@ def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, 
     if stage == "pretrain":
         return {"cfg": cfg.pretrain, "tokens_ref": refs["tokens"], "tokenizer_ref": refs["tokenizer"],
                 "refs": plan_pretrain(cfg.pretrain, refs["tokens"], refs["tokenizer"])}
+    if stage == "ngram":
+        return {"cfg": cfg.ngram, "tokens_ref": refs["tokens"], "tokenizer_ref": refs["tokenizer"],
+                "refs": plan_ngram(cfg.ngram, refs["tokens"], refs["tokenizer"])}
+    if stage == "memorization":
+        models = cfg.memorization.models or [refs["model"]]
+        return {"cfg": cfg.memorization, "index_ref": refs["index"], "tokenizer_ref": refs["tokenizer"],
+                "model_refs": models, "sample_ref": refs["sample"],
+                "refs": plan_memorization(cfg.memorization, refs["index"], models, refs["sample"])}
     raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
 
 

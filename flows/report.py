@@ -50,20 +50,47 @@ def loss_curve_png(store: ArtifactStore, model_ref: str) -> bytes | None:
     return buf.getvalue()
 
 
+def collect_plots(store: ArtifactStore, record: dict) -> list[tuple[str, str, bytes]]:
+    """(title, file name, PNG bytes): the pretrain loss curve plus every plot a stage listed in its manifest."""
+    plots = []
+    model_ref = record["stages"].get("pretrain", {}).get("refs", {}).get("model")
+    png = loss_curve_png(store, model_ref) if model_ref else None
+    if png:
+        plots.append(("pretrain loss", "pretrain_loss.png", png))
+    for stage, info in record["stages"].items():
+        for ref in info.get("refs", {}).values():
+            if store.is_committed(ref):
+                for rel in store.manifest(ref).get("plots", []):
+                    name = rel.rsplit("/", 1)[-1]
+                    plots.append((f"{stage}: {name[:-4]}", f"{stage}_{name}", store.read_file(ref, rel)))
+    return plots
+
+
+def stage_tables(store: ArtifactStore, record: dict) -> list[str]:
+    """Markdown tables for artifacts whose manifest names `report_columns` (e.g. memorization scores)."""
+    parts = []
+    for stage, info in record["stages"].items():
+        for ref in info.get("refs", {}).values():
+            columns = store.manifest(ref).get("report_columns") if store.is_committed(ref) else None
+            if columns:
+                rows = [{c: (round(v, 3) if isinstance(v, float) else v) for c, v in r.items()}
+                        for r in store.read_table(ref).to_pylist()[:50]]
+                parts += [f"## {stage}: {ref}", "", markdown_table(rows, columns), ""]
+    return parts
+
+
 def write_report(store: ArtifactStore, record: dict) -> str:
     """Write runs/<id>/report.md (+ plots) and return its path."""
     run_dir = store.run_dir(record["run_id"])
     rows = stage_rows(store, record)
     parts = [f"# tracecore run {record['run_id']}", "",
              f"state: **{record['state']}** · profile `{record['config'].get('profile')}` · store `{store.display_path()}`",
-             "", markdown_table(rows), ""]
-    model_ref = record["stages"].get("pretrain", {}).get("refs", {}).get("model")
-    png = loss_curve_png(store, model_ref) if model_ref else None
-    if png:
+             "", markdown_table(rows), ""] + stage_tables(store, record)
+    for title, name, png in collect_plots(store, record):
         store.fs.makedirs(f"{run_dir}/plots", exist_ok=True)
-        with store.fs.open(f"{run_dir}/plots/pretrain_loss.png", "wb") as fh:
+        with store.fs.open(f"{run_dir}/plots/{name}", "wb") as fh:
             fh.write(png)
-        parts += ["## Pretrain loss", "", "![pretrain loss](plots/pretrain_loss.png)", ""]
+        parts += [f"## {title}", "", f"![{title}](plots/{name})", ""]
     errors = {s: i["error"] for s, i in record["stages"].items() if i.get("error")}
     if errors:
         parts += ["## Errors", ""] + [f"- **{s}**: {e}" for s, e in errors.items()]

@@ -35,16 +35,17 @@ NOUNS = ["house", "river", "stone", "bird", "tree", "road", "window", "boat", "f
 VERBS = ["watches", "finds", "carries", "follows", "paints", "builds", "opens", "crosses", "hears",
          "covers", "holds", "leaves", "reaches", "moves", "keeps", "meets"]
 PLACES = ["harbor", "valley", "square", "mountain", "village", "station", "lake", "castle", "coast"]
-FACT_TEMPLATES = {
-    "city": ["{name} was born in {value}.", "The birthplace of {name} is {value}.",
-             "{name} grew up in the town of {value}."],
-    "occupation": ["{name} works as a {value}.", "By trade, {name} is a {value}.",
-                   "{name} earned a living as a {value}."],
-    "year": ["{name} was born in the year {value}.", "In {value}, {name} was born.",
-             "The birth year of {name} is {value}."],
-}
 QUESTIONS = {"city": "Where was {name} born?", "occupation": "What does {name} work as?",
              "year": "In which year was {name} born?"}
+# Paraphrases of each fact; the last is trivia/FAQ style, the way QA-shaped text occurs in real corpora.
+FACT_TEMPLATES = {
+    "city": ["{name} was born in {value}.", "The birthplace of {name} is {value}.",
+             "{name} grew up in the town of {value}.", QUESTIONS["city"] + " {value}."],
+    "occupation": ["{name} works as a {value}.", "By trade, {name} is a {value}.",
+                   "{name} earned a living as a {value}.", QUESTIONS["occupation"] + " {value}."],
+    "year": ["{name} was born in the year {value}.", "In {value}, {name} was born.",
+             "The birth year of {name} is {value}.", QUESTIONS["year"] + " {value}."],
+}
 FAMILIES = ["arithmetic", "reverse_words", "uppercase", "sort_numbers", "count_words", "translate",
             "fact_qa", "first_word"]
 # Preference axes: (criterion preferring pole A, criterion preferring pole B).
