@@ -148,8 +148,13 @@ def threshold(cfg: MemorizationConfig, spec: TaskSpec) -> float:
 
 # ---- counting (Dask workers) ------------------------------------------------------------------
 def phrase_variants(tok, text: str) -> list[list[int]]:
-    """Token ids of a phrase mid-text (leading space) and at document start (no space)."""
-    return [tok.encode(" " + text, add_special_tokens=False).ids, tok.encode(text, add_special_tokens=False).ids]
+    """Token ids of a phrase mid-text (leading space) and at document start (no space).
+
+    When the space is a token of its own (small vocabularies), the no-space ids already match
+    both forms, and counting both would double count."""
+    spaced = tok.encode(" " + text, add_special_tokens=False).ids
+    bare = tok.encode(text, add_special_tokens=False).ids
+    return [bare] if spaced[-len(bare):] == bare else [spaced, bare]
 
 
 def infgram_logprob(engine, tok, context: str, target: str) -> float:

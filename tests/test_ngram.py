@@ -1,0 +1,161 @@
+"""ngram + memorization stages: exact counts, planted ground truth, task-gram rules, clear failures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from configs.schema import MemorizationConfig, NgramConfig, TaskSpec, load_config
+from storage.store import ArtifactStore
+from tasks.memorization import candidate_pairs, load_task, threshold, word_ngrams
+from tasks.ngram import EmptyCorpusError, VocabMismatchError, open_engine, packed_ngrams, plan_ngram, run_ngram
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory, request):
+    """The reduced sample world through ingest, tokenize and ngram (no model needed)."""
+    from flows.pipeline import execute_stage
+
+    store_uri = str(tmp_path_factory.mktemp("ngram") / "store")
+    cfg = load_config(str(request.config.rootpath / "tests/profile_test.yaml"), [], store=store_uri)
+    config, refs = cfg.model_dump(mode="json"), {}
+    for stage in ("sample", "ingest", "tokenize"):
+        refs.update(execute_stage(stage, config, refs, address=None))
+    refs.update(plan_ngram(cfg.ngram, refs["tokens"], refs["tokenizer"]))
+    run_ngram(store_uri, cfg.ngram, refs["tokens"], refs["tokenizer"], plan_ngram(cfg.ngram, refs["tokens"],
+              refs["tokenizer"]))
+    return ArtifactStore(store_uri), cfg, refs
+
+
+def tokenizer(store, refs):
+    from tokenizers import Tokenizer
+
+    with store.local_dir(refs["tokenizer"]) as folder:
+        return Tokenizer.from_file(f"{folder}/tokenizer.json")
+
+
+def test_planted_phrase_counts_equal_ground_truth(indexed):
+    from tasks.memorization import phrase_variants
+
+    store, _, refs = indexed
+    tok = tokenizer(store, refs)
+    with store.local_dir(refs["sample"]) as folder:
+        phrases = pq.read_table(f"{folder}/ground_truth/phrases.parquet").to_pylist()
+        facts = pq.read_table(f"{folder}/ground_truth/facts.parquet").to_pylist()
+    with open_engine(store, refs["index"]) as engine:
+        for p in phrases:
+            text = f"In Zelan, {p['source']} is said as {p['target']}."
+            assert sum(engine.count(v)["count"] for v in phrase_variants(tok, text)) == p["frequency"], p
+        for f in facts[:30]:  # the trivia-style template alone: a strict lower bound, never above the plant
+            text = {"city": "Where was {} born? {}.", "occupation": "What does {} work as? {}.",
+                    "year": "In which year was {} born? {}."}[f["attribute"]].format(f["entity"], f["value"])
+            assert sum(engine.count(v)["count"] for v in phrase_variants(tok, text)) <= f["frequency"]
+
+
+def test_exact_table_matches_infinigram(indexed):
+    store, cfg, refs = indexed
+    table = store.read_table(refs["counts"])
+    assert set(table["n"].to_pylist()) == {1, 2, 3}
+    rng = np.random.default_rng(0)
+    rows = table.to_pylist()
+    with open_engine(store, refs["index"]) as engine:
+        for i in rng.choice(len(rows), 60, replace=False):
+            assert engine.count(rows[i]["ngram"])["count"] == rows[i]["count"], rows[i]
+    unigrams = sum(r["count"] for r in rows if r["n"] == 1)
+    assert unigrams == store.manifest(refs["tokens"])["tokens"]
+    topk = store.read_table(refs["topk"]).to_pylist()
+    assert topk[0]["rank"] == 1 and topk[0]["count"] == max(r["count"] for r in rows if r["n"] == topk[0]["n"])
+
+
+def test_a_lost_bucket_is_recomputed_alone(indexed):
+    store, cfg, refs = indexed
+    before = store.manifest(refs["counts"])["checksum"]
+    store.drop_shard(refs["counts"], 3)
+    store.fs.rm(store.manifest_path(refs["topk"]))
+    run_ngram(store.uri, cfg.ngram, refs["tokens"], refs["tokenizer"],
+              plan_ngram(cfg.ngram, refs["tokens"], refs["tokenizer"]))
+    manifest = store.manifest(refs["counts"])
+    assert manifest["checksum"] == before and manifest["skipped_shards"] == cfg.ngram.buckets - 1 + len(
+        store.markers(refs["counts_map"]))
+
+
+def test_ngrams_never_cross_documents():
+    docs = [np.array([1, 2, 3], np.uint64), np.array([4, 5], np.uint64)]
+    keys = packed_ngrams(docs, 2)
+    assert sorted(int(k) for k in keys) == sorted([1 | 2 << 16, 2 | 3 << 16, 4 | 5 << 16])
+
+
+def test_task_gram_rules():
+    assert word_ngrams("Where was Anan Galthergal born?", 2) == ["Where was", "was Anan", "Anan Galthergal",
+                                                                  "Galthergal born"]
+    assert word_ngrams("Mivel.", 2) == ["Mivel"]  # shorter than n: one gram (documented deviation)
+    item = {"input": "the red house", "output": "the red roof"}
+    assert candidate_pairs(item, 2) == []  # x and y share "the red": the item yields no pairs
+    pairs = candidate_pairs({"input": "Where was Anan born?", "output": "Mivel"}, 2)
+    assert ("was Anan", "Mivel") in pairs and len(pairs) == 3
+    cfg = MemorizationConfig()
+    assert threshold(cfg, TaskSpec(name="t", kind="qa")) == 0.6  # cosine itself, not 100 x cosine
+    assert threshold(cfg.model_copy(update={"n": 3}), TaskSpec(name="t", kind="qa")) == 0.9
+
+
+def test_malformed_task_records_are_rejected(tmp_path):
+    rows = [{"id": "ok", "question": "Where was A born?", "answer": "B"}, {"id": "no-answer", "question": "Q?"},
+            {"question": "Q?", "answer": ""}, ["not", "an", "object"]]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken json\n")
+    items, rejects = load_task(TaskSpec(name="qa", kind="qa"), str(path), 0)
+    assert [i["id"] for i in items] == ["ok"]
+    assert [(r["line"], r["reason"].split(":")[1].strip()[:20]) for r in rejects] == [
+        (2, "missing or empty fie"), (3, "missing or empty fie"), (4, "record is a list, no"), (5, "bad JSON")]
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "Q?", "choices": ["a", "b"], "answer": 5}))
+    assert "integer 'answer' index" in load_task(TaskSpec(name="mc", kind="multiple_choice"), str(mc), 0)[1][0]["reason"]
+
+
+def test_empty_corpus_and_vocab_mismatch_fail_before_work(indexed, tmp_path):
+    import pyarrow as pa
+
+    store, cfg, refs = indexed
+    empty = ArtifactStore(tmp_path / "empty")
+    empty.write_shard("tokens/e", 0, pa.table({"doc_id": pa.array([], pa.string()),
+                                               "tokens": pa.array([], pa.list_(pa.uint16())),
+                                               "n_tokens": pa.array([], pa.int32())}), tokens=0)
+    empty.commit("tokens/e", {"tokens": 0}, expected_shards=1)
+    with pytest.raises(EmptyCorpusError, match="holds no tokens"):
+        from tasks.ngram import check_inputs
+
+        check_inputs(empty, NgramConfig(), "tokens/e", 400)
+    from tasks.memorization import plan_memorization, run_memorization
+
+    other = store.manifest(refs["index"])
+    manifest_path = store.manifest_path(refs["index"])
+    store.fs.pipe(manifest_path, json.dumps({**other, "vocab_size": other["vocab_size"] + 1}).encode())
+    try:
+        mcfg = MemorizationConfig(models=[])
+        with pytest.raises(VocabMismatchError, match="was built with"):
+            run_memorization(store.uri, mcfg, refs["index"], refs["tokenizer"], [], refs["sample"],
+                             plan_memorization(mcfg, refs["index"], [], refs["sample"]))
+    finally:
+        store.fs.pipe(manifest_path, json.dumps(other).encode())
+    assert not any(a.startswith("memorization_pairs/") for a in store.list_artifacts())
+
+
+@pytest.mark.slow
+def test_bootstrap_model_memorizes_factual_qa(prefect_harness, tmp_path):
+    """Acceptance on the real tiny profile: rho(log P_LM, log P_T) for factual QA is positive, CI above 0.
+
+    Measured on this profile: rho 0.40, 95% CI [0.30, 0.50] (400 items); the test asserts CI low > 0.1."""
+    from flows.pipeline import pipeline
+
+    cfg = load_config("tiny", ["memorization.tasks=[{name: qa, kind: qa}]", "dask.processes=false"],
+                      store=str(tmp_path / "store"))
+    result = pipeline(config=cfg.model_dump(mode="json"), run_id="acceptance")
+    store = ArtifactStore(cfg.store)
+    [qa] = store.read_table(result["refs"]["scores"]).to_pylist()
+    assert qa["task"] == "qa" and qa["n_items"] >= 300
+    assert qa["spearman"] > 0.2 and qa["spearman_lo"] > 0.1, qa
+    report = store.fs.cat(result["report"]).decode()
+    assert "memorization_scores" in report and "rho_by_task.png" in report
