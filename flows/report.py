@@ -115,3 +115,9 @@ def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str)
         create_table_artifact([r for r in rows if r["stage"] == stage], key=f"tracecore-{stage}-outputs",
                               description=f"{stage} outputs of run {record['run_id']}")
     create_markdown_artifact(markdown, key="tracecore-pipeline-summary", description=f"run {record['run_id']}")
+    for stage, info in record["stages"].items():
+        for ref in info.get("refs", {}).values():
+            columns = store.manifest(ref).get("report_columns") if store.is_committed(ref) else None
+            if columns:
+                table = [{c: r.get(c) for c in columns} for r in store.read_table(ref).to_pylist()]
+                create_table_artifact(table, key=f"tracecore-{stage}-scores", description=ref)

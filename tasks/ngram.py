@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from configs.schema import NgramConfig
 from storage.lineage import code_version, lineage
@@ -109,7 +108,7 @@ def run_indexer(folder: Path, mem_gib: int, cpus: int) -> None:
 
 def build_index_group(store_uri: str, ref: str, group: int, item: tuple, mem_gib: int, cpus: int) -> dict:
     store = ArtifactStore(store_uri)
-    tokens_ref, shards, vocab_size = item
+    tokens_ref, tokenizer_ref, shards, vocab_size = item
     with tempfile.TemporaryDirectory(prefix="tracecore-igram-") as tmp:
         folder = Path(tmp)
         docs, tokens = write_infinigram_files(store, tokens_ref, shards, vocab_size, folder)
@@ -117,7 +116,9 @@ def build_index_group(store_uri: str, ref: str, group: int, item: tuple, mem_gib
         run_indexer(folder, mem_gib, cpus if tokens * 2 >= cpus * 200_000 else 1)
         for name in ("tokenized.0", "offset.0", "table.0"):
             store.write_file(ref, f"group-{group:03d}/{name}", (folder / name).read_bytes())
-    summary = pa.table({"group": [group], "token_shards": [shards], "documents": [docs], "tokens": [tokens]})
+    summary = pa.table({"group": [group], "folder": [f"files/group-{group:03d}"], "token_shards": [shards],
+                        "documents": [docs], "tokens": [tokens], "tokenizer": [tokenizer_ref],
+                        "vocab_size": [vocab_size], "token_dtype": ["u16"]})
     return store.write_shard(ref, group, summary, documents=docs, tokens=tokens)
 
 
@@ -231,7 +232,7 @@ def run_ngram(store_uri: str, cfg: NgramConfig, tokens_ref: str, tokenizer_ref: 
         n_shards = store.manifest(tokens_ref)["shards"]
         groups = group_shards(n_shards, cfg.shard_groups)
         index = map_shards("ngram-index", store, refs["index"], build_index_group,
-                           [(tokens_ref, g, len(tokenizer)) for g in groups], address,
+                           [(tokens_ref, tokenizer_ref, g, len(tokenizer)) for g in groups], address,
                            mem_gib=cfg.index_mem_gib, cpus=cfg.index_cpus)
         index_tokens = index.sum_computed("tokens")
         store.commit(refs["index"], {**record, "tokenizer": tokenizer_ref, "vocab_size": len(tokenizer),

@@ -11,7 +11,14 @@ import pytest
 from configs.schema import MemorizationConfig, NgramConfig, TaskSpec, load_config
 from storage.store import ArtifactStore
 from tasks.memorization import candidate_pairs, load_task, threshold, word_ngrams
-from tasks.ngram import EmptyCorpusError, VocabMismatchError, open_engine, packed_ngrams, plan_ngram, run_ngram
+from tasks.ngram import (
+    EmptyCorpusError,
+    VocabMismatchError,
+    open_engine,
+    packed_ngrams,
+    plan_ngram,
+    run_ngram,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +63,7 @@ def test_planted_phrase_counts_equal_ground_truth(indexed):
 
 
 def test_exact_table_matches_infinigram(indexed):
-    store, cfg, refs = indexed
+    store, _, refs = indexed
     table = store.read_table(refs["counts"])
     assert set(table["n"].to_pylist()) == {1, 2, 3}
     rng = np.random.default_rng(0)
@@ -118,7 +125,7 @@ def test_malformed_task_records_are_rejected(tmp_path):
 def test_empty_corpus_and_vocab_mismatch_fail_before_work(indexed, tmp_path):
     import pyarrow as pa
 
-    store, cfg, refs = indexed
+    store, _, refs = indexed
     empty = ArtifactStore(tmp_path / "empty")
     empty.write_shard("tokens/e", 0, pa.table({"doc_id": pa.array([], pa.string()),
                                                "tokens": pa.array([], pa.list_(pa.uint16())),
