@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROFILE_DIR = Path(__file__).parent
-STAGES = ("sample", "ingest", "tokenize", "pretrain", "ngram", "memorization")
+STAGES = ("sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients", "select")
 
 
 class ConfigError(ValueError):
@@ -142,6 +142,44 @@ class MemorizationConfig(Strict):
     seed: int = 0
 
 
+class GradientsConfig(Strict):
+    """TAGCOS/LESS gradient features. Official values in comments; the tiny profile scales them down."""
+
+    pool_path: str | None = Field(None, description="Alpaca-style JSONL; None = sample world instructions")
+    warmup_fraction: float = Field(0.05, gt=0, le=1)
+    checkpoint_steps: list[int] = Field(default_factory=lambda: [10, 20, 30], min_length=1)
+    lr: float = Field(2e-5, gt=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="warm-up batch (official 1 x 32 accumulation x GPUs)")
+    lora_r: int = Field(128, ge=1)
+    lora_alpha: int = Field(512, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    max_seq_len: int = Field(512, ge=8)
+    proj_dim: int = Field(8192, ge=8, le=65_536)
+    proj_seed: int = 0
+    feature_batch_size: int = Field(16, ge=1)
+    shards: int = Field(4, ge=1, le=100_000)
+    threads: int = Field(1, ge=0, description="torch threads per Dask worker; 0 = default")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sorted_steps(self) -> GradientsConfig:
+        if sorted(set(self.checkpoint_steps)) != self.checkpoint_steps or self.checkpoint_steps[0] < 1:
+            raise ValueError("checkpoint_steps must be increasing positive integers")
+        return self
+
+
+class SelectConfig(Strict):
+    """TAGCOS coreset selection: K-means, then per-cluster non-negative ridge OMP."""
+
+    clusters: int = Field(100, ge=1)
+    rate: float = Field(0.05, gt=0, le=1)
+    omp_lambda: float = Field(1.0, ge=0)
+    omp_tolerance: float = Field(1e-4, gt=0)
+    minibatch_above: int = Field(100_000, ge=1, description="use MiniBatchKMeans above this many rows")
+    seed: int = 0
+
+
 class DaskConfig(Strict):
     address: str | None = Field(None, description="existing scheduler, e.g. tcp://host:8786")
     n_workers: int = Field(2, ge=1, le=1024)
@@ -153,7 +191,8 @@ class DaskConfig(Strict):
 class PipelineConfig(Strict):
     profile: str = "tiny"
     store: str = ".tracecore/store"
-    stages: list[Literal["sample", "ingest", "tokenize", "pretrain", "ngram", "memorization"]] = Field(
+    stages: list[Literal["sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients",
+                         "select"]] = Field(
         default_factory=lambda: list(STAGES))
     dask: DaskConfig = Field(default_factory=DaskConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
@@ -162,6 +201,8 @@ class PipelineConfig(Strict):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     ngram: NgramConfig = Field(default_factory=NgramConfig)
     memorization: MemorizationConfig = Field(default_factory=MemorizationConfig)
+    gradients: GradientsConfig = Field(default_factory=GradientsConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
 
     def stage_config(self, stage: str) -> Strict:
         return getattr(self, stage)

@@ -9,15 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 from configs.schema import STAGES, PipelineConfig
-from tasks.ingest import list_input_files, plan_ingest
+from storage.store import ArtifactStore
+from tasks.gradients import plan_gradients
+from tasks.ingest import input_fingerprint, list_input_files, plan_ingest
 from tasks.memorization import plan_memorization
 from tasks.ngram import plan_ngram
 from tasks.pretrain import plan_pretrain
 from tasks.sample import plan_sample, sample_corpus_glob
+from tasks.select import plan_select
 from tasks.tokenize import plan_tokenize
 
 PRIMARY = {"sample": "sample", "ingest": "documents", "tokenize": "tokens", "pretrain": "model", "ngram": "topk",
-           "memorization": "scores"}
+           "memorization": "scores", "gradients": "features", "select": "coreset"}
+DEPENDS = {"sample": [], "ingest": ["sample"], "tokenize": ["ingest"], "pretrain": ["tokenize"], "ngram": ["tokenize"],
+           "memorization": ["ngram", "pretrain"], "gradients": ["pretrain"], "select": ["gradients"]}
 
 
 def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) -> dict[str, Any]:
@@ -45,10 +50,29 @@ def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, 
         return {"cfg": cfg.memorization, "index_ref": refs["index"], "tokenizer_ref": refs["tokenizer"],
                 "model_refs": models, "sample_ref": refs["sample"],
                 "refs": plan_memorization(cfg.memorization, refs["index"], models, refs["sample"])}
+    if stage in ("gradients", "select"):
+        pool, pool_id = instruction_pool(cfg, store_uri, refs)
+        if stage == "gradients":
+            return {"cfg": cfg.gradients, "model_ref": refs["model"], "pool_path": pool, "pool_id": pool_id,
+                    "refs": plan_gradients(cfg.gradients, refs["model"], pool_id)}
+        return {"cfg": cfg.select, "features_ref": refs["features"], "pool_path": pool,
+                "refs": plan_select(cfg.select, refs["features"])}
     raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+
+
+def instruction_pool(cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) -> tuple[str, str]:
+    """The instruction pool file and its identity (the sample artifact, or the file's fingerprint)."""
+    if cfg.gradients.pool_path:
+        return cfg.gradients.pool_path, input_fingerprint(list_input_files([cfg.gradients.pool_path]))
+    return f"{ArtifactStore(store_uri).display_path(refs['sample'])}/files/instructions/train.jsonl", refs["sample"]
 
 
 def needed_stages(cfg: PipelineConfig) -> list[str]:
     """Selected stages plus the upstream ones they read from (reused when committed, else computed)."""
-    last = max(STAGES.index(s) for s in cfg.stages)
-    return list(STAGES[: last + 1])
+    needed, todo = set(), list(cfg.stages)
+    while todo:
+        stage = todo.pop()
+        if stage not in needed:
+            needed.add(stage)
+            todo += DEPENDS[stage]
+    return [s for s in STAGES if s in needed]

@@ -53,3 +53,17 @@ def reduced_sets() -> list[str]:
         if isinstance(values, dict):
             args += [x for key, value in values.items() for x in ("--set", f"{section}.{key}={json.dumps(value)}")]
     return args
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """The reduced sample world through pretrain (a tiny Llama), shared by the stage tests."""
+    from configs.schema import load_config
+    from flows.pipeline import execute_stage
+
+    store = str(tmp_path_factory.mktemp("pretrained") / "store")
+    cfg = load_config(str(TEST_PROFILE), [], store=store)
+    config, refs = cfg.model_dump(mode="json"), {}
+    for stage in ("sample", "ingest", "tokenize", "pretrain"):
+        refs.update(execute_stage(stage, config, refs, address=None))
+    return cfg, refs

@@ -1,0 +1,316 @@
+"""Stage `gradients`: LoRA warm-up and per-sample Adam-aware gradient features (TAGCOS, arXiv 2407.15235; LESS).
+
+1. Warm-up: LoRA (peft) on a seeded random `warmup_fraction` of the instruction pool, loss on response
+   tokens only; adapter + AdamW state (exp_avg, exp_avg_sq, in parameter order) saved as safetensors at
+   each `checkpoint_steps` step, with that step's learning rate.
+2. Features, per pool shard on Dask and per checkpoint: the gradient g of the sample's mean response-token
+   loss w.r.t. the LoRA parameters, turned into the Adam direction m'/sqrt(v' + eps) with
+   m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2 (b1 0.9, b2 0.999, eps 1e-8, no bias correction: the
+   official code), projected by a seeded Rademacher matrix, L2-normalized, then averaged over checkpoints
+   with the learning-rate weights (normalized to sum 1).
+
+Per-sample gradients are exact and batched without a batch-size-1 loop: a LoRA factor is a bias-free
+Linear, so its per-sample gradient is sum_t grad_out[b, t] (x) input[b, t] (the Opacus identity); hooks
+capture both in one backward pass of the summed per-sample losses. The projection matrix is generated
+block by block from (seed, block) so memory stays bounded and results do not depend on sharding.
+Deviation: the official projector is TRAK's; ours is a plain Rademacher/sqrt(k) projection with the same
+distribution, not bit-identical to TRAK.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+
+from configs.schema import GradientsConfig
+from storage.lineage import code_version, lineage
+from storage.store import ArtifactStore
+from tasks.common import get_logger, map_shards, plan_ref, stage_task
+
+TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+
+def plan_gradients(cfg: GradientsConfig, model_ref: str, pool_id: str) -> dict[str, str]:
+    warmup = plan_ref("warmup", "gradients", cfg.fingerprint(), {"model": model_ref, "pool": pool_id}, __name__)
+    return {"warmup": warmup, "features": f"features/{warmup.split('/')[1]}"}
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def load_pool(path: str) -> tuple[list[dict], list[dict]]:
+    """Alpaca-style records (instruction, input, output); unusable ones come back as rejects."""
+    import fsspec
+
+    records, rejects = [], []
+    with fsspec.open(path, "rt", encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rejects.append({"file": path, "line": line_no, "reason": f"bad JSON: {exc.msg}"})
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip():
+                rejects.append({"file": path, "line": line_no, "reason": "missing or empty 'instruction'"})
+            elif not isinstance(rec.get("output", ""), str) or not isinstance(rec.get("input", ""), str):
+                rejects.append({"file": path, "line": line_no, "reason": "'input'/'output' must be strings"})
+            else:
+                records.append({**rec, "id": str(rec.get("id", f"line-{line_no}")), "input": rec.get("input", ""),
+                                "output": rec.get("output", "")})
+    return records, rejects
+
+
+def encode(tok, rec: dict, max_len: int) -> tuple[list[int], list[int]]:
+    """Prompt + response + EOS; labels are -100 on the prompt (loss on response tokens only).
+
+    Too long: the response keeps up to half the budget and the prompt is cut from the left, so every
+    record keeps response tokens (cutting from the right would leave some with no loss at all)."""
+    prompt = tok(TEMPLATE.format(instruction=rec["instruction"], input=rec["input"]), add_special_tokens=False)["input_ids"]
+    response = (tok(rec["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    if len(prompt) + len(response) > max_len:
+        response = response[: max(max_len // 2, max_len - len(prompt))]
+        prompt = prompt[len(prompt) + len(response) - max_len:]
+    return prompt + response, [-100] * len(prompt) + response
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (x, y) in enumerate(batch):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, labels, mask
+
+
+def per_sample_loss(model, ids, labels, mask):
+    """Mean response-token cross-entropy of each sample (what a batch-size-1 loop would compute)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    tok_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    counts = (target != -100).sum(1).clamp(min=1)
+    return tok_loss.sum(1) / counts
+
+
+# ---- model, LoRA, warm-up -----------------------------------------------------------------------
+def lora_model(model_dir: str, cfg: GradientsConfig):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    return tok, get_peft_model(base, config)
+
+
+def lora_params(model) -> list[tuple[str, object]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def warmup(model, tok, records: list[dict], cfg: GradientsConfig, log) -> list[dict]:
+    """LoRA warm-up; returns one checkpoint dict (step, lr, adapter, exp_avg, exp_avg_sq) per checkpoint step."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for _, p in lora_params(model)]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    steps = max(cfg.checkpoint_steps)
+    sched = get_linear_schedule_with_warmup(opt, max(1, int(0.03 * steps)), steps)
+    rng = random.Random(cfg.seed)
+    data = [encode(tok, r, cfg.max_seq_len) for r in records]
+    checkpoints, model = [], model.train()
+    for step in range(1, steps + 1):
+        batch = collate([data[rng.randrange(len(data))] for _ in range(cfg.batch_size)], tok.pad_token_id)
+        loss = per_sample_loss(model, *batch).mean()
+        loss.backward()
+        lr = sched.get_last_lr()[0]
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        if step in cfg.checkpoint_steps:
+            state = [opt.state[p] for p in params]
+            checkpoints.append({"step": step, "lr": lr, "loss": float(loss),
+                                "adapter": [p.detach().clone() for p in params],
+                                "exp_avg": [s["exp_avg"].clone() for s in state],
+                                "exp_avg_sq": [s["exp_avg_sq"].clone() for s in state]})
+            log.info("gradients warm-up step %d/%d loss %.3f lr %.2e", step, steps, float(loss), lr)
+    return checkpoints
+
+
+def save_checkpoints(store: ArtifactStore, ref: str, names: list[str], checkpoints: list[dict]) -> None:
+    for c in checkpoints:
+        for kind in ("adapter", "exp_avg", "exp_avg_sq"):
+            store.write_tensors(ref, f"ckpt-{c['step']}/{kind}.safetensors", dict(zip(names, c[kind])))
+    store.write_shard(ref, 0, pa.Table.from_pylist([{k: c[k] for k in ("step", "lr", "loss")} for c in checkpoints]))
+
+
+# ---- per-sample features --------------------------------------------------------------------------
+class PerSampleGrads:
+    """Hooks on every LoRA Linear: per-sample weight gradients from (input, grad_output) pairs."""
+
+    def __init__(self, model):
+        import torch
+
+        self.modules = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                        and (".lora_A." in n or ".lora_B." in n)]
+        self.inputs, self.grads, self.handles = {}, {}, []
+        for m in self.modules:
+            self.handles.append(m.register_forward_hook(self._forward))
+
+    def _forward(self, module, args, output):
+        self.inputs[module] = args[0].detach()
+        output.register_hook(lambda g, m=module: self.grads.__setitem__(m, g.detach()))
+
+    def flat(self):
+        """[batch, n_lora_params] in the order of `model.named_parameters()`."""
+        import torch
+
+        parts = [torch.einsum("bto,bti->boi", self.grads[m].float(), self.inputs[m].float()).flatten(1)
+                 for m in self.modules]
+        return torch.cat(parts, dim=1)
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def batched_grads(model, batch) -> object:
+    """Exact per-sample gradients of the LoRA parameters for a padded batch, in one backward pass."""
+    hooks = PerSampleGrads(model)
+    try:
+        per_sample_loss(model, *batch).sum().backward()
+        return hooks.flat()
+    finally:
+        model.zero_grad(set_to_none=True)
+        hooks.close()
+
+
+def loop_grads(model, batch):
+    """Reference: the batch-size-1 loop the batched path must equal."""
+    import torch
+
+    rows = []
+    params = [p for _, p in lora_params(model)]
+    for i in range(batch[0].shape[0]):
+        n = int(batch[2][i].sum())
+        single = tuple(t[i:i + 1, :n] for t in batch)
+        grads = torch.autograd.grad(per_sample_loss(model, *single).sum(), params)
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    return torch.stack(rows)
+
+
+def adam_direction(g, exp_avg, exp_avg_sq):
+    m = BETA1 * exp_avg + (1 - BETA1) * g
+    v = BETA2 * exp_avg_sq + (1 - BETA2) * g * g
+    return m / (v + EPS).sqrt()
+
+
+def project(x, dim: int, seed: int, block: int = 4096):
+    """x @ R with R[i, j] = +-1/sqrt(dim), generated per row block from (seed, block index)."""
+    import torch
+
+    out = torch.zeros(x.shape[0], dim)
+    for start in range(0, x.shape[1], block):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start // block)
+        signs = torch.randint(0, 2, (min(block, x.shape[1] - start), dim), generator=gen).float() * 2 - 1
+        out += x[:, start:start + block] @ signs
+    return out / dim ** 0.5
+
+
+def load_checkpoint(store: ArtifactStore, warmup_ref: str, step: int, names: list[str]) -> dict:
+    return {kind: store.read_tensors(warmup_ref, f"ckpt-{step}/{kind}.safetensors")
+            for kind in ("adapter", "exp_avg", "exp_avg_sq")}
+
+
+def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: GradientsConfig) -> dict:
+    """Features of one pool shard: per checkpoint Adam direction -> projection -> L2 norm; then the
+    learning-rate-weighted mean over checkpoints. Written as fp16 fixed-size lists."""
+    import torch
+
+    from tasks.pretrain import model_dir
+
+    torch.set_num_threads(cfg.threads) if cfg.threads else None
+    store = ArtifactStore(store_uri)
+    model_ref, warmup_ref, records = item
+    with model_dir(store, model_ref) as folder:
+        tok, model = lora_model(folder, cfg)
+    model.eval()  # dropout off: a feature must not depend on a random mask
+    names = [n for n, _ in lora_params(model)]
+    ckpts = store.read_table(warmup_ref).to_pylist()
+    weights = np.array([c["lr"] for c in ckpts]) / sum(c["lr"] for c in ckpts)
+    data = [encode(tok, r, cfg.max_seq_len) for r in records]
+    per_ckpt = []
+    for c in ckpts:
+        state = load_checkpoint(store, warmup_ref, c["step"], names)
+        with torch.no_grad():
+            for n, p in lora_params(model):
+                p.copy_(state["adapter"][n])
+        m = torch.cat([state["exp_avg"][n].flatten() for n in names])
+        v = torch.cat([state["exp_avg_sq"][n].flatten() for n in names])
+        rows = []
+        for i in range(0, len(data), cfg.feature_batch_size):
+            g = batched_grads(model, collate(data[i:i + cfg.feature_batch_size], tok.pad_token_id))
+            rows.append(project(adam_direction(g, m, v), cfg.proj_dim, cfg.proj_seed))
+        feats = torch.cat(rows)
+        per_ckpt.append(torch.nn.functional.normalize(feats, dim=1))
+    mean = sum(w * f for w, f in zip(weights, per_ckpt))
+    columns = {"record_id": [r["id"] for r in records], "feature": _fsl(mean)}
+    columns |= {f"ckpt_{c['step']}": _fsl(f) for c, f in zip(ckpts, per_ckpt)}
+    return store.write_shard(ref, shard, pa.table(columns), records=len(records))
+
+
+def _fsl(t) -> pa.FixedSizeListArray:
+    values = pa.array(t.numpy().astype(np.float16).ravel(), type=pa.float16())
+    return pa.FixedSizeListArray.from_arrays(values, t.shape[1])
+
+
+def read_features(store: ArtifactStore, features_ref: str, column: str = "feature") -> tuple[list[str], np.ndarray]:
+    table = store.read_table(features_ref, columns=["record_id", column])
+    dim = table.schema.field(column).type.list_size
+    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return table.column("record_id").to_pylist(), flat.astype(np.float32).reshape(-1, dim)
+
+
+def run_gradients(store_uri: str, cfg: GradientsConfig, model_ref: str, pool_path: str, pool_id: str,
+                  refs: dict[str, str], address: str | None = None) -> dict[str, str]:
+    from tasks.pretrain import model_dir
+
+    store, log = ArtifactStore(store_uri), get_logger()
+    with store.lock(refs["features"]):
+        if store.is_committed(refs["features"]):
+            log.info("gradients: %s already committed, skipping", refs["features"])
+            return refs
+        records, rejects = load_pool(pool_path)
+        if not records:
+            raise ValueError(f"gradients: no usable records in {pool_path} ({len(rejects)} rejected)")
+        record = lineage("gradients", cfg.fingerprint(), {"model": model_ref, "pool": pool_id}, code_version(__name__),
+                         pool=pool_path, pool_records=len(records), pool_rejects=rejects[:100])
+        if not store.is_committed(refs["warmup"]):
+            with model_dir(store, model_ref) as folder:
+                tok, model = lora_model(folder, cfg)
+            subset = random.Random(cfg.seed).sample(records, max(1, int(cfg.warmup_fraction * len(records))))
+            checkpoints = warmup(model, tok, subset, cfg, log)
+            save_checkpoints(store, refs["warmup"], [n for n, _ in lora_params(model)], checkpoints)
+            store.commit(refs["warmup"], {**record, "warmup_records": len(subset)}, expected_shards=1)
+        shards = [records[i::cfg.shards] for i in range(cfg.shards)]
+        report = map_shards("gradients", store, refs["features"], shard_features,
+                            [(model_ref, refs["warmup"], s) for s in shards], address, cfg=cfg)
+        store.commit(refs["features"], {**record, "seconds": report.seconds, "skipped_shards": report.skipped,
+                                        "records_per_second": round(report.sum_computed("records") / report.seconds, 2)
+                                        if report.computed else None, "proj_dim": cfg.proj_dim},
+                     expected_shards=cfg.shards)
+        log.info("gradients: %d features of dim %d in %d shards (%d skipped)", len(records), cfg.proj_dim,
+                 cfg.shards, report.skipped)
+    return refs
+
+
+gradients_task = stage_task(run_gradients, "gradients")
