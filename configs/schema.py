@@ -160,6 +160,7 @@ class GradientsConfig(Strict):
     feature_batch_size: int = Field(16, ge=1)
     shards: int = Field(4, ge=1, le=100_000)
     threads: int = Field(1, ge=0, description="torch threads per Dask worker; 0 = default")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
     seed: int = 0
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,10 @@ from tqdm.auto import tqdm
 from storage.lineage import code_version, fingerprint
 from storage.store import ArtifactStore
 
+# transformers' from_pretrained patches module initialisation process-wide while it loads, so two
+# threads loading at once (Dask workers with processes=False) can corrupt each other's weights
+# (seen here: untied embeddings, NaN features). Loads on threaded workers take this lock.
+MODEL_LOAD_LOCK = threading.Lock()
 FAULT_ENV = "TRACECORE_KILL_AT"  # "<stage>:<n>": SIGKILL the run's process group after n new shards (tests)
 
 

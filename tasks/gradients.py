@@ -28,7 +28,7 @@ import pyarrow as pa
 from configs.schema import GradientsConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import get_logger, map_shards, plan_ref, stage_task
+from tasks.common import MODEL_LOAD_LOCK, get_logger, map_shards, plan_ref, stage_task
 
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -106,12 +106,13 @@ def lora_model(model_dir: str, cfg: GradientsConfig):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(cfg.seed)
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
-    return tok, get_peft_model(base, config)
+    with MODEL_LOAD_LOCK:
+        torch.manual_seed(cfg.seed)
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        return tok, get_peft_model(base, config)
 
 
 def lora_params(model) -> list[tuple[str, object]]:
@@ -130,8 +131,10 @@ def warmup(model, tok, records: list[dict], cfg: GradientsConfig, log) -> list[d
     rng = random.Random(cfg.seed)
     data = [encode(tok, r, cfg.max_seq_len) for r in records]
     checkpoints, model = [], model.train()
+    device = next(model.parameters()).device
     for step in range(1, steps + 1):
-        batch = collate([data[rng.randrange(len(data))] for _ in range(cfg.batch_size)], tok.pad_token_id)
+        batch = [t.to(device) for t in
+                 collate([data[rng.randrange(len(data))] for _ in range(cfg.batch_size)], tok.pad_token_id)]
         loss = per_sample_loss(model, *batch).mean()
         loss.backward()
         lr = sched.get_last_lr()[0]
@@ -139,9 +142,9 @@ def warmup(model, tok, records: list[dict], cfg: GradientsConfig, log) -> list[d
         if step in cfg.checkpoint_steps:
             state = [opt.state[p] for p in params]
             checkpoints.append({"step": step, "lr": lr, "loss": float(loss),
-                                "adapter": [p.detach().clone() for p in params],
-                                "exp_avg": [s["exp_avg"].clone() for s in state],
-                                "exp_avg_sq": [s["exp_avg_sq"].clone() for s in state]})
+                                "adapter": [p.detach().cpu().clone() for p in params],
+                                "exp_avg": [s["exp_avg"].cpu().clone() for s in state],
+                                "exp_avg_sq": [s["exp_avg_sq"].cpu().clone() for s in state]})
             log.info("gradients warm-up step %d/%d loss %.3f lr %.2e", step, steps, float(loss), lr)
     return checkpoints
 
@@ -208,6 +211,12 @@ def loop_grads(model, batch):
     return torch.stack(rows)
 
 
+def resolve_device(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def adam_direction(g, exp_avg, exp_avg_sq):
     m = BETA1 * exp_avg + (1 - BETA1) * g
     v = BETA2 * exp_avg_sq + (1 - BETA2) * g * g
@@ -218,11 +227,11 @@ def project(x, dim: int, seed: int, block: int = 4096):
     """x @ R with R[i, j] = +-1/sqrt(dim), generated per row block from (seed, block index)."""
     import torch
 
-    out = torch.zeros(x.shape[0], dim)
+    out = torch.zeros(x.shape[0], dim, device=x.device)
     for start in range(0, x.shape[1], block):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + start // block)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + start // block)  # CPU: same matrix on any device
         signs = torch.randint(0, 2, (min(block, x.shape[1] - start), dim), generator=gen).float() * 2 - 1
-        out += x[:, start:start + block] @ signs
+        out += x[:, start:start + block] @ signs.to(x.device)
     return out / dim ** 0.5
 
 
@@ -243,7 +252,8 @@ def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: Gradi
     model_ref, warmup_ref, records = item
     with model_dir(store, model_ref) as folder:
         tok, model = lora_model(folder, cfg)
-    model.eval()  # dropout off: a feature must not depend on a random mask
+    device = resolve_device(cfg.device)
+    model = model.to(device).eval()  # dropout off: a feature must not depend on a random mask
     names = [n for n, _ in lora_params(model)]
     ckpts = store.read_table(warmup_ref).to_pylist()
     weights = np.array([c["lr"] for c in ckpts]) / sum(c["lr"] for c in ckpts)
@@ -253,13 +263,14 @@ def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: Gradi
         state = load_checkpoint(store, warmup_ref, c["step"], names)
         with torch.no_grad():
             for n, p in lora_params(model):
-                p.copy_(state["adapter"][n])
-        m = torch.cat([state["exp_avg"][n].flatten() for n in names])
-        v = torch.cat([state["exp_avg_sq"][n].flatten() for n in names])
+                p.copy_(state["adapter"][n].to(device))
+        m = torch.cat([state["exp_avg"][n].flatten() for n in names]).to(device)
+        v = torch.cat([state["exp_avg_sq"][n].flatten() for n in names]).to(device)
         rows = []
         for i in range(0, len(data), cfg.feature_batch_size):
-            g = batched_grads(model, collate(data[i:i + cfg.feature_batch_size], tok.pad_token_id))
-            rows.append(project(adam_direction(g, m, v), cfg.proj_dim, cfg.proj_seed))
+            batch = [t.to(device) for t in collate(data[i:i + cfg.feature_batch_size], tok.pad_token_id)]
+            g = batched_grads(model, batch)
+            rows.append(project(adam_direction(g, m, v), cfg.proj_dim, cfg.proj_seed).cpu())
         feats = torch.cat(rows)
         per_ckpt.append(torch.nn.functional.normalize(feats, dim=1))
     mean = sum(w * f for w, f in zip(weights, per_ckpt))
@@ -297,6 +308,7 @@ def run_gradients(store_uri: str, cfg: GradientsConfig, model_ref: str, pool_pat
         if not store.is_committed(refs["warmup"]):
             with model_dir(store, model_ref) as folder:
                 tok, model = lora_model(folder, cfg)
+            model = model.to(resolve_device(cfg.device))
             subset = random.Random(cfg.seed).sample(records, max(1, int(cfg.warmup_fraction * len(records))))
             checkpoints = warmup(model, tok, subset, cfg, log)
             save_checkpoints(store, refs["warmup"], [n for n, _ in lora_params(model)], checkpoints)

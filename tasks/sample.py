@@ -173,20 +173,28 @@ def _instruction(family: str, rng: random.Random, facts: list[dict], lexicon: di
     return {"instruction": "Give the first word of the text.", "input": " ".join(words), "output": words[0]}
 
 
+NEAR_DUPLICATE_EDITS = [lambda s: s.rstrip(".") + " .", lambda s: "Please " + s[0].lower() + s[1:],
+                        lambda s: s.replace(" ", "  ", 1), str.lower]
+
+
 def build_instructions(cfg: SampleConfig, facts, lexicon, rng) -> tuple[list[dict], list[dict]]:
-    """Training pool with ~5% near-duplicates and ~5% low-quality rows, plus a held-out eval split."""
-    pool = []
+    """Training pool with ~8% near-duplicates and ~5% low-quality rows, plus a held-out eval split.
+
+    Near-duplicates come in groups, as in scraped instruction data: most copy an already-copied
+    ("popular") record, so a few sources have many lightly edited copies."""
+    pool, popular = [], []
     for i in range(cfg.instructions):
         family = FAMILIES[i % len(FAMILIES)]
         rec = {"id": f"ins-{i:06d}", "family": family, "quality": "ok", "near_duplicate_of": None,
                **_instruction(family, rng, facts, lexicon)}
         roll = rng.random()
-        if roll < 0.05 and pool:
-            src = rng.choice(pool)
+        if roll < 0.08 and pool:
+            src = rng.choice(popular) if popular and rng.random() < 0.8 else rng.choice(pool)
+            popular += [] if src in popular else [src]
             rec.update({k: src[k] for k in ("family", "instruction", "input", "output")})
-            rec["instruction"] = src["instruction"].rstrip(".") + " ."
+            rec["instruction"] = rng.choice(NEAR_DUPLICATE_EDITS)(src["instruction"])
             rec["near_duplicate_of"] = src["id"]
-        elif roll < 0.10:
+        elif roll < 0.13:
             rec["output"] = rng.choice(["I don't know.", "", "lorem ipsum", rec["output"][::-1] + " ???"])
             rec["quality"] = "low"
         pool.append(rec)

@@ -162,6 +162,10 @@ def run_select(store_uri: str, cfg: SelectConfig, features_ref: str, pool_path: 
             return refs
         record = lineage("select", cfg.fingerprint(), {"features": features_ref}, code_version(__name__))
         ids, X = read_features(store, features_ref)
+        bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+        if len(bad):
+            raise ValueError(f"select: {len(bad)} feature rows of {features_ref} are not finite "
+                             f"(records {[ids[i] for i in bad[:5]]}...); recompute the gradients stage")
         labels, centroids = cluster_features(X, cfg)
         items = []
         for c in range(len(centroids)):
