@@ -90,14 +90,22 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
 
 
 def per_sample_loss(model, ids, labels, mask):
-    """Mean response-token cross-entropy of each sample (what a batch-size-1 loop would compute)."""
+    """Mean response-token cross-entropy of each sample (what a batch-size-1 loop would compute).
+
+    The LM head runs only on positions that predict a response token: prompts are most of a record,
+    and the [tokens, vocab] logits dominate the cost of a small model."""
+    import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
     target = labels[:, 1:]
-    tok_loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-    counts = (target != -100).sum(1).clamp(min=1)
-    return tok_loss.sum(1) / counts
+    keep = target != -100
+    logits = base.get_output_embeddings()(hidden[keep]).float()
+    tok_loss = F.cross_entropy(logits, target[keep], reduction="none")
+    sums = torch.zeros(ids.shape[0], device=tok_loss.device, dtype=tok_loss.dtype)
+    sums = sums.index_add(0, keep.nonzero()[:, 0], tok_loss)
+    return sums / keep.sum(1).clamp(min=1)
 
 
 # ---- model, LoRA, warm-up -----------------------------------------------------------------------
@@ -198,15 +206,16 @@ def batched_grads(model, batch) -> object:
 
 
 def loop_grads(model, batch):
-    """Reference: the batch-size-1 loop the batched path must equal."""
+    """Reference: the naive batch-size-1 loop with the model's own loss, which the batched path must equal."""
     import torch
 
     rows = []
     params = [p for _, p in lora_params(model)]
     for i in range(batch[0].shape[0]):
         n = int(batch[2][i].sum())
-        single = tuple(t[i:i + 1, :n] for t in batch)
-        grads = torch.autograd.grad(per_sample_loss(model, *single).sum(), params)
+        ids, labels, mask = (t[i:i + 1, :n] for t in batch)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        grads = torch.autograd.grad(loss, params)
         rows.append(torch.cat([g.flatten() for g in grads]))
     return torch.stack(rows)
 

@@ -1,6 +1,6 @@
 """Benchmark: TAGCOS selection time for synthetic gradient features.
 
-    .venv/bin/python bench/select.py [--rows 100000] [--dim 1024] [--clusters 100]
+    .venv/bin/python bench/select_coreset.py [--rows 100000] [--dim 1024] [--clusters 100]
 
 Features: unit vectors drawn around 100 random directions (a mixture, like clustered gradients).
 Timed: K-means (MiniBatchKMeans above `select.minibatch_above` rows) and the per-cluster OMP with its
