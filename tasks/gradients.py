@@ -267,6 +267,8 @@ def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: Gradi
     ckpts = store.read_table(warmup_ref).to_pylist()
     weights = np.array([c["lr"] for c in ckpts]) / sum(c["lr"] for c in ckpts)
     data = [encode(tok, r, cfg.max_seq_len) for r in records]
+    order = sorted(range(len(data)), key=lambda i: len(data[i][0]))  # similar lengths: little padding
+    data, restore = [data[i] for i in order], np.argsort(order)
     per_ckpt = []
     for c in ckpts:
         state = load_checkpoint(store, warmup_ref, c["step"], names)
@@ -280,7 +282,7 @@ def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: Gradi
             batch = [t.to(device) for t in collate(data[i:i + cfg.feature_batch_size], tok.pad_token_id)]
             g = batched_grads(model, batch)
             rows.append(project(adam_direction(g, m, v), cfg.proj_dim, cfg.proj_seed).cpu())
-        feats = torch.cat(rows)
+        feats = torch.cat(rows)[torch.as_tensor(restore)]
         per_ckpt.append(torch.nn.functional.normalize(feats, dim=1))
     mean = sum(w * f for w, f in zip(weights, per_ckpt))
     columns = {"record_id": [r["id"] for r in records], "feature": _fsl(mean)}
