@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 
 from storage.store import ArtifactStore
 
@@ -86,7 +88,8 @@ def write_report(store: ArtifactStore, record: dict) -> str:
     parts = [f"# tracecore run {record['run_id']}", "",
              f"state: **{record['state']}** · profile `{record['config'].get('profile')}` · store `{store.display_path()}`",
              "", markdown_table(rows), ""] + stage_tables(store, record)
-    for title, name, png in collect_plots(store, record):
+    plots = collect_plots(store, record)
+    for title, name, png in plots:
         store.fs.makedirs(f"{run_dir}/plots", exist_ok=True)
         with store.fs.open(f"{run_dir}/plots/{name}", "wb") as fh:
             fh.write(png)
@@ -99,11 +102,12 @@ def write_report(store: ArtifactStore, record: dict) -> str:
     path = f"{run_dir}/report.md"
     with store.fs.open(path, "w") as fh:
         fh.write("\n".join(parts) + "\n")
-    publish(store, record, rows, "\n".join(parts))
+    publish(store, record, rows, "\n".join(parts), plots)
     return store.display_path() + path[len(store.root):]
 
 
-def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str) -> None:
+def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str,
+            plots: list[tuple[str, str, bytes]]) -> None:
     """Keyed Prefect artifacts (visible on the UI's Artifacts page) when inside a flow run."""
     from tasks.common import in_prefect_run
 
@@ -121,3 +125,8 @@ def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str)
             if columns:
                 table = [{c: r.get(c) for c in columns} for r in store.read_table(ref).to_pylist()]
                 create_table_artifact(table, key=f"tracecore-{stage}-scores", description=ref)
+    for title, name, png in plots:  # inline PNG: the UI cannot reach files in the artifact store
+        key = "tracecore-" + re.sub(r"[^a-z0-9]+", "-", name.lower().removesuffix(".png")).strip("-")
+        image = base64.b64encode(png).decode()
+        create_markdown_artifact(f"### {title}\n\n![{title}](data:image/png;base64,{image})", key=key,
+                                 description=f"{title}, run {record['run_id']}")

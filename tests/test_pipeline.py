@@ -42,6 +42,15 @@ def test_pipeline_end_to_end_then_fully_cached(prefect_harness, test_config):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert sorted(r.state.name for r in runs) == ["Cached"] * len(STAGES)
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = ["tracecore-pipeline-summary", "tracecore-tokenize-outputs", "tracecore-memorization-scores",
+            "tracecore-pretrain-loss", "tracecore-memorization-rho-by-task", "tracecore-select-cluster-sizes"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert {a.key for a in found} == set(keys)
+    summary = next(a for a in found if a.key == "tracecore-pipeline-summary")
+    assert "memorization_scores" in summary.data
 
 
 def test_stage_runs_on_an_existing_cluster_by_address(prefect_harness, test_config):
