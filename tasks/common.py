@@ -65,6 +65,14 @@ def get_logger() -> logging.Logger:
     return logging.getLogger("tracecore")
 
 
+def already_committed(store: ArtifactStore, stage: str, ref: str) -> bool:
+    """True, and logged, when a stage's final artifact is in the store: the stage is skipped."""
+    if store.is_committed(ref):
+        get_logger().info("%s: %s already committed, skipping", stage, ref)
+        return True
+    return False
+
+
 class Progress:
     """A terminal progress bar mirrored to a keyed Prefect progress artifact when in a run."""
 

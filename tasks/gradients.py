@@ -28,7 +28,7 @@ import pyarrow as pa
 from configs.schema import GradientsConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import MODEL_LOAD_LOCK, get_logger, map_shards, plan_ref, stage_task
+from tasks.common import MODEL_LOAD_LOCK, already_committed, get_logger, map_shards, plan_ref, stage_task
 
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -308,8 +308,7 @@ def run_gradients(store_uri: str, cfg: GradientsConfig, model_ref: str, pool_pat
 
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["features"]):
-        if store.is_committed(refs["features"]):
-            log.info("gradients: %s already committed, skipping", refs["features"])
+        if already_committed(store, "gradients", refs["features"]):
             return refs
         records, rejects = load_pool(pool_path)
         if not records:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from configs.schema import IngestConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import get_logger, map_shards, plan_ref, stage_task
+from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
                         ("file", pa.string()), ("line", pa.int64()), ("doc_hash", pa.string())])
@@ -236,8 +236,7 @@ def run_ingest(store_uri: str, cfg: IngestConfig, files: list[str], refs: dict[s
 
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["documents"]):
-        if store.is_committed(refs["documents"]):
-            log.info("ingest: %s already committed, skipping", refs["documents"])
+        if already_committed(store, "ingest", refs["documents"]):
             return refs
         record = lineage("ingest", cfg.fingerprint(), {"files": files_id or input_fingerprint(files)}, code_version(__name__),
                          input_files=files)

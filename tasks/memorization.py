@@ -27,7 +27,7 @@ import pyarrow as pa
 from configs.schema import MemorizationConfig, TaskSpec
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import get_logger, map_shards, plan_ref, stage_task
+from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
 from tasks.ngram import VocabMismatchError, open_engine
 
 WORD = re.compile(r"\w+", re.UNICODE)  # words; punctuation is filtered as in the paper
@@ -335,8 +335,7 @@ def run_memorization(store_uri: str, cfg: MemorizationConfig, index_ref: str, to
 
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["scores"]):
-        if store.is_committed(refs["scores"]):
-            log.info("memorization: %s already committed, skipping", refs["scores"])
+        if already_committed(store, "memorization", refs["scores"]):
             return refs
         index = store.manifest(index_ref)
         with store.local_dir(tokenizer_ref) as folder:

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from configs.schema import NgramConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import get_logger, map_shards, plan_ref, stage_task
+from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
 
 SEPARATOR = b"\xff\xff"
 
@@ -221,8 +221,7 @@ def run_ngram(store_uri: str, cfg: NgramConfig, tokens_ref: str, tokenizer_ref: 
 
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["index"]):
-        if store.is_committed(refs["topk"]):
-            log.info("ngram: %s already committed, skipping", refs["topk"])
+        if already_committed(store, "ngram", refs["topk"]):
             return refs
         with store.local_dir(tokenizer_ref) as folder:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)

@@ -18,7 +18,7 @@ import pyarrow as pa
 from configs.schema import PretrainConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import get_logger, plan_ref, stage_task
+from tasks.common import already_committed, get_logger, plan_ref, stage_task
 
 
 class ModelPathError(ValueError):
@@ -125,8 +125,7 @@ def run_pretrain(store_uri: str, cfg: PretrainConfig, tokens_ref: str, tokenizer
 
     store, log, ref = ArtifactStore(store_uri), get_logger(), refs["model"]
     with store.lock(ref):
-        if store.is_committed(ref):
-            log.info("pretrain: %s already committed, skipping", ref)
+        if already_committed(store, "pretrain", ref):
             return refs
         record = lineage("pretrain", cfg.fingerprint(), {"tokens": tokens_ref, "tokenizer": tokenizer_ref},
                          code_version(__name__))

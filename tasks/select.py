@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from configs.schema import SelectConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import get_logger, map_shards, plan_ref, stage_task
+from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
 
 CORESET_SCHEMA = pa.schema([("record_id", pa.string()), ("cluster", pa.int32()), ("omp_weight", pa.float64()),
                             ("rank", pa.int32())])
@@ -157,8 +157,7 @@ def run_select(store_uri: str, cfg: SelectConfig, features_ref: str, pool_path: 
 
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["coreset"]):
-        if store.is_committed(refs["coreset"]):
-            log.info("select: %s already committed, skipping", refs["coreset"])
+        if already_committed(store, "select", refs["coreset"]):
             return refs
         record = lineage("select", cfg.fingerprint(), {"features": features_ref}, code_version(__name__))
         ids, X = read_features(store, features_ref)

@@ -16,7 +16,7 @@ import pyarrow as pa
 from configs.schema import TokenizeConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import get_logger, map_shards, plan_ref, stage_task
+from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -111,8 +111,7 @@ def run_tokenize(store_uri: str, cfg: TokenizeConfig, documents_ref: str, refs: 
 
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["tokens"]):
-        if store.is_committed(refs["tokens"]):
-            log.info("tokenize: %s already committed, skipping", refs["tokens"])
+        if already_committed(store, "tokenize", refs["tokens"]):
             return refs
         record = lineage("tokenize", cfg.fingerprint(), {"documents": documents_ref}, code_version(__name__))
         build_tokenizer(store, cfg, documents_ref, refs["tokenizer"], record)
