@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROFILE_DIR = Path(__file__).parent
-STAGES = ("sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients", "select")
+STAGES = ("sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients", "select", "preference")
 
 
 class ConfigError(ValueError):
@@ -181,6 +181,29 @@ class SelectConfig(Strict):
     seed: int = 0
 
 
+class PreferenceInput(Strict):
+    path: str
+    format: Literal["pairwise", "rpr", "sample"] = "pairwise"
+
+
+class PreferenceConfig(Strict):
+    """Context-conditioned preference data with reversals and a context-aware reward model."""
+
+    inputs: list[PreferenceInput] = Field(default_factory=list, description="empty = the sample world's pairs")
+    criteria_library: str | None = Field("builtin", description="YAML path; builtin = configs/criteria.yaml; null = none")
+    context_lm_path: str | None = Field(None, description="local instruct LM that proposes criteria")
+    context_lm_template: str = ("Prompt: {prompt}\nResponse A: {a}\nResponse B: {b}\n"
+                                "One criterion that tells these responses apart:")
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    rm_epochs: int = Field(3, ge=1)
+    rm_lr: float = Field(1e-4, gt=0, lt=1)
+    rm_batch_size: int = Field(16, ge=1)
+    rm_max_len: int = Field(128, ge=16)
+    rm_lora: bool = False
+    seed: int = 0
+
+
 class DaskConfig(Strict):
     address: str | None = Field(None, description="existing scheduler, e.g. tcp://host:8786")
     n_workers: int = Field(2, ge=1, le=1024)
@@ -193,7 +216,7 @@ class PipelineConfig(Strict):
     profile: str = "tiny"
     store: str = ".tracecore/store"
     stages: list[Literal["sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients",
-                         "select"]] = Field(
+                         "select", "preference"]] = Field(
         default_factory=lambda: list(STAGES))
     dask: DaskConfig = Field(default_factory=DaskConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
@@ -204,6 +227,7 @@ class PipelineConfig(Strict):
     memorization: MemorizationConfig = Field(default_factory=MemorizationConfig)
     gradients: GradientsConfig = Field(default_factory=GradientsConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
 
     def stage_config(self, stage: str) -> Strict:
         return getattr(self, stage)

@@ -24,6 +24,7 @@ from tasks.gradients import gradients_task
 from tasks.ingest import ingest_task
 from tasks.memorization import memorization_task
 from tasks.ngram import ngram_task
+from tasks.preference import preference_task
 from tasks.pretrain import pretrain_task
 from tasks.sample import sample_task
 from tasks.select import select_task
@@ -31,7 +32,7 @@ from tasks.tokenize import tokenize_task
 
 TASKS = {"sample": sample_task, "ingest": ingest_task, "tokenize": tokenize_task, "pretrain": pretrain_task,
          "ngram": ngram_task, "memorization": memorization_task, "gradients": gradients_task,
-         "select": select_task}
+         "select": select_task, "preference": preference_task}
 
 
 def execute_stage(stage: str, config: dict, refs: dict[str, str], address: str | None,

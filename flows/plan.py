@@ -14,15 +14,17 @@ from tasks.gradients import plan_gradients
 from tasks.ingest import input_fingerprint, list_input_files, plan_ingest
 from tasks.memorization import plan_memorization
 from tasks.ngram import plan_ngram
+from tasks.preference import plan_preference
 from tasks.pretrain import plan_pretrain
 from tasks.sample import plan_sample, sample_corpus_glob
 from tasks.select import plan_select
 from tasks.tokenize import plan_tokenize
 
 PRIMARY = {"sample": "sample", "ingest": "documents", "tokenize": "tokens", "pretrain": "model", "ngram": "topk",
-           "memorization": "scores", "gradients": "features", "select": "coreset"}
+           "memorization": "scores", "gradients": "features", "select": "coreset", "preference": "eval"}
 DEPENDS = {"sample": [], "ingest": ["sample"], "tokenize": ["ingest"], "pretrain": ["tokenize"], "ngram": ["tokenize"],
-           "memorization": ["ngram", "pretrain"], "gradients": ["pretrain"], "select": ["gradients"]}
+           "memorization": ["ngram", "pretrain"], "gradients": ["pretrain"], "select": ["gradients"],
+           "preference": ["pretrain"]}
 
 
 def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) -> dict[str, Any]:
@@ -57,6 +59,14 @@ def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, 
                     "refs": plan_gradients(cfg.gradients, refs["model"], pool_id)}
         return {"cfg": cfg.select, "features_ref": refs["features"], "pool_path": pool,
                 "refs": plan_select(cfg.select, refs["features"])}
+    if stage == "preference":
+        store = ArtifactStore(store_uri)
+        inputs = [[i.path, i.format] for i in cfg.preference.inputs] or [
+            [f"{store.display_path(refs['sample'])}/files/preferences/pairs.jsonl", "sample"]]
+        inputs_id = refs["sample"] if not cfg.preference.inputs else input_fingerprint(
+            list_input_files([i.path for i in cfg.preference.inputs]))
+        return {"cfg": cfg.preference, "model_ref": refs["model"], "inputs": inputs, "inputs_id": inputs_id,
+                "refs": plan_preference(cfg.preference, refs["model"], inputs_id)}
     raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
 
 

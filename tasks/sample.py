@@ -217,7 +217,7 @@ def build_preferences(cfg: SampleConfig, facts, lexicon, rng) -> list[dict]:
         poles = {
             "length": (short, detail),
             "register": (f"Certainly. {short} I hope this is of assistance.", f"Oh sure! {short} Cool, right?"),
-            "language": (short, to_zelan(short.lower(), lexicon)),
+            "language": (short, to_zelan(filler_sentence(rng).lower().rstrip("."), lexicon) + "."),
             "format": (f"- {f['entity']}\n- {f['value']}", short),
         }[axis]
         if i % 5 == 4:  # a factual error: no reasonable context prefers it

@@ -1,0 +1,105 @@
+"""preference: malformed inputs -> rejects, dataset guarantees, determinism and reuse."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from configs.schema import PreferenceConfig
+from storage.store import ArtifactStore
+from tasks.preference import (
+    dedup_pairs,
+    expand,
+    load_library,
+    parse_input,
+    reversal_pairs,
+    to_pair,
+)
+
+GOOD = {"prompt": "Tell me about tea.", "chosen": "Tea is a drink.", "rejected": "Tea is a drink made from leaves. "
+        "It is grown in many countries. People drink it hot or cold."}
+BAD = [  # (line content, reason fragment)
+    ('{"prompt": "p", "chosen": "x"}', "missing field(s) ['rejected']"),
+    ('{"chosen": "x", "rejected": "y"}', "missing field(s) ['prompt']"),
+    ('{"prompt": "p", "chosen": "", "rejected": "y"}', "empty prompt or response"),
+    ('{"prompt": "p", "chosen": "   ", "rejected": "y"}', "empty prompt or response"),
+    ('{"prompt": "p", "chosen": "same", "rejected": "same "}', "identical responses"),
+    ('{"prompt": "p", "chosen": 3, "rejected": "y"}', "must be strings"),
+    ('{"prompt": "p", "chosen": "x", "rejected": "y", "contexts": [{"context": "c", "type": "mood", "preferred": "a"}]}',
+     "unknown context type 'mood'"),
+    ('{"prompt": "p", "chosen": "x", "rejected": "y", "contexts": [{"context": "c", "type": "criteria", "preferred": "c"}]}',
+     "label 'c' outside {a, b}"),
+    ("[1, 2]", "not an object"),
+    ('{"prompt": "p", "chosen": "x", ', "bad JSON"),
+    (b'{"prompt": "caf\xe9", "chosen": "x", "rejected": "y"}', "non-UTF-8"),
+]
+
+
+def test_malformed_inputs_become_rejects_and_good_rows_survive(tmp_path):
+    lines = []
+    for i, (bad, _) in enumerate(BAD):
+        lines += [json.dumps({**GOOD, "prompt": f"Tell me about tea {i}."}).encode(),
+                  bad if isinstance(bad, bytes) else bad.encode()]
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    store = ArtifactStore(tmp_path / "store")
+    marker = parse_input(store.uri, "parsed/x", 0, (str(path), "pairwise", "rejects/x"), cfg=PreferenceConfig())
+    rejects = store.read_shard("rejects/x", 0).to_pylist()
+    assert len(rejects) == len(BAD) >= 10 and marker["rows"] == len(BAD)
+    for (bad, reason), rej in zip(BAD, rejects):
+        assert reason in rej["reason"], (reason, rej)
+    assert [r["line"] for r in rejects] == [2 * i + 2 for i in range(len(BAD))]
+
+
+def test_dataset_guarantees():
+    pair, _ = to_pair({**GOOD, "criteria_chosen": "Prefer short answers.", "criteria_rejected": "Prefer detail."},
+                      "sample")
+    from tasks.preference import library_contexts
+
+    contexts = pair["contexts"] + library_contexts(pair, load_library("builtin"))
+    row = {"prompt": pair["prompt"], "a": pair["a"], "b": pair["b"], "default": "a",
+           "contexts": json.dumps(sorted(set(contexts))), "source": "t"}
+    rows = expand(row, "train")
+    assert {r["context_type"] for r in rows} >= {"criteria", "scenario", "none"}  # library adds a scenario
+    assert sum(r["preferred"] == "a" for r in rows) == len(rows) / 2  # balanced labels
+    for ctx in {r["context"] for r in rows}:  # both orders of every (pair, context)
+        orders = {(r["response_a"], r["preferred"]) for r in rows if r["context"] == ctx}
+        assert len(orders) == 2
+    assert sum(r["context_type"] == "none" for r in rows) == 2
+    assert reversal_pairs(rows) == {rows[0]["pair_id"]}
+    dup = {**row, "b": row["b"] + " "}  # near-duplicate of the same pair
+    kept, exact, near = dedup_pairs([row, dict(row), dup], 0.9)
+    assert len(kept) == 1 and exact == 1 and near == 1
+
+
+@pytest.mark.slow
+def test_stage_splits_by_prompt_is_deterministic_and_reused(pretrained, tmp_path):
+    from flows.plan import stage_call
+    from tasks.preference import run_preference
+
+    cfg, refs = pretrained
+    call = stage_call("preference", cfg, cfg.store, refs)
+    run_preference(cfg.store, **call)
+    store = ArtifactStore(cfg.store)
+    data = store.read_table(call["refs"]["data"]).to_pylist()
+    train = {r["prompt"] for r in data if r["split"] == "train"}
+    test = {r["prompt"] for r in data if r["split"] == "test"}
+    assert train and test and not train & test
+    folder = store.artifact_dir(call["refs"]["data"])
+    assert pq.read_table(folder).num_rows == len(data)  # a plain Parquet dataset (HF `datasets` reads it)
+    stats = {s["metric"]: s["value"] for s in store.read_table(call["refs"]["stats"]).to_pylist()}
+    assert stats["label_a_share"] == 0.5 and stats["reversal_pairs"] > 0
+    first = store.manifest(call["refs"]["data"])["checksum"]
+    import shutil
+
+    other = tmp_path / "again"
+    shutil.copytree(cfg.store, other)
+    for name in ("parsed", "data", "rejects", "stats", "reward_model", "eval"):
+        shutil.rmtree(other / "artifacts" / call["refs"][name], ignore_errors=True)
+    run_preference(str(other), **call)
+    assert ArtifactStore(other).manifest(call["refs"]["data"])["checksum"] == first  # deterministic
+    eval_manifest = store.manifest(call["refs"]["eval"])
+    run_preference(cfg.store, **call)  # re-run on the same inputs: reused, not recomputed
+    assert store.manifest(call["refs"]["eval"])["committed_at"] == eval_manifest["committed_at"]
