@@ -124,7 +124,7 @@ def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str,
             columns = store.manifest(ref).get("report_columns") if store.is_committed(ref) else None
             if columns:
                 table = [{c: r.get(c) for c in columns} for r in store.read_table(ref).to_pylist()]
-                create_table_artifact(table, key=f"tracecore-{stage}-scores", description=ref)
+                create_table_artifact(table, key="tracecore-" + ref.split("/")[0].replace("_", "-"), description=ref)
     for title, name, png in plots:  # inline PNG: the UI cannot reach files in the artifact store
         key = "tracecore-" + re.sub(r"[^a-z0-9]+", "-", name.lower().removesuffix(".png")).strip("-")
         image = base64.b64encode(png).decode()

@@ -118,17 +118,35 @@ def library_contexts(pair: dict, library: list[dict]) -> list[tuple]:
     return out
 
 
-def lm_contexts(pair: dict, model_path: str, template: str) -> list[tuple]:
-    """Criteria proposed by a local instruct LM; the side they favour is left to the library scorer."""
+def parse_judgement(text: str) -> str | None:
+    """'A'/'B' (first standalone letter) from a judge's answer; None when it names neither."""
+    match = re.search(r"\b([AB])\b", text.strip().upper())
+    return match.group(1).lower() if match else None
+
+
+def lm_contexts(pair: dict, lm, template: str) -> list[tuple]:
+    """A criterion proposed by a local instruct LM, and the side the same LM says it favours."""
+    tok, model = lm
+
+    def generate(prompt: str) -> str:
+        ids = tok(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    criterion = generate(template.format(prompt=pair["prompt"], a=pair["a"], b=pair["b"])).split("\n")[0].strip()
+    if not criterion:
+        return []
+    verdict = parse_judgement(generate(f"Criterion: {criterion}\nResponse A: {pair['a']}\nResponse B: {pair['b']}\n"
+                                       "Under this criterion the better response is (A or B):"))
+    return [(criterion, "criteria", verdict, "lm")] if verdict else []
+
+
+def load_context_lm(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with MODEL_LOAD_LOCK:
-        tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, trust_remote_code=False)
-    ids = tok(template.format(prompt=pair["prompt"], a=pair["a"], b=pair["b"]), return_tensors="pt")
-    out = model.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().split("\n")[0]
-    return [(text, "criteria", None, "lm")] if text else []
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return tok, AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False).eval()
 
 
 def read_lines(path: str) -> list[tuple[int, object]]:
@@ -153,6 +171,7 @@ def parse_input(store_uri: str, ref: str, shard: int, item: tuple, cfg: Preferen
     store = ArtifactStore(store_uri)
     path, fmt, rejects_ref = item
     library = load_library(cfg.criteria_library)
+    lm = load_context_lm(cfg.context_lm_path) if cfg.context_lm_path else None
     pairs, rejects = [], []
     for line, rec in read_lines(path):
         pair, reason = (None, rec) if isinstance(rec, str) else to_pair(rec, fmt)
@@ -160,8 +179,8 @@ def parse_input(store_uri: str, ref: str, shard: int, item: tuple, cfg: Preferen
             rejects.append({"file": path, "line": line, "reason": reason})
             continue
         contexts = pair["contexts"] + library_contexts(pair, library)
-        if cfg.context_lm_path:
-            contexts += [c for c in lm_contexts(pair, cfg.context_lm_path, cfg.context_lm_template) if c[2]]
+        if lm is not None:
+            contexts += lm_contexts(pair, lm, cfg.context_lm_template)
         pairs.append({"prompt": pair["prompt"], "a": pair["a"], "b": pair["b"], "default": pair["default"],
                       "contexts": json.dumps(sorted(set(contexts))), "source": f"{Path(path).name}:{line}"})
     store.write_shard(rejects_ref, shard, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
@@ -238,7 +257,24 @@ def statistics(rows: list[dict], pairs: int, exact: int, near: int, rejected: in
               {"metric": "near_duplicates_removed", "value": float(near)},
               {"metric": "rejected", "value": float(rejected)}]
     stats += [{"metric": f"response_words_p{q}", "value": float(np.percentile(lengths, q))} for q in (10, 50, 90)]
+    stats += [{"metric": name, "value": float(value)} for name, value in guarantee_violations(rows).items()]
     return stats
+
+
+def guarantee_violations(rows: list[dict]) -> dict[str, int]:
+    """Each guarantee the dataset promises, counted from the records themselves (all must be 0)."""
+    orders: dict[tuple, set] = {}
+    no_context, splits, pairs = set(), {}, set()
+    for r in rows:
+        pairs.add(r["pair_id"])
+        orders.setdefault((r["pair_id"], r["context"]), set()).add(r["response_a"])
+        if r["context_type"] == "none":
+            no_context.add(r["pair_id"])
+        splits.setdefault(r["prompt"], set()).add(r["split"])
+    return {"contexts_missing_an_order": sum(len(o) != 2 for o in orders.values()),
+            "pairs_without_no_context_record": len(pairs - no_context),
+            "prompts_in_two_splits": sum(len(s) > 1 for s in splits.values()),
+            "label_imbalance": abs(sum(r["preferred"] == "a" for r in rows) * 2 - len(rows))}
 
 
 # ---- context-aware reward model -----------------------------------------------------------------

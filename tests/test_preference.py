@@ -103,3 +103,48 @@ def test_stage_splits_by_prompt_is_deterministic_and_reused(pretrained, tmp_path
     eval_manifest = store.manifest(call["refs"]["eval"])
     run_preference(cfg.store, **call)  # re-run on the same inputs: reused, not recomputed
     assert store.manifest(call["refs"]["eval"])["committed_at"] == eval_manifest["committed_at"]
+
+
+def test_guarantees_are_counted_and_zero():
+    from tasks.preference import guarantee_violations
+
+    pair, _ = to_pair(GOOD, "pairwise")
+    row = {"prompt": pair["prompt"], "a": pair["a"], "b": pair["b"], "default": "a",
+           "contexts": json.dumps([["Prefer short answers.", "criteria", "a", "input"]]), "source": "t"}
+    rows = expand(row, "train")
+    assert set(guarantee_violations(rows).values()) == {0}
+    broken = rows[:-1] + [{**rows[0], "split": "test"}]
+    violations = guarantee_violations(broken)
+    assert violations["prompts_in_two_splits"] == 1 and violations["contexts_missing_an_order"] == 1
+
+
+def test_lm_judgements_are_parsed():
+    from tasks.preference import parse_judgement
+
+    assert parse_judgement(" B, because it is shorter") == "b"
+    assert parse_judgement("a") == "a"
+    assert parse_judgement("neither really") is None
+
+
+def test_context_lm_and_lora_reward_model_run(pretrained, tmp_path):
+    """The GPU-profile options on the tiny model: LM-proposed contexts (tagged `lm` when the judge answers)
+    and a LoRA reward model that trains and merges into a plain sequence-classification folder."""
+    from tasks.preference import lm_contexts, load_context_lm, load_reward_model, train_reward_model
+    from tasks.pretrain import model_dir
+
+    cfg, refs = pretrained
+    store = ArtifactStore(cfg.store)
+    with model_dir(store, refs["model"]) as folder:
+        lm = load_context_lm(folder)
+        contexts = lm_contexts({"prompt": "p", "a": "x", "b": "y"}, lm, PreferenceConfig().context_lm_template)
+        assert all(c[1] == "criteria" and c[2] in ("a", "b") and c[3] == "lm" for c in contexts)
+        pcfg = PreferenceConfig(rm_lora=True, rm_epochs=1, rm_batch_size=2, rm_max_len=32)
+        tok, model = load_reward_model(folder, pcfg)
+    rows = expand({"prompt": "p", "a": "short", "b": "a much longer answer", "default": "a",
+                   "contexts": "[]", "source": "t"}, "train")
+    curve = train_reward_model(model, tok, rows, pcfg, __import__("logging").getLogger("t"))
+    assert len(curve) == 1 and curve[0]["loss"] > 0
+    model.merge_and_unload().save_pretrained(tmp_path / "rm")
+    from transformers import AutoModelForSequenceClassification
+
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").config.num_labels == 1
