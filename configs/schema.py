@@ -190,7 +190,8 @@ class PreferenceConfig(Strict):
     """Context-conditioned preference data with reversals and a context-aware reward model."""
 
     inputs: list[PreferenceInput] = Field(default_factory=list, description="empty = the sample world's pairs")
-    criteria_library: str | None = Field("builtin", description="YAML path; builtin = configs/criteria.yaml; null = none")
+    criteria_library: str | None = Field(
+        "builtin", description="YAML path; builtin = configs/libraries/criteria.yaml; null = none")
     context_lm_path: str | None = Field(None, description="local instruct LM that proposes criteria")
     context_lm_template: str = ("Prompt: {prompt}\nResponse A: {a}\nResponse B: {b}\n"
                                 "One criterion that tells these responses apart:")

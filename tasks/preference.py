@@ -3,7 +3,7 @@
 
 Builder (Dask-parallel over input files): pairwise exports (`prompt`, `chosen`, `rejected`), RPR-style
 rows (`prompt`, `response_a`, `response_b`, `criteria_x|y`, `scenario_x|y`), and the sample world. Each
-pair gets contexts from (a) its own context columns, (b) the criteria library (`configs/criteria.yaml`)
+pair gets contexts from (a) its own context columns, (b) the criteria library (`configs/libraries/criteria.yaml`)
 matched by a feature scorer, (c) optionally a local instruct LM by path. Every (pair, context) becomes two
 records, one per response order, so labels are balanced and position carries no signal; every pair also
 gets a no-context record. Exact and near-duplicate pairs are removed, splits are by prompt.
@@ -50,7 +50,7 @@ def load_library(spec: str | None) -> list[dict]:
         return []
     from configs.schema import PROFILE_DIR
 
-    path = PROFILE_DIR / "criteria.yaml" if spec == "builtin" else Path(spec)
+    path = PROFILE_DIR / "libraries" / "criteria.yaml" if spec == "builtin" else Path(spec)
     entries = yaml.safe_load(path.read_text()) or []
     for i, e in enumerate(entries):
         if e.get("type") not in CONTEXT_TYPES[:3] or e.get("feature") not in FEATURES or e.get("prefers") not in (
