@@ -148,3 +148,15 @@ def test_context_lm_and_lora_reward_model_run(pretrained, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     assert AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").config.num_labels == 1
+
+
+def test_rpr_rows_bring_criteria_and_scenario_contexts():
+    row = {"prompt": "Plan a trip.", "response_a": "Go by train.", "response_b": "Fly, then rent a car.",
+           "criteria_x": "Prefer low emissions.", "criteria_y": "Prefer speed.", "scenario_x": "I care about the climate.",
+           "scenario_y": "I have one free day.", "profile_0": "A student."}
+    pair, reason = to_pair(row, "rpr")
+    assert reason is None and pair["default"] is None
+    assert sorted(pair["contexts"]) == sorted([
+        ("Prefer low emissions.", "criteria", "a", "input"), ("Prefer speed.", "criteria", "b", "input"),
+        ("I care about the climate.", "scenario", "a", "input"), ("I have one free day.", "scenario", "b", "input")])
+    assert to_pair(row, "csv")[1] == "unknown input format 'csv'"
