@@ -1,6 +1,6 @@
 """Acceptance on the real `tiny` profile (the `make run` configuration), one full pipeline run shared.
 
-Measured values on this profile (2 cores): QA rho 0.40, 95% CI [0.30, 0.50]; reward model accuracy 0.52 /
+Measured values on this profile (2 cores): QA rho 0.40, 95% CI [0.30, 0.50]; reward model accuracy 0.46 /
 1.00 / 0.00 (no / correct / reversed context); TAGCOS coreset low-quality
 rate 1.4% vs 4.7% in the pool, near-duplicate rate 6.9% vs 8.2%. The assertions are deliberately looser.
 """
@@ -47,7 +47,7 @@ def test_tagcos_coreset_under_selects_low_quality_and_near_duplicates(tiny_run):
 
 
 def test_context_aware_reward_model_reads_the_context(tiny_run):
-    """Measured on tiny: no context 0.52, correct context 1.00, reversed context 0.00 (n = 1286 records of
+    """Measured on tiny: no context 0.46, correct context 1.00, reversed context 0.00 (n = 1286 records of
     held-out reversal pairs). Asserted: no-context within 0.4-0.6 (it is ~0.5 by construction), correct
     context at least 0.3 above it, reversed context at most 0.3."""
     store, result = tiny_run
