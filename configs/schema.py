@@ -16,7 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROFILE_DIR = Path(__file__).parent
-STAGES = ("sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients", "select", "preference")
+STAGES = ("sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients", "select", "preference",
+          "finetune")
 
 
 class ConfigError(ValueError):
@@ -205,6 +206,49 @@ class PreferenceConfig(Strict):
     seed: int = 0
 
 
+class LongContextConfig(Strict):
+    """ChatQA 2-style context extension before fine-tuning: raise the RoPE base, continue training on
+    corpus documents packed into long sequences with a separator string between documents."""
+
+    enabled: bool = False
+    rope_theta: float = Field(1.5e8, gt=0, description="ChatQA 2: 500k -> 150M for 8K -> 128K")
+    seq_len: int = Field(1024, ge=16, le=1_048_576)
+    steps: int = Field(50, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(3e-5, gt=0, lt=1, description="ChatQA 2: 3e-5")
+    separator: str = Field("<s>", min_length=1, description="between packed documents (not the EOS token)")
+
+
+class FinetuneConfig(Strict):
+    """Fine-tune the base model on selected subsets (TAGCOS, baselines, full pool), several seeds each."""
+
+    subsets: list[Literal["tagcos", "random", "cluster_random", "full"]] = Field(
+        default_factory=lambda: ["tagcos", "random", "cluster_random", "full"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    eval_path: str | None = Field(None, description="held-out Alpaca-style JSONL; None = sample eval split")
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per variant")
+    lr: float = Field(2e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="micro-batch")
+    grad_accum: int = Field(4, ge=1)
+    max_seq_len: int = Field(512, ge=8)
+    lora: bool = Field(False, description="LoRA via peft (merged before saving) instead of full fine-tuning")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    mini_sequence: bool = Field(True, description="MsT chunked LM head + MLP with activation recomputation")
+    lm_chunks: int | None = Field(None, ge=1, description="None = ceil(vocab / hidden)")
+    mlp_chunks: int | None = Field(None, ge=1, description="None = ceil(intermediate / hidden)")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    long_context: LongContextConfig = Field(default_factory=LongContextConfig)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+    threads: int = Field(1, ge=0, description="torch threads per Dask worker; 0 = default")
+    seed: int = 0
+
+
 class DaskConfig(Strict):
     address: str | None = Field(None, description="existing scheduler, e.g. tcp://host:8786")
     n_workers: int = Field(2, ge=1, le=1024)
@@ -217,7 +261,7 @@ class PipelineConfig(Strict):
     profile: str = "tiny"
     store: str = ".tracecore/store"
     stages: list[Literal["sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients",
-                         "select", "preference"]] = Field(
+                         "select", "preference", "finetune"]] = Field(
         default_factory=lambda: list(STAGES))
     dask: DaskConfig = Field(default_factory=DaskConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
@@ -229,6 +273,7 @@ class PipelineConfig(Strict):
     gradients: GradientsConfig = Field(default_factory=GradientsConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     def stage_config(self, stage: str) -> Strict:
         return getattr(self, stage)

@@ -10,6 +10,7 @@ from typing import Any
 
 from configs.schema import STAGES, PipelineConfig
 from storage.store import ArtifactStore
+from tasks.finetune import plan_finetune
 from tasks.gradients import plan_gradients
 from tasks.ingest import input_fingerprint, list_input_files, plan_ingest
 from tasks.memorization import plan_memorization
@@ -21,10 +22,11 @@ from tasks.select import plan_select
 from tasks.tokenize import plan_tokenize
 
 PRIMARY = {"sample": "sample", "ingest": "documents", "tokenize": "tokens", "pretrain": "model", "ngram": "topk",
-           "memorization": "scores", "gradients": "features", "select": "coreset", "preference": "eval"}
+           "memorization": "scores", "gradients": "features", "select": "coreset", "preference": "eval",
+           "finetune": "finetune"}
 DEPENDS = {"sample": [], "ingest": ["sample"], "tokenize": ["ingest"], "pretrain": ["tokenize"], "ngram": ["tokenize"],
            "memorization": ["ngram", "pretrain"], "gradients": ["pretrain"], "select": ["gradients"],
-           "preference": ["pretrain"]}
+           "preference": ["pretrain"], "finetune": ["select", "pretrain", "tokenize"]}
 
 
 def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) -> dict[str, Any]:
@@ -67,6 +69,12 @@ def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, 
             list_input_files([i.path for i in cfg.preference.inputs]))
         return {"cfg": cfg.preference, "model_ref": refs["model"], "inputs": inputs, "inputs_id": inputs_id,
                 "refs": plan_preference(cfg.preference, refs["model"], inputs_id)}
+    if stage == "finetune":
+        pool, pool_id = instruction_pool(cfg, store_uri, refs)
+        subset_refs = {"tagcos": refs["coreset"], "random": refs["random"], "cluster_random": refs["cluster_random"]}
+        return {"cfg": cfg.finetune, "model_ref": refs["model"], "subset_refs": subset_refs, "pool_path": pool,
+                "eval_path": eval_split(cfg, store_uri, refs), "tokens_ref": refs["tokens"],
+                "refs": plan_finetune(cfg.finetune, refs["model"], subset_refs, pool_id, refs["tokens"])}
     raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
 
 
@@ -75,6 +83,13 @@ def instruction_pool(cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) 
     if cfg.gradients.pool_path:
         return cfg.gradients.pool_path, input_fingerprint(list_input_files([cfg.gradients.pool_path]))
     return f"{ArtifactStore(store_uri).display_path(refs['sample'])}/files/instructions/train.jsonl", refs["sample"]
+
+
+def eval_split(cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) -> str:
+    """Held-out instructions: the configured file, or the sample world's eval split."""
+    if cfg.finetune.eval_path:
+        return cfg.finetune.eval_path
+    return f"{ArtifactStore(store_uri).display_path(refs['sample'])}/files/instructions/eval.jsonl"
 
 
 def needed_stages(cfg: PipelineConfig) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import re
 
 from storage.store import ArtifactStore
@@ -36,20 +35,13 @@ def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
 def loss_curve_png(store: ArtifactStore, model_ref: str) -> bytes | None:
     if not store.is_committed(model_ref) or not store.markers(model_ref):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tasks.common import figure_png, subplots
 
     curve = store.read_table(model_ref).to_pandas()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     ax.plot(curve["tokens"], curve["loss"], lw=1)
     ax.set(xlabel="training tokens", ylabel="loss", title=f"pretrain loss ({model_ref})")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def collect_plots(store: ArtifactStore, record: dict) -> list[tuple[str, str, bytes]]:

@@ -181,3 +181,26 @@ def stage_task(fn: Callable[..., dict], name: str):
 
     return task(fn, name=name, cache_key_fn=stage_cache_key, persist_result=True, retries=2,
                 retry_delay_seconds=2, retry_condition_fn=is_transient, log_prints=True)
+
+
+def subplots(**kwargs: Any):
+    """matplotlib `subplots` on the non-interactive Agg backend (workers and CI have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(**kwargs)
+
+
+def figure_png(fig) -> bytes:
+    """Render and close a figure; PNG bytes go into the store and the run report."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

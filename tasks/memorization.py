@@ -27,7 +27,7 @@ import pyarrow as pa
 from configs.schema import MemorizationConfig, TaskSpec
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
+from tasks.common import already_committed, figure_png, get_logger, map_shards, plan_ref, stage_task, subplots
 from tasks.ngram import VocabMismatchError, open_engine
 
 WORD = re.compile(r"\w+", re.UNICODE)  # words; punctuation is filtered as in the paper
@@ -274,19 +274,7 @@ def score_table(rows: list[dict], cfg: MemorizationConfig) -> list[dict]:
 
 
 def plots(scores: list[dict], rows: list[dict]) -> dict[str, bytes]:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def png(fig) -> bytes:
-        buf = io.BytesIO()
-        fig.tight_layout(), fig.savefig(buf, format="png", dpi=100), plt.close(fig)
-        return buf.getvalue()
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     for task in sorted({s["task"] for s in scores if "spearman" in s}):
         pts = sorted((s["parameters"], s["spearman"], s["spearman_lo"], s["spearman_hi"])
                      for s in scores if s["task"] == task and "spearman" in s)
@@ -296,8 +284,8 @@ def plots(scores: list[dict], rows: list[dict]) -> dict[str, bytes]:
     ax.set(xscale="log", xlabel="model parameters", ylabel="Spearman ρ (log P_LM, log P_T)",
            title="distributional memorization per task")
     ax.legend(fontsize=8)
-    out = {"plots/rho_by_task.png": png(fig)}
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    out = {"plots/rho_by_task.png": figure_png(fig)}
+    fig, ax = subplots(figsize=(6, 3.5))
     largest = max(rows, key=lambda r: r["parameters"])["model"]
     for task in sorted({r["task"] for r in rows}):
         sel = [r for r in rows if r["task"] == task and r["model"] == largest]
@@ -310,7 +298,7 @@ def plots(scores: list[dict], rows: list[dict]) -> dict[str, bytes]:
         ax.plot(xs, ys, marker="o", label=task)
     ax.set(xlabel="log10(1 + pair count C(s_x, s_y))", ylabel="mean log P_LM(s_y | x)", title=f"binned, {largest}")
     ax.legend(fontsize=8)
-    out["plots/lm_vs_pair_count.png"] = png(fig)
+    out["plots/lm_vs_pair_count.png"] = figure_png(fig)
     return out
 
 

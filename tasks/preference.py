@@ -27,7 +27,16 @@ import yaml
 from configs.schema import PreferenceConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import MODEL_LOAD_LOCK, already_committed, get_logger, map_shards, plan_ref, stage_task
+from tasks.common import (
+    MODEL_LOAD_LOCK,
+    already_committed,
+    figure_png,
+    get_logger,
+    map_shards,
+    plan_ref,
+    stage_task,
+    subplots,
+)
 
 CONTEXT_TYPES = ("criteria", "scenario", "profile", "none")
 RECORD_SCHEMA = pa.schema([(c, pa.string()) for c in ("prompt", "context", "context_type", "response_a",
@@ -375,22 +384,13 @@ def evaluate(model, tok, rows: list[dict], cfg: PreferenceConfig) -> list[dict]:
 
 
 def accuracy_png(table: list[dict]) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in table if r["context_type"] == "all"]
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = subplots(figsize=(5, 3))
     ax.bar([r["setting"].replace("_", " ") for r in rows], [r["accuracy"] for r in rows],
            color=["grey", "tab:green", "tab:red"])
     ax.axhline(0.5, color="black", lw=0.5, ls="--")
     ax.set(ylim=(0, 1), ylabel="accuracy", title="context-aware reward model (held-out reversal pairs)")
-    buf = io.BytesIO()
-    fig.tight_layout(), fig.savefig(buf, format="png", dpi=100), plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def run_preference(store_uri: str, cfg: PreferenceConfig, model_ref: str, inputs: list[list[str]], inputs_id: str,

@@ -15,7 +15,6 @@ type-checks with A_S as rows; we solve the equivalent normal equations (A_S^T A_
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
@@ -26,7 +25,7 @@ import pyarrow.compute as pc
 from configs.schema import SelectConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
+from tasks.common import already_committed, figure_png, get_logger, map_shards, plan_ref, stage_task, subplots
 
 CORESET_SCHEMA = pa.schema([("record_id", pa.string()), ("cluster", pa.int32()), ("omp_weight", pa.float64()),
                             ("rank", pa.int32())])
@@ -135,20 +134,13 @@ def flag_rates(pool: list[dict], ids: list[str]) -> dict[str, float]:
 
 
 def cluster_size_png(sizes: list[int], budgets: list[int]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     order = np.argsort(sizes)[::-1]
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig, ax = subplots(figsize=(6, 3))
     ax.bar(range(len(sizes)), np.array(sizes)[order], label="cluster size")
     ax.bar(range(len(sizes)), np.array(budgets)[order], label="selected (budget)")
     ax.set(xlabel="cluster (by size)", ylabel="records", title="TAGCOS clusters")
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout(), fig.savefig(buf, format="png", dpi=100), plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
 def run_select(store_uri: str, cfg: SelectConfig, features_ref: str, pool_path: str, refs: dict[str, str],

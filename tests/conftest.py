@@ -17,6 +17,18 @@ os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PREFECT_
                    "DO_NOT_TRACK": "1", "TRACECORE_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"})
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+HAS_CUDA = _cuda()
+if not HAS_CUDA:  # Triton kernels run through Triton's CPU interpreter; must be set before `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
