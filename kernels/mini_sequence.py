@@ -6,7 +6,8 @@ gradient checkpointing is switched on so that only decoder-layer inputs persist.
 Qwen2 share this structure (`model.model`, `model.lm_head`, `*.mlp.{gate,up,down}_proj`).
 
 Differences from the official code: chunk counts default to the paper's memory argument
-(M_lm = ceil(V / d), M_mlp = ceil(I / d)) instead of fixed 64 / 4096-token chunks; the sequence tail
+(M_lm = ceil(V / d), M_mlp = ceil(I / d)) instead of fixed 64 / 4096-token chunks, with LM-head chunks
+of at least 256 rows (`auto_lm_chunks`); the sequence tail
 is never dropped; inference (no labels) runs the model's own forward unchanged, logits included.
 """
 
@@ -21,10 +22,20 @@ import torch.nn.functional as F
 from kernels.reference import IGNORE_INDEX, lm_head_ce, mini_sequence_mlp
 
 
+MIN_CHUNK_ROWS = 256  # automatic LM-head chunks never get smaller: they would only re-read the weight
+
+
 def default_chunks(config) -> tuple[int, int]:
     """(LM-head chunks, MLP chunks) that shrink each transient to about the size of the layer input."""
     d = config.hidden_size
     return max(1, math.ceil(config.vocab_size / d)), max(1, math.ceil(config.intermediate_size / d))
+
+
+def auto_lm_chunks(rows: int, vocab: int, hidden: int) -> int:
+    """M = ceil(V / d) chunks, but at least MIN_CHUNK_ROWS rows each. At short lengths the paper's M
+    gives chunks of a few rows (8 for 1k tokens at V 128k, d 1k), each re-reading the whole LM-head
+    weight; measured 0.27x the plain speed on CPU, while the logits it saves are small there anyway."""
+    return max(1, min(math.ceil(vocab / hidden), rows // MIN_CHUNK_ROWS))
 
 
 def _is_gated_mlp(module: torch.nn.Module) -> bool:
@@ -47,8 +58,7 @@ def apply_mini_sequence(model: torch.nn.Module, lm_chunks: int | None = None, ml
     lm = _causal_lm(model)
     if getattr(lm.lm_head, "bias", None) is not None:
         raise TypeError("apply_mini_sequence: an LM head with a bias is not supported (Llama-family heads have none)")
-    auto_lm, auto_mlp = default_chunks(lm.config)
-    lm_chunks, mlp_chunks = lm_chunks or auto_lm, mlp_chunks or auto_mlp
+    mlp_chunks = mlp_chunks or default_chunks(lm.config)[1]
     for module in lm.modules():
         if _is_gated_mlp(module) and not hasattr(module, "mini_sequence_chunks"):
             mini_sequence_mlp(module, mlp_chunks)
@@ -93,8 +103,9 @@ def _make_forward(original, lm_chunks: int, use_triton: bool | None):
         shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device)
         loss_fn = _loss_fn(use_triton, hidden.device)
         denominator = float(num_items_in_batch) if num_items_in_batch is not None else None
-        loss = loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted.reshape(-1),
-                       lm_chunks, denominator)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        chunks = lm_chunks or auto_lm_chunks(rows.shape[0], self.lm_head.weight.shape[0], rows.shape[1])
+        loss = loss_fn(rows, self.lm_head.weight, shifted.reshape(-1), chunks, denominator)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
                                       attentions=out.attentions)
 

@@ -57,3 +57,15 @@ def test_context_aware_reward_model_reads_the_context(tiny_run):
     assert acc["correct_context"] >= acc["no_context"] + 0.3, acc
     assert acc["reversed_context"] <= 0.3, acc
     assert "preference_accuracy.png" in store.fs.cat(result["report"]).decode()
+
+
+def test_fine_tuning_on_coresets_lowers_held_out_loss(tiny_run):
+    """Measured on tiny: held-out response loss of the base model 10.9; after fine-tuning on the 5 %
+    TAGCOS coreset 4.10, random 5 % 4.17, cluster-random 5 % 4.13, full pool (120 steps) 1.74."""
+    store, result = tiny_run
+    rows = {r["subset"]: r for r in store.read_table(result["refs"]["finetune"]).to_pylist()}
+    assert set(rows) == {"tagcos", "random", "cluster_random", "full"}
+    for subset in ("tagcos", "random"):
+        assert rows[subset]["eval_loss"] < rows[subset]["eval_loss_base"] - 1.0, rows[subset]
+    assert rows["full"]["eval_loss"] < rows["random"]["eval_loss"]  # 20x the data (capped steps) still helps
+    assert "finetune_finetune_loss.png" in store.fs.cat(result["report"]).decode()

@@ -192,3 +192,11 @@ def test_chunked_head_peak_memory_is_lower_on_cuda():
     plain = peak(plain_lm_head_ce)
     chunked = peak(lambda h, w, y: triton_lm_head_ce(h, w, y, 32))
     assert chunked * 4 < plain
+
+
+def test_automatic_lm_chunks_keep_at_least_256_rows():
+    from kernels.mini_sequence import auto_lm_chunks
+
+    assert auto_lm_chunks(65536, 128256, 4096) == 32  # long sequences: the paper's M
+    assert auto_lm_chunks(1024, 128256, 1024) == 4  # short ones: 256-row chunks, not 126 chunks of 8 rows
+    assert auto_lm_chunks(100, 32000, 512) == 1
