@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 
 def peak_mb(device: str) -> float:
@@ -52,11 +52,11 @@ def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int) -> d
     if method == "plain":
         fn = plain_lm_head_ce
     elif method == "chunked":
-        fn = lambda h, w, y: lm_head_ce(h, w, y, chunks)  # noqa: E731
+        fn = lambda h, w, y: lm_head_ce(h, w, y, chunks)
     else:
         from kernels.lm_head_ce import triton_lm_head_ce
 
-        fn = lambda h, w, y: triton_lm_head_ce(h, w, y, chunks)  # noqa: E731
+        fn = lambda h, w, y: triton_lm_head_ce(h, w, y, chunks)
     return timed(lambda: fn(hidden, weight, labels).backward(), device, repeats, seq)
 
 

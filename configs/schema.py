@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PROFILE_DIR = Path(__file__).parent
 STAGES = ("sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients", "select", "preference",
-          "finetune")
+          "finetune", "eval")
 
 
 class ConfigError(ValueError):
@@ -249,6 +249,55 @@ class FinetuneConfig(Strict):
     seed: int = 0
 
 
+class RazorSettings(Strict):
+    """RazorAttention (arXiv 2407.15891). Paper/vendor values in comments; defaults scaled for small models."""
+
+    induction_fraction: float = Field(0.14, gt=0, le=1)
+    echo_fraction: float = Field(0.01, gt=0, le=1)
+    sinks: int = Field(4, ge=0, description="N0")
+    min_buffer: int = Field(32, ge=1, description="S0 (paper: thousands)")
+    compression: float = Field(8.0, ge=1, description="C: recent buffer = max(S0, N / C)")
+    probe_block: int = Field(64, ge=4, description="random tokens per repeat (official 2500)")
+    probe_repeats: int = Field(4, ge=2, description="official 4")
+
+
+class LongCacheSettings(Strict):
+    """LongCache/ReAttention (arXiv 2407.15176): official 32 / 4096 / 1 / 32, clip 64, chunk 512."""
+
+    global_size: int = Field(4, ge=0)
+    local_size: int = Field(64, ge=1)
+    mid_size: int = Field(1, ge=1)
+    span_size: int = Field(16, ge=1)
+    recall_clip: int = Field(4, ge=1)
+    chunk_size: int = Field(64, ge=1)
+
+
+class RagSettings(Strict):
+    """ChatQA 2-style retrieval: token chunks with overlap, MiniLM embeddings, top-k chunks in context."""
+
+    chunk_tokens: int = Field(64, ge=8, description="ChatQA 2 used 1200")
+    overlap: int = Field(16, ge=0)
+    top_k: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
+
+
+class EvalConfig(Strict):
+    """Model quality per checkpoint, the data-selection verdict, and long-context evaluation."""
+
+    max_items: int = Field(100, ge=1, description="items per task and model")
+    batch_size: int = Field(16, ge=1)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    needle_lengths: list[int] = Field(default_factory=lambda: [256, 1024, 2048], min_length=1)
+    needle_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    needles_per_cell: int = Field(2, ge=1)
+    retrieval_train_steps: int = Field(300, ge=0, description="passkey fine-tune at <= trained length")
+    retrieval_train_lr: float = Field(1e-3, gt=0, lt=1)
+    razor: RazorSettings = Field(default_factory=RazorSettings)
+    longcache: LongCacheSettings = Field(default_factory=LongCacheSettings)
+    rag: RagSettings = Field(default_factory=RagSettings)
+    threads: int = Field(1, ge=0)
+    seed: int = 0
+
+
 class DaskConfig(Strict):
     address: str | None = Field(None, description="existing scheduler, e.g. tcp://host:8786")
     n_workers: int = Field(2, ge=1, le=1024)
@@ -261,7 +310,7 @@ class PipelineConfig(Strict):
     profile: str = "tiny"
     store: str = ".tracecore/store"
     stages: list[Literal["sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients",
-                         "select", "preference", "finetune"]] = Field(
+                         "select", "preference", "finetune", "eval"]] = Field(
         default_factory=lambda: list(STAGES))
     dask: DaskConfig = Field(default_factory=DaskConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
@@ -274,6 +323,7 @@ class PipelineConfig(Strict):
     select: SelectConfig = Field(default_factory=SelectConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def stage_config(self, stage: str) -> Strict:
         return getattr(self, stage)

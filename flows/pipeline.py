@@ -20,6 +20,7 @@ from flows.report import write_report
 from flows.runtime import dask_cluster
 from storage.runs import now, set_stage, start_run, write_run
 from storage.store import ArtifactStore
+from tasks.eval import eval_task
 from tasks.finetune import finetune_task
 from tasks.gradients import gradients_task
 from tasks.ingest import ingest_task
@@ -33,7 +34,8 @@ from tasks.tokenize import tokenize_task
 
 TASKS = {"sample": sample_task, "ingest": ingest_task, "tokenize": tokenize_task, "pretrain": pretrain_task,
          "ngram": ngram_task, "memorization": memorization_task, "gradients": gradients_task,
-         "select": select_task, "preference": preference_task, "finetune": finetune_task}
+         "select": select_task, "preference": preference_task, "finetune": finetune_task,
+         "eval": eval_task}
 
 
 def execute_stage(stage: str, config: dict, refs: dict[str, str], address: str | None,

@@ -10,6 +10,7 @@ from typing import Any
 
 from configs.schema import STAGES, PipelineConfig
 from storage.store import ArtifactStore
+from tasks.eval import plan_eval
 from tasks.finetune import plan_finetune
 from tasks.gradients import plan_gradients
 from tasks.ingest import input_fingerprint, list_input_files, plan_ingest
@@ -23,10 +24,11 @@ from tasks.tokenize import plan_tokenize
 
 PRIMARY = {"sample": "sample", "ingest": "documents", "tokenize": "tokens", "pretrain": "model", "ngram": "topk",
            "memorization": "scores", "gradients": "features", "select": "coreset", "preference": "eval",
-           "finetune": "finetune"}
+           "finetune": "finetune", "eval": "eval_summary"}
 DEPENDS = {"sample": [], "ingest": ["sample"], "tokenize": ["ingest"], "pretrain": ["tokenize"], "ngram": ["tokenize"],
            "memorization": ["ngram", "pretrain"], "gradients": ["pretrain"], "select": ["gradients"],
-           "preference": ["pretrain"], "finetune": ["select", "pretrain", "tokenize"]}
+           "preference": ["pretrain"], "finetune": ["select", "pretrain", "tokenize"],
+           "eval": ["finetune", "preference"]}
 
 
 def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) -> dict[str, Any]:
@@ -75,6 +77,12 @@ def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, 
         return {"cfg": cfg.finetune, "model_ref": refs["model"], "subset_refs": subset_refs, "pool_path": pool,
                 "eval_path": eval_split(cfg, store_uri, refs), "tokens_ref": refs["tokens"],
                 "refs": plan_finetune(cfg.finetune, refs["model"], subset_refs, pool_id, refs["tokens"])}
+    if stage == "eval":
+        return {"cfg": cfg.eval, "model_ref": refs["model"], "finetune_ref": refs["finetune"],
+                "preference_ref": refs["eval"], "sample_ref": refs["sample"], "tokens_ref": refs["tokens"],
+                "trained_len": cfg.pretrain.seq_len, "eval_fraction": cfg.pretrain.eval_fraction,
+                "refs": plan_eval(cfg.eval, refs["model"], refs["finetune"], refs["eval"], refs["sample"],
+                                  refs["tokens"])}
     raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
 
 

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from kernels.reference import IGNORE_INDEX, lm_head_ce, mini_sequence_mlp
 
-
 MIN_CHUNK_ROWS = 256  # automatic LM-head chunks never get smaller: they would only re-read the weight
 
 

