@@ -289,7 +289,7 @@ class EvalConfig(Strict):
     needle_lengths: list[int] = Field(default_factory=lambda: [256, 1024, 2048], min_length=1)
     needle_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     needles_per_cell: int = Field(2, ge=1)
-    retrieval_train_steps: int = Field(300, ge=0, description="passkey fine-tune at <= trained length")
+    retrieval_train_steps: int = Field(0, ge=0, description="passkey fine-tune at <= trained length; 0 = none")
     retrieval_train_lr: float = Field(1e-3, gt=0, lt=1)
     razor: RazorSettings = Field(default_factory=RazorSettings)
     longcache: LongCacheSettings = Field(default_factory=LongCacheSettings)

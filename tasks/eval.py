@@ -188,13 +188,15 @@ def long_context(store: ArtifactStore, cfg: EvalConfig, model_ref: str, refs: di
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
                                                      attn_implementation="eager")
-    torch.manual_seed(cfg.seed)
-    losses = train_retrieval(model, tok, cfg.retrieval_train_steps, cfg.retrieval_train_lr, trained_len, cfg.seed, log)
-    with tempfile.TemporaryDirectory(prefix="tracecore-needle-") as tmp:
-        model.save_pretrained(tmp), tok.save_pretrained(tmp)
-        store.put_dir(refs["eval_needle_model"], tmp)
-    store.write_shard(refs["eval_needle_model"], 0, pa.table({"step": list(range(1, len(losses) + 1)), "loss": losses}))
-    store.commit(refs["eval_needle_model"], {**record, "trained_length": trained_len}, expected_shards=1)
+    if cfg.retrieval_train_steps:
+        torch.manual_seed(cfg.seed)
+        losses = train_retrieval(model, tok, cfg.retrieval_train_steps, cfg.retrieval_train_lr, trained_len,
+                                 cfg.seed, log)
+        with tempfile.TemporaryDirectory(prefix="tracecore-needle-") as tmp:
+            model.save_pretrained(tmp), tok.save_pretrained(tmp)
+            store.put_dir(refs["eval_needle_model"], tmp)
+        store.write_shard(refs["eval_needle_model"], 0, pa.table({"step": range(1, len(losses) + 1), "loss": losses}))
+        store.commit(refs["eval_needle_model"], {**record, "trained_length": trained_len}, expected_shards=1)
 
     rz = cfg.razor
     high = min(len(tok), max(rz.probe_block * 4, len(tok)))

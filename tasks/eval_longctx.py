@@ -120,7 +120,8 @@ def needle_grid(model, tok, heads, embedder, cfg, log) -> list[dict]:
 def summarize(rows: list[dict]) -> list[dict]:
     """Per (method, length): mean accuracy over depths and KV bytes relative to full attention."""
     out = []
-    full = {r["length"]: r["kv_bytes"] for r in rows if r["method"] == "full"}
+    full = {n: np.mean([r["kv_bytes"] for r in rows if r["method"] == "full" and r["length"] == n])
+            for n in {r["length"] for r in rows}}
     for method in dict.fromkeys(r["method"] for r in rows):
         for length in sorted({r["length"] for r in rows}):
             cell = [r for r in rows if r["method"] == method and r["length"] == length]

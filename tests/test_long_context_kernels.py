@@ -62,7 +62,7 @@ def test_middle_selection_and_spans():
     scores = torch.tensor([[0.0, 5.0, 1.0, 0.0, 4.0], [0.0, 5.0, 0.0, 3.0, 0.0], [9.0, 5.0, 0.0, 0.0, 0.0]])
     assert select_middle(scores, 1, -1).tolist() == [0, 1]
     assert select_middle(scores, 2, 1).tolist() == [1]  # clip keeps the most frequently chosen
-    assert expand_spans(torch.tensor([0, 10]), 4, start=32, stop=40).tolist() == [32, 33, 38, 39]
+    assert expand_spans(torch.tensor([0, 7]), 4, start=32, stop=40).tolist() == [32, 33, 37, 38, 39]  # clamped
 
 
 def test_compensation_token_equals_duplicating_the_mean_token():

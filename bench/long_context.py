@@ -1,0 +1,83 @@
+"""Benchmark: decoding with full attention vs. RazorAttention vs. LongCache over context lengths.
+
+    .venv/bin/python bench/long_context.py [--lengths 1024 2048 4096 8192] [--decode 32]
+
+Model: a random Llama (hidden 256, 4 layers, 8 query / 4 KV heads, vocab 8k) in fp32 (bf16 on CUDA);
+speed does not depend on the weights. Per length: prefill the context with the policy (LongCache in
+512-token chunks), then decode `--decode` tokens one at a time. Reported: decode tokens/s, the KV cache
+bytes the policy holds after decoding, and both as ratios to full attention. RazorAttention uses the
+heads with the top 14 % induction / 1 % echo scores from the probe, S0 = 256, C = 8, 4 sinks; LongCache
+uses 32 sinks, a 1024-token local window, top-1 spans of 32, recall clip 16 (scope 1568 tokens).
+All three run through `kernels.decoding.forward`, so the comparison isolates the cache policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from kernels.decoding import FullAttention, forward, prefill  # noqa: E402
+from kernels.longcache import LongCache, LongCacheConfig  # noqa: E402
+from kernels.razor import RazorCache, RazorConfig, head_scores, retrieval_heads  # noqa: E402
+
+
+def build_model(device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=65536,
+                      attn_implementation="eager")
+    model = LlamaForCausalLM(cfg).eval().to(device)
+    return model.to(torch.bfloat16) if device == "cuda" else model
+
+
+def decode_rate(model, policy, context: torch.Tensor, steps: int, chunk: int) -> tuple[float, int]:
+    logits = prefill(model, context, policy, chunk)
+    if hasattr(policy, "after_prefill"):
+        policy.after_prefill()
+    token = logits[:, -1:].argmax(-1)
+    if context.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(steps):
+        token = forward(model, token, policy, context.shape[1] + i)[:, -1:].argmax(-1)
+    if context.is_cuda:
+        torch.cuda.synchronize()
+    return steps / (time.perf_counter() - start), policy.cache_bytes()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--decode", type=int, default=32)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(device)
+    induction, echo = head_scores(model.float().cpu(), block=256, repeats=4, low=10, high=8192)
+    model = build_model(device)
+    razor_cfg = RazorConfig(min_buffer=256, compression=8, sinks=4)
+    heads = retrieval_heads(induction, echo, razor_cfg)
+    lc_cfg = LongCacheConfig(global_size=32, local_size=1024, mid_size=1, span_size=32, recall_clip=16)
+    makers = {"full": lambda: FullAttention(model), "razor": lambda: RazorCache(model, heads, razor_cfg),
+              "longcache": lambda: LongCache(model, lc_cfg)}
+    print(f"device: {device}; retrieval heads {int(heads.sum())}/{heads.numel()}; decode {args.decode} tokens\n")
+    print(f"{'context':>8} | {'method':9} | {'tokens/s':>9} | {'KV MB':>8} | {'speed vs full':>13} | {'KV vs full':>10}")
+    for length in args.lengths:
+        context = torch.randint(10, 8192, (1, length), device=device)
+        base = None
+        for name, make in makers.items():
+            rate, kv = decode_rate(model, make(), context, args.decode, 512)
+            base = base or (rate, kv)
+            print(f"{length:>8} | {name:9} | {rate:9.1f} | {kv / 2**20:8.1f} | {rate / base[0]:12.2f}x | "
+                  f"{kv / base[1]:9.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
