@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from kernels.decoding import FullAttention, forward, prefill  # noqa: E402
-from kernels.longcache import LongCache, LongCacheConfig  # noqa: E402
-from kernels.razor import RazorCache, RazorConfig, head_scores, retrieval_heads  # noqa: E402
+from kernels.decoding import FullAttention, forward, prefill
+from kernels.longcache import LongCache, LongCacheConfig
+from kernels.razor import RazorCache, RazorConfig, head_scores, retrieval_heads
 
 
 def build_model(device: str):

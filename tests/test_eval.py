@@ -44,7 +44,7 @@ def test_verdict_has_intervals_over_seeds_and_the_paired_difference(evaluated):
 
 def test_interval_and_paired_difference_values():
     mean, lo, hi = interval([1.0, 2.0, 3.0], 0.95)
-    assert mean == 2.0 and math.isclose(hi - mean, 4.303 * 1.0 / math.sqrt(3), rel_tol=1e-3)
+    assert mean == 2.0 and math.isclose(hi - mean, 4.303 / math.sqrt(3), rel_tol=1e-3) and math.isclose(mean - lo, hi - mean)
     rows = [{"subset": s, "seed": k, **dict.fromkeys(
         ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"],
         v + k)} for s, v in (("tagcos", 1.0), ("random", 3.0)) for k in (0, 1, 2)]
