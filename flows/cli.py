@@ -1,4 +1,4 @@
-"""`tracecore` command line: run, make-sample, status, artifacts.
+"""`tracecore` command line: run, make-sample, serve, ui, status, artifacts.
 
 Imports of Prefect and the stages happen inside the commands, after the offline environment
 and the result-storage path are set (Prefect reads its settings at import time).
@@ -20,6 +20,8 @@ EPILOG = """examples:
   tracecore run --profile gpu --dask-address tcp://10.0.0.5:8786 --store s3://bucket/tracecore
   tracecore run --resume 20261124-201500-a1b2c3   # re-run a failed run: finished stages/shards are skipped
   tracecore status                                # what the latest run did / what a re-run will skip
+  tracecore ui                                    # Prefect server + UI on 127.0.0.1:4200
+  tracecore serve --cron "0 3 * * *"              # scheduled runs of the tiny profile (needs the server)
 """
 
 
@@ -52,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "preferences, long-context) to a local folder")
     _add_common(sample)
     sample.add_argument("--out", default="sample_world", help="output folder (default: ./sample_world)")
+
+    serve = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment (needs a server: "
+                           "`tracecore ui` in another shell and PREFECT_API_URL set)")
+    _add_common(serve)
+    serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (03:00 daily)')
+    serve.add_argument("--name", default="tracecore-scheduled", help="deployment name (default: tracecore-scheduled)")
+    serve.add_argument("--no-pause-on-shutdown", dest="pause_on_shutdown", action="store_false",
+                       help="keep the schedule active after this process stops (default: Prefect pauses it)")
+
+    ui = sub.add_parser("ui", help="start the Prefect server + UI on loopback and print PREFECT_API_URL")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; other hosts expose "
+                    "the UI and API to the network)")
+    ui.add_argument("--port", type=int, default=4200)
 
     status_help = "stages of a run: state, artifacts, shards done, rows, rejects, and what a re-run would skip"
     for name, text in (("status", status_help),
@@ -94,6 +109,17 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides)
     counts = write_sample(cfg.sample, args.out)
     print(json.dumps({"out": str(Path(args.out).resolve()), **counts}, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.profile, args.overrides, store=args.store)  # fail fast on a bad profile
+    configure_environment(cfg.store)
+    from flows.deploy import serve
+
+    print(f"serving deployment tracecore-pipeline/{args.name} on cron {args.cron!r} (Ctrl-C stops; "
+          f"the schedule is {'paused' if args.pause_on_shutdown else 'kept'} on shutdown)", flush=True)
+    serve(args.profile, args.overrides, args.store, args.cron, args.name, args.pause_on_shutdown)
     return 0
 
 
@@ -151,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "make-sample":
             return cmd_make_sample(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "ui":
+            from flows.deploy import ui
+
+            return ui(args.host, args.port)
         return cmd_status(args, artifacts=args.command == "artifacts")
     except (ConfigError, FileNotFoundError) as exc:
         print(f"tracecore: error: {exc}", file=sys.stderr)

@@ -14,11 +14,11 @@ from typing import Any
 
 from prefect import flow
 
-from configs.schema import STAGES, validate_config
+from configs.schema import STAGES, load_config, validate_config
 from flows.plan import PRIMARY, needed_stages, stage_call
 from flows.report import write_report
 from flows.runtime import dask_cluster
-from storage.runs import now, set_stage, start_run, write_run
+from storage.runs import new_run_id, now, set_stage, start_run, write_run
 from storage.store import ArtifactStore
 from tasks.eval import eval_task
 from tasks.finetune import finetune_task
@@ -79,9 +79,12 @@ STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
 
 
 @flow(name="tracecore-pipeline", log_prints=True)
-def pipeline(config: dict, run_id: str) -> dict[str, Any]:
-    """The whole pipeline: every needed stage in order on one Dask cluster; returns refs + report path."""
+def pipeline(config: dict, run_id: str | None = None) -> dict[str, Any]:
+    """The whole pipeline: every needed stage in order on one Dask cluster; returns refs + report path.
+
+    `run_id` None (scheduled runs) = a new id; a given id re-uses that run record (resume)."""
     cfg = validate_config(config)
+    run_id = run_id or new_run_id()
     store = ArtifactStore(cfg.store)
     record = start_run(store, run_id, cfg.model_dump(mode="json"))
     refs: dict[str, str] = {}
@@ -98,3 +101,12 @@ def pipeline(config: dict, run_id: str) -> dict[str, Any]:
         record["report"] = write_report(store, record)
         write_run(store, record)
     return {"refs": refs, "report": record["report"]}
+
+
+@flow(name="tracecore-profile", log_prints=True)
+def run_profile(profile: str = "tiny", overrides: list[str] | None = None, store: str | None = None,
+                stages: list[str] | None = None) -> dict[str, Any]:
+    """Entry point for deployments (schedules, `prefect.yaml`, UI "Run"): a profile name or YAML path plus
+    `--set`-style overrides; validated here, then the pipeline flow runs as a subflow."""
+    cfg = load_config(profile, overrides or [], store=store, stages=stages)
+    return pipeline(config=cfg.model_dump(mode="json"))
