@@ -44,7 +44,8 @@ def execute_stage(stage: str, config: dict, refs: dict[str, str], address: str |
     cfg = validate_config(config)
     store = ArtifactStore(cfg.store)
     call = stage_call(stage, cfg, store.uri, refs)
-    done_before = store.is_committed(call["refs"][PRIMARY[stage]])
+    primary = call["refs"][PRIMARY[stage]]
+    done_before = store.is_committed(primary) and not store.corrupt_parts(primary)  # else: run, repair
     if record is not None:
         set_stage(store, record, stage, refs=call["refs"], started_at=now(), status="running", error=None)
     task = TASKS[stage].with_options(refresh_cache=not done_before)

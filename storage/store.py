@@ -126,6 +126,35 @@ class ArtifactStore:
         if not self.fs.exists(path) or file_checksum(self.fs, path) != marker["checksum"]:
             raise CorruptShardError(f"checksum mismatch for {path}: the shard is corrupt; delete it or re-run")
 
+    def shard_intact(self, ref: str, shard: int) -> bool:
+        try:
+            self.verify_shard(ref, shard)
+            return True
+        except (CorruptShardError, FileNotFoundError):
+            return False
+
+    def corrupt_parts(self, ref: str) -> list[str]:
+        """Paths of a committed artifact's shards and files whose bytes no longer match the manifest."""
+        manifest = self.manifest(ref)
+        bad = [self.shard_path(ref, m["shard"]) for m in self.markers(ref) if not self.shard_intact(ref, m["shard"])]
+        base = f"{self.artifact_dir(ref)}/files"
+        for entry in manifest.get("files", []):
+            path = f"{base}/{entry['file']}"
+            if not self.fs.exists(path) or file_checksum(self.fs, path) != entry["checksum"]:
+                bad.append(path)
+        return bad
+
+    def repair(self, ref: str) -> list[str]:
+        """Un-commit an artifact with corrupt parts and forget its corrupt shards, so the next run
+        recomputes exactly those (files such as model weights: the whole artifact). Returns the paths."""
+        bad = self.corrupt_parts(ref) if self.is_committed(ref) else []
+        if bad:
+            self.fs.rm(self.manifest_path(ref))
+            for m in self.markers(ref):
+                if self.shard_path(ref, m["shard"]) in bad:
+                    self.drop_shard(ref, m["shard"])
+        return bad
+
     def drop_shard(self, ref: str, shard: int) -> None:
         """Forget a shard (e.g. a corrupt one) so the next run recomputes it."""
         for path in (self._marker_path(ref, shard), self.shard_path(ref, shard), self.manifest_path(ref)):

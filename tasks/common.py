@@ -66,7 +66,13 @@ def get_logger() -> logging.Logger:
 
 
 def already_committed(store: ArtifactStore, stage: str, ref: str) -> bool:
-    """True, and logged, when a stage's final artifact is in the store: the stage is skipped."""
+    """True, and logged, when a stage's final artifact is in the store and intact: the stage is skipped.
+    A committed artifact whose bytes fail their checksums is repaired (un-committed, corrupt shards
+    dropped, paths logged) and the stage recomputes what is missing: corrupt data is never used."""
+    bad = store.repair(ref)
+    if bad:
+        get_logger().warning("%s: %s has corrupt parts, recomputing: %s", stage, ref, ", ".join(bad))
+        return False
     if store.is_committed(ref):
         get_logger().info("%s: %s already committed, skipping", stage, ref)
         return True
@@ -120,11 +126,22 @@ def dask_client(address: str | None) -> Iterator[Any]:
         yield client
 
 
+def _usable_shard(store: ArtifactStore, ref: str, shard: int) -> bool:
+    """A finished shard whose bytes match its marker; a corrupt one is dropped (and logged) for recompute."""
+    if not store.shard_done(ref, shard):
+        return False
+    if store.shard_intact(ref, shard):
+        return True
+    get_logger().warning("shard %s is corrupt (checksum mismatch); recomputing it", store.shard_path(ref, shard))
+    store.drop_shard(ref, shard)
+    return False
+
+
 def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dict], items: list[Any],
                address: str | None, **kwargs: Any) -> ShardReport:
     """Run `fn(store_uri, ref, shard, item, **kwargs) -> marker` for every shard not yet complete."""
     start = time.perf_counter()
-    todo = [(i, item) for i, item in enumerate(items) if not store.shard_done(ref, i)]
+    todo = [(i, item) for i, item in enumerate(items) if not _usable_shard(store, ref, i)]
     skipped = len(items) - len(todo)
     log = get_logger()
     if skipped:
