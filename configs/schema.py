@@ -243,6 +243,7 @@ class FinetuneConfig(Strict):
     lm_chunks: int | None = Field(None, ge=1, description="None = ceil(vocab / hidden)")
     mlp_chunks: int | None = Field(None, ge=1, description="None = ceil(intermediate / hidden)")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    log_every: int = Field(10, ge=1, description="optimizer steps between Prefect log lines (the curve keeps all)")
     long_context: LongContextConfig = Field(default_factory=LongContextConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
     threads: int = Field(1, ge=0, description="torch threads per Dask worker; 0 = default")

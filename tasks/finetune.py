@@ -177,7 +177,7 @@ def train(model, data: list, pad_id: int, cfg: FinetuneConfig, seed: int, device
                       "tokens_per_second": tokens / max(seconds, 1e-9), "peak_memory_mb": peak_memory_mb(device)})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(plan):
             resume.save(step + 1, model, opt, sched, curve)
-        if (step + 1) % max(1, len(plan) // 5) == 0:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == len(plan):
             log.info("finetune step %d/%d loss %.3f %.0f tok/s peak %.0f MB", step + 1, len(plan),
                      curve[-1]["loss"], curve[-1]["tokens_per_second"], curve[-1]["peak_memory_mb"])
     return curve
