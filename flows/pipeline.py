@@ -20,6 +20,7 @@ from flows.report import write_report
 from flows.runtime import dask_cluster
 from storage.runs import new_run_id, now, set_stage, start_run, write_run
 from storage.store import ArtifactStore
+from tasks.common import inject_fault
 from tasks.eval import eval_task
 from tasks.finetune import finetune_task
 from tasks.gradients import gradients_task
@@ -59,6 +60,7 @@ def execute_stage(stage: str, config: dict, refs: dict[str, str], address: str |
     if record is not None:
         set_stage(store, record, stage, status="reused" if done_before else "computed", finished_at=now(),
                   seconds=round(time.perf_counter() - start, 3))
+    inject_fault(f"after-{stage}", 1)
     return call["refs"]
 
 

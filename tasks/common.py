@@ -105,8 +105,9 @@ class Progress:
         self.bar.close()
 
 
-def _maybe_inject_fault(stage: str, computed: int) -> None:
-    """Reliability hook: a real SIGKILL of the whole run mid-stage, so tests exercise resume."""
+def inject_fault(stage: str, computed: int) -> None:
+    """Reliability hook: a real SIGKILL of the whole run mid-stage (`<stage>:<n>`, after n new shards) or
+    at a stage boundary (`after-<stage>:1`, right after the stage committed), so tests exercise resume."""
     spec = os.environ.get(FAULT_ENV, "")
     if spec and spec.split(":")[0] == stage and computed >= int(spec.split(":")[1]):
         if os.getpgrp() == os.getpid():  # a session leader (tests start runs so): take the workers down too
@@ -161,7 +162,7 @@ def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dic
             for marker in results:
                 computed.append(marker["shard"])
                 progress.step()
-                _maybe_inject_fault(stage, len(computed))
+                inject_fault(stage, len(computed))
     finally:
         progress.close()
     return ShardReport(total=len(items), skipped=skipped, computed=len(computed),
