@@ -32,7 +32,7 @@ lint: setup
 	$(BIN)/ruff check flows tasks kernels storage configs tests bench
 
 bench: setup
-	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf .tracecore .pytest_cache
