@@ -82,24 +82,26 @@ def already_committed(store: ArtifactStore, stage: str, ref: str) -> bool:
 class Progress:
     """A terminal progress bar mirrored to a keyed Prefect progress artifact when in a run."""
 
-    def __init__(self, stage: str, total: int, done: int = 0):
-        self.total, self.done = max(total, 1), done
-        self.bar = tqdm(total=total, initial=done, desc=stage, unit="shard", leave=False,
+    def __init__(self, stage: str, total: int, done: int = 0, unit: str = "shard"):
+        self.total, self.done, self.published = max(total, 1), done, -1.0
+        self.bar = tqdm(total=total, initial=done, desc=stage, unit=unit, leave=False,
                         disable=True if os.environ.get("TRACECORE_NO_PROGRESS") == "1" else None)
         self.artifact_id = None
         if in_prefect_run():
             from prefect.artifacts import create_progress_artifact
 
             self.artifact_id = create_progress_artifact(
-                100.0 * done / self.total, key=f"tracecore-{stage}-progress", description=f"{stage}: shards done")
+                100.0 * done / self.total, key=f"tracecore-{stage}-progress", description=f"{stage}: {unit}s done")
 
     def step(self, n: int = 1) -> None:
         self.done += n
         self.bar.update(n)
-        if self.artifact_id is not None:
+        percent = 100.0 * self.done / self.total
+        if self.artifact_id is not None and (percent - self.published >= 1.0 or self.done >= self.total):
             from prefect.artifacts import update_progress_artifact
 
-            update_progress_artifact(self.artifact_id, 100.0 * self.done / self.total)
+            update_progress_artifact(self.artifact_id, percent)  # at most ~100 API calls per stage
+            self.published = percent
 
     def close(self) -> None:
         self.bar.close()

@@ -18,7 +18,7 @@ import pyarrow as pa
 from configs.schema import PretrainConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import already_committed, get_logger, plan_ref, stage_task
+from tasks.common import Progress, already_committed, get_logger, plan_ref, stage_task
 
 
 class ModelPathError(ValueError):
@@ -79,7 +79,6 @@ def eval_loss(model, blocks: np.ndarray, batch_size: int, device: str) -> float:
 def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log) -> list[dict]:
     """AdamW + cosine schedule with warm-up over at most `max_tokens` tokens; returns the loss curve."""
     import torch
-    from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     steps = max(1, min(cfg.max_tokens, train_blocks.size) // (cfg.batch_size * cfg.seq_len))
@@ -88,7 +87,8 @@ def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log
     order = np.random.default_rng(cfg.seed).permutation(len(train_blocks))
     curve, start = [], time.perf_counter()
     model.train()
-    for step in tqdm(range(steps), desc="pretrain", unit="step", leave=False, disable=None):
+    progress = Progress("pretrain", steps, unit="step")  # terminal bar + the Prefect progress artifact
+    for step in range(steps):
         idx = order[(step * cfg.batch_size + np.arange(cfg.batch_size)) % len(order)]
         x = torch.as_tensor(train_blocks[idx], device=device)
         loss = model(input_ids=x, labels=x).loss
@@ -97,9 +97,11 @@ def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         curve.append({"step": step + 1, "tokens": (step + 1) * x.numel(), "loss": float(loss.item()),
                       "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - start})
+        progress.step()
         if (step + 1) % max(1, steps // 10) == 0:
             log.info("pretrain step %d/%d loss %.3f (%.0f tokens/s)", step + 1, steps, curve[-1]["loss"],
                      curve[-1]["tokens"] / curve[-1]["seconds"])
+    progress.close()
     return curve
 
 

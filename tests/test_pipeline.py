@@ -47,7 +47,8 @@ def test_pipeline_end_to_end_then_fully_cached(prefect_harness, test_config):
     keys = ["tracecore-pipeline-summary", "tracecore-tokenize-outputs", "tracecore-memorization-scores",
             "tracecore-pretrain-loss", "tracecore-memorization-rho-by-task", "tracecore-select-cluster-sizes",
             "tracecore-finetune-finetune-loss", "tracecore-eval-verdict", "tracecore-eval-quality",
-            "tracecore-eval-needle-heatmaps", "tracecore-eval-retrieval-heads", "tracecore-finetune-outputs"]
+            "tracecore-eval-needle-heatmaps", "tracecore-eval-retrieval-heads", "tracecore-finetune-outputs",
+            "tracecore-pretrain-progress", "tracecore-finetune-progress", "tracecore-eval-progress"]
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     assert {a.key for a in found} == set(keys)
