@@ -130,7 +130,7 @@ def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: E
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
     sample_dir = f"{store.display_path(item['sample_ref'])}/files"
     held_out = load_pool(f"{sample_dir}/instructions/eval.jsonl")[0]
-    _, blocks = split_blocks(token_stream(store, item["tokens_ref"], tok.eos_token_id), item["seq_len"],
+    _, blocks = split_blocks(token_stream(store, item["tokens_ref"], [tok.eos_token_id]), item["seq_len"],
                              item["eval_fraction"])
     metrics = quality_metrics(model, tok, load_tasks(sample_dir, cfg.max_items), held_out[:: max(1, len(held_out)
                               // (4 * cfg.max_items))], blocks[: cfg.max_items], cfg)

@@ -70,9 +70,12 @@ def plan_finetune(cfg: FinetuneConfig, model_ref: str, subset_refs: dict[str, st
 
 # ---- model ---------------------------------------------------------------------------------------
 def resolve_device(cfg: FinetuneConfig):
+    """(device, dtype): bf16 on CUDA, fp32 on CPU."""
     import torch
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    from tasks.gradients import resolve_device as device_of
+
+    device = device_of(cfg.device)
     return device, (torch.bfloat16 if device == "cuda" else torch.float32)
 
 
@@ -282,11 +285,9 @@ def train_variant(store_uri: str, summary_ref: str, shard: int, item: dict, cfg:
 # ---- ChatQA 2 context extension ------------------------------------------------------------------------
 def packed_long_blocks(store: ArtifactStore, tokens_ref: str, separator: list[int], seq_len: int) -> np.ndarray:
     """Corpus documents joined with the separator tokens, cut into `seq_len` blocks."""
-    pieces = []
-    for m in store.markers(tokens_ref):
-        for ids in store.read_shard(tokens_ref, m["shard"], columns=["tokens"]).column(0).to_numpy(zero_copy_only=False):
-            pieces += [np.asarray(ids, dtype=np.int64), np.asarray(separator, dtype=np.int64)]
-    stream = np.concatenate(pieces)
+    from tasks.pretrain import token_stream
+
+    stream = token_stream(store, tokens_ref, separator)
     n = len(stream) // seq_len
     if n < 1:
         raise ValueError(f"finetune.long_context: corpus has {len(stream)} tokens, less than seq_len={seq_len}")

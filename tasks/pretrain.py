@@ -33,12 +33,12 @@ def plan_pretrain(cfg: PretrainConfig, tokens_ref: str, tokenizer_ref: str) -> d
     return {"model": plan_ref("model", "pretrain", cfg.fingerprint(), inputs, __name__)}
 
 
-def token_stream(store: ArtifactStore, tokens_ref: str, eos_id: int) -> np.ndarray:
-    """All documents concatenated in shard order, each followed by EOS (standard LM packing)."""
-    pieces = []
+def token_stream(store: ArtifactStore, tokens_ref: str, separator: list[int]) -> np.ndarray:
+    """All documents concatenated in shard order, each followed by `separator` ([EOS]: standard LM packing)."""
+    pieces, sep = [], np.asarray(separator, dtype=np.int64)
     for m in store.markers(tokens_ref):
         for ids in store.read_shard(tokens_ref, m["shard"], columns=["tokens"]).column(0).to_numpy(zero_copy_only=False):
-            pieces += [np.asarray(ids, dtype=np.int64), np.array([eos_id], dtype=np.int64)]
+            pieces += [np.asarray(ids, dtype=np.int64), sep]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
@@ -139,7 +139,7 @@ def run_pretrain(store_uri: str, cfg: PretrainConfig, tokens_ref: str, tokenizer
         device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
         with store.local_dir(tokenizer_ref) as tok_dir:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
-        train_blocks, eval_blocks = split_blocks(token_stream(store, tokens_ref, tokenizer.eos_token_id),
+        train_blocks, eval_blocks = split_blocks(token_stream(store, tokens_ref, [tokenizer.eos_token_id]),
                                                  cfg.seq_len, cfg.eval_fraction)
         model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id).to(device)
         if cfg.dtype == "bfloat16":
