@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.decoding import Rope, attention
+from kernels.decoding import FullAttention, Rope, attention
 
 
 @dataclass(frozen=True)
@@ -92,18 +92,14 @@ class RazorCache:
 
     def __init__(self, model, heads: torch.Tensor, cfg: RazorConfig):
         self.rope, self.heads, self.cfg = Rope(model), heads, cfg
-        self.k, self.v, self.pos = {}, {}, {}
+        self.prefill = FullAttention(model)  # the prompt runs with full attention and a full cache
         self.compressed: dict[int, list[dict]] = {}
-        self.full_tokens = 0
 
     def attend(self, layer: int, q, k, v, positions):
+        if layer not in self.compressed:
+            return self.prefill.attend(layer, q, k, v, positions)
         k = self.rope(k, positions)
         q = self.rope(q, positions)
-        if layer not in self.compressed:  # prefill: plain causal attention, full cache
-            self.k[layer] = torch.cat([self.k[layer], k], 2) if layer in self.k else k
-            self.v[layer] = torch.cat([self.v[layer], v], 2) if layer in self.v else v
-            self.pos[layer] = torch.cat([self.pos[layer], positions]) if layer in self.pos else positions
-            return attention(q, self.k[layer], self.v[layer], None, positions, self.pos[layer])
         groups = q.shape[1] // k.shape[1]
         outs = []
         for h, head in enumerate(self.compressed[layer]):
@@ -116,9 +112,9 @@ class RazorCache:
 
     def after_prefill(self) -> None:
         """Compress every non-retrieval head of every layer (called once, after the prompt)."""
-        for layer in list(self.k):
-            k, v, pos = self.k.pop(layer), self.v.pop(layer), self.pos.pop(layer)
-            self.full_tokens = k.shape[2]
+        full = self.prefill
+        for layer in list(full.k):
+            k, v, pos = full.k.pop(layer), full.v.pop(layer), full.pos.pop(layer)
             self.compressed[layer] = [self._compress(k[:, h:h + 1], v[:, h:h + 1], pos, bool(self.heads[layer, h]))
                                       for h in range(k.shape[1])]
 
@@ -141,6 +137,4 @@ class RazorCache:
             for h in heads:
                 tokens = h["k"].shape[2] + int(h["n_dropped"].item() > 0)
                 total += 2 * tokens * h["k"].shape[-1] * h["k"].element_size() * h["k"].shape[0]
-        for d in (self.k, self.v):
-            total += sum(t.numel() * t.element_size() for t in d.values())
-        return total
+        return total + self.prefill.cache_bytes()
