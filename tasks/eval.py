@@ -63,6 +63,12 @@ def continuation_logprobs(model, tok, pairs: list[tuple[list[int], list[int]]], 
     return out
 
 
+def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """(prompt, response) of an encoded record: the prompt is where labels are -100."""
+    n = labels.count(-100)
+    return ids[:n], ids[n:]
+
+
 def generate(model, tok, prompts: list[list[int]], max_new: int) -> list[str]:
     import torch
 
@@ -92,9 +98,7 @@ def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dic
         mc_hits.append(int(np.argmax([s[0] for s in scores])) == r["answer"])
     translations = generate(model, tok, [prompt_ids(tok, "Translate the phrase from English to Zelan.", r["source"])
                                          for r in tasks["translation"]], 16)
-    data = [encode(tok, r, 256) for r in held_out]
-    per = continuation_logprobs(model, tok, [(ids[:sum(1 for y in lab if y == -100)], ids[sum(1 for y in lab if y == -100):])
-                                             for ids, lab in data], cfg.batch_size)
+    per = continuation_logprobs(model, tok, [split_prompt(*encode(tok, r, 256)) for r in held_out], cfg.batch_size)
     families: dict[str, list[bool]] = {}
     for r, (_, hit, _) in zip(held_out, per):
         families.setdefault(r.get("family", "all"), []).append(hit)
@@ -199,8 +203,7 @@ def long_context(store: ArtifactStore, cfg: EvalConfig, model_ref: str, refs: di
         store.commit(refs["eval_needle_model"], {**record, "trained_length": trained_len}, expected_shards=1)
 
     rz = cfg.razor
-    high = min(len(tok), max(rz.probe_block * 4, len(tok)))
-    induction, echo = head_scores(model, rz.probe_block, rz.probe_repeats, low=min(10, high - 1), high=high,
+    induction, echo = head_scores(model, rz.probe_block, rz.probe_repeats, low=min(10, len(tok) - 1), high=len(tok),
                                   seed=cfg.seed)
     heads = retrieval_heads(induction, echo, RazorConfig(induction_fraction=rz.induction_fraction,
                                                          echo_fraction=rz.echo_fraction))

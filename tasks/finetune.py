@@ -64,7 +64,7 @@ def plan_finetune(cfg: FinetuneConfig, model_ref: str, subset_refs: dict[str, st
         refs[f"model_{subset}_s{seed}"] = plan_ref("finetuned", "finetune", training_hash(cfg),
                                                    {"model": base, "data": data, "seed": str(seed)}, __name__)
     refs["finetune"] = plan_ref("finetune", "finetune", cfg.fingerprint(),
-                                {k: v for k, v in refs.items()}, __name__)
+                                dict(refs), __name__)
     return refs
 
 
@@ -160,7 +160,8 @@ def train(model, data: list, pad_id: int, cfg: FinetuneConfig, seed: int, device
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * len(plan)), len(plan))
     start_step, curve = resume.load(model, opt, sched)
-    torch.manual_seed(seed * 7919 + start_step) if start_step == 0 else None
+    if start_step == 0:  # a resumed run restores the saved RNG state instead
+        torch.manual_seed(seed * 7919)
     begin, tokens = time.perf_counter(), 0
     model.train()
     for step in range(start_step, len(plan)):
