@@ -1,8 +1,8 @@
 """Scheduled runs and the local UI: `tracecore serve --cron ...` and `tracecore ui`.
 
-`serve` builds the pipeline deployment from a profile (the full validated config is the deployment's
-parameter, so a scheduled run is exactly `tracecore run` with that profile) and serves it from this
-process (`flow.serve`). `prefect.yaml` at the repository root declares the same deployment for a work
+`serve` builds a deployment of the `tracecore-profile` flow whose parameters are the profile, the
+`--set` overrides and the store (validated when the deployment is built, so a scheduled run is exactly
+`tracecore run` with those arguments) and serves it from this process (`flow.serve`). `prefect.yaml` at the repository root declares the same deployment for a work
 pool (`prefect deploy`), plus `finetune`/`eval` flows for a GPU pool.
 """
 
