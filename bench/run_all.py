@@ -26,6 +26,7 @@ QUICK = {  # script -> arguments for the ~10-minute umbrella run
     "select_coreset.py": [],
     "mini_sequence.py": ["--quick", "--repeats", "1"],
     "long_context.py": ["--lengths", "1024", "2048", "4096"],
+    "orchestration.py": ["--profile", "tests/profile_test.yaml"],  # the tiny profile itself takes ~11 min
 }
 
 

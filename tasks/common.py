@@ -27,6 +27,11 @@ from storage.store import ArtifactStore
 # (seen here: untied embeddings, NaN features). Loads on threaded workers take this lock.
 MODEL_LOAD_LOCK = threading.Lock()
 FAULT_ENV = "TRACECORE_KILL_AT"  # "<stage>:<n>": SIGKILL the run's process group after n new shards (tests)
+RAISE_ENV = "TRACECORE_FAIL_AT"  # same spec: raise InjectedFailure instead (a stage error; tests)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the TRACECORE_FAIL_AT test hook; not transient, so never retried."""
 
 
 @dataclass
@@ -109,7 +114,11 @@ class Progress:
 
 def inject_fault(stage: str, computed: int) -> None:
     """Reliability hook: a real SIGKILL of the whole run mid-stage (`<stage>:<n>`, after n new shards) or
-    at a stage boundary (`after-<stage>:1`, right after the stage committed), so tests exercise resume."""
+    at a stage boundary (`after-<stage>:1`, right after the stage committed), so tests exercise resume;
+    the same spec in TRACECORE_FAIL_AT raises an ordinary error there instead."""
+    failing = os.environ.get(RAISE_ENV, "")
+    if failing and failing.split(":")[0] == stage and computed >= int(failing.split(":")[1]):
+        raise InjectedFailure(f"{RAISE_ENV}={failing}: injected failure in {stage} after {computed} shard(s)")
     spec = os.environ.get(FAULT_ENV, "")
     if spec and spec.split(":")[0] == stage and computed >= int(spec.split(":")[1]):
         if os.getpgrp() == os.getpid():  # a session leader (tests start runs so): take the workers down too

@@ -408,7 +408,8 @@ def run_preference(store_uri: str, cfg: PreferenceConfig, model_ref: str, inputs
         parsed = map_shards("preference", store, refs["parsed"], parse_input,
                             [(path, fmt, refs["rejects"]) for path, fmt in inputs], address, cfg=cfg)
         store.commit(refs["rejects"], record, expected_shards=len(inputs))
-        store.commit(refs["parsed"], record, expected_shards=len(inputs))
+        store.commit(refs["parsed"], {**record, "seconds": parsed.seconds, "skipped_shards": parsed.skipped},
+                     expected_shards=len(inputs))
         rejected = sum(m.get("rejects", 0) for m in parsed.markers)
         pairs, exact, near = dedup_pairs(store.read_table(refs["parsed"]).to_pylist(), cfg.near_duplicate_threshold)
         rows = [row for p in pairs for row in expand(p, split_of(p["prompt"], cfg.test_fraction, cfg.seed))]

@@ -34,8 +34,10 @@ CORESET_SCHEMA = pa.schema([("record_id", pa.string()), ("cluster", pa.int32()),
 def plan_select(cfg: SelectConfig, features_ref: str) -> dict[str, str]:
     coreset = plan_ref("coreset", "select", cfg.fingerprint(), {"features": features_ref}, __name__)
     fp = coreset.split("/")[1]
+    # `selection`: the per-cluster shards (TAGCOS + cluster-random rows), listed so `tracecore status`
+    # shows the clusters a killed run already finished.
     return {"coreset": coreset, "clusters": f"clusters/{fp}", "random": f"coreset_random/{fp}",
-            "cluster_random": f"coreset_cluster_random/{fp}"}
+            "cluster_random": f"coreset_cluster_random/{fp}", "selection": f"selection/{fp}"}
 
 
 def ridge_fit(A: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
@@ -162,7 +164,7 @@ def run_select(store_uri: str, cfg: SelectConfig, features_ref: str, pool_path: 
         for c in range(len(centroids)):
             members = np.flatnonzero(labels == c)
             items.append(([ids[i] for i in members], X[members], centroids[c], int(cfg.rate * len(members))))
-        work = f"selection/{refs['coreset'].split('/')[1]}"
+        work = refs["selection"]
         report = map_shards("select", store, work, select_cluster, items, address, lam=cfg.omp_lambda,
                             tol=cfg.omp_tolerance, seed=cfg.seed)
         store.commit(work, record, expected_shards=len(items))

@@ -50,8 +50,8 @@ def test_config(tmp_path):
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run `tracecore ...` in a subprocess in its own session (so SIGKILL of the group spares pytest)."""
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("PREFECT_API_URL", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # default: no server
+    full_env.update(env or {})  # a test may point the run at a server (PREFECT_API_URL)
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=full_env, capture_output=True, check=False,
                           text=True, timeout=timeout, start_new_session=True, **kwargs)
 

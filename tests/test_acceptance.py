@@ -7,6 +7,8 @@ rate 1.4% vs 4.7% in the pool, near-duplicate rate 6.9% vs 8.2%. The assertions 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from configs.schema import load_config
@@ -23,8 +25,8 @@ def tiny_run(prefect_harness, tmp_path_factory):
     # one seed per subset and a smaller needle grid keep `make test` short; `make run` uses 3 seeds
     cfg = load_config("tiny", ["dask.processes=false", "finetune.seeds=[0]", "eval.needle_lengths=[256, 2048]",
                                "eval.needles_per_cell=1"], store=store)
-    result = pipeline(config=cfg.model_dump(mode="json"), run_id="acceptance")
-    return ArtifactStore(store), result
+    state = pipeline(config=cfg.model_dump(mode="json"), run_id="acceptance", return_state=True)
+    return ArtifactStore(store), {**state.result(), "flow_run_id": state.state_details.flow_run_id}
 
 
 def test_bootstrap_model_memorizes_factual_qa(tiny_run):
@@ -88,3 +90,31 @@ def test_eval_tables_and_razor_kv_savings(tiny_run):
     assert len(quality) == 5  # base + 4 subsets x 1 seed
     report = store.fs.cat(result["report"]).decode()
     assert "needle_heatmaps.png" in report and "retrieval_heads.png" in report and "eval_verdict" in report
+
+
+def test_prefect_artifacts_of_every_stage_read_back_from_the_server(tiny_run):
+    """What the UI shows for this run, read through the Prefect client: every stage's outputs table (equal
+    to the store's row counts), a progress artifact at 100 % for every shard loop and pretraining, the
+    plots, and the summary markdown naming the artifact store."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from configs.schema import STAGES
+
+    store, result = tiny_run
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[result["flow_run_id"]])))
+    latest = {a.key: a for a in sorted(found, key=lambda a: a.created)}
+    for stage in STAGES:
+        table = latest[f"tracecore-{stage}-outputs"].data
+        rows = json.loads(table) if isinstance(table, str) else table
+        for row in rows:
+            assert row["rows"] == sum(m["rows"] for m in store.markers(row["artifact"])), row
+    loops = ["ingest", "dedup", "tokenize", "pretrain", "ngram-index", "ngram-map", "ngram-reduce", "memorization",
+             "gradients", "select", "preference", "finetune", "eval"]
+    for loop in loops:
+        assert latest[f"tracecore-{loop}-progress"].data == 100.0, loop
+    for plot in ("tracecore-pretrain-loss", "tracecore-select-cluster-sizes", "tracecore-eval-needle-heatmaps"):
+        assert "data:image/png;base64," in latest[plot].data
+    assert str(store.display_path("")).rstrip("/") in latest["tracecore-pipeline-summary"].data

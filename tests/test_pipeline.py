@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TEST_PROFILE, reduced_sets, run_cli
+from conftest import reduced_sets, run_cli
 
 from storage.store import ArtifactStore
 
@@ -83,28 +83,3 @@ def test_cli_end_to_end_status_and_artifacts(tmp_path):
     assert by_artifact["documents"]["rows"] > 0 and by_artifact["model"]["committed"]
     listing = run_cli("artifacts", "--store", store)
     assert listing.returncode == 0 and "tokens/" in listing.stdout
-
-
-@pytest.mark.slow
-def test_sigkill_mid_tokenize_then_resume_matches_uninterrupted(tmp_path):
-    common = ["--profile", str(TEST_PROFILE), "--stages", "ingest,tokenize", "--set", "dask.processes=true"]
-    killed_store = str(tmp_path / "killed")
-    proc = run_cli("run", *common, "--store", killed_store, env={"TRACECORE_KILL_AT": "tokenize:2"})
-    assert proc.returncode == -9, proc.stderr[-3000:]
-    status = json.loads(run_cli("status", "--store", killed_store, "--json").stdout)
-    tokens = next(r for r in status["rows"] if r["artifact"].startswith("tokens/"))
-    assert not tokens["committed"] and tokens["shards_done"] >= 2
-    assert tokens["on_rerun"].startswith("resume")
-
-    resumed = run_cli("run", "--resume", status["run_id"], "--store", killed_store)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"skipping {tokens['shards_done']}/6 completed shards" in resumed.stdout + resumed.stderr
-    killed = ArtifactStore(killed_store)
-    manifest = killed.manifest(tokens["artifact"])
-    assert manifest["skipped_shards"] == tokens["shards_done"] and manifest["shards"] == 6
-
-    clean_store = str(tmp_path / "clean")
-    assert run_cli("run", *common, "--store", clean_store).returncode == 0
-    clean = ArtifactStore(clean_store)
-    assert clean.manifest(tokens["artifact"])["checksum"] == manifest["checksum"]
-    assert clean.read_table(tokens["artifact"]).equals(killed.read_table(tokens["artifact"]))
