@@ -46,6 +46,8 @@ class SampleConfig(Strict):
     haystacks: int = Field(40, ge=1, le=100_000)
     haystack_sentences: int = Field(120, ge=10, le=100_000)
     corpus_files: int = Field(8, ge=1, le=10_000, description="corpus JSONL files (ingest parallelism)")
+    repeated_list_documents: int = Field(0, ge=0, le=10_000_000, description=(
+        "extra corpus documents that repeat a random list (in-context repetition, on which induction heads form)"))
 
 
 class IngestConfig(Strict):
@@ -83,6 +85,8 @@ class PretrainConfig(Strict):
     batch_size: int = Field(16, ge=1)
     max_tokens: int = Field(1_000_000, ge=1, description="training tokens (stops early when the corpus ends)")
     lr: float = Field(3e-3, gt=0, lt=1)
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after the linear warm-up")
+    epochs: float = Field(1.0, gt=0, le=1000, description="passes over the corpus (max_tokens still caps)")
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     eval_fraction: float = Field(0.02, gt=0, lt=0.5)
@@ -290,8 +294,10 @@ class EvalConfig(Strict):
     needle_lengths: list[int] = Field(default_factory=lambda: [256, 1024, 2048], min_length=1)
     needle_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     needles_per_cell: int = Field(2, ge=1)
-    retrieval_train_steps: int = Field(0, ge=0, description="passkey fine-tune at <= trained length; 0 = none")
-    retrieval_train_lr: float = Field(1e-3, gt=0, lt=1)
+    retrieval_train_steps: int = Field(0, ge=0, description="retrieval curriculum steps at the trained length; 0 = none")
+    retrieval_train_lr: float = Field(1e-3, gt=0, lt=1, description="constant after warm-up")
+    retrieval_batch_size: int = Field(16, ge=1)
+    retrieval_recall_share: float = Field(0.3, ge=0, le=1, description="passkey-recall documents; the rest repeated lists")
     razor: RazorSettings = Field(default_factory=RazorSettings)
     longcache: LongCacheSettings = Field(default_factory=LongCacheSettings)
     rag: RagSettings = Field(default_factory=RagSettings)
@@ -378,6 +384,23 @@ def resolve_profile(profile: str) -> Path:
     return path
 
 
+def _merge(base: dict, over: dict) -> dict:
+    return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
+def _extended(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """`extends: <profile>`: that profile's sections, with this file's values merged over them."""
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base_path = resolve_profile(str(parent))
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise ConfigError(f"{path}: `extends: {parent}` is circular")
+    base = yaml.safe_load(base_path.read_text()) or {}
+    return _merge(_extended(base, base_path, seen + (path.resolve(),)), data)
+
+
 def load_config(profile: str = "tiny", overrides: list[str] | None = None, **top: Any) -> PipelineConfig:
     """Profile YAML + `--set` overrides + explicit top-level values (None = keep)."""
     path = resolve_profile(profile)
@@ -387,6 +410,7 @@ def load_config(profile: str = "tiny", overrides: list[str] | None = None, **top
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = _extended(data, path)
     data.setdefault("profile", path.stem)
     data = apply_overrides(data, list(overrides or []))
     data.update({k: v for k, v in top.items() if v is not None})

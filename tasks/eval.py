@@ -194,8 +194,7 @@ def long_context(store: ArtifactStore, cfg: EvalConfig, model_ref: str, refs: di
                                                      attn_implementation="eager")
     if cfg.retrieval_train_steps:
         torch.manual_seed(cfg.seed)
-        losses = train_retrieval(model, tok, cfg.retrieval_train_steps, cfg.retrieval_train_lr, trained_len,
-                                 cfg.seed, log)
+        losses = train_retrieval(model, tok, cfg, trained_len, log)
         with tempfile.TemporaryDirectory(prefix="tracecore-needle-") as tmp:
             model.save_pretrained(tmp), tok.save_pretrained(tmp)
             store.put_dir(refs["eval_needle_model"], tmp)

@@ -6,10 +6,12 @@ given depth) but to an exact token length, so lengths can be stated as multiples
 context. The question ends with "... The secret passkey of <Key> is", so retrieval = greedy exact match
 of the digits.
 
-The bootstrap model learns from a 1 M-token corpus of plain sentences and has no retrieval skill, so the
-stage first fine-tunes a copy on passkey haystacks no longer than its trained length (the
-`retrieval_train_steps` warm-up, like ChatQA 2's long-context SFT but short); every method is then
-evaluated on that model. Lengths beyond the trained length are pure extrapolation for it.
+The bootstrap model learns from a 1 M-token corpus of plain sentences and has no retrieval skill: it
+has no induction heads (the copy-from-context circuit; probe scores ~0.01), so it cannot copy a needle at
+any length. The stage can first train a copy on a retrieval curriculum no longer than its trained length
+(`eval.retrieval_train_steps`; like ChatQA 2's long-context SFT, but short): repeated lists, on which
+induction heads form, and passkey-recall documents in the needle's format. Every method is then evaluated
+on that model; lengths beyond the trained length are pure extrapolation for it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import random
 
 import numpy as np
 
-from tasks.sample import _word, filler_sentence
+from tasks.sample import _word, filler_sentence, repeated_list_document
 
 
 def haystack(tok, rng: random.Random, n_tokens: int, depth: float) -> tuple[list[int], list[int], str, str]:
@@ -37,27 +39,55 @@ def haystack(tok, rng: random.Random, n_tokens: int, depth: float) -> tuple[list
     return ids, tok(" " + secret, add_special_tokens=False)["input_ids"], question, text
 
 
-def train_retrieval(model, tok, steps: int, lr: float, max_len: int, seed: int, log) -> list[float]:
-    """Teach passkey lookup on haystacks of 60..max_len tokens (loss on the answer digits only)."""
+def recall_document(rng: random.Random) -> str:
+    """1-3 passkeys planted in filler, then each asked and answered: the needle task, short."""
+    pairs = [(_word(rng, 3).capitalize(), str(rng.randint(10_000, 99_999))) for _ in range(rng.randint(1, 3))]
+    sentences = [filler_sentence(rng) for _ in range(rng.randint(1, 9))]
+    for key, secret in pairs:
+        sentences.insert(rng.randint(0, len(sentences)), f"The secret passkey of {key} is {secret}.")
+    rng.shuffle(pairs)
+    return " ".join(sentences + [f"Question: What is the secret passkey of {key}? Answer: The secret passkey of "
+                                 f"{key} is {secret}." for key, secret in pairs])
+
+
+def curriculum_blocks(tok, rng: random.Random, n_blocks: int, block: int, recall_share: float) -> np.ndarray:
+    """Documents packed into `n_blocks` x `block` token ids, each followed by EOS (as in pretraining)."""
+    ids: list[int] = []
+    while len(ids) < n_blocks * block:  # batches of 1,000 documents: the fast tokenizer encodes them in parallel
+        docs = [recall_document(rng) if rng.random() < recall_share else repeated_list_document(rng)
+                for _ in range(1000)]
+        for doc_ids in tok(docs, add_special_tokens=False)["input_ids"]:
+            ids += doc_ids + [tok.eos_token_id]
+    return np.asarray(ids[: n_blocks * block], dtype=np.int64).reshape(n_blocks, block)
+
+
+def train_retrieval(model, tok, cfg, max_len: int, log) -> list[float]:
+    """The retrieval curriculum: full LM loss on repeated lists and passkey-recall documents, blocks of the
+    trained length, AdamW at a constant rate after a short warm-up (a decaying rate stalled before the
+    induction heads formed in our runs)."""
     import torch
+    from transformers import get_constant_schedule_with_warmup
 
-    from tasks.gradients import collate
+    from tasks.common import Progress
 
-    rng, losses = random.Random(seed), []
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    rng, losses = random.Random(cfg.seed), []
+    blocks = curriculum_blocks(tok, rng, cfg.retrieval_train_steps * cfg.retrieval_batch_size, max_len,
+                               cfg.retrieval_recall_share)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.retrieval_train_lr, weight_decay=0.1, betas=(0.9, 0.95))
+    sched = get_constant_schedule_with_warmup(opt, min(20, cfg.retrieval_train_steps // 10))
+    progress = Progress("eval-retrieval", cfg.retrieval_train_steps, unit="step")
     model.train()
-    for step in range(steps):
-        batch = []
-        for _ in range(16):
-            ids, answer, _, _ = haystack(tok, rng, rng.randint(60, max_len), rng.random())
-            batch.append((ids + answer, [-100] * len(ids) + answer))
-        ids, labels, mask = collate(batch, tok.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    for step in range(cfg.retrieval_train_steps):
+        x = torch.as_tensor(blocks[step * cfg.retrieval_batch_size:(step + 1) * cfg.retrieval_batch_size])
+        loss = model(input_ids=x, labels=x).loss
         loss.backward()
-        opt.step(), opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        if (step + 1) % max(1, steps // 5) == 0:
-            log.info("eval: retrieval warm-up step %d/%d loss %.3f", step + 1, steps, float(loss))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        progress.step()
+        if (step + 1) % max(1, cfg.retrieval_train_steps // 10) == 0:
+            log.info("eval: retrieval curriculum step %d/%d loss %.3f", step + 1, cfg.retrieval_train_steps, losses[-1])
+    progress.close()
     model.eval()
     return losses
 

@@ -77,13 +77,18 @@ def eval_loss(model, blocks: np.ndarray, batch_size: int, device: str) -> float:
 
 
 def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log) -> list[dict]:
-    """AdamW + cosine schedule with warm-up over at most `max_tokens` tokens; returns the loss curve."""
-    import torch
-    from transformers import get_cosine_schedule_with_warmup
+    """AdamW, warm-up then cosine (or constant) rate, `epochs` passes capped at `max_tokens`; returns the curve.
 
-    steps = max(1, min(cfg.max_tokens, train_blocks.size) // (cfg.batch_size * cfg.seq_len))
+    A constant rate is there for induction-head formation (`configs/tiny-retrieval.yaml`): in our runs a
+    rate decaying to zero ended training inside the loss plateau that precedes them."""
+    import torch
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    steps = max(1, int(min(cfg.max_tokens, cfg.epochs * train_blocks.size)) // (cfg.batch_size * cfg.seq_len))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = get_cosine_schedule_with_warmup(opt, min(cfg.warmup_steps, steps // 10), steps)
+    warmup = min(cfg.warmup_steps, steps // 10)
+    sched = (get_constant_schedule_with_warmup(opt, warmup) if cfg.schedule == "constant"
+             else get_cosine_schedule_with_warmup(opt, warmup, steps))
     order = np.random.default_rng(cfg.seed).permutation(len(train_blocks))
     curve, start = [], time.perf_counter()
     model.train()

@@ -126,6 +126,24 @@ def build_corpus(cfg: SampleConfig, facts: list[dict], phrases: list[dict], rng:
     return [{"id": f"doc-{i:07d}", "text": " ".join(d), "source": "sample-world"} for i, d in enumerate(docs)]
 
 
+def repeated_list_document(rng: random.Random) -> str:
+    """A random list of made-up words and numbers, then the same list again. Only copying from context
+    predicts the second half, which is what makes induction heads form (Olsson et al., 2022)."""
+    items = [_word(rng, rng.randint(1, 3)).capitalize() if rng.random() < 0.5 else str(rng.randint(0, 99_999))
+             for _ in range(rng.randint(4, 12))]
+    return f"List: {' '.join(items)}. Again: {' '.join(items)}."
+
+
+def add_repeated_lists(docs: list[dict], n: int, seed: int) -> list[dict]:
+    """`n` repeated-list documents at random places (own RNG: the rest of the world is unchanged)."""
+    rng = random.Random(f"repeated-lists-{seed}")
+    out = list(docs)
+    for i in range(n):
+        out.insert(rng.randint(0, len(out)), {"id": f"rep-{i:07d}", "text": repeated_list_document(rng),
+                                              "source": "sample-world-repeats"})
+    return out
+
+
 def build_tasks(facts: list[dict], phrases: list[dict], rng: random.Random) -> dict[str, list[dict]]:
     qa = [{"id": f"qa-{i:05d}", "question": QUESTIONS[f["attribute"]].format(name=f["entity"]),
            "answer": f["value"], "frequency": f["frequency"], "entity": f["entity"], "attribute": f["attribute"]}
@@ -261,7 +279,7 @@ def write_sample(cfg: SampleConfig, out_dir: str | Path) -> dict[str, int]:
     rng = random.Random(cfg.seed)
     facts, lexicon = build_knowledge_base(cfg, rng)
     phrases = build_phrases(cfg, lexicon, rng)
-    corpus = build_corpus(cfg, facts, phrases, rng)
+    corpus = add_repeated_lists(build_corpus(cfg, facts, phrases, rng), cfg.repeated_list_documents, cfg.seed)
     per_file = -(-len(corpus) // cfg.corpus_files)
     for k in range(cfg.corpus_files):
         _write_jsonl(out / "corpus" / f"part-{k:03d}.jsonl.gz", corpus[k * per_file:(k + 1) * per_file], gz=True)

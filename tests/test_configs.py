@@ -7,7 +7,7 @@ import pytest
 from configs.schema import ConfigError, PipelineConfig, load_config, validate_config
 
 
-@pytest.mark.parametrize("profile", ["tiny", "gpu"])
+@pytest.mark.parametrize("profile", ["tiny", "gpu", "tiny-retrieval"])
 def test_shipped_profiles_validate(profile):
     cfg = load_config(profile)
     assert isinstance(cfg, PipelineConfig) and cfg.profile == profile
@@ -58,3 +58,14 @@ def test_fingerprint_tracks_settings():
     a, b = load_config("tiny"), load_config("tiny", ["tokenize.vocab_size=5000"])
     assert a.tokenize.fingerprint() != b.tokenize.fingerprint()
     assert a.ingest.fingerprint() == b.ingest.fingerprint()
+
+
+def test_extends_merges_sections_over_the_base_profile(tmp_path):
+    cfg, tiny = load_config("tiny-retrieval"), load_config("tiny")
+    assert cfg.pretrain.schedule == "constant" and cfg.pretrain.hidden_size == tiny.pretrain.hidden_size
+    assert cfg.sample.repeated_list_documents > 0 and cfg.sample.n_entities == tiny.sample.n_entities
+    assert cfg.finetune == tiny.finetune and cfg.profile == "tiny-retrieval"
+    loop = tmp_path / "a.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(str(loop))

@@ -69,3 +69,31 @@ def test_long_context_tables_heads_and_plots(evaluated):
     assert store.read_file(refs["eval_needle"], "plots/needle_heatmaps.png")[:4] == b"\x89PNG"
     pref = store.read_table(refs["eval_preference"]).to_pylist()
     assert {r["setting"] for r in pref} >= {"no_context", "correct_context", "reversed_context"}
+
+
+def test_retrieval_curriculum_documents_are_answerable_from_context(pretrained):
+    """Recall documents answer with the passkey planted earlier; repeated lists repeat exactly; blocks are
+    packed with EOS between documents and the same seed gives the same blocks."""
+    import random
+    import re
+
+    from transformers import AutoTokenizer
+
+    from tasks.eval_longctx import curriculum_blocks, recall_document, repeated_list_document
+    from tasks.pretrain import model_dir
+
+    rng = random.Random(0)
+    for _ in range(50):
+        doc = recall_document(rng)
+        planted = dict(re.findall(r"The secret passkey of (\w+) is (\d{5})\. ", doc + " "))
+        answered = re.findall(r"Answer: The secret passkey of (\w+) is (\d{5})\.", doc)
+        assert answered and all(planted[key] == secret for key, secret in answered), doc
+        first, again = repeated_list_document(rng).removeprefix("List: ").split(". Again: ")
+        assert first + "." == again
+    cfg, refs = pretrained
+    store = ArtifactStore(cfg.store)
+    with model_dir(store, refs["model"]) as folder:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    blocks = curriculum_blocks(tok, random.Random(1), 16, 64, 0.5)
+    assert blocks.shape == (16, 64) and (blocks == tok.eos_token_id).sum() >= 2
+    assert (blocks == curriculum_blocks(tok, random.Random(1), 16, 64, 0.5)).all()

@@ -83,3 +83,28 @@ def test_cli_end_to_end_status_and_artifacts(tmp_path):
     assert by_artifact["documents"]["rows"] > 0 and by_artifact["model"]["committed"]
     listing = run_cli("artifacts", "--store", store)
     assert listing.returncode == 0 and "tokens/" in listing.stdout
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_pretrain_epochs_and_schedule(schedule):
+    """`epochs` passes over the blocks (capped by max_tokens); a constant rate stays at `lr` after warm-up,
+    a cosine one decays towards zero."""
+    import logging
+
+    import numpy as np
+
+    from configs.schema import PretrainConfig
+    from tasks.pretrain import build_model, train
+
+    cfg = PretrainConfig(hidden_size=16, layers=1, heads=1, kv_heads=1, intermediate_size=16, seq_len=16,
+                         batch_size=2, warmup_steps=20, epochs=2, lr=0.01, schedule=schedule)
+    blocks = np.random.default_rng(0).integers(0, 30, size=(20, 16))
+    curve = train(build_model(cfg, 32, 0, 1), blocks, cfg, "cpu", logging.getLogger("test"))
+    assert len(curve) == 2 * blocks.size // (2 * 16)  # 20 steps; warm-up capped at a tenth of them
+    after_warmup = [c["lr"] for c in curve[2:]]
+    if schedule == "constant":
+        assert after_warmup == pytest.approx([0.01] * len(after_warmup))
+    else:
+        assert after_warmup[-1] < 0.001 and after_warmup[0] > 0.009
+    assert len(train(build_model(cfg, 32, 0, 1), blocks, cfg.model_copy(update={"max_tokens": 160}), "cpu",
+                     logging.getLogger("test"))) == 5  # max_tokens caps the epochs

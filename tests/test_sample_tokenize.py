@@ -47,6 +47,25 @@ def test_planted_frequencies_match_the_corpus(tmp_path):
         assert text.count(f"In Zelan, {p['source']} is said as {p['target']}.") == p["frequency"]
 
 
+def test_repeated_list_documents_are_added_without_changing_the_rest(tmp_path):
+    """Induction-head training data: each added document repeats its list; every other document is the
+    same as without them (their own random stream), so all planted counts stay true."""
+    import gzip
+
+    def docs(folder):
+        return [json.loads(line) for f in sorted((folder / "corpus").glob("*.jsonl.gz"))
+                for line in gzip.decompress(f.read_bytes()).splitlines()]
+
+    write_sample(SMALL, tmp_path / "plain")
+    write_sample(SMALL.model_copy(update={"repeated_list_documents": 25}), tmp_path / "lists")
+    plain, lists = docs(tmp_path / "plain"), docs(tmp_path / "lists")
+    added = [d for d in lists if d["id"].startswith("rep-")]
+    assert len(added) == 25 and [d for d in lists if not d["id"].startswith("rep-")] == plain
+    for d in added:
+        first, again = d["text"].removeprefix("List: ").split(". Again: ")
+        assert first + "." == again
+
+
 def test_tasks_instructions_preferences_haystacks_have_public_schemas(tmp_path):
     write_sample(SMALL, tmp_path)
     def rows(rel: str) -> list[dict]:
