@@ -29,7 +29,8 @@ STAGE_OF = {f"{loop}:1": stage for stage, loop in MID_STAGE.items()} | {f"after-
 CONFIG = ["--profile", str(TEST_PROFILE), "--set", "dask.processes=true"]
 # Measured columns (wall clock, allocator peaks): two uninterrupted runs differ there and nowhere else
 # (measured: only the fine-tune curves and summary have them; weights, features, tables are byte-equal).
-MEASURED_COLUMNS = {"seconds", "tokens_per_second", "peak_memory_mb"}
+# `resumed_from_step` is run history: a variant that was mid-training at a kill says where it resumed.
+MEASURED_COLUMNS = {"seconds", "tokens_per_second", "peak_memory_mb", "resumed_from_step"}
 
 
 def status(store: str) -> dict:
