@@ -62,34 +62,19 @@ def curriculum_blocks(tok, rng: random.Random, n_blocks: int, block: int, recall
 
 
 def train_retrieval(model, tok, cfg, max_len: int, log) -> list[float]:
-    """The retrieval curriculum: full LM loss on repeated lists and passkey-recall documents, blocks of the
-    trained length, AdamW at a constant rate after a short warm-up (a decaying rate stalled before the
-    induction heads formed in our runs)."""
-    import torch
-    from transformers import get_constant_schedule_with_warmup
+    """The retrieval curriculum: full LM loss on repeated lists and passkey-recall documents in blocks of the
+    trained length, with the pretraining loop at a constant rate after warm-up (a decaying rate stalled
+    before the induction heads formed in our runs); returns the loss per step."""
+    from configs.schema import PretrainConfig
+    from tasks.pretrain import train
 
-    from tasks.common import Progress
-
-    rng, losses = random.Random(cfg.seed), []
-    blocks = curriculum_blocks(tok, rng, cfg.retrieval_train_steps * cfg.retrieval_batch_size, max_len,
-                               cfg.retrieval_recall_share)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.retrieval_train_lr, weight_decay=0.1, betas=(0.9, 0.95))
-    sched = get_constant_schedule_with_warmup(opt, min(20, cfg.retrieval_train_steps // 10))
-    progress = Progress("eval-retrieval", cfg.retrieval_train_steps, unit="step")
-    model.train()
-    for step in range(cfg.retrieval_train_steps):
-        x = torch.as_tensor(blocks[step * cfg.retrieval_batch_size:(step + 1) * cfg.retrieval_batch_size])
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        progress.step()
-        if (step + 1) % max(1, cfg.retrieval_train_steps // 10) == 0:
-            log.info("eval: retrieval curriculum step %d/%d loss %.3f", step + 1, cfg.retrieval_train_steps, losses[-1])
-    progress.close()
+    steps, batch = cfg.retrieval_train_steps, cfg.retrieval_batch_size
+    blocks = curriculum_blocks(tok, random.Random(cfg.seed), steps * batch, max_len, cfg.retrieval_recall_share)
+    schedule = PretrainConfig(seq_len=max_len, batch_size=batch, max_tokens=blocks.size, lr=cfg.retrieval_train_lr,
+                              schedule="constant", warmup_steps=20, seed=cfg.seed)
+    curve = train(model, blocks, schedule, "cpu", log, name="eval-retrieval")
     model.eval()
-    return losses
+    return [c["loss"] for c in curve]
 
 
 def policies(model, heads, cfg) -> dict:

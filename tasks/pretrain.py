@@ -76,11 +76,12 @@ def eval_loss(model, blocks: np.ndarray, batch_size: int, device: str) -> float:
     return sum(losses) / len(blocks)
 
 
-def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log) -> list[dict]:
+def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log, name: str = "pretrain") -> list[dict]:
     """AdamW, warm-up then cosine (or constant) rate, `epochs` passes capped at `max_tokens`; returns the curve.
 
     A constant rate is there for induction-head formation (`configs/tiny-retrieval.yaml`): in our runs a
-    rate decaying to zero ended training inside the loss plateau that precedes them."""
+    rate decaying to zero ended training inside the loss plateau that precedes them. `name` labels the
+    progress artifact and log lines (the eval stage's retrieval curriculum trains with this loop too)."""
     import torch
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -92,7 +93,7 @@ def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log
     order = np.random.default_rng(cfg.seed).permutation(len(train_blocks))
     curve, start = [], time.perf_counter()
     model.train()
-    progress = Progress("pretrain", steps, unit="step")  # terminal bar + the Prefect progress artifact
+    progress = Progress(name, steps, unit="step")  # terminal bar + the Prefect progress artifact
     for step in range(steps):
         idx = order[(step * cfg.batch_size + np.arange(cfg.batch_size)) % len(order)]
         x = torch.as_tensor(train_blocks[idx], device=device)
@@ -104,7 +105,7 @@ def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log
                       "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - start})
         progress.step()
         if (step + 1) % max(1, steps // 10) == 0:
-            log.info("pretrain step %d/%d loss %.3f (%.0f tokens/s)", step + 1, steps, curve[-1]["loss"],
+            log.info("%s step %d/%d loss %.3f (%.0f tokens/s)", name, step + 1, steps, curve[-1]["loss"],
                      curve[-1]["tokens"] / curve[-1]["seconds"])
     progress.close()
     return curve
@@ -129,6 +130,7 @@ def run_pretrain(store_uri: str, cfg: PretrainConfig, tokens_ref: str, tokenizer
     import torch
     from transformers import AutoTokenizer
 
+    from tasks.gradients import resolve_device
 
     store, log, ref = ArtifactStore(store_uri), get_logger(), refs["model"]
     with store.lock(ref):
@@ -141,7 +143,7 @@ def run_pretrain(store_uri: str, cfg: PretrainConfig, tokens_ref: str, tokenizer
             return refs
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+        device = resolve_device(cfg.device)
         with store.local_dir(tokenizer_ref) as tok_dir:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
         train_blocks, eval_blocks = split_blocks(token_stream(store, tokens_ref, [tokenizer.eos_token_id]),
