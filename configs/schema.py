@@ -69,6 +69,8 @@ class TokenizeConfig(Strict):
     vocab_size: int = Field(4096, ge=260, le=65_535)
     min_frequency: int = Field(2, ge=1)
     train_docs: int = Field(20_000, ge=1, description="documents sampled to train the BPE")
+    split_digits: bool = Field(False, description="one token per digit (as in Llama): numbers can be copied "
+                               "digit by digit; needed for the needle task on a tiny model")
     batch_size: int = Field(512, ge=1)
 
 

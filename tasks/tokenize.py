@@ -25,13 +25,17 @@ class TokenizerError(ValueError):
     pass
 
 
-def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, out_dir: Path) -> None:
-    """Byte-level BPE with `tokenizers`, saved as a Hugging Face tokenizer folder."""
+def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, out_dir: Path, split_digits: bool = False) -> None:
+    """Byte-level BPE with `tokenizers`, saved as a Hugging Face tokenizer folder. `split_digits` keeps every
+    digit its own token (as Llama's and Qwen's tokenizers do), so a number is never merged into a word piece
+    that depends on its neighbours: a model can then copy a passkey digit by digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -101,7 +105,7 @@ def build_tokenizer(store: ArtifactStore, cfg: TokenizeConfig, documents_ref: st
                 texts += store.read_shard(documents_ref, m["shard"], columns=["text"]).column(0).to_pylist()
                 if len(texts) >= cfg.train_docs:
                     break
-            train_bpe(texts[: cfg.train_docs], cfg.vocab_size, cfg.min_frequency, Path(tmp))
+            train_bpe(texts[: cfg.train_docs], cfg.vocab_size, cfg.min_frequency, Path(tmp), cfg.split_digits)
             store.put_dir(ref, tmp)
     store.commit(ref, record)
 
