@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 PROFILE ?= tiny
 STORE ?= .tracecore/store
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-long lint bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+test-long: setup  # the long-context acceptance on tiny-retrieval (~30 min); not part of `make test`
+	TRACECORE_LONG=1 $(BIN)/python -m pytest -q tests/test_long_context_acceptance.py
 
 lint: setup
 	$(BIN)/ruff check flows tasks kernels storage configs tests bench

@@ -57,11 +57,15 @@ def head_scores(model, block: int, repeats: int, low: int, high: int, seed: int 
 
 
 def retrieval_heads(induction: torch.Tensor, echo: torch.Tensor, cfg: RazorConfig) -> torch.Tensor:
-    """Boolean [layers, kv_heads]: top fraction by induction (global ranking) union top fraction by echo."""
+    """Boolean [layers, kv_heads]: top fraction by induction (global ranking) union top fraction by echo.
+
+    Counts are rounded: at least one induction head is kept, but the echo share may round to none (1 % of a
+    tiny model's 9 KV heads is 0.09 heads; forcing one would keep 11 % of the heads for a 1 % rule, and
+    measured on tiny-retrieval it only cost KV: needle accuracy 0.975 with or without the extra head)."""
     n = induction.numel()
     mask = torch.zeros(n, dtype=torch.bool)
     mask[induction.flatten().topk(max(1, round(cfg.induction_fraction * n))).indices] = True
-    mask[echo.flatten().topk(max(1, round(cfg.echo_fraction * n))).indices] = True
+    mask[echo.flatten().topk(round(cfg.echo_fraction * n)).indices] = True
     return mask.view_as(induction)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata as md
 import inspect
 import sys
@@ -12,10 +13,10 @@ TRACKED_PACKAGES = ("tracecore", "prefect", "dask", "distributed", "pyarrow", "t
 
 
 def code_version(*module_names: str) -> str:
-    """Hash of the stage modules' source: editing a stage invalidates its cached artifacts."""
+    """Hash of the stage modules' source: editing a stage (or a helper it lists) invalidates its artifacts."""
     digest = hashlib.sha256()
     for name in module_names:
-        digest.update(inspect.getsource(sys.modules[name]).encode())
+        digest.update(inspect.getsource(importlib.import_module(name)).encode())
     return digest.hexdigest()[:12]
 
 

@@ -24,6 +24,8 @@ from storage.store import ArtifactStore
 from tasks.common import MODEL_LOAD_LOCK, already_committed, get_logger, map_shards, plan_ref, stage_task
 from tasks.gradients import TEMPLATE, collate, encode, load_pool
 
+# The results depend on the long-context methods as much as on this module: editing any of these re-runs eval.
+CODE_MODULES = (__name__, "tasks.eval_longctx", "kernels.decoding", "kernels.razor", "kernels.longcache")
 METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"]
 
 
@@ -31,7 +33,7 @@ def plan_eval(cfg: EvalConfig, model_ref: str, finetune_ref: str, preference_ref
               tokens_ref: str) -> dict[str, str]:
     inputs = {"model": model_ref, "finetune": finetune_ref, "preference": preference_ref, "sample": sample_ref,
               "tokens": tokens_ref}
-    quality = plan_ref("eval_quality", "eval", cfg.fingerprint(), inputs, __name__)
+    quality = plan_ref("eval_quality", "eval", cfg.fingerprint(), inputs, CODE_MODULES)
     fp = quality.split("/")[1]
     # keys carry the stage name: the pipeline merges every stage's refs into one dict
     return {"eval_quality": quality, "eval_verdict": f"eval_verdict/{fp}", "eval_heads": f"eval_retrieval_heads/{fp}",
@@ -244,7 +246,7 @@ def run_eval(store_uri: str, cfg: EvalConfig, model_ref: str, finetune_ref: str,
         if already_committed(store, "eval", refs["eval_summary"]):
             return refs
         record = lineage("eval", cfg.fingerprint(), {"model": model_ref, "finetune": finetune_ref,
-                                                      "preference": preference_ref}, code_version(__name__))
+                                                      "preference": preference_ref}, code_version(*CODE_MODULES))
         items = [{**c, "sample_ref": sample_ref, "tokens_ref": tokens_ref, "seq_len": trained_len,
                   "eval_fraction": eval_fraction} for c in checkpoints(store, model_ref, finetune_ref)]
         report = map_shards("eval", store, refs["eval_quality"], evaluate_checkpoint, items, address, cfg=cfg)

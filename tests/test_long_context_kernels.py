@@ -125,3 +125,16 @@ def test_biased_attention_kernel_on_cuda():
     q_pos, k_pos = torch.arange(4080, 4096).cuda(), torch.arange(4096).cuda()
     torch.testing.assert_close(biased_attention(q, k, v, bias, q_pos, k_pos), attention(q, k, v, bias, q_pos, k_pos),
                                rtol=1e-3, atol=1e-4)
+
+
+def test_retrieval_head_counts_follow_the_fractions():
+    """14 % by induction (at least one head) union 1 % by echo (may round to none on a small model)."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = RazorConfig(induction_fraction=0.14, echo_fraction=0.01)
+    induction, echo = torch.rand(3, 3, generator=gen), torch.rand(3, 3, generator=gen)
+    heads = retrieval_heads(induction, echo, cfg)
+    assert heads.sum() == 1 and heads.flatten()[induction.flatten().argmax()]  # round(1.26) = 1, round(0.09) = 0
+    induction, echo = torch.rand(32, 8, generator=gen), torch.rand(32, 8, generator=gen)
+    heads = retrieval_heads(induction, echo, cfg).flatten()
+    top_induction, top_echo = set(induction.flatten().topk(36).indices.tolist()), set(echo.flatten().topk(3).indices.tolist())
+    assert set(heads.nonzero().flatten().tolist()) == top_induction | top_echo  # 14 % of 256 = 36, 1 % = 3

@@ -121,3 +121,23 @@ def test_tokenize_trains_bpe_and_roundtrips(documents):
 def test_user_tokenizer_path_is_checked(tmp_path):
     with pytest.raises(TokenizerError, match="tokenize.tokenizer_path: .* has no tokenizer.json"):
         check_user_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("split_digits", [False, True])
+def test_split_digits_gives_one_token_per_digit(tmp_path, split_digits):
+    """The needle task copies a passkey: with split_digits no number is merged into a multi-digit token."""
+    from transformers import AutoTokenizer
+
+    from tasks.tokenize import train_bpe
+
+    texts = [f"The secret passkey of Abc is {n}. Again {n} and {n * 7}." for n in range(10_000, 12_000)]
+    train_bpe(texts, 400, 2, tmp_path, split_digits)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    text = "The passkey of Abc is 27094."
+    pieces = tok.convert_ids_to_tokens(tok(text)["input_ids"])
+    digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
+    assert tok.decode(tok(text)["input_ids"]) == text
+    if split_digits:
+        assert digit_pieces == list("27094") and "Ġ" in pieces
+    else:
+        assert len(digit_pieces) < 5  # byte-level BPE merges frequent digit runs
