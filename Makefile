@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 PROFILE ?= tiny
-STORE ?= .tracecore/store
+STORE ?=  # empty: the profile's own store (tiny: .tracecore/store)
 
 .PHONY: setup run test test-long lint bench clean
 
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/tracecore run --profile $(PROFILE) --store $(STORE)
+	$(BIN)/tracecore run --profile $(PROFILE) $(if $(strip $(STORE)),--store $(STORE))
 
 test: setup
 	$(BIN)/python -m pytest -q tests
