@@ -15,7 +15,7 @@ import pytest
 from configs.schema import load_config
 from storage.store import ArtifactStore
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.environ.get("TRACECORE_LONG") != "1",
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 3600), pytest.mark.skipif(os.environ.get("TRACECORE_LONG") != "1",
                                                    reason="opt-in (~30 min): make test-long")]
 TOLERANCE = 0.1  # Razor's needle accuracy may trail full attention's by this much (40 needles per length)
 
