@@ -28,7 +28,7 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-test-long: setup  # the long-context acceptance on tiny-retrieval (~30 min); not part of `make test`
+test-long: setup  # the long-context acceptance on tiny-retrieval (~26 min); not part of `make test`
 	TRACECORE_LONG=1 $(BIN)/python -m pytest -q tests/test_long_context_acceptance.py
 
 lint: setup

@@ -1,4 +1,4 @@
-"""Long-context acceptance (issue 7) on the `tiny-retrieval` profile: opt-in, it costs ~30 min on 2 cores.
+"""Long-context acceptance (issue 7) on the `tiny-retrieval` profile: opt-in, it costs ~26 min on 2 cores.
 
 Run with `make test-long` (sets TRACECORE_LONG=1). TRACECORE_LONG_STORE=<path> reuses a store that
 `make run PROFILE=tiny-retrieval` filled (every stage is then reused, and the checks take a minute).
@@ -16,7 +16,7 @@ from configs.schema import load_config
 from storage.store import ArtifactStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 3600), pytest.mark.skipif(os.environ.get("TRACECORE_LONG") != "1",
-                                                   reason="opt-in (~30 min): make test-long")]
+                                                   reason="opt-in (~26 min): make test-long")]
 TOLERANCE = 0.1  # Razor's needle accuracy may trail full attention's by this much (40 needles per length)
 
 
