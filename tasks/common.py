@@ -49,9 +49,8 @@ class ShardReport:
         return sum(m.get(key, 0) for m in self.markers if m["shard"] in done)
 
 
-def plan_ref(artifact: str, stage: str, config_hash: str, inputs: dict[str, str], module: str | tuple[str, ...]) -> str:
-    """`<artifact>/<fingerprint>` for a stage implemented in `module` (or modules: their source is the code version)."""
-    modules = (module,) if isinstance(module, str) else module
+def plan_ref(artifact: str, stage: str, config_hash: str, inputs: dict[str, str], *modules: str) -> str:
+    """`<artifact>/<fingerprint>` for a stage implemented in `modules` (their source is the code version)."""
     return f"{artifact}/{fingerprint(stage, config_hash, inputs, code_version(*modules))}"
 
 

@@ -33,7 +33,7 @@ def plan_eval(cfg: EvalConfig, model_ref: str, finetune_ref: str, preference_ref
               tokens_ref: str) -> dict[str, str]:
     inputs = {"model": model_ref, "finetune": finetune_ref, "preference": preference_ref, "sample": sample_ref,
               "tokens": tokens_ref}
-    quality = plan_ref("eval_quality", "eval", cfg.fingerprint(), inputs, CODE_MODULES)
+    quality = plan_ref("eval_quality", "eval", cfg.fingerprint(), inputs, *CODE_MODULES)
     fp = quality.split("/")[1]
     # keys carry the stage name: the pipeline merges every stage's refs into one dict
     return {"eval_quality": quality, "eval_verdict": f"eval_verdict/{fp}", "eval_heads": f"eval_retrieval_heads/{fp}",

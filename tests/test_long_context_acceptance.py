@@ -27,22 +27,25 @@ def retrieval_run(prefect_harness, tmp_path_factory):
     store = os.environ.get("TRACECORE_LONG_STORE") or str(tmp_path_factory.mktemp("retrieval") / "store")
     cfg = load_config("tiny-retrieval", ["dask.processes=false"], store=store)
     state = pipeline(config=cfg.model_dump(mode="json"), return_state=True)
-    result = state.result()
-    summary = {(r["method"], r["length"]): r
-               for r in ArtifactStore(store).read_table(result["refs"]["eval_long_context"]).to_pylist()}
-    return ArtifactStore(store), result, summary, state.state_details.flow_run_id
+    result, artifacts = state.result(), ArtifactStore(store)
+    summary = {(r["method"], r["length"]): r for r in artifacts.read_table(result["refs"]["eval_long_context"]).to_pylist()}
+    return artifacts, result, summary, state.state_details.flow_run_id
+
+
+def trained_length(store: ArtifactStore, result: dict) -> int:
+    return store.manifest(result["refs"]["eval_long_context"])["trained_length"]
 
 
 def test_full_attention_retrieves_within_and_fails_beyond_the_trained_length(retrieval_run):
     store, result, summary, _ = retrieval_run
-    trained = store.manifest(result["refs"]["eval_long_context"])["trained_length"]
+    trained = trained_length(store, result)
     assert summary[("full", trained)]["accuracy"] >= 0.8, summary[("full", trained)]
     assert summary[("full", 8 * trained)]["accuracy"] <= 0.2, summary[("full", 8 * trained)]
 
 
 def test_longcache_retrieves_at_8x_the_trained_length(retrieval_run):
     store, result, summary, _ = retrieval_run
-    trained = store.manifest(result["refs"]["eval_long_context"])["trained_length"]
+    trained = trained_length(store, result)
     for length in (4 * trained, 8 * trained):
         assert summary[("longcache", length)]["accuracy"] >= 0.75, summary[("longcache", length)]
         assert summary[("longcache", length)]["accuracy"] >= summary[("full", length)]["accuracy"] + 0.6
