@@ -1,4 +1,4 @@
-"""`tracecore` command line: run, make-sample, serve, ui, status, artifacts.
+"""`tracecore` command line: run, make-sample, serve, ui, status, artifacts, calibrate.
 
 Imports of Prefect and the stages happen inside the commands, after the offline environment
 and the result-storage path are set (Prefect reads its settings at import time).
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; other hosts expose "
                     "the UI and API to the network)")
     ui.add_argument("--port", type=int, default=4200)
+
+    sub.add_parser("calibrate", help="a few seconds of fixed work (fp32 matmul GFLOP/s, BPE tokens/s): quote it "
+                   "beside any wall-clock figure, since same-size machines differ ~2x")
 
     status_help = "stages of a run: state, artifacts, shards done, rows, rejects, and what a re-run would skip"
     for name, text in (("status", status_help),
@@ -179,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_make_sample(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "calibrate":
+            from flows.calibrate import calibration_line
+
+            print(calibration_line())
+            return 0
         if args.command == "ui":
             from flows.deploy import ui
 
