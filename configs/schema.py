@@ -155,7 +155,11 @@ class GradientsConfig(Strict):
     pool_path: str | None = Field(None, description="Alpaca-style JSONL; None = sample world instructions")
     warmup_fraction: float = Field(0.05, gt=0, le=1)
     checkpoint_steps: list[int] = Field(default_factory=lambda: [10, 20, 30], min_length=1)
-    lr: float = Field(2e-5, gt=0, lt=1)
+    lr: float = Field(2e-5, gt=0, lt=1, description="peak lr of the planned linear warm-up schedule")
+    lr_warmup_steps: int | None = Field(None, ge=1, description="linear warm-up length; None = 2 x the last "
+                                        "checkpoint step, so checkpoints train at rising lrs (TAGCOS 10/20/30)")
+    planned_epochs: int = Field(4, ge=1, description="planned schedule length in epochs over the warm-up "
+                                "subset (LESS: 4); decay starts after the warm-up")
     batch_size: int = Field(8, ge=1, description="warm-up batch (official 1 x 32 accumulation x GPUs)")
     lora_r: int = Field(128, ge=1)
     lora_alpha: int = Field(512, ge=1)

@@ -2,11 +2,12 @@
 
 1. Warm-up: LoRA (peft) on a seeded random `warmup_fraction` of the instruction pool, loss on response
    tokens only; adapter + AdamW state (exp_avg, exp_avg_sq, in parameter order) saved as safetensors at
-   each `checkpoint_steps` step, with that step's learning rate.
+   each `checkpoint_steps` step, with the learning rate that step trained with. The checkpoints sit inside
+   the linear warm-up (rising lr, the last weighs most), as in TAGCOS's steps 10/20/30.
 2. Features, per pool shard on Dask and per checkpoint: the gradient g of the sample's mean response-token
-   loss w.r.t. the LoRA parameters, turned into the Adam direction m'/sqrt(v' + eps) with
-   m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2 (b1 0.9, b2 0.999, eps 1e-8, no bias correction: the
-   official code), projected by a seeded Rademacher matrix, L2-normalized, then averaged over checkpoints
+   loss w.r.t. the LoRA parameters, turned into the Adam direction m'/(sqrt(v') + eps) with
+   m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2 (b1 0.9, b2 0.999, eps 1e-8, no bias correction, as the
+   official code; eps outside the sqrt as in the paper, the code has it inside), projected by a seeded Rademacher matrix, L2-normalized, then averaged over checkpoints
    with the learning-rate weights (normalized to sum 1).
 
 Per-sample gradients are exact and batched without a batch-size-1 loop: a LoRA factor is a bias-free
@@ -127,33 +128,53 @@ def lora_params(model) -> list[tuple[str, object]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def warmup_lr(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+    """The lr optimizer step `step` (1-based) trains with: linear warm-up to `peak` over `warmup_steps`, then
+    linear decay to 0 at `total_steps` (LESS's linear schedule). Step 1 already trains at peak / warmup_steps."""
+    if step <= warmup_steps:
+        return peak * step / warmup_steps
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def planned_schedule(cfg: GradientsConfig, n_records: int) -> tuple[int, int]:
+    """(warm-up steps, total steps) of the planned warm-up training, of which only the first
+    max(checkpoint_steps) run. TAGCOS stops at step 30 inside the warm-up (its checkpoints 10/20/30 carry
+    rising lrs, the last at half the peak), so the default warm-up is twice the last checkpoint step;
+    the total is LESS's 4 epochs over the warm-up subset."""
+    warm = cfg.lr_warmup_steps or 2 * max(cfg.checkpoint_steps)
+    total = max(warm, cfg.planned_epochs * -(-n_records // cfg.batch_size))
+    return warm, total
+
+
 def warmup(model, tok, records: list[dict], cfg: GradientsConfig, log) -> list[dict]:
-    """LoRA warm-up; returns one checkpoint dict (step, lr, adapter, exp_avg, exp_avg_sq) per checkpoint step."""
+    """LoRA warm-up; returns one checkpoint dict (step, lr, adapter, exp_avg, exp_avg_sq) per checkpoint step,
+    where lr is the rate that checkpoint's own step trained with."""
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
     params = [p for _, p in lora_params(model)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    steps = max(cfg.checkpoint_steps)
-    sched = get_linear_schedule_with_warmup(opt, max(1, int(0.03 * steps)), steps)
+    steps, (warm, total) = max(cfg.checkpoint_steps), planned_schedule(cfg, len(records))
     rng = random.Random(cfg.seed)
     data = [encode(tok, r, cfg.max_seq_len) for r in records]
     checkpoints, model = [], model.train()
     device = next(model.parameters()).device
     for step in range(1, steps + 1):
+        lr = warmup_lr(step, cfg.lr, warm, total)
+        for group in opt.param_groups:
+            group["lr"] = lr
         batch = [t.to(device) for t in
                  collate([data[rng.randrange(len(data))] for _ in range(cfg.batch_size)], tok.pad_token_id)]
         loss = per_sample_loss(model, *batch).mean()
         loss.backward()
-        lr = sched.get_last_lr()[0]
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        opt.step(), opt.zero_grad(set_to_none=True)
         if step in cfg.checkpoint_steps:
             state = [opt.state[p] for p in params]
             checkpoints.append({"step": step, "lr": lr, "loss": float(loss),
                                 "adapter": [p.detach().cpu().clone() for p in params],
                                 "exp_avg": [s["exp_avg"].cpu().clone() for s in state],
                                 "exp_avg_sq": [s["exp_avg_sq"].cpu().clone() for s in state]})
-            log.info("gradients warm-up step %d/%d loss %.3f lr %.2e", step, steps, float(loss), lr)
+            log.info("gradients warm-up step %d/%d loss %.3f lr %.2e (warm-up %d of %d planned steps)",
+                     step, steps, float(loss), lr, warm, total)
     return checkpoints
 
 
@@ -227,9 +248,11 @@ def resolve_device(device: str) -> str:
 
 
 def adam_direction(g, exp_avg, exp_avg_sq):
+    """LESS's Adam direction m' / (sqrt(v') + eps) as the paper writes it (the official code puts eps inside
+    the sqrt; the two differ only where v' is tiny against eps)."""
     m = BETA1 * exp_avg + (1 - BETA1) * g
     v = BETA2 * exp_avg_sq + (1 - BETA2) * g * g
-    return m / (v + EPS).sqrt()
+    return m / (v.sqrt() + EPS)
 
 
 def project(x, dim: int, seed: int, block: int = 4096):
@@ -242,6 +265,12 @@ def project(x, dim: int, seed: int, block: int = 4096):
         signs = torch.randint(0, 2, (min(block, x.shape[1] - start), dim), generator=gen).float() * 2 - 1
         out += x[:, start:start + block] @ signs.to(x.device)
     return out / dim ** 0.5
+
+
+def checkpoint_weights(lrs: list[float]) -> np.ndarray:
+    """TAGCOS's mean over checkpoints: each weighted by the lr it trained with, normalized to sum 1."""
+    lrs = np.asarray(lrs, dtype=np.float64)
+    return lrs / lrs.sum()
 
 
 def load_checkpoint(store: ArtifactStore, warmup_ref: str, step: int, names: list[str]) -> dict:
@@ -265,7 +294,7 @@ def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: Gradi
     model = model.to(device).eval()  # dropout off: a feature must not depend on a random mask
     names = [n for n, _ in lora_params(model)]
     ckpts = store.read_table(warmup_ref).to_pylist()
-    weights = np.array([c["lr"] for c in ckpts]) / sum(c["lr"] for c in ckpts)
+    weights = checkpoint_weights([c["lr"] for c in ckpts])
     data = [encode(tok, r, cfg.max_seq_len) for r in records]
     order = sorted(range(len(data)), key=lambda i: len(data[i][0]))  # similar lengths: little padding
     data, restore = [data[i] for i in order], np.argsort(order)

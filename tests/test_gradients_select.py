@@ -110,3 +110,52 @@ def test_killed_feature_extraction_recomputes_only_unfinished_shards(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"skipping {row['shards_done']}/4 completed shards" in resumed.stdout + resumed.stderr
     assert ArtifactStore(tmp_path / "s").manifest(row["artifact"])["skipped_shards"] == row["shards_done"]
+
+
+def test_adam_direction_is_the_papers_formula_by_hand():
+    """LESS/TAGCOS: m' = 0.9 m + 0.1 g, v' = 0.999 v + 0.001 g^2, direction m' / (sqrt(v') + 1e-8), no bias
+    correction. A tiny v makes eps-inside-the-sqrt (the official code's variant) read differently."""
+    from tasks.gradients import adam_direction
+
+    g = torch.tensor([1e-4, -2.0, 0.5], dtype=torch.float64)
+    m = torch.tensor([0.0, 0.1, -0.3], dtype=torch.float64)
+    v = torch.tensor([0.0, 0.04, 1e-6], dtype=torch.float64)
+    expected = []
+    for gi, mi, vi in zip(g.tolist(), m.tolist(), v.tolist()):
+        m2, v2 = 0.9 * mi + 0.1 * gi, 0.999 * vi + 0.001 * gi * gi
+        expected.append(m2 / (v2 ** 0.5 + 1e-8))
+    torch.testing.assert_close(adam_direction(g, m, v), torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=0)
+
+
+def test_warmup_checkpoints_sit_in_the_rising_warmup_and_record_the_lr_they_trained_with(pretrained, monkeypatch):
+    """TAGCOS's checkpoints (10/20/30 steps) lie inside the linear warm-up: the lr rises, the last checkpoint
+    weighs most, and step 1 trains at a positive lr. Each checkpoint records the lr its own step used."""
+    from tasks.gradients import checkpoint_weights, lora_params, warmup
+
+    cfg, refs = pretrained
+    store = ArtifactStore(cfg.store)
+    gcfg = cfg.gradients.model_copy(update={"checkpoint_steps": [2, 4, 6]})
+    with model_dir(store, refs["model"]) as folder:
+        tok, model = lora_model(folder, gcfg)
+    records, _ = load_pool(instruction_pool(cfg, store.uri, refs)[0])
+    used = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    ckpts = warmup(model, tok, records[:40], gcfg, logging_stub())
+    assert len(used) == 6 and used[0] > 0, used
+    assert all(b > a for a, b in zip(used, used[1:])), used  # inside warm-up: rising
+    assert [c["lr"] for c in ckpts] == [used[1], used[3], used[5]]
+    weights = checkpoint_weights([c["lr"] for c in ckpts])
+    np.testing.assert_allclose(weights, [1 / 6, 2 / 6, 3 / 6], rtol=1e-6)  # linear warm-up through the origin
+    assert len(lora_params(model)) > 0
+
+
+def logging_stub():
+    import logging
+
+    return logging.getLogger("test")
