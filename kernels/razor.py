@@ -9,9 +9,10 @@ recent buffer + one compensation token.
 2. `retrieval_heads`: top `induction_fraction` (0.14) of KV heads by induction score, union top
    `echo_fraction` (0.01), ranked globally across layers; at least one head each.
 3. `RazorCache`: prefill with full attention, then every non-retrieval KV head keeps `sinks` tokens, the
-   most recent max(S0, N / C) tokens and one compensation token (mean key, mean value of the n_d
-   dropped tokens) whose logit gets + log n_d, i.e. it counts as n_d identical tokens (paper eq. 5).
-   Keys are stored after RoPE, so positions never change.
+   most recent max(S0, N / C) tokens (N = prompt length) and one compensation token (mean key, mean value
+   of the n_d dropped tokens) whose logit gets + log n_d, i.e. it counts as n_d identical tokens (paper
+   eq. 5). Decoding keeps that size: each new token pushes the oldest non-sink token into the
+   compensation token's running mean. Keys are stored after RoPE, so positions never change.
 """
 
 from __future__ import annotations
@@ -102,17 +103,36 @@ class RazorCache:
     def attend(self, layer: int, q, k, v, positions):
         if layer not in self.compressed:
             return self.prefill.attend(layer, q, k, v, positions)
-        k = self.rope(k, positions)
-        q = self.rope(q, positions)
+        k, q = self.rope(k, positions), self.rope(q, positions)
+        # token by token, so a teacher-forced chunk sees exactly the caches of step-by-step decoding
+        return torch.cat([self._decode_one(layer, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                           positions[t:t + 1]) for t in range(q.shape[2])], 2)
+
+    def _decode_one(self, layer: int, q, k, v, position):
         groups = q.shape[1] // k.shape[1]
         outs = []
         for h, head in enumerate(self.compressed[layer]):
             head["k"] = torch.cat([head["k"], k[:, h:h + 1]], 2)
             head["v"] = torch.cat([head["v"], v[:, h:h + 1]], 2)
-            head["pos"] = torch.cat([head["pos"], positions])
+            head["pos"] = torch.cat([head["pos"], position])
+            self._evict(head)
             outs.append(compensated_attention(q[:, h * groups:(h + 1) * groups], head["k"], head["v"],
-                                              head["n_dropped"], head["ck"], head["cv"], positions, head["pos"]))
+                                              head["n_dropped"], head["ck"], head["cv"], position, head["pos"]))
         return torch.cat(outs, 1)
+
+    def _evict(self, head: dict) -> None:
+        """Keep a non-retrieval head at sinks + buffer: the oldest non-sink token leaves, folded into the
+        compensation token's running mean (n_d grows by one), as if compressed with everything else."""
+        sinks = self.cfg.sinks
+        while head["buffer"] is not None and head["k"].shape[2] > sinks + head["buffer"]:
+            old_k, old_v = head["k"][:, :, sinks], head["v"][:, :, sinks]
+            keep = torch.cat([torch.arange(sinks), torch.arange(sinks + 1, head["k"].shape[2])])
+            head["k"], head["v"], head["pos"] = head["k"][:, :, keep], head["v"][:, :, keep], head["pos"][keep]
+            if self.cfg.compensation:
+                n = head["n_dropped"].to(old_k.dtype)
+                head["ck"] = (head["ck"] * n + old_k) / (n + 1)
+                head["cv"] = (head["cv"] * n + old_v) / (n + 1)
+                head["n_dropped"] = head["n_dropped"] + 1
 
     def after_prefill(self) -> None:
         """Compress every non-retrieval head of every layer (called once, after the prompt)."""
@@ -126,13 +146,14 @@ class RazorCache:
         n, cfg = k.shape[2], self.cfg
         buffer = max(cfg.min_buffer, math.ceil(n / cfg.compression))
         zero = torch.zeros(1, dtype=torch.long)
-        if retrieval or n <= cfg.sinks + buffer:
-            return {"k": k, "v": v, "pos": pos, "n_dropped": zero, "ck": k[:, :, 0] * 0, "cv": v[:, :, 0] * 0}
+        if retrieval or n <= cfg.sinks + buffer:  # a short head is compressed once decoding outgrows it
+            return {"k": k, "v": v, "pos": pos, "n_dropped": zero, "ck": k[:, :, 0] * 0, "cv": v[:, :, 0] * 0,
+                    "buffer": None if retrieval else buffer}
         keep = torch.cat([torch.arange(cfg.sinks), torch.arange(n - buffer, n)])
         dropped = torch.arange(cfg.sinks, n - buffer)
         n_d = torch.tensor([len(dropped) if cfg.compensation else 0])
         return {"k": k[:, :, keep], "v": v[:, :, keep], "pos": pos[keep], "n_dropped": n_d,
-                "ck": k[:, :, dropped].mean(2), "cv": v[:, :, dropped].mean(2)}
+                "ck": k[:, :, dropped].mean(2), "cv": v[:, :, dropped].mean(2), "buffer": buffer}
 
     def cache_bytes(self) -> int:
         """Bytes actually held: kept tokens (+1 compensation token where used), keys and values."""

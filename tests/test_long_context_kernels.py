@@ -105,7 +105,7 @@ def test_retrieval_heads_and_compressed_cache(model):
     kept = 2 + max(8, -(-190 // 8)) + 1  # sinks + buffer + compensation token
     per_head = 2 * 16 * 4  # k and v, head_dim 16, fp32
     n_retrieval = int(heads.sum())
-    expected = n_retrieval * (190 + 10) * per_head + (4 - n_retrieval) * (kept + 10) * per_head
+    expected = n_retrieval * (190 + 10) * per_head + (4 - n_retrieval) * kept * per_head  # decoding keeps the size
     assert razor.cache_bytes() == expected and razor.cache_bytes() < 0.5 * full.cache_bytes()
 
 
@@ -138,3 +138,124 @@ def test_retrieval_head_counts_follow_the_fractions():
     heads = retrieval_heads(induction, echo, cfg).flatten()
     top_induction, top_echo = set(induction.flatten().topk(36).indices.tolist()), set(echo.flatten().topk(3).indices.tolist())
     assert set(heads.nonzero().flatten().tolist()) == top_induction | top_echo  # 14 % of 256 = 36, 1 % = 3
+
+
+def test_razor_keeps_sinks_buffer_and_compensation_while_decoding(model):
+    """Non-retrieval heads hold exactly sinks + the most recent buffer + one compensation token after every
+    decoded token too (the compensation token absorbs each evicted token); retrieval heads hold everything."""
+    cfg = RazorConfig(sinks=2, min_buffer=8, compression=8)
+    heads = torch.tensor([[True, False], [False, False]])
+    razor, full, x = RazorCache(model, heads, cfg), FullAttention(model), ids(130)
+    forward(model, x[:, :100], razor, 0), forward(model, x[:, :100], full, 0)
+    razor.after_prefill()
+    for t in range(100, 120):  # 20 decoded tokens, one at a time
+        forward(model, x[:, t:t + 1], razor, t), forward(model, x[:, t:t + 1], full, t)
+    buffer = max(8, -(-100 // 8))  # 13, fixed at compression time
+    for layer in range(2):
+        for h in range(2):
+            head = razor.compressed[layer][h]
+            if heads[layer, h]:
+                assert head["pos"].tolist() == list(range(120)) and int(head["n_dropped"]) == 0
+                continue
+            assert head["pos"].tolist() == [0, 1] + list(range(120 - buffer, 120))
+            assert int(head["n_dropped"]) == 120 - 2 - buffer
+            if layer > 0:  # deeper keys of decoded tokens depend on the compressed layers below: not full's
+                continue
+            dropped = full.k[layer][:, h, 2:120 - buffer]
+            torch.testing.assert_close(head["ck"][:, 0], dropped.mean(1), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(head["cv"][:, 0], full.v[layer][:, h, 2:120 - buffer].mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_razor_decoding_a_chunk_equals_decoding_token_by_token(model):
+    """A teacher-forced answer chunk sees the same caches as decoding its tokens one at a time."""
+    cfg, heads, x = RazorConfig(sinks=2, min_buffer=8, compression=8), torch.tensor([[False, True], [False, False]]), ids(110)
+    one, chunk = RazorCache(model, heads, cfg), RazorCache(model, heads, cfg)
+    for policy in (one, chunk):
+        forward(model, x[:, :100], policy, 0)
+        policy.after_prefill()
+    stepwise = torch.cat([forward(model, x[:, t:t + 1], one, t) for t in range(100, 110)], 1)
+    torch.testing.assert_close(forward(model, x[:, 100:], chunk, 100), stepwise, rtol=1e-4, atol=1e-5)
+
+
+class _ScriptedAttention:
+    """A stand-in model whose attention maps are scripted: head 0 echoes (attends to the earlier copy of the
+    current token), head 1 induces (attends to the token after that copy). Both heads share one KV head each."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(bos_token_id=0, num_attention_heads=2, num_key_value_heads=2)
+
+    def __call__(self, input_ids, output_attentions=True):
+        from types import SimpleNamespace
+
+        t = input_ids.shape[1]
+        att = torch.zeros(1, 2, t, t)
+        for i in range(t):
+            earlier = [j for j in range(1, i) if input_ids[0, j] == input_ids[0, i]]
+            if earlier:
+                att[0, 0, i, earlier[-1]] = 1.0
+                att[0, 1, i, earlier[-1] + 1] = 1.0
+            else:
+                att[0, :, i, 0] = 1.0
+        return SimpleNamespace(attentions=(att,))
+
+
+def test_head_scores_tell_echo_from_induction():
+    induction, echo = head_scores(_ScriptedAttention(), block=16, repeats=3, low=10, high=10_000)
+    assert echo[0, 0] > 0.9 and echo[0, 1] < 0.1, echo
+    assert induction[0, 1] > 0.9 and induction[0, 0] < 0.1, induction
+
+
+def _longcache_reference(q, k_all, v_all, cfg, rope):
+    """Slow LongCache for one call: explicit per-row top-k over the middle (q . k un-rotated, mean over each
+    KV group's query heads), union, the `recall_clip` most frequent centres (ties: lower index), spans
+    around them, then positions re-numbered 0..n-1 and causal softmax attention over exactly those keys."""
+    import math
+    from collections import Counter
+
+    b, hq, t, d = q.shape
+    hkv, total = k_all.shape[1], k_all.shape[2]
+    groups, start, stop = hq // hkv, cfg.global_size, total - t - cfg.local_size
+    counts = Counter()
+    for bi in range(b):
+        for g in range(hkv):
+            for row in range(t):
+                qm = q[bi, g * groups:(g + 1) * groups, row].float().mean(0)
+                scores = [float(qm @ k_all[bi, g, start + j].float()) for j in range(stop - start)]
+                best = sorted(range(len(scores)), key=lambda j: -scores[j])[:cfg.mid_size]
+                counts.update(best)
+    centres = sorted(counts, key=lambda j: (-counts[j], j))[:cfg.recall_clip] if cfg.recall_clip > 0 else list(counts)
+    spans = sorted({min(max(c + start + o, start), stop - 1) for c in centres
+                    for o in range(-(cfg.span_size // 2), cfg.span_size - cfg.span_size // 2)})
+    index = list(range(start)) + spans + list(range(stop, total))
+    n = len(index)
+    keys = rope(k_all[:, :, index], torch.arange(n))
+    queries = rope(q, torch.arange(n - t, n))
+    out = torch.zeros(b, hq, t, d)
+    for bi in range(b):
+        for h in range(hq):
+            for row in range(t):
+                visible = n - t + row + 1  # causal over the re-numbered positions
+                logits = torch.stack([queries[bi, h, row] @ keys[bi, h // groups, j] for j in range(visible)])
+                weights = (logits / math.sqrt(d)).softmax(0)
+                out[bi, h, row] = sum(w * v_all[bi, h // groups, index[j]] for j, w in enumerate(weights))
+    return out, index
+
+
+def test_longcache_selection_path_equals_a_slow_reference(model):
+    """The path where middle tokens are selected: clipped top-k spans, re-numbered positions, attention over
+    exactly the gathered keys, against an explicit loop (several query rows, clip active, spans clamped)."""
+    from kernels.decoding import Rope
+
+    gen = torch.Generator().manual_seed(3)
+    cfg = LongCacheConfig(global_size=3, local_size=10, mid_size=2, span_size=4, recall_clip=3)
+    q = torch.randn(1, 4, 5, 16, generator=gen)
+    k_all, v_all = torch.randn(1, 2, 90, 16, generator=gen), torch.randn(1, 2, 90, 16, generator=gen)
+    cache = LongCache(model, cfg)
+    cache.k[0], cache.v[0] = k_all[:, :, :85], v_all[:, :, :85]
+    got = cache.attend(0, q, k_all[:, :, 85:], v_all[:, :, 85:], torch.arange(85, 90))
+    expected, index = _longcache_reference(q, k_all, v_all, cfg, Rope(model))
+    assert 3 + 10 + 5 < len(index) < 90  # something was selected from the middle, not everything
+    assert cache.gather_index(q, k_all, 5).tolist() == index
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
