@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 PROFILE ?= tiny
 STORE ?=  # empty: the profile's own store (tiny: .tracecore/store)
 
-.PHONY: setup run test test-long lint bench clean
+.PHONY: setup run test test-accept test-long lint bench clean
 
 setup: $(STAMP)
 
@@ -23,12 +23,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
+	@$(BIN)/python -m flows.calibrate
 	$(BIN)/tracecore run --profile $(PROFILE) $(if $(strip $(STORE)),--store $(STORE))
 
-test: setup
+test: setup  # first line: the machine's calibration, so the suite's time can be compared across machines
+	@$(BIN)/python -m flows.calibrate
 	$(BIN)/python -m pytest -q tests
 
+test-accept: setup  # the acceptance assertions on the full `tiny` profile (~25 min on a slow machine); before a release
+	@$(BIN)/python -m flows.calibrate
+	TRACECORE_ACCEPT=full $(BIN)/python -m pytest -q tests/test_acceptance.py
+
 test-long: setup  # the long-context acceptance on tiny-retrieval (~26 min); not part of `make test`
+	@$(BIN)/python -m flows.calibrate
 	TRACECORE_LONG=1 $(BIN)/python -m pytest -q tests/test_long_context_acceptance.py
 
 lint: setup

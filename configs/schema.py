@@ -189,6 +189,8 @@ class SelectConfig(Strict):
     omp_lambda: float = Field(1.0, ge=0)
     omp_tolerance: float = Field(1e-4, gt=0)
     minibatch_above: int = Field(100_000, ge=1, description="use MiniBatchKMeans above this many rows")
+    baseline_draws: int = Field(3, ge=1, description="random / cluster-random draws; fine-tuning seed s uses "
+                                "draw s mod baseline_draws, so intervals over seeds include selection noise")
     seed: int = 0
 
 
@@ -207,7 +209,9 @@ class PreferenceConfig(Strict):
     context_lm_template: str = ("Prompt: {prompt}\nResponse A: {a}\nResponse B: {b}\n"
                                 "One criterion that tells these responses apart:")
     near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of prompts held out")
+    context_test_fraction: float = Field(0.3, gt=0, lt=1, description="share of context phrasings held out: "
+                                         "test records use only phrasings no training record has")
     rm_epochs: int = Field(3, ge=1)
     rm_lr: float = Field(1e-4, gt=0, lt=1)
     rm_batch_size: int = Field(16, ge=1)

@@ -78,11 +78,12 @@ def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, 
                 "eval_path": eval_split(cfg, store_uri, refs), "tokens_ref": refs["tokens"],
                 "refs": plan_finetune(cfg.finetune, refs["model"], subset_refs, pool_id, refs["tokens"])}
     if stage == "eval":
+        pool, pool_id = instruction_pool(cfg, store_uri, refs)
         return {"cfg": cfg.eval, "model_ref": refs["model"], "finetune_ref": refs["finetune"],
                 "preference_ref": refs["eval"], "sample_ref": refs["sample"], "tokens_ref": refs["tokens"],
-                "trained_len": cfg.pretrain.seq_len, "eval_fraction": cfg.pretrain.eval_fraction,
+                "pool_path": pool, "trained_len": cfg.pretrain.seq_len, "eval_fraction": cfg.pretrain.eval_fraction,
                 "refs": plan_eval(cfg.eval, refs["model"], refs["finetune"], refs["eval"], refs["sample"],
-                                  refs["tokens"])}
+                                  refs["tokens"], pool_id)}
     raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
 
 

@@ -61,6 +61,13 @@ def in_prefect_run() -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
+def normalize_text(text: str) -> str:
+    """Lower-cased words without punctuation: the key for train/test disjointness checks."""
+    import re
+
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
 def get_logger() -> logging.Logger:
     """Prefect's run logger inside a flow/task run (shows in the UI), else a plain logger."""
     if in_prefect_run():

@@ -4,8 +4,11 @@
   perplexity (the pre-training split), QA exact match and multiple-choice accuracy (highest summed
   log-prob of a choice) on the sample world's tasks, translation chrF (sacrebleu) with greedy decoding,
   held-out instruction loss and exact match per family. Prompts use the fine-tuning template.
-* Verdict: per subset (TAGCOS, random, cluster-random, full pool), mean and t-interval over seeds of
-  every quality metric, and TAGCOS minus random paired by seed.
+* Verdict: per subset (TAGCOS, random, cluster-random, full pool), a t-interval over seeds of every quality
+  metric within its support (log scale and geometric mean for perplexity and loss; clipped to [0, 1] or
+  [0, 100] for accuracies and chrF), and TAGCOS minus random paired by seed. QA / multiple-choice /
+  translation items and held-out instructions that appear in the fine-tuning pool (normalized text) are
+  left out, so no checkpoint is scored on what it was trained on.
 * Long context (`tasks/eval_longctx.py`): RazorAttention heads, needle grid, RAG vs. long context.
 * The preference stage's context-aware reward-model table is copied in, so one artifact holds all.
 """
@@ -21,7 +24,15 @@ import pyarrow as pa
 from configs.schema import EvalConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import MODEL_LOAD_LOCK, already_committed, get_logger, map_shards, plan_ref, stage_task
+from tasks.common import (
+    MODEL_LOAD_LOCK,
+    already_committed,
+    get_logger,
+    map_shards,
+    normalize_text,
+    plan_ref,
+    stage_task,
+)
 from tasks.gradients import TEMPLATE, collate, encode, load_pool
 
 # The results depend on the long-context methods as much as on this module: editing any of these re-runs eval.
@@ -30,9 +41,9 @@ METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "inst
 
 
 def plan_eval(cfg: EvalConfig, model_ref: str, finetune_ref: str, preference_ref: str, sample_ref: str,
-              tokens_ref: str) -> dict[str, str]:
+              tokens_ref: str, pool_id: str) -> dict[str, str]:
     inputs = {"model": model_ref, "finetune": finetune_ref, "preference": preference_ref, "sample": sample_ref,
-              "tokens": tokens_ref}
+              "tokens": tokens_ref, "pool": pool_id}
     quality = plan_ref("eval_quality", "eval", cfg.fingerprint(), inputs, *CODE_MODULES)
     fp = quality.split("/")[1]
     # keys carry the stage name: the pipeline merges every stage's refs into one dict
@@ -112,14 +123,17 @@ def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dic
             "family_accuracy": json.dumps({f: round(float(np.mean(h)), 4) for f, h in sorted(families.items())})}
 
 
-def load_tasks(sample_dir: str, max_items: int) -> dict[str, list[dict]]:
+def load_tasks(sample_dir: str, max_items: int, pool: list[dict]) -> dict[str, list[dict]]:
+    """Evaluation items spread over frequencies, without any whose question or source text is an input of the
+    fine-tuning pool (normalized): a fine-tuned model must not be scored on what it was trained on."""
     import fsspec
 
+    seen = {normalize_text(r["input"]) for r in pool} | {normalize_text(r["instruction"]) for r in pool}
     tasks = {}
-    for name in ("qa", "multiple_choice", "translation"):
+    for name, field in (("qa", "question"), ("multiple_choice", "question"), ("translation", "source")):
         with fsspec.open(f"{sample_dir}/tasks/{name}.jsonl", "rt") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        tasks[name] = rows[:: max(1, len(rows) // max_items)][:max_items]  # spread over frequencies
+            rows = [r for r in map(json.loads, filter(str.strip, fh)) if normalize_text(r[field]) not in seen]
+        tasks[name] = rows[:: max(1, len(rows) // max_items)][:max_items]
     return tasks
 
 
@@ -135,10 +149,13 @@ def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: E
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
     sample_dir = f"{store.display_path(item['sample_ref'])}/files"
-    held_out = load_pool(f"{sample_dir}/instructions/eval.jsonl")[0]
+    pool = load_pool(item["pool_path"])[0]
+    seen = {normalize_text(f"{r['instruction']} {r['input']}") for r in pool}
+    held_out = [r for r in load_pool(f"{sample_dir}/instructions/eval.jsonl")[0]
+                if normalize_text(f"{r['instruction']} {r['input']}") not in seen]
     _, blocks = split_blocks(token_stream(store, item["tokens_ref"], [tok.eos_token_id]), item["seq_len"],
                              item["eval_fraction"])
-    metrics = quality_metrics(model, tok, load_tasks(sample_dir, cfg.max_items), held_out[:: max(1, len(held_out)
+    metrics = quality_metrics(model, tok, load_tasks(sample_dir, cfg.max_items, pool), held_out[:: max(1, len(held_out)
                               // (4 * cfg.max_items))], blocks[: cfg.max_items], cfg)
     row = {k: item[k] for k in ("model", "subset", "seed", "model_ref")} | metrics
     return store.write_shard(ref, shard, pa.Table.from_pylist([row]), records=1)
@@ -156,8 +173,26 @@ def interval(values: list[float], confidence: float) -> tuple[float, float, floa
     return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
 
 
+# Each metric's support: positive metrics get a t-interval on the log scale (and a geometric mean), bounded
+# ones a t-interval clipped to their range, so no interval claims a negative perplexity or an accuracy above 1.
+POSITIVE = {"perplexity", "instruction_loss"}
+BOUNDS = {"qa_accuracy": (0.0, 1.0), "mc_accuracy": (0.0, 1.0), "instruction_accuracy": (0.0, 1.0),
+          "translation_chrf": (0.0, 100.0)}
+
+
+def metric_interval(metric: str, values: list[float], confidence: float) -> tuple[float, float, float]:
+    """(centre, lo, hi) over seeds within the metric's support (see POSITIVE and BOUNDS)."""
+    if metric in POSITIVE:
+        centre, lo, hi = interval([math.log(max(v, 1e-12)) for v in values], confidence)
+        return math.exp(centre), math.exp(lo), math.exp(hi)
+    centre, lo, hi = interval(values, confidence)
+    low, high = BOUNDS.get(metric, (-math.inf, math.inf))
+    return centre, max(low, lo), min(high, hi)
+
+
 def verdict(rows: list[dict], confidence: float) -> list[dict]:
-    """One row per (subset, metric): mean [lo, hi] over seeds; plus TAGCOS - random paired by seed."""
+    """One row per (subset, metric): centre [lo, hi] over seeds (geometric mean for positive metrics); plus
+    TAGCOS - random paired by seed (a difference: plain t-interval)."""
     out = []
     by_subset: dict[str, list[dict]] = {}
     for r in rows:
@@ -165,14 +200,16 @@ def verdict(rows: list[dict], confidence: float) -> list[dict]:
             by_subset.setdefault(r["subset"], []).append(r)
     for subset, group in sorted(by_subset.items()):
         for metric in METRICS:
-            mean, lo, hi = interval([g[metric] for g in group], confidence)
-            out.append({"subset": subset, "metric": metric, "seeds": len(group), "mean": mean, "lo": lo, "hi": hi})
+            mean, lo, hi = metric_interval(metric, [g[metric] for g in group], confidence)
+            out.append({"subset": subset, "metric": metric, "seeds": len(group), "mean": mean, "lo": lo, "hi": hi,
+                        "scale": "log" if metric in POSITIVE else "linear"})
     tagcos = {r["seed"]: r for r in by_subset.get("tagcos", [])}
     rand = {r["seed"]: r for r in by_subset.get("random", [])}
     seeds = sorted(set(tagcos) & set(rand))
     for metric in METRICS if seeds else []:
         mean, lo, hi = interval([tagcos[s][metric] - rand[s][metric] for s in seeds], confidence)
-        out.append({"subset": "tagcos-random", "metric": metric, "seeds": len(seeds), "mean": mean, "lo": lo, "hi": hi})
+        out.append({"subset": "tagcos-random", "metric": metric, "seeds": len(seeds), "mean": mean, "lo": lo, "hi": hi,
+                    "scale": "difference"})
     return out
 
 
@@ -239,22 +276,22 @@ def checkpoints(store: ArtifactStore, model_ref: str, finetune_ref: str) -> list
 
 
 def run_eval(store_uri: str, cfg: EvalConfig, model_ref: str, finetune_ref: str, preference_ref: str,
-             sample_ref: str, tokens_ref: str, trained_len: int, eval_fraction: float, refs: dict[str, str],
-             address: str | None = None) -> dict[str, str]:
+             sample_ref: str, tokens_ref: str, pool_path: str, trained_len: int, eval_fraction: float,
+             refs: dict[str, str], address: str | None = None) -> dict[str, str]:
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["eval_summary"]):
         if already_committed(store, "eval", refs["eval_summary"]):
             return refs
         record = lineage("eval", cfg.fingerprint(), {"model": model_ref, "finetune": finetune_ref,
                                                       "preference": preference_ref}, code_version(*CODE_MODULES))
-        items = [{**c, "sample_ref": sample_ref, "tokens_ref": tokens_ref, "seq_len": trained_len,
+        items = [{**c, "sample_ref": sample_ref, "tokens_ref": tokens_ref, "pool_path": pool_path, "seq_len": trained_len,
                   "eval_fraction": eval_fraction} for c in checkpoints(store, model_ref, finetune_ref)]
         report = map_shards("eval", store, refs["eval_quality"], evaluate_checkpoint, items, address, cfg=cfg)
         store.commit(refs["eval_quality"], {**record, "seconds": report.seconds, "skipped_shards": report.skipped,
                                        "report_columns": ["model", *METRICS]}, expected_shards=len(items))
         rows = store.read_table(refs["eval_quality"]).to_pylist()
         store.write_shard(refs["eval_verdict"], 0, pa.Table.from_pylist(verdict(rows, cfg.confidence)))
-        store.commit(refs["eval_verdict"], {**record, "report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi"]},
+        store.commit(refs["eval_verdict"], {**record, "report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale"]},
                      expected_shards=1)
         pref = store.read_table(preference_ref)
         store.write_shard(refs["eval_preference"], 0, pref)

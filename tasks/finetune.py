@@ -237,10 +237,15 @@ class Resume:
 
 
 # ---- one variant (a Dask task) ------------------------------------------------------------------------
-def subset_records(store: ArtifactStore, pool: list[dict], subset_ref: str | None) -> list[dict]:
+def subset_records(store: ArtifactStore, pool: list[dict], subset_ref: str | None, seed: int = 0) -> list[dict]:
+    """The pool records of a subset; a baseline with several random draws gives seed s draw s mod draws."""
     if subset_ref is None:
         return pool
-    wanted = set(store.read_table(subset_ref, columns=["record_id"]).column(0).to_pylist())
+    table = store.read_table(subset_ref)
+    if "draw" in table.column_names:
+        draws = table.column("draw").to_pylist()
+        table = table.filter(pa.array([d == seed % (max(draws) + 1) for d in draws]))
+    wanted = set(table.column("record_id").to_pylist())
     chosen = [r for r in pool if r["id"] in wanted]
     if len(chosen) != len(wanted):
         raise ValueError(f"finetune: {len(wanted) - len(chosen)} ids of {subset_ref} are not in the pool")
@@ -259,7 +264,7 @@ def train_variant(store_uri: str, summary_ref: str, shard: int, item: dict, cfg:
         with model_dir(store, item["base"]) as folder:
             tok, model = load_model(folder, cfg, device, dtype)
         pool, _ = load_pool(item["pool_path"])
-        records = subset_records(store, pool, item["subset_ref"])
+        records = subset_records(store, pool, item["subset_ref"], item["seed"])
         data = [encode(tok, r, cfg.max_seq_len) for r in records]
         held_out = [encode(tok, r, cfg.max_seq_len) for r in load_pool(item["eval_path"])[0]]
         base_loss = response_loss(model, held_out, tok.pad_token_id, cfg.batch_size, device)

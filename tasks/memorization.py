@@ -1,7 +1,7 @@
 """Stage `memorization`: task-gram pairs -> corpus counts -> task-gram LM vs. the model (arXiv 2407.14985 v5).
 
-For each task item (x, y): word n-grams s_x of x and s_y of y, Cartesian pairs, items whose x and y
-share an n-gram dropped (paper's rule), pairs kept if their sentence embeddings are similar enough
+For each task item (x, y): word n-grams s_x of x and s_y of y, Cartesian pairs, items with a y-gram that
+occurs in x dropped (paper's rule; a multiple-choice x is the question only), pairs kept if their sentence embeddings are similar enough
 (MiniLM; thresholds 0.6 for n <= 2, 0.9 for n >= 3 by default — applied to the cosine itself, not to
 100x the cosine as in the official code). Counts come from infini-gram: C(s_x) by `count`, C(s_x, s_y)
 by `count_cnf` within `max_diff_tokens`. Task-gram LM: P_T(s_y | s_x) = C(s_x, s_y) / C(s_x).
@@ -9,9 +9,12 @@ Per (item, s_y): log P_T averaged over its pairs (official code), the ∞-gram l
 and the summed LM log-prob of s_y given x for every model.
 
 Deviations, on purpose: an n-gram side shorter than n words counts as one gram (short answers such as
-"Paris" would otherwise yield no pairs); pairs with C(s_x, s_y) = 0 have no finite log P_T and are left
-out of the item mean (counted in `pairs_zero`); a phrase is counted with and without a leading space
-(byte-level BPE tokenizes a word differently at document start).
+"Paris" would otherwise yield no pairs; the overlap rule still checks it against x); pairs with
+C(s_x, s_y) = 0 have no finite log P_T and are left out of the item mean (counted in `pairs_zero`), so the
+paper's rho covers co-occurring items only (`n_cooccurring`), and rho over all items (`n_all`) uses the
+estimate (C(s_x, s_y) + 1/|Y|) / (C(s_x) + 1) beside it (|Y|: the task's distinct y-grams); a phrase is counted with and without a
+leading space (byte-level BPE tokenizes a word differently at document start). A score row also counts
+the items each rule dropped (`items_overlap_dropped`, `items_unaligned`).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from tasks.common import already_committed, figure_png, get_logger, map_shards, 
 from tasks.ngram import VocabMismatchError, open_engine
 
 WORD = re.compile(r"\w+", re.UNICODE)  # words; punctuation is filtered as in the paper
-REPORT_COLUMNS = ["model", "task", "n_items", "spearman", "spearman_lo", "spearman_hi", "pearson", "kendall",
-                  "kendall_tau_distance", "infgram_spearman"]
+REPORT_COLUMNS = ["model", "task", "n_cooccurring", "spearman", "spearman_lo", "spearman_hi", "n_all", "spearman_all",
+                  "spearman_all_lo", "spearman_all_hi", "kendall_tau_distance", "infgram_spearman"]
 REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 
 
@@ -93,7 +96,7 @@ def to_item(kind: str, rec: object) -> tuple[dict | None, str | None]:
         answer = rec.get("answer")
         if not isinstance(y, list) or not isinstance(answer, int) or not 0 <= answer < len(y):
             return None, "multiple_choice needs a list 'choices' and an integer 'answer' index into it"
-        x, y = f"{x} Options: {', '.join(map(str, y))}.", y[answer]
+        y = y[answer]  # x is the question alone: the options hold the answer by construction
     if not isinstance(x, str) or not isinstance(y, str) or not x.strip() or not y.strip():
         return None, "input and output must be non-empty strings"
     return {"id": str(rec.get("id", "")), "input": x, "output": y, "frequency": rec.get("frequency")}, None
@@ -107,6 +110,9 @@ def load_task(spec: TaskSpec, path: str, max_items: int) -> tuple[list[dict], li
             rejects.append({"file": path, "line": line, "reason": f"{spec.name}: {reason}"})
         else:
             items.append({**item, "id": item["id"] or f"{spec.name}-{line}", "task": spec.name})
+    if max_items and len(items) > max_items:
+        get_logger().info("memorization: task %s uses the first %d of its %d items (memorization.max_items)",
+                          spec.name, max_items, len(items))
     return (items[:max_items] if max_items else items), rejects
 
 
@@ -118,10 +124,19 @@ def word_ngrams(text: str, n: int) -> list[str]:
     return list(dict.fromkeys(" ".join(words[i:i + n]) for i in range(len(words) - n + 1)))
 
 
+def occurs_in(gram: str, words: list[str]) -> bool:
+    """Whether the gram's words appear contiguously in `words` (case-insensitive)."""
+    g = gram.lower().split()
+    low = [w.lower() for w in words]
+    return any(low[i:i + len(g)] == g for i in range(len(low) - len(g) + 1))
+
+
 def candidate_pairs(item: dict, n: int) -> list[tuple[str, str]]:
-    """Cartesian pairs input x output; none at all when x and y share an n-gram (paper's rule)."""
+    """Cartesian pairs input x output; none at all when any y-gram occurs in x (the paper's rule, applied to
+    every y-gram, including a y shorter than n words, so no answer is copyable from its input)."""
     xs, ys = word_ngrams(item["input"], n), word_ngrams(item["output"], n)
-    if set(xs) & set(ys):
+    x_words = WORD.findall(item["input"])
+    if any(occurs_in(sy, x_words) for sy in ys):
         return []
     return [(sx, sy) for sx, sy in itertools.product(xs, ys) if sx != sy]
 
@@ -140,10 +155,35 @@ def alignment_scores(pairs: list[tuple[str, str]], embedder_path: str | None, ba
     return np.array([float(vectors[index[a]] @ vectors[index[b]]) for a, b in pairs])
 
 
+PAPER_THRESHOLDS = {"short": 0.6, "long": 0.9}  # n <= 2, n >= 3
+
+
 def threshold(cfg: MemorizationConfig, spec: TaskSpec) -> float:
     if spec.align_threshold is not None:
         return spec.align_threshold
     return cfg.align_threshold_short if cfg.n <= 2 else cfg.align_threshold_long
+
+
+def threshold_warnings(cfg: MemorizationConfig) -> list[str]:
+    """A user task (own file) filtered below the paper's threshold, e.g. one inherited from the toy profile
+    (whose made-up words carry no embedding meaning), is said out loud rather than applied silently."""
+    paper = PAPER_THRESHOLDS["short" if cfg.n <= 2 else "long"]
+    return [f"memorization: task {s.name} ({s.path}) uses alignment threshold {threshold(cfg, s)} below the "
+            f"paper's {paper} for n={cfg.n}; set memorization.align_threshold_short/long or the task's "
+            "align_threshold" for s in cfg.tasks if s.path and cfg.align and threshold(cfg, s) < paper]
+
+
+def rule_counts(items: list[dict], pairs: list[dict], kept: list[dict]) -> dict[str, dict[str, int]]:
+    """Per task: items loaded, dropped by the overlap rule (a y-gram occurs in x), dropped by the alignment
+    filter (no pair passes), and left with aligned pairs to count."""
+    out = {}
+    for task in dict.fromkeys(it["task"] for it in items):
+        loaded = {it["id"] for it in items if it["task"] == task}
+        paired = {p["item_id"] for p in pairs if p["task"] == task}
+        aligned = {p["item_id"] for p in kept if p["task"] == task}
+        out[task] = {"items": len(loaded), "items_overlap_dropped": len(loaded - paired),
+                     "items_unaligned": len(paired - aligned), "items_aligned": len(aligned)}
+    return out
 
 
 # ---- counting (Dask workers) ------------------------------------------------------------------
@@ -233,7 +273,7 @@ def correlations(lm: np.ndarray, ref: np.ndarray, n_boot: int, seed: int) -> dic
         idx = rng.integers(0, len(lm), len(lm))
         if len(set(ref[idx])) > 1 and len(set(lm[idx])) > 1:
             boots.append(stat(lm[idx], ref[idx]))
-    result = {"n_items": len(lm), "kendall_tau_distance": (1 - point["kendall"]) / 2}
+    result = {"kendall_tau_distance": (1 - point["kendall"]) / 2}
     for name, value in point.items():
         values = np.array([b[name] for b in boots])
         result |= {name: value, f"{name}_lo": np.nanpercentile(values, 2.5), f"{name}_hi": np.nanpercentile(values, 97.5)}
@@ -241,35 +281,52 @@ def correlations(lm: np.ndarray, ref: np.ndarray, n_boot: int, seed: int) -> dic
 
 
 def item_scores(pairs: list[dict]) -> list[dict]:
-    """One row per (task, item, s_y): mean log P_T over its counted pairs (official aggregation)."""
+    """One row per (task, item, s_y). `log_p_t`: mean log P_T over its co-occurring pairs (the official
+    aggregation; NaN when none co-occurs). `log_p_t_smoothed`: mean over all its pairs of
+    log((C(s_x, s_y) + 1/|Y|) / (C(s_x) + 1)), |Y| = the task's distinct y-grams: a prior of one pseudo-count
+    spread uniformly over the targets, so an unseen s_x gives 1/|Y|, a zero co-occurrence ranks below every
+    observed one, and large counts keep the plain estimate. An item whose pairs never co-occur thus keeps a
+    rank instead of leaving the correlation."""
+    targets: dict[str, set] = {}
+    for p in pairs:
+        targets.setdefault(p["task"], set()).add(p["s_y"])
     grouped: dict[tuple, list[dict]] = {}
     for p in pairs:
         grouped.setdefault((p["task"], p["item_id"], p["s_y"]), []).append(p)
     rows = []
     for (task, item_id, s_y), group in grouped.items():
         logs = [math.log(p["c_xy"] / p["c_x"]) for p in group if p["c_x"] and p["c_xy"]]
+        prior = 1 / len(targets[task])
+        smoothed = [min(0.0, math.log((p["c_xy"] + prior) / (p["c_x"] + 1))) for p in group]
         rows.append({"task": task, "item_id": item_id, "s_y": s_y, "input": group[0]["input"],
                      "frequency": group[0]["frequency"], "pairs": len(group), "pairs_zero": len(group) - len(logs),
                      "pair_count": sum(p["c_xy"] for p in group), "approx": any(p["approx"] for p in group),
-                     "log_p_t": float(np.mean(logs)) if logs else float("nan"), "log_p_inf": group[0]["log_p_inf"]})
+                     "cooccurring": bool(logs), "log_p_t": float(np.mean(logs)) if logs else float("nan"),
+                     "log_p_t_smoothed": float(np.mean(smoothed)), "log_p_inf": group[0]["log_p_inf"]})
     return rows
 
 
 def score_table(rows: list[dict], cfg: MemorizationConfig) -> list[dict]:
-    """Per model and task: memorization (rho with log P_T), generalization (tau distance), inf-gram baseline."""
+    """Per model and task: memorization rho over co-occurring items (the paper's: P_T needs C(s_x, s_y) > 0)
+    and over all items (smoothed P_T), generalization (tau distance), the inf-gram baseline."""
     out = []
     for (model, task), group in itertools.groupby(sorted(rows, key=lambda r: (r["model"], r["task"])),
                                                   key=lambda r: (r["model"], r["task"])):
-        group = [r for r in group if math.isfinite(r["log_p_t"])]
-        if len(group) < 3:
-            out.append({"model": model, "task": task, "n_items": len(group)})
-            continue
-        lm = np.array([r["log_p_lm"] for r in group])
-        scores = correlations(lm, np.array([r["log_p_t"] for r in group]), cfg.bootstrap, cfg.seed)
-        baseline = correlations(lm, np.array([r["log_p_inf"] for r in group]), cfg.bootstrap, cfg.seed)
-        out.append({"model": model, "task": task, "parameters": group[0]["parameters"], **scores,
-                    "infgram_spearman": baseline["spearman"], "infgram_spearman_lo": baseline["spearman_lo"],
-                    "infgram_spearman_hi": baseline["spearman_hi"]})
+        group = list(group)
+        seen = [r for r in group if math.isfinite(r["log_p_t"])]
+        row = {"model": model, "task": task, "parameters": group[0]["parameters"], "n_all": len(group),
+               "n_cooccurring": len(seen)}
+        lm_all = np.array([r["log_p_lm"] for r in group])
+        if len(group) >= 3:
+            every = correlations(lm_all, np.array([r["log_p_t_smoothed"] for r in group]), cfg.bootstrap, cfg.seed)
+            row |= {f"{k}_all": every[k] for k in ("spearman", "spearman_lo", "spearman_hi")}
+        if len(seen) >= 3:
+            lm = np.array([r["log_p_lm"] for r in seen])
+            scores = correlations(lm, np.array([r["log_p_t"] for r in seen]), cfg.bootstrap, cfg.seed)
+            baseline = correlations(lm, np.array([r["log_p_inf"] for r in seen]), cfg.bootstrap, cfg.seed)
+            row |= {**scores, "infgram_spearman": baseline["spearman"], "infgram_spearman_lo": baseline["spearman_lo"],
+                    "infgram_spearman_hi": baseline["spearman_hi"]}
+        out.append(row)
     return out
 
 
@@ -331,6 +388,8 @@ def run_memorization(store_uri: str, cfg: MemorizationConfig, index_ref: str, to
         if vocab != index["vocab_size"]:
             raise VocabMismatchError(f"memorization: tokenizer {tokenizer_ref} has {vocab} tokens but index "
                                      f"{index_ref} was built with {index['vocab_size']}")
+        for warning in threshold_warnings(cfg):
+            log.warning(warning)
         models = resolve_models(store, model_refs)
         params = {m: _parameters(AutoConfig.from_pretrained(d, local_files_only=True)) for m, d in models.items()}
         record = lineage("memorization", cfg.fingerprint(), stage_inputs(cfg, index_ref, model_refs, sample_ref),
@@ -364,7 +423,8 @@ def run_memorization(store_uri: str, cfg: MemorizationConfig, index_ref: str, to
                 rows.append({**r, "model": label, "parameters": params[label], "log_p_lm": lp})
         store.write_shard(refs["items"], 0, pa.Table.from_pylist(rows))
         store.commit(refs["items"], record, expected_shards=1)
-        scores = score_table(rows, cfg)
+        counts = rule_counts(items, pairs, kept)
+        scores = [{**s, **counts.get(s["task"], {})} for s in score_table(rows, cfg)]
         store.write_shard(refs["scores"], 0, pa.Table.from_pylist(scores))
         images = plots(scores, rows) if rows else {}
         for name, data in images.items():
@@ -375,7 +435,8 @@ def run_memorization(store_uri: str, cfg: MemorizationConfig, index_ref: str, to
                                       "report_columns": REPORT_COLUMNS},
                      expected_shards=1)
         for s in scores:
-            log.info("memorization %s/%s: n=%s spearman=%s", s["model"], s["task"], s["n_items"], s.get("spearman"))
+            log.info("memorization %s/%s: spearman %s over %d co-occurring item targets, %s over all %d",
+                     s["model"], s["task"], s.get("spearman"), s["n_cooccurring"], s.get("spearman_all"), s["n_all"])
     return refs
 
 

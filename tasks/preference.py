@@ -9,9 +9,14 @@ records, one per response order, so labels are balanced and position carries no 
 gets a no-context record. Exact and near-duplicate pairs are removed, splits are by prompt.
 
 Reward model: `AutoModelForSequenceClassification` (one scalar) from the bootstrap model, Bradley-Terry
-loss on `[context] + [prompt] + [response]`; accuracy without context, with the correct context and with
-the reversed context on the held-out split. Deviation: RPR's `profile_*` columns carry no label of which
-response they favour, so they are not used as contexts.
+loss on `[context] [prompt] [response]` (truncated so the response is never cut), and a context-blind
+baseline trained the same way on the same records without contexts. Splits are by prompt and, for contexts,
+by phrasing (a hash of the wording): test records use only wordings no training record has. Metrics, each
+with a Wilson interval: context-conditioned accuracy (aware vs. blind: the paper's claim is the gap), joint
+accuracy on reversal pairs (right under both contexts at once), no-context accuracy on pairs with a
+context-free winner only; an in-distribution diagnostic (held-out prompts under training phrasings) beside
+them. Ties count as wrong. Deviation: RPR's `profile_*` columns carry no label of which response they
+favour, so they are not used as contexts; RPR pairs get no no-context record (no context-free label).
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ CONTEXT_TYPES = ("criteria", "scenario", "profile", "none")
 RECORD_SCHEMA = pa.schema([(c, pa.string()) for c in ("prompt", "context", "context_type", "response_a",
                                                         "response_b", "preferred", "pair_id", "source", "split")])
 REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
+# test: held-out prompts under held-out phrasings (the metrics); test_seen_phrasing: held-out prompts under
+# training phrasings, an in-distribution diagnostic reported beside them (`*_seen_phrasing` rows)
+SPLITS = ("train", "test", "test_seen_phrasing")
 ENGLISH = {"the", "is", "a", "to", "of", "and", "in", "was", "connected", "i", "hope", "this", "cool", "right",
            "certainly", "sure", "near", "answer", "about", "it", "for", "you"}
 FORMAL, CASUAL = ("certainly", "please", "assistance", "kindly", "regards"), ("oh", "cool", "hey", "sure!", "!")
@@ -98,9 +106,10 @@ def to_pair(rec: object, fmt: str) -> tuple[dict | None, str | None]:
     if a.strip() == b.strip():
         return None, "identical responses"
     contexts = []
-    if fmt == "sample":
-        contexts += [(rec.get("criteria_chosen"), "criteria", "a", "input"),
-                     (rec.get("criteria_rejected"), "criteria", "b", "input")]
+    if fmt == "sample":  # one criterion or a list of phrasings per side
+        for side, key in (("a", "criteria_chosen"), ("b", "criteria_rejected")):
+            value = rec.get(key)
+            contexts += [(c, "criteria", side, "input") for c in (value if isinstance(value, list) else [value])]
     if fmt == "rpr":
         for kind in ("criteria", "scenario"):
             contexts += [(rec.get(f"{kind}_x"), kind, "a", "input"), (rec.get(f"{kind}_y"), kind, "b", "input")]
@@ -111,7 +120,9 @@ def to_pair(rec: object, fmt: str) -> tuple[dict | None, str | None]:
             return None, f"label {ctx.get('preferred')!r} outside {{a, b}}"
         contexts.append((ctx.get("context"), ctx["type"], ctx["preferred"], "input"))
     contexts = [c for c in contexts if isinstance(c[0], str) and c[0].strip()]
-    default = "a" if fmt in ("pairwise", "sample") else None
+    # a context-free winner exists for a pairwise export's chosen side and a sample pair marked not
+    # reversible (its factual pairs); RPR pairs and reversible pairs have none, so they get no no-context record
+    default = "a" if fmt == "pairwise" or (fmt == "sample" and rec.get("reversible") is False) else None
     return {"prompt": prompt, "a": a, "b": b, "default": default, "contexts": contexts}, None
 
 
@@ -227,18 +238,35 @@ def split_of(prompt: str, test_fraction: float, seed: int) -> str:
     return "test" if bucket < test_fraction else "train"
 
 
-def expand(pair: dict, split: str) -> list[dict]:
-    """Records for every (context, order) plus the no-context record in both orders."""
+def context_split(context: str, test_fraction: float) -> str:
+    """Held-out phrasings: a context text is a test phrasing by a hash of its normalized words alone, so the
+    same wording lands on the same side for every pair and no test context was seen in training."""
+    norm = " ".join(re.findall(r"\w+", context.lower()))
+    bucket = int(hashlib.sha256(f"context|{norm}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if bucket < test_fraction else "train"
+
+
+def expand(pair: dict, split: str, context_test_fraction: float | None = None) -> list[dict]:
+    """Records for every (context, order), plus the no-context record in both orders where the pair has a
+    context-free winner. With `context_test_fraction`, only the contexts phrased for `split` are kept."""
     pair_id = hashlib.sha256(json.dumps([pair["prompt"], sorted((pair["a"], pair["b"]))]).encode()).hexdigest()[:16]
-    contexts = [(c, t, pref, src) for c, t, pref, src in json.loads(pair["contexts"])]
-    contexts.append(("", "none", pair["default"] or "a", "none"))
+    contexts = []
+    for c, t, pref, src in json.loads(pair["contexts"]):
+        phrasing = split if context_test_fraction is None else context_split(c, context_test_fraction)
+        if phrasing == split:
+            contexts.append((c, t, pref, src, split))
+        elif split == "test":  # a held-out prompt under a training phrasing: the in-distribution diagnostic
+            contexts.append((c, t, pref, src, "test_seen_phrasing"))
+    if pair["default"]:
+        contexts.append(("", "none", pair["default"], "none", split))
     rows = []
-    for context, ctype, preferred, source in contexts:
+    for context, ctype, preferred, source, record_split in contexts:
         for flip in (False, True):
             a, b = (pair["b"], pair["a"]) if flip else (pair["a"], pair["b"])
             label = {"a": "b", "b": "a"}[preferred] if flip else preferred
             rows.append({"prompt": pair["prompt"], "context": context, "context_type": ctype, "response_a": a,
-                         "response_b": b, "preferred": label, "pair_id": pair_id, "source": source, "split": split})
+                         "response_b": b, "preferred": label, "pair_id": pair_id, "source": source,
+                         "split": record_split})
     return rows
 
 
@@ -273,22 +301,32 @@ def statistics(rows: list[dict], pairs: int, exact: int, near: int, rejected: in
 def guarantee_violations(rows: list[dict]) -> dict[str, int]:
     """Each guarantee the dataset promises, counted from the records themselves (all must be 0)."""
     orders: dict[tuple, set] = {}
-    no_context, splits, pairs = set(), {}, set()
+    no_context: dict[str, int] = {}
+    splits: dict[str, set] = {}
     for r in rows:
-        pairs.add(r["pair_id"])
         orders.setdefault((r["pair_id"], r["context"]), set()).add(r["response_a"])
         if r["context_type"] == "none":
-            no_context.add(r["pair_id"])
-        splits.setdefault(r["prompt"], set()).add(r["split"])
+            no_context[r["pair_id"]] = no_context.get(r["pair_id"], 0) + 1
+        splits.setdefault(r["prompt"], set()).add(r["split"].removesuffix("_seen_phrasing"))
     return {"contexts_missing_an_order": sum(len(o) != 2 for o in orders.values()),
-            "pairs_without_no_context_record": len(pairs - no_context),
+            "no_context_records_not_in_both_orders": sum(n != 2 for n in no_context.values()),
             "prompts_in_two_splits": sum(len(s) > 1 for s in splits.values()),
             "label_imbalance": abs(sum(r["preferred"] == "a" for r in rows) * 2 - len(rows))}
 
 
 # ---- context-aware reward model -----------------------------------------------------------------
-def rm_text(context: str, prompt: str, response: str) -> str:
-    return f"[context] {context or 'none'}\n[prompt] {prompt}\n[response] {response}"
+def rm_ids(tok, context: str, prompt: str, response: str, max_len: int) -> list[int]:
+    """Token ids of `[context] [prompt] [response]` within max_len: the response is never cut (the reward is
+    read at its last token); the prompt gives way from its start first, then the context from its end."""
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    ctx, prm, resp = enc(f"[context] {context or 'none'}\n"), enc(f"[prompt] {prompt}\n"), enc(f"[response] {response}")
+    room = max(0, max_len - len(bos) - len(resp))
+    prm = prm[max(0, len(prm) - max(0, room - len(ctx))):] if len(ctx) + len(prm) > room else prm
+    ctx = ctx[:max(0, room - len(prm))]
+    return bos + ctx + prm + resp
 
 
 def load_reward_model(model_dir: str, cfg: PreferenceConfig):
@@ -308,13 +346,22 @@ def load_reward_model(model_dir: str, cfg: PreferenceConfig):
     return tok, model
 
 
-def rewards(model, tok, texts: list[str], max_len: int):
-    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
-    return model(**enc).logits.squeeze(-1)
+def rewards(model, tok, items: list[tuple[str, str, str]], max_len: int):
+    """One scalar per (context, prompt, response), right-padded (the model reads the last real token)."""
+    import torch
+
+    seqs = [rm_ids(tok, *item, max_len) for item in items]
+    width, pad = max(map(len, seqs)), tok.pad_token_id
+    ids = torch.full((len(seqs), width), pad)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
+    return model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
 
 
-def train_reward_model(model, tok, rows: list[dict], cfg: PreferenceConfig, log) -> list[dict]:
-    """Bradley-Terry: minimize -log sigmoid(r(preferred) - r(other)) over (context, prompt) records."""
+def train_reward_model(model, tok, rows: list[dict], cfg: PreferenceConfig, log, with_context: bool = True) -> list[dict]:
+    """Bradley-Terry: minimize -log sigmoid(r(preferred) - r(other)) over (context, prompt) records. The
+    context-blind baseline trains on the same records with every context removed."""
     import random
 
     import torch
@@ -328,69 +375,101 @@ def train_reward_model(model, tok, rows: list[dict], cfg: PreferenceConfig, log)
         rng.shuffle(order)
         for i in range(0, len(order), cfg.rm_batch_size):
             batch = order[i:i + cfg.rm_batch_size]
-            good = [rm_text(r["context"], r["prompt"], r[f"response_{r['preferred']}"]) for r in batch]
-            bad = [rm_text(r["context"], r["prompt"], r["response_b" if r["preferred"] == "a" else "response_a"])
-                   for r in batch]
+            good = [(r["context"] if with_context else "", r["prompt"], r[f"response_{r['preferred']}"]) for r in batch]
+            bad = [(r["context"] if with_context else "", r["prompt"],
+                    r["response_b" if r["preferred"] == "a" else "response_a"]) for r in batch]
             scores = rewards(model, tok, good + bad, cfg.rm_max_len)
             loss = -F.logsigmoid(scores[:len(batch)] - scores[len(batch):]).mean()
             loss.backward()
             opt.step(), opt.zero_grad(set_to_none=True)
             curve.append({"epoch": epoch, "step": len(curve) + 1, "loss": float(loss)})
-        log.info("reward model epoch %d loss %.3f", epoch + 1, curve[-1]["loss"])
+        log.info("reward model (%s) epoch %d loss %.3f", "context-aware" if with_context else "context-blind",
+                 epoch + 1, curve[-1]["loss"])
     return curve
 
 
-def evaluate(model, tok, rows: list[dict], cfg: PreferenceConfig) -> list[dict]:
-    """Accuracy on reversal pairs of the held-out split: no context, correct context, reversed context."""
-    import torch
+def is_correct(diff: float, preferred: str) -> bool:
+    """r(a) - r(b) agrees with the label; a tie is not a preference, so it is never correct."""
+    return diff > 0 if preferred == "a" else diff < 0
 
-    model.eval()
-    reversals = reversal_pairs(rows)
-    records = [r for r in rows if r["context_type"] != "none" and r["pair_id"] in reversals]
-    by_pair: dict[str, list[dict]] = {}
-    for r in records:
-        by_pair.setdefault(r["pair_id"], []).append(r)
-    cases = []
-    for r in records:
-        opposite = [o for o in by_pair[r["pair_id"]] if o["response_a"] == r["response_a"]
-                    and o["preferred"] != r["preferred"]]
-        same_type = [o for o in opposite if o["context_type"] == r["context_type"]] or opposite
-        cases.append((r, same_type[0]["context"] if same_type else None))
-    texts = sorted({rm_text(c, r["prompt"], r[k]) for r, rev in cases for c in ("", r["context"], rev or "")
-                    for k in ("response_a", "response_b")})
-    with torch.no_grad():
-        scores = {}
-        for i in range(0, len(texts), 64):
-            chunk = texts[i:i + 64]
-            scores.update(zip(chunk, rewards(model, tok, chunk, cfg.rm_max_len).tolist()))
 
-    def correct(r, context):
-        diff = scores[rm_text(context, r["prompt"], r["response_a"])] - scores[rm_text(context, r["prompt"], r["response_b"])]
-        return (diff > 0) == (r["preferred"] == "a")
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k of n: stays inside [0, 1], unlike a normal interval at 0 or 1."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # rounding never excludes p
 
+
+def evaluate(score_aware, score_blind, rows: list[dict]) -> list[dict]:
+    """Held-out metrics that a model can fail (each `score_*` maps [(context, prompt, response)] -> rewards):
+    context_conditioned: every held-out context record (contexts phrased unlike any training context), the
+      context-aware model with the context vs. the context-blind baseline without it; the paper's claim is
+      the gap between the two;
+    joint_reversal: per reversal pair, every (context preferring a, context preferring b) combination,
+      right under both at once (a model that ignores context scores 0 here, so the blind one is not listed);
+    no_context_unconditional: pairs with a context-free winner (e.g. factual errors), no context given."""
+    context_rows = [r for r in rows if r["context_type"] != "none"]
+    plain_rows = [r for r in rows if r["context_type"] == "none"]
+    diffs = {}
+    for name, score, with_context in (("context_aware", score_aware, True), ("context_blind", score_blind, False)):
+        items = sorted({((r["context"] if with_context else ""), r["prompt"], r[k]) for r in rows
+                        for k in ("response_a", "response_b")})
+        table = dict(zip(items, [float(x) for x in score(items)]))
+        diffs[name] = {id(r): table[((r["context"] if with_context else ""), r["prompt"], r["response_a"])]
+                       - table[((r["context"] if with_context else ""), r["prompt"], r["response_b"])] for r in rows}
     out = []
     for ctype in ("all", "criteria", "scenario", "profile"):
-        sel = [(r, rev) for r, rev in cases if ctype == "all" or r["context_type"] == ctype]
-        if not sel:
-            continue
-        with_rev = [(r, rev) for r, rev in sel if rev is not None]
-        out += [{"setting": "no_context", "context_type": ctype, "n": len(sel),
-                 "accuracy": sum(correct(r, "") for r, _ in sel) / len(sel)},
-                {"setting": "correct_context", "context_type": ctype, "n": len(sel),
-                 "accuracy": sum(correct(r, r["context"]) for r, _ in sel) / len(sel)},
-                {"setting": "reversed_context", "context_type": ctype, "n": len(with_rev),
-                 "accuracy": sum(correct(r, rev) for r, rev in with_rev) / max(len(with_rev), 1)}]
-    return out
+        sel = [r for r in context_rows if ctype == "all" or r["context_type"] == ctype]
+        for model in ("context_aware", "context_blind"):
+            out.append(_accuracy_row("context_conditioned", model, ctype,
+                                     [is_correct(diffs[model][id(r)], r["preferred"]) for r in sel]))
+        out.append(_accuracy_row("joint_reversal", "context_aware", ctype, joint_outcomes(sel, diffs["context_aware"])))
+    for model in ("context_aware", "context_blind"):
+        out.append(_accuracy_row("no_context_unconditional", model, "all",
+                                 [is_correct(diffs[model][id(r)], r["preferred"]) for r in plain_rows]))
+    return [r for r in out if r["n"]]
+
+
+def joint_outcomes(rows: list[dict], diffs: dict[int, float]) -> list[bool]:
+    """Per reversal pair and response order, each (context for a, context for b): both right at once."""
+    by_key: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        by_key.setdefault((r["pair_id"], r["response_a"]), {}).setdefault(r["preferred"], []).append(r)
+    return [is_correct(diffs[id(ra)], "a") and is_correct(diffs[id(rb)], "b")
+            for sides in by_key.values() for ra in sides.get("a", []) for rb in sides.get("b", [])]
+
+
+def _accuracy_row(metric: str, model: str, ctype: str, outcomes: list[bool]) -> dict:
+    lo, hi = wilson(sum(outcomes), len(outcomes))
+    return {"metric": metric, "model": model, "context_type": ctype, "n": len(outcomes),
+            "accuracy": sum(outcomes) / len(outcomes) if outcomes else float("nan"), "lo": lo, "hi": hi}
 
 
 def accuracy_png(table: list[dict]) -> bytes:
     rows = [r for r in table if r["context_type"] == "all"]
-    fig, ax = subplots(figsize=(5, 3))
-    ax.bar([r["setting"].replace("_", " ") for r in rows], [r["accuracy"] for r in rows],
-           color=["grey", "tab:green", "tab:red"])
+    fig, ax = subplots(figsize=(6.5, 3.2))
+    labels = [f"{r['metric'].replace('_', ' ')}\n{r['model'].replace('_', ' ')}" for r in rows]
+    acc = [r["accuracy"] for r in rows]
+    ax.bar(labels, acc, yerr=[[a - r["lo"] for a, r in zip(acc, rows)], [r["hi"] - a for a, r in zip(acc, rows)]],
+           color=["tab:green" if r["model"] == "context_aware" else "grey" for r in rows], capsize=3)
     ax.axhline(0.5, color="black", lw=0.5, ls="--")
-    ax.set(ylim=(0, 1), ylabel="accuracy", title="context-aware reward model (held-out reversal pairs)")
+    ax.tick_params(axis="x", labelsize=6)
+    ax.set(ylim=(0, 1), ylabel="accuracy (95 % Wilson)", title="reward models on held-out pairs and phrasings")
     return figure_png(fig)
+
+
+def score_with(model, tok, max_len: int):
+    """A batched scorer for `evaluate`."""
+    import torch
+
+    model.eval()
+
+    def score(items):
+        with torch.no_grad():
+            return [x for i in range(0, len(items), 64) for x in rewards(model, tok, items[i:i + 64], max_len).tolist()]
+    return score
 
 
 def run_preference(store_uri: str, cfg: PreferenceConfig, model_ref: str, inputs: list[list[str]], inputs_id: str,
@@ -412,32 +491,41 @@ def run_preference(store_uri: str, cfg: PreferenceConfig, model_ref: str, inputs
                      expected_shards=len(inputs))
         rejected = sum(m.get("rejects", 0) for m in parsed.markers)
         pairs, exact, near = dedup_pairs(store.read_table(refs["parsed"]).to_pylist(), cfg.near_duplicate_threshold)
-        rows = [row for p in pairs for row in expand(p, split_of(p["prompt"], cfg.test_fraction, cfg.seed))]
-        for shard, split in enumerate(("train", "test")):
+        rows = [row for p in pairs
+                for row in expand(p, split_of(p["prompt"], cfg.test_fraction, cfg.seed), cfg.context_test_fraction)]
+        for shard, split in enumerate(SPLITS):
             store.write_shard(refs["data"], shard, pa.Table.from_pylist([r for r in rows if r["split"] == split],
                                                                         schema=RECORD_SCHEMA))
-        store.commit(refs["data"], {**record, "pairs": len(pairs), "splits": ["train", "test"]}, expected_shards=2)
+        store.commit(refs["data"], {**record, "pairs": len(pairs), "splits": list(SPLITS)}, expected_shards=len(SPLITS))
         store.write_shard(refs["stats"], 0, pa.Table.from_pylist(statistics(rows, len(pairs), exact, near, rejected)))
         store.commit(refs["stats"], {**record, "report_columns": ["metric", "value"]}, expected_shards=1)
 
+        train = [r for r in rows if r["split"] == "train"]
         with model_dir(store, model_ref) as folder:
             tok, model = load_reward_model(folder, cfg)
-        curve = train_reward_model(model, tok, [r for r in rows if r["split"] == "train"], cfg, log)
+            _, blind = load_reward_model(folder, cfg)  # same start, same records, contexts removed
+        curve = [{**c, "model": "context_aware"} for c in train_reward_model(model, tok, train, cfg, log)]
+        curve += [{**c, "model": "context_blind"} for c in train_reward_model(blind, tok, train, cfg, log, False)]
         with tempfile.TemporaryDirectory(prefix="tracecore-rm-") as tmp:
             (model.merge_and_unload() if cfg.rm_lora else model).save_pretrained(tmp)
             tok.save_pretrained(tmp)
             store.put_dir(refs["reward_model"], tmp)
         store.write_shard(refs["reward_model"], 0, pa.Table.from_pylist(curve))
         store.commit(refs["reward_model"], record, expected_shards=1)
-        table = evaluate(model, tok, [r for r in rows if r["split"] == "test"], cfg)
+        aware, blind_score = score_with(model, tok, cfg.rm_max_len), score_with(blind, tok, cfg.rm_max_len)
+        table = evaluate(aware, blind_score, [r for r in rows if r["split"] == "test"])
+        seen = [r for r in rows if r["split"] == "test_seen_phrasing"]
+        table += [{**r, "metric": f"{r['metric']}_seen_phrasing"}
+                  for r in evaluate(aware, blind_score, seen) if r["metric"] == "context_conditioned"]
         store.write_shard(refs["eval"], 0, pa.Table.from_pylist(table))
         store.write_file(refs["eval"], "plots/accuracy.png", accuracy_png(table))
         store.commit(refs["eval"], {**record, "plots": ["plots/accuracy.png"],
-                                    "report_columns": ["setting", "context_type", "n", "accuracy"]},
+                                    "report_columns": ["metric", "model", "context_type", "n", "accuracy", "lo", "hi"]},
                      expected_shards=1)
         for r in table:
             if r["context_type"] == "all":
-                log.info("preference RM %s accuracy %.3f (n=%d)", r["setting"], r["accuracy"], r["n"])
+                log.info("preference %s %s accuracy %.3f [%.3f, %.3f] (n=%d)", r["metric"], r["model"],
+                         r["accuracy"], r["lo"], r["hi"], r["n"])
     return refs
 
 

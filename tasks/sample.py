@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from configs.schema import SampleConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import get_logger, plan_ref, stage_task
+from tasks.common import get_logger, normalize_text, plan_ref, stage_task
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "so", "ta", "vel", "dor", "an", "is", "um", "qua", "zel", "bri",
              "no", "pa", "ther", "gal", "fi", "ou", "rak", "sen", "wy", "mor"]
@@ -49,12 +49,22 @@ FACT_TEMPLATES = {
 FAMILIES = ["arithmetic", "reverse_words", "uppercase", "sort_numbers", "count_words", "translate",
             "fact_qa", "first_word"]
 # Preference axes: (criterion preferring pole A, criterion preferring pole B).
+# Three phrasings per pole: the preference stage holds some out (by a hash of the wording; here one per pole,
+# checked by a test), so its test records ask for a preference in words no training record used.
 AXES = {
-    "length": ("Prefer a concise answer of one sentence.", "Prefer a detailed answer with several sentences."),
-    "register": ("Prefer a formal, polite tone.", "Prefer a casual, friendly tone."),
-    "language": ("The reader only understands English.", "The reader only understands Zelan."),
-    "format": ("Prefer the answer as a bulleted list.", "Prefer the answer as flowing prose."),
+    "length": (["Prefer a concise answer of one sentence.", "A concise reply is best here.",
+                "Keep it concise: one sentence is enough."],
+               ["Prefer a detailed answer with several sentences.", "A detailed reply is best here.",
+                "Several detailed sentences, please."]),
+    "register": (["Prefer a formal, polite tone.", "A polite, formal reply is best here.", "Please keep the tone formal."],
+                 ["Prefer a casual, friendly tone.", "A friendly, casual reply is best here.",
+                  "Please keep the tone casual."]),
+    "language": (["The reader only understands English.", "Answer in English only.", "The reply must be in English."],
+                 ["The reader only understands Zelan.", "Answer in Zelan only.", "The reply must be in Zelan."]),
+    "format": (["Prefer the answer as a bulleted list.", "A bulleted list is best here.", "Bullet points, please."],
+               ["Prefer the answer as flowing prose.", "Please format the reply as prose.", "Use prose."]),
 }
+FACTUAL = ["Prefer factually correct answers.", "Correct facts matter most.", "Please make sure the answer is correct."]
 
 
 def _word(rng: random.Random, syllables: int) -> str:
@@ -217,9 +227,22 @@ def build_instructions(cfg: SampleConfig, facts, lexicon, rng) -> tuple[list[dic
             rec["quality"] = "low"
         pool.append(rec)
     per_family = max(10, cfg.instructions // 60)
-    held_out = [{"id": f"eval-{fam}-{j:04d}", "family": fam, **_instruction(fam, rng, facts, lexicon)}
+    seen = {normalize_text(f"{r['instruction']} {r['input']}") for r in pool}
+    held_out = [{"id": f"eval-{fam}-{j:04d}", "family": fam, **_unseen_instruction(fam, rng, facts, lexicon, seen)}
                 for fam in FAMILIES for j in range(per_family)]
     return pool, held_out
+
+
+def _unseen_instruction(family: str, rng: random.Random, facts, lexicon, seen: set[str], tries: int = 10_000) -> dict:
+    """A held-out record whose instruction + input (normalized) is in neither the pool nor the held-out set."""
+    for _ in range(tries):
+        rec = _instruction(family, rng, facts, lexicon)
+        key = normalize_text(f"{rec['instruction']} {rec['input']}")
+        if key not in seen:
+            seen.add(key)
+            return rec
+    raise ValueError(f"sample: no unseen held-out {family!r} instruction in {tries} draws: "
+                     "the family's input space is exhausted by the pool; lower sample.instructions")
 
 
 def build_preferences(cfg: SampleConfig, facts, lexicon, rng) -> list[dict]:
@@ -241,7 +264,7 @@ def build_preferences(cfg: SampleConfig, facts, lexicon, rng) -> list[dict]:
         if i % 5 == 4:  # a factual error: no reasonable context prefers it
             wrong = short.replace(f["value"], "nowhere in particular")
             rows.append({"id": f"pref-{i:05d}", "prompt": prompt, "chosen": short, "rejected": wrong,
-                         "axis": "correctness", "criteria_chosen": "Prefer factually correct answers.",
+                         "axis": "correctness", "criteria_chosen": FACTUAL,
                          "criteria_rejected": None, "reversible": False})
             continue
         a_first = rng.random() < 0.5  # which pole the context-free label happens to favour

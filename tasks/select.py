@@ -27,8 +27,10 @@ from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
 from tasks.common import already_committed, figure_png, get_logger, map_shards, plan_ref, stage_task, subplots
 
+# `draw`: which random draw a baseline row belongs to (one per fine-tuning seed, modulo baseline_draws);
+# TAGCOS rows are deterministic and all carry draw 0
 CORESET_SCHEMA = pa.schema([("record_id", pa.string()), ("cluster", pa.int32()), ("omp_weight", pa.float64()),
-                            ("rank", pa.int32())])
+                            ("rank", pa.int32()), ("draw", pa.int32())])
 
 
 def plan_select(cfg: SelectConfig, features_ref: str) -> dict[str, str]:
@@ -97,24 +99,38 @@ def relative_residual(A: np.ndarray, b: np.ndarray, lam: float) -> float:
     return float(np.linalg.norm(A @ x - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def select_cluster(store_uri: str, ref: str, shard: int, item: tuple, lam: float, tol: float, seed: int) -> dict:
-    """One cluster: TAGCOS picks + a same-budget random pick, both with their centroid residuals."""
+def select_cluster(store_uri: str, ref: str, shard: int, item: tuple, lam: float, tol: float, seed: int,
+                   draws: int = 1) -> dict:
+    """One cluster: TAGCOS picks + `draws` same-budget random picks, with their centroid residuals (the
+    cluster-random residual is the mean over draws)."""
     store = ArtifactStore(store_uri)
     ids, feats, centroid, budget = item
     A = feats.T.astype(np.float64)
     picks = omp_fill(A, centroid.astype(np.float64), budget, lam, tol)
-    rng = np.random.default_rng(seed + shard)
-    random_cols = sorted(rng.choice(len(ids), size=budget, replace=False).tolist()) if budget else []
-    rows = [{"record_id": ids[c], "cluster": shard, "omp_weight": w, "rank": r} for r, (c, w) in enumerate(picks)]
-    table = pa.Table.from_pylist(rows, schema=CORESET_SCHEMA).append_column(
-        "baseline", pa.array([False] * len(rows), type=pa.bool_()))
-    baseline = pa.Table.from_pylist([{"record_id": ids[c], "cluster": shard, "omp_weight": None, "rank": r}
-                                     for r, c in enumerate(random_cols)], schema=CORESET_SCHEMA)
-    table = pa.concat_tables([table, baseline.append_column("baseline", pa.array([True] * len(baseline), type=pa.bool_()))])
+    random_cols = [sorted(np.random.default_rng([seed, shard, d]).choice(len(ids), size=budget, replace=False).tolist())
+                   if budget else [] for d in range(draws)]
+    rows = [{"record_id": ids[c], "cluster": shard, "omp_weight": w, "rank": r, "draw": 0}
+            for r, (c, w) in enumerate(picks)]
+    baseline = [{"record_id": ids[c], "cluster": shard, "omp_weight": None, "rank": r, "draw": d}
+                for d, cols in enumerate(random_cols) for r, c in enumerate(cols)]
+    table = pa.Table.from_pylist(rows + baseline, schema=CORESET_SCHEMA).append_column(
+        "baseline", pa.array([False] * len(rows) + [True] * len(baseline), type=pa.bool_()))
     return store.write_shard(ref, shard, table, size=len(ids), budget=budget,
                              centroid_norm=float(np.linalg.norm(centroid)),
                              residual_tagcos=relative_residual(A[:, [c for c, _ in picks]], centroid, lam),
-                             residual_cluster_random=relative_residual(A[:, random_cols], centroid, lam))
+                             residual_cluster_random=float(np.mean([relative_residual(A[:, cols], centroid, lam)
+                                                                    for cols in random_cols])))
+
+
+def random_draws(ids: list[str], labels: np.ndarray, size: int, seed: int, draws: int) -> pa.Table:
+    """`draws` uniform random subsets of the pool, each of the coreset's size."""
+    label_of = dict(zip(ids, labels.tolist()))
+    rows = []
+    for d in range(draws):
+        chosen = sorted(np.random.default_rng([seed, d]).choice(len(ids), size, replace=False))
+        rows += [{"record_id": ids[i], "cluster": label_of[ids[i]], "omp_weight": None, "rank": r, "draw": d}
+                 for r, i in enumerate(chosen)]
+    return pa.Table.from_pylist(rows, schema=CORESET_SCHEMA)
 
 
 def cluster_features(X: np.ndarray, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -166,16 +182,12 @@ def run_select(store_uri: str, cfg: SelectConfig, features_ref: str, pool_path: 
             items.append(([ids[i] for i in members], X[members], centroids[c], int(cfg.rate * len(members))))
         work = refs["selection"]
         report = map_shards("select", store, work, select_cluster, items, address, lam=cfg.omp_lambda,
-                            tol=cfg.omp_tolerance, seed=cfg.seed)
+                            tol=cfg.omp_tolerance, seed=cfg.seed, draws=cfg.baseline_draws)
         store.commit(work, record, expected_shards=len(items))
         both = store.read_table(work)
         tagcos = both.filter(pc.invert(both["baseline"])).drop_columns(["baseline"])
         cluster_random = both.filter(both["baseline"]).drop_columns(["baseline"])
-        rng = np.random.default_rng(cfg.seed)
-        random_ids = [ids[i] for i in sorted(rng.choice(len(ids), tagcos.num_rows, replace=False))]
-        label_of = dict(zip(ids, labels.tolist()))
-        random = pa.Table.from_pylist([{"record_id": i, "cluster": label_of[i], "omp_weight": None, "rank": r}
-                                       for r, i in enumerate(random_ids)], schema=CORESET_SCHEMA)
+        random = random_draws(ids, labels, tagcos.num_rows, cfg.seed, cfg.baseline_draws)
         pool, _ = load_pool(pool_path)
         markers = report.markers
         rates = {name: flag_rates(pool, t.column("record_id").to_pylist())

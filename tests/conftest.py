@@ -29,13 +29,6 @@ if not HAS_CUDA:  # Triton kernels run through Triton's CPU interpreter; must be
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
-def pytest_report_header(config):
-    """One calibration line first, so the suite's timings can be compared across machines (README)."""
-    from flows.calibrate import calibration_line
-
-    return calibration_line()
-
-
 @pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness

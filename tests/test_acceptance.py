@@ -1,30 +1,35 @@
-"""Acceptance on the real `tiny` profile (the `make run` configuration), one full pipeline run shared.
+"""Acceptance: every effect the pipeline claims, asserted on one shared pipeline run.
 
-Measured values on this profile (2 cores): QA rho 0.40, 95% CI [0.30, 0.50]; reward model accuracy 0.46 /
-1.00 / 0.00 (no / correct / reversed context); TAGCOS coreset low-quality
-rate 1.4% vs 4.7% in the pool, near-duplicate rate 6.9% vs 8.2%. The assertions are deliberately looser.
+`make test` runs it on the reduced acceptance profile (tests/profile_accept.yaml: the tiny recipe at about a
+third of the cost, ~5 min on 2 cores of a slow machine); `make test-accept` (TRACECORE_ACCEPT=full) runs the
+same assertions on the real `tiny` profile with its 3 seeds, as `make run` does (~25 min there), before a
+release. Measured values are in the README; the assertions are deliberately looser.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from configs.schema import load_config
 from storage.store import ArtifactStore
 
-pytestmark = pytest.mark.slow
+FULL = os.environ.get("TRACECORE_ACCEPT") == "full"
+PROFILE = "tiny" if FULL else str(Path(__file__).parent / "profile_accept.yaml")
+MIN_QA_ITEMS = 300 if FULL else 150  # tiny scores 400 QA items, the reduced profile 200
+# the shared run is timed in the first test: reduced ~5 min on 2 slow cores, ~9 min on one (2x margin kept)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 3600 if FULL else 1200)]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(prefect_harness, tmp_path_factory):
     from flows.pipeline import pipeline
 
-    store = str(tmp_path_factory.mktemp("tiny") / "store")
-    # one seed per subset and a smaller needle grid keep `make test` short; `make run` uses 3 seeds
-    cfg = load_config("tiny", ["dask.processes=false", "finetune.seeds=[0]", "eval.needle_lengths=[256, 2048]",
-                               "eval.needles_per_cell=1"], store=store)
+    store = str(tmp_path_factory.mktemp("accept") / "store")
+    cfg = load_config(PROFILE, ["dask.processes=false"], store=store)
     state = pipeline(config=cfg.model_dump(mode="json"), run_id="acceptance", return_state=True)
     return ArtifactStore(store), {**state.result(), "flow_run_id": state.state_details.flow_run_id}
 
@@ -33,7 +38,7 @@ def test_bootstrap_model_memorizes_factual_qa(tiny_run):
     store, result = tiny_run
     scores = {s["task"]: s for s in store.read_table(result["refs"]["scores"]).to_pylist()}
     qa = scores["qa"]
-    assert qa["n_items"] >= 300
+    assert qa["n_cooccurring"] >= MIN_QA_ITEMS and qa["n_all"] >= qa["n_cooccurring"]
     assert qa["spearman"] > 0.2 and qa["spearman_lo"] > 0.1, qa
     assert qa["spearman"] > qa["infgram_spearman"]  # the task-gram LM explains the model better
     report = store.fs.cat(result["report"]).decode()
@@ -51,23 +56,28 @@ def test_tagcos_coreset_under_selects_low_quality_and_near_duplicates(tiny_run):
 
 
 def test_context_aware_reward_model_reads_the_context(tiny_run):
-    """Measured on tiny: no context 0.46, correct context 1.00, reversed context 0.00 (n = 1286 records of
-    held-out reversal pairs). Asserted: no-context within 0.4-0.6 (it is ~0.5 by construction), correct
-    context at least 0.3 above it, reversed context at most 0.3."""
+    """Held-out prompts under the training phrasings: the context-aware model follows the context where the
+    context-blind one cannot (reversal pairs make it ~0.5); factual pairs are right without context. Under
+    held-out phrasings the aware model's accuracy is reported, not asserted (README: it does not transfer to
+    new wordings at this scale)."""
     store, result = tiny_run
-    acc = {r["setting"]: r["accuracy"] for r in store.read_table(result["refs"]["eval"]).to_pylist()
+    acc = {(r["metric"], r["model"]): r for r in store.read_table(result["refs"]["eval"]).to_pylist()
            if r["context_type"] == "all"}
-    assert 0.4 <= acc["no_context"] <= 0.6, acc
-    assert acc["correct_context"] >= acc["no_context"] + 0.3, acc
-    assert acc["reversed_context"] <= 0.3, acc
+    seen_aware = acc[("context_conditioned_seen_phrasing", "context_aware")]
+    seen_blind = acc[("context_conditioned_seen_phrasing", "context_blind")]
+    assert seen_aware["lo"] > seen_blind["hi"] and seen_aware["accuracy"] >= seen_blind["accuracy"] + 0.2, acc
+    assert acc[("no_context_unconditional", "context_aware")]["accuracy"] >= 0.8, acc
+    for key in (("context_conditioned", "context_aware"), ("context_conditioned", "context_blind"),
+                ("joint_reversal", "context_aware")):
+        assert acc[key]["n"] >= 50 and 0 <= acc[key]["lo"] <= acc[key]["accuracy"] <= acc[key]["hi"] <= 1, acc[key]
     assert "preference_accuracy.png" in store.fs.cat(result["report"]).decode()
 
 
 def test_fine_tuning_on_coresets_lowers_held_out_loss(tiny_run):
-    """Measured on tiny: held-out response loss of the base model 10.9; after fine-tuning on the 5 %
-    TAGCOS coreset 4.10, random 5 % 4.17, cluster-random 5 % 4.13, full pool (120 steps) 1.74."""
+    """Held-out response loss falls by more than a nat after fine-tuning on a 5 % coreset, and the full pool
+    (capped steps) beats 5 % (README: measured values per profile)."""
     store, result = tiny_run
-    rows = {r["subset"]: r for r in store.read_table(result["refs"]["finetune"]).to_pylist()}
+    rows = {r["subset"]: r for r in store.read_table(result["refs"]["finetune"]).to_pylist() if r["seed"] == 0}
     assert set(rows) == {"tagcos", "random", "cluster_random", "full"}
     for subset in ("tagcos", "random"):
         assert rows[subset]["eval_loss"] < rows[subset]["eval_loss_base"] - 1.0, rows[subset]
@@ -76,18 +86,20 @@ def test_fine_tuning_on_coresets_lowers_held_out_loss(tiny_run):
 
 
 def test_eval_tables_and_razor_kv_savings(tiny_run):
-    """Measured on tiny at 2048 tokens (8x the trained length): RazorAttention keeps 22.7 % of the KV
-    bytes (1 of 9 KV heads is a retrieval head). Needle accuracy is 0 for every method: the bootstrap
-    model has no induction heads (probe scores ~0.01), so it cannot retrieve at any length (README)."""
+    """At the longest needle length RazorAttention keeps under 30 % of the KV bytes (1 of 9 KV heads is a
+    retrieval head). Needle accuracy is 0 for every method: the bootstrap model has no induction heads (probe
+    scores ~0.01), so it cannot retrieve at any length (README; `make test-long` covers retrieval)."""
     store, result = tiny_run
     refs = result["refs"]
     summary = {(r["method"], r["length"]): r for r in store.read_table(refs["eval_long_context"]).to_pylist()}
-    assert summary[("razor", 2048)]["kv_vs_full"] <= 0.3, summary[("razor", 2048)]
-    assert summary[("rag_top1", 2048)]["tokens_in_context"] < 200
+    longest = max(length for _, length in summary)
+    assert summary[("razor", longest)]["kv_vs_full"] <= 0.3, summary[("razor", longest)]
+    assert summary[("rag_top1", longest)]["tokens_in_context"] < 200
     verdict = {(r["subset"], r["metric"]) for r in store.read_table(refs["eval_verdict"]).to_pylist()}
     assert ("tagcos-random", "instruction_loss") in verdict and ("full", "perplexity") in verdict
     quality = store.read_table(refs["eval_quality"]).to_pylist()
-    assert len(quality) == 5  # base + 4 subsets x 1 seed
+    seeds = len(load_config(PROFILE).finetune.seeds)
+    assert len(quality) == 1 + 4 * seeds  # base + 4 subsets x seeds
     report = store.fs.cat(result["report"]).decode()
     assert "needle_heatmaps.png" in report and "retrieval_heads.png" in report and "eval_verdict" in report
 

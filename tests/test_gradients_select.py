@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -85,9 +87,9 @@ def test_select_budgets_residuals_and_baselines(pretrained):
         assert sum(r["cluster"] == c["cluster"] for r in coreset) == c["budget"]
     assert min(r["omp_weight"] for r in coreset) >= 0
     assert sum(c["residual_tagcos"] for c in clusters) < sum(c["residual_cluster_random"] for c in clusters)
-    random = store.read_table(srefs["random"])
-    cluster_random = store.read_table(srefs["cluster_random"]).to_pylist()
-    assert random.num_rows == len(coreset) == len(cluster_random)
+    random = store.read_table(srefs["random"]).to_pylist()
+    cluster_random = [r for r in store.read_table(srefs["cluster_random"]).to_pylist() if r["draw"] == 0]
+    assert sum(r["draw"] == 0 for r in random) == len(coreset) == len(cluster_random)
     for c in clusters:
         assert sum(r["cluster"] == c["cluster"] for r in cluster_random) == c["budget"]
     assert "rates" in store.manifest(srefs["coreset"])
@@ -148,7 +150,7 @@ def test_warmup_checkpoints_sit_in_the_rising_warmup_and_record_the_lr_they_trai
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
     ckpts = warmup(model, tok, records[:40], gcfg, logging_stub())
     assert len(used) == 6 and used[0] > 0, used
-    assert all(b > a for a, b in zip(used, used[1:])), used  # inside warm-up: rising
+    assert all(b > a for a, b in itertools.pairwise(used)), used  # inside warm-up: rising
     assert [c["lr"] for c in ckpts] == [used[1], used[3], used[5]]
     weights = checkpoint_weights([c["lr"] for c in ckpts])
     np.testing.assert_allclose(weights, [1 / 6, 2 / 6, 3 / 6], rtol=1e-6)  # linear warm-up through the origin
@@ -159,3 +161,22 @@ def logging_stub():
     import logging
 
     return logging.getLogger("test")
+
+
+def test_random_baselines_are_drawn_per_seed(pretrained):
+    """`random` and `cluster_random` hold one draw per seed, so intervals over seeds include selection noise;
+    fine-tuning seed s trains on draw s mod draws."""
+    from tasks.finetune import subset_records
+
+    cfg, refs = pretrained
+    store, grefs, pool_path = features(cfg, refs, cfg.store, shards=2)
+    scfg = cfg.select.model_copy(update={"baseline_draws": 3})
+    srefs = plan_select(scfg, grefs["features"])
+    run_select(store.uri, scfg, grefs["features"], pool_path, srefs)
+    pool, _ = load_pool(pool_path)
+    size = store.read_table(srefs["coreset"]).num_rows
+    for name in ("random", "cluster_random"):
+        picks = [{r["id"] for r in subset_records(store, pool, srefs[name], seed)} for seed in range(4)]
+        assert all(len(p) == size for p in picks)
+        assert len({frozenset(p) for p in picks[:3]}) == 3, name  # three different draws
+        assert picks[3] == picks[0]  # seed 3 reuses draw 0

@@ -149,3 +149,66 @@ def test_empty_corpus_and_vocab_mismatch_fail_before_work(indexed, tmp_path):
         store.fs.pipe(manifest_path, json.dumps(other).encode())
     assert not any(a.startswith("memorization_pairs/") for a in store.list_artifacts())
 
+
+
+def test_overlap_rule_checks_short_answers_and_multiple_choice_input_is_the_question():
+    """A y shorter than n words is still checked against x (the answer must not be copyable from x), and a
+    multiple-choice x holds the question only (its options contain the answer by construction)."""
+    assert candidate_pairs({"input": "Was Mivel the birthplace of Anan?", "output": "Mivel"}, 2) == []
+    assert candidate_pairs({"input": "Where was Anan born?", "output": "in Mivel town"}, 5) != []
+    mc = {"id": "m", "question": "Which city?", "choices": ["Mivel", "Oran"], "answer": 0}
+    from tasks.memorization import to_item
+
+    item, reason = to_item("multiple_choice", mc)
+    assert reason is None and item["input"] == "Which city?" and item["output"] == "Mivel"
+
+
+def test_scores_cover_every_item_smoothed_and_the_cooccurring_subset_labelled():
+    """Items whose pairs never co-occur keep a (smoothed) task-gram probability in rho over all items; the
+    paper's rho over co-occurring items is reported beside it with its own count."""
+    from tasks.memorization import item_scores, score_table
+
+    pairs = []
+    for i in range(12):
+        c_xy = 0 if i < 4 else i
+        pairs.append({"task": "qa", "item_id": f"q{i}", "input": "x", "frequency": None, "s_x": "a b",
+                      "s_y": f"y{i}", "c_x": 50, "c_y": 5, "c_xy": c_xy, "approx": False, "log_p_inf": -1.0})
+    rows = item_scores(pairs)
+    assert all(np.isfinite(r["log_p_t_smoothed"]) for r in rows)
+    assert sum(r["cooccurring"] for r in rows) == 8
+    lm_rows = [{**r, "model": "m", "parameters": 1, "log_p_lm": r["log_p_t_smoothed"] + 0.01 * k}
+               for k, r in enumerate(rows)]
+    (score,) = score_table(lm_rows, MemorizationConfig(bootstrap=50))
+    assert score["n_all"] == 12 and score["n_cooccurring"] == 8 and "n_items" not in score
+    assert score["spearman_all"] > 0.9 and score["spearman"] > 0.9
+
+
+def test_constructed_agreement_gives_positive_rho(indexed):
+    """A case whose answer is known: the sample world plants each QA fact a known number of times, and a
+    'model' whose log-probability of the answer is, by design, the log of that planted frequency agrees with
+    the corpus. The method (pairs -> infini-gram counts -> P_T -> Spearman) must then give rho > 0, so a
+    negative rho on real data is a finding about the model or the data, not an artifact of the method."""
+    from tasks.memorization import candidate_pairs, count_chunk, item_scores, load_task, score_table
+
+    store, _, refs = indexed
+    spec = TaskSpec(name="qa", kind="qa")
+    with store.local_dir(refs["sample"]) as folder:
+        items, _ = load_task(spec, f"{folder}/tasks/qa.jsonl", 0)
+    pairs = [{"task": "qa", "item_id": it["id"], "input": it["input"], "frequency": it["frequency"], "s_x": sx,
+              "s_y": sy} for it in items for sx, sy in candidate_pairs(it, 2)]
+    count_chunk(store.uri, "test/constructed", 0, (refs["index"], refs["tokenizer"], pairs), 100, 50_000)
+    rows = item_scores(store.read_shard("test/constructed", 0).to_pylist())
+    designed = [{**r, "model": "planted", "parameters": 1, "log_p_lm": float(np.log(r["frequency"]))} for r in rows]
+    (score,) = score_table(designed, MemorizationConfig(bootstrap=200))
+    assert score["n_cooccurring"] >= 20 and score["spearman"] > 0.3 and score["spearman_lo"] > 0, score
+    assert score["spearman_all"] > 0.3, score
+
+
+def test_thresholds_below_the_papers_are_said_for_user_tasks():
+    from tasks.memorization import threshold_warnings
+
+    toy = MemorizationConfig(align_threshold_short=0.0, tasks=[TaskSpec(name="qa", kind="qa"),
+                                                              TaskSpec(name="mine", kind="qa", path="my/qa.jsonl")])
+    (warning,) = threshold_warnings(toy)
+    assert "mine" in warning and "0.6" in warning
+    assert threshold_warnings(MemorizationConfig(tasks=[TaskSpec(name="mine", kind="qa", path="my/qa.jsonl")])) == []

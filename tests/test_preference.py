@@ -87,6 +87,9 @@ def test_stage_splits_by_prompt_is_deterministic_and_reused(pretrained, tmp_path
     train = {r["prompt"] for r in data if r["split"] == "train"}
     test = {r["prompt"] for r in data if r["split"] == "test"}
     assert train and test and not train & test
+    train_ctx = {r["context"] for r in data if r["split"] == "train" and r["context"]}
+    test_ctx = {r["context"] for r in data if r["split"] == "test" and r["context"]}
+    assert test_ctx and not train_ctx & test_ctx  # held-out phrasings, not only held-out prompts
     folder = store.artifact_dir(call["refs"]["data"])
     assert pq.read_table(folder).num_rows == len(data)  # a plain Parquet dataset (HF `datasets` reads it)
     stats = {s["metric"]: s["value"] for s in store.read_table(call["refs"]["stats"]).to_pylist()}
@@ -160,3 +163,85 @@ def test_rpr_rows_bring_criteria_and_scenario_contexts():
         ("Prefer low emissions.", "criteria", "a", "input"), ("Prefer speed.", "criteria", "b", "input"),
         ("I care about the climate.", "scenario", "a", "input"), ("I have one free day.", "scenario", "b", "input")])
     assert to_pair(row, "csv")[1] == "unknown input format 'csv'"
+
+
+def test_no_context_records_only_where_a_preference_holds_without_context():
+    """An RPR pair or a reversible sample pair has no context-free winner: no invented `a` label. A pairwise
+    export's chosen side and a sample world's factual pair are unconditional preferences."""
+    rpr, _ = to_pair({"prompt": "Plan a trip.", "response_a": "Train.", "response_b": "Fly.",
+                      "criteria_x": "Prefer low emissions.", "criteria_y": "Prefer speed."}, "rpr")
+    reversible, _ = to_pair({**GOOD, "criteria_chosen": "Prefer short answers.", "criteria_rejected": "Prefer detail.",
+                             "reversible": True}, "sample")
+    factual, _ = to_pair({**GOOD, "criteria_chosen": "Prefer correct answers.", "reversible": False}, "sample")
+    pairwise, _ = to_pair(GOOD, "pairwise")
+    for pair, expected in ((rpr, 0), (reversible, 0), (factual, 2), (pairwise, 2)):
+        row = {**{k: pair[k] for k in ("prompt", "a", "b", "default")},
+               "contexts": json.dumps(sorted(set(pair["contexts"]))), "source": "t"}
+        assert sum(r["context_type"] == "none" for r in expand(row, "train")) == expected, pair
+
+
+def test_reward_model_input_never_cuts_the_response(pretrained):
+    """[context][prompt][response] over max_len: the prompt (then the context) gives way, the response stays whole."""
+    from transformers import AutoTokenizer
+
+    from tasks.preference import rm_ids
+    from tasks.pretrain import model_dir
+
+    cfg, refs = pretrained
+    with model_dir(ArtifactStore(cfg.store), refs["model"]) as folder:
+        tok = AutoTokenizer.from_pretrained(folder)
+    response = "Tea is a drink made from leaves."
+    ids = rm_ids(tok, "Prefer a short answer.", "Tell me " + "everything " * 80 + "about tea.", response, 100)
+    tail = tok("[response] " + response, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 100 and ids[-len(tail):] == tail
+    assert tok.decode(ids).count("Prefer a short answer") == 1  # the context survives too
+
+
+def _scorer(reads_context: bool):
+    """A stand-in reward: prefers the shorter response unless a context asking for detail is present."""
+    def score(items):
+        return [(len(r) if reads_context and "detail" in c else -len(r)) for c, _, r in items]
+    return score
+
+
+def test_preference_metrics_can_fail():
+    """A context-blind scorer and a context-reading scorer must come out differently on every metric that
+    claims to measure context use: conditioned accuracy and joint accuracy on reversal pairs. Ties are wrong."""
+    from tasks.preference import evaluate, is_correct
+
+    assert not is_correct(0.0, "a") and not is_correct(0.0, "b") and is_correct(-1.0, "b")
+    rows = []
+    for i in range(6):
+        pair = {"prompt": f"p{i}", "a": "short.", "b": "a long detailed answer.", "default": None,
+                "contexts": json.dumps([["Prefer detail.", "criteria", "b", "input"],
+                                        ["Prefer brevity.", "criteria", "a", "input"]]), "source": "t"}
+        rows += expand(pair, "test")
+    fact = {"prompt": "q", "a": "right.", "b": "wrong, and longer.", "default": "a", "contexts": "[]", "source": "t"}
+    rows += expand(fact, "test")
+    table = {(r["metric"], r["model"]): r for r in evaluate(_scorer(True), _scorer(False), rows)
+             if r["context_type"] == "all"}
+    assert table[("context_conditioned", "context_aware")]["accuracy"] == 1.0
+    assert table[("context_conditioned", "context_blind")]["accuracy"] == 0.5
+    assert table[("joint_reversal", "context_aware")]["accuracy"] == 1.0
+    assert table[("no_context_unconditional", "context_aware")]["n"] == 2
+    for r in table.values():
+        assert 0.0 <= r["lo"] <= r["accuracy"] <= r["hi"] <= 1.0
+
+
+def test_every_sample_axis_pole_has_training_and_held_out_phrasings():
+    from tasks.preference import context_split
+    from tasks.sample import AXES, FACTUAL
+
+    for poles in [*AXES.values(), (FACTUAL,)]:
+        for phrasings in poles:
+            splits = {context_split(c, PreferenceConfig().context_test_fraction) for c in phrasings}
+            assert splits == {"train", "test"}, phrasings
+
+
+def test_wilson_interval_keeps_the_estimate_inside_and_the_range():
+    from tasks.preference import wilson
+
+    for k, n in ((0, 10), (10, 10), (28, 28), (5, 10), (0, 1), (1, 3)):
+        lo, hi = wilson(k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
+    assert wilson(28, 28)[1] == 1.0 and wilson(0, 10)[0] == 0.0
