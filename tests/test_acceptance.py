@@ -3,7 +3,8 @@
 `make test` runs it on the reduced acceptance profile (tests/profile_accept.yaml: the tiny recipe at about a
 third of the cost, ~5 min on 2 cores of a slow machine); `make test-accept` (TRACECORE_ACCEPT=full) runs the
 same assertions on the real `tiny` profile with its 3 seeds, as `make run` does (~25 min there), before a
-release. Measured values are in the README; the assertions are deliberately looser.
+release; with TRACECORE_ACCEPT_STORE=<store of a `make run`> it reuses that run's artifacts. Measured values
+are in the README; the assertions are deliberately looser.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 3600 if FULL else 1200)]
 def tiny_run(prefect_harness, tmp_path_factory):
     from flows.pipeline import pipeline
 
-    store = str(tmp_path_factory.mktemp("accept") / "store")
+    # TRACECORE_ACCEPT_STORE: check a store `make run` filled (its stages are reused, the assertions run)
+    store = os.environ.get("TRACECORE_ACCEPT_STORE") or str(tmp_path_factory.mktemp("accept") / "store")
     cfg = load_config(PROFILE, ["dask.processes=false"], store=store)
     state = pipeline(config=cfg.model_dump(mode="json"), run_id="acceptance", return_state=True)
     return ArtifactStore(store), {**state.result(), "flow_run_id": state.state_details.flow_run_id}
