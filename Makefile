@@ -28,7 +28,7 @@ run: setup
 
 test: setup  # first line: the machine's calibration, so the suite's time can be compared across machines
 	@$(BIN)/python -m flows.calibrate
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=10 tests
 
 test-accept: setup  # the acceptance assertions on the full `tiny` profile (~25 min on a slow machine); before a release
 	@$(BIN)/python -m flows.calibrate

@@ -1,8 +1,9 @@
 """Benchmark: decoding with full attention vs. RazorAttention vs. LongCache over context lengths.
 
     .venv/bin/python bench/long_context.py [--lengths 1024 2048 4096 8192] [--decode 32]
+    python bench/long_context.py --hidden 1024 --layers 4 --heads 16 --kv-heads 8 --lengths 8192 32768 65536  # GPU
 
-Model: a random Llama (hidden 256, 4 layers, 8 query / 4 KV heads, vocab 8k) in fp32 (bf16 on CUDA);
+Model: a random Llama (default hidden 256, 4 layers, 8 query / 4 KV heads, vocab 8k) in fp32 (bf16 on CUDA);
 speed does not depend on the weights. Per length: prefill the context with the policy (LongCache in
 512-token chunks), then decode `--decode` tokens one at a time. Reported: decode tokens/s, the KV cache
 bytes the policy holds after decoding, and both as ratios to full attention. RazorAttention uses the
@@ -27,12 +28,13 @@ from kernels.longcache import LongCache, LongCacheConfig
 from kernels.razor import RazorCache, RazorConfig, head_scores, retrieval_heads
 
 
-def build_model(device: str):
+def build_model(device: str, hidden: int = 256, layers: int = 4, heads: int = 8, kv_heads: int = 4,
+                max_len: int = 65536):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=65536,
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_len,
                       attn_implementation="eager")
     model = LlamaForCausalLM(cfg).eval().to(device)
     return model.to(torch.bfloat16) if device == "cuda" else model
@@ -57,17 +59,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--decode", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--smoke", action="store_true", help="toy sizes that finish in seconds on a CPU (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.hidden, args.layers, args.heads, args.kv_heads, args.lengths, args.decode = 64, 2, 4, 2, [512, 1024], 4
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(device)
-    induction, echo = head_scores(model.float().cpu(), block=256, repeats=4, low=10, high=8192)
-    model = build_model(device)
+    shape = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
+             "max_len": max(65536, max(args.lengths) + args.decode)}
+    model = build_model("cpu", **shape)
+    induction, echo = head_scores(model.float(), block=256, repeats=4, low=10, high=8192)
+    model = build_model(device, **shape)
     razor_cfg = RazorConfig(min_buffer=256, compression=8, sinks=4)
     heads = retrieval_heads(induction, echo, razor_cfg)
     lc_cfg = LongCacheConfig(global_size=32, local_size=1024, mid_size=1, span_size=32, recall_clip=16)
     makers = {"full": lambda: FullAttention(model), "razor": lambda: RazorCache(model, heads, razor_cfg),
               "longcache": lambda: LongCache(model, lc_cfg)}
-    print(f"device: {device}; retrieval heads {int(heads.sum())}/{heads.numel()}; decode {args.decode} tokens\n")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    print(f"device: {name}; model d={args.hidden}, {args.layers} layers, {args.heads} query / {args.kv_heads} KV heads; "
+          f"retrieval heads {int(heads.sum())}/{heads.numel()}; decode {args.decode} tokens; Razor attention: "
+          f"{'Triton biased attention' if device == 'cuda' else 'PyTorch reference'}\n")
     print(f"{'context':>8} | {'method':9} | {'tokens/s':>9} | {'KV MB':>8} | {'speed vs full':>13} | {'KV vs full':>10}")
     for length in args.lengths:
         context = torch.randint(10, 8192, (1, length), device=device)

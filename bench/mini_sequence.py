@@ -1,14 +1,17 @@
 """Benchmark: Mini-Sequence Transformer memory and speed, plain vs. chunked PyTorch vs. Triton.
 
-    .venv/bin/python bench/mini_sequence.py [--quick]
+    .venv/bin/python bench/mini_sequence.py [--quick | --smoke] [--hidden 4096 --vocabs 128256
+        --head-lengths 4096 16384 32768 65536 --step-model 1b --step-lengths 2048 8192 16384]
 
 Two tables, every cell measured in a fresh subprocess (so peak memory is not polluted by earlier cells):
-1. LM head + cross-entropy (forward + backward) over sequence lengths and vocab sizes (hidden 1024):
-   plain (full fp32 logits, `F.cross_entropy`, as HF's loss), chunked PyTorch (kernels.reference), and the
-   Triton kernel path (CUDA only).
-2. A full training step (forward + backward + AdamW) of a small Llama (hidden 256, 4 layers, MLP 1024,
-   vocab 32k), batch 1: plain vs. `apply_mini_sequence`, plus the largest sequence length that fits a
-   fixed budget (a linear fit of peak memory over the measured lengths, extrapolated).
+1. LM head + cross-entropy (forward + backward) over sequence lengths and vocab sizes (hidden `--hidden`,
+   default 1024; Llama-3-8B's head is 4096 x 128,256): plain (full fp32 logits, `F.cross_entropy`, as HF's
+   loss), chunked PyTorch (kernels.reference), the Triton kernel path (CUDA only) and Liger-Kernel's fused
+   linear cross-entropy (CUDA, when the `liger-kernel` package is installed; the table says when it is not).
+2. A full training step (forward + backward + AdamW) of a Llama (`--step-model`: small = hidden 256,
+   4 layers, vocab 32k; 1b = hidden 2048, 16 layers, vocab 128k, ~1.2 B parameters; toy for --smoke),
+   batch 1: plain vs. `apply_mini_sequence`, plus the largest sequence length that fits a fixed budget
+   (a linear fit of peak memory over the measured lengths, extrapolated).
 Peak memory: CUDA `max_memory_allocated` above the inputs; CPU peak RSS above the inputs (ru_maxrss),
 which includes allocator slack, so CPU ratios are conservative. Tokens/s: best of `--repeats`.
 """
@@ -40,19 +43,42 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int) -> dict:
+STEP_MODELS = {  # --step-model: Llama shapes for the training-step table
+    "toy": {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2},
+    "small": {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 4},
+    "1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+           "num_attention_heads": 32, "num_key_value_heads": 8},
+}
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int, d: int = 1024) -> dict:
     from kernels import lm_head_ce, plain_lm_head_ce
     from kernels.mini_sequence import auto_lm_chunks
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    hidden = torch.randn(seq, 1024, device=device, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(vocab, 1024, device=device, dtype=dtype) * 0.02).requires_grad_()
+    hidden = torch.randn(seq, d, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(vocab, d, device=device, dtype=dtype) * 0.02).requires_grad_()
     labels = torch.randint(0, vocab, (seq,), device=device)
-    chunks = auto_lm_chunks(seq, vocab, 1024)  # what apply_mini_sequence picks: M = V / d, >= 256 rows
+    chunks = auto_lm_chunks(seq, vocab, d)  # what apply_mini_sequence picks: M = V / d, >= 256 rows
     if method == "plain":
         fn = plain_lm_head_ce
     elif method == "chunked":
         fn = lambda h, w, y: lm_head_ce(h, w, y, chunks)
+    elif method == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        fn = lambda h, w, y: liger(w, h, y)
     else:
         from kernels.lm_head_ce import triton_lm_head_ce
 
@@ -60,20 +86,21 @@ def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int) -> d
     return timed(lambda: fn(hidden, weight, labels).backward(), device, repeats, seq)
 
 
-def step_cell(method: str, seq: int, device: str, repeats: int) -> dict:
+def step_cell(method: str, seq: int, device: str, repeats: int, size: str = "small") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kernels import apply_mini_sequence
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max(seq, 2048))
+    shape = STEP_MODELS[size]
+    config = LlamaConfig(**shape, max_position_embeddings=max(seq, 2048))
+    vocab = shape["vocab_size"]
     model = LlamaForCausalLM(config).to(device)
     if device == "cuda":
         model = model.to(torch.bfloat16)
     if method != "plain":
         apply_mini_sequence(model, use_triton=method == "triton")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, 32000, (1, seq), device=device)
+    ids = torch.randint(0, vocab, (1, seq), device=device)
 
     def step():
         model(input_ids=ids, labels=ids).loss.backward()
@@ -106,8 +133,15 @@ def timed(fn, device: str, repeats: int, tokens: int) -> dict:
     return {"peak_mb": max(peak_mb(device) - base, 0.0), "tokens_per_s": tokens / best}
 
 
-def run_cell(args: list[str], timeout: int) -> dict | None:
-    """One measurement in a fresh interpreter; None when it fails (out of memory) or times out."""
+def run_cell(args: list[str], timeout: int, in_process: bool = False) -> dict | None:
+    """One measurement in a fresh interpreter; None when it fails (out of memory) or times out. `in_process`
+    (--smoke) skips the fresh interpreter: the code paths run, the peak-memory figures are not isolated."""
+    if in_process:
+        kind, method, *sizes = args[: args.index("--repeats")] if "--repeats" in args else args
+        repeats = int(args[args.index("--repeats") + 1]) if "--repeats" in args else 1
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return (head_cell(method, int(sizes[0]), int(sizes[1]), device, repeats, int(sizes[2])) if kind == "head"
+                else step_cell(method, int(sizes[0]), device, repeats, sizes[1]))
     try:
         out = subprocess.run([sys.executable, __file__, "--cell", *args], capture_output=True, text=True,
                              timeout=timeout, check=True)
@@ -128,39 +162,57 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cell", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer lengths (CI-sized machine)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes that finish in seconds on a CPU (CI)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=1024, help="LM-head input width (Llama-3-8B: 4096)")
+    parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256])
+    parser.add_argument("--head-lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--step-model", choices=sorted(STEP_MODELS), default="small")
+    parser.add_argument("--step-lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--cell-timeout", type=int, default=900, help="seconds per measurement")
     parser.add_argument("--budget-mb", type=float, default=None, help="memory budget for the max-length estimate")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.cell:
         kind, method, *sizes = args.cell
-        cell = (head_cell(method, int(sizes[0]), int(sizes[1]), device, args.repeats) if kind == "head"
-                else step_cell(method, int(sizes[0]), device, args.repeats))
+        cell = (head_cell(method, int(sizes[0]), int(sizes[1]), device, args.repeats, int(sizes[2])) if kind == "head"
+                else step_cell(method, int(sizes[0]), device, args.repeats, sizes[1]))
         print(json.dumps(cell))
         return
-    methods = ["plain", "chunked"] + (["triton"] if device == "cuda" else [])
     gpu = device == "cuda"
-    head_lengths = [2048, 8192, 32768, 65536] if gpu else [1024, 4096] if args.quick else [1024, 2048, 4096]
-    step_lengths = ([4096, 16384, 32768, 65536] if gpu else [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096])
+    if args.smoke:
+        args.hidden, args.vocabs, args.step_model, args.repeats = 64, [1000], "toy", 1
+    head_methods = ["plain", "chunked"] + (["triton"] if gpu else []) + (["liger"] if gpu and liger_available() else [])
+    head_lengths = args.head_lengths or ([128, 256] if args.smoke else [2048, 8192, 32768, 65536] if gpu
+                                         else [1024, 4096] if args.quick else [1024, 2048, 4096])
+    step_lengths = args.step_lengths or ([64, 128] if args.smoke else [4096, 16384, 32768, 65536] if gpu
+                                         else [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096])
     name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}; cells: peak MB above inputs, memory saving vs plain, "
-          "speed vs plain (tokens/s ratio)\n")
-    print("LM head + cross-entropy, forward + backward (hidden 1024)")
-    print(f"{'vocab':>7} {'seq':>6} | " + " | ".join(f"{m:^26}" for m in methods))
-    for vocab in (32000, 128256):
+          "speed vs plain (tokens/s ratio)")
+    if gpu and not liger_available():
+        print("Liger-Kernel: not installed here (`pip install liger-kernel`), so its column is left out")
+    print(f"\nLM head + cross-entropy, forward + backward (hidden {args.hidden})")
+    print(f"{'vocab':>7} {'seq':>6} | " + " | ".join(f"{m:^26}" for m in head_methods))
+    for vocab in args.vocabs:
         for seq in head_lengths:
-            cells = {m: run_cell(["head", m, str(seq), str(vocab)], 900) for m in methods}
+            cells = {m: run_cell(["head", m, str(seq), str(vocab), str(args.hidden), "--repeats", str(args.repeats)],
+                                 args.cell_timeout, args.smoke) for m in head_methods}
             print(f"{vocab:>7} {seq:>6} | " + " | ".join(fmt(cells[m], cells["plain"] if m != "plain" else None)
-                                                         for m in methods), flush=True)
-    print("\nTraining step (Llama d=256, 4 layers, vocab 32k, batch 1, AdamW)")
-    print(f"{'seq':>6} | " + " | ".join(f"{m:^26}" for m in methods))
-    fits = {m: [] for m in methods}
+                                                         for m in head_methods), flush=True)
+    step_methods = ["plain", "chunked"] + (["triton"] if gpu else [])
+    shape = STEP_MODELS[args.step_model]
+    print(f"\nTraining step (Llama {args.step_model}: d={shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+          f"vocab {shape['vocab_size']}, batch 1, AdamW)")
+    print(f"{'seq':>6} | " + " | ".join(f"{m:^26}" for m in step_methods))
+    fits = {m: [] for m in step_methods}
     for seq in step_lengths:
-        cells = {m: run_cell(["step", m, str(seq)], 900) for m in methods}
+        cells = {m: run_cell(["step", m, str(seq), args.step_model, "--repeats", str(args.repeats)], args.cell_timeout,
+                             args.smoke) for m in step_methods}
         for m, c in cells.items():
             if c:
                 fits[m].append((seq, c["peak_mb"]))
-        print(f"{seq:>6} | " + " | ".join(fmt(cells[m], cells["plain"] if m != "plain" else None) for m in methods),
+        print(f"{seq:>6} | " + " | ".join(fmt(cells[m], cells["plain"] if m != "plain" else None) for m in step_methods),
               flush=True)
     budget = args.budget_mb or (40_000 if gpu else 8_000)
     print(f"\nLargest trainable sequence length within {budget:.0f} MB (linear fit of the step's peak, extrapolated):")

@@ -31,10 +31,15 @@ QUICK = {  # script -> arguments for the ~10-minute umbrella run
 
 
 def machine() -> str:
+    """The host, and its calibration measured now (same-size machines differ ~2x; compare within one run)."""
     import torch
 
+    sys.path.insert(0, str(BENCH.parent))
+    from flows.calibrate import calibration_line
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}; "
+            f"{calibration_line()}")
 
 
 def run(script: str, args: list[str]) -> tuple[str, float, int]:

@@ -10,9 +10,9 @@
    official code; eps outside the sqrt as in the paper, the code has it inside), projected by a seeded Rademacher matrix, L2-normalized, then averaged over checkpoints
    with the learning-rate weights (normalized to sum 1).
 
-Per-sample gradients are exact and batched without a batch-size-1 loop: a LoRA factor is a bias-free
-Linear, so its per-sample gradient is sum_t grad_out[b, t] (x) input[b, t] (the Opacus identity); hooks
-capture both in one backward pass of the summed per-sample losses. The projection matrix is generated
+Per-sample gradients are exact and batched without a batch-size-1 loop (`kernels/per_sample.py`): a LoRA
+factor is a bias-free Linear, so its per-sample gradient is sum_t grad_out[b, t] (x) input[b, t] (the
+Opacus identity); hooks capture both in one backward pass of the summed per-sample losses. The projection matrix is generated
 block by block from (seed, block) so memory stays bounded and results do not depend on sharding.
 Deviation: the official projector is TRAK's; ours is a plain Rademacher/sqrt(k) projection with the same
 distribution, not bit-identical to TRAK.
@@ -31,12 +31,14 @@ from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
 from tasks.common import MODEL_LOAD_LOCK, already_committed, get_logger, map_shards, plan_ref, stage_task
 
+# the features depend on the per-sample gradient code as much as on this module: editing either re-runs the stage
+CODE_MODULES = (__name__, "kernels.per_sample")
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
 
 def plan_gradients(cfg: GradientsConfig, model_ref: str, pool_id: str) -> dict[str, str]:
-    warmup = plan_ref("warmup", "gradients", cfg.fingerprint(), {"model": model_ref, "pool": pool_id}, __name__)
+    warmup = plan_ref("warmup", "gradients", cfg.fingerprint(), {"model": model_ref, "pool": pool_id}, *CODE_MODULES)
     return {"warmup": warmup, "features": f"features/{warmup.split('/')[1]}"}
 
 
@@ -90,25 +92,6 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, labels, mask
 
 
-def per_sample_loss(model, ids, labels, mask):
-    """Mean response-token cross-entropy of each sample (what a batch-size-1 loop would compute).
-
-    The LM head runs only on positions that predict a response token: prompts are most of a record,
-    and the [tokens, vocab] logits dominate the cost of a small model."""
-    import torch
-    import torch.nn.functional as F
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-    target = labels[:, 1:]
-    keep = target != -100
-    logits = base.get_output_embeddings()(hidden[keep]).float()
-    tok_loss = F.cross_entropy(logits, target[keep], reduction="none")
-    sums = torch.zeros(ids.shape[0], device=tok_loss.device, dtype=tok_loss.dtype)
-    sums = sums.index_add(0, keep.nonzero()[:, 0], tok_loss)
-    return sums / keep.sum(1).clamp(min=1)
-
-
 # ---- model, LoRA, warm-up -----------------------------------------------------------------------
 def lora_model(model_dir: str, cfg: GradientsConfig):
     import torch
@@ -151,6 +134,8 @@ def warmup(model, tok, records: list[dict], cfg: GradientsConfig, log) -> list[d
     where lr is the rate that checkpoint's own step trained with."""
     import torch
 
+    from kernels.per_sample import per_sample_loss
+
     params = [p for _, p in lora_params(model)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     steps, (warm, total) = max(cfg.checkpoint_steps), planned_schedule(cfg, len(records))
@@ -183,62 +168,6 @@ def save_checkpoints(store: ArtifactStore, ref: str, names: list[str], checkpoin
         for kind in ("adapter", "exp_avg", "exp_avg_sq"):
             store.write_tensors(ref, f"ckpt-{c['step']}/{kind}.safetensors", dict(zip(names, c[kind])))
     store.write_shard(ref, 0, pa.Table.from_pylist([{k: c[k] for k in ("step", "lr", "loss")} for c in checkpoints]))
-
-
-# ---- per-sample features --------------------------------------------------------------------------
-class PerSampleGrads:
-    """Hooks on every LoRA Linear: per-sample weight gradients from (input, grad_output) pairs."""
-
-    def __init__(self, model):
-        import torch
-
-        self.modules = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                        and (".lora_A." in n or ".lora_B." in n)]
-        self.inputs, self.grads, self.handles = {}, {}, []
-        for m in self.modules:
-            self.handles.append(m.register_forward_hook(self._forward))
-
-    def _forward(self, module, args, output):
-        self.inputs[module] = args[0].detach()
-        output.register_hook(lambda g, m=module: self.grads.__setitem__(m, g.detach()))
-
-    def flat(self):
-        """[batch, n_lora_params] in the order of `model.named_parameters()`."""
-        import torch
-
-        parts = [torch.einsum("bto,bti->boi", self.grads[m].float(), self.inputs[m].float()).flatten(1)
-                 for m in self.modules]
-        return torch.cat(parts, dim=1)
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
-
-
-def batched_grads(model, batch) -> object:
-    """Exact per-sample gradients of the LoRA parameters for a padded batch, in one backward pass."""
-    hooks = PerSampleGrads(model)
-    try:
-        per_sample_loss(model, *batch).sum().backward()
-        return hooks.flat()
-    finally:
-        model.zero_grad(set_to_none=True)
-        hooks.close()
-
-
-def loop_grads(model, batch):
-    """Reference: the naive batch-size-1 loop with the model's own loss, which the batched path must equal."""
-    import torch
-
-    rows = []
-    params = [p for _, p in lora_params(model)]
-    for i in range(batch[0].shape[0]):
-        n = int(batch[2][i].sum())
-        ids, labels, mask = (t[i:i + 1, :n] for t in batch)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        grads = torch.autograd.grad(loss, params)
-        rows.append(torch.cat([g.flatten() for g in grads]))
-    return torch.stack(rows)
 
 
 def resolve_device(device: str) -> str:
@@ -283,6 +212,7 @@ def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: Gradi
     learning-rate-weighted mean over checkpoints. Written as fp16 fixed-size lists."""
     import torch
 
+    from kernels.per_sample import batched_grads
     from tasks.pretrain import model_dir
 
     torch.set_num_threads(cfg.threads) if cfg.threads else None
@@ -342,7 +272,7 @@ def run_gradients(store_uri: str, cfg: GradientsConfig, model_ref: str, pool_pat
         records, rejects = load_pool(pool_path)
         if not records:
             raise ValueError(f"gradients: no usable records in {pool_path} ({len(rejects)} rejected)")
-        record = lineage("gradients", cfg.fingerprint(), {"model": model_ref, "pool": pool_id}, code_version(__name__),
+        record = lineage("gradients", cfg.fingerprint(), {"model": model_ref, "pool": pool_id}, code_version(*CODE_MODULES),
                          pool=pool_path, pool_records=len(records), pool_rejects=rejects[:100])
         if not store.is_committed(refs["warmup"]):
             with model_dir(store, model_ref) as folder:

@@ -26,7 +26,9 @@ def _cuda() -> bool:
 HAS_CUDA = _cuda()
 if not HAS_CUDA:  # Triton kernels run through Triton's CPU interpreter; must be set before `import triton`
     os.environ.setdefault("TRITON_INTERPRET", "1")
-gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def gpu(test):
+    """Marks a test `gpu` (selected by `pytest -m gpu`, as bench/gpu_check.sh does) and skips it without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
 
 
 @pytest.fixture(scope="session")

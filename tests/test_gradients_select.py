@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from flows.plan import instruction_pool
+from kernels.per_sample import batched_grads, loop_grads
 from storage.store import ArtifactStore
 from tasks.gradients import (
-    batched_grads,
     collate,
     encode,
     load_pool,
-    loop_grads,
     lora_model,
     plan_gradients,
     read_features,

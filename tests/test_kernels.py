@@ -171,8 +171,11 @@ def test_model_without_lm_head_is_rejected():
 
 
 @gpu
-def test_triton_kernel_on_cuda_bf16_matches_reference():
-    hidden, weight, labels = head_inputs(rows=4097, d=256, vocab=32000, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype,rows,d,vocab", [(torch.bfloat16, 4097, 256, 32000), (torch.float32, 4097, 256, 32000),
+                                                (torch.bfloat16, 8192, 1024, 128256)])
+def test_triton_kernel_on_cuda_matches_reference(dtype, rows, d, vocab):
+    """Compiled kernel vs. the PyTorch reference, bf16 and fp32, up to Llama-3's vocabulary."""
+    hidden, weight, labels = head_inputs(rows=rows, d=d, vocab=vocab, dtype=dtype)
     hidden, weight = (t.detach().cuda().requires_grad_() for t in (hidden, weight))
     labels = labels.cuda()
     ref = lm_head_ce(hidden, weight, labels, 8)
@@ -180,8 +183,9 @@ def test_triton_kernel_on_cuda_bf16_matches_reference():
     got = triton_lm_head_ce(hidden, weight, labels, 8)
     got_grads = torch.autograd.grad(got, (hidden, weight))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    tol = {"rtol": 2e-2, "atol": 1e-3} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
     for g, e in zip(got_grads, ref_grads):
-        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(g.float(), e.float(), **tol)
 
 
 @gpu

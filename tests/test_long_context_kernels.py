@@ -119,12 +119,18 @@ def test_razor_with_nothing_to_drop_equals_full_attention(model):
 
 
 @gpu
-def test_biased_attention_kernel_on_cuda():
-    q, k, v = torch.randn(1, 8, 16, 64).cuda(), torch.randn(1, 2, 4096, 64).cuda(), torch.randn(1, 2, 4096, 64).cuda()
-    bias = torch.randn(1, 2, 4096).cuda()
-    q_pos, k_pos = torch.arange(4080, 4096).cuda(), torch.arange(4096).cuda()
-    torch.testing.assert_close(biased_attention(q, k, v, bias, q_pos, k_pos), attention(q, k, v, bias, q_pos, k_pos),
-                               rtol=1e-3, atol=1e-4)
+@pytest.mark.parametrize("dtype,keys,heads,kv_heads,dim", [(torch.float32, 4096, 8, 2, 64),
+                                                           (torch.bfloat16, 32768, 16, 8, 128)])
+def test_biased_attention_kernel_on_cuda(dtype, keys, heads, kv_heads, dim):
+    """Compiled kernel vs. the PyTorch reference (which computes in fp32), fp32 and bf16, up to 32k keys."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, 16, dim, generator=gen).to("cuda", dtype)
+    k, v = (torch.randn(1, kv_heads, keys, dim, generator=gen).to("cuda", dtype) for _ in range(2))
+    bias = torch.randn(1, kv_heads, keys, generator=gen).cuda()
+    q_pos, k_pos = torch.arange(keys - 16, keys).cuda(), torch.arange(keys).cuda()
+    tol = {"rtol": 1e-3, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(biased_attention(q, k, v, bias, q_pos, k_pos).float(),
+                               attention(q, k, v, bias, q_pos, k_pos).float(), **tol)
 
 
 def test_retrieval_head_counts_follow_the_fractions():
