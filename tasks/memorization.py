@@ -319,7 +319,8 @@ def score_table(rows: list[dict], cfg: MemorizationConfig) -> list[dict]:
         lm_all = np.array([r["log_p_lm"] for r in group])
         if len(group) >= 3:
             every = correlations(lm_all, np.array([r["log_p_t_smoothed"] for r in group]), cfg.bootstrap, cfg.seed)
-            row |= {f"{k}_all": every[k] for k in ("spearman", "spearman_lo", "spearman_hi")}
+            row |= {"spearman_all": every["spearman"], "spearman_all_lo": every["spearman_lo"],
+                    "spearman_all_hi": every["spearman_hi"]}
         if len(seen) >= 3:
             lm = np.array([r["log_p_lm"] for r in seen])
             scores = correlations(lm, np.array([r["log_p_t"] for r in seen]), cfg.bootstrap, cfg.seed)

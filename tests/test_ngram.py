@@ -166,7 +166,7 @@ def test_overlap_rule_checks_short_answers_and_multiple_choice_input_is_the_ques
 def test_scores_cover_every_item_smoothed_and_the_cooccurring_subset_labelled():
     """Items whose pairs never co-occur keep a (smoothed) task-gram probability in rho over all items; the
     paper's rho over co-occurring items is reported beside it with its own count."""
-    from tasks.memorization import item_scores, score_table
+    from tasks.memorization import REPORT_COLUMNS, item_scores, score_table
 
     pairs = []
     for i in range(12):
@@ -181,6 +181,8 @@ def test_scores_cover_every_item_smoothed_and_the_cooccurring_subset_labelled():
     (score,) = score_table(lm_rows, MemorizationConfig(bootstrap=50))
     assert score["n_all"] == 12 and score["n_cooccurring"] == 8 and "n_items" not in score
     assert score["spearman_all"] > 0.9 and score["spearman"] > 0.9
+    assert set(REPORT_COLUMNS) <= set(score), set(REPORT_COLUMNS) - set(score)  # every reported column is filled
+    assert score["spearman_all_lo"] <= score["spearman_all"] <= score["spearman_all_hi"]
 
 
 def test_constructed_agreement_gives_positive_rho(indexed):
