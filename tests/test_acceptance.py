@@ -59,9 +59,8 @@ def test_tagcos_coreset_under_selects_low_quality_and_near_duplicates(tiny_run):
 
 def test_context_aware_reward_model_reads_the_context(tiny_run):
     """Held-out prompts under the training phrasings: the context-aware model follows the context where the
-    context-blind one cannot (reversal pairs make it ~0.5); factual pairs are right without context. Under
-    held-out phrasings the aware model's accuracy is reported, not asserted (README: it does not transfer to
-    new wordings at this scale)."""
+    context-blind one cannot; factual pairs are right without context. Under held-out phrasings the gap is
+    asserted on tiny only: the reduced profile's 300 pairs do not transfer to new wordings (README)."""
     store, result = tiny_run
     acc = {(r["metric"], r["model"]): r for r in store.read_table(result["refs"]["eval"]).to_pylist()
            if r["context_type"] == "all"}
@@ -69,6 +68,10 @@ def test_context_aware_reward_model_reads_the_context(tiny_run):
     seen_blind = acc[("context_conditioned_seen_phrasing", "context_blind")]
     assert seen_aware["lo"] > seen_blind["hi"] and seen_aware["accuracy"] >= seen_blind["accuracy"] + 0.2, acc
     assert acc[("no_context_unconditional", "context_aware")]["accuracy"] >= 0.8, acc
+    if FULL:  # on tiny (600 pairs) the model also transfers to held-out wordings: 0.80 vs 0.38, joint 0.65
+        aware, blind = acc[("context_conditioned", "context_aware")], acc[("context_conditioned", "context_blind")]
+        assert aware["lo"] > blind["hi"] and aware["accuracy"] >= blind["accuracy"] + 0.2, acc
+        assert acc[("joint_reversal", "context_aware")]["accuracy"] >= 0.4, acc
     for key in (("context_conditioned", "context_aware"), ("context_conditioned", "context_blind"),
                 ("joint_reversal", "context_aware")):
         assert acc[key]["n"] >= 50 and 0 <= acc[key]["lo"] <= acc[key]["accuracy"] <= acc[key]["hi"] <= 1, acc[key]
@@ -125,10 +128,21 @@ def test_prefect_artifacts_of_every_stage_read_back_from_the_server(tiny_run):
         rows = json.loads(table) if isinstance(table, str) else table
         for row in rows:
             assert row["rows"] == sum(m["rows"] for m in store.markers(row["artifact"])), row
-    loops = ["ingest", "dedup", "tokenize", "pretrain", "ngram-index", "ngram-map", "ngram-reduce", "memorization",
-             "gradients", "select", "preference", "finetune", "eval"]
-    for loop in loops:
-        assert latest[f"tracecore-{loop}-progress"].data == 100.0, loop
-    for plot in ("tracecore-pretrain-loss", "tracecore-select-cluster-sizes", "tracecore-eval-needle-heatmaps"):
-        assert "data:image/png;base64," in latest[plot].data
+    from storage.runs import read_run
+
+    # progress and plots come from the stages this run computed (all of them, unless TRACECORE_ACCEPT_STORE
+    # pointed at a filled store whose stages were reused)
+    computed = {s for s, info in read_run(store, "acceptance")["stages"].items() if info["status"] == "computed"}
+    loops = {"ingest": "ingest", "dedup": "ingest", "tokenize": "tokenize", "pretrain": "pretrain",
+             "ngram-index": "ngram", "ngram-map": "ngram", "ngram-reduce": "ngram", "memorization": "memorization",
+             "gradients": "gradients", "select": "select", "preference": "preference", "finetune": "finetune",
+             "eval": "eval"}
+    assert os.environ.get("TRACECORE_ACCEPT_STORE") or computed == set(STAGES), computed
+    for loop, stage in loops.items():
+        if stage in computed:
+            assert latest[f"tracecore-{loop}-progress"].data == 100.0, loop
+    for plot, stage in (("tracecore-pretrain-loss", "pretrain"), ("tracecore-select-cluster-sizes", "select"),
+                        ("tracecore-eval-needle-heatmaps", "eval")):
+        if stage in computed:
+            assert "data:image/png;base64," in latest[plot].data
     assert str(store.display_path("")).rstrip("/") in latest["tracecore-pipeline-summary"].data
