@@ -448,15 +448,16 @@ def _accuracy_row(metric: str, model: str, ctype: str, outcomes: list[bool]) -> 
 
 
 def accuracy_png(table: list[dict]) -> bytes:
-    rows = [r for r in table if r["context_type"] == "all"]
-    fig, ax = subplots(figsize=(6.5, 3.2))
-    labels = [f"{r['metric'].replace('_', ' ')}\n{r['model'].replace('_', ' ')}" for r in rows]
+    """Horizontal bars (the metric names are long), aware green and blind grey, with Wilson intervals."""
+    rows = [r for r in table if r["context_type"] == "all"][::-1]
+    fig, ax = subplots(figsize=(7, 0.45 * len(rows) + 1.2))
     acc = [r["accuracy"] for r in rows]
-    ax.bar(labels, acc, yerr=[[a - r["lo"] for a, r in zip(acc, rows)], [r["hi"] - a for a, r in zip(acc, rows)]],
-           color=["tab:green" if r["model"] == "context_aware" else "grey" for r in rows], capsize=3)
-    ax.axhline(0.5, color="black", lw=0.5, ls="--")
-    ax.tick_params(axis="x", labelsize=6)
-    ax.set(ylim=(0, 1), ylabel="accuracy (95 % Wilson)", title="reward models on held-out pairs and phrasings")
+    ax.barh([f"{r['metric'].replace('_', ' ')} · {r['model'].replace('_', ' ')}" for r in rows], acc,
+            xerr=[[a - r["lo"] for a, r in zip(acc, rows)], [r["hi"] - a for a, r in zip(acc, rows)]],
+            color=["tab:green" if r["model"] == "context_aware" else "grey" for r in rows], capsize=3)
+    ax.axvline(0.5, color="black", lw=0.5, ls="--")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set(xlim=(0, 1), xlabel="accuracy (95 % Wilson)", title="reward models on held-out pairs and phrasings")
     return figure_png(fig)
 
 
