@@ -1,7 +1,7 @@
 """Acceptance: every effect the pipeline claims, asserted on one shared pipeline run.
 
 `make test` runs it on the reduced acceptance profile (tests/profile_accept.yaml: the tiny recipe at about a
-third of the cost, ~5 min on 2 cores of a slow machine); `make test-accept` (TRACECORE_ACCEPT=full) runs the
+third of the cost, 202 s on 2 cores here); `make test-accept` (TRACECORE_ACCEPT=full) runs the
 same assertions on the real `tiny` profile with its 3 seeds, as `make run` does (~25 min there), before a
 release; with TRACECORE_ACCEPT_STORE=<store of a `make run`> it reuses that run's artifacts. Measured values
 are in the README; the assertions are deliberately looser.
@@ -21,7 +21,7 @@ from storage.store import ArtifactStore
 FULL = os.environ.get("TRACECORE_ACCEPT") == "full"
 PROFILE = "tiny" if FULL else str(Path(__file__).parent / "profile_accept.yaml")
 MIN_QA_ITEMS = 300 if FULL else 150  # tiny scores 400 QA items, the reduced profile 200
-# the shared run is timed in the first test: reduced ~5 min on 2 slow cores, ~9 min on one (2x margin kept)
+# the shared run is timed in the first test: reduced 202 s on 2 cores (2026-11-26), ~5-6 min on one (>= 3x margin)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 3600 if FULL else 1200)]
 
 
