@@ -68,6 +68,11 @@ def normalize_text(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
+def instruction_key(rec: dict) -> str:
+    """An Alpaca-style record's identity for disjointness: its instruction and input, normalized."""
+    return normalize_text(f"{rec['instruction']} {rec.get('input', '')}")
+
+
 def get_logger() -> logging.Logger:
     """Prefect's run logger inside a flow/task run (shows in the UI), else a plain logger."""
     if in_prefect_run():

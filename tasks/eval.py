@@ -28,6 +28,7 @@ from tasks.common import (
     MODEL_LOAD_LOCK,
     already_committed,
     get_logger,
+    instruction_key,
     map_shards,
     normalize_text,
     plan_ref,
@@ -150,9 +151,8 @@ def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: E
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
     sample_dir = f"{store.display_path(item['sample_ref'])}/files"
     pool = load_pool(item["pool_path"])[0]
-    seen = {normalize_text(f"{r['instruction']} {r['input']}") for r in pool}
-    held_out = [r for r in load_pool(f"{sample_dir}/instructions/eval.jsonl")[0]
-                if normalize_text(f"{r['instruction']} {r['input']}") not in seen]
+    seen = {instruction_key(r) for r in pool}
+    held_out = [r for r in load_pool(f"{sample_dir}/instructions/eval.jsonl")[0] if instruction_key(r) not in seen]
     _, blocks = split_blocks(token_stream(store, item["tokens_ref"], [tok.eos_token_id]), item["seq_len"],
                              item["eval_fraction"])
     metrics = quality_metrics(model, tok, load_tasks(sample_dir, cfg.max_items, pool), held_out[:: max(1, len(held_out)

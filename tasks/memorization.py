@@ -125,17 +125,16 @@ def word_ngrams(text: str, n: int) -> list[str]:
 
 
 def occurs_in(gram: str, words: list[str]) -> bool:
-    """Whether the gram's words appear contiguously in `words` (case-insensitive)."""
+    """Whether the gram's words appear contiguously in `words`, which the caller has lower-cased."""
     g = gram.lower().split()
-    low = [w.lower() for w in words]
-    return any(low[i:i + len(g)] == g for i in range(len(low) - len(g) + 1))
+    return any(words[i:i + len(g)] == g for i in range(len(words) - len(g) + 1))
 
 
 def candidate_pairs(item: dict, n: int) -> list[tuple[str, str]]:
     """Cartesian pairs input x output; none at all when any y-gram occurs in x (the paper's rule, applied to
     every y-gram, including a y shorter than n words, so no answer is copyable from its input)."""
     xs, ys = word_ngrams(item["input"], n), word_ngrams(item["output"], n)
-    x_words = WORD.findall(item["input"])
+    x_words = [w.lower() for w in WORD.findall(item["input"])]
     if any(occurs_in(sy, x_words) for sy in ys):
         return []
     return [(sx, sy) for sx, sy in itertools.product(xs, ys) if sx != sy]
@@ -155,7 +154,6 @@ def alignment_scores(pairs: list[tuple[str, str]], embedder_path: str | None, ba
     return np.array([float(vectors[index[a]] @ vectors[index[b]]) for a, b in pairs])
 
 
-PAPER_THRESHOLDS = {"short": 0.6, "long": 0.9}  # n <= 2, n >= 3
 
 
 def threshold(cfg: MemorizationConfig, spec: TaskSpec) -> float:
@@ -167,7 +165,8 @@ def threshold(cfg: MemorizationConfig, spec: TaskSpec) -> float:
 def threshold_warnings(cfg: MemorizationConfig) -> list[str]:
     """A user task (own file) filtered below the paper's threshold, e.g. one inherited from the toy profile
     (whose made-up words carry no embedding meaning), is said out loud rather than applied silently."""
-    paper = PAPER_THRESHOLDS["short" if cfg.n <= 2 else "long"]
+    field = "align_threshold_short" if cfg.n <= 2 else "align_threshold_long"
+    paper = MemorizationConfig.model_fields[field].default  # the schema's defaults are the paper's values
     return [f"memorization: task {s.name} ({s.path}) uses alignment threshold {threshold(cfg, s)} below the "
             f"paper's {paper} for n={cfg.n}; set memorization.align_threshold_short/long or the task's "
             "align_threshold" for s in cfg.tasks if s.path and cfg.align and threshold(cfg, s) < paper]

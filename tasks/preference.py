@@ -38,6 +38,7 @@ from tasks.common import (
     figure_png,
     get_logger,
     map_shards,
+    normalize_text,
     plan_ref,
     stage_task,
     subplots,
@@ -233,17 +234,20 @@ def dedup_pairs(pairs: list[dict], threshold: float) -> tuple[list[dict], int, i
     return kept, exact, near
 
 
-def split_of(prompt: str, test_fraction: float, seed: int) -> str:
-    bucket = int(hashlib.sha256(f"{seed}|{prompt}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+def hash_split(key: str, test_fraction: float) -> str:
+    """A deterministic split by a hash of `key`: the same key lands on the same side in every run."""
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "test" if bucket < test_fraction else "train"
+
+
+def split_of(prompt: str, test_fraction: float, seed: int) -> str:
+    return hash_split(f"{seed}|{prompt}", test_fraction)
 
 
 def context_split(context: str, test_fraction: float) -> str:
     """Held-out phrasings: a context text is a test phrasing by a hash of its normalized words alone, so the
     same wording lands on the same side for every pair and no test context was seen in training."""
-    norm = " ".join(re.findall(r"\w+", context.lower()))
-    bucket = int(hashlib.sha256(f"context|{norm}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "test" if bucket < test_fraction else "train"
+    return hash_split(f"context|{normalize_text(context)}", test_fraction)
 
 
 def expand(pair: dict, split: str, context_test_fraction: float | None = None) -> list[dict]:
@@ -414,11 +418,12 @@ def evaluate(score_aware, score_blind, rows: list[dict]) -> list[dict]:
     plain_rows = [r for r in rows if r["context_type"] == "none"]
     diffs = {}
     for name, score, with_context in (("context_aware", score_aware, True), ("context_blind", score_blind, False)):
-        items = sorted({((r["context"] if with_context else ""), r["prompt"], r[k]) for r in rows
-                        for k in ("response_a", "response_b")})
+        def item(r, side, with_context=with_context):
+            return (r["context"] if with_context else "", r["prompt"], r[side])
+
+        items = sorted({item(r, side) for r in rows for side in ("response_a", "response_b")})
         table = dict(zip(items, [float(x) for x in score(items)]))
-        diffs[name] = {id(r): table[((r["context"] if with_context else ""), r["prompt"], r["response_a"])]
-                       - table[((r["context"] if with_context else ""), r["prompt"], r["response_b"])] for r in rows}
+        diffs[name] = {id(r): table[item(r, "response_a")] - table[item(r, "response_b")] for r in rows}
     out = []
     for ctype in ("all", "criteria", "scenario", "profile"):
         sel = [r for r in context_rows if ctype == "all" or r["context_type"] == ctype]

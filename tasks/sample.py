@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from configs.schema import SampleConfig
 from storage.lineage import code_version, lineage
 from storage.store import ArtifactStore
-from tasks.common import get_logger, normalize_text, plan_ref, stage_task
+from tasks.common import get_logger, instruction_key, plan_ref, stage_task
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "so", "ta", "vel", "dor", "an", "is", "um", "qua", "zel", "bri",
              "no", "pa", "ther", "gal", "fi", "ou", "rak", "sen", "wy", "mor"]
@@ -227,7 +227,7 @@ def build_instructions(cfg: SampleConfig, facts, lexicon, rng) -> tuple[list[dic
             rec["quality"] = "low"
         pool.append(rec)
     per_family = max(10, cfg.instructions // 60)
-    seen = {normalize_text(f"{r['instruction']} {r['input']}") for r in pool}
+    seen = {instruction_key(r) for r in pool}
     held_out = [{"id": f"eval-{fam}-{j:04d}", "family": fam, **_unseen_instruction(fam, rng, facts, lexicon, seen)}
                 for fam in FAMILIES for j in range(per_family)]
     return pool, held_out
@@ -237,7 +237,7 @@ def _unseen_instruction(family: str, rng: random.Random, facts, lexicon, seen: s
     """A held-out record whose instruction + input (normalized) is in neither the pool nor the held-out set."""
     for _ in range(tries):
         rec = _instruction(family, rng, facts, lexicon)
-        key = normalize_text(f"{rec['instruction']} {rec['input']}")
+        key = instruction_key(rec)
         if key not in seen:
             seen.add(key)
             return rec

@@ -147,15 +147,15 @@ def test_held_out_and_evaluation_items_are_disjoint_from_the_pool(tmp_path):
     """No held-out instruction and no QA / multiple-choice evaluation question is in the training pool, compared
     after lower-casing and stripping punctuation (the tiny profile's world: 3,000 pool records)."""
     from configs.schema import load_config
-    from tasks.common import normalize_text
+    from tasks.common import instruction_key, normalize_text
     from tasks.eval import load_tasks
     from tasks.gradients import load_pool
 
     write_sample(load_config("tiny").sample, tmp_path)
     pool, _ = load_pool(str(tmp_path / "instructions" / "train.jsonl"))
     held_out, _ = load_pool(str(tmp_path / "instructions" / "eval.jsonl"))
-    seen = {normalize_text(r["instruction"] + " " + r["input"]) for r in pool}
-    assert not [r for r in held_out if normalize_text(r["instruction"] + " " + r["input"]) in seen]
+    seen = {instruction_key(r) for r in pool}
+    assert not [r for r in held_out if instruction_key(r) in seen]
     inputs = {normalize_text(r["input"]) for r in pool}
     tasks = load_tasks(str(tmp_path), 100, pool)
     assert len(tasks["qa"]) >= 50 and len(tasks["multiple_choice"]) >= 50
