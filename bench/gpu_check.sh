@@ -13,7 +13,7 @@ MODE=${2:-full}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 failed=0
 
@@ -34,7 +34,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: output to OUT/NAME.md, stderr an
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "gpu: none (nvidia-smi not found)"
   "$PY" -c "import torch, triton, transformers, peft; print('torch', torch.__version__, '| cuda', torch.version.cuda, \
 '| triton', triton.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
-  "$PY" -c "import liger_kernel; print('liger-kernel', liger_kernel.__version__)" 2>/dev/null \
+  "$PY" -c "from importlib.metadata import version; print('liger-kernel', version('liger-kernel'))" 2>/dev/null \
     || echo "liger-kernel: not installed (its column is left out of the LM-head table)"
 } | tee "$OUT/environment.txt"
 
@@ -49,9 +49,9 @@ else
   step pytest_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${KERNEL_TESTS[@]}"
   # Llama-3-8B LM head (4096 x 128,256, bf16) at 4k / 32k / 64k tokens; a ~1.2 B Llama training step
   step mini_sequence 240 "$PY" bench/mini_sequence.py --hidden 4096 --vocabs 128256 --head-lengths 4096 32768 65536 \
-    --step-model 1b --step-lengths 4096 16384 --repeats 2 --cell-timeout 45 --budget-mb 40000
+    --step-model 1b --step-lengths 4096 16384 32768 --repeats 2 --cell-timeout 45 --budget-mb 40000
   # ~110 M-parameter Llama, LoRA r 128 on q/k/v/o: batched hooks vs. the batch-size-1 loop
-  step gradients 60 "$PY" bench/gradients.py --synthetic --hidden 768 --layers 12 --vocab 32000 --lora-r 128 --seq 256 \
+  step gradients 90 "$PY" bench/gradients.py --synthetic --hidden 768 --layers 12 --vocab 32000 --lora-r 128 --seq 256 \
     --records 256 --batch 32 --loop-records 64
   # a random Llama with 8 KV heads at 8k-64k tokens: full vs. RazorAttention (Triton biased attention) vs. LongCache
   step long_context 90 "$PY" bench/long_context.py --hidden 1024 --layers 4 --heads 16 --kv-heads 8 \

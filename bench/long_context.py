@@ -40,15 +40,18 @@ def build_model(device: str, hidden: int = 256, layers: int = 4, heads: int = 8,
     return model.to(torch.bfloat16) if device == "cuda" else model
 
 
-def decode_rate(model, policy, context: torch.Tensor, steps: int, chunk: int) -> tuple[float, int]:
+def decode_rate(model, policy, context: torch.Tensor, steps: int, chunk: int, warmup: int = 2) -> tuple[float, int]:
+    """Decode tokens/s after `warmup` untimed tokens (Triton compiles its kernels on the first call)."""
     logits = prefill(model, context, policy, chunk)
     if hasattr(policy, "after_prefill"):
         policy.after_prefill()
     token = logits[:, -1:].argmax(-1)
+    for i in range(warmup):
+        token = forward(model, token, policy, context.shape[1] + i)[:, -1:].argmax(-1)
     if context.is_cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    for i in range(steps):
+    for i in range(warmup, warmup + steps):
         token = forward(model, token, policy, context.shape[1] + i)[:, -1:].argmax(-1)
     if context.is_cuda:
         torch.cuda.synchronize()
@@ -69,7 +72,7 @@ def main() -> None:
         args.hidden, args.layers, args.heads, args.kv_heads, args.lengths, args.decode = 64, 2, 4, 2, [512, 1024], 4
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
-             "max_len": max(65536, max(args.lengths) + args.decode)}
+             "max_len": max(65536, max(args.lengths) + args.decode + 2)}
     model = build_model("cpu", **shape)
     induction, echo = head_scores(model.float(), block=256, repeats=4, low=10, high=8192)
     model = build_model(device, **shape)

@@ -3,15 +3,18 @@
     .venv/bin/python bench/mini_sequence.py [--quick | --smoke] [--hidden 4096 --vocabs 128256
         --head-lengths 4096 16384 32768 65536 --step-model 1b --step-lengths 2048 8192 16384]
 
-Two tables, every cell measured in a fresh subprocess (so peak memory is not polluted by earlier cells):
+Two tables; on CPU every cell runs in a fresh subprocess (peak RSS only grows), on CUDA in this process with
+the peak counter reset and memory freed between cells:
 1. LM head + cross-entropy (forward + backward) over sequence lengths and vocab sizes (hidden `--hidden`,
    default 1024; Llama-3-8B's head is 4096 x 128,256): plain (full fp32 logits, `F.cross_entropy`, as HF's
    loss), chunked PyTorch (kernels.reference), the Triton kernel path (CUDA only) and Liger-Kernel's fused
    linear cross-entropy (CUDA, when the `liger-kernel` package is installed; the table says when it is not).
 2. A full training step (forward + backward + AdamW) of a Llama (`--step-model`: small = hidden 256,
    4 layers, vocab 32k; 1b = hidden 2048, 16 layers, vocab 128k, ~1.2 B parameters; toy for --smoke),
-   batch 1: plain vs. `apply_mini_sequence`, plus the largest sequence length that fits a fixed budget
-   (a linear fit of peak memory over the measured lengths, extrapolated).
+   batch 1: plain vs. activation checkpointing alone vs. `apply_mini_sequence` (which includes checkpointing,
+   as the paper's MsT does), plus the largest sequence length that fits a fixed budget (a linear fit of the
+   step's memory over the measured lengths, extrapolated; on CUDA the total allocated: weights, gradients,
+   AdamW state, activations). On CUDA the model is bf16 with bf16 AdamW state.
 Peak memory: CUDA `max_memory_allocated` above the inputs; CPU peak RSS above the inputs (ru_maxrss),
 which includes allocator slack, so CPU ratios are conservative. Tokens/s: best of `--repeats`.
 """
@@ -19,6 +22,7 @@ which includes allocator slack, so CPU ratios are conservative. Tokens/s: best o
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -62,7 +66,7 @@ def liger_available() -> bool:
 
 
 def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int, d: int = 1024) -> dict:
-    from kernels import lm_head_ce, plain_lm_head_ce
+    from kernels.reference import lm_head_ce, plain_lm_head_ce
     from kernels.mini_sequence import auto_lm_chunks
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -80,7 +84,7 @@ def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int, d: i
         liger = LigerFusedLinearCrossEntropyLoss()
         fn = lambda h, w, y: liger(w, h, y)
     else:
-        from kernels.lm_head_ce import triton_lm_head_ce
+        from kernels.triton_ce import triton_lm_head_ce
 
         fn = lambda h, w, y: triton_lm_head_ce(h, w, y, chunks)
     return timed(lambda: fn(hidden, weight, labels).backward(), device, repeats, seq)
@@ -91,13 +95,19 @@ def step_cell(method: str, seq: int, device: str, repeats: int, size: str = "sma
 
     from kernels import apply_mini_sequence
 
+    from kernels.mini_sequence import _enable_checkpointing
+
     shape = STEP_MODELS[size]
     config = LlamaConfig(**shape, max_position_embeddings=max(seq, 2048))
     vocab = shape["vocab_size"]
-    model = LlamaForCausalLM(config).to(device)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the GPU: a 1.2 B model's CPU init alone takes tens of seconds
+        model = LlamaForCausalLM(config)
     if device == "cuda":
         model = model.to(torch.bfloat16)
-    if method != "plain":
+    if method == "checkpointing":  # activation recomputation alone, the paper's second baseline
+        _enable_checkpointing(model)
+    elif method != "plain":
         apply_mini_sequence(model, use_triton=method == "triton")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, vocab, (1, seq), device=device)
@@ -130,24 +140,37 @@ def timed(fn, device: str, repeats: int, tokens: int) -> dict:
         fn()
         sync(device)
         best = min(best, time.perf_counter() - start)
-    return {"peak_mb": max(peak_mb(device) - base, 0.0), "tokens_per_s": tokens / best}
+    return {"peak_mb": max(peak_mb(device) - base, 0.0), "total_mb": peak_mb(device), "tokens_per_s": tokens / best}
 
 
 def run_cell(args: list[str], timeout: int, in_process: bool = False) -> dict | None:
-    """One measurement in a fresh interpreter; None when it fails (out of memory) or times out. `in_process`
-    (--smoke) skips the fresh interpreter: the code paths run, the peak-memory figures are not isolated."""
+    """One measurement; None when it fails (out of memory) or times out. CPU: in a fresh interpreter, since
+    peak RSS only grows. `in_process` (CUDA, whose peak counter resets, and --smoke): in this interpreter,
+    memory freed between cells; saves the ~10 s start of a CUDA interpreter per cell."""
     if in_process:
         kind, method, *sizes = args[: args.index("--repeats")] if "--repeats" in args else args
         repeats = int(args[args.index("--repeats") + 1]) if "--repeats" in args else 1
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        return (head_cell(method, int(sizes[0]), int(sizes[1]), device, repeats, int(sizes[2])) if kind == "head"
-                else step_cell(method, int(sizes[0]), device, repeats, sizes[1]))
+        try:
+            return (head_cell(method, int(sizes[0]), int(sizes[1]), device, repeats, int(sizes[2])) if kind == "head"
+                    else step_cell(method, int(sizes[0]), device, repeats, sizes[1]))
+        except torch.OutOfMemoryError:
+            return None
+        finally:
+            release(device)
     try:
         out = subprocess.run([sys.executable, __file__, "--cell", *args], capture_output=True, text=True,
                              timeout=timeout, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, json.JSONDecodeError, IndexError):
         return None
+
+
+def release(device: str) -> None:
+    """Free what the last in-process cell left (checkpointing hooks hold reference cycles)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def fmt(cell: dict | None, base: dict | None) -> str:
@@ -180,6 +203,7 @@ def main() -> None:
         print(json.dumps(cell))
         return
     gpu = device == "cuda"
+    in_process = gpu or args.smoke
     if args.smoke:
         args.hidden, args.vocabs, args.step_model, args.repeats = 64, [1000], "toy", 1
     head_methods = ["plain", "chunked"] + (["triton"] if gpu else []) + (["liger"] if gpu and liger_available() else [])
@@ -197,10 +221,10 @@ def main() -> None:
     for vocab in args.vocabs:
         for seq in head_lengths:
             cells = {m: run_cell(["head", m, str(seq), str(vocab), str(args.hidden), "--repeats", str(args.repeats)],
-                                 args.cell_timeout, args.smoke) for m in head_methods}
+                                 args.cell_timeout, in_process) for m in head_methods}
             print(f"{vocab:>7} {seq:>6} | " + " | ".join(fmt(cells[m], cells["plain"] if m != "plain" else None)
                                                          for m in head_methods), flush=True)
-    step_methods = ["plain", "chunked"] + (["triton"] if gpu else [])
+    step_methods = ["plain", "checkpointing", "chunked"] + (["triton"] if gpu else [])
     shape = STEP_MODELS[args.step_model]
     print(f"\nTraining step (Llama {args.step_model}: d={shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
           f"vocab {shape['vocab_size']}, batch 1, AdamW)")
@@ -208,14 +232,16 @@ def main() -> None:
     fits = {m: [] for m in step_methods}
     for seq in step_lengths:
         cells = {m: run_cell(["step", m, str(seq), args.step_model, "--repeats", str(args.repeats)], args.cell_timeout,
-                             args.smoke) for m in step_methods}
+                             in_process) for m in step_methods}
         for m, c in cells.items():
-            if c:
-                fits[m].append((seq, c["peak_mb"]))
+            if c:  # CUDA: everything allocated (weights, gradients, AdamW state); CPU: RSS above the inputs
+                fits[m].append((seq, c["total_mb"] if gpu else c["peak_mb"]))
         print(f"{seq:>6} | " + " | ".join(fmt(cells[m], cells["plain"] if m != "plain" else None) for m in step_methods),
               flush=True)
     budget = args.budget_mb or (40_000 if gpu else 8_000)
-    print(f"\nLargest trainable sequence length within {budget:.0f} MB (linear fit of the step's peak, extrapolated):")
+    print(f"\nLargest trainable sequence length within {budget:.0f} MB (linear fit of the step's "
+          f"{'total allocated' if gpu else 'peak above inputs'} memory, extrapolated; 'chunked'/'triton' = MsT, "
+          "which includes checkpointing):")
     for m, points in fits.items():
         if len(points) >= 2:
             (s0, p0), (s1, p1) = points[0], points[-1]

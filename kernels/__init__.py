@@ -1,7 +1,7 @@
 """tracecore kernels: Mini-Sequence Transformer pieces, each Triton kernel beside its PyTorch reference.
 
 `apply_mini_sequence(model)` wraps a Hugging Face Llama-family causal LM; `reference` holds the
-PyTorch implementations (CPU path and test oracle); `lm_head_ce` the Triton kernel (imported on use,
+PyTorch implementations (CPU path and test oracle); `triton_ce` the Triton kernel (imported on use,
 so CPU-only installs never need a GPU toolchain).
 """
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -39,6 +40,16 @@ def attention(q, k, v, bias=None, q_pos=None, k_pos=None) -> torch.Tensor:
     return (logits.softmax(-1) @ v.float()).to(q.dtype)
 
 
+def fast_attention(q, k, v, q_pos=None, k_pos=None) -> torch.Tensor:
+    """`attention` without a bias through torch's fused SDPA (flash / memory-efficient kernels on CUDA), the
+    honest baseline for cache policies. Keys must be in position order with the queries' positions last
+    (true for a growing cache): a single query then sees every key and needs no mask."""
+    mask = None
+    if q_pos is not None and q.shape[2] > 1:
+        mask = k_pos[None, :] <= q_pos[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
 class Rope:
     """The model's rotary frequencies (so a raised rope_theta is honoured)."""
 
@@ -62,7 +73,7 @@ class FullAttention:
         self.k[layer] = torch.cat([self.k[layer], k], 2) if layer in self.k else k
         self.v[layer] = torch.cat([self.v[layer], v], 2) if layer in self.v else v
         self.pos[layer] = torch.cat([self.pos[layer], positions]) if layer in self.pos else positions
-        return attention(self.rope(q, positions), self.k[layer], self.v[layer], None, positions, self.pos[layer])
+        return fast_attention(self.rope(q, positions), self.k[layer], self.v[layer], positions, self.pos[layer])
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())

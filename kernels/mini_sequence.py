@@ -80,7 +80,7 @@ def _enable_checkpointing(lm) -> None:
 def _loss_fn(use_triton: bool | None, device: torch.device):
     from_triton = use_triton if use_triton is not None else device.type == "cuda"
     if from_triton:
-        from kernels.lm_head_ce import triton_available, triton_lm_head_ce
+        from kernels.triton_ce import triton_available, triton_lm_head_ce
 
         if not triton_available(device):
             raise RuntimeError("mini-sequence: use_triton=True needs CUDA tensors or TRITON_INTERPRET=1")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.decoding import FullAttention, Rope, attention
+from kernels.decoding import FullAttention, Rope, attention, fast_attention
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,19 @@ def compensated_attention(q, keys, values, n_dropped, comp_key, comp_value, q_po
 
 
 class RazorCache:
-    """KV-cache policy for `kernels.decoding.forward`: full attention during prefill, then compression."""
+    """KV-cache policy for `kernels.decoding.forward`: full attention during prefill, then compression.
+
+    After the prompt each layer holds two groups of KV heads, each one tensor: the retrieval heads (full
+    cache, fused SDPA like `FullAttention`) and the compressed heads (sinks + buffer + compensation token,
+    the Triton biased-attention kernel on CUDA). All compressed heads of a layer share the prompt length,
+    hence the buffer and the eviction schedule, so each decoded token costs two attention calls per layer,
+    not one per head."""
 
     def __init__(self, model, heads: torch.Tensor, cfg: RazorConfig):
         self.rope, self.heads, self.cfg = Rope(model), heads, cfg
+        self.groups = model.config.num_attention_heads // model.config.num_key_value_heads
         self.prefill = FullAttention(model)  # the prompt runs with full attention and a full cache
-        self.compressed: dict[int, list[dict]] = {}
+        self.compressed: dict[int, dict[str, dict]] = {}  # layer -> {"retrieval": group, "compressed": group}
 
     def attend(self, layer: int, q, k, v, positions):
         if layer not in self.compressed:
@@ -109,57 +116,80 @@ class RazorCache:
                                            positions[t:t + 1]) for t in range(q.shape[2])], 2)
 
     def _decode_one(self, layer: int, q, k, v, position):
-        groups = q.shape[1] // k.shape[1]
-        outs = []
-        for h, head in enumerate(self.compressed[layer]):
-            head["k"] = torch.cat([head["k"], k[:, h:h + 1]], 2)
-            head["v"] = torch.cat([head["v"], v[:, h:h + 1]], 2)
-            head["pos"] = torch.cat([head["pos"], position])
-            self._evict(head)
-            outs.append(compensated_attention(q[:, h * groups:(h + 1) * groups], head["k"], head["v"],
-                                              head["n_dropped"], head["ck"], head["cv"], position, head["pos"]))
-        return torch.cat(outs, 1)
+        out = torch.empty_like(q)
+        for name, group in self.compressed[layer].items():
+            group["k"] = torch.cat([group["k"], k[:, group["kv"]]], 2)
+            group["v"] = torch.cat([group["v"], v[:, group["kv"]]], 2)
+            group["pos"] = torch.cat([group["pos"], position])
+            queries = q[:, group["q"]]
+            if name == "retrieval":
+                out[:, group["q"]] = fast_attention(queries, group["k"], group["v"], position, group["pos"])
+                continue
+            self._evict(group)
+            n_dropped = torch.full((len(group["kv"]),), group["n_dropped"], device=q.device)
+            out[:, group["q"]] = compensated_attention(queries, group["k"], group["v"], n_dropped, group["ck"],
+                                                       group["cv"], position, group["pos"])
+        return out
 
-    def _evict(self, head: dict) -> None:
-        """Keep a non-retrieval head at sinks + buffer: the oldest non-sink token leaves, folded into the
+    def _evict(self, group: dict) -> None:
+        """Keep the compressed heads at sinks + buffer: the oldest non-sink token leaves, folded into the
         compensation token's running mean (n_d grows by one), as if compressed with everything else."""
         sinks = self.cfg.sinks
-        while head["buffer"] is not None and head["k"].shape[2] > sinks + head["buffer"]:
-            old_k, old_v = head["k"][:, :, sinks], head["v"][:, :, sinks]
-            keep = torch.cat([torch.arange(sinks), torch.arange(sinks + 1, head["k"].shape[2])])
-            head["k"], head["v"], head["pos"] = head["k"][:, :, keep], head["v"][:, :, keep], head["pos"][keep]
+        while group["k"].shape[2] > sinks + group["buffer"]:
+            old_k, old_v = group["k"][:, :, sinks], group["v"][:, :, sinks]
+            for key in ("k", "v"):
+                group[key] = torch.cat([group[key][:, :, :sinks], group[key][:, :, sinks + 1:]], 2)
+            group["pos"] = torch.cat([group["pos"][:sinks], group["pos"][sinks + 1:]])
             if self.cfg.compensation:
-                n = head["n_dropped"].to(old_k.dtype)
-                head["ck"] = (head["ck"] * n + old_k) / (n + 1)
-                head["cv"] = (head["cv"] * n + old_v) / (n + 1)
-                head["n_dropped"] = head["n_dropped"] + 1
+                n = group["n_dropped"]
+                group["ck"] = (group["ck"] * n + old_k) / (n + 1)
+                group["cv"] = (group["cv"] * n + old_v) / (n + 1)
+                group["n_dropped"] = n + 1
 
     def after_prefill(self) -> None:
-        """Compress every non-retrieval head of every layer (called once, after the prompt)."""
+        """Split every layer's cache into its retrieval and compressed heads and compress the latter (called
+        once, after the prompt)."""
         full = self.prefill
         for layer in list(full.k):
             k, v, pos = full.k.pop(layer), full.v.pop(layer), full.pos.pop(layer)
-            self.compressed[layer] = [self._compress(k[:, h:h + 1], v[:, h:h + 1], pos, bool(self.heads[layer, h]))
-                                      for h in range(k.shape[1])]
+            retrieval = self.heads[layer].tolist()
+            groups = {}
+            for name, members in (("retrieval", [h for h, r in enumerate(retrieval) if r]),
+                                  ("compressed", [h for h, r in enumerate(retrieval) if not r])):
+                if members:
+                    groups[name] = self._group(k, v, pos, members, name == "retrieval")
+            self.compressed[layer] = groups
 
-    def _compress(self, k, v, pos, retrieval: bool) -> dict:
+    def _group(self, k, v, pos, members: list[int], retrieval: bool) -> dict:
+        kv = torch.tensor(members, device=k.device)
+        q = torch.tensor([h * self.groups + g for h in members for g in range(self.groups)], device=k.device)
+        k, v = k[:, kv], v[:, kv]
         n, cfg = k.shape[2], self.cfg
-        buffer = max(cfg.min_buffer, math.ceil(n / cfg.compression))
-        zero = torch.zeros(1, dtype=torch.long)
-        if retrieval or n <= cfg.sinks + buffer:  # a short head is compressed once decoding outgrows it
-            return {"k": k, "v": v, "pos": pos, "n_dropped": zero, "ck": k[:, :, 0] * 0, "cv": v[:, :, 0] * 0,
-                    "buffer": None if retrieval else buffer}
-        keep = torch.cat([torch.arange(cfg.sinks), torch.arange(n - buffer, n)])
-        dropped = torch.arange(cfg.sinks, n - buffer)
-        n_d = torch.tensor([len(dropped) if cfg.compensation else 0])
-        return {"k": k[:, :, keep], "v": v[:, :, keep], "pos": pos[keep], "n_dropped": n_d,
-                "ck": k[:, :, dropped].mean(2), "cv": v[:, :, dropped].mean(2), "buffer": buffer}
+        group = {"kv": kv, "q": q, "k": k, "v": v, "pos": pos, "n_dropped": 0, "ck": k[:, :, 0] * 0,
+                 "cv": v[:, :, 0] * 0, "buffer": max(cfg.min_buffer, math.ceil(n / cfg.compression))}
+        if retrieval or n <= cfg.sinks + group["buffer"]:  # a short group is compressed once decoding outgrows it
+            return group
+        keep = torch.cat([torch.arange(cfg.sinks), torch.arange(n - group["buffer"], n)]).to(k.device)
+        dropped = slice(cfg.sinks, n - group["buffer"])
+        group.update(k=k[:, :, keep], v=v[:, :, keep], pos=pos[keep], ck=k[:, :, dropped].mean(2),
+                     cv=v[:, :, dropped].mean(2), n_dropped=(n - group["buffer"] - cfg.sinks) if cfg.compensation
+                     else 0)
+        return group
+
+    def head(self, layer: int, kv_head: int) -> dict:
+        """One KV head's view after the prompt (k, v, pos, n_dropped, ck, cv), for inspection and tests."""
+        for group in self.compressed[layer].values():
+            if kv_head in group["kv"].tolist():
+                j = group["kv"].tolist().index(kv_head)
+                return {"k": group["k"][:, j:j + 1], "v": group["v"][:, j:j + 1], "pos": group["pos"],
+                        "n_dropped": group["n_dropped"], "ck": group["ck"][:, j:j + 1], "cv": group["cv"][:, j:j + 1]}
+        raise KeyError(f"layer {layer} has no KV head {kv_head}")
 
     def cache_bytes(self) -> int:
         """Bytes actually held: kept tokens (+1 compensation token where used), keys and values."""
         total = 0
-        for heads in self.compressed.values():
-            for h in heads:
-                tokens = h["k"].shape[2] + int(h["n_dropped"].item() > 0)
-                total += 2 * tokens * h["k"].shape[-1] * h["k"].element_size() * h["k"].shape[0]
+        for groups in self.compressed.values():
+            for g in groups.values():
+                tokens = g["k"].shape[2] + int(g["n_dropped"] > 0)
+                total += 2 * tokens * g["k"].shape[-1] * g["k"].element_size() * g["k"].shape[0] * g["k"].shape[1]
         return total + self.prefill.cache_bytes()

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from kernels import apply_mini_sequence, default_chunks, lm_head_ce, plain_lm_head_ce
-from kernels.lm_head_ce import triton_ce_grad_, triton_lm_head_ce
+from kernels.triton_ce import triton_ce_grad_, triton_lm_head_ce
 from kernels.reference import torch_ce_grad_
 
 TINY = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -211,3 +211,18 @@ def test_automatic_lm_chunks_keep_at_least_256_rows():
     assert auto_lm_chunks(65536, 128256, 4096) == 32  # long sequences: the paper's M
     assert auto_lm_chunks(1024, 128256, 1024) == 4  # short ones: 256-row chunks, not 126 chunks of 8 rows
     assert auto_lm_chunks(100, 32000, 512) == 1
+
+
+def test_package_exports_survive_importing_every_kernel_module():
+    """Importing a submodule binds its name on the package: a submodule named like an exported function
+    (as `kernels.lm_head_ce` once was) silently replaces the function with the module."""
+    import importlib
+    import pkgutil
+
+    import kernels
+
+    exported = {name: getattr(kernels, name) for name in kernels.__all__}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        importlib.import_module(f"kernels.{info.name}")
+    for name, obj in exported.items():
+        assert callable(obj) and getattr(kernels, name) is obj, f"kernels.{name} is shadowed by a submodule"

@@ -11,7 +11,7 @@ from conftest import gpu
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kernels.biased_attention import biased_attention
-from kernels.decoding import FullAttention, attention, forward
+from kernels.decoding import FullAttention, attention, fast_attention, forward
 from kernels.longcache import LongCache, LongCacheConfig, expand_spans, select_middle
 from kernels.razor import RazorCache, RazorConfig, compensated_attention, head_scores, retrieval_heads
 
@@ -89,6 +89,30 @@ def test_triton_biased_attention_matches_reference_with_causal_mask_and_padding(
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tq", [1, 7])
+def test_fused_attention_matches_reference_for_a_growing_cache(tq):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 4, tq, 16, generator=gen), torch.randn(1, 2, 40, 16, generator=gen), torch.randn(
+        1, 2, 40, 16, generator=gen)
+    k_pos = torch.arange(40)
+    q_pos = k_pos[-tq:]
+    torch.testing.assert_close(fast_attention(q, k, v, q_pos, k_pos), attention(q, k, v, None, q_pos, k_pos),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_triton_biased_attention_merges_key_splits():
+    """Over 512 keys the kernel splits the keys across programs and merges the partials; a split whose keys
+    are all masked (future positions, -inf bias) must weigh nothing."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 3, 16, generator=gen), torch.randn(1, 1, 1100, 16, generator=gen),
+               torch.randn(1, 1, 1100, 16, generator=gen))
+    bias = torch.randn(1, 1, 1100, generator=gen)
+    bias[..., 700:900] = float("-inf")
+    q_pos, k_pos = torch.tensor([100, 600, 1099]), torch.arange(1100)  # query 0 sees only the first split
+    torch.testing.assert_close(biased_attention(q, k, v, bias, q_pos, k_pos), attention(q, k, v, bias, q_pos, k_pos),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_retrieval_heads_and_compressed_cache(model):
     induction, echo = head_scores(model, block=32, repeats=4, low=10, high=500)
     assert induction.shape == echo.shape == (2, 2) and (induction >= 0).all() and (induction <= 1).all()
@@ -159,7 +183,7 @@ def test_razor_keeps_sinks_buffer_and_compensation_while_decoding(model):
     buffer = max(8, -(-100 // 8))  # 13, fixed at compression time
     for layer in range(2):
         for h in range(2):
-            head = razor.compressed[layer][h]
+            head = razor.head(layer, h)
             if heads[layer, h]:
                 assert head["pos"].tolist() == list(range(120)) and int(head["n_dropped"]) == 0
                 continue
@@ -265,3 +289,20 @@ def test_longcache_selection_path_equals_a_slow_reference(model):
     assert 3 + 10 + 5 < len(index) < 90  # something was selected from the middle, not everything
     assert cache.gather_index(q, k_all, 5).tolist() == index
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@gpu
+def test_razor_decoding_on_cuda_matches_cpu(model):
+    """Every cache tensor follows the model's device (a CPU-side counter once broke decoding on CUDA), and the
+    Triton/SDPA path decodes what the CPU reference decodes."""
+    import copy
+
+    cfg, heads, x = RazorConfig(sinks=2, min_buffer=8, compression=8), torch.tensor([[False, True], [False, False]]), ids(130)
+    logits = []
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        razor = RazorCache(m, heads, cfg)
+        forward(m, x[:, :100].to(device), razor, 0)
+        razor.after_prefill()
+        logits.append(torch.cat([forward(m, x[:, t:t + 1].to(device), razor, t) for t in range(100, 130)], 1).cpu())
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-4)
