@@ -49,7 +49,7 @@ else
   step pytest_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${KERNEL_TESTS[@]}"
   # Llama-3-8B LM head (4096 x 128,256, bf16) at 4k / 32k / 64k tokens; a ~1.2 B Llama training step
   step mini_sequence 240 "$PY" bench/mini_sequence.py --hidden 4096 --vocabs 128256 --head-lengths 4096 32768 65536 \
-    --step-model 1b --step-lengths 4096 16384 32768 --repeats 2 --cell-timeout 45 --budget-mb 40000
+    --step-model 1b --step-lengths 4096 16384 32768 --mst-lengths 65536 131072 --repeats 2 --cell-timeout 45 --budget-mb 40000
   # ~110 M-parameter Llama, LoRA r 128 on q/k/v/o: batched hooks vs. the batch-size-1 loop
   step gradients 90 "$PY" bench/gradients.py --synthetic --hidden 768 --layers 12 --vocab 32000 --lora-r 128 --seq 256 \
     --records 256 --batch 32 --loop-records 64

@@ -192,6 +192,8 @@ def main() -> None:
     parser.add_argument("--head-lengths", type=int, nargs="+", default=None)
     parser.add_argument("--step-model", choices=sorted(STEP_MODELS), default="small")
     parser.add_argument("--step-lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--mst-lengths", type=int, nargs="*", default=[],
+                        help="extra step lengths for the MsT column only (where plain no longer fits)")
     parser.add_argument("--cell-timeout", type=int, default=900, help="seconds per measurement")
     parser.add_argument("--budget-mb", type=float, default=None, help="memory budget for the max-length estimate")
     args = parser.parse_args()
@@ -230,25 +232,37 @@ def main() -> None:
           f"vocab {shape['vocab_size']}, batch 1, AdamW)")
     print(f"{'seq':>6} | " + " | ".join(f"{m:^26}" for m in step_methods))
     fits = {m: [] for m in step_methods}
-    for seq in step_lengths:
+    mst = step_methods[-1]  # the Triton path on CUDA, chunked PyTorch elsewhere
+    for seq in step_lengths + args.mst_lengths:
+        methods = step_methods if seq in step_lengths else [mst]
         cells = {m: run_cell(["step", m, str(seq), args.step_model, "--repeats", str(args.repeats)], args.cell_timeout,
-                             in_process) for m in step_methods}
+                             in_process) for m in methods}
         for m, c in cells.items():
             if c:  # CUDA: everything allocated (weights, gradients, AdamW state); CPU: RSS above the inputs
                 fits[m].append((seq, c["total_mb"] if gpu else c["peak_mb"]))
-        print(f"{seq:>6} | " + " | ".join(fmt(cells[m], cells["plain"] if m != "plain" else None) for m in step_methods),
-              flush=True)
+        print(f"{seq:>6} | " + " | ".join(fmt(cells[m], cells.get("plain") if m != "plain" else None) if m in cells else f"{'-':^26}"
+                                          for m in step_methods), flush=True)
     budget = args.budget_mb or (40_000 if gpu else 8_000)
-    print(f"\nLargest trainable sequence length within {budget:.0f} MB (linear fit of the step's "
-          f"{'total allocated' if gpu else 'peak above inputs'} memory, extrapolated; 'chunked'/'triton' = MsT, "
-          "which includes checkpointing):")
+    print(f"\nLongest trainable sequence within {budget:.0f} MB of {'total allocated' if gpu else 'peak above inputs'} "
+          "memory ('chunked'/'triton' = MsT, which includes checkpointing), linear between the two measured "
+          "lengths that bracket the budget, else from the last two:")
     for m, points in fits.items():
-        if len(points) >= 2:
-            (s0, p0), (s1, p1) = points[0], points[-1]
-            slope = (p1 - p0) / (s1 - s0)
-            print(f"  {m:8s} ~{int(s0 + (budget - p0) / slope) if slope > 0 else 'unbounded'} tokens "
-                  f"({slope * 1024:.0f} MB per 1k tokens)")
+        print(f"  {m:13s} {max_length(points, budget)}")
 
+
+def max_length(points: list[tuple[int, float]], budget: float) -> str:
+    """Sequence length at which the step's memory reaches `budget`, from measured (length, MB) points."""
+    if len(points) < 2:
+        return "not enough measured lengths"
+    above = [i for i, (_, mb) in enumerate(points) if mb > budget]
+    i = max(1, above[0]) if above else len(points) - 1
+    (s0, p0), (s1, p1) = points[i - 1], points[i]
+    slope = (p1 - p0) / (s1 - s0)
+    shown = "; ".join(f"{s // 1024}k: {mb / 1024:.1f} GB" for s, mb in points)
+    if slope <= 0:
+        return f"> {s1} tokens (memory flat over the measured lengths: {shown})"
+    kind = "interpolated" if above else "extrapolated"
+    return f"~{int(s0 + (budget - p0) / slope):,} tokens ({kind}; {slope * 1024:.0f} MB per 1k tokens; {shown})"
 
 if __name__ == "__main__":
     main()

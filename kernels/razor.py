@@ -95,11 +95,13 @@ def compensated_attention(q, keys, values, n_dropped, comp_key, comp_value, q_po
 class RazorCache:
     """KV-cache policy for `kernels.decoding.forward`: full attention during prefill, then compression.
 
-    After the prompt each layer holds two groups of KV heads, each one tensor: the retrieval heads (full
-    cache, fused SDPA like `FullAttention`) and the compressed heads (sinks + buffer + compensation token,
-    the Triton biased-attention kernel on CUDA). All compressed heads of a layer share the prompt length,
-    hence the buffer and the eviction schedule, so each decoded token costs two attention calls per layer,
-    not one per head."""
+    After the prompt each layer holds two groups of KV heads: the retrieval heads (a growing full cache,
+    fused SDPA like `FullAttention`) and the compressed heads, which all share the prompt length, hence
+    the buffer and the eviction schedule. The compressed group is one fixed-size tensor per layer: slot 0
+    the compensation token (its logit bias log n_d), then the sinks, then the buffer as a ring: a decoded
+    token overwrites the oldest non-sink token, which is first folded into the compensation mean. Keys are
+    stored after RoPE and a decoded query sees every kept key, so slot order does not matter, and a step
+    costs two attention calls per layer and no copy of the cache."""
 
     def __init__(self, model, heads: torch.Tensor, cfg: RazorConfig):
         self.rope, self.heads, self.cfg = Rope(model), heads, cfg
@@ -117,34 +119,43 @@ class RazorCache:
 
     def _decode_one(self, layer: int, q, k, v, position):
         out = torch.empty_like(q)
-        for name, group in self.compressed[layer].items():
-            group["k"] = torch.cat([group["k"], k[:, group["kv"]]], 2)
-            group["v"] = torch.cat([group["v"], v[:, group["kv"]]], 2)
-            group["pos"] = torch.cat([group["pos"], position])
-            queries = q[:, group["q"]]
-            if name == "retrieval":
-                out[:, group["q"]] = fast_attention(queries, group["k"], group["v"], position, group["pos"])
-                continue
-            self._evict(group)
-            n_dropped = torch.full((len(group["kv"]),), group["n_dropped"], device=q.device)
-            out[:, group["q"]] = compensated_attention(queries, group["k"], group["v"], n_dropped, group["ck"],
-                                                       group["cv"], position, group["pos"])
+        retrieval, compressed = self.compressed[layer].get("retrieval"), self.compressed[layer].get("compressed")
+        if retrieval is not None:
+            for key, new in (("k", k[:, retrieval["kv"]]), ("v", v[:, retrieval["kv"]]), ("pos", position)):
+                retrieval[key] = torch.cat([retrieval[key], new], -2 if key != "pos" else 0)
+            out[:, retrieval["q"]] = fast_attention(q[:, retrieval["q"]], retrieval["k"], retrieval["v"])
+        if compressed is not None:
+            self._push(compressed, k[:, compressed["kv"]], v[:, compressed["kv"]], position)
+            out[:, compressed["q"]] = attention_impl(q.device)(q[:, compressed["q"]], compressed["k"],
+                                                               compressed["v"], compressed["bias"])
         return out
 
-    def _evict(self, group: dict) -> None:
-        """Keep the compressed heads at sinks + buffer: the oldest non-sink token leaves, folded into the
-        compensation token's running mean (n_d grows by one), as if compressed with everything else."""
-        sinks = self.cfg.sinks
-        while group["k"].shape[2] > sinks + group["buffer"]:
-            old_k, old_v = group["k"][:, :, sinks], group["v"][:, :, sinks]
-            for key in ("k", "v"):
-                group[key] = torch.cat([group[key][:, :, :sinks], group[key][:, :, sinks + 1:]], 2)
-            group["pos"] = torch.cat([group["pos"][:sinks], group["pos"][sinks + 1:]])
-            if self.cfg.compensation:
-                n = group["n_dropped"]
-                group["ck"] = (group["ck"] * n + old_k) / (n + 1)
-                group["cv"] = (group["cv"] * n + old_v) / (n + 1)
-                group["n_dropped"] = n + 1
+    def _slot(self, group: dict) -> int:
+        """Where the next token goes: the next free slot, else the ring's oldest (evicted first)."""
+        if group["filled"] < group["k"].shape[2]:
+            group["filled"] += 1
+            return group["filled"] - 1
+        slot = 1 + self.cfg.sinks + group["ring"]
+        group["ring"] = (group["ring"] + 1) % group["buffer"]
+        if self.cfg.compensation:
+            n = group["n_dropped"]
+            group["ck"].mul_(n / (n + 1)).add_(group["k"][:, :, slot].float() / (n + 1))
+            group["cv"].mul_(n / (n + 1)).add_(group["v"][:, :, slot].float() / (n + 1))
+            group["n_dropped"] = n + 1
+            self._write_compensation(group)
+        return slot
+
+    def _push(self, group: dict, k, v, position) -> None:
+        slot = self._slot(group)
+        group["k"][:, :, slot], group["v"][:, :, slot] = k[:, :, 0], v[:, :, 0]
+        group["pos"][slot] = position[0]
+        group["bias"][:, :, slot] = 0.0
+
+    @staticmethod
+    def _write_compensation(group: dict) -> None:
+        n = group["n_dropped"]
+        group["k"][:, :, 0], group["v"][:, :, 0] = group["ck"], group["cv"]
+        group["bias"][:, :, 0] = math.log(n) if n > 0 else float("-inf")
 
     def after_prefill(self) -> None:
         """Split every layer's cache into its retrieval and compressed heads and compress the latter (called
@@ -153,36 +164,57 @@ class RazorCache:
         for layer in list(full.k):
             k, v, pos = full.k.pop(layer), full.v.pop(layer), full.pos.pop(layer)
             retrieval = self.heads[layer].tolist()
-            groups = {}
-            for name, members in (("retrieval", [h for h, r in enumerate(retrieval) if r]),
-                                  ("compressed", [h for h, r in enumerate(retrieval) if not r])):
-                if members:
-                    groups[name] = self._group(k, v, pos, members, name == "retrieval")
-            self.compressed[layer] = groups
+            members = {"retrieval": [h for h, r in enumerate(retrieval) if r],
+                       "compressed": [h for h, r in enumerate(retrieval) if not r]}
+            self.compressed[layer] = {name: (self._full(k, v, pos, m) if name == "retrieval" else
+                                             self._compress(k, v, pos, m)) for name, m in members.items() if m}
 
-    def _group(self, k, v, pos, members: list[int], retrieval: bool) -> dict:
-        kv = torch.tensor(members, device=k.device)
-        q = torch.tensor([h * self.groups + g for h in members for g in range(self.groups)], device=k.device)
-        k, v = k[:, kv], v[:, kv]
-        n, cfg = k.shape[2], self.cfg
-        group = {"kv": kv, "q": q, "k": k, "v": v, "pos": pos, "n_dropped": 0, "ck": k[:, :, 0] * 0,
-                 "cv": v[:, :, 0] * 0, "buffer": max(cfg.min_buffer, math.ceil(n / cfg.compression))}
-        if retrieval or n <= cfg.sinks + group["buffer"]:  # a short group is compressed once decoding outgrows it
-            return group
-        keep = torch.cat([torch.arange(cfg.sinks), torch.arange(n - group["buffer"], n)]).to(k.device)
-        dropped = slice(cfg.sinks, n - group["buffer"])
-        group.update(k=k[:, :, keep], v=v[:, :, keep], pos=pos[keep], ck=k[:, :, dropped].mean(2),
-                     cv=v[:, :, dropped].mean(2), n_dropped=(n - group["buffer"] - cfg.sinks) if cfg.compensation
-                     else 0)
+    def _heads(self, members: list[int], device) -> dict:
+        return {"kv": torch.tensor(members, device=device),
+                "q": torch.tensor([h * self.groups + g for h in members for g in range(self.groups)], device=device)}
+
+    def _full(self, k, v, pos, members: list[int]) -> dict:
+        group = self._heads(members, k.device)
+        return group | {"k": k[:, group["kv"]], "v": v[:, group["kv"]], "pos": pos, "n_dropped": 0}
+
+    def _compress(self, k, v, pos, members: list[int]) -> dict:
+        """Slot 0 compensation, then sinks + the most recent buffer tokens (the prompt's, in order)."""
+        group = self._heads(members, k.device)
+        k, v = k[:, group["kv"]], v[:, group["kv"]]
+        (b, heads, n, d), cfg = k.shape, self.cfg
+        buffer = max(cfg.min_buffer, math.ceil(n / cfg.compression))
+        keep = torch.arange(n, device=k.device)
+        if n > cfg.sinks + buffer:
+            keep = torch.cat([keep[:cfg.sinks], keep[n - buffer:]])
+        dropped = n - len(keep)
+        capacity = 1 + cfg.sinks + buffer
+        group |= {"k": k.new_zeros(b, heads, capacity, d), "v": v.new_zeros(b, heads, capacity, d),
+                  "pos": torch.full((capacity,), -1, device=k.device, dtype=pos.dtype),
+                  "bias": torch.full((1, heads, capacity), float("-inf"), device=k.device),
+                  "filled": 1 + len(keep), "ring": 0, "buffer": buffer,
+                  "n_dropped": dropped if cfg.compensation else 0,
+                  "ck": k[:, :, cfg.sinks:n - buffer].float().mean(2) if dropped else k.new_zeros(b, heads, d).float(),
+                  "cv": v[:, :, cfg.sinks:n - buffer].float().mean(2) if dropped else v.new_zeros(b, heads, d).float()}
+        group["k"][:, :, 1:1 + len(keep)], group["v"][:, :, 1:1 + len(keep)] = k[:, :, keep], v[:, :, keep]
+        group["pos"][1:1 + len(keep)] = pos[keep]
+        group["bias"][:, :, 1:1 + len(keep)] = 0.0
+        self._write_compensation(group)
         return group
 
     def head(self, layer: int, kv_head: int) -> dict:
-        """One KV head's view after the prompt (k, v, pos, n_dropped, ck, cv), for inspection and tests."""
+        """One KV head's kept tokens in position order (k, v, pos), n_dropped and the compensation token (ck,
+        cv), for inspection and tests."""
         for group in self.compressed[layer].values():
-            if kv_head in group["kv"].tolist():
-                j = group["kv"].tolist().index(kv_head)
-                return {"k": group["k"][:, j:j + 1], "v": group["v"][:, j:j + 1], "pos": group["pos"],
-                        "n_dropped": group["n_dropped"], "ck": group["ck"][:, j:j + 1], "cv": group["cv"][:, j:j + 1]}
+            members = group["kv"].tolist()
+            if kv_head in members:
+                j = members.index(kv_head)
+                order = (group["pos"] >= 0).nonzero()[:, 0]
+                order = order[group["pos"][order].argsort()]
+                ck = group.get("ck", group["k"][:, :, 0].float() * 0)
+                cv = group.get("cv", group["v"][:, :, 0].float() * 0)
+                return {"k": group["k"][:, j:j + 1, order], "v": group["v"][:, j:j + 1, order],
+                        "pos": group["pos"][order], "n_dropped": group["n_dropped"],
+                        "ck": ck[:, j:j + 1], "cv": cv[:, j:j + 1]}
         raise KeyError(f"layer {layer} has no KV head {kv_head}")
 
     def cache_bytes(self) -> int:
@@ -190,6 +222,6 @@ class RazorCache:
         total = 0
         for groups in self.compressed.values():
             for g in groups.values():
-                tokens = g["k"].shape[2] + int(g["n_dropped"] > 0)
+                tokens = int((g["pos"] >= 0).sum()) + int(g["n_dropped"] > 0)
                 total += 2 * tokens * g["k"].shape[-1] * g["k"].element_size() * g["k"].shape[0] * g["k"].shape[1]
         return total + self.prefill.cache_bytes()
