@@ -259,8 +259,8 @@ def max_length(points: list[tuple[int, float]], budget: float) -> str:
     (s0, p0), (s1, p1) = points[i - 1], points[i]
     slope = (p1 - p0) / (s1 - s0)
     shown = "; ".join(f"{s // 1024}k: {mb / 1024:.1f} GB" for s, mb in points)
-    if slope <= 0:
-        return f"> {s1} tokens (memory flat over the measured lengths: {shown})"
+    if slope * 1024 < 1:  # < 1 MB per 1k tokens: the optimizer's peak hides the activations, no fit
+        return f"> {s1:,} tokens (memory flat over the measured lengths: {shown})"
     kind = "interpolated" if above else "extrapolated"
     return f"~{int(s0 + (budget - p0) / slope):,} tokens ({kind}; {slope * 1024:.0f} MB per 1k tokens; {shown})"
 
