@@ -234,6 +234,13 @@ def subplots(**kwargs: Any):
     return plt.subplots(**kwargs)
 
 
+def integer_ticks(axis) -> None:
+    """Ticks only at integers, for an axis that counts (steps, indices)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
 def figure_png(fig) -> bytes:
     """Render and close a figure; PNG bytes go into the store and the run report."""
     import io

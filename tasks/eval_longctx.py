@@ -148,21 +148,32 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def heatmaps_png(rows: list[dict]) -> bytes:
-    """Accuracy heatmap (depth x length) per method, one panel each."""
-    from tasks.common import figure_png, subplots
+    from tasks.common import figure_png
+
+    return figure_png(heatmaps_figure(rows))
+
+
+def heatmaps_figure(rows: list[dict]):
+    """Accuracy heatmap (depth x length) per method, one panel each, every cell's value written in it and one
+    shared colour bar (0-1), so a reader needs no colour guessing."""
+    from tasks.common import subplots
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
-    fig, axes = subplots(nrows=1, ncols=len(methods), figsize=(2.2 * len(methods), 2.6), squeeze=False)
+    fig, axes = subplots(nrows=1, ncols=len(methods), figsize=(2.4 * len(methods) + 0.8, 2.8), squeeze=False)
+    image = None
     for ax, method in zip(axes[0], methods):
         grid = np.array([[next(r["accuracy"] for r in rows if r["method"] == method and r["length"] == n
                                and r["depth"] == d) for n in lengths] for d in depths])
-        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set(title=method, xticks=range(len(lengths)), xticklabels=lengths, yticks=range(len(depths)),
-               yticklabels=[f"{d:.2f}" for d in depths], xlabel="context tokens")
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        ax.set(title=method, xticks=range(len(lengths)), xticklabels=[str(int(n)) for n in lengths],
+               yticks=range(len(depths)), yticklabels=[f"{d:.2f}" for d in depths], xlabel="context tokens")
     axes[0][0].set_ylabel("needle depth")
-    return figure_png(fig)
+    fig.colorbar(image, ax=list(axes[0]), label="accuracy", fraction=0.05)
+    return fig
 
 
 def heads_png(induction, echo, heads) -> bytes:
@@ -173,6 +184,6 @@ def heads_png(induction, echo, heads) -> bytes:
         im = ax.imshow(m.numpy(), cmap="viridis", aspect="auto")
         for layer, head in heads.nonzero().tolist():
             ax.text(head, layer, "R", ha="center", va="center", color="white")
-        ax.set(title=title, xlabel="KV head", ylabel="layer")
+        ax.set(title=title, xlabel="KV head", ylabel="layer", xticks=range(m.shape[1]), yticks=range(m.shape[0]))
         fig.colorbar(im, ax=ax)
     return figure_png(fig)

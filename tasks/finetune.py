@@ -29,6 +29,7 @@ from tasks.common import (
     MODEL_LOAD_LOCK,
     already_committed,
     figure_png,
+    integer_ticks,
     get_logger,
     map_shards,
     plan_ref,
@@ -347,6 +348,7 @@ def loss_curves_png(store: ArtifactStore, rows: list[dict]) -> bytes:
         curve = store.read_table(row["model_ref"], columns=["step", "loss"]).to_pydict()
         ax.plot(curve["step"], curve["loss"], lw=1, label=row["variant"])
     ax.set(xlabel="optimizer step", ylabel="train loss (response tokens)", title="fine-tuning loss")
+    integer_ticks(ax.xaxis)
     ax.legend(fontsize=7)
     return figure_png(fig)
 

@@ -156,7 +156,7 @@ def cluster_size_png(sizes: list[int], budgets: list[int]) -> bytes:
     fig, ax = subplots(figsize=(6, 3))
     ax.bar(range(len(sizes)), np.array(sizes)[order], label="cluster size")
     ax.bar(range(len(sizes)), np.array(budgets)[order], label="selected (budget)")
-    ax.set(xlabel="cluster (by size)", ylabel="records", title="TAGCOS clusters")
+    ax.set(xlabel="cluster (by size)", ylabel="records", title="TAGCOS clusters", xticks=range(len(sizes)))
     ax.legend(fontsize=8)
     return figure_png(fig)
 

@@ -112,3 +112,17 @@ def test_verdict_intervals_stay_inside_each_metrics_range():
         low, high = bounds[r["metric"]]
         assert low <= r["lo"] <= r["hi"] <= high, r
         assert r["lo"] < r["hi"], r  # still an interval, not a collapsed point
+
+
+def test_needle_heatmaps_carry_a_colour_bar_the_values_and_integer_ticks():
+    """A reader must see each cell's accuracy without guessing colours, and lengths as the integers they are."""
+    from tasks.eval_longctx import heatmaps_figure
+
+    rows = [{"method": m, "length": n, "depth": d, "accuracy": a}
+            for m in ("full", "razor") for n in (256, 1024) for d, a in ((0.0, 0.25), (0.5, 1.0), (1.0, 0.0))]
+    fig = heatmaps_figure(rows)
+    panels = [ax for ax in fig.axes if ax.get_title() in ("full", "razor")]
+    assert len(panels) == 2 and len(fig.axes) == 3  # one colour bar for both panels
+    texts = [t.get_text() for ax in panels for t in ax.texts]
+    assert sorted(texts) == sorted(["0.25", "1.00", "0.00"] * 4)
+    assert [t.get_text() for t in panels[0].get_xticklabels()] == ["256", "1024"]
