@@ -42,6 +42,9 @@ class SampleConfig(Strict):
     filler_documents: int = Field(10000, ge=0, le=10_000_000)
     sentences_per_document: int = Field(8, ge=1, le=1000)
     instructions: int = Field(3000, ge=100, le=1_000_000)
+    family_zipf_exponent: float = Field(1.0, ge=0.0, le=3.0, description=(
+        "instruction-pool family sizes fall as rank^-s (s = 1: the largest of 8 families is 8x the rarest, as in "
+        "real instruction mixtures); 0 = equal sizes. The held-out set is balanced over families either way"))
     preference_pairs: int = Field(600, ge=10, le=1_000_000)
     haystacks: int = Field(40, ge=1, le=100_000)
     haystack_sentences: int = Field(120, ge=10, le=100_000)

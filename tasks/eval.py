@@ -51,6 +51,7 @@ def plan_eval(cfg: EvalConfig, model_ref: str, finetune_ref: str, preference_ref
     return {"eval_quality": quality, "eval_verdict": f"eval_verdict/{fp}", "eval_heads": f"eval_retrieval_heads/{fp}",
             "eval_needle_model": f"eval_needle_model/{fp}", "eval_needle": f"eval_needle/{fp}",
             "eval_long_context": f"eval_long_context/{fp}", "eval_preference": f"eval_preference/{fp}",
+            "eval_families": f"eval_families/{fp}",
             "eval_summary": f"eval_summary/{fp}"}
 
 
@@ -113,15 +114,17 @@ def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dic
     translations = generate(model, tok, [prompt_ids(tok, "Translate the phrase from English to Zelan.", r["source"])
                                          for r in tasks["translation"]], 16)
     per = continuation_logprobs(model, tok, [split_prompt(*encode(tok, r, 256)) for r in held_out], cfg.batch_size)
-    families: dict[str, list[bool]] = {}
-    for r, (_, hit, _) in zip(held_out, per):
-        families.setdefault(r.get("family", "all"), []).append(hit)
+    families: dict[str, list[tuple]] = {}
+    for r, scored in zip(held_out, per):
+        families.setdefault(r.get("family", "all"), []).append(scored)
     return {"perplexity": math.exp(min(eval_loss(model, blocks, cfg.batch_size, "cpu"), 50)),
             "qa_accuracy": float(np.mean([h for _, h, _ in qa])), "mc_accuracy": float(np.mean(mc_hits)),
             "translation_chrf": sacrebleu.corpus_chrf(translations, [[r["target"] for r in tasks["translation"]]]).score,
             "instruction_loss": -sum(lp for lp, _, _ in per) / max(sum(n for _, _, n in per), 1),
             "instruction_accuracy": float(np.mean([h for _, h, _ in per])),
-            "family_accuracy": json.dumps({f: round(float(np.mean(h)), 4) for f, h in sorted(families.items())})}
+            "family_accuracy": json.dumps({f: float(np.mean([h for _, h, _ in v])) for f, v in sorted(families.items())}),
+            "family_loss": json.dumps({f: -sum(lp for lp, _, _ in v) / max(sum(n for _, _, n in v), 1)
+                                       for f, v in sorted(families.items())})}
 
 
 def load_tasks(sample_dir: str, max_items: int, pool: list[dict]) -> dict[str, list[dict]]:
@@ -213,6 +216,47 @@ def verdict(rows: list[dict], confidence: float) -> list[dict]:
     return out
 
 
+FAMILY_COLUMNS = ["family", "pool_share", "subset", "seeds", "loss", "loss_lo", "loss_hi", "accuracy", "accuracy_lo",
+                  "accuracy_hi"]
+
+
+def family_shares(pool: list[dict]) -> dict[str, float]:
+    counts: dict[str, int] = {}
+    for r in pool:
+        counts[r.get("family", "all")] = counts.get(r.get("family", "all"), 0) + 1
+    return {f: c / max(len(pool), 1) for f, c in counts.items()}
+
+
+def family_verdict(rows: list[dict], confidence: float, pool_share: dict[str, float]) -> list[dict]:
+    """Per held-out family and subset: response loss (geometric mean, log-t interval) and accuracy (clipped
+    t-interval) over seeds, plus TAGCOS - random paired by seed. Rare families are where cluster-balanced
+    selection can differ from random; `pool_share` says how rare each family is in the pool."""
+    by_subset: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r["subset"] != "base":
+            by_subset.setdefault(r["subset"], {})[r["seed"]] = {
+                "loss": json.loads(r["family_loss"]), "accuracy": json.loads(r["family_accuracy"])}
+    families = sorted({f for seeds in by_subset.values() for m in seeds.values() for f in m["loss"]})
+    out = []
+    for family in families:
+        base = {"family": family, "pool_share": pool_share.get(family, 0.0)}
+        for subset, seeds in sorted(by_subset.items()):
+            loss = metric_interval("instruction_loss", [m["loss"][family] for m in seeds.values()], confidence)
+            acc = metric_interval("instruction_accuracy", [m["accuracy"][family] for m in seeds.values()], confidence)
+            out.append(base | {"subset": subset, "seeds": len(seeds)} | _columns(loss, acc))
+        tagcos, rand = by_subset.get("tagcos", {}), by_subset.get("random", {})
+        paired = sorted(set(tagcos) & set(rand))
+        if paired:
+            loss = interval([tagcos[s]["loss"][family] - rand[s]["loss"][family] for s in paired], confidence)
+            acc = interval([tagcos[s]["accuracy"][family] - rand[s]["accuracy"][family] for s in paired], confidence)
+            out.append(base | {"subset": "tagcos-random", "seeds": len(paired)} | _columns(loss, acc))
+    return out
+
+
+def _columns(loss: tuple, acc: tuple) -> dict:
+    return dict(zip(FAMILY_COLUMNS[4:], (*loss, *acc)))
+
+
 # ---- long context -------------------------------------------------------------------------------------
 def long_context(store: ArtifactStore, cfg: EvalConfig, model_ref: str, refs: dict[str, str], trained_len: int,
                  record: dict, log) -> None:
@@ -293,6 +337,9 @@ def run_eval(store_uri: str, cfg: EvalConfig, model_ref: str, finetune_ref: str,
         store.write_shard(refs["eval_verdict"], 0, pa.Table.from_pylist(verdict(rows, cfg.confidence)))
         store.commit(refs["eval_verdict"], {**record, "report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale"]},
                      expected_shards=1)
+        shares = family_shares(load_pool(pool_path)[0])
+        store.write_shard(refs["eval_families"], 0, pa.Table.from_pylist(family_verdict(rows, cfg.confidence, shares)))
+        store.commit(refs["eval_families"], {**record, "report_columns": FAMILY_COLUMNS}, expected_shards=1)
         pref = store.read_table(preference_ref)
         store.write_shard(refs["eval_preference"], 0, pref)
         store.commit(refs["eval_preference"], {**record, "report_columns": pref.column_names}, expected_shards=1)

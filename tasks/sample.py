@@ -205,14 +205,29 @@ NEAR_DUPLICATE_EDITS = [lambda s: s.rstrip(".") + " .", lambda s: "Please " + s[
                         lambda s: s.replace(" ", "  ", 1), str.lower]
 
 
+def family_sequence(n: int, exponent: float, seed: int) -> list[str]:
+    """`n` family labels, family sizes proportional to rank^-exponent (largest-remainder rounding), the rank
+    order and the sequence shuffled by `seed`: which family is rare is not fixed by the code."""
+    rng = random.Random(f"families-{seed}")
+    ranked = rng.sample(FAMILIES, len(FAMILIES))
+    weights = [rank ** -exponent for rank in range(1, len(ranked) + 1)]
+    exact = [n * w / sum(weights) for w in weights]
+    sizes = [int(x) for x in exact]
+    for i in sorted(range(len(ranked)), key=lambda i: exact[i] - sizes[i], reverse=True)[: n - sum(sizes)]:
+        sizes[i] += 1
+    labels = [family for family, size in zip(ranked, sizes) for _ in range(size)]
+    rng.shuffle(labels)
+    return labels
+
+
 def build_instructions(cfg: SampleConfig, facts, lexicon, rng) -> tuple[list[dict], list[dict]]:
-    """Training pool with ~8% near-duplicates and ~5% low-quality rows, plus a held-out eval split.
+    """Training pool with Zipf-sized families, ~8% near-duplicates and ~5% low-quality rows, plus a held-out
+    eval split balanced over families.
 
     Near-duplicates come in groups, as in scraped instruction data: most copy an already-copied
     ("popular") record, so a few sources have many lightly edited copies."""
     pool, popular = [], []
-    for i in range(cfg.instructions):
-        family = FAMILIES[i % len(FAMILIES)]
+    for i, family in enumerate(family_sequence(cfg.instructions, cfg.family_zipf_exponent, cfg.seed)):
         rec = {"id": f"ins-{i:06d}", "family": family, "quality": "ok", "near_duplicate_of": None,
                **_instruction(family, rng, facts, lexicon)}
         roll = rng.random()

@@ -8,7 +8,7 @@ import pytest
 
 from flows.pipeline import execute_stage
 from storage.store import ArtifactStore
-from tasks.eval import interval, verdict
+from tasks.eval import family_verdict, interval, verdict
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,31 @@ def test_interval_and_paired_difference_values():
         v + k)} for s, v in (("tagcos", 1.0), ("random", 3.0)) for k in (0, 1, 2)]
     diff = [r for r in verdict(rows, 0.95) if r["subset"] == "tagcos-random"]
     assert all(r["mean"] == -2.0 and r["lo"] == r["hi"] == -2.0 for r in diff)  # paired: no seed noise
+
+
+def test_family_verdict_per_family_and_subset_with_the_paired_difference():
+    """Each family's held-out loss and accuracy per subset over seeds, and TAGCOS - random paired by seed: the
+    table in which cluster-balanced selection can show on rare families."""
+    import json
+
+    rows = [{"subset": s, "seed": k, "family_loss": json.dumps({"rare": base + k + 1.0, "common": base + k}),
+             "family_accuracy": json.dumps({"rare": 0.1 * k, "common": 0.9})}
+            for s, base in (("tagcos", 1.0), ("random", 1.5)) for k in (0, 1, 2)]
+    table = family_verdict(rows, 0.95, {"rare": 0.05, "common": 0.95})
+    assert {(r["family"], r["subset"]) for r in table} == {(f, s) for f in ("rare", "common")
+                                                           for s in ("tagcos", "random", "tagcos-random")}
+    diff = {r["family"]: r for r in table if r["subset"] == "tagcos-random"}
+    assert diff["rare"]["loss"] == diff["rare"]["loss_lo"] == diff["rare"]["loss_hi"] == -0.5  # paired by seed
+    rare = next(r for r in table if r["family"] == "rare" and r["subset"] == "tagcos")
+    assert rare["pool_share"] == 0.05 and rare["seeds"] == 3 and 0 <= rare["accuracy_lo"] <= rare["accuracy"]
+    assert rare["loss_lo"] < rare["loss"] < rare["loss_hi"] and rare["loss_lo"] > 0  # log scale: stays positive
+
+
+def test_family_table_is_written_for_the_default_verdict(evaluated):
+    store, _, refs = evaluated
+    rows = store.read_table(refs["eval_families"]).to_pylist()
+    assert {r["subset"] for r in rows} == {"tagcos", "random", "tagcos-random"}
+    assert len({r["family"] for r in rows}) >= 2 and all(r["seeds"] == 2 for r in rows)
 
 
 def test_long_context_tables_heads_and_plots(evaluated):

@@ -161,3 +161,21 @@ def test_held_out_and_evaluation_items_are_disjoint_from_the_pool(tmp_path):
     assert len(tasks["qa"]) >= 50 and len(tasks["multiple_choice"]) >= 50
     for name in ("qa", "multiple_choice"):
         assert not [r for r in tasks[name] if normalize_text(r["question"]) in inputs], name
+
+
+def test_instruction_families_are_zipf_sized_and_the_held_out_set_is_balanced(tmp_path):
+    """Real instruction pools are dominated by a few task families; the rare ones are where cluster-balanced
+    selection (TAGCOS) can differ from random. Held-out items are balanced, so every family counts alike."""
+    from collections import Counter
+
+    write_sample(SMALL.model_copy(update={"instructions": 2400, "n_entities": 400}), tmp_path)
+    pool = [json.loads(x) for x in (tmp_path / "instructions/train.jsonl").read_text().splitlines()]
+    sizes = sorted(Counter(r["family"] for r in pool).values(), reverse=True)
+    assert len(sizes) == 8 and sizes[0] / sizes[-1] >= 5  # Zipf exponent 1: rank 1 / rank 8 = 8 in expectation
+    assert sizes[0] / len(pool) > 0.28 and sizes[-1] >= 30  # head ~37 %, the rarest still learnable
+    held_out = Counter(json.loads(x)["family"] for x in (tmp_path / "instructions/eval.jsonl").read_text().splitlines())
+    assert len(set(held_out.values())) == 1 and set(held_out) == {r["family"] for r in pool}
+    write_sample(SMALL.model_copy(update={"instructions": 2400, "n_entities": 400, "family_zipf_exponent": 0.0}),
+                 tmp_path / "flat")
+    flat = Counter(json.loads(x)["family"] for x in (tmp_path / "flat/instructions/train.jsonl").read_text().splitlines())
+    assert max(flat.values()) / min(flat.values()) < 1.3  # near-duplicates copy their source's family
