@@ -220,6 +220,8 @@ class PreferenceConfig(Strict):
     rm_batch_size: int = Field(16, ge=1)
     rm_max_len: int = Field(128, ge=16)
     rm_lora: bool = False
+    threads: int = Field(1, ge=0, description="torch threads per Dask worker; the context-aware and the "
+                         "context-blind reward models train as two shards, in parallel; 0 = torch default")
     seed: int = 0
 
 
@@ -242,6 +244,9 @@ class FinetuneConfig(Strict):
     subsets: list[Literal["tagcos", "random", "cluster_random", "full"]] = Field(
         default_factory=lambda: ["tagcos", "random", "cluster_random", "full"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    full_seeds: int | None = Field(None, ge=1, description=(
+        "the `full` pool reference trains on only the first N seeds (it is a reference, not part of the paired "
+        "TAGCOS - random verdict, and on CPU its run is the longest); None = every seed"))
     eval_path: str | None = Field(None, description="held-out Alpaca-style JSONL; None = sample eval split")
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per variant")

@@ -43,13 +43,15 @@ SUMMARY_COLUMNS = ["variant", "subset", "seed", "records", "steps", "train_loss"
 
 
 def variants(cfg: FinetuneConfig) -> list[tuple[str, int]]:
-    return [(subset, seed) for subset in cfg.subsets for seed in cfg.seeds]
+    """(subset, seed) pairs to train; the `full` reference only on the first `full_seeds` seeds."""
+    return [(subset, seed) for subset in cfg.subsets
+            for seed in (cfg.seeds[: cfg.full_seeds] if subset == "full" and cfg.full_seeds else cfg.seeds)]
 
 
 def training_hash(cfg: FinetuneConfig) -> str:
     """Config hash of one variant: everything but the subset/seed lists, so adding a seed or a subset
     re-uses every variant already trained."""
-    return cfg.model_copy(update={"subsets": ["full"], "seeds": [0]}).fingerprint()
+    return cfg.model_copy(update={"subsets": ["full"], "seeds": [0], "full_seeds": None}).fingerprint()
 
 
 def plan_finetune(cfg: FinetuneConfig, model_ref: str, subset_refs: dict[str, str], pool_id: str,

@@ -84,7 +84,8 @@ def plan_preference(cfg: PreferenceConfig, model_ref: str, inputs_id: str) -> di
                     {"model": model_ref, "inputs": inputs_id, "library": library}, __name__)
     fp = data.split("/")[1]
     return {"parsed": f"preference_parsed/{fp}", "data": data, "rejects": f"preference_rejects/{fp}",
-            "stats": f"preference_stats/{fp}", "reward_model": f"reward_model/{fp}", "eval": f"preference_eval/{fp}"}
+            "stats": f"preference_stats/{fp}", "reward_model": f"reward_model/{fp}",
+            "rm_scores": f"preference_rm_scores/{fp}", "eval": f"preference_eval/{fp}"}
 
 
 # ---- parsing and validation ---------------------------------------------------------------------
@@ -466,6 +467,11 @@ def accuracy_png(table: list[dict]) -> bytes:
     return figure_png(fig)
 
 
+RM_KINDS = ("context_aware", "context_blind")  # shard order of reward_model curves and rm_scores
+SCORE_SCHEMA = pa.schema([("kind", pa.string()), ("context", pa.string()), ("prompt", pa.string()),
+                          ("response", pa.string()), ("reward", pa.float64())])
+
+
 def score_with(model, tok, max_len: int):
     """A batched scorer for `evaluate`."""
     import torch
@@ -478,12 +484,45 @@ def score_with(model, tok, max_len: int):
     return score
 
 
-def run_preference(store_uri: str, cfg: PreferenceConfig, model_ref: str, inputs: list[list[str]], inputs_id: str,
-                   refs: dict[str, str], address: str | None = None) -> dict[str, str]:
+def train_and_score(store_uri: str, ref: str, shard: int, item: dict, cfg: PreferenceConfig) -> dict:
+    """One reward model (a Dask shard, so the context-aware and the context-blind model train in parallel):
+    train on the train split, save the context-aware one, and score every held-out (context, prompt,
+    response) that `evaluate` asks it for; the blind model sees no context, in training or in scoring."""
     import tempfile
+
+    import torch
 
     from tasks.pretrain import model_dir
 
+    torch.set_num_threads(cfg.threads) if cfg.threads else None
+    store, log, aware = ArtifactStore(store_uri), get_logger(), item["kind"] == "context_aware"
+    rows = store.read_table(item["data_ref"]).to_pylist()
+    with model_dir(store, item["model_ref"]) as folder:
+        tok, model = load_reward_model(folder, cfg)
+    curve = [{**c, "model": item["kind"]}
+             for c in train_reward_model(model, tok, [r for r in rows if r["split"] == "train"], cfg, log, aware)]
+    store.write_shard(item["rm_ref"], shard, pa.Table.from_pylist(curve))
+    if aware:
+        with tempfile.TemporaryDirectory(prefix="tracecore-rm-") as tmp:
+            (model.merge_and_unload() if cfg.rm_lora else model).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            store.put_dir(item["rm_ref"], tmp)
+    items = sorted({(r["context"] if aware else "", r["prompt"], r[side]) for r in rows if r["split"] != "train"
+                    for side in ("response_a", "response_b")})
+    scores = score_with(model, tok, cfg.rm_max_len)(items)
+    table = pa.Table.from_pylist([{"kind": item["kind"], "context": c, "prompt": p, "response": resp, "reward": float(x)}
+                                  for (c, p, resp), x in zip(items, scores)], schema=SCORE_SCHEMA)
+    return store.write_shard(ref, shard, table, records=len(items))
+
+
+def scorer(scores: list[dict], kind: str):
+    """`evaluate`'s scorer from a reward model's stored rewards."""
+    table = {(r["context"], r["prompt"], r["response"]): r["reward"] for r in scores if r["kind"] == kind}
+    return lambda items: [table[item] for item in items]
+
+
+def run_preference(store_uri: str, cfg: PreferenceConfig, model_ref: str, inputs: list[list[str]], inputs_id: str,
+                   refs: dict[str, str], address: str | None = None) -> dict[str, str]:
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["eval"]):
         if already_committed(store, "preference", refs["eval"]):
@@ -506,19 +545,15 @@ def run_preference(store_uri: str, cfg: PreferenceConfig, model_ref: str, inputs
         store.write_shard(refs["stats"], 0, pa.Table.from_pylist(statistics(rows, len(pairs), exact, near, rejected)))
         store.commit(refs["stats"], {**record, "report_columns": ["metric", "value"]}, expected_shards=1)
 
-        train = [r for r in rows if r["split"] == "train"]
-        with model_dir(store, model_ref) as folder:
-            tok, model = load_reward_model(folder, cfg)
-            _, blind = load_reward_model(folder, cfg)  # same start, same records, contexts removed
-        curve = [{**c, "model": "context_aware"} for c in train_reward_model(model, tok, train, cfg, log)]
-        curve += [{**c, "model": "context_blind"} for c in train_reward_model(blind, tok, train, cfg, log, False)]
-        with tempfile.TemporaryDirectory(prefix="tracecore-rm-") as tmp:
-            (model.merge_and_unload() if cfg.rm_lora else model).save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            store.put_dir(refs["reward_model"], tmp)
-        store.write_shard(refs["reward_model"], 0, pa.Table.from_pylist(curve))
-        store.commit(refs["reward_model"], record, expected_shards=1)
-        aware, blind_score = score_with(model, tok, cfg.rm_max_len), score_with(blind, tok, cfg.rm_max_len)
+        for shard in range(len(RM_KINDS)):  # a model's curve and its scores are one unit of work
+            if not (store.shard_done(refs["reward_model"], shard) and store.shard_done(refs["rm_scores"], shard)):
+                store.drop_shard(refs["rm_scores"], shard)
+        trained = map_shards("preference", store, refs["rm_scores"], train_and_score,
+                             [{"kind": kind, "model_ref": model_ref, "data_ref": refs["data"],
+                               "rm_ref": refs["reward_model"]} for kind in RM_KINDS], address, cfg=cfg)
+        store.commit(refs["reward_model"], record, expected_shards=len(RM_KINDS))
+        store.commit(refs["rm_scores"], {**record, "seconds": trained.seconds}, expected_shards=len(RM_KINDS))
+        aware, blind_score = (scorer(store.read_table(refs["rm_scores"]).to_pylist(), kind) for kind in RM_KINDS)
         table = evaluate(aware, blind_score, [r for r in rows if r["split"] == "test"])
         seen = [r for r in rows if r["split"] == "test_seen_phrasing"]
         table += [{**r, "metric": f"{r['metric']}_seen_phrasing"}

@@ -103,8 +103,9 @@ def test_eval_tables_and_razor_kv_savings(tiny_run):
     verdict = {(r["subset"], r["metric"]) for r in store.read_table(refs["eval_verdict"]).to_pylist()}
     assert ("tagcos-random", "instruction_loss") in verdict and ("full", "perplexity") in verdict
     quality = store.read_table(refs["eval_quality"]).to_pylist()
-    seeds = len(load_config(PROFILE).finetune.seeds)
-    assert len(quality) == 1 + 4 * seeds  # base + 4 subsets x seeds
+    finetune = load_config(PROFILE).finetune
+    seeds = len(finetune.seeds)
+    assert len(quality) == 1 + 3 * seeds + min(seeds, finetune.full_seeds or seeds)  # base + 3 subsets x seeds + full
     report = store.fs.cat(result["report"]).decode()
     assert "needle_heatmaps.png" in report and "retrieval_heads.png" in report and "eval_verdict" in report
 

@@ -148,3 +148,13 @@ def test_long_context_extension_raises_rope_base(pretrained, tmp_path):
 def test_eval_split_defaults_to_sample_world(pretrained):
     cfg, refs = pretrained
     assert eval_split(cfg, cfg.store, refs).endswith("instructions/eval.jsonl")
+
+
+def test_full_pool_reference_trains_on_the_first_full_seeds_only():
+    from configs.schema import FinetuneConfig
+    from tasks.finetune import training_hash, variants
+
+    cfg = FinetuneConfig(subsets=["tagcos", "full"], seeds=[0, 1, 2], full_seeds=1)
+    assert variants(cfg) == [("tagcos", 0), ("tagcos", 1), ("tagcos", 2), ("full", 0)]
+    assert variants(cfg.model_copy(update={"full_seeds": None}))[-1] == ("full", 2)
+    assert training_hash(cfg) == training_hash(cfg.model_copy(update={"full_seeds": None}))  # variants are reused
