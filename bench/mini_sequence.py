@@ -66,8 +66,8 @@ def liger_available() -> bool:
 
 
 def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int, d: int = 1024) -> dict:
-    from kernels.reference import lm_head_ce, plain_lm_head_ce
     from kernels.mini_sequence import auto_lm_chunks
+    from kernels.reference import lm_head_ce, plain_lm_head_ce
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     hidden = torch.randn(seq, d, device=device, dtype=dtype, requires_grad=True)
@@ -94,7 +94,6 @@ def step_cell(method: str, seq: int, device: str, repeats: int, size: str = "sma
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kernels import apply_mini_sequence
-
     from kernels.mini_sequence import _enable_checkpointing
 
     shape = STEP_MODELS[size]

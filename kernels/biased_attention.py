@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 SPLIT, BLOCK_N = 512, 64  # keys per program, keys per block inside it
 
 

@@ -23,8 +23,8 @@ from transformers import (
 )
 
 from kernels import apply_mini_sequence, default_chunks, lm_head_ce, plain_lm_head_ce
-from kernels.triton_ce import triton_ce_grad_, triton_lm_head_ce
 from kernels.reference import torch_ce_grad_
+from kernels.triton_ce import triton_ce_grad_, triton_lm_head_ce
 
 TINY = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2}
