@@ -110,6 +110,25 @@ def test_eval_tables_and_razor_kv_savings(tiny_run):
     assert "needle_heatmaps.png" in report and "retrieval_heads.png" in report and "eval_verdict" in report
 
 
+def test_per_family_selection_table_with_intervals_over_seeds(tiny_run):
+    """Zipf-sized families: TAGCOS, random and cluster-random per held-out family, with the pool share and
+    intervals over seeds, and TAGCOS - random paired by seed (which way it comes out is the finding; README)."""
+    store, result = tiny_run
+    rows = store.read_table(result["refs"]["eval_families"]).to_pylist()
+    shares = {r["family"]: r["pool_share"] for r in rows}
+    assert len(shares) == 8 and max(shares.values()) / min(shares.values()) >= 4  # Zipf, not uniform
+    seeds = len(load_config(PROFILE).finetune.seeds)
+    for subset in ("tagcos", "random", "cluster_random", "tagcos-random"):
+        sel = [r for r in rows if r["subset"] == subset]
+        assert len(sel) == 8 and all(r["seeds"] == seeds for r in sel), subset
+        for r in sel:
+            assert r["loss_lo"] <= r["loss"] <= r["loss_hi"] and r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"]
+            if subset != "tagcos-random":
+                assert r["loss_lo"] > 0 and 0 <= r["accuracy_lo"] and r["accuracy_hi"] <= 1
+    assert any(r["loss_hi"] > r["loss_lo"] for r in rows)  # seeds differ: real intervals
+    assert "eval_families" in store.fs.cat(result["report"]).decode()
+
+
 def test_prefect_artifacts_of_every_stage_read_back_from_the_server(tiny_run):
     """What the UI shows for this run, read through the Prefect client: every stage's outputs table (equal
     to the store's row counts), a progress artifact at 100 % for every shard loop and pretraining, the

@@ -179,3 +179,20 @@ def test_random_baselines_are_drawn_per_seed(pretrained):
         assert all(len(p) == size for p in picks)
         assert len({frozenset(p) for p in picks[:3]}) == 3, name  # three different draws
         assert picks[3] == picks[0]  # seed 3 reuses draw 0
+
+
+def test_cached_projector_equals_the_one_off_projection_and_bounds_its_cache():
+    """Caching R's blocks must not change a feature (same seeds per block), and past the byte budget the
+    blocks are regenerated instead of kept (a 7B model's LoRA width x 8192 would not fit)."""
+    import torch
+
+    from tasks.gradients import Projector, project
+
+    x = torch.randn(5, 10_000, generator=torch.Generator().manual_seed(0))
+    cached = Projector(64, 3, block=4096)
+    torch.testing.assert_close(cached(x), project(x, 64, 3))
+    torch.testing.assert_close(cached(x), project(x, 64, 3))  # second call from the cache
+    assert len(cached.blocks) == 3
+    tight = Projector(64, 3, block=4096, cache_bytes=4096 * 64 * 4)
+    torch.testing.assert_close(tight(x), project(x, 64, 3))
+    assert len(tight.blocks) == 1
