@@ -364,25 +364,39 @@ def rewards(model, tok, items: list[tuple[str, str, str]], max_len: int):
     return model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
 
 
+def bt_examples(rows: list[dict], with_context: bool = True) -> list[tuple[str, str, str, str]]:
+    """(context, prompt, winner, loser) once per comparison. The dataset keeps both response orders (balanced
+    labels for pairwise classifiers), but a Bradley-Terry model scores each response alone, so the two orders
+    are one example: training on both doubled the reward models' cost. The blind model gets "" for the context
+    but keeps one example per original record (a reversal's two sides stay two, opposite, examples)."""
+    seen, out = set(), []
+    for r in rows:
+        win = r[f"response_{r['preferred']}"]
+        lose = r["response_b" if r["preferred"] == "a" else "response_a"]
+        if (key := (r["context"], r["prompt"], win, lose)) not in seen:
+            seen.add(key)
+            out.append((r["context"] if with_context else "", r["prompt"], win, lose))
+    return out
+
+
 def train_reward_model(model, tok, rows: list[dict], cfg: PreferenceConfig, log, with_context: bool = True) -> list[dict]:
-    """Bradley-Terry: minimize -log sigmoid(r(preferred) - r(other)) over (context, prompt) records. The
-    context-blind baseline trains on the same records with every context removed."""
+    """Bradley-Terry: minimize -log sigmoid(r(preferred) - r(other)) over (context, prompt) comparisons
+    (`bt_examples`). The context-blind baseline trains on the same comparisons with every context removed."""
     import random
 
     import torch
     import torch.nn.functional as F
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.rm_lr)
-    rng, curve = random.Random(cfg.seed), []
+    rng, curve, examples = random.Random(cfg.seed), [], bt_examples(rows, with_context)
     model.train()
     for epoch in range(cfg.rm_epochs):
-        order = rows[:]
+        order = examples[:]
         rng.shuffle(order)
         for i in range(0, len(order), cfg.rm_batch_size):
             batch = order[i:i + cfg.rm_batch_size]
-            good = [(r["context"] if with_context else "", r["prompt"], r[f"response_{r['preferred']}"]) for r in batch]
-            bad = [(r["context"] if with_context else "", r["prompt"],
-                    r["response_b" if r["preferred"] == "a" else "response_a"]) for r in batch]
+            good = [(c, p, win) for c, p, win, _ in batch]
+            bad = [(c, p, lose) for c, p, _, lose in batch]
             scores = rewards(model, tok, good + bad, cfg.rm_max_len)
             loss = -F.logsigmoid(scores[:len(batch)] - scores[len(batch):]).mean()
             loss.backward()

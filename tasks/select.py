@@ -39,7 +39,8 @@ def plan_select(cfg: SelectConfig, features_ref: str) -> dict[str, str]:
     # `selection`: the per-cluster shards (TAGCOS + cluster-random rows), listed so `tracecore status`
     # shows the clusters a killed run already finished.
     return {"coreset": coreset, "clusters": f"clusters/{fp}", "random": f"coreset_random/{fp}",
-            "cluster_random": f"coreset_cluster_random/{fp}", "selection": f"selection/{fp}"}
+            "cluster_random": f"coreset_cluster_random/{fp}", "selection": f"selection/{fp}",
+            "families": f"coreset_families/{fp}"}
 
 
 def ridge_fit(A: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
@@ -151,6 +152,23 @@ def flag_rates(pool: list[dict], ids: list[str]) -> dict[str, float]:
             "near_duplicate_rate": sum(bool(r.get("near_duplicate_of")) for r in chosen) / n}
 
 
+FAMILY_COLUMNS = ["family", "pool", "tagcos", "cluster_random", "random", "tagcos_records"]
+
+
+def family_coverage(pool: list[dict], selections: dict[str, list[str]]) -> list[dict]:
+    """Share of each instruction family in the pool and in each selection (baselines: over all their draws).
+    With Zipf-sized families this is where cluster-balanced selection can differ from random: a rare family
+    gets its cluster's budget instead of its share of one random draw."""
+    family_of = {r["id"]: r.get("family", "all") for r in pool}
+    counts = {name: {} for name in selections}
+    for name, ids in selections.items():
+        for i in ids:
+            counts[name][family_of.get(i, "unknown")] = counts[name].get(family_of.get(i, "unknown"), 0) + 1
+    families = sorted(set().union(*counts.values()), key=lambda f: -counts["pool"].get(f, 0))
+    return [{"family": f, **{name: counts[name].get(f, 0) / max(len(ids), 1) for name, ids in selections.items()},
+             "tagcos_records": counts["tagcos"].get(f, 0)} for f in families]
+
+
 def cluster_size_png(sizes: list[int], budgets: list[int]) -> bytes:
     order = np.argsort(sizes)[::-1]
     fig, ax = subplots(figsize=(6, 3))
@@ -190,9 +208,10 @@ def run_select(store_uri: str, cfg: SelectConfig, features_ref: str, pool_path: 
         random = random_draws(ids, labels, tagcos.num_rows, cfg.seed, cfg.baseline_draws)
         pool, _ = load_pool(pool_path)
         markers = report.markers
-        rates = {name: flag_rates(pool, t.column("record_id").to_pylist())
-                 for name, t in (("pool", pa.table({"record_id": ids})), ("tagcos", tagcos),
-                                 ("cluster_random", cluster_random), ("random", random))}
+        selections = {name: t.column("record_id").to_pylist()
+                      for name, t in (("pool", pa.table({"record_id": ids})), ("tagcos", tagcos),
+                                      ("cluster_random", cluster_random), ("random", random))}
+        rates = {name: flag_rates(pool, chosen) for name, chosen in selections.items()}
         clusters = pa.Table.from_pylist([{"cluster": m["shard"], "size": m["size"], "budget": m["budget"],
                                           "centroid_norm": m["centroid_norm"], "residual_tagcos": m["residual_tagcos"],
                                           "residual_cluster_random": m["residual_cluster_random"]} for m in markers])
@@ -203,6 +222,8 @@ def run_select(store_uri: str, cfg: SelectConfig, features_ref: str, pool_path: 
         for name, table in (("random", random), ("cluster_random", cluster_random), ("clusters", clusters)):
             store.write_shard(refs[name], 0, table)
             store.commit(refs[name], {**record, **stats}, expected_shards=1)
+        store.write_shard(refs["families"], 0, pa.Table.from_pylist(family_coverage(pool, selections)))
+        store.commit(refs["families"], {**record, "report_columns": FAMILY_COLUMNS}, expected_shards=1)
         store.write_file(refs["coreset"], "plots/cluster_sizes.png",
                          cluster_size_png(clusters["size"].to_pylist(), clusters["budget"].to_pylist()))
         store.write_file(refs["coreset"], "rates.json", json.dumps(rates, indent=2).encode())

@@ -92,6 +92,16 @@ def test_select_budgets_residuals_and_baselines(pretrained):
     for c in clusters:
         assert sum(r["cluster"] == c["cluster"] for r in cluster_random) == c["budget"]
     assert "rates" in store.manifest(srefs["coreset"])
+    families = store.read_table(srefs["families"]).to_pylist()  # which families each selection covers
+    from tasks.gradients import load_pool
+
+    records = load_pool(pool)[0]
+    assert {f["family"] for f in families} == {r["family"] for r in records}
+    for column in ("pool", "tagcos", "cluster_random", "random"):
+        assert abs(sum(f[column] for f in families) - 1) < 1e-9
+    tagcos_families = [r["family"] for r in records if r["id"] in {c["record_id"] for c in coreset}]
+    assert {f["family"]: f["tagcos_records"] for f in families} == {f: tagcos_families.count(f) for f in
+                                                                   {f["family"] for f in families}}
 
 
 @pytest.mark.slow

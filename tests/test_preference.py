@@ -245,3 +245,21 @@ def test_wilson_interval_keeps_the_estimate_inside_and_the_range():
         lo, hi = wilson(k, n)
         assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n, lo, hi)
     assert wilson(28, 28)[1] == 1.0 and wilson(0, 10)[0] == 0.0
+
+
+def test_reward_model_trains_once_per_comparison_not_per_response_order():
+    """The dataset keeps both response orders (balanced labels for pairwise classifiers), but a Bradley-Terry
+    model scores each response alone: -log s(r(win) - r(lose)) is the same example in either order, so
+    training on both only doubles the cost."""
+    from tasks.preference import bt_examples, expand
+
+    pair = {"prompt": "p", "a": "short", "b": "long answer", "default": "a",
+            "contexts": json.dumps([["Be brief.", "criteria", "a", "library"], ["Be thorough.", "criteria", "b", "library"]])}
+    rows = expand(pair, "train")
+    assert len(rows) == 6  # 3 contexts (incl. none) x 2 orders
+    examples = bt_examples(rows, with_context=True)
+    assert sorted(examples) == sorted([("", "p", "short", "long answer"), ("Be brief.", "p", "short", "long answer"),
+                                       ("Be thorough.", "p", "long answer", "short")])
+    blind = bt_examples(rows, with_context=False)  # without contexts, the reversal's two sides remain two examples
+    assert sorted(blind) == sorted([("", "p", "short", "long answer"), ("", "p", "short", "long answer"),
+                                    ("", "p", "long answer", "short")])
