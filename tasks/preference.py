@@ -401,7 +401,7 @@ def train_reward_model(model, tok, rows: list[dict], cfg: PreferenceConfig, log,
             loss = -F.logsigmoid(scores[:len(batch)] - scores[len(batch):]).mean()
             loss.backward()
             opt.step(), opt.zero_grad(set_to_none=True)
-            curve.append({"epoch": epoch, "step": len(curve) + 1, "loss": float(loss)})
+            curve.append({"epoch": epoch, "step": len(curve) + 1, "loss": loss.item()})
         log.info("reward model (%s) epoch %d loss %.3f", "context-aware" if with_context else "context-blind",
                  epoch + 1, curve[-1]["loss"])
     return curve
