@@ -164,7 +164,8 @@ def family_coverage(pool: list[dict], selections: dict[str, list[str]]) -> list[
     for name, ids in selections.items():
         for i in ids:
             counts[name][family_of.get(i, "unknown")] = counts[name].get(family_of.get(i, "unknown"), 0) + 1
-    families = sorted(set().union(*counts.values()), key=lambda f: -counts["pool"].get(f, 0))
+    # by pool size, ties by name: a set's order changes with the process's hash seed (a resumed run differed)
+    families = sorted(set().union(*counts.values()), key=lambda f: (-counts["pool"].get(f, 0), f))
     return [{"family": f, **{name: counts[name].get(f, 0) / max(len(ids), 1) for name, ids in selections.items()},
              "tagcos_records": counts["tagcos"].get(f, 0)} for f in families]
 

@@ -206,3 +206,21 @@ def test_cached_projector_equals_the_one_off_projection_and_bounds_its_cache():
     tight = Projector(64, 3, block=4096, cache_bytes=4096 * 64 * 4)
     torch.testing.assert_close(tight(x), project(x, 64, 3))
     assert len(tight.blocks) == 1
+
+
+def test_family_coverage_rows_do_not_depend_on_the_hash_seed():
+    """Equal-sized families once came out in set order, which differs between processes (PYTHONHASHSEED):
+    a resumed run then wrote a different table than an uninterrupted one."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json; from tasks.select import family_coverage; "
+            "pool = [{'id': str(i), 'family': f} for i, f in enumerate(['b', 'a', 'c', 'd'] * 3)]; "
+            "print(json.dumps(family_coverage(pool, {'pool': [r['id'] for r in pool], 'tagcos': ['0', '1'], "
+            "'cluster_random': ['2'], 'random': ['3']})))")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout
+               for seed in range(6)}
+    assert len(outputs) == 1
+    assert [r["family"] for r in json.loads(outputs.pop())] == ["a", "b", "c", "d"]
