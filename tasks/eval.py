@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -221,9 +222,7 @@ FAMILY_COLUMNS = ["family", "pool_share", "subset", "seeds", "loss", "loss_lo", 
 
 
 def family_shares(pool: list[dict]) -> dict[str, float]:
-    counts: dict[str, int] = {}
-    for r in pool:
-        counts[r.get("family", "all")] = counts.get(r.get("family", "all"), 0) + 1
+    counts = Counter(r.get("family", "all") for r in pool)
     return {f: c / max(len(pool), 1) for f, c in counts.items()}
 
 

@@ -421,6 +421,17 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # rounding never excludes p
 
 
+def rm_item(r: dict, side: str, with_context: bool) -> tuple[str, str, str]:
+    """What a reward model scores for one response of a record: (context, prompt, response); the blind model
+    never sees the context."""
+    return (r["context"] if with_context else "", r["prompt"], r[side])
+
+
+def scored_items(rows: list[dict], with_context: bool) -> list[tuple[str, str, str]]:
+    """Every distinct item `evaluate` asks a reward model to score for `rows`, in a fixed order."""
+    return sorted({rm_item(r, side, with_context) for r in rows for side in ("response_a", "response_b")})
+
+
 def evaluate(score_aware, score_blind, rows: list[dict]) -> list[dict]:
     """Held-out metrics that a model can fail (each `score_*` maps [(context, prompt, response)] -> rewards):
     context_conditioned: every held-out context record (contexts phrased unlike any training context), the
@@ -433,12 +444,10 @@ def evaluate(score_aware, score_blind, rows: list[dict]) -> list[dict]:
     plain_rows = [r for r in rows if r["context_type"] == "none"]
     diffs = {}
     for name, score, with_context in (("context_aware", score_aware, True), ("context_blind", score_blind, False)):
-        def item(r, side, with_context=with_context):
-            return (r["context"] if with_context else "", r["prompt"], r[side])
-
-        items = sorted({item(r, side) for r in rows for side in ("response_a", "response_b")})
+        items = scored_items(rows, with_context)
         table = dict(zip(items, [float(x) for x in score(items)]))
-        diffs[name] = {id(r): table[item(r, "response_a")] - table[item(r, "response_b")] for r in rows}
+        diffs[name] = {id(r): table[rm_item(r, "response_a", with_context)] - table[rm_item(r, "response_b", with_context)]
+                       for r in rows}
     out = []
     for ctype in ("all", "criteria", "scenario", "profile"):
         sel = [r for r in context_rows if ctype == "all" or r["context_type"] == ctype]
@@ -521,8 +530,7 @@ def train_and_score(store_uri: str, ref: str, shard: int, item: dict, cfg: Prefe
             (model.merge_and_unload() if cfg.rm_lora else model).save_pretrained(tmp)
             tok.save_pretrained(tmp)
             store.put_dir(item["rm_ref"], tmp)
-    items = sorted({(r["context"] if aware else "", r["prompt"], r[side]) for r in rows if r["split"] != "train"
-                    for side in ("response_a", "response_b")})
+    items = scored_items([r for r in rows if r["split"] != "train"], aware)
     scores = score_with(model, tok, cfg.rm_max_len)(items)
     table = pa.Table.from_pylist([{"kind": item["kind"], "context": c, "prompt": p, "response": resp, "reward": float(x)}
                                   for (c, p, resp), x in zip(items, scores)], schema=SCORE_SCHEMA)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -160,10 +161,7 @@ def family_coverage(pool: list[dict], selections: dict[str, list[str]]) -> list[
     With Zipf-sized families this is where cluster-balanced selection can differ from random: a rare family
     gets its cluster's budget instead of its share of one random draw."""
     family_of = {r["id"]: r.get("family", "all") for r in pool}
-    counts = {name: {} for name in selections}
-    for name, ids in selections.items():
-        for i in ids:
-            counts[name][family_of.get(i, "unknown")] = counts[name].get(family_of.get(i, "unknown"), 0) + 1
+    counts = {name: Counter(family_of.get(i, "unknown") for i in ids) for name, ids in selections.items()}
     # by pool size, ties by name: a set's order changes with the process's hash seed (a resumed run differed)
     families = sorted(set().union(*counts.values()), key=lambda f: (-counts["pool"].get(f, 0), f))
     return [{"family": f, **{name: counts[name].get(f, 0) / max(len(ids), 1) for name, ids in selections.items()},
