@@ -258,25 +258,28 @@ def lm_logprobs(model_dir: str, rows: list[dict], batch_size: int) -> list[float
 
 
 def correlations(lm: np.ndarray, ref: np.ndarray, n_boot: int, seed: int) -> dict:
-    """Spearman/Pearson/Kendall with percentile bootstrap CIs; Kendall tau distance = (1 - tau) / 2."""
+    """Spearman and Pearson with percentile bootstrap CIs, Kendall tau distance = (1 - tau) / 2 (a point value,
+    as the paper reports it). All resamples are drawn and ranked at once (one at a time took ~12 s of the
+    default run); a resample where either side is constant has no correlation and is skipped."""
     from scipy import stats
 
-    def stat(a, b):
-        return {"spearman": stats.spearmanr(a, b).statistic, "pearson": stats.pearsonr(a, b).statistic,
-                "kendall": stats.kendalltau(a, b).statistic}
-
-    point = stat(lm, ref)
     rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(lm), len(lm))
-        if len(set(ref[idx])) > 1 and len(set(lm[idx])) > 1:
-            boots.append(stat(lm[idx], ref[idx]))
-    result = {"kendall_tau_distance": (1 - point["kendall"]) / 2}
-    for name, value in point.items():
-        values = np.array([b[name] for b in boots])
-        result |= {name: value, f"{name}_lo": np.nanpercentile(values, 2.5), f"{name}_hi": np.nanpercentile(values, 97.5)}
+    idx = rng.integers(0, len(lm), (n_boot, len(lm)))  # the same draws as n_boot sequential calls
+    a, b = lm[idx], ref[idx]
+    varied = (np.ptp(a, axis=1) > 0) & (np.ptp(b, axis=1) > 0)
+    a, b = a[varied], b[varied]
+    boots = {"spearman": _rowwise_pearson(stats.rankdata(a, axis=1), stats.rankdata(b, axis=1)),
+             "pearson": _rowwise_pearson(a, b)}
+    result = {"kendall_tau_distance": (1 - stats.kendalltau(lm, ref).statistic) / 2,
+              "spearman": stats.spearmanr(lm, ref).statistic, "pearson": stats.pearsonr(lm, ref).statistic}
+    for name, values in boots.items():
+        result |= {f"{name}_lo": np.nanpercentile(values, 2.5), f"{name}_hi": np.nanpercentile(values, 97.5)}
     return result
+
+
+def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
+    return (a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
 
 
 def item_scores(pairs: list[dict]) -> list[dict]:

@@ -214,3 +214,34 @@ def test_thresholds_below_the_papers_are_said_for_user_tasks():
     (warning,) = threshold_warnings(toy)
     assert "mine" in warning and "0.6" in warning
     assert threshold_warnings(MemorizationConfig(tasks=[TaskSpec(name="mine", kind="qa", path="my/qa.jsonl")])) == []
+
+
+def _loop_bootstrap_spearman(lm, ref, n_boot, seed):
+    """The reference: one resample at a time, as the paper's percentile bootstrap reads."""
+    from scipy import stats
+
+    rng, boots = np.random.default_rng(seed), []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(lm), len(lm))
+        if len(set(ref[idx])) > 1 and len(set(lm[idx])) > 1:
+            boots.append(stats.spearmanr(lm[idx], ref[idx]).statistic)
+    return np.percentile(boots, 2.5), np.percentile(boots, 97.5)
+
+
+def test_vectorized_bootstrap_equals_one_resample_at_a_time():
+    """`correlations` draws all resamples at once (it was ~12 s of the default run); same draws, same interval,
+    ties (integer counts) ranked as averages, constant resamples skipped."""
+    from scipy import stats
+
+    from tasks.memorization import correlations
+
+    rng = np.random.default_rng(3)
+    ref = rng.integers(0, 6, 40).astype(float)  # heavy ties, and some resamples of 40 are near-constant
+    lm = ref + rng.normal(0, 2, 40)
+    got = correlations(lm, ref, 300, seed=7)
+    lo, hi = _loop_bootstrap_spearman(lm, ref, 300, 7)
+    assert got["spearman_lo"] == pytest.approx(lo, abs=1e-9) and got["spearman_hi"] == pytest.approx(hi, abs=1e-9)
+    assert got["spearman"] == pytest.approx(stats.spearmanr(lm, ref).statistic)
+    assert got["kendall_tau_distance"] == pytest.approx((1 - stats.kendalltau(lm, ref).statistic) / 2)
+    const = correlations(np.arange(5.0), np.array([1.0, 1, 1, 1, 2]), 200, seed=0)  # many constant resamples
+    assert -1 <= const["spearman_lo"] <= const["spearman_hi"] <= 1
