@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 PROFILE ?= tiny
 STORE ?=  # empty: the profile's own store (tiny: .tracecore/store)
 
-.PHONY: setup run test test-accept test-long lint bench clean
+.PHONY: setup run test test-accept test-long lint bench readme clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ test-accept: setup  # the acceptance assertions on the full `tiny` profile (~25 
 test-long: setup  # the long-context acceptance on tiny-retrieval (~26 min); not part of `make test`
 	@$(BIN)/python -m flows.calibrate
 	TRACECORE_LONG=1 $(BIN)/python -m pytest -q tests/test_long_context_acceptance.py
+
+readme: setup  # re-render the README's measured tables from the latest run of PROFILE (tracecore readme)
+	$(BIN)/tracecore readme --profile $(PROFILE) $(if $(strip $(STORE)),--store $(STORE))
 
 lint: setup
 	$(BIN)/ruff check flows tasks kernels storage configs tests bench

@@ -334,6 +334,9 @@ class DaskConfig(Strict):
 class PipelineConfig(Strict):
     profile: str = "tiny"
     store: str = ".tracecore/store"
+    calibrate: bool = Field(True, description="measure the machine (fp32 matmul GFLOP/s, BPE tokens/s; ~3 s) at the "
+                            "start of a run and record it beside the stage timings, which differ ~2x between "
+                            "same-size machines")
     stages: list[Literal["sample", "ingest", "tokenize", "pretrain", "ngram", "memorization", "gradients",
                          "select", "preference", "finetune", "eval"]] = Field(
         default_factory=lambda: list(STAGES))

@@ -73,11 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     status_help = "stages of a run: state, artifacts, shards done, rows, rejects, and what a re-run would skip"
     for name, text in (("status", status_help),
-                       ("artifacts", "artifacts of a run with their paths, rows and checksums")):
+                       ("artifacts", "artifacts of a run with their paths, rows and checksums"),
+                       ("readme", ("re-render the README's measured tables (<!-- tracecore:begin NAME --> blocks) "
+                                  "from a run's artifacts, so they cannot go stale"))):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_id", nargs="?", default=None, help="run id (default: the latest run)")
-        p.add_argument("--store", default=".tracecore/store", help="artifact store root (default: .tracecore/store)")
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.add_argument("--profile", default="tiny", help="profile whose store to read (default: tiny)")
+        p.add_argument("--store", default=None, help="artifact store root (default: the profile's store)")
+        if name == "readme":
+            p.add_argument("--readme", default="README.md", help="file to update (default: README.md)")
+            p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a result block would "
+                           "change (the timings block is machine-dependent and not checked)")
+        else:
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -126,6 +134,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def store_of(args: argparse.Namespace) -> str:
+    """`--store`, else the profile's store. A store that does not exist is an error (opening one would leave
+    an empty folder behind)."""
+    import fsspec
+
+    uri = args.store or load_config(args.profile).store
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"store {uri!r} does not exist (profile {args.profile!r}; pass --store or --profile)")
+    return uri
+
+
+def cmd_readme(args: argparse.Namespace) -> int:
+    from flows.readme import update_readme
+    from storage.runs import read_run
+    from storage.store import ArtifactStore
+
+    store = ArtifactStore(store_of(args))
+    record = read_run(store, args.run_id)
+    path = Path(args.readme)
+    text, changed = update_readme(path.read_text(), store, record)
+    if args.check:  # wall-clock timings differ between machines; results are deterministic
+        results = [name for name in changed if name != "timings"]
+        print(f"{path}: result blocks that differ from run {record['run_id']}: {', '.join(results) or 'none'}")
+        return 1 if results else 0
+    path.write_text(text)
+    print(f"{path}: {len(changed)} block(s) re-rendered from run {record['run_id']}: {', '.join(changed) or 'none'}")
+    return 0
+
+
 def status_rows(store_uri: str, run_id: str | None) -> tuple[dict, list[dict]]:
     """Per stage: what the run recorded, and what the store holds now (= what a re-run skips)."""
     from storage.runs import read_run
@@ -153,11 +191,12 @@ def cmd_status(args: argparse.Namespace, artifacts: bool = False) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    record, rows = status_rows(args.store, args.run_id)
+    uri = store_of(args)
+    record, rows = status_rows(uri, args.run_id)
     if artifacts:
         from storage.store import ArtifactStore
 
-        store = ArtifactStore(args.store)
+        store = ArtifactStore(uri)
         rows = [{"artifact": r["artifact"], "path": store.display_path(r["artifact"]), "rows": r["rows"],
                  "checksum": store.manifest(r["artifact"])["checksum"][:16] if r["committed"] else "(uncommitted)"}
                 for r in rows]
@@ -191,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             from flows.deploy import ui
 
             return ui(args.host, args.port)
+        if args.command == "readme":
+            return cmd_readme(args)
         return cmd_status(args, artifacts=args.command == "artifacts")
     except (ConfigError, FileNotFoundError) as exc:
         print(f"tracecore: error: {exc}", file=sys.stderr)

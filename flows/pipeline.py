@@ -90,7 +90,12 @@ def pipeline(config: dict, run_id: str | None = None) -> dict[str, Any]:
     run_id = run_id or new_run_id()
     store = ArtifactStore(cfg.store)
     record = start_run(store, run_id, cfg.model_dump(mode="json"))
+    if cfg.calibrate:
+        from flows.calibrate import calibrate
+
+        record["calibration"] = calibrate()
     refs: dict[str, str] = {}
+    started = time.perf_counter()
     try:
         with dask_cluster(cfg.dask) as address:
             for stage in needed_stages(cfg):
@@ -100,6 +105,7 @@ def pipeline(config: dict, run_id: str | None = None) -> dict[str, Any]:
         record["state"] = "failed"
         raise
     finally:
+        record["wall_seconds"] = round(time.perf_counter() - started, 1)
         write_run(store, record)
         record["report"] = write_report(store, record)
         write_run(store, record)

@@ -66,7 +66,7 @@ def stage_call(stage: str, cfg: PipelineConfig, store_uri: str, refs: dict[str, 
     if stage == "preference":
         store = ArtifactStore(store_uri)
         inputs = [[i.path, i.format] for i in cfg.preference.inputs] or [
-            [f"{store.display_path(refs['sample'])}/files/preferences/pairs.jsonl", "sample"]]
+            [f"{store.files_path(refs['sample'])}/preferences/pairs.jsonl", "sample"]]
         inputs_id = refs["sample"] if not cfg.preference.inputs else input_fingerprint(
             list_input_files([i.path for i in cfg.preference.inputs]))
         return {"cfg": cfg.preference, "model_ref": refs["model"], "inputs": inputs, "inputs_id": inputs_id,
@@ -91,14 +91,14 @@ def instruction_pool(cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) 
     """The instruction pool file and its identity (the sample artifact, or the file's fingerprint)."""
     if cfg.gradients.pool_path:
         return cfg.gradients.pool_path, input_fingerprint(list_input_files([cfg.gradients.pool_path]))
-    return f"{ArtifactStore(store_uri).display_path(refs['sample'])}/files/instructions/train.jsonl", refs["sample"]
+    return f"{ArtifactStore(store_uri).files_path(refs['sample'])}/instructions/train.jsonl", refs["sample"]
 
 
 def eval_split(cfg: PipelineConfig, store_uri: str, refs: dict[str, str]) -> str:
     """Held-out instructions: the configured file, or the sample world's eval split."""
     if cfg.finetune.eval_path:
         return cfg.finetune.eval_path
-    return f"{ArtifactStore(store_uri).display_path(refs['sample'])}/files/instructions/eval.jsonl"
+    return f"{ArtifactStore(store_uri).files_path(refs['sample'])}/instructions/eval.jsonl"
 
 
 def needed_stages(cfg: PipelineConfig) -> list[str]:

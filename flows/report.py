@@ -73,13 +73,23 @@ def stage_tables(store: ArtifactStore, record: dict) -> list[str]:
     return parts
 
 
+def wall_clock_line(record: dict) -> str:
+    """The run's wall clock with the calibration measured at its start (timings differ ~2x between machines)."""
+    from flows.calibrate import calibration_line
+
+    wall = record.get("wall_seconds")
+    head = f"wall clock {wall:.0f} s ({wall / 60:.1f} min)" if wall is not None else "wall clock not recorded"
+    calib = record.get("calibration")
+    return f"{head}; " + (calibration_line(calib) if calib else "calibration off (`calibrate: false`)")
+
+
 def write_report(store: ArtifactStore, record: dict) -> str:
     """Write runs/<id>/report.md (+ plots) and return its path."""
     run_dir = store.run_dir(record["run_id"])
     rows = stage_rows(store, record)
     parts = [f"# tracecore run {record['run_id']}", "",
              f"state: **{record['state']}** · profile `{record['config'].get('profile')}` · store `{store.display_path()}`",
-             "", markdown_table(rows), ""] + stage_tables(store, record)
+             "", f"{wall_clock_line(record)}", "", markdown_table(rows), ""] + stage_tables(store, record)
     plots = collect_plots(store, record)
     for title, name, png in plots:
         store.fs.makedirs(f"{run_dir}/plots", exist_ok=True)

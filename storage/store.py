@@ -5,7 +5,9 @@ Layout under the store root (local path or any fsspec URI)::
     artifacts/<name>/<fingerprint>/part-00000.parquet   one file per shard
     artifacts/<name>/<fingerprint>/_markers/00000.json  shard is complete only when this exists
     artifacts/<name>/<fingerprint>/_MANIFEST.json       artifact is committed (lineage, checksum)
-    artifacts/<name>/<fingerprint>/files/...            non-tabular payloads (tokenizer, model)
+    artifacts/<name>/<fingerprint>/_files/...           non-tabular payloads (tokenizer, model); the leading
+                                                        underscore makes pandas/pyarrow skip it, so the folder
+                                                        reads as one table (stores before it used `files/`)
     runs/<run_id>/run.json, report.md, plots/           one folder per pipeline run
 
 An artifact reference (`ref`) is the string ``"<name>/<fingerprint>"``. The fingerprint hashes
@@ -38,6 +40,8 @@ from storage.fs import (
     sha256_bytes,
     write_json,
 )
+
+FILES_DIR = "_files"  # leading underscore: pyarrow.dataset / pandas skip it when reading the folder
 
 
 class CorruptShardError(RuntimeError):
@@ -137,7 +141,7 @@ class ArtifactStore:
         """Paths of a committed artifact's shards and files whose bytes no longer match the manifest."""
         manifest = self.manifest(ref)
         bad = [self.shard_path(ref, m["shard"]) for m in self.markers(ref) if not self.shard_intact(ref, m["shard"])]
-        base = f"{self.artifact_dir(ref)}/files"
+        base = self.files_dir(ref)
         for entry in manifest.get("files", []):
             path = f"{base}/{entry['file']}"
             if not self.fs.exists(path) or file_checksum(self.fs, path) != entry["checksum"]:
@@ -215,8 +219,18 @@ class ArtifactStore:
         return sorted(refs)
 
     # ---- files (tokenizers, models, tensors) ------------------------------------------------
+    def files_dir(self, ref: str) -> str:
+        """Where an artifact's files live: `_files/`, or `files/` in an artifact written before that."""
+        base = self.artifact_dir(ref)
+        return f"{base}/files" if self.fs.exists(f"{base}/files") else f"{base}/{FILES_DIR}"
+
+    def files_path(self, ref: str) -> str:
+        """`files_dir` as a path a user (or a stage reading a sample-world file) can open."""
+        path = self.files_dir(ref)
+        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
+
     def _file_entries(self, ref: str) -> list[dict]:
-        base = f"{self.artifact_dir(ref)}/files"
+        base = self.files_dir(ref)
         if not self.fs.exists(base):
             return []
         entries = []
@@ -228,22 +242,22 @@ class ArtifactStore:
         return entries
 
     def write_file(self, ref: str, relpath: str, data: bytes) -> None:
-        atomic_write_bytes(self.fs, safe_join(f"{self.artifact_dir(ref)}/files", relpath), data)
+        atomic_write_bytes(self.fs, safe_join(self.files_dir(ref), relpath), data)
 
     def read_file(self, ref: str, relpath: str) -> bytes:
-        with self.fs.open(safe_join(f"{self.artifact_dir(ref)}/files", relpath), "rb") as fh:
+        with self.fs.open(safe_join(self.files_dir(ref), relpath), "rb") as fh:
             return fh.read()
 
     def put_dir(self, ref: str, local_dir: str | os.PathLike) -> None:
-        """Copy a local folder (HF tokenizer/model folder) into the artifact's files/."""
+        """Copy a local folder (HF tokenizer/model folder) into the artifact's files."""
         local_dir = Path(local_dir)
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             self.write_file(ref, path.relative_to(local_dir).as_posix(), path.read_bytes())
 
     @contextlib.contextmanager
     def local_dir(self, ref: str) -> Iterator[str]:
-        """A local folder holding the artifact's files/ (the folder itself on local stores)."""
-        base = f"{self.artifact_dir(ref)}/files"
+        """A local folder holding the artifact's files (the folder itself on local stores)."""
+        base = self.files_dir(ref)
         if is_local(self.fs):
             yield base
             return

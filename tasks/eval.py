@@ -153,7 +153,7 @@ def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: E
     with model_dir(store, item["model_ref"]) as folder, MODEL_LOAD_LOCK:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
-    sample_dir = f"{store.display_path(item['sample_ref'])}/files"
+    sample_dir = store.files_path(item["sample_ref"])
     pool = load_pool(item["pool_path"])[0]
     seen = {instruction_key(r) for r in pool}
     held_out = [r for r in load_pool(f"{sample_dir}/instructions/eval.jsonl")[0] if instruction_key(r) not in seen]

@@ -191,7 +191,7 @@ def train(model, data: list, pad_id: int, cfg: FinetuneConfig, seed: int, device
 
 
 class Resume:
-    """Resumable training state under `<artifact>/files/resume/` (safetensors + JSON, no pickle)."""
+    """Resumable training state under the artifact's `_files/resume/` (safetensors + JSON, no pickle)."""
 
     def __init__(self, store: ArtifactStore, ref: str):
         self.store, self.ref, self.started_at = store, ref, 0
@@ -234,7 +234,7 @@ class Resume:
         return meta["step"], meta["curve"]
 
     def clear(self) -> None:
-        path = f"{self.store.artifact_dir(self.ref)}/files/resume"
+        path = f"{self.store.files_dir(self.ref)}/resume"
         if self.store.fs.exists(path):
             self.store.fs.rm(path, recursive=True)
 

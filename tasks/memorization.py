@@ -399,7 +399,7 @@ def run_memorization(store_uri: str, cfg: MemorizationConfig, index_ref: str, to
                          code_version(__name__))
         items, rejects = [], []
         for spec in cfg.tasks:
-            path = spec.path or f"{store.display_path(sample_ref)}/files/tasks/{spec.kind}.jsonl"
+            path = spec.path or f"{store.files_path(sample_ref)}/tasks/{spec.kind}.jsonl"
             got, bad = load_task(spec, path, cfg.max_items)
             items, rejects = items + got, rejects + bad
         store.write_shard(refs["rejects"], 0, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))

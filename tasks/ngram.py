@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from configs.schema import NgramConfig
 from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
+from storage.store import FILES_DIR, ArtifactStore
 from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
 
 SEPARATOR = b"\xff\xff"
@@ -116,7 +116,7 @@ def build_index_group(store_uri: str, ref: str, group: int, item: tuple, mem_gib
         run_indexer(folder, mem_gib, cpus if tokens * 2 >= cpus * 200_000 else 1)
         for name in ("tokenized.0", "offset.0", "table.0"):
             store.write_file(ref, f"group-{group:03d}/{name}", (folder / name).read_bytes())
-    summary = pa.table({"group": [group], "folder": [f"files/group-{group:03d}"], "token_shards": [shards],
+    summary = pa.table({"group": [group], "folder": [f"{FILES_DIR}/group-{group:03d}"], "token_shards": [shards],
                         "documents": [docs], "tokens": [tokens], "tokenizer": [tokenizer_ref],
                         "vocab_size": [vocab_size], "token_dtype": ["u16"]})
     return store.write_shard(ref, group, summary, documents=docs, tokens=tokens)

@@ -349,7 +349,7 @@ def plan_sample(cfg: SampleConfig) -> dict[str, str]:
 
 
 def run_sample(store_uri: str, cfg: SampleConfig, refs: dict[str, str], address: str | None = None) -> dict[str, str]:
-    """Generate the sample world into the store (files/ of the `sample` artifact)."""
+    """Generate the sample world into the store (the `sample` artifact's files)."""
     import tempfile
 
 
@@ -366,7 +366,7 @@ def run_sample(store_uri: str, cfg: SampleConfig, refs: dict[str, str], address:
 
 def sample_corpus_glob(store_uri: str, sample_ref: str) -> str:
 
-    return f"{ArtifactStore(store_uri).display_path(sample_ref)}/files/corpus/*.jsonl.gz"
+    return f"{ArtifactStore(store_uri).files_path(sample_ref)}/corpus/*.jsonl.gz"
 
 
 sample_task = stage_task(run_sample, "sample")

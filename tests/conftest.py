@@ -66,6 +66,8 @@ def reduced_sets() -> list[str]:
     for section, values in yaml.safe_load(TEST_PROFILE.read_text()).items():
         if isinstance(values, dict):
             args += [x for key, value in values.items() for x in ("--set", f"{section}.{key}={json.dumps(value)}")]
+        elif section != "store":  # top-level settings (calibrate)
+            args += ["--set", f"{section}={json.dumps(values)}"]
     return args
 
 

@@ -167,3 +167,35 @@ def test_prefect_artifacts_of_every_stage_read_back_from_the_server(tiny_run):
         if stage in computed:
             assert "data:image/png;base64," in latest[plot].data
     assert str(store.display_path("")).rstrip("/") in latest["tracecore-pipeline-summary"].data
+
+
+def test_readme_tables_are_rendered_from_the_run(tiny_run, tmp_path):
+    """The README's measured tables are generated (`tracecore readme`), so they cannot go stale: every block
+    renders from this run and holds its numbers; on the full profile the README already holds them."""
+    import re
+
+    from conftest import run_cli
+
+    from flows.readme import BLOCK, RENDERERS, update_readme
+    from storage.runs import read_run
+
+    store, result = tiny_run
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    names = {m["name"] for m in BLOCK.finditer(readme)}
+    assert {"timings", "verdict", "families", "selection_quality", "memorization", "reward_model",
+            "long_context"} <= names <= set(RENDERERS)
+    record = read_run(store, "acceptance")
+    text, changed = update_readme(readme, store, record)
+    blocks = {m["name"]: m["body"] for m in BLOCK.finditer(text)}
+    verdict = {(r["subset"], r["metric"]): r for r in store.read_table(result["refs"]["eval_verdict"]).to_pylist()}
+    assert f"{verdict[('tagcos', 'instruction_loss')]['mean']:.3f}" in blocks["verdict"]
+    assert f"{record['calibration']['matmul_gflops']:.0f} GFLOP/s" in blocks["timings"]
+    assert re.search(r"\*\*whole run\*\* \| \*\*\d+\*\*", blocks["timings"])
+    if FULL:  # deterministic results: only the machine-dependent timings may differ from the README
+        assert set(changed) <= {"timings"}, changed
+    copy = tmp_path / "README.md"
+    copy.write_text(readme)
+    assert run_cli("readme", "acceptance", "--store", store.uri, "--readme", str(copy)).returncode == 0
+    assert copy.read_text() == text
+    check = run_cli("readme", "acceptance", "--store", store.uri, "--readme", str(copy), "--check")
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -84,6 +84,18 @@ def test_cli_end_to_end_status_and_artifacts(tmp_path):
     assert by_artifact["documents"]["rows"] > 0 and by_artifact["model"]["committed"]
     listing = run_cli("artifacts", "--store", store)
     assert listing.returncode == 0 and "tokens/" in listing.stdout
+    profile = tmp_path / "mine.yaml"  # status / artifacts read the profile's store, as `run` does
+    profile.write_text(f"extends: tiny\nstore: {store}\n")
+    by_profile = json.loads(run_cli("status", "--profile", str(profile), "--json").stdout)
+    assert by_profile["run_id"] == status["run_id"]
+
+
+def test_status_of_a_missing_store_is_an_error_and_creates_nothing(tmp_path):
+    missing = tmp_path / "no-store"
+    for command in ("status", "artifacts", "readme"):
+        proc = run_cli(command, "--store", str(missing))
+        assert proc.returncode == 2 and "does not exist" in proc.stderr, proc.stderr
+    assert not missing.exists()
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])

@@ -133,3 +133,32 @@ def test_lock_serializes_writers(tmp_path):
     threads = [threading.Thread(target=worker, args=(n,)) for n in "ab"]
     [t.start() for t in threads], [t.join() for t in threads]
     assert order[0][0] == order[1][0] and order[2][0] == order[3][0]  # no interleaving
+
+
+def test_an_artifact_folder_with_files_reads_as_one_table(store):
+    """The README's advice `pandas.read_parquet(<artifact folder>)` works for artifacts that also hold files
+    (models, tokenizers, the n-gram index): non-tabular payloads live where readers skip them (`_files/`)."""
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    store.write_shard("model/fp", 0, TABLE)
+    store.write_file("model/fp", "config.json", b"{}")
+    store.write_tensors("model/fp", "model.safetensors", {"w": torch.zeros(2)})
+    store.commit("model/fp", {}, expected_shards=1)
+    folder = store.artifact_dir("model/fp")
+    assert ds.dataset(folder, filesystem=store.fs, format="parquet").to_table().num_rows == TABLE.num_rows
+    if store.uri.startswith("memory://"):  # pandas resolves local paths and URIs of registered filesystems
+        assert len(pd.read_parquet(folder, filesystem=store.fs)) == TABLE.num_rows
+    else:
+        assert len(pd.read_parquet(store.display_path("model/fp"))) == TABLE.num_rows
+    assert store.read_file("model/fp", "config.json") == b"{}" and store.corrupt_parts("model/fp") == []
+
+
+def test_a_legacy_files_folder_is_still_read(store):
+    """Stores written before `_files/` keep working: their `files/` payloads are found and verified."""
+    legacy = f"{store.artifact_dir('tok/fp')}/files/tokenizer.json"
+    store.fs.makedirs(legacy.rsplit("/", 1)[0], exist_ok=True)
+    store.fs.pipe(legacy, b"{}")
+    assert store.read_file("tok/fp", "tokenizer.json") == b"{}"
+    manifest = store.commit("tok/fp", {})
+    assert manifest["files"][0]["file"] == "tokenizer.json" and store.corrupt_parts("tok/fp") == []

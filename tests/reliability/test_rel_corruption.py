@@ -59,7 +59,7 @@ def test_corrupt_model_weights_recompute_the_stage(tokenized):
     store, config, refs = tokenized
     refs.update(execute_stage("pretrain", config, refs, address=None))
     ref = refs["model"]
-    weights = f"{store.artifact_dir(ref)}/files/model.safetensors"
+    weights = f"{store.files_dir(ref)}/model.safetensors"
     data = bytearray(store.fs.cat(weights))
     data[-10] ^= 0x01
     store.fs.pipe(weights, bytes(data))
