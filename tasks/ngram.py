@@ -5,9 +5,14 @@
   byte offset of each document) and run the package's indexer (`python -m infini_gram.indexing`),
   which then only builds the suffix array. One index per shard group, groups built in parallel on
   Dask, queried together through one `InfiniGramEngine`.
-* exact table: map-reduce over token shards. An n-gram of u16 ids (n <= 4) packs losslessly into a
-  uint64 key, so "hashing" is exact; keys are bucketed by a mixed hash, counted per partition (map),
-  summed per bucket (reduce), and written as Parquet (`ngram`, `n`, `count`) plus a top-k table.
+* exact table: map-reduce over token shards. An n-gram packs losslessly into a two-word key (`key0`,
+  `key1`: 128 bits, so n <= 8 with u16 ids and n <= 4 with u32 ids), so "hashing" is exact; keys are
+  bucketed by a mixed hash, counted per partition (map), summed per bucket (reduce), and written as
+  Parquet (`ngram`, `n`, `count`) plus a top-k table.
+* ids: u16 when the tokenizer has <= 65,535 tokens, else u32 (Llama 3, Qwen 2, Gemma): token shards and the
+  exact table hold u32 ids; the index holds each id as two u16 symbols (`PairedEngine`), because
+  infini-gram 2.6's own u32 suffix-array builder allocates 2^32 x 8 bytes (32 GiB) per job (measured:
+  "memory allocation of 34359738368 bytes failed" on a 40-document corpus), more than a CI machine has.
 Both are resumable per shard group / partition / bucket.
 """
 
@@ -30,8 +35,6 @@ from storage.lineage import code_version, lineage
 from storage.store import FILES_DIR, ArtifactStore
 from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
 
-SEPARATOR = b"\xff\xff"
-
 
 class EmptyCorpusError(ValueError):
     pass
@@ -49,23 +52,73 @@ def plan_ngram(cfg: NgramConfig, tokens_ref: str, tokenizer_ref: str) -> dict[st
             "topk": f"ngram_topk/{fp}"}
 
 
+KEY_WORDS = 2  # 64-bit words per packed n-gram key
+
+
 def id_bits(store: ArtifactStore, tokens_ref: str) -> int:
     return 16 if "uint16" in store.markers(tokens_ref)[0]["schema"] else 32
 
 
+SEPARATOR = b"\xff\xff"  # infini-gram's u16 document separator (the all-ones id)
+HALF = 32_767  # paired symbols: lo = id % HALF in [0, HALF), hi = HALF + id // HALF in [HALF, 65535)
+MAX_PAIRED_ID = HALF * (0xFFFF - HALF) - 1
+
+
+def token_dtype(bits: int) -> str:
+    return {16: "u16", 32: "u32"}[bits]
+
+
+def to_symbols(ids: np.ndarray) -> np.ndarray:
+    """u32 ids -> u16 symbols, two per id (hi, lo). hi and lo come from disjoint ranges, so a match of an
+    encoded query can only start at a hi symbol, i.e. on a token boundary: counts stay exact."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.empty(2 * len(ids), np.uint16)
+    out[0::2], out[1::2] = HALF + ids // HALF, ids % HALF
+    return out
+
+
+class PairedEngine:
+    """The engine API tracecore uses (`count`, `count_cnf`, `infgram_prob`) over an index of paired symbols."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def _enc(self, ids) -> list[int]:
+        return to_symbols(np.asarray(ids, dtype=np.int64)).tolist()
+
+    def count(self, input_ids) -> dict:
+        return self.engine.count(self._enc(input_ids))
+
+    def count_cnf(self, cnf, max_clause_freq=None, max_diff_tokens=None) -> dict:
+        diff = None if max_diff_tokens is None else 2 * max_diff_tokens  # two symbols per token
+        return self.engine.count_cnf([[self._enc(t) for t in clause] for clause in cnf], max_clause_freq, diff)
+
+    def infgram_prob(self, prompt_ids, cont_id: int) -> dict:
+        """cnt(s + t) / cnt(s) for the longest suffix s of the prompt that occurs (infini-gram's definition);
+        a count is monotone in the suffix length, so the longest one is found by bisection."""
+        lo, hi = 0, len(prompt_ids)  # suffix length lo is known to occur (the empty one always does)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.count(prompt_ids[len(prompt_ids) - mid:])["count"] else (lo, mid - 1)
+        suffix = list(prompt_ids[len(prompt_ids) - lo:])
+        prompt_cnt = self.count(suffix)["count"] if suffix else self.engine.count([])["count"] // 2
+        cont_cnt = self.count(suffix + [cont_id])["count"]
+        return {"prompt_cnt": prompt_cnt, "cont_cnt": cont_cnt, "prob": cont_cnt / max(prompt_cnt, 1),
+                "suffix_len": lo}
+
+
 def check_inputs(store: ArtifactStore, cfg: NgramConfig, tokens_ref: str, vocab_size: int) -> int:
-    """Fail before any work: empty corpus, ids that do not fit the index, n too large to pack."""
+    """Fail before any work: empty corpus, ids that do not fit, n too large to pack."""
     manifest = store.manifest(tokens_ref)
     if not manifest.get("tokens"):
         raise EmptyCorpusError(f"ngram: the token artifact {tokens_ref} holds no tokens (empty corpus)")
     bits = id_bits(store, tokens_ref)
-    if bits == 32:
-        raise VocabMismatchError(f"ngram: tokens in {tokens_ref} are uint32 (vocab {vocab_size}); the infini-gram "
-                                 "index here is built with u16 ids: use a tokenizer with vocab <= 65535")
-    if vocab_size > 65_535:
-        raise VocabMismatchError(f"ngram: tokenizer vocab {vocab_size} exceeds 65535, the u16 index limit")
-    if cfg.max_n * bits > 64:
-        raise ValueError(f"ngram.max_n={cfg.max_n} cannot be packed with {bits}-bit ids (max {64 // bits})")
+    if vocab_size > (0xFFFF if bits == 16 else MAX_PAIRED_ID + 1):  # 0xFFFF is the document separator
+        raise VocabMismatchError(f"ngram: tokenizer vocab {vocab_size} does not fit the {bits}-bit ids of "
+                                 f"{tokens_ref}; re-run tokenize with this tokenizer")
+    if cfg.max_n * bits > 64 * KEY_WORDS:
+        raise ValueError(f"ngram.max_n={cfg.max_n} cannot be packed exactly with {bits}-bit ids "
+                         f"(max {64 * KEY_WORDS // bits})")
     return bits
 
 
@@ -77,19 +130,20 @@ def group_shards(n_shards: int, groups: int) -> list[list[int]]:
 
 
 def write_infinigram_files(store: ArtifactStore, tokens_ref: str, shards: list[int], vocab_size: int,
-                           out: Path) -> tuple[int, int]:
+                           out: Path, bits: int = 16) -> tuple[int, int]:
     """Write `tokenized.0` / `offset.0` for these shards; returns (documents, tokens)."""
     docs = tokens = 0
     with open(out / "tokenized.0", "wb") as data, open(out / "offset.0", "wb") as offsets:
         for shard in shards:
             column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0)
             for ids in column.to_numpy(zero_copy_only=False):
-                ids = np.asarray(ids, dtype=np.uint16)
+                ids = np.asarray(ids, dtype=np.uint16 if bits == 16 else np.uint32)
                 if ids.size and int(ids.max()) >= vocab_size:
                     raise VocabMismatchError(f"ngram: token id {int(ids.max())} in shard {shard} of {tokens_ref} "
                                              f">= tokenizer vocab {vocab_size}")
                 offsets.write(np.uint64(data.tell()).tobytes())
-                data.write(SEPARATOR + ids.astype("<u2").tobytes())
+                symbols = ids if bits == 16 else to_symbols(ids)
+                data.write(SEPARATOR + symbols.astype("<u2").tobytes())
                 docs, tokens = docs + 1, tokens + ids.size
     return docs, tokens
 
@@ -109,16 +163,17 @@ def run_indexer(folder: Path, mem_gib: int, cpus: int) -> None:
 def build_index_group(store_uri: str, ref: str, group: int, item: tuple, mem_gib: int, cpus: int) -> dict:
     store = ArtifactStore(store_uri)
     tokens_ref, tokenizer_ref, shards, vocab_size = item
+    bits = id_bits(store, tokens_ref)
     with tempfile.TemporaryDirectory(prefix="tracecore-igram-") as tmp:
         folder = Path(tmp)
-        docs, tokens = write_infinigram_files(store, tokens_ref, shards, vocab_size, folder)
+        docs, tokens = write_infinigram_files(store, tokens_ref, shards, vocab_size, folder, bits)
         # The indexer splits the work in `cpus` parts only when the group is large enough.
         run_indexer(folder, mem_gib, cpus if tokens * 2 >= cpus * 200_000 else 1)
         for name in ("tokenized.0", "offset.0", "table.0"):
             store.write_file(ref, f"group-{group:03d}/{name}", (folder / name).read_bytes())
     summary = pa.table({"group": [group], "folder": [f"{FILES_DIR}/group-{group:03d}"], "token_shards": [shards],
                         "documents": [docs], "tokens": [tokens], "tokenizer": [tokenizer_ref],
-                        "vocab_size": [vocab_size], "token_dtype": ["u16"]})
+                        "vocab_size": [vocab_size], "token_dtype": [token_dtype(bits)]})
     return store.write_shard(ref, group, summary, documents=docs, tokens=tokens)
 
 
@@ -131,9 +186,12 @@ def open_engine(store: ArtifactStore, index_ref: str, max_clause_freq: int = 50_
     manifest = store.manifest(index_ref)
     with store.local_dir(index_ref) as folder:
         dirs = sorted(str(p) for p in Path(folder).glob("group-*"))
-        yield InfiniGramEngine(index_dir=dirs, eos_token_id=manifest["eos_token_id"], vocab_size=65535,
-                               version=4, token_dtype="u16", max_clause_freq=max_clause_freq,
-                               max_diff_tokens=max_diff_tokens)
+        paired = manifest.get("token_dtype", "u16") == "u32"
+        eos = manifest["eos_token_id"]
+        engine = InfiniGramEngine(index_dir=dirs, eos_token_id=to_symbols([eos])[0].item() if paired else eos,
+                                  vocab_size=65535, version=4, token_dtype="u16", max_clause_freq=max_clause_freq,
+                                  max_diff_tokens=2 * max_diff_tokens if paired else max_diff_tokens)
+        yield PairedEngine(engine) if paired else engine
 
 
 # ---- exact n-gram table ------------------------------------------------------------------------
@@ -150,22 +208,31 @@ def mix64(x: np.ndarray) -> np.ndarray:
 
 
 def packed_ngrams(docs: list[np.ndarray], n: int, bits: int = 16) -> np.ndarray:
-    """uint64 keys of every n-gram that lies inside one document: id_0 | id_1 << bits | ..."""
+    """[m, KEY_WORDS] uint64 keys of every n-gram that lies inside one document: id k sits at bit bits*k of
+    the 128-bit key (64 is a multiple of bits, so no id straddles two words)."""
     flat = np.concatenate(docs).astype(np.uint64) if docs else np.zeros(0, np.uint64)
     doc_of = np.repeat(np.arange(len(docs)), [len(d) for d in docs])
     if len(flat) < n:
-        return np.zeros(0, np.uint64)
+        return np.zeros((0, KEY_WORDS), np.uint64)
     m = len(flat) - n + 1
-    keys = np.zeros(m, np.uint64)
+    keys = np.zeros((m, KEY_WORDS), np.uint64)
     for k in range(n):
-        keys |= flat[k:k + m] << np.uint64(bits * k)
+        word, shift = divmod(bits * k, 64)
+        keys[:, word] |= flat[k:k + m] << np.uint64(shift)
     return keys[doc_of[:m] == doc_of[n - 1:n - 1 + m]]
 
 
 def unpack(keys: np.ndarray, n: int, bits: int = 16) -> list[list[int]]:
+    """Id lists of [m, KEY_WORDS] keys (the inverse of `packed_ngrams`)."""
     mask = np.uint64((1 << bits) - 1)
-    cols = [((keys >> np.uint64(bits * k)) & mask).astype(np.int64) for k in range(n)]
+    cols = [((keys[:, (bits * k) // 64] >> np.uint64((bits * k) % 64)) & mask).astype(np.int64) for k in range(n)]
     return np.stack(cols, axis=1).tolist() if len(keys) else []
+
+
+def bucket_of(keys: np.ndarray, n: int, buckets: int) -> np.ndarray:
+    """A mixed hash of both key words and n, so buckets get even shares; exact grouping uses the keys."""
+    mixed = mix64(keys[:, 0] ^ np.uint64(n * 0x9E3779B97F4A7C15 % (1 << 64)))
+    return (mix64(mixed ^ keys[:, 1]) % np.uint64(buckets)).astype(np.uint16)
 
 
 def count_partition(store_uri: str, ref: str, shard: int, item: tuple, max_n: int, buckets: int) -> dict:
@@ -173,33 +240,36 @@ def count_partition(store_uri: str, ref: str, shard: int, item: tuple, max_n: in
     store = ArtifactStore(store_uri)
     tokens_ref = item
     column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0)
+    bits = id_bits(store, tokens_ref)
     docs = [np.asarray(d, dtype=np.uint64) for d in column.to_numpy(zero_copy_only=False)]
     parts = []
     for n in range(1, max_n + 1):
-        keys, counts = np.unique(packed_ngrams(docs, n), return_counts=True)
-        bucket = (mix64(keys ^ np.uint64(n * 0x9E3779B97F4A7C15 % (1 << 64))) % np.uint64(buckets)).astype(np.uint16)
-        parts.append(pa.table({"bucket": bucket, "n": np.full(len(keys), n, np.uint8), "key": keys,
-                               "count": counts.astype(np.uint64)}))
-    table = pa.concat_tables(parts).sort_by([("bucket", "ascending"), ("n", "ascending"), ("key", "ascending")])
+        keys, counts = np.unique(packed_ngrams(docs, n, bits), axis=0, return_counts=True)
+        parts.append(pa.table({"bucket": bucket_of(keys, n, buckets), "n": np.full(len(keys), n, np.uint8),
+                               "key0": keys[:, 0], "key1": keys[:, 1], "count": counts.astype(np.uint64)}))
+    order = [("bucket", "ascending"), ("n", "ascending"), ("key0", "ascending"), ("key1", "ascending")]
+    table = pa.concat_tables(parts).sort_by(order)
     return store.write_shard(ref, shard, table)
 
 
 def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:
     """Reduce: sum one bucket's counts over all partitions; decode keys back to id lists."""
     store = ArtifactStore(store_uri)
-    map_ref, n_partitions = item
+    map_ref, n_partitions, bits = item
     pieces = []
     for shard in range(n_partitions):
         table = store.read_shard(map_ref, shard)
         pieces.append(table.filter(pc.equal(table["bucket"], bucket)))
-    summed = pa.concat_tables(pieces).group_by(["n", "key"]).aggregate([("count", "sum")])
+    summed = pa.concat_tables(pieces).group_by(["n", "key0", "key1"]).aggregate([("count", "sum")])
+    id_type = pa.uint16() if bits == 16 else pa.uint32()
     out = []
     for n in sorted(set(summed["n"].to_pylist())):
-        part = summed.filter(pc.equal(summed["n"], n)).sort_by([("count_sum", "descending"), ("key", "ascending")])
-        keys = part["key"].to_numpy()
-        out.append(pa.table({"ngram": pa.array(unpack(keys, n), type=pa.list_(pa.uint16())),
+        part = summed.filter(pc.equal(summed["n"], n)).sort_by([("count_sum", "descending"), ("key0", "ascending"),
+                                                                ("key1", "ascending")])
+        keys = np.stack([part["key0"].to_numpy(), part["key1"].to_numpy()], axis=1)
+        out.append(pa.table({"ngram": pa.array(unpack(keys, n, bits), type=pa.list_(id_type)),
                              "n": part["n"].cast(pa.uint8()), "count": part["count_sum"].cast(pa.uint64())}))
-    schema = pa.schema([("ngram", pa.list_(pa.uint16())), ("n", pa.uint8()), ("count", pa.uint64())])
+    schema = pa.schema([("ngram", pa.list_(id_type)), ("n", pa.uint8()), ("count", pa.uint64())])
     table = pa.concat_tables(out) if out else schema.empty_table()
     return store.write_shard(ref, bucket, table)
 
@@ -225,7 +295,7 @@ def run_ngram(store_uri: str, cfg: NgramConfig, tokens_ref: str, tokenizer_ref: 
             return refs
         with store.local_dir(tokenizer_ref) as folder:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        check_inputs(store, cfg, tokens_ref, len(tokenizer))
+        bits = check_inputs(store, cfg, tokens_ref, len(tokenizer))
         record = lineage("ngram", cfg.fingerprint(), {"tokens": tokens_ref, "tokenizer": tokenizer_ref},
                          code_version(__name__))
         n_shards = store.manifest(tokens_ref)["shards"]
@@ -235,7 +305,7 @@ def run_ngram(store_uri: str, cfg: NgramConfig, tokens_ref: str, tokenizer_ref: 
                            mem_gib=cfg.index_mem_gib, cpus=cfg.index_cpus)
         index_tokens = index.sum_computed("tokens")
         store.commit(refs["index"], {**record, "tokenizer": tokenizer_ref, "vocab_size": len(tokenizer),
-                                     "eos_token_id": tokenizer.eos_token_id, "token_dtype": "u16",
+                                     "eos_token_id": tokenizer.eos_token_id, "token_dtype": token_dtype(bits),
                                      "tokens": sum(m["tokens"] for m in index.markers),
                                      "documents": sum(m["documents"] for m in index.markers),
                                      "seconds": index.seconds, "skipped_shards": index.skipped,
@@ -245,7 +315,7 @@ def run_ngram(store_uri: str, cfg: NgramConfig, tokens_ref: str, tokenizer_ref: 
                             address, max_n=cfg.max_n, buckets=cfg.buckets)
         store.commit(refs["counts_map"], record, expected_shards=n_shards)
         reduced = map_shards("ngram-reduce", store, refs["counts"], reduce_bucket,
-                             [(refs["counts_map"], n_shards)] * cfg.buckets, address)
+                             [(refs["counts_map"], n_shards, bits)] * cfg.buckets, address)
         store.commit(refs["counts"], {**record, "max_n": cfg.max_n, "buckets": cfg.buckets,
                                       "seconds": mapped.seconds + reduced.seconds,
                                       "skipped_shards": mapped.skipped + reduced.skipped},

@@ -92,7 +92,19 @@ def test_a_lost_bucket_is_recomputed_alone(indexed):
 def test_ngrams_never_cross_documents():
     docs = [np.array([1, 2, 3], np.uint64), np.array([4, 5], np.uint64)]
     keys = packed_ngrams(docs, 2)
-    assert sorted(int(k) for k in keys) == sorted([1 | 2 << 16, 2 | 3 << 16, 4 | 5 << 16])
+    assert sorted(int(k[0]) for k in keys) == sorted([1 | 2 << 16, 2 | 3 << 16, 4 | 5 << 16])
+    assert not keys[:, 1].any()
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_packing_is_exact_for_wide_ids(bits):
+    """u32 ids (vocab > 65,535) of a 4-gram need 128 bits: two key words, unpacked to the same ids."""
+    from tasks.ngram import unpack
+
+    top = (1 << bits) - 2
+    docs = [np.array([top, 70_000 % top, 3, top - 1, 5], np.uint64)]
+    keys = packed_ngrams(docs, 4, bits)
+    assert unpack(keys, 4, bits) == [[int(x) for x in docs[0][i:i + 4]] for i in range(2)]
 
 
 def test_task_gram_rules():
