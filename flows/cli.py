@@ -20,6 +20,9 @@ EPILOG = """examples:
   tracecore run --profile gpu --dask-address tcp://10.0.0.5:8786 --store s3://bucket/tracecore
   tracecore run --resume 20261124-201500-a1b2c3   # re-run a failed run: finished stages/shards are skipped
   tracecore status                                # what the latest run did / what a re-run will skip
+  tracecore ngram count "born in the year"        # exact count in the latest index (both tokenizations)
+  tracecore ngram docs "born in the year" --limit 3
+  tracecore ngram cnf "Renou Nosenta" AND "1854" --window 50
   tracecore ui                                    # Prefect server + UI on 127.0.0.1:4200
   tracecore serve --cron "0 3 * * *"              # scheduled runs of the tiny profile (needs the server)
 """
@@ -70,6 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("calibrate", help="a few seconds of fixed work (fp32 matmul GFLOP/s, BPE tokens/s): quote it "
                    "beside any wall-clock figure, since same-size machines differ ~2x")
+
+    ngram = sub.add_parser("ngram", help="query a committed infini-gram index: count, docs, cnf",
+                           description="Query the n-gram index of a store (the latest one unless --index). "
+                           "Phrases are counted in both tokenizations they have in running text.")
+    ngram_sub = ngram.add_subparsers(dest="query", required=True)
+    for name, text in (("count", "exact count of a phrase"),
+                       ("docs", "documents containing a phrase: id, file, line, snippet"),
+                       ("cnf", 'co-occurrence count: "a" AND "b" [OR "c"] within --window tokens')):
+        q = ngram_sub.add_parser(name, help=text)
+        q.add_argument("terms", nargs="+", help="the phrase" if name != "cnf" else 'phrases joined by AND / OR')
+        q.add_argument("--profile", default="tiny", help="profile whose store to read (default: tiny)")
+        q.add_argument("--store", default=None, help="artifact store root (default: the profile's store)")
+        q.add_argument("--index", default=None, help="index artifact, e.g. ngram_index/<fp> (default: latest)")
+        q.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if name == "docs":
+            q.add_argument("--limit", type=int, default=10, help="documents to show (default: 10)")
+        if name == "cnf":
+            q.add_argument("--window", type=int, default=100, help="max tokens between the clauses (default: 100)")
 
     status_help = "stages of a run: state, artifacts, shards done, rows, rejects, and what a re-run would skip"
     for name, text in (("status", status_help),
@@ -164,6 +185,51 @@ def cmd_readme(args: argparse.Namespace) -> int:
     return 0
 
 
+def cnf_clauses(terms: list[str]) -> list[list[str]]:
+    """`a AND b OR c` -> [[a], [b, c]] (AND of ORs, as infini-gram's CNF)."""
+    clauses, current = [], []
+    for term in terms + ["AND"]:
+        if term == "AND":
+            if not current:
+                raise ConfigError(f"cnf: empty clause in {' '.join(terms)!r}")
+            clauses.append(current)
+            current = []
+        elif term != "OR":
+            current.append(term)
+    return clauses
+
+
+def cmd_ngram(args: argparse.Namespace) -> int:
+    from flows import query
+    from storage.store import ArtifactStore
+
+    store = ArtifactStore(store_of(args))
+    index = args.index or query.latest_index(store)
+    with query.opened(store, index) as (engine, tok):
+        if args.query == "count":
+            result = query.count(engine, tok, " ".join(args.terms))
+        elif args.query == "docs":
+            result = query.docs(store, index, engine, tok, " ".join(args.terms), args.limit)
+        else:
+            result = query.cnf(engine, tok, cnf_clauses(args.terms), args.window)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"index {index}")
+    if args.query == "count":
+        print(f"{result['text']!r}: {result['count']}  (" + ", ".join(
+            f"{f['tokens']}: {f['count']}" for f in result["forms"]) + ")")
+    elif args.query == "docs":
+        print(f"{result['text']!r}: {result['occurrences']} occurrences; {len(result['documents'])} documents")
+        for d in result["documents"]:
+            print(f"  {d['id']}  {d['file']}:{d['line']}\n    {d['snippet']}")
+    else:
+        flag = " (approximate: a clause is more frequent than max_clause_freq)" if result["approx"] else ""
+        print(" AND ".join("(" + " OR ".join(map(repr, c)) + ")" for c in result["clauses"])
+              + f" within {result['window']} tokens: {result['count']}{flag}")
+    return 0
+
+
 def status_rows(store_uri: str, run_id: str | None) -> tuple[dict, list[dict]]:
     """Per stage: what the run recorded, and what the store holds now (= what a re-run skips)."""
     from storage.runs import read_run
@@ -232,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             return ui(args.host, args.port)
         if args.command == "readme":
             return cmd_readme(args)
+        if args.command == "ngram":
+            return cmd_ngram(args)
         return cmd_status(args, artifacts=args.command == "artifacts")
     except (ConfigError, FileNotFoundError) as exc:
         print(f"tracecore: error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ import pytest
 
 from configs.schema import MemorizationConfig, NgramConfig, TaskSpec, load_config
 from storage.store import ArtifactStore
-from tasks.memorization import candidate_pairs, load_task, threshold, word_ngrams
+from tasks.memorization import candidate_pairs, load_task, phrase_variants, threshold, word_ngrams
 from tasks.ngram import (
     EmptyCorpusError,
     VocabMismatchError,
@@ -257,3 +257,38 @@ def test_vectorized_bootstrap_equals_one_resample_at_a_time():
     assert got["kendall_tau_distance"] == pytest.approx((1 - stats.kendalltau(lm, ref).statistic) / 2)
     const = correlations(np.arange(5.0), np.array([1.0, 1, 1, 1, 2]), 200, seed=0)  # many constant resamples
     assert -1 <= const["spearman_lo"] <= const["spearman_hi"] <= 1
+
+
+def test_ngram_cli_count_docs_and_cnf(indexed):
+    """`tracecore ngram count/docs/cnf` on the test store: counts equal a regex scan of the documents (both
+    tokenizations summed), every listed document contains the phrase, co-occurrence equals the engine's."""
+    import re
+
+    from conftest import run_cli
+
+    from tasks.ngram import open_engine
+
+    store, _, refs = indexed
+    phrase = "was born in the year"
+    texts = store.read_table(refs["documents"]).column("text").to_pylist()
+    expected = sum(len(re.findall(r"(?:^| )" + re.escape(phrase) + r"(?=\W|$)", t)) for t in texts)
+    args = ["--store", store.uri, "--index", refs["index"], "--json"]
+    counted = json.loads(run_cli("ngram", "count", phrase, *args).stdout)
+    assert counted["count"] == expected > 0 and counted["text"] == phrase
+    assert sum(f["count"] for f in counted["forms"]) == counted["count"] and all(f["tokens"] for f in counted["forms"])
+    found = json.loads(run_cli("ngram", "docs", phrase, *args, "--limit", "50").stdout)
+    assert found["occurrences"] == expected and 0 < len(found["documents"]) <= 50
+    ids = {d["id"] for d in found["documents"]}
+    by_id = {r["id"]: r for r in store.read_table(refs["documents"]).to_pylist() if r["id"] in ids}
+    for d in found["documents"]:
+        assert phrase in by_id[d["id"]]["text"] and phrase in d["snippet"]
+        assert (d["file"], d["line"]) == (by_id[d["id"]]["file"], by_id[d["id"]]["line"])
+    cooc = json.loads(run_cli("ngram", "cnf", "was born", "AND", "year", *args, "--window", "20").stdout)
+    with open_engine(store, refs["index"]) as engine:
+        tok = tokenizer(store, refs)
+        direct = engine.count_cnf([phrase_variants(tok, "was born"), phrase_variants(tok, "year")], max_diff_tokens=20)
+    assert cooc["count"] == direct["count"] > 0 and cooc["approx"] is False
+    text = run_cli("ngram", "count", phrase, "--store", store.uri, "--index", refs["index"])
+    assert text.returncode == 0 and f": {expected}" in text.stdout
+    bad = run_cli("ngram", "cnf", "a", "AND", "--store", store.uri, "--index", refs["index"])
+    assert bad.returncode == 2 and "empty clause" in bad.stderr
