@@ -92,7 +92,7 @@ def test_fine_tuning_on_coresets_lowers_held_out_loss(tiny_run):
 
 
 def test_eval_tables_and_razor_kv_savings(tiny_run):
-    """At the longest needle length RazorAttention keeps under 30 % of the KV bytes (1 of 9 KV heads is a
+    """At the longest needle length RazorAttention keeps under 30 % of the KV bytes (1 of 6 KV heads is a
     retrieval head). Needle accuracy is 0 for every method: the bootstrap model has no induction heads (probe
     scores ~0.01), so it cannot retrieve at any length (README; `make test-long` covers retrieval)."""
     store, result = tiny_run
