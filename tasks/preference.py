@@ -379,20 +379,6 @@ def bt_examples(rows: list[dict], with_context: bool = True) -> list[tuple[str, 
     return out
 
 
-def bucketed_batches(items: list, lengths: list[int], batch_size: int, rng, pool: int = 32) -> list[list]:
-    """Random batches of similar lengths: shuffle, sort each window of `pool` batches by length, cut it into
-    batches, shuffle the batches. A batch is padded to its longest sequence; random batches of the default's
-    comparisons padded a quarter of their positions (mean length 76, mean batch maximum 99, measured)."""
-    order = list(range(len(items)))
-    rng.shuffle(order)
-    batches = []
-    for start in range(0, len(order), batch_size * pool):
-        window = sorted(order[start:start + batch_size * pool], key=lambda i: lengths[i])
-        batches += [[items[i] for i in window[j:j + batch_size]] for j in range(0, len(window), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
 def train_reward_model(model, tok, rows: list[dict], cfg: PreferenceConfig, log, with_context: bool = True) -> list[dict]:
     """Bradley-Terry: minimize -log sigmoid(r(preferred) - r(other)) over (context, prompt) comparisons
     (`bt_examples`). The context-blind baseline trains on the same comparisons with every context removed."""
@@ -403,10 +389,12 @@ def train_reward_model(model, tok, rows: list[dict], cfg: PreferenceConfig, log,
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.rm_lr)
     rng, curve, examples = random.Random(cfg.seed), [], bt_examples(rows, with_context)
-    lengths = [max(len(rm_ids(tok, c, p, r, cfg.rm_max_len)) for r in (win, lose)) for c, p, win, lose in examples]
     model.train()
     for epoch in range(cfg.rm_epochs):
-        for batch in bucketed_batches(examples, lengths, cfg.rm_batch_size, rng):
+        order = examples[:]
+        rng.shuffle(order)
+        for i in range(0, len(order), cfg.rm_batch_size):
+            batch = order[i:i + cfg.rm_batch_size]
             good = [(c, p, win) for c, p, win, _ in batch]
             bad = [(c, p, lose) for c, p, _, lose in batch]
             scores = rewards(model, tok, good + bad, cfg.rm_max_len)

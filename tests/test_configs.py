@@ -62,9 +62,10 @@ def test_fingerprint_tracks_settings():
 
 def test_extends_merges_sections_over_the_base_profile(tmp_path):
     cfg, tiny = load_config("tiny-retrieval"), load_config("tiny")
-    assert cfg.pretrain.schedule == "constant" and cfg.pretrain.hidden_size == tiny.pretrain.hidden_size
+    assert cfg.pretrain.schedule == "constant" and cfg.pretrain.seq_len == tiny.pretrain.seq_len  # merged key by key
+    assert cfg.pretrain.hidden_size == 192 != tiny.pretrain.hidden_size  # pinned: the model its numbers came from
     assert cfg.sample.repeated_list_documents > 0 and cfg.sample.n_entities == tiny.sample.n_entities
-    assert cfg.finetune == tiny.finetune and cfg.profile == "tiny-retrieval"
+    assert cfg.finetune.seeds == tiny.finetune.seeds and cfg.finetune.max_steps == 120 and cfg.profile == "tiny-retrieval"
     loop = tmp_path / "a.yaml"
     loop.write_text(f"extends: {loop}\n")
     with pytest.raises(ConfigError, match="circular"):

@@ -264,26 +264,3 @@ def test_reward_model_trains_once_per_comparison_not_per_response_order():
     assert sorted(blind) == sorted([("", "p", "short", "long answer"), ("", "p", "short", "long answer"),
                                     ("", "p", "long answer", "short")])
 
-
-def test_length_bucketed_batches_cover_every_example_with_less_padding():
-    """Reward-model batches: every example once per epoch, the order still random, and far fewer padded
-    positions than random batches (the batch is padded to its longest sequence; random batches of the
-    default's comparisons padded ~30 % of the positions)."""
-    import random
-
-    from tasks.preference import bucketed_batches
-
-    rng = random.Random(0)
-    lengths = [rng.choice([20, 40, 60, 80, 100]) + rng.randint(0, 9) for _ in range(1000)]
-    batches = bucketed_batches(list(range(1000)), lengths, 16, random.Random(1))
-    assert sorted(i for b in batches for i in b) == list(range(1000)) and all(len(b) <= 16 for b in batches)
-
-    def padded(bs):
-        return sum(len(b) * max(lengths[i] for i in b) for b in bs) - sum(lengths)
-
-    order = list(range(1000))
-    random.Random(1).shuffle(order)
-    plain = [order[i:i + 16] for i in range(0, 1000, 16)]
-    assert padded(batches) < 0.3 * padded(plain)
-    assert [b[0] for b in batches] != sorted(b[0] for b in batches)  # not in length order
-    assert bucketed_batches(list(range(1000)), lengths, 16, random.Random(1)) == batches  # seeded
