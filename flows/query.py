@@ -89,14 +89,14 @@ def document_rows(store: ArtifactStore, index_ref: str, doc_ixs: list[int]) -> d
     tokens_ref = store.manifest(index_ref)["inputs"]["tokens"]
     documents_ref = store.manifest(tokens_ref)["inputs"]["documents"]
     groups = sorted(store.read_table(index_ref).to_pylist(), key=lambda g: g["group"])
-    order = [shard for g in groups for shard in g["token_shards"]]
-    sizes = [store.read_shard(tokens_ref, s, columns=["doc_id"]).num_rows for s in order]
+    rows = {m["shard"]: m["rows"] for m in store.markers(tokens_ref)}  # shard sizes without reading shards
     wanted, start = {}, 0
-    for shard, size in zip(order, sizes):
-        for ix in doc_ixs:
-            if start <= ix < start + size:
-                wanted[ix] = store.read_shard(tokens_ref, shard, columns=["doc_id"]).column(0)[ix - start].as_py()
-        start += size
+    for shard in (s for g in groups for s in g["token_shards"]):
+        inside = [ix for ix in doc_ixs if start <= ix < start + rows[shard]]
+        if inside:  # each needed shard read once
+            ids = store.read_shard(tokens_ref, shard, columns=["doc_id"]).column(0)
+            wanted |= {ix: ids[ix - start].as_py() for ix in inside}
+        start += rows[shard]
     table = store.read_table(documents_ref, columns=["id", "file", "line", "text"])
     table = table.filter(pc.is_in(table["id"], value_set=pa.array(list(wanted.values()), pa.string())))
     by_id = {r["id"]: r for r in table.to_pylist()}
