@@ -23,19 +23,19 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	@$(BIN)/python -m flows.calibrate
+	@$(BIN)/python -m tracecore.flows.calibrate
 	$(BIN)/tracecore run --profile $(PROFILE) $(if $(strip $(STORE)),--store $(STORE))
 
 test: setup  # first line: the machine's calibration, so the suite's time can be compared across machines
-	@$(BIN)/python -m flows.calibrate
+	@$(BIN)/python -m tracecore.flows.calibrate
 	$(BIN)/python -m pytest -q --durations=10 tests
 
 test-accept: setup  # the acceptance assertions on the full `tiny` profile (~25 min on a slow machine); before a release
-	@$(BIN)/python -m flows.calibrate
+	@$(BIN)/python -m tracecore.flows.calibrate
 	TRACECORE_ACCEPT=full $(BIN)/python -m pytest -q tests/test_acceptance.py
 
 test-long: setup  # the long-context acceptance on tiny-retrieval (~26 min); not part of `make test`
-	@$(BIN)/python -m flows.calibrate
+	@$(BIN)/python -m tracecore.flows.calibrate
 	TRACECORE_LONG=1 $(BIN)/python -m pytest -q tests/test_long_context_acceptance.py
 
 readme: setup  # re-render the README's measured tables from the latest run of PROFILE (tracecore readme)

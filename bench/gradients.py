@@ -25,8 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-
-from kernels.per_sample import batched_grads, loop_grads
+from tracecore.kernels.per_sample import batched_grads, loop_grads
 
 
 def sample_world_batches(args) -> tuple[object, list, int]:
@@ -34,11 +33,11 @@ def sample_world_batches(args) -> tuple[object, list, int]:
     import gzip
     import json
 
-    from configs.schema import GradientsConfig, PretrainConfig, SampleConfig
-    from tasks.gradients import collate, encode, load_pool, lora_model
-    from tasks.pretrain import build_model
-    from tasks.sample import write_sample
-    from tasks.tokenize import train_bpe
+    from tracecore.configs.schema import GradientsConfig, PretrainConfig, SampleConfig
+    from tracecore.tasks.gradients import collate, encode, load_pool, lora_model
+    from tracecore.tasks.pretrain import build_model
+    from tracecore.tasks.sample import write_sample
+    from tracecore.tasks.tokenize import train_bpe
 
     with tempfile.TemporaryDirectory() as tmp:
         write_sample(SampleConfig(filler_documents=500, corpus_files=1), f"{tmp}/world")
@@ -129,7 +128,7 @@ def main() -> None:
     for name, rate in ((f"batched hooks (batch {args.batch})", rate_fast), ("batch-size-1 loop", rate_loop)):
         print(f"| {name:<27} | {rate:>9.1f} | {rate / rate_loop:>6.2f}x |")
     if not args.synthetic:
-        from tasks.gradients import project
+        from tracecore.tasks.gradients import project
 
         print("\n| projection (blocked Rademacher) | dim  | seconds | records/s |")
         print("|---------------------------------|------|---------|-----------|")

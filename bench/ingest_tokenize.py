@@ -27,11 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from configs.schema import IngestConfig, SampleConfig, TokenizeConfig
-from tasks.ingest import list_input_files, plan_ingest, run_ingest, validate_record
-from tasks.sample import write_sample
-from tasks.tokenize import plan_tokenize, run_tokenize, train_bpe
+from tracecore.configs.schema import IngestConfig, SampleConfig, TokenizeConfig
+from tracecore.tasks.ingest import list_input_files, plan_ingest, run_ingest, validate_record
+from tracecore.tasks.sample import write_sample
+from tracecore.tasks.tokenize import plan_tokenize, run_tokenize, train_bpe
 
 
 def plain_loop(files: list[Path], tokenizer_json: Path, out_dir: Path) -> int:
@@ -61,7 +60,7 @@ def tracecore_stages(files: list[str], tokenizer_dir: Path, store_uri: str, addr
     run_ingest(store_uri, ingest_cfg, files, ingest_refs, address)
     tok_refs = plan_tokenize(tok_cfg, ingest_refs["documents"])
     run_tokenize(store_uri, tok_cfg, ingest_refs["documents"], tok_refs, address)
-    from storage.store import ArtifactStore
+    from tracecore.storage.store import ArtifactStore
 
     return ArtifactStore(store_uri).manifest(tok_refs["tokens"])["tokens"]
 

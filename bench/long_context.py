@@ -22,10 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-
-from kernels.decoding import FullAttention, forward, prefill
-from kernels.longcache import LongCache, LongCacheConfig
-from kernels.razor import RazorCache, RazorConfig, head_scores, retrieval_heads
+from tracecore.kernels.decoding import FullAttention, forward, prefill
+from tracecore.kernels.longcache import LongCache, LongCacheConfig
+from tracecore.kernels.razor import RazorCache, RazorConfig, head_scores, retrieval_heads
 
 
 def build_model(device: str, hidden: int = 256, layers: int = 4, heads: int = 8, kv_heads: int = 4,

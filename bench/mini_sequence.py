@@ -66,8 +66,8 @@ def liger_available() -> bool:
 
 
 def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int, d: int = 1024) -> dict:
-    from kernels.mini_sequence import auto_lm_chunks
-    from kernels.reference import lm_head_ce, plain_lm_head_ce
+    from tracecore.kernels.mini_sequence import auto_lm_chunks
+    from tracecore.kernels.reference import lm_head_ce, plain_lm_head_ce
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     hidden = torch.randn(seq, d, device=device, dtype=dtype, requires_grad=True)
@@ -84,17 +84,16 @@ def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int, d: i
         liger = LigerFusedLinearCrossEntropyLoss()
         fn = lambda h, w, y: liger(w, h, y)
     else:
-        from kernels.triton_ce import triton_lm_head_ce
+        from tracecore.kernels.triton_ce import triton_lm_head_ce
 
         fn = lambda h, w, y: triton_lm_head_ce(h, w, y, chunks)
     return timed(lambda: fn(hidden, weight, labels).backward(), device, repeats, seq)
 
 
 def step_cell(method: str, seq: int, device: str, repeats: int, size: str = "small") -> dict:
+    from tracecore.kernels import apply_mini_sequence
+    from tracecore.kernels.mini_sequence import _enable_checkpointing
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kernels import apply_mini_sequence
-    from kernels.mini_sequence import _enable_checkpointing
 
     shape = STEP_MODELS[size]
     config = LlamaConfig(**shape, max_position_embeddings=max(seq, 2048))

@@ -24,13 +24,12 @@ os.environ.setdefault("TRACECORE_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-
-from configs.schema import IngestConfig, NgramConfig, SampleConfig, TokenizeConfig
-from storage.store import ArtifactStore
-from tasks.ingest import list_input_files, plan_ingest, run_ingest
-from tasks.ngram import open_engine, plan_ngram, run_ngram
-from tasks.sample import write_sample
-from tasks.tokenize import plan_tokenize, run_tokenize
+from tracecore.configs.schema import IngestConfig, NgramConfig, SampleConfig, TokenizeConfig
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.ingest import list_input_files, plan_ingest, run_ingest
+from tracecore.tasks.ngram import open_engine, plan_ngram, run_ngram
+from tracecore.tasks.sample import write_sample
+from tracecore.tasks.tokenize import plan_tokenize, run_tokenize
 
 
 def counter_baseline(docs: list[list[int]], max_n: int) -> float:

@@ -28,7 +28,7 @@ ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERVER_ANALY
 
 def timed_run(profile: str, store: str, sets: list[str]) -> float:
     """Wall seconds of one `tracecore run` (fails loudly: a benchmark of a failed run means nothing)."""
-    args = [sys.executable, "-m", "flows.cli", "run", "--profile", profile, "--store", store]
+    args = [sys.executable, "-m", "tracecore.flows.cli", "run", "--profile", profile, "--store", store]
     args += [x for s in sets for x in ("--set", s)]
     env = {k: v for k, v in {**os.environ, **ENV}.items() if k != "PREFECT_API_URL"}
     start = time.perf_counter()
@@ -41,8 +41,8 @@ def timed_run(profile: str, store: str, sets: list[str]) -> float:
 
 def stage_seconds(store: str) -> list[dict[str, dict]]:
     """Each run's stages (oldest run first): {stage: {"seconds": ..., "status": ...}}."""
-    from storage.runs import read_run
-    from storage.store import ArtifactStore
+    from tracecore.storage.runs import read_run
+    from tracecore.storage.store import ArtifactStore
 
     s = ArtifactStore(store)
     return [read_run(s, run_id)["stages"] for run_id in s.list_runs()]

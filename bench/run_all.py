@@ -35,7 +35,7 @@ def machine() -> str:
     import torch
 
     sys.path.insert(0, str(BENCH.parent))
-    from flows.calibrate import calibration_line
+    from tracecore.flows.calibrate import calibration_line
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}; "

@@ -19,10 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-
-from configs.schema import SelectConfig
-from tasks.common import map_shards
-from tasks.select import cluster_features, select_cluster
+from tracecore.configs.schema import SelectConfig
+from tracecore.tasks.common import map_shards
+from tracecore.tasks.select import cluster_features, select_cluster
 
 
 def main() -> None:
@@ -35,8 +34,7 @@ def main() -> None:
 
     os.environ["TRACECORE_NO_PROGRESS"] = "1"
     from distributed import LocalCluster
-
-    from storage.store import ArtifactStore
+    from tracecore.storage.store import ArtifactStore
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(args.clusters, args.dim)).astype(np.float32)

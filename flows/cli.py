@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from configs.schema import STAGES, ConfigError, load_config
-from flows.runtime import configure_environment
+from tracecore.configs.schema import STAGES, ConfigError, load_config
+from tracecore.flows.runtime import configure_environment
 
 EPILOG = """examples:
   tracecore run                                   # tiny profile, embedded sample world, local store
@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from storage.runs import new_run_id, read_run
-    from storage.store import ArtifactStore
+    from tracecore.storage.runs import new_run_id, read_run
+    from tracecore.storage.store import ArtifactStore
 
     if args.resume:
         store = ArtifactStore(args.store or ".tracecore/store")
@@ -127,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dask_address:
         config["dask"]["address"] = args.dask_address
     configure_environment(config["store"])
-    from flows.pipeline import pipeline
+    from tracecore.flows.pipeline import pipeline
 
     print(f"tracecore run {run_id}: stages {','.join(config['stages'])}, store {config['store']}", flush=True)
     result = pipeline.with_options(flow_run_name=f"tracecore-{run_id}")(config=config, run_id=run_id)
@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
-    from tasks.sample import write_sample
+    from tracecore.tasks.sample import write_sample
 
     cfg = load_config(args.profile, args.overrides)
     counts = write_sample(cfg.sample, args.out)
@@ -147,7 +147,7 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.profile, args.overrides, store=args.store)  # fail fast on a bad profile
     configure_environment(cfg.store)
-    from flows.deploy import serve
+    from tracecore.flows.deploy import serve
 
     print(f"serving deployment tracecore-pipeline/{args.name} on cron {args.cron!r} (Ctrl-C stops; "
           f"the schedule is {'paused' if args.pause_on_shutdown else 'kept'} on shutdown)", flush=True)
@@ -168,9 +168,9 @@ def store_of(args: argparse.Namespace) -> str:
 
 
 def cmd_readme(args: argparse.Namespace) -> int:
-    from flows.readme import update_readme
-    from storage.runs import read_run
-    from storage.store import ArtifactStore
+    from tracecore.flows.readme import update_readme
+    from tracecore.storage.runs import read_run
+    from tracecore.storage.store import ArtifactStore
 
     store = ArtifactStore(store_of(args))
     record = read_run(store, args.run_id)
@@ -200,8 +200,8 @@ def cnf_clauses(terms: list[str]) -> list[list[str]]:
 
 
 def cmd_ngram(args: argparse.Namespace) -> int:
-    from flows import query
-    from storage.store import ArtifactStore
+    from tracecore.flows import query
+    from tracecore.storage.store import ArtifactStore
 
     store = ArtifactStore(store_of(args))
     index = args.index or query.latest_index(store)
@@ -232,8 +232,8 @@ def cmd_ngram(args: argparse.Namespace) -> int:
 
 def status_rows(store_uri: str, run_id: str | None) -> tuple[dict, list[dict]]:
     """Per stage: what the run recorded, and what the store holds now (= what a re-run skips)."""
-    from storage.runs import read_run
-    from storage.store import ArtifactStore
+    from tracecore.storage.runs import read_run
+    from tracecore.storage.store import ArtifactStore
 
     store = ArtifactStore(store_uri)
     record = read_run(store, run_id)
@@ -260,7 +260,7 @@ def cmd_status(args: argparse.Namespace, artifacts: bool = False) -> int:
     uri = store_of(args)
     record, rows = status_rows(uri, args.run_id)
     if artifacts:
-        from storage.store import ArtifactStore
+        from tracecore.storage.store import ArtifactStore
 
         store = ArtifactStore(uri)
         rows = [{"artifact": r["artifact"], "path": store.display_path(r["artifact"]), "rows": r["rows"],
@@ -288,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "calibrate":
-            from flows.calibrate import calibration_line
+            from tracecore.flows.calibrate import calibration_line
 
             print(calibration_line())
             return 0
         if args.command == "ui":
-            from flows.deploy import ui
+            from tracecore.flows.deploy import ui
 
             return ui(args.host, args.port)
         if args.command == "readme":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from configs.schema import load_config
+from tracecore.configs.schema import load_config
 
 DEPLOYMENT = "tracecore-scheduled"
 UI_HOST, UI_PORT = "127.0.0.1", 4200
@@ -26,7 +26,7 @@ def deployment_parameters(profile: str, overrides: list[str], store: str | None)
 def pipeline_deployment(profile: str, overrides: list[str], store: str | None, cron: str | None,
                         name: str = DEPLOYMENT):
     """A RunnerDeployment of `tracecore-profile` with a cron schedule (None = unscheduled)."""
-    from flows.pipeline import run_profile
+    from tracecore.flows.pipeline import run_profile
 
     return run_profile.to_deployment(name=name, cron=cron, parameters=deployment_parameters(profile, overrides, store),
                                      tags=["tracecore", f"profile:{profile}"],
@@ -36,7 +36,7 @@ def pipeline_deployment(profile: str, overrides: list[str], store: str | None, c
 def serve(profile: str, overrides: list[str], store: str | None, cron: str, name: str = DEPLOYMENT,
           pause_on_shutdown: bool = True) -> None:
     """Serve the scheduled deployment from this process until interrupted (needs a Prefect server)."""
-    from flows.pipeline import run_profile
+    from tracecore.flows.pipeline import run_profile
 
     run_profile.serve(name=name, cron=cron, parameters=deployment_parameters(profile, overrides, store),
                       pause_on_shutdown=pause_on_shutdown, tags=["tracecore", f"profile:{profile}"])

@@ -13,25 +13,24 @@ import time
 from typing import Any
 
 from prefect import flow
-
-from configs.schema import STAGES, load_config, validate_config
-from flows.plan import PRIMARY, needed_stages, stage_call
-from flows.report import write_report
-from flows.runtime import dask_cluster
-from storage.runs import new_run_id, now, set_stage, start_run, write_run
-from storage.store import ArtifactStore
-from tasks.common import inject_fault
-from tasks.eval import eval_task
-from tasks.finetune import finetune_task
-from tasks.gradients import gradients_task
-from tasks.ingest import ingest_task
-from tasks.memorization import memorization_task
-from tasks.ngram import ngram_task
-from tasks.preference import preference_task
-from tasks.pretrain import pretrain_task
-from tasks.sample import sample_task
-from tasks.select import select_task
-from tasks.tokenize import tokenize_task
+from tracecore.configs.schema import STAGES, load_config, validate_config
+from tracecore.flows.plan import PRIMARY, needed_stages, stage_call
+from tracecore.flows.report import write_report
+from tracecore.flows.runtime import dask_cluster
+from tracecore.storage.runs import new_run_id, now, set_stage, start_run, write_run
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import inject_fault
+from tracecore.tasks.eval import eval_task
+from tracecore.tasks.finetune import finetune_task
+from tracecore.tasks.gradients import gradients_task
+from tracecore.tasks.ingest import ingest_task
+from tracecore.tasks.memorization import memorization_task
+from tracecore.tasks.ngram import ngram_task
+from tracecore.tasks.preference import preference_task
+from tracecore.tasks.pretrain import pretrain_task
+from tracecore.tasks.sample import sample_task
+from tracecore.tasks.select import select_task
+from tracecore.tasks.tokenize import tokenize_task
 
 TASKS = {"sample": sample_task, "ingest": ingest_task, "tokenize": tokenize_task, "pretrain": pretrain_task,
          "ngram": ngram_task, "memorization": memorization_task, "gradients": gradients_task,
@@ -91,7 +90,7 @@ def pipeline(config: dict, run_id: str | None = None) -> dict[str, Any]:
     store = ArtifactStore(cfg.store)
     record = start_run(store, run_id, cfg.model_dump(mode="json"))
     if cfg.calibrate:
-        from flows.calibrate import calibrate
+        from tracecore.flows.calibrate import calibrate
 
         record["calibration"] = calibrate()
     refs: dict[str, str] = {}

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from configs.schema import STAGES, PipelineConfig
-from storage.store import ArtifactStore
-from tasks.eval import plan_eval
-from tasks.finetune import plan_finetune
-from tasks.gradients import plan_gradients
-from tasks.ingest import input_fingerprint, list_input_files, plan_ingest
-from tasks.memorization import plan_memorization
-from tasks.ngram import plan_ngram
-from tasks.preference import plan_preference
-from tasks.pretrain import plan_pretrain
-from tasks.sample import plan_sample, sample_corpus_glob
-from tasks.select import plan_select
-from tasks.tokenize import plan_tokenize
+from tracecore.configs.schema import STAGES, PipelineConfig
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.eval import plan_eval
+from tracecore.tasks.finetune import plan_finetune
+from tracecore.tasks.gradients import plan_gradients
+from tracecore.tasks.ingest import input_fingerprint, list_input_files, plan_ingest
+from tracecore.tasks.memorization import plan_memorization
+from tracecore.tasks.ngram import plan_ngram
+from tracecore.tasks.preference import plan_preference
+from tracecore.tasks.pretrain import plan_pretrain
+from tracecore.tasks.sample import plan_sample, sample_corpus_glob
+from tracecore.tasks.select import plan_select
+from tracecore.tasks.tokenize import plan_tokenize
 
 PRIMARY = {"sample": "sample", "ingest": "documents", "tokenize": "tokens", "pretrain": "model", "ngram": "topk",
            "memorization": "scores", "gradients": "features", "select": "coreset", "preference": "eval",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from storage.store import ArtifactStore
+from tracecore.storage.store import ArtifactStore
 
 
 def latest_index(store: ArtifactStore) -> str:
@@ -27,8 +27,7 @@ def latest_index(store: ArtifactStore) -> str:
 def opened(store: ArtifactStore, index_ref: str) -> Iterator[tuple]:
     """(engine, tokenizer) of an index: the tokenizer it was built with, so query ids match its ids."""
     from tokenizers import Tokenizer
-
-    from tasks.ngram import open_engine
+    from tracecore.tasks.ngram import open_engine
 
     with store.local_dir(store.manifest(index_ref)["tokenizer"]) as folder:
         tok = Tokenizer.from_file(f"{folder}/tokenizer.json")
@@ -38,7 +37,7 @@ def opened(store: ArtifactStore, index_ref: str) -> Iterator[tuple]:
 
 def forms(tok, text: str) -> list[list[int]]:
     """The token ids of a phrase mid-text and at a document start (one form when they coincide)."""
-    from tasks.memorization import phrase_variants
+    from tracecore.tasks.memorization import phrase_variants
 
     return phrase_variants(tok, text)
 
@@ -59,7 +58,7 @@ def cnf(engine, tok, clauses: list[list[str]], window: int) -> dict:
 
 def docs(store: ArtifactStore, index_ref: str, engine, tok, text: str, limit: int, context: int = 80) -> dict:
     """Up to `limit` documents containing the phrase (any tokenization): id, file, line and a snippet."""
-    from tasks.ngram import PairedEngine, to_symbols
+    from tracecore.tasks.ngram import PairedEngine, to_symbols
 
     paired = isinstance(engine, PairedEngine)
     raw = engine.engine if paired else engine  # suffix-array ranks and documents live on the raw engine

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from flows.report import markdown_table
-from storage.store import ArtifactStore
+from tracecore.flows.report import markdown_table
+from tracecore.storage.store import ArtifactStore
 
 BLOCK = re.compile(r"(<!-- tracecore:begin (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- tracecore:end (?P=name) -->)",
                    re.DOTALL)
@@ -51,7 +51,7 @@ def calibration_text(record: dict) -> str:
 
 def render_timings(store: ArtifactStore, record: dict) -> str:
     """Stage wall-clock seconds of the run, the total, and the calibration measured at its start."""
-    from configs.schema import STAGES
+    from tracecore.configs.schema import STAGES
 
     stages = {s: record["stages"][s] for s in STAGES
               if isinstance(record["stages"].get(s, {}).get("seconds"), (int, float))}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import re
 
-from storage.store import ArtifactStore
+from tracecore.storage.store import ArtifactStore
 
 COLUMNS = ["stage", "artifact", "status", "shards", "skipped_shards", "rows", "rejects", "seconds", "notes"]
 
@@ -35,7 +35,7 @@ def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
 def loss_curve_png(store: ArtifactStore, model_ref: str) -> bytes | None:
     if not store.is_committed(model_ref) or not store.markers(model_ref):
         return None
-    from tasks.common import figure_png, subplots
+    from tracecore.tasks.common import figure_png, subplots
 
     curve = store.read_table(model_ref).to_pandas()
     fig, ax = subplots(figsize=(6, 3.5))
@@ -75,7 +75,7 @@ def stage_tables(store: ArtifactStore, record: dict) -> list[str]:
 
 def wall_clock_line(record: dict) -> str:
     """The run's wall clock with the calibration measured at its start (timings differ ~2x between machines)."""
-    from flows.calibrate import calibration_line
+    from tracecore.flows.calibrate import calibration_line
 
     wall = record.get("wall_seconds")
     head = f"wall clock {wall:.0f} s ({wall / 60:.1f} min)" if wall is not None else "wall clock not recorded"
@@ -111,7 +111,7 @@ def write_report(store: ArtifactStore, record: dict) -> str:
 def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str,
             plots: list[tuple[str, str, bytes]]) -> None:
     """Keyed Prefect artifacts (visible on the UI's Artifacts page) when inside a flow run."""
-    from tasks.common import in_prefect_run
+    from tracecore.tasks.common import in_prefect_run
 
     if not in_prefect_run():
         return

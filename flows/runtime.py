@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from configs.schema import DaskConfig
+from tracecore.configs.schema import DaskConfig
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",

@@ -5,7 +5,7 @@ PyTorch implementations (CPU path and test oracle); `triton_ce` the Triton kerne
 so CPU-only installs never need a GPU toolchain).
 """
 
-from kernels.mini_sequence import apply_mini_sequence, default_chunks
-from kernels.reference import lm_head_ce, mini_sequence_mlp, plain_lm_head_ce
+from tracecore.kernels.mini_sequence import apply_mini_sequence, default_chunks
+from tracecore.kernels.reference import lm_head_ce, mini_sequence_mlp, plain_lm_head_ce
 
 __all__ = ["apply_mini_sequence", "default_chunks", "lm_head_ce", "mini_sequence_mlp", "plain_lm_head_ce"]

@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from kernels.decoding import Rope, attention
+from tracecore.kernels.decoding import Rope, attention
 
 
 @dataclass(frozen=True)

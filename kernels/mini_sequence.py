@@ -18,8 +18,7 @@ import types
 
 import torch
 import torch.nn.functional as F
-
-from kernels.reference import IGNORE_INDEX, lm_head_ce, mini_sequence_mlp
+from tracecore.kernels.reference import IGNORE_INDEX, lm_head_ce, mini_sequence_mlp
 
 MIN_CHUNK_ROWS = 256  # automatic LM-head chunks never get smaller: they would only re-read the weight
 
@@ -80,7 +79,7 @@ def _enable_checkpointing(lm) -> None:
 def _loss_fn(use_triton: bool | None, device: torch.device):
     from_triton = use_triton if use_triton is not None else device.type == "cuda"
     if from_triton:
-        from kernels.triton_ce import triton_available, triton_lm_head_ce
+        from tracecore.kernels.triton_ce import triton_available, triton_lm_head_ce
 
         if not triton_available(device):
             raise RuntimeError("mini-sequence: use_triton=True needs CUDA tensors or TRITON_INTERPRET=1")

@@ -21,8 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from kernels.decoding import FullAttention, Rope, attention, fast_attention
+from tracecore.kernels.decoding import FullAttention, Rope, attention, fast_attention
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ def retrieval_heads(induction: torch.Tensor, echo: torch.Tensor, cfg: RazorConfi
 def attention_impl(device: torch.device):
     """The Triton kernel on CUDA, the PyTorch reference elsewhere."""
     if device.type == "cuda":
-        from kernels.biased_attention import biased_attention
+        from tracecore.kernels.biased_attention import biased_attention
 
         return biased_attention
     return attention

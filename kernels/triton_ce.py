@@ -15,8 +15,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from kernels.reference import IGNORE_INDEX, lm_head_ce
+from tracecore.kernels.reference import IGNORE_INDEX, lm_head_ce
 
 
 @triton.jit

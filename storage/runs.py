@@ -9,8 +9,8 @@ from __future__ import annotations
 import secrets
 import time
 
-from storage.fs import read_json, write_json
-from storage.store import ArtifactStore
+from tracecore.storage.fs import read_json, write_json
+from tracecore.storage.store import ArtifactStore
 
 
 def new_run_id() -> str:

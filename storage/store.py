@@ -29,8 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from storage.fs import (
+from tracecore.storage.fs import (
     atomic_write_bytes,
     file_checksum,
     is_local,

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
-
-from storage.lineage import code_version, fingerprint
-from storage.store import ArtifactStore
+from tracecore.storage.lineage import code_version, fingerprint
+from tracecore.storage.store import ArtifactStore
 
 # transformers' from_pretrained patches module initialisation process-wide while it loads, so two
 # threads loading at once (Dask workers with processes=False) can corrupt each other's weights

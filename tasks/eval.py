@@ -21,11 +21,10 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-
-from configs.schema import EvalConfig
-from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
-from tasks.common import (
+from tracecore.configs.schema import EvalConfig
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import (
     MODEL_LOAD_LOCK,
     already_committed,
     get_logger,
@@ -35,10 +34,10 @@ from tasks.common import (
     plan_ref,
     stage_task,
 )
-from tasks.gradients import TEMPLATE, collate, encode, load_pool
+from tracecore.tasks.gradients import TEMPLATE, collate, encode, load_pool
 
 # The results depend on the long-context methods as much as on this module: editing any of these re-runs eval.
-CODE_MODULES = (__name__, "tasks.eval_longctx", "kernels.decoding", "kernels.razor", "kernels.longcache")
+CODE_MODULES = (__name__, "tracecore.tasks.eval_longctx", "tracecore.kernels.decoding", "tracecore.kernels.razor", "tracecore.kernels.longcache")
 METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"]
 
 
@@ -99,8 +98,7 @@ def generate(model, tok, prompts: list[list[int]], max_new: int) -> list[str]:
 
 def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dict], blocks, cfg: EvalConfig) -> dict:
     import sacrebleu
-
-    from tasks.pretrain import eval_loss
+    from tracecore.tasks.pretrain import eval_loss
 
     eos = [tok.eos_token_id]
     qa = continuation_logprobs(model, tok, [(prompt_ids(tok, "Answer the question.", r["question"]),
@@ -144,9 +142,8 @@ def load_tasks(sample_dir: str, max_items: int, pool: list[dict]) -> dict[str, l
 
 def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig) -> dict:
     import torch
+    from tracecore.tasks.pretrain import model_dir, split_blocks, token_stream
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tasks.pretrain import model_dir, split_blocks, token_stream
 
     torch.set_num_threads(cfg.threads) if cfg.threads else None
     store = ArtifactStore(store_uri)
@@ -264,11 +261,10 @@ def long_context(store: ArtifactStore, cfg: EvalConfig, model_ref: str, refs: di
 
     import torch
     from sentence_transformers import SentenceTransformer
+    from tracecore.kernels.razor import RazorConfig, head_scores, retrieval_heads
+    from tracecore.tasks.eval_longctx import heads_png, heatmaps_png, needle_grid, summarize, train_retrieval
+    from tracecore.tasks.pretrain import model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kernels.razor import RazorConfig, head_scores, retrieval_heads
-    from tasks.eval_longctx import heads_png, heatmaps_png, needle_grid, summarize, train_retrieval
-    from tasks.pretrain import model_dir
 
     with model_dir(store, model_ref) as folder:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)

@@ -19,8 +19,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
-
-from tasks.sample import _word, filler_sentence, repeated_list_document
+from tracecore.tasks.sample import _word, filler_sentence, repeated_list_document
 
 
 def haystack(tok, rng: random.Random, n_tokens: int, depth: float) -> tuple[list[int], list[int], str, str]:
@@ -65,8 +64,8 @@ def train_retrieval(model, tok, cfg, max_len: int, log) -> list[float]:
     """The retrieval curriculum: full LM loss on repeated lists and passkey-recall documents in blocks of the
     trained length, with the pretraining loop at a constant rate after warm-up (a decaying rate stalled
     before the induction heads formed in our runs); returns the loss per step."""
-    from configs.schema import PretrainConfig
-    from tasks.pretrain import train
+    from tracecore.configs.schema import PretrainConfig
+    from tracecore.tasks.pretrain import train
 
     steps, batch = cfg.retrieval_train_steps, cfg.retrieval_batch_size
     blocks = curriculum_blocks(tok, random.Random(cfg.seed), steps * batch, max_len, cfg.retrieval_recall_share)
@@ -79,9 +78,9 @@ def train_retrieval(model, tok, cfg, max_len: int, log) -> list[float]:
 
 def policies(model, heads, cfg) -> dict:
     """name -> factory of a fresh KV-cache policy (one per context)."""
-    from kernels.decoding import FullAttention
-    from kernels.longcache import LongCache, LongCacheConfig
-    from kernels.razor import RazorCache, RazorConfig
+    from tracecore.kernels.decoding import FullAttention
+    from tracecore.kernels.longcache import LongCache, LongCacheConfig
+    from tracecore.kernels.razor import RazorCache, RazorConfig
 
     lc = LongCacheConfig(**cfg.longcache.model_dump(exclude={"chunk_size"}))
     rz = RazorConfig(**cfg.razor.model_dump(exclude={"probe_block", "probe_repeats"}))
@@ -103,8 +102,7 @@ def rag_context(tok, embedder, text: str, question: str, chunk_tokens: int, over
 def needle_grid(model, tok, heads, embedder, cfg, log) -> list[dict]:
     """One row per (method, length, depth): accuracy over `needles_per_cell` needles, KV bytes, tokens."""
     import torch
-
-    from kernels.decoding import answer_accuracy
+    from tracecore.kernels.decoding import answer_accuracy
 
     makers, rng, rows = policies(model, heads, cfg), random.Random(cfg.seed + 1), []
     for length in cfg.needle_lengths:
@@ -148,7 +146,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def heatmaps_png(rows: list[dict]) -> bytes:
-    from tasks.common import figure_png
+    from tracecore.tasks.common import figure_png
 
     return figure_png(heatmaps_figure(rows))
 
@@ -156,7 +154,7 @@ def heatmaps_png(rows: list[dict]) -> bytes:
 def heatmaps_figure(rows: list[dict]):
     """Accuracy heatmap (depth x length) per method, one panel each, every cell's value written in it and one
     shared colour bar (0-1), so a reader needs no colour guessing."""
-    from tasks.common import subplots
+    from tracecore.tasks.common import subplots
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
@@ -177,7 +175,7 @@ def heatmaps_figure(rows: list[dict]):
 
 
 def heads_png(induction, echo, heads) -> bytes:
-    from tasks.common import figure_png, subplots
+    from tracecore.tasks.common import figure_png, subplots
 
     fig, axes = subplots(nrows=1, ncols=2, figsize=(7, 2.8), squeeze=False)
     for ax, (title, m) in zip(axes[0], (("induction score", induction), ("echo score", echo))):

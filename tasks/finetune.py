@@ -21,11 +21,10 @@ import time
 
 import numpy as np
 import pyarrow as pa
-
-from configs.schema import FinetuneConfig
-from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
-from tasks.common import (
+from tracecore.configs.schema import FinetuneConfig
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import (
     MODEL_LOAD_LOCK,
     already_committed,
     figure_png,
@@ -36,7 +35,7 @@ from tasks.common import (
     stage_task,
     subplots,
 )
-from tasks.gradients import collate, encode, load_pool
+from tracecore.tasks.gradients import collate, encode, load_pool
 
 SUMMARY_COLUMNS = ["variant", "subset", "seed", "records", "steps", "train_loss", "eval_loss_base", "eval_loss",
                    "tokens_per_second", "peak_memory_mb", "seconds", "resumed_from_step", "device"]
@@ -75,8 +74,7 @@ def plan_finetune(cfg: FinetuneConfig, model_ref: str, subset_refs: dict[str, st
 def resolve_device(cfg: FinetuneConfig):
     """(device, dtype): bf16 on CUDA, fp32 on CPU."""
     import torch
-
-    from tasks.gradients import resolve_device as device_of
+    from tracecore.tasks.gradients import resolve_device as device_of
 
     device = device_of(cfg.device)
     return device, (torch.bfloat16 if device == "cuda" else torch.float32)
@@ -85,9 +83,8 @@ def resolve_device(cfg: FinetuneConfig):
 def load_model(folder: str, cfg: FinetuneConfig, device: str, dtype, config=None):
     """Tokenizer + causal LM (LoRA-wrapped if configured, MsT-wrapped if configured), seeded init."""
     import torch
+    from tracecore.kernels import apply_mini_sequence
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kernels import apply_mini_sequence
 
     with MODEL_LOAD_LOCK:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
@@ -257,8 +254,7 @@ def subset_records(store: ArtifactStore, pool: list[dict], subset_ref: str | Non
 
 def train_variant(store_uri: str, summary_ref: str, shard: int, item: dict, cfg: FinetuneConfig) -> dict:
     import torch
-
-    from tasks.pretrain import model_dir
+    from tracecore.tasks.pretrain import model_dir
 
     torch.set_num_threads(cfg.threads) if cfg.threads else None
     store, log, ref = ArtifactStore(store_uri), get_logger(), item["ref"]
@@ -294,7 +290,7 @@ def train_variant(store_uri: str, summary_ref: str, shard: int, item: dict, cfg:
 # ---- ChatQA 2 context extension ------------------------------------------------------------------------
 def packed_long_blocks(store: ArtifactStore, tokens_ref: str, separator: list[int], seq_len: int) -> np.ndarray:
     """Corpus documents joined with the separator tokens, cut into `seq_len` blocks."""
-    from tasks.pretrain import token_stream
+    from tracecore.tasks.pretrain import token_stream
 
     stream = token_stream(store, tokens_ref, separator)
     n = len(stream) // seq_len
@@ -313,9 +309,8 @@ def set_rope_theta(config, theta: float, seq_len: int) -> None:
 
 def extend_context(store: ArtifactStore, cfg: FinetuneConfig, model_ref: str, tokens_ref: str, ref: str, log) -> None:
     import torch
+    from tracecore.tasks.pretrain import model_dir
     from transformers import AutoConfig
-
-    from tasks.pretrain import model_dir
 
     lc, (device, dtype) = cfg.long_context, resolve_device(cfg)
     with model_dir(store, model_ref) as folder:

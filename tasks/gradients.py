@@ -25,14 +25,20 @@ import random
 
 import numpy as np
 import pyarrow as pa
-
-from configs.schema import GradientsConfig
-from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
-from tasks.common import MODEL_LOAD_LOCK, already_committed, get_logger, map_shards, plan_ref, stage_task
+from tracecore.configs.schema import GradientsConfig
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import (
+    MODEL_LOAD_LOCK,
+    already_committed,
+    get_logger,
+    map_shards,
+    plan_ref,
+    stage_task,
+)
 
 # the features depend on the per-sample gradient code as much as on this module: editing either re-runs the stage
-CODE_MODULES = (__name__, "kernels.per_sample")
+CODE_MODULES = (__name__, "tracecore.kernels.per_sample")
 TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
@@ -133,8 +139,7 @@ def warmup(model, tok, records: list[dict], cfg: GradientsConfig, log) -> list[d
     """LoRA warm-up; returns one checkpoint dict (step, lr, adapter, exp_avg, exp_avg_sq) per checkpoint step,
     where lr is the rate that checkpoint's own step trained with."""
     import torch
-
-    from kernels.per_sample import per_sample_loss
+    from tracecore.kernels.per_sample import per_sample_loss
 
     params = [p for _, p in lora_params(model)]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -235,9 +240,8 @@ def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: Gradi
     """Features of one pool shard: per checkpoint Adam direction -> projection -> L2 norm; then the
     learning-rate-weighted mean over checkpoints. Written as fp16 fixed-size lists."""
     import torch
-
-    from kernels.per_sample import batched_grads
-    from tasks.pretrain import model_dir
+    from tracecore.kernels.per_sample import batched_grads
+    from tracecore.tasks.pretrain import model_dir
 
     torch.set_num_threads(cfg.threads) if cfg.threads else None
     store = ArtifactStore(store_uri)
@@ -287,7 +291,7 @@ def read_features(store: ArtifactStore, features_ref: str, column: str = "featur
 
 def run_gradients(store_uri: str, cfg: GradientsConfig, model_ref: str, pool_path: str, pool_id: str,
                   refs: dict[str, str], address: str | None = None) -> dict[str, str]:
-    from tasks.pretrain import model_dir
+    from tracecore.tasks.pretrain import model_dir
 
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["features"]):

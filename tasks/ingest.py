@@ -19,11 +19,10 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from configs.schema import IngestConfig
-from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
-from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
+from tracecore.configs.schema import IngestConfig
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
                         ("file", pa.string()), ("line", pa.int64()), ("doc_hash", pa.string())])

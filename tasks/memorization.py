@@ -26,12 +26,19 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
-from configs.schema import MemorizationConfig, TaskSpec
-from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
-from tasks.common import already_committed, figure_png, get_logger, map_shards, plan_ref, stage_task, subplots
-from tasks.ngram import VocabMismatchError, open_engine
+from tracecore.configs.schema import MemorizationConfig, TaskSpec
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import (
+    already_committed,
+    figure_png,
+    get_logger,
+    map_shards,
+    plan_ref,
+    stage_task,
+    subplots,
+)
+from tracecore.tasks.ngram import VocabMismatchError, open_engine
 
 WORD = re.compile(r"\w+", re.UNICODE)  # words; punctuation is filtered as in the paper
 REPORT_COLUMNS = ["model", "task", "n_cooccurring", "spearman", "spearman_lo", "spearman_hi", "n_all", "spearman_all",
@@ -41,7 +48,7 @@ REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason
 
 def stage_inputs(cfg: MemorizationConfig, index_ref: str, model_refs: list[str], sample_ref: str | None) -> dict:
     """Fingerprint inputs: the index, every model, and the task files (sample artifact or file identities)."""
-    from tasks.ingest import input_fingerprint, list_input_files
+    from tracecore.tasks.ingest import input_fingerprint, list_input_files
 
     user_files = [f for s in cfg.tasks if s.path for f in list_input_files([s.path])]
     return {"index": index_ref, "tasks": f"{sample_ref}|{input_fingerprint(user_files)}",
@@ -364,7 +371,7 @@ def plots(scores: list[dict], rows: list[dict]) -> dict[str, bytes]:
 
 def resolve_models(store: ArtifactStore, models: list[str]) -> dict[str, str]:
     """label -> local HF folder; a label is a store ref (`model/<fp>`) or a folder path."""
-    from tasks.pretrain import model_dir
+    from tracecore.tasks.pretrain import model_dir
 
     resolved = {}
     for m in models:

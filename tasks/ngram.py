@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from configs.schema import NgramConfig
-from storage.lineage import code_version, lineage
-from storage.store import FILES_DIR, ArtifactStore
-from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
+from tracecore.configs.schema import NgramConfig
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import FILES_DIR, ArtifactStore
+from tracecore.tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
 
 
 class EmptyCorpusError(ValueError):

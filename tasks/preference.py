@@ -28,11 +28,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import yaml
-
-from configs.schema import PreferenceConfig
-from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
-from tasks.common import (
+from tracecore.configs.schema import PreferenceConfig
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import (
     MODEL_LOAD_LOCK,
     already_committed,
     figure_png,
@@ -66,7 +65,7 @@ MARGINS = {"length": 5, "formality": 1, "english": 0.3, "list": 1}
 def load_library(spec: str | None) -> list[dict]:
     if not spec:
         return []
-    from configs.schema import PROFILE_DIR
+    from tracecore.configs.schema import PROFILE_DIR
 
     path = PROFILE_DIR / "libraries" / "criteria.yaml" if spec == "builtin" else Path(spec)
     entries = yaml.safe_load(path.read_text()) or []
@@ -514,8 +513,7 @@ def train_and_score(store_uri: str, ref: str, shard: int, item: dict, cfg: Prefe
     import tempfile
 
     import torch
-
-    from tasks.pretrain import model_dir
+    from tracecore.tasks.pretrain import model_dir
 
     torch.set_num_threads(cfg.threads) if cfg.threads else None
     store, log, aware = ArtifactStore(store_uri), get_logger(), item["kind"] == "context_aware"

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
-from configs.schema import PretrainConfig
-from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
-from tasks.common import Progress, already_committed, get_logger, plan_ref, stage_task
+from tracecore.configs.schema import PretrainConfig
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import Progress, already_committed, get_logger, plan_ref, stage_task
 
 
 class ModelPathError(ValueError):
@@ -128,9 +127,8 @@ def register_user_model(store: ArtifactStore, cfg: PretrainConfig, tokenizer_ref
 def run_pretrain(store_uri: str, cfg: PretrainConfig, tokens_ref: str, tokenizer_ref: str, refs: dict[str, str],
                  address: str | None = None) -> dict[str, str]:
     import torch
+    from tracecore.tasks.gradients import resolve_device
     from transformers import AutoTokenizer
-
-    from tasks.gradients import resolve_device
 
     store, log, ref = ArtifactStore(store_uri), get_logger(), refs["model"]
     with store.lock(ref):

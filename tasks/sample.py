@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from configs.schema import SampleConfig
-from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
-from tasks.common import get_logger, instruction_key, plan_ref, stage_task
+from tracecore.configs.schema import SampleConfig
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import get_logger, instruction_key, plan_ref, stage_task
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "so", "ta", "vel", "dor", "an", "is", "um", "qua", "zel", "bri",
              "no", "pa", "ther", "gal", "fi", "ou", "rak", "sen", "wy", "mor"]

@@ -22,11 +22,18 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from configs.schema import SelectConfig
-from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
-from tasks.common import already_committed, figure_png, get_logger, map_shards, plan_ref, stage_task, subplots
+from tracecore.configs.schema import SelectConfig
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import (
+    already_committed,
+    figure_png,
+    get_logger,
+    map_shards,
+    plan_ref,
+    stage_task,
+    subplots,
+)
 
 # `draw`: which random draw a baseline row belongs to (one per fine-tuning seed, modulo baseline_draws);
 # TAGCOS rows are deterministic and all carry draw 0
@@ -180,7 +187,7 @@ def cluster_size_png(sizes: list[int], budgets: list[int]) -> bytes:
 
 def run_select(store_uri: str, cfg: SelectConfig, features_ref: str, pool_path: str, refs: dict[str, str],
                address: str | None = None) -> dict[str, str]:
-    from tasks.gradients import load_pool, read_features
+    from tracecore.tasks.gradients import load_pool, read_features
 
     store, log = ArtifactStore(store_uri), get_logger()
     with store.lock(refs["coreset"]):

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-
-from configs.schema import TokenizeConfig
-from storage.lineage import code_version, lineage
-from storage.store import ArtifactStore
-from tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
+from tracecore.configs.schema import TokenizeConfig
+from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 

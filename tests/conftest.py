@@ -42,7 +42,7 @@ def prefect_harness():
 @pytest.fixture
 def test_config(tmp_path):
     """The reduced profile with a fresh store and in-process (threaded) Dask."""
-    from configs.schema import load_config
+    from tracecore.configs.schema import load_config
 
     def make(*overrides: str, store: Path | None = None):
         return load_config(str(TEST_PROFILE), list(overrides), store=str(store or tmp_path / "store"))
@@ -54,7 +54,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, **kwargs)
     """Run `tracecore ...` in a subprocess in its own session (so SIGKILL of the group spares pytest)."""
     full_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # default: no server
     full_env.update(env or {})  # a test may point the run at a server (PREFECT_API_URL)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=full_env, capture_output=True, check=False,
+    return subprocess.run([sys.executable, "-m", "tracecore.flows.cli", *args], cwd=REPO, env=full_env, capture_output=True, check=False,
                           text=True, timeout=timeout, start_new_session=True, **kwargs)
 
 
@@ -74,8 +74,8 @@ def reduced_sets() -> list[str]:
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
     """The reduced sample world through pretrain (a tiny Llama), shared by the stage tests."""
-    from configs.schema import load_config
-    from flows.pipeline import execute_stage
+    from tracecore.configs.schema import load_config
+    from tracecore.flows.pipeline import execute_stage
 
     store = str(tmp_path_factory.mktemp("pretrained") / "store")
     cfg = load_config(str(TEST_PROFILE), [], store=store)

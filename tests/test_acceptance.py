@@ -14,9 +14,8 @@ import os
 from pathlib import Path
 
 import pytest
-
-from configs.schema import load_config
-from storage.store import ArtifactStore
+from tracecore.configs.schema import load_config
+from tracecore.storage.store import ArtifactStore
 
 FULL = os.environ.get("TRACECORE_ACCEPT") == "full"
 PROFILE = "tiny" if FULL else str(Path(__file__).parent / "profile_accept.yaml")
@@ -27,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 3600 if FULL else 1200)]
 
 @pytest.fixture(scope="module")
 def tiny_run(prefect_harness, tmp_path_factory):
-    from flows.pipeline import pipeline
+    from tracecore.flows.pipeline import pipeline
 
     # TRACECORE_ACCEPT_STORE: check a store `make run` filled (its stages are reused, the assertions run)
     store = os.environ.get("TRACECORE_ACCEPT_STORE") or str(tmp_path_factory.mktemp("accept") / "store")
@@ -136,8 +135,7 @@ def test_prefect_artifacts_of_every_stage_read_back_from_the_server(tiny_run):
     plots, and the summary markdown naming the artifact store."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    from configs.schema import STAGES
+    from tracecore.configs.schema import STAGES
 
     store, result = tiny_run
     with get_client(sync_client=True) as client:
@@ -149,7 +147,7 @@ def test_prefect_artifacts_of_every_stage_read_back_from_the_server(tiny_run):
         rows = json.loads(table) if isinstance(table, str) else table
         for row in rows:
             assert row["rows"] == sum(m["rows"] for m in store.markers(row["artifact"])), row
-    from storage.runs import read_run
+    from tracecore.storage.runs import read_run
 
     # progress and plots come from the stages this run computed (all of them, unless TRACECORE_ACCEPT_STORE
     # pointed at a filled store whose stages were reused)
@@ -175,9 +173,8 @@ def test_readme_tables_are_rendered_from_the_run(tiny_run, tmp_path):
     import re
 
     from conftest import run_cli
-
-    from flows.readme import BLOCK, RENDERERS, update_readme
-    from storage.runs import read_run
+    from tracecore.flows.readme import BLOCK, RENDERERS, update_readme
+    from tracecore.storage.runs import read_run
 
     store, result = tiny_run
     readme = (Path(__file__).parents[1] / "README.md").read_text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from flows.calibrate import calibrate, calibration_line
+from tracecore.flows.calibrate import calibrate, calibration_line
 
 
 def test_calibration_measures_fixed_work_in_seconds():

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from configs.schema import ConfigError, PipelineConfig, load_config, validate_config
+from tracecore.configs.schema import ConfigError, PipelineConfig, load_config, validate_config
 
 
 @pytest.mark.parametrize("profile", ["tiny", "gpu", "tiny-retrieval"])

@@ -6,17 +6,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from configs.schema import load_config
-from flows.cli import build_parser
+from tracecore.configs.schema import load_config
+from tracecore.flows.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_deployment_has_the_cron_schedule_and_profile_parameters(prefect_harness):
     from prefect.client.orchestration import get_client
-
-    from flows.deploy import pipeline_deployment
+    from tracecore.flows.deploy import pipeline_deployment
 
     deployment = pipeline_deployment("tiny", ["finetune.seeds=[0]"], "/tmp/tc-store", "0 3 * * *", name="nightly-test")
     deployment_id = deployment.apply()
@@ -30,8 +28,8 @@ def test_deployment_has_the_cron_schedule_and_profile_parameters(prefect_harness
 
 
 def test_bad_profile_fails_when_the_deployment_is_built():
-    from configs.schema import ConfigError
-    from flows.deploy import pipeline_deployment
+    from tracecore.configs.schema import ConfigError
+    from tracecore.flows.deploy import pipeline_deployment
 
     with pytest.raises(ConfigError, match="finetune.epochs"):
         pipeline_deployment("tiny", ["finetune.epochs=0"], None, "0 3 * * *")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from flows.pipeline import execute_stage
-from storage.store import ArtifactStore
-from tasks.eval import family_verdict, interval, verdict
+from tracecore.flows.pipeline import execute_stage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.eval import family_verdict, interval, verdict
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +101,9 @@ def test_retrieval_curriculum_documents_are_answerable_from_context(pretrained):
     import random
     import re
 
+    from tracecore.tasks.eval_longctx import curriculum_blocks, recall_document, repeated_list_document
+    from tracecore.tasks.pretrain import model_dir
     from transformers import AutoTokenizer
-
-    from tasks.eval_longctx import curriculum_blocks, recall_document, repeated_list_document
-    from tasks.pretrain import model_dir
 
     rng = random.Random(0)
     for _ in range(50):
@@ -141,7 +139,7 @@ def test_verdict_intervals_stay_inside_each_metrics_range():
 
 def test_needle_heatmaps_carry_a_colour_bar_the_values_and_integer_ticks():
     """A reader must see each cell's accuracy without guessing colours, and lengths as the integers they are."""
-    from tasks.eval_longctx import heatmaps_figure
+    from tracecore.tasks.eval_longctx import heatmaps_figure
 
     rows = [{"method": m, "length": n, "depth": d, "accuracy": a}
             for m in ("full", "razor") for n in (256, 1024) for d, a in ((0.0, 0.25), (0.5, 1.0), (1.0, 0.0))]

@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
-
-from flows.pipeline import execute_stage
-from flows.plan import eval_split, instruction_pool
-from storage.store import ArtifactStore
-from tasks.finetune import Resume, load_model, step_batches, train
-from tasks.gradients import encode, load_pool
-from tasks.pretrain import model_dir
+from tracecore.flows.pipeline import execute_stage
+from tracecore.flows.plan import eval_split, instruction_pool
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.finetune import Resume, load_model, step_batches, train
+from tracecore.tasks.gradients import encode, load_pool
+from tracecore.tasks.pretrain import model_dir
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +150,8 @@ def test_eval_split_defaults_to_sample_world(pretrained):
 
 
 def test_full_pool_reference_trains_on_the_first_full_seeds_only():
-    from configs.schema import FinetuneConfig
-    from tasks.finetune import training_hash, variants
+    from tracecore.configs.schema import FinetuneConfig
+    from tracecore.tasks.finetune import training_hash, variants
 
     cfg = FinetuneConfig(subsets=["tagcos", "full"], seeds=[0, 1, 2], full_seeds=1)
     assert variants(cfg) == [("tagcos", 0), ("tagcos", 1), ("tagcos", 2), ("full", 0)]

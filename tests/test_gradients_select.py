@@ -7,11 +7,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
-from flows.plan import instruction_pool
-from kernels.per_sample import batched_grads, loop_grads
-from storage.store import ArtifactStore
-from tasks.gradients import (
+from tracecore.flows.plan import instruction_pool
+from tracecore.kernels.per_sample import batched_grads, loop_grads
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.gradients import (
     collate,
     encode,
     load_pool,
@@ -20,8 +19,8 @@ from tasks.gradients import (
     read_features,
     run_gradients,
 )
-from tasks.pretrain import model_dir
-from tasks.select import omp, omp_fill, plan_select, run_select
+from tracecore.tasks.pretrain import model_dir
+from tracecore.tasks.select import omp, omp_fill, plan_select, run_select
 
 
 def features(cfg, refs, store_uri, **overrides):
@@ -93,7 +92,7 @@ def test_select_budgets_residuals_and_baselines(pretrained):
         assert sum(r["cluster"] == c["cluster"] for r in cluster_random) == c["budget"]
     assert "rates" in store.manifest(srefs["coreset"])
     families = store.read_table(srefs["families"]).to_pylist()  # which families each selection covers
-    from tasks.gradients import load_pool
+    from tracecore.tasks.gradients import load_pool
 
     records = load_pool(pool)[0]
     assert {f["family"] for f in families} == {r["family"] for r in records}
@@ -126,7 +125,7 @@ def test_killed_feature_extraction_recomputes_only_unfinished_shards(tmp_path):
 def test_adam_direction_is_the_papers_formula_by_hand():
     """LESS/TAGCOS: m' = 0.9 m + 0.1 g, v' = 0.999 v + 0.001 g^2, direction m' / (sqrt(v') + 1e-8), no bias
     correction. A tiny v makes eps-inside-the-sqrt (the official code's variant) read differently."""
-    from tasks.gradients import adam_direction
+    from tracecore.tasks.gradients import adam_direction
 
     g = torch.tensor([1e-4, -2.0, 0.5], dtype=torch.float64)
     m = torch.tensor([0.0, 0.1, -0.3], dtype=torch.float64)
@@ -141,7 +140,7 @@ def test_adam_direction_is_the_papers_formula_by_hand():
 def test_warmup_checkpoints_sit_in_the_rising_warmup_and_record_the_lr_they_trained_with(pretrained, monkeypatch):
     """TAGCOS's checkpoints (10/20/30 steps) lie inside the linear warm-up: the lr rises, the last checkpoint
     weighs most, and step 1 trains at a positive lr. Each checkpoint records the lr its own step used."""
-    from tasks.gradients import checkpoint_weights, lora_params, warmup
+    from tracecore.tasks.gradients import checkpoint_weights, lora_params, warmup
 
     cfg, refs = pretrained
     store = ArtifactStore(cfg.store)
@@ -175,7 +174,7 @@ def logging_stub():
 def test_random_baselines_are_drawn_per_seed(pretrained):
     """`random` and `cluster_random` hold one draw per seed, so intervals over seeds include selection noise;
     fine-tuning seed s trains on draw s mod draws."""
-    from tasks.finetune import subset_records
+    from tracecore.tasks.finetune import subset_records
 
     cfg, refs = pretrained
     store, grefs, pool_path = features(cfg, refs, cfg.store, shards=2)
@@ -195,8 +194,7 @@ def test_cached_projector_equals_the_one_off_projection_and_bounds_its_cache():
     """Caching R's blocks must not change a feature (same seeds per block), and past the byte budget the
     blocks are regenerated instead of kept (a 7B model's LoRA width x 8192 would not fit)."""
     import torch
-
-    from tasks.gradients import Projector, project
+    from tracecore.tasks.gradients import Projector, project
 
     x = torch.randn(5, 10_000, generator=torch.Generator().manual_seed(0))
     cached = Projector(64, 3, block=4096)

@@ -9,10 +9,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
-from configs.schema import IngestConfig
-from storage.store import ArtifactStore
-from tasks.ingest import NoInputError, TooManyRejectsError, list_input_files, plan_ingest, run_ingest
+from tracecore.configs.schema import IngestConfig
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.ingest import (
+    NoInputError,
+    TooManyRejectsError,
+    list_input_files,
+    plan_ingest,
+    run_ingest,
+)
 
 
 def good(i: int) -> bytes:

@@ -13,6 +13,9 @@ import copy
 import pytest
 import torch
 from conftest import gpu
+from tracecore.kernels import apply_mini_sequence, default_chunks, lm_head_ce, plain_lm_head_ce
+from tracecore.kernels.reference import torch_ce_grad_
+from tracecore.kernels.triton_ce import triton_ce_grad_, triton_lm_head_ce
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -21,10 +24,6 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
-
-from kernels import apply_mini_sequence, default_chunks, lm_head_ce, plain_lm_head_ce
-from kernels.reference import torch_ce_grad_
-from kernels.triton_ce import triton_ce_grad_, triton_lm_head_ce
 
 TINY = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2}
@@ -206,7 +205,7 @@ def test_chunked_head_peak_memory_is_lower_on_cuda():
 
 
 def test_automatic_lm_chunks_keep_at_least_256_rows():
-    from kernels.mini_sequence import auto_lm_chunks
+    from tracecore.kernels.mini_sequence import auto_lm_chunks
 
     assert auto_lm_chunks(65536, 128256, 4096) == 32  # long sequences: the paper's M
     assert auto_lm_chunks(1024, 128256, 1024) == 4  # short ones: 256-row chunks, not 126 chunks of 8 rows
@@ -219,7 +218,7 @@ def test_package_exports_survive_importing_every_kernel_module():
     import importlib
     import pkgutil
 
-    import kernels
+    from tracecore import kernels
 
     exported = {name: getattr(kernels, name) for name in kernels.__all__}
     for info in pkgutil.iter_modules(kernels.__path__):

@@ -11,9 +11,8 @@ import json
 import os
 
 import pytest
-
-from configs.schema import load_config
-from storage.store import ArtifactStore
+from tracecore.configs.schema import load_config
+from tracecore.storage.store import ArtifactStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 3600), pytest.mark.skipif(os.environ.get("TRACECORE_LONG") != "1",
                                                    reason="opt-in (~26 min): make test-long")]
@@ -22,7 +21,7 @@ TOLERANCE = 0.1  # Razor's needle accuracy may trail full attention's by this mu
 
 @pytest.fixture(scope="module")
 def retrieval_run(prefect_harness, tmp_path_factory):
-    from flows.pipeline import pipeline
+    from tracecore.flows.pipeline import pipeline
 
     store = os.environ.get("TRACECORE_LONG_STORE") or str(tmp_path_factory.mktemp("retrieval") / "store")
     cfg = load_config("tiny-retrieval", ["dask.processes=false"], store=store)

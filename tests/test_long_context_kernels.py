@@ -8,12 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import gpu
+from tracecore.kernels.biased_attention import biased_attention
+from tracecore.kernels.decoding import FullAttention, attention, fast_attention, forward
+from tracecore.kernels.longcache import LongCache, LongCacheConfig, expand_spans, select_middle
+from tracecore.kernels.razor import (
+    RazorCache,
+    RazorConfig,
+    compensated_attention,
+    head_scores,
+    retrieval_heads,
+)
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from kernels.biased_attention import biased_attention
-from kernels.decoding import FullAttention, attention, fast_attention, forward
-from kernels.longcache import LongCache, LongCacheConfig, expand_spans, select_middle
-from kernels.razor import RazorCache, RazorConfig, compensated_attention, head_scores, retrieval_heads
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +281,7 @@ def _longcache_reference(q, k_all, v_all, cfg, rope):
 def test_longcache_selection_path_equals_a_slow_reference(model):
     """The path where middle tokens are selected: clipped top-k spans, re-numbered positions, attention over
     exactly the gathered keys, against an explicit loop (several query rows, clip active, spans clamped)."""
-    from kernels.decoding import Rope
+    from tracecore.kernels.decoding import Rope
 
     gen = torch.Generator().manual_seed(3)
     cfg = LongCacheConfig(global_size=3, local_size=10, mid_size=2, span_size=4, recall_clip=3)

@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from configs.schema import MemorizationConfig, NgramConfig, TaskSpec, load_config
-from storage.store import ArtifactStore
-from tasks.memorization import candidate_pairs, load_task, phrase_variants, threshold, word_ngrams
-from tasks.ngram import (
+from tracecore.configs.schema import MemorizationConfig, NgramConfig, TaskSpec, load_config
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.memorization import candidate_pairs, load_task, phrase_variants, threshold, word_ngrams
+from tracecore.tasks.ngram import (
     EmptyCorpusError,
     VocabMismatchError,
     open_engine,
@@ -24,7 +23,7 @@ from tasks.ngram import (
 @pytest.fixture(scope="module")
 def indexed(tmp_path_factory, request):
     """The reduced sample world through ingest, tokenize and ngram (no model needed)."""
-    from flows.pipeline import execute_stage
+    from tracecore.flows.pipeline import execute_stage
 
     store_uri = str(tmp_path_factory.mktemp("ngram") / "store")
     cfg = load_config(str(request.config.rootpath / "tests/profile_test.yaml"), [], store=store_uri)
@@ -45,7 +44,7 @@ def tokenizer(store, refs):
 
 
 def test_planted_phrase_counts_equal_ground_truth(indexed):
-    from tasks.memorization import phrase_variants
+    from tracecore.tasks.memorization import phrase_variants
 
     store, _, refs = indexed
     tok = tokenizer(store, refs)
@@ -99,7 +98,7 @@ def test_ngrams_never_cross_documents():
 @pytest.mark.parametrize("bits", [16, 32])
 def test_packing_is_exact_for_wide_ids(bits):
     """u32 ids (vocab > 65,535) of a 4-gram need 128 bits: two key words, unpacked to the same ids."""
-    from tasks.ngram import unpack
+    from tracecore.tasks.ngram import unpack
 
     top = (1 << bits) - 2
     docs = [np.array([top, 70_000 % top, 3, top - 1, 5], np.uint64)]
@@ -144,10 +143,10 @@ def test_empty_corpus_and_vocab_mismatch_fail_before_work(indexed, tmp_path):
                                                "n_tokens": pa.array([], pa.int32())}), tokens=0)
     empty.commit("tokens/e", {"tokens": 0}, expected_shards=1)
     with pytest.raises(EmptyCorpusError, match="holds no tokens"):
-        from tasks.ngram import check_inputs
+        from tracecore.tasks.ngram import check_inputs
 
         check_inputs(empty, NgramConfig(), "tokens/e", 400)
-    from tasks.memorization import plan_memorization, run_memorization
+    from tracecore.tasks.memorization import plan_memorization, run_memorization
 
     other = store.manifest(refs["index"])
     manifest_path = store.manifest_path(refs["index"])
@@ -169,7 +168,7 @@ def test_overlap_rule_checks_short_answers_and_multiple_choice_input_is_the_ques
     assert candidate_pairs({"input": "Was Mivel the birthplace of Anan?", "output": "Mivel"}, 2) == []
     assert candidate_pairs({"input": "Where was Anan born?", "output": "in Mivel town"}, 5) != []
     mc = {"id": "m", "question": "Which city?", "choices": ["Mivel", "Oran"], "answer": 0}
-    from tasks.memorization import to_item
+    from tracecore.tasks.memorization import to_item
 
     item, reason = to_item("multiple_choice", mc)
     assert reason is None and item["input"] == "Which city?" and item["output"] == "Mivel"
@@ -178,7 +177,7 @@ def test_overlap_rule_checks_short_answers_and_multiple_choice_input_is_the_ques
 def test_scores_cover_every_item_smoothed_and_the_cooccurring_subset_labelled():
     """Items whose pairs never co-occur keep a (smoothed) task-gram probability in rho over all items; the
     paper's rho over co-occurring items is reported beside it with its own count."""
-    from tasks.memorization import REPORT_COLUMNS, item_scores, score_table
+    from tracecore.tasks.memorization import REPORT_COLUMNS, item_scores, score_table
 
     pairs = []
     for i in range(12):
@@ -202,7 +201,7 @@ def test_constructed_agreement_gives_positive_rho(indexed):
     'model' whose log-probability of the answer is, by design, the log of that planted frequency agrees with
     the corpus. The method (pairs -> infini-gram counts -> P_T -> Spearman) must then give rho > 0, so a
     negative rho on real data is a finding about the model or the data, not an artifact of the method."""
-    from tasks.memorization import candidate_pairs, count_chunk, item_scores, load_task, score_table
+    from tracecore.tasks.memorization import candidate_pairs, count_chunk, item_scores, load_task, score_table
 
     store, _, refs = indexed
     spec = TaskSpec(name="qa", kind="qa")
@@ -219,7 +218,7 @@ def test_constructed_agreement_gives_positive_rho(indexed):
 
 
 def test_thresholds_below_the_papers_are_said_for_user_tasks():
-    from tasks.memorization import threshold_warnings
+    from tracecore.tasks.memorization import threshold_warnings
 
     toy = MemorizationConfig(align_threshold_short=0.0, tasks=[TaskSpec(name="qa", kind="qa"),
                                                               TaskSpec(name="mine", kind="qa", path="my/qa.jsonl")])
@@ -244,8 +243,7 @@ def test_vectorized_bootstrap_equals_one_resample_at_a_time():
     """`correlations` draws all resamples at once (it was ~12 s of the default run); same draws, same interval,
     ties (integer counts) ranked as averages, constant resamples skipped."""
     from scipy import stats
-
-    from tasks.memorization import correlations
+    from tracecore.tasks.memorization import correlations
 
     rng = np.random.default_rng(3)
     ref = rng.integers(0, 6, 40).astype(float)  # heavy ties, and some resamples of 40 are near-constant
@@ -265,8 +263,7 @@ def test_ngram_cli_count_docs_and_cnf(indexed):
     import re
 
     from conftest import run_cli
-
-    from tasks.ngram import open_engine
+    from tracecore.tasks.ngram import open_engine
 
     store, _, refs = indexed
     phrase = "was born in the year"

@@ -7,9 +7,8 @@ import threading
 
 import pytest
 from conftest import run_cli
-
-from storage.store import ArtifactStore
-from tasks.common import is_transient
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import is_transient
 
 
 @pytest.mark.parametrize(("exc", "retry"), [
@@ -26,7 +25,7 @@ def test_only_transient_failures_are_retried(exc, retry):
 
 
 def test_single_stage_flow_computes_missing_upstream(prefect_harness, test_config):
-    from flows.pipeline import STAGE_FLOWS
+    from tracecore.flows.pipeline import STAGE_FLOWS
 
     cfg = test_config()
     refs = STAGE_FLOWS["tokenize"](config=cfg.model_dump(mode="json"))
@@ -37,14 +36,14 @@ def test_single_stage_flow_computes_missing_upstream(prefect_harness, test_confi
 
 
 def test_concurrent_runs_of_one_config_compute_once(test_config, tmp_path):
-    from flows.plan import stage_call
-    from tasks.sample import run_sample
+    from tracecore.flows.plan import stage_call
+    from tracecore.tasks.sample import run_sample
 
     cfg = test_config()
     sample_call = stage_call("sample", cfg, cfg.store, {})
     run_sample(cfg.store, **sample_call)
     call = stage_call("ingest", cfg, cfg.store, {"sample": sample_call["refs"]["sample"]})
-    from tasks.ingest import run_ingest
+    from tracecore.tasks.ingest import run_ingest
 
     errors: list[BaseException] = []
 

@@ -6,24 +6,22 @@ import json
 
 import pytest
 from conftest import reduced_sets, run_cli
-
-from storage.store import ArtifactStore
+from tracecore.storage.store import ArtifactStore
 
 
 def test_pipeline_end_to_end_then_fully_cached(prefect_harness, test_config):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from tracecore.flows.pipeline import pipeline
+    from tracecore.tasks.pretrain import model_dir
     from transformers import AutoModelForCausalLM
-
-    from flows.pipeline import pipeline
-    from tasks.pretrain import model_dir
 
     cfg = test_config()
     store = ArtifactStore(cfg.store)
     first = pipeline(config=cfg.model_dump(mode="json"), run_id="run-a")
     record = json.loads(store.fs.open(f"{store.run_dir('run-a')}/run.json").read())
     assert record["state"] == "completed"
-    from configs.schema import STAGES
+    from tracecore.configs.schema import STAGES
 
     assert {s: i["status"] for s, i in record["stages"].items()} == dict.fromkeys(STAGES, "computed")
     report = (store.fs.open(first["report"]).read()).decode()
@@ -59,8 +57,7 @@ def test_pipeline_end_to_end_then_fully_cached(prefect_harness, test_config):
 
 def test_stage_runs_on_an_existing_cluster_by_address(prefect_harness, test_config):
     from distributed import LocalCluster
-
-    from flows.pipeline import pipeline
+    from tracecore.flows.pipeline import pipeline
 
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
         cfg = test_config("dask.address=" + cluster.scheduler_address, "stages=[sample,ingest,tokenize]")
@@ -105,9 +102,8 @@ def test_pretrain_epochs_and_schedule(schedule):
     import logging
 
     import numpy as np
-
-    from configs.schema import PretrainConfig
-    from tasks.pretrain import build_model, train
+    from tracecore.configs.schema import PretrainConfig
+    from tracecore.tasks.pretrain import build_model, train
 
     cfg = PretrainConfig(hidden_size=16, layers=1, heads=1, kv_heads=1, intermediate_size=16, seq_len=16,
                          batch_size=2, warmup_steps=20, epochs=2, lr=0.01, schedule=schedule)

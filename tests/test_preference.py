@@ -6,10 +6,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
-from configs.schema import PreferenceConfig
-from storage.store import ArtifactStore
-from tasks.preference import (
+from tracecore.configs.schema import PreferenceConfig
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.preference import (
     dedup_pairs,
     expand,
     load_library,
@@ -56,7 +55,7 @@ def test_malformed_inputs_become_rejects_and_good_rows_survive(tmp_path):
 def test_dataset_guarantees():
     pair, _ = to_pair({**GOOD, "criteria_chosen": "Prefer short answers.", "criteria_rejected": "Prefer detail."},
                       "sample")
-    from tasks.preference import library_contexts
+    from tracecore.tasks.preference import library_contexts
 
     contexts = pair["contexts"] + library_contexts(pair, load_library("builtin"))
     row = {"prompt": pair["prompt"], "a": pair["a"], "b": pair["b"], "default": "a",
@@ -76,8 +75,8 @@ def test_dataset_guarantees():
 
 @pytest.mark.slow
 def test_stage_splits_by_prompt_is_deterministic_and_reused(pretrained, tmp_path):
-    from flows.plan import stage_call
-    from tasks.preference import run_preference
+    from tracecore.flows.plan import stage_call
+    from tracecore.tasks.preference import run_preference
 
     cfg, refs = pretrained
     call = stage_call("preference", cfg, cfg.store, refs)
@@ -109,7 +108,7 @@ def test_stage_splits_by_prompt_is_deterministic_and_reused(pretrained, tmp_path
 
 
 def test_guarantees_are_counted_and_zero():
-    from tasks.preference import guarantee_violations
+    from tracecore.tasks.preference import guarantee_violations
 
     pair, _ = to_pair(GOOD, "pairwise")
     row = {"prompt": pair["prompt"], "a": pair["a"], "b": pair["b"], "default": "a",
@@ -122,7 +121,7 @@ def test_guarantees_are_counted_and_zero():
 
 
 def test_lm_judgements_are_parsed():
-    from tasks.preference import parse_judgement
+    from tracecore.tasks.preference import parse_judgement
 
     assert parse_judgement(" B, because it is shorter") == "b"
     assert parse_judgement("a") == "a"
@@ -132,8 +131,8 @@ def test_lm_judgements_are_parsed():
 def test_context_lm_and_lora_reward_model_run(pretrained, tmp_path):
     """The GPU-profile options on the tiny model: LM-proposed contexts (tagged `lm` when the judge answers)
     and a LoRA reward model that trains and merges into a plain sequence-classification folder."""
-    from tasks.preference import lm_contexts, load_context_lm, load_reward_model, train_reward_model
-    from tasks.pretrain import model_dir
+    from tracecore.tasks.preference import lm_contexts, load_context_lm, load_reward_model, train_reward_model
+    from tracecore.tasks.pretrain import model_dir
 
     cfg, refs = pretrained
     store = ArtifactStore(cfg.store)
@@ -182,10 +181,9 @@ def test_no_context_records_only_where_a_preference_holds_without_context():
 
 def test_reward_model_input_never_cuts_the_response(pretrained):
     """[context][prompt][response] over max_len: the prompt (then the context) gives way, the response stays whole."""
+    from tracecore.tasks.preference import rm_ids
+    from tracecore.tasks.pretrain import model_dir
     from transformers import AutoTokenizer
-
-    from tasks.preference import rm_ids
-    from tasks.pretrain import model_dir
 
     cfg, refs = pretrained
     with model_dir(ArtifactStore(cfg.store), refs["model"]) as folder:
@@ -207,7 +205,7 @@ def _scorer(reads_context: bool):
 def test_preference_metrics_can_fail():
     """A context-blind scorer and a context-reading scorer must come out differently on every metric that
     claims to measure context use: conditioned accuracy and joint accuracy on reversal pairs. Ties are wrong."""
-    from tasks.preference import evaluate, is_correct
+    from tracecore.tasks.preference import evaluate, is_correct
 
     assert not is_correct(0.0, "a") and not is_correct(0.0, "b") and is_correct(-1.0, "b")
     rows = []
@@ -229,8 +227,8 @@ def test_preference_metrics_can_fail():
 
 
 def test_every_sample_axis_pole_has_training_and_held_out_phrasings():
-    from tasks.preference import context_split
-    from tasks.sample import AXES, FACTUAL
+    from tracecore.tasks.preference import context_split
+    from tracecore.tasks.sample import AXES, FACTUAL
 
     for poles in [*AXES.values(), (FACTUAL,)]:
         for phrasings in poles:
@@ -239,7 +237,7 @@ def test_every_sample_axis_pole_has_training_and_held_out_phrasings():
 
 
 def test_wilson_interval_keeps_the_estimate_inside_and_the_range():
-    from tasks.preference import wilson
+    from tracecore.tasks.preference import wilson
 
     for k, n in ((0, 10), (10, 10), (28, 28), (5, 10), (0, 1), (1, 3)):
         lo, hi = wilson(k, n)
@@ -251,7 +249,7 @@ def test_reward_model_trains_once_per_comparison_not_per_response_order():
     """The dataset keeps both response orders (balanced labels for pairwise classifiers), but a Bradley-Terry
     model scores each response alone: -log s(r(win) - r(lose)) is the same example in either order, so
     training on both only doubles the cost."""
-    from tasks.preference import bt_examples, expand
+    from tracecore.tasks.preference import bt_examples, expand
 
     pair = {"prompt": "p", "a": "short", "b": "long answer", "default": "a",
             "contexts": json.dumps([["Be brief.", "criteria", "a", "library"], ["Be thorough.", "criteria", "b", "library"]])}

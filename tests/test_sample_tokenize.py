@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from configs.schema import SampleConfig, TokenizeConfig
-from tasks.ingest import list_input_files, plan_ingest, run_ingest
-from tasks.sample import FACT_TEMPLATES, write_sample
-from tasks.tokenize import TokenizerError, check_user_tokenizer, plan_tokenize, run_tokenize
+from tracecore.configs.schema import SampleConfig, TokenizeConfig
+from tracecore.tasks.ingest import list_input_files, plan_ingest, run_ingest
+from tracecore.tasks.sample import FACT_TEMPLATES, write_sample
+from tracecore.tasks.tokenize import TokenizerError, check_user_tokenizer, plan_tokenize, run_tokenize
 
 SMALL = SampleConfig(n_entities=30, max_fact_frequency=40, n_parallel_phrases=15, filler_documents=200,
                      instructions=160, preference_pairs=20, haystacks=5, haystack_sentences=20, corpus_files=3)
@@ -87,7 +86,7 @@ def test_tasks_instructions_preferences_haystacks_have_public_schemas(tmp_path):
 @pytest.fixture
 def documents(tmp_path):
     write_sample(SMALL, tmp_path / "world")
-    from configs.schema import IngestConfig
+    from tracecore.configs.schema import IngestConfig
 
     files = list_input_files([str(tmp_path / "world/corpus/*.jsonl.gz")])
     refs = plan_ingest(IngestConfig(), files)
@@ -97,9 +96,8 @@ def documents(tmp_path):
 
 
 def test_tokenize_trains_bpe_and_roundtrips(documents):
+    from tracecore.storage.store import ArtifactStore
     from transformers import AutoTokenizer
-
-    from storage.store import ArtifactStore
 
     store_uri, docs_ref = documents
     cfg = TokenizeConfig(vocab_size=500, train_docs=1000)
@@ -126,9 +124,8 @@ def test_user_tokenizer_path_is_checked(tmp_path):
 @pytest.mark.parametrize("split_digits", [False, True])
 def test_split_digits_gives_one_token_per_digit(tmp_path, split_digits):
     """The needle task copies a passkey: with split_digits no number is merged into a multi-digit token."""
+    from tracecore.tasks.tokenize import train_bpe
     from transformers import AutoTokenizer
-
-    from tasks.tokenize import train_bpe
 
     texts = [f"The secret passkey of Abc is {n}. Again {n} and {n * 7}." for n in range(10_000, 12_000)]
     train_bpe(texts, 400, 2, tmp_path, split_digits)
@@ -146,10 +143,10 @@ def test_split_digits_gives_one_token_per_digit(tmp_path, split_digits):
 def test_held_out_and_evaluation_items_are_disjoint_from_the_pool(tmp_path):
     """No held-out instruction and no QA / multiple-choice evaluation question is in the training pool, compared
     after lower-casing and stripping punctuation (the tiny profile's world: 3,000 pool records)."""
-    from configs.schema import load_config
-    from tasks.common import instruction_key, normalize_text
-    from tasks.eval import load_tasks
-    from tasks.gradients import load_pool
+    from tracecore.configs.schema import load_config
+    from tracecore.tasks.common import instruction_key, normalize_text
+    from tracecore.tasks.eval import load_tasks
+    from tracecore.tasks.gradients import load_pool
 
     write_sample(load_config("tiny").sample, tmp_path)
     pool, _ = load_pool(str(tmp_path / "instructions" / "train.jsonl"))

@@ -10,10 +10,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-
-from storage.fs import StorePathError
-from storage.lineage import lineage
-from storage.store import ArtifactStore, CorruptShardError, MissingArtifactError
+from tracecore.storage.fs import StorePathError
+from tracecore.storage.lineage import lineage
+from tracecore.storage.store import ArtifactStore, CorruptShardError, MissingArtifactError
 
 TABLE = pa.table({"id": ["a", "b", "c"], "n": [1, 2, 3]})
 
@@ -78,7 +77,7 @@ def test_writer_killed_mid_shard_leaves_no_visible_shard(tmp_path):
     """SIGKILL between the temporary write and the rename: nothing is visible, a re-write succeeds."""
     script = textwrap.dedent(f"""
         import os, signal, pyarrow as pa
-        from storage.store import ArtifactStore
+        from tracecore.storage.store import ArtifactStore
         store = ArtifactStore({str(tmp_path)!r})
         store.fs.mv = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
         store.write_shard("docs/fp", 0, pa.table({{"x": list(range(100000))}}))

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from configs.schema import load_config
-from storage.store import ArtifactStore
+from tracecore.configs.schema import load_config
+from tracecore.storage.store import ArtifactStore
 
 FILLER = 66_000  # placeholder tokens first, so every real word has an id above 65,535
 pytestmark = pytest.mark.timeout(600)
@@ -35,7 +34,7 @@ def word_level_tokenizer(texts: list[str], folder: Path) -> int:
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory, request):
-    from flows.pipeline import execute_stage
+    from tracecore.flows.pipeline import execute_stage
 
     root = tmp_path_factory.mktemp("wide")
     profile = str(request.config.rootpath / "tests/profile_test.yaml")
@@ -74,7 +73,7 @@ def test_exact_table_equals_an_independent_scan(wide):
 
 
 def test_index_counts_equal_an_independent_scan(wide):
-    from tasks.ngram import open_engine
+    from tracecore.tasks.ngram import open_engine
 
     store, refs, _ = wide
     docs = token_docs(store, refs)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from configs.schema import ConfigError, load_config
-from tasks.gradients import load_pool
+from tracecore.configs.schema import ConfigError, load_config
+from tracecore.tasks.gradients import load_pool
 
 BAD_INSTRUCTIONS = [  # (line, reason fragment)
     ('{"instruction": "x", "output": ', "bad JSON"),
@@ -61,9 +60,9 @@ def test_bad_profile_path_and_yaml(tmp_path):
 
 
 def test_model_paths_that_are_not_safe_hf_folders_are_refused(tmp_path):
-    from configs.schema import PretrainConfig
-    from storage.store import ArtifactStore
-    from tasks.pretrain import ModelPathError, register_user_model
+    from tracecore.configs.schema import PretrainConfig
+    from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks.pretrain import ModelPathError, register_user_model
 
     store = ArtifactStore(tmp_path / "store")
     with pytest.raises(ModelPathError, match="config.json missing"):
@@ -75,7 +74,7 @@ def test_model_paths_that_are_not_safe_hf_folders_are_refused(tmp_path):
 
 
 def test_missing_corpus_glob_names_the_pattern(tmp_path):
-    from tasks.ingest import NoInputError, list_input_files
+    from tracecore.tasks.ingest import NoInputError, list_input_files
 
     with pytest.raises(NoInputError, match="nothing/here"):
         list_input_files([str(tmp_path / "nothing/here/*.jsonl")])
@@ -83,9 +82,8 @@ def test_missing_corpus_glob_names_the_pattern(tmp_path):
 
 def test_coreset_ids_missing_from_the_pool_are_an_error(tmp_path):
     import pyarrow as pa
-
-    from storage.store import ArtifactStore
-    from tasks.finetune import subset_records
+    from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks.finetune import subset_records
 
     store = ArtifactStore(tmp_path / "store")
     store.write_shard("coreset/x", 0, pa.table({"record_id": ["a", "zzz"]}))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-
-from flows.pipeline import execute_stage
-from storage.store import ArtifactStore, CorruptShardError
+from tracecore.flows.pipeline import execute_stage
+from tracecore.storage.store import ArtifactStore, CorruptShardError
 
 
 @pytest.fixture

@@ -8,14 +8,13 @@ import json
 
 import pytest
 from conftest import TEST_PROFILE
-
-from configs.schema import load_config
-from storage.store import ArtifactStore
+from tracecore.configs.schema import load_config
+from tracecore.storage.store import ArtifactStore
 
 
 @pytest.mark.parametrize(("fault", "failed_stage"), [("tokenize:2", "tokenize"), ("after-pretrain:1", None)])
 def test_stage_error_fails_the_run_and_a_retry_resumes(prefect_harness, tmp_path, monkeypatch, fault, failed_stage):
-    from flows.pipeline import pipeline
+    from tracecore.flows.pipeline import pipeline
 
     cfg = load_config(str(TEST_PROFILE), [], store=str(tmp_path / "store"), stages=["ingest", "tokenize", "pretrain"])
     store = ArtifactStore(cfg.store)

@@ -15,9 +15,8 @@ import json
 
 import pytest
 from conftest import TEST_PROFILE, run_cli
-
-from configs.schema import STAGES
-from storage.store import ArtifactStore
+from tracecore.configs.schema import STAGES
+from tracecore.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.slow
 # Sharded stages -> the name their shard loop reports to the fault hook (ngram's first loop is its index).

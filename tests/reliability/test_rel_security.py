@@ -57,8 +57,8 @@ def test_from_pretrained_never_trusts_remote_code():
 
 
 def test_servers_bind_to_loopback_by_default():
-    from configs.schema import DaskConfig
-    from flows.cli import build_parser
+    from tracecore.configs.schema import DaskConfig
+    from tracecore.flows.cli import build_parser
 
     assert build_parser().parse_args(["ui"]).host == "127.0.0.1"
     runtime = (REPO / "flows" / "runtime.py").read_text()
@@ -68,7 +68,7 @@ def test_servers_bind_to_loopback_by_default():
 
 @pytest.mark.parametrize("relpath", ["../escape.txt", "a/../../escape", "/etc/passwd"])
 def test_paths_cannot_escape_the_store(tmp_path, relpath):
-    from storage.store import ArtifactStore
+    from tracecore.storage.store import ArtifactStore
 
     store = ArtifactStore(tmp_path / "store")
     with pytest.raises(ValueError):

@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-
-from storage.store import ArtifactStore
-from tasks.common import map_shards
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import map_shards
 
 
 def shard_that_kills_its_worker_once(store_uri: str, ref: str, shard: int, item: str, flags: str) -> dict:
