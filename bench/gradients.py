@@ -34,7 +34,8 @@ def sample_world_batches(args) -> tuple[object, list, int]:
     import json
 
     from tracecore.configs.schema import GradientsConfig, PretrainConfig, SampleConfig
-    from tracecore.tasks.gradients import collate, encode, load_pool, lora_model
+    from tracecore.tasks.gradients import lora_model
+    from tracecore.tasks.instructions import collate, encode, load_pool
     from tracecore.tasks.pretrain import build_model
     from tracecore.tasks.sample import write_sample
     from tracecore.tasks.tokenize import train_bpe

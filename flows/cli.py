@@ -11,8 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from tracecore.configs.schema import STAGES, ConfigError, load_config
+from tracecore.configs.schema import ConfigError
 from tracecore.flows.runtime import configure_environment
+from tracecore.tasks.registry import STAGES, load_config
 
 EPILOG = """examples:
   tracecore run                                   # tiny profile, embedded sample world, local store

@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tracecore.configs.schema import load_config
+from tracecore.tasks.registry import load_config
 
 DEPLOYMENT = "tracecore-scheduled"
 UI_HOST, UI_PORT = "127.0.0.1", 4200

@@ -51,7 +51,7 @@ def calibration_text(record: dict) -> str:
 
 def render_timings(store: ArtifactStore, record: dict) -> str:
     """Stage wall-clock seconds of the run, the total, and the calibration measured at its start."""
-    from tracecore.configs.schema import STAGES
+    from tracecore.tasks.registry import STAGES
 
     stages = {s: record["stages"][s] for s in STAGES
               if isinstance(record["stages"].get(s, {}).get("seconds"), (int, float))}
@@ -64,7 +64,7 @@ def render_timings(store: ArtifactStore, record: dict) -> str:
 
 def render_verdict(store: ArtifactStore, record: dict) -> str:
     """Held-out instruction loss and MC accuracy per subset, with intervals, and TAGCOS − random."""
-    by = {(r["subset"], r["metric"]): r for r in _rows(store, record, "eval", "eval_verdict")}
+    by = {(r["subset"], r["metric"]): r for r in _rows(store, record, "eval", "verdict")}
     order = [s for s in SUBSET_NAMES if (s, "instruction_loss") in by]
     rows = []
     for subset in order:
@@ -114,13 +114,13 @@ def render_reward_model(store: ArtifactStore, record: dict) -> str:
     """Held-out reward-model accuracies with Wilson intervals."""
     rows = [{"metric": r["metric"], "contexts": r["context_type"], "model": r["model"], "n": r["n"],
              "accuracy": f"{r['accuracy']:.3f}", "95 % CI": f"[{r['lo']:.3f}, {r['hi']:.3f}]"}
-            for r in _rows(store, record, "preference", "eval") if r.get("n")]
+            for r in _rows(store, record, "preference", "accuracy") if r.get("n")]
     return markdown_table(rows, ["metric", "contexts", "model", "n", "accuracy", "95 % CI"])
 
 
 def render_long_context(store: ArtifactStore, record: dict) -> str:
     """Needle accuracy per method and length, with KV bytes relative to full attention."""
-    table = _rows(store, record, "eval", "eval_long_context")
+    table = _rows(store, record, "eval", "long_context")
     lengths = sorted({r["length"] for r in table})
     methods = list(dict.fromkeys(r["method"] for r in table))
     cell = {(r["method"], r["length"]): r for r in table}

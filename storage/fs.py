@@ -78,3 +78,31 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     with fs.open(path, "rb") as fh:
         return json.loads(fh.read())
+
+
+class NoInputError(FileNotFoundError):
+    pass
+
+
+def list_input_files(patterns: list[str], field: str = "ingest.paths") -> list[str]:
+    """Expand globs/URIs into a sorted, de-duplicated list of file URIs; `field` names the setting in errors."""
+    files: list[str] = []
+    for pattern in patterns:
+        fs, _ = fsspec.core.url_to_fs(pattern)
+        matches = fs.glob(fsspec.core.strip_protocol(pattern)) if any(c in pattern for c in "*?[") else (
+            [fsspec.core.strip_protocol(pattern)] if fs.exists(pattern) else [])
+        matches = [m for m in matches if fs.isfile(m)]
+        if not matches:
+            raise NoInputError(f"{field}: {pattern!r} matches no files")
+        files += [fs.unstrip_protocol(m) for m in sorted(matches)]
+    return sorted(dict.fromkeys(files))
+
+
+def input_fingerprint(files: list[str]) -> str:
+    """Identity of the inputs (path, size, modification info): changed files invalidate the stage."""
+    digest = hashlib.sha256()
+    for uri in files:
+        fs, path = fsspec.core.url_to_fs(uri)
+        info = fs.info(path)
+        digest.update(f"{uri}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('ETag')}".encode())
+    return digest.hexdigest()[:16]

@@ -7,6 +7,7 @@ Artifacts themselves are shared between runs (content-addressed); a run only poi
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 
 from tracecore.storage.fs import read_json, write_json
@@ -56,3 +57,37 @@ def start_run(store: ArtifactStore, run_id: str, config: dict) -> dict:
 def set_stage(store: ArtifactStore, record: dict, stage: str, **fields) -> None:
     record["stages"].setdefault(stage, {}).update(fields)
     write_run(store, record)
+
+
+class RunRecorder:
+    """Thread-safe stage bookkeeping for a run record: stages run concurrently (Prefect's thread pool), each
+    writes its start, end or failure; `started_s`/`finished_s` (epoch seconds) show which ones overlapped."""
+
+    def __init__(self, store: ArtifactStore, record: dict):
+        self.store, self.record, self.lock, self.reused = store, record, threading.Lock(), {}
+
+    def _set(self, stage: str, **fields) -> None:
+        with self.lock:
+            set_stage(self.store, self.record, stage, **fields)
+
+    def planned(self, stage: str, refs: dict[str, str], reused: bool) -> None:
+        self.reused[stage] = reused
+        self._set(stage, refs=refs, status="pending", error=None, started_at=None, finished_at=None)
+
+    def started(self, stage: str) -> None:
+        self._set(stage, status="running", started_at=now(), started_s=round(time.time(), 3))
+
+    def finished(self, stage: str) -> None:
+        info = self.record["stages"][stage]
+        seconds = round(time.time() - info.get("started_s", time.time()), 3)
+        self._set(stage, status="reused" if self.reused.get(stage) else "computed", finished_at=now(),
+                  finished_s=round(time.time(), 3), seconds=seconds)
+
+    def failed(self, stage: str, exc: BaseException) -> None:
+        self._set(stage, status="failed", error=f"{type(exc).__name__}: {exc}")
+
+    def settle(self) -> None:
+        for stage, info in self.record["stages"].items():
+            if info.get("status") == "pending" and stage in self.reused:
+                self.started(stage)
+                self.finished(stage)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
-from tracecore.storage.lineage import code_version, fingerprint
 from tracecore.storage.store import ArtifactStore
 
 # transformers' from_pretrained patches module initialisation process-wide while it loads, so two
@@ -48,11 +47,6 @@ class ShardReport:
         return sum(m.get(key, 0) for m in self.markers if m["shard"] in done)
 
 
-def plan_ref(artifact: str, stage: str, config_hash: str, inputs: dict[str, str], *modules: str) -> str:
-    """`<artifact>/<fingerprint>` for a stage implemented in `modules` (their source is the code version)."""
-    return f"{artifact}/{fingerprint(stage, config_hash, inputs, code_version(*modules))}"
-
-
 def in_prefect_run() -> bool:
     """True inside a Prefect flow or task run (so logs and artifacts reach the UI)."""
     from prefect.context import FlowRunContext, TaskRunContext
@@ -79,20 +73,6 @@ def get_logger() -> logging.Logger:
 
         return get_run_logger()  # type: ignore[return-value]
     return logging.getLogger("tracecore")
-
-
-def already_committed(store: ArtifactStore, stage: str, ref: str) -> bool:
-    """True, and logged, when a stage's final artifact is in the store and intact: the stage is skipped.
-    A committed artifact whose bytes fail their checksums is repaired (un-committed, corrupt shards
-    dropped, paths logged) and the stage recomputes what is missing: corrupt data is never used."""
-    bad = store.repair(ref)
-    if bad:
-        get_logger().warning("%s: %s has corrupt parts, recomputing: %s", stage, ref, ", ".join(bad))
-        return False
-    if store.is_committed(ref):
-        get_logger().info("%s: %s already committed, skipping", stage, ref)
-        return True
-    return False
 
 
 class Progress:
@@ -190,37 +170,6 @@ def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dic
     return ShardReport(total=len(items), skipped=skipped, computed=len(computed),
                        seconds=round(time.perf_counter() - start, 3), markers=store.markers(ref),
                        computed_shards=sorted(computed))
-
-
-def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect cache key: store + planned artifact refs, which already hash the stage config, the input
-    fingerprints and the code version. Deliberately *not* the flow-run id, so a new run reuses work."""
-    import hashlib
-    import json
-
-    payload = json.dumps({"store": parameters["store_uri"], "refs": parameters["refs"]}, sort_keys=True)
-    return "tracecore-" + hashlib.sha256(payload.encode()).hexdigest()[:32]
-
-
-def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O and cluster hiccups; never retry bad input or bad config (they fail the same way again)."""
-    try:
-        state.result()
-    except (ConnectionError, TimeoutError):
-        return True
-    except OSError as exc:
-        return not isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
-    except Exception as exc:  # noqa: BLE001 - classifying, not swallowing: the task fails either way
-        return type(exc).__name__ in {"CommClosedError", "KilledWorker", "FutureCancelledError"}
-    return False
-
-
-def stage_task(fn: Callable[..., dict], name: str):
-    """Wrap a stage's plain `run_*` function as a coarse, cached, retried Prefect task."""
-    from prefect import task
-
-    return task(fn, name=name, cache_key_fn=stage_cache_key, persist_result=True, retries=2,
-                retry_delay_seconds=2, retry_condition_fn=is_transient, log_prints=True)
 
 
 def subplots(**kwargs: Any):

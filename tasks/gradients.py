@@ -20,82 +20,18 @@ distribution, not bit-identical to TRAK.
 
 from __future__ import annotations
 
-import json
 import random
 
 import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import GradientsConfig
-from tracecore.storage.lineage import code_version, lineage
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import (
-    MODEL_LOAD_LOCK,
-    already_committed,
-    get_logger,
-    map_shards,
-    plan_ref,
-    stage_task,
-)
+from tracecore.tasks.common import MODEL_LOAD_LOCK, map_shards
+from tracecore.tasks.instructions import collate, encode, load_pool, pool_inputs, pool_needs
+from tracecore.tasks.models import model_dir, resolve_device
+from tracecore.tasks.stage import Stage, StageRun
 
-# the features depend on the per-sample gradient code as much as on this module: editing either re-runs the stage
-CODE_MODULES = (__name__, "tracecore.kernels.per_sample")
-TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
-
-
-def plan_gradients(cfg: GradientsConfig, model_ref: str, pool_id: str) -> dict[str, str]:
-    warmup = plan_ref("warmup", "gradients", cfg.fingerprint(), {"model": model_ref, "pool": pool_id}, *CODE_MODULES)
-    return {"warmup": warmup, "features": f"features/{warmup.split('/')[1]}"}
-
-
-# ---- data ---------------------------------------------------------------------------------------
-def load_pool(path: str) -> tuple[list[dict], list[dict]]:
-    """Alpaca-style records (instruction, input, output); unusable ones come back as rejects."""
-    import fsspec
-
-    records, rejects = [], []
-    with fsspec.open(path, "rt", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                rejects.append({"file": path, "line": line_no, "reason": f"bad JSON: {exc.msg}"})
-                continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip():
-                rejects.append({"file": path, "line": line_no, "reason": "missing or empty 'instruction'"})
-            elif not isinstance(rec.get("output", ""), str) or not isinstance(rec.get("input", ""), str):
-                rejects.append({"file": path, "line": line_no, "reason": "'input'/'output' must be strings"})
-            else:
-                records.append({**rec, "id": str(rec.get("id", f"line-{line_no}")), "input": rec.get("input", ""),
-                                "output": rec.get("output", "")})
-    return records, rejects
-
-
-def encode(tok, rec: dict, max_len: int) -> tuple[list[int], list[int]]:
-    """Prompt + response + EOS; labels are -100 on the prompt (loss on response tokens only).
-
-    Too long: the response keeps up to half the budget and the prompt is cut from the left, so every
-    record keeps response tokens (cutting from the right would leave some with no loss at all)."""
-    prompt = tok(TEMPLATE.format(instruction=rec["instruction"], input=rec["input"]), add_special_tokens=False)["input_ids"]
-    response = (tok(rec["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-    if len(prompt) + len(response) > max_len:
-        response = response[: max(max_len // 2, max_len - len(prompt))]
-        prompt = prompt[len(prompt) + len(response) - max_len:]
-    return prompt + response, [-100] * len(prompt) + response
-
-
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id)
-    labels = torch.full((len(batch), width), -100)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, labels, mask
 
 
 # ---- model, LoRA, warm-up -----------------------------------------------------------------------
@@ -175,12 +111,6 @@ def save_checkpoints(store: ArtifactStore, ref: str, names: list[str], checkpoin
     store.write_shard(ref, 0, pa.Table.from_pylist([{k: c[k] for k in ("step", "lr", "loss")} for c in checkpoints]))
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def adam_direction(g, exp_avg, exp_avg_sq):
     """LESS's Adam direction m' / (sqrt(v') + eps) as the paper writes it (the official code puts eps inside
     the sqrt; the two differ only where v' is tiny against eps)."""
@@ -241,7 +171,6 @@ def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: Gradi
     learning-rate-weighted mean over checkpoints. Written as fp16 fixed-size lists."""
     import torch
     from tracecore.kernels.per_sample import batched_grads
-    from tracecore.tasks.pretrain import model_dir
 
     torch.set_num_threads(cfg.threads) if cfg.threads else None
     store = ArtifactStore(store_uri)
@@ -289,37 +218,30 @@ def read_features(store: ArtifactStore, features_ref: str, column: str = "featur
     return table.column("record_id").to_pylist(), flat.astype(np.float32).reshape(-1, dim)
 
 
-def run_gradients(store_uri: str, cfg: GradientsConfig, model_ref: str, pool_path: str, pool_id: str,
-                  refs: dict[str, str], address: str | None = None) -> dict[str, str]:
-    from tracecore.tasks.pretrain import model_dir
-
-    store, log = ArtifactStore(store_uri), get_logger()
-    with store.lock(refs["features"]):
-        if already_committed(store, "gradients", refs["features"]):
-            return refs
-        records, rejects = load_pool(pool_path)
-        if not records:
-            raise ValueError(f"gradients: no usable records in {pool_path} ({len(rejects)} rejected)")
-        record = lineage("gradients", cfg.fingerprint(), {"model": model_ref, "pool": pool_id}, code_version(*CODE_MODULES),
-                         pool=pool_path, pool_records=len(records), pool_rejects=rejects[:100])
-        if not store.is_committed(refs["warmup"]):
-            with model_dir(store, model_ref) as folder:
-                tok, model = lora_model(folder, cfg)
-            model = model.to(resolve_device(cfg.device))
-            subset = random.Random(cfg.seed).sample(records, max(1, int(cfg.warmup_fraction * len(records))))
-            checkpoints = warmup(model, tok, subset, cfg, log)
-            save_checkpoints(store, refs["warmup"], [n for n, _ in lora_params(model)], checkpoints)
-            store.commit(refs["warmup"], {**record, "warmup_records": len(subset)}, expected_shards=1)
-        shards = [records[i::cfg.shards] for i in range(cfg.shards)]
-        report = map_shards("gradients", store, refs["features"], shard_features,
-                            [(model_ref, refs["warmup"], s) for s in shards], address, cfg=cfg)
-        store.commit(refs["features"], {**record, "seconds": report.seconds, "skipped_shards": report.skipped,
-                                        "records_per_second": round(report.sum_computed("records") / report.seconds, 2)
-                                        if report.computed else None, "proj_dim": cfg.proj_dim},
-                     expected_shards=cfg.shards)
-        log.info("gradients: %d features of dim %d in %d shards (%d skipped)", len(records), cfg.proj_dim,
+def run_gradients(run: StageRun) -> None:
+    store, cfg, model_ref, pool_path = run.store, run.cfg, run.inputs["model"], run.args["pool_path"]
+    records, rejects = load_pool(pool_path)
+    if not records:
+        raise ValueError(f"gradients: no usable records in {pool_path} ({len(rejects)} rejected)")
+    pool = {"pool": pool_path, "pool_records": len(records), "pool_rejects": rejects[:100]}
+    if not store.is_committed(run.ref("warmup")):
+        with model_dir(store, model_ref) as folder:
+            tok, model = lora_model(folder, cfg)
+        model = model.to(resolve_device(cfg.device))
+        subset = random.Random(cfg.seed).sample(records, max(1, int(cfg.warmup_fraction * len(records))))
+        checkpoints = warmup(model, tok, subset, cfg, run.log)
+        save_checkpoints(store, run.ref("warmup"), [n for n, _ in lora_params(model)], checkpoints)
+        run.commit("warmup", {**pool, "warmup_records": len(subset)}, expected_shards=1)
+    shards = [records[i::cfg.shards] for i in range(cfg.shards)]
+    report = map_shards("gradients", store, run.ref("features"), shard_features,
+                        [(model_ref, run.ref("warmup"), s) for s in shards], run.address, cfg=cfg)
+    run.commit("features", {**pool, "seconds": report.seconds, "skipped_shards": report.skipped,
+                            "records_per_second": round(report.sum_computed("records") / report.seconds, 2)
+                            if report.computed else None, "proj_dim": cfg.proj_dim}, expected_shards=cfg.shards)
+    run.log.info("gradients: %d features of dim %d in %d shards (%d skipped)", len(records), cfg.proj_dim,
                  cfg.shards, report.skipped)
-    return refs
 
 
-gradients_task = stage_task(run_gradients, "gradients")
+STAGE = Stage("gradients", GradientsConfig, {"features": "features", "warmup": "warmup"}, run_gradients,
+              needs=lambda c: {"model": "pretrain.model", **pool_needs(c)}, external=pool_inputs,
+              description="LoRA warm-up + per-sample Adam-aware gradient features (TAGCOS/LESS)")

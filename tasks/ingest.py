@@ -20,9 +20,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tracecore.configs.schema import IngestConfig
-from tracecore.storage.lineage import code_version, lineage
+from tracecore.storage.fs import NoInputError, input_fingerprint, list_input_files  # noqa: F401 (re-exported)
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
+from tracecore.tasks.common import map_shards
+from tracecore.tasks.stage import Stage, StageRun
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
                         ("file", pa.string()), ("line", pa.int64()), ("doc_hash", pa.string())])
@@ -33,34 +34,6 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 class TooManyRejectsError(RuntimeError):
     pass
-
-
-class NoInputError(FileNotFoundError):
-    pass
-
-
-def list_input_files(patterns: list[str]) -> list[str]:
-    """Expand globs/URIs into a sorted, de-duplicated list of file URIs."""
-    files: list[str] = []
-    for pattern in patterns:
-        fs, _ = fsspec.core.url_to_fs(pattern)
-        matches = fs.glob(fsspec.core.strip_protocol(pattern)) if any(c in pattern for c in "*?[") else (
-            [fsspec.core.strip_protocol(pattern)] if fs.exists(pattern) else [])
-        matches = [m for m in matches if fs.isfile(m)]
-        if not matches:
-            raise NoInputError(f"ingest.paths: {pattern!r} matches no files")
-        files += [fs.unstrip_protocol(m) for m in sorted(matches)]
-    return sorted(dict.fromkeys(files))
-
-
-def input_fingerprint(files: list[str]) -> str:
-    """Identity of the inputs (path, size, modification info): changed files invalidate the stage."""
-    digest = hashlib.sha256()
-    for uri in files:
-        fs, path = fsspec.core.url_to_fs(uri)
-        info = fs.info(path)
-        digest.update(f"{uri}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('ETag')}".encode())
-    return digest.hexdigest()[:16]
 
 
 def _snippet(raw: Any) -> str:
@@ -219,43 +192,42 @@ def check_reject_fraction(parsed_markers: list[dict], rejects_uri: str, cfg: Ing
     return {"documents_read": rows + rejected, "rejected": rejected, "reject_fraction": round(fraction, 6)}
 
 
-def plan_ingest(cfg: IngestConfig, files: list[str], files_id: str | None = None) -> dict[str, str]:
-    """Refs of the stage outputs. `files_id` identifies inputs that live in a committed artifact (the
-    sample world) by that artifact, so the same data in another store plans to the same refs."""
-
-    inputs = {"files": files_id or input_fingerprint(files)}
-    documents = plan_ref("documents", "ingest", cfg.fingerprint(), inputs, __name__)
-    fp = documents.split("/")[1]
-    return {"documents": documents, "rejects": f"rejects/{fp}", "parsed": f"parsed/{fp}"}
+def input_files(pipeline_cfg) -> dict[str, str]:
+    """The sample world only when the user gave no corpus (`ingest.paths`)."""
+    return {} if pipeline_cfg.ingest.paths else {"sample": "sample.sample"}
 
 
-def run_ingest(store_uri: str, cfg: IngestConfig, files: list[str], refs: dict[str, str],
-               address: str | None = None, files_id: str | None = None) -> dict[str, str]:
+def user_files(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """User corpora are fingerprinted by their content; sample files are identified by the sample artifact."""
+    if not pipeline_cfg.ingest.paths:
+        return {}, {}
+    files = list_input_files(pipeline_cfg.ingest.paths)
+    return {"files": input_fingerprint(files)}, {"files": files}
+
+
+def run_ingest(run: StageRun) -> None:
     """Parse every file, enforce the reject budget, de-duplicate, commit `documents` + `rejects`."""
+    from tracecore.tasks.sample import sample_corpus_glob
 
-    store, log = ArtifactStore(store_uri), get_logger()
-    with store.lock(refs["documents"]):
-        if already_committed(store, "ingest", refs["documents"]):
-            return refs
-        record = lineage("ingest", cfg.fingerprint(), {"files": files_id or input_fingerprint(files)}, code_version(__name__),
-                         input_files=files)
-        parsed = map_shards("ingest", store, refs["parsed"], parse_file, files, address, cfg=cfg,
-                            rejects_ref=refs["rejects"])
-        store.commit(refs["rejects"], record, expected_shards=len(files))
-        store.commit(refs["parsed"], record, expected_shards=len(files))
-        stats = check_reject_fraction(parsed.markers, store.display_path(refs["rejects"]), cfg)
-        hashes = [store.read_shard(refs["parsed"], i, columns=["doc_hash"]).column(0).to_pylist()
-                  for i in range(len(files))]
-        keep = duplicate_mask(hashes) if cfg.dedup else [[True] * len(h) for h in hashes]
-        deduped = map_shards("dedup", store, refs["documents"], dedup_shard,
-                             [(refs["parsed"], k) for k in keep], address)
-        stats["duplicates"] = sum(m.get("duplicates", 0) for m in deduped.markers)
-        store.commit(refs["documents"], {**record, **stats, "seconds": parsed.seconds + deduped.seconds,
-                                         "skipped_shards": parsed.skipped + deduped.skipped},
-                     expected_shards=len(files))
-        log.info("ingest: %d documents, %d rejects, %d duplicates -> %s", stats["documents_read"] -
-                 stats["rejected"] - stats["duplicates"], stats["rejected"], stats["duplicates"], refs["documents"])
-    return refs
+    store, cfg = run.store, run.cfg
+    files = run.args.get("files") or list_input_files([sample_corpus_glob(store.uri, run.inputs["sample"])])
+    parsed = map_shards("ingest", store, run.ref("parsed"), parse_file, files, run.address, cfg=cfg,
+                        rejects_ref=run.ref("rejects"))
+    run.commit("rejects", expected_shards=len(files))
+    run.commit("parsed", expected_shards=len(files))
+    stats = check_reject_fraction(parsed.markers, store.display_path(run.ref("rejects")), cfg)
+    hashes = [store.read_shard(run.ref("parsed"), i, columns=["doc_hash"]).column(0).to_pylist()
+              for i in range(len(files))]
+    keep = duplicate_mask(hashes) if cfg.dedup else [[True] * len(h) for h in hashes]
+    deduped = map_shards("dedup", store, run.ref("documents"), dedup_shard,
+                         [(run.ref("parsed"), k) for k in keep], run.address)
+    stats["duplicates"] = sum(m.get("duplicates", 0) for m in deduped.markers)
+    run.commit("documents", {**stats, "input_files": files, "seconds": parsed.seconds + deduped.seconds,
+                             "skipped_shards": parsed.skipped + deduped.skipped}, expected_shards=len(files))
+    run.log.info("ingest: %d documents, %d rejects, %d duplicates -> %s", stats["documents_read"] -
+                 stats["rejected"] - stats["duplicates"], stats["rejected"], stats["duplicates"], run.ref("documents"))
 
 
-ingest_task = stage_task(run_ingest, "ingest")
+STAGE = Stage("ingest", IngestConfig, {"documents": "documents", "rejects": "rejects", "parsed": "parsed"},
+              run_ingest, needs=input_files, external=user_files,
+              description="corpora -> validated, de-duplicated document shards (+ rejects)")

@@ -27,100 +27,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import MemorizationConfig, TaskSpec
-from tracecore.storage.lineage import code_version, lineage
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import (
-    already_committed,
-    figure_png,
-    get_logger,
-    map_shards,
-    plan_ref,
-    stage_task,
-    subplots,
-)
+from tracecore.tasks.common import figure_png, map_shards, subplots
+from tracecore.tasks.memorization_scores import item_scores, score_table
 from tracecore.tasks.ngram import VocabMismatchError, open_engine
+from tracecore.tasks.stage import Stage, StageRun
+from tracecore.tasks.taskfiles import load_task
 
 WORD = re.compile(r"\w+", re.UNICODE)  # words; punctuation is filtered as in the paper
 REPORT_COLUMNS = ["model", "task", "n_cooccurring", "spearman", "spearman_lo", "spearman_hi", "n_all", "spearman_all",
                   "spearman_all_lo", "spearman_all_hi", "kendall_tau_distance", "infgram_spearman"]
 REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
-
-
-def stage_inputs(cfg: MemorizationConfig, index_ref: str, model_refs: list[str], sample_ref: str | None) -> dict:
-    """Fingerprint inputs: the index, every model, and the task files (sample artifact or file identities)."""
-    from tracecore.tasks.ingest import input_fingerprint, list_input_files
-
-    user_files = [f for s in cfg.tasks if s.path for f in list_input_files([s.path])]
-    return {"index": index_ref, "tasks": f"{sample_ref}|{input_fingerprint(user_files)}",
-            **{f"model{i}": m for i, m in enumerate(model_refs)}}
-
-
-def plan_memorization(cfg: MemorizationConfig, index_ref: str, model_refs: list[str],
-                      sample_ref: str | None) -> dict[str, str]:
-    inputs = stage_inputs(cfg, index_ref, model_refs, sample_ref)
-    items = plan_ref("memorization_items", "memorization", cfg.fingerprint(), inputs, __name__)
-    fp = items.split("/")[1]
-    return {"items": items, "pairs": f"memorization_pairs/{fp}", "scores": f"memorization_scores/{fp}",
-            "rejects": f"memorization_rejects/{fp}"}
-
-
-# ---- task loading -----------------------------------------------------------------------------
-def read_task_rows(path: str) -> list[tuple[int, object]]:
-    """(line, record) for JSONL or Parquet; unparseable lines come back as (line, exception text)."""
-    import json
-
-    import fsspec
-
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        with fsspec.open(path, "rb") as fh:
-            return list(enumerate(pq.read_table(fh).to_pylist(), start=1))
-    rows = []
-    with fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if line.strip():
-                try:
-                    rows.append((line_no, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    rows.append((line_no, f"bad JSON: {exc.msg}"))
-    return rows
-
-
-def to_item(kind: str, rec: object) -> tuple[dict | None, str | None]:
-    """Map a record of the task's shape to (input, output), or give the reason it cannot be used."""
-    if isinstance(rec, str):
-        return None, rec
-    if not isinstance(rec, dict):
-        return None, f"record is a {type(rec).__name__}, not an object"
-    fields = {"translation": ("source", "target"), "qa": ("question", "answer"),
-              "multiple_choice": ("question", "choices")}[kind]
-    missing = [f for f in fields if rec.get(f) in (None, "", [])]
-    if missing:
-        return None, f"missing or empty field(s) {missing} for a {kind} task"
-    x, y = rec[fields[0]], rec[fields[1]]
-    if kind == "multiple_choice":
-        answer = rec.get("answer")
-        if not isinstance(y, list) or not isinstance(answer, int) or not 0 <= answer < len(y):
-            return None, "multiple_choice needs a list 'choices' and an integer 'answer' index into it"
-        y = y[answer]  # x is the question alone: the options hold the answer by construction
-    if not isinstance(x, str) or not isinstance(y, str) or not x.strip() or not y.strip():
-        return None, "input and output must be non-empty strings"
-    return {"id": str(rec.get("id", "")), "input": x, "output": y, "frequency": rec.get("frequency")}, None
-
-
-def load_task(spec: TaskSpec, path: str, max_items: int) -> tuple[list[dict], list[dict]]:
-    items, rejects = [], []
-    for line, rec in read_task_rows(path):
-        item, reason = to_item(spec.kind, rec)
-        if reason:
-            rejects.append({"file": path, "line": line, "reason": f"{spec.name}: {reason}"})
-        else:
-            items.append({**item, "id": item["id"] or f"{spec.name}-{line}", "task": spec.name})
-    if max_items and len(items) > max_items:
-        get_logger().info("memorization: task %s uses the first %d of its %d items (memorization.max_items)",
-                          spec.name, max_items, len(items))
-    return (items[:max_items] if max_items else items), rejects
 
 
 # ---- task-gram pairs --------------------------------------------------------------------------
@@ -264,82 +181,6 @@ def lm_logprobs(model_dir: str, rows: list[dict], batch_size: int) -> list[float
     return out
 
 
-def correlations(lm: np.ndarray, ref: np.ndarray, n_boot: int, seed: int) -> dict:
-    """Spearman and Pearson with percentile bootstrap CIs, Kendall tau distance = (1 - tau) / 2 (a point value,
-    as the paper reports it). All resamples are drawn and ranked at once (one at a time took ~12 s of the
-    default run); a resample where either side is constant has no correlation and is skipped."""
-    from scipy import stats
-
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(lm), (n_boot, len(lm)))  # the same draws as n_boot sequential calls
-    a, b = lm[idx], ref[idx]
-    varied = (np.ptp(a, axis=1) > 0) & (np.ptp(b, axis=1) > 0)
-    a, b = a[varied], b[varied]
-    boots = {"spearman": _rowwise_pearson(stats.rankdata(a, axis=1), stats.rankdata(b, axis=1)),
-             "pearson": _rowwise_pearson(a, b)}
-    result = {"kendall_tau_distance": (1 - stats.kendalltau(lm, ref).statistic) / 2,
-              "spearman": stats.spearmanr(lm, ref).statistic, "pearson": stats.pearsonr(lm, ref).statistic}
-    for name, values in boots.items():
-        result |= {f"{name}_lo": np.nanpercentile(values, 2.5), f"{name}_hi": np.nanpercentile(values, 97.5)}
-    return result
-
-
-def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a - a.mean(axis=1, keepdims=True), b - b.mean(axis=1, keepdims=True)
-    return (a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-
-
-def item_scores(pairs: list[dict]) -> list[dict]:
-    """One row per (task, item, s_y). `log_p_t`: mean log P_T over its co-occurring pairs (the official
-    aggregation; NaN when none co-occurs). `log_p_t_smoothed`: mean over all its pairs of
-    log((C(s_x, s_y) + 1/|Y|) / (C(s_x) + 1)), |Y| = the task's distinct y-grams: a prior of one pseudo-count
-    spread uniformly over the targets, so an unseen s_x gives 1/|Y|, a zero co-occurrence ranks below every
-    observed one, and large counts keep the plain estimate. An item whose pairs never co-occur thus keeps a
-    rank instead of leaving the correlation."""
-    targets: dict[str, set] = {}
-    for p in pairs:
-        targets.setdefault(p["task"], set()).add(p["s_y"])
-    grouped: dict[tuple, list[dict]] = {}
-    for p in pairs:
-        grouped.setdefault((p["task"], p["item_id"], p["s_y"]), []).append(p)
-    rows = []
-    for (task, item_id, s_y), group in grouped.items():
-        logs = [math.log(p["c_xy"] / p["c_x"]) for p in group if p["c_x"] and p["c_xy"]]
-        prior = 1 / len(targets[task])
-        smoothed = [min(0.0, math.log((p["c_xy"] + prior) / (p["c_x"] + 1))) for p in group]
-        rows.append({"task": task, "item_id": item_id, "s_y": s_y, "input": group[0]["input"],
-                     "frequency": group[0]["frequency"], "pairs": len(group), "pairs_zero": len(group) - len(logs),
-                     "pair_count": sum(p["c_xy"] for p in group), "approx": any(p["approx"] for p in group),
-                     "cooccurring": bool(logs), "log_p_t": float(np.mean(logs)) if logs else float("nan"),
-                     "log_p_t_smoothed": float(np.mean(smoothed)), "log_p_inf": group[0]["log_p_inf"]})
-    return rows
-
-
-def score_table(rows: list[dict], cfg: MemorizationConfig) -> list[dict]:
-    """Per model and task: memorization rho over co-occurring items (the paper's: P_T needs C(s_x, s_y) > 0)
-    and over all items (smoothed P_T), generalization (tau distance), the inf-gram baseline."""
-    out = []
-    for (model, task), group in itertools.groupby(sorted(rows, key=lambda r: (r["model"], r["task"])),
-                                                  key=lambda r: (r["model"], r["task"])):
-        group = list(group)
-        seen = [r for r in group if math.isfinite(r["log_p_t"])]
-        row = {"model": model, "task": task, "parameters": group[0]["parameters"], "n_all": len(group),
-               "n_cooccurring": len(seen)}
-        lm_all = np.array([r["log_p_lm"] for r in group])
-        if len(group) >= 3:
-            every = correlations(lm_all, np.array([r["log_p_t_smoothed"] for r in group]), cfg.bootstrap, cfg.seed)
-            row |= {"spearman_all": every["spearman"], "spearman_all_lo": every["spearman_lo"],
-                    "spearman_all_hi": every["spearman_hi"]}
-        if len(seen) >= 3:
-            lm = np.array([r["log_p_lm"] for r in seen])
-            scores = correlations(lm, np.array([r["log_p_t"] for r in seen]), cfg.bootstrap, cfg.seed)
-            baseline = correlations(lm, np.array([r["log_p_inf"] for r in seen]), cfg.bootstrap, cfg.seed)
-            row |= {**scores, "infgram_spearman": baseline["spearman"], "infgram_spearman_lo": baseline["spearman_lo"],
-                    "infgram_spearman_hi": baseline["spearman_hi"]}
-        out.append(row)
-    return out
-
-
 def plots(scores: list[dict], rows: list[dict]) -> dict[str, bytes]:
     fig, ax = subplots(figsize=(6, 3.5))
     for task in sorted({s["task"] for s in scores if "spearman" in s}):
@@ -371,7 +212,7 @@ def plots(scores: list[dict], rows: list[dict]) -> dict[str, bytes]:
 
 def resolve_models(store: ArtifactStore, models: list[str]) -> dict[str, str]:
     """label -> local HF folder; a label is a store ref (`model/<fp>`) or a folder path."""
-    from tracecore.tasks.pretrain import model_dir
+    from tracecore.tasks.models import model_dir
 
     resolved = {}
     for m in models:
@@ -383,71 +224,89 @@ def resolve_models(store: ArtifactStore, models: list[str]) -> dict[str, str]:
     return resolved
 
 
-def run_memorization(store_uri: str, cfg: MemorizationConfig, index_ref: str, tokenizer_ref: str,
-                     model_refs: list[str], sample_ref: str | None, refs: dict[str, str],
-                     address: str | None = None) -> dict[str, str]:
+def memorization_needs(pipeline_cfg) -> dict[str, str]:
+    """The index and its tokenizer; the bootstrap model unless `models` are given; the sample world only
+    for tasks without a `path`."""
+    cfg = pipeline_cfg.memorization
+    needs = {"index": "ngram.index", "tokenizer": "tokenize.tokenizer"}
+    needs |= {} if cfg.models else {"model": "pretrain.model"}
+    return needs | ({"sample": "sample.sample"} if any(not s.path for s in cfg.tasks) else {})
+
+
+def user_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """User task files and model folders, fingerprinted by their files' identity."""
+    from tracecore.storage.fs import input_fingerprint, list_input_files
+
+    cfg = pipeline_cfg.memorization
+    inputs = {f"task_{s.name}": input_fingerprint(list_input_files([s.path], f"memorization.tasks.{s.name}.path"))
+              for s in cfg.tasks if s.path}
+    for i, folder in enumerate(cfg.models):
+        files = sorted(str(f) for f in Path(folder).glob("*") if f.is_file())
+        inputs[f"model{i}"] = f"{Path(folder).resolve()}|{input_fingerprint(files)}"
+    return inputs, {"models": list(cfg.models) or [upstream["model"]]}
+
+
+def task_items(run: StageRun) -> tuple[list[dict], list[dict]]:
+    """Every task's usable items and its rejects (file, line, reason)."""
+    items, rejects = [], []
+    for spec in run.cfg.tasks:
+        path = spec.path or f"{run.store.files_path(run.inputs['sample'])}/tasks/{spec.kind}.jsonl"
+        got, bad = load_task(spec, path, run.cfg.max_items)
+        items, rejects = items + got, rejects + bad
+    return items, rejects
+
+
+def run_memorization(run: StageRun) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    store, log = ArtifactStore(store_uri), get_logger()
-    with store.lock(refs["scores"]):
-        if already_committed(store, "memorization", refs["scores"]):
-            return refs
-        index = store.manifest(index_ref)
-        with store.local_dir(tokenizer_ref) as folder:
-            vocab = len(AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
-        if vocab != index["vocab_size"]:
-            raise VocabMismatchError(f"memorization: tokenizer {tokenizer_ref} has {vocab} tokens but index "
-                                     f"{index_ref} was built with {index['vocab_size']}")
-        for warning in threshold_warnings(cfg):
-            log.warning(warning)
-        models = resolve_models(store, model_refs)
-        params = {m: _parameters(AutoConfig.from_pretrained(d, local_files_only=True)) for m, d in models.items()}
-        record = lineage("memorization", cfg.fingerprint(), stage_inputs(cfg, index_ref, model_refs, sample_ref),
-                         code_version(__name__))
-        items, rejects = [], []
-        for spec in cfg.tasks:
-            path = spec.path or f"{store.files_path(sample_ref)}/tasks/{spec.kind}.jsonl"
-            got, bad = load_task(spec, path, cfg.max_items)
-            items, rejects = items + got, rejects + bad
-        store.write_shard(refs["rejects"], 0, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
-        store.commit(refs["rejects"], record, expected_shards=1)
-        if not items:
-            raise ValueError(f"memorization: no usable task items ({len(rejects)} rejected); see {refs['rejects']}")
-        specs = {s.name: s for s in cfg.tasks}
-        pairs = [{"task": it["task"], "item_id": it["id"], "input": it["input"], "frequency": it["frequency"],
-                  "s_x": sx, "s_y": sy} for it in items for sx, sy in candidate_pairs(it, cfg.n)]
-        sims = alignment_scores([(p["s_x"], p["s_y"]) for p in pairs], cfg.embedder_path, cfg.batch_size) \
-            if cfg.align and pairs else np.ones(len(pairs))
-        kept = [{**p, "similarity": float(s)} for p, s in zip(pairs, sims)
-                if not cfg.align or s >= threshold(cfg, specs[p["task"]])]
-        chunks = _chunks_by_item(kept, cfg.items_per_chunk)
-        counted = map_shards("memorization", store, refs["pairs"], count_chunk,
-                             [(index_ref, tokenizer_ref, c) for c in chunks], address,
-                             max_diff_tokens=cfg.max_diff_tokens, max_clause_freq=cfg.max_clause_freq)
-        store.commit(refs["pairs"], {**record, "candidate_pairs": len(pairs), "aligned_pairs": len(kept)},
-                     expected_shards=len(chunks))
-        base = item_scores(store.read_table(refs["pairs"]).to_pylist()) if chunks else []
-        rows = []
-        for label, folder in models.items():
-            for r, lp in zip(base, lm_logprobs(folder, base, cfg.batch_size)):
-                rows.append({**r, "model": label, "parameters": params[label], "log_p_lm": lp})
-        store.write_shard(refs["items"], 0, pa.Table.from_pylist(rows))
-        store.commit(refs["items"], record, expected_shards=1)
-        counts = rule_counts(items, pairs, kept)
-        scores = [{**s, **counts.get(s["task"], {})} for s in score_table(rows, cfg)]
-        store.write_shard(refs["scores"], 0, pa.Table.from_pylist(scores))
-        images = plots(scores, rows) if rows else {}
-        for name, data in images.items():
-            store.write_file(refs["scores"], name, data)
-        store.commit(refs["scores"], {**record, "items": len(items), "rejected": len(rejects),
-                                      "aligned_pairs": len(kept), "seconds": counted.seconds,
-                                      "skipped_shards": counted.skipped, "plots": sorted(images),
-                                      "report_columns": REPORT_COLUMNS},
-                     expected_shards=1)
-        for s in scores:
-            log.info("memorization %s/%s: spearman %s over %d co-occurring item targets, %s over all %d",
-                     s["model"], s["task"], s.get("spearman"), s["n_cooccurring"], s.get("spearman_all"), s["n_all"])
-    return refs
+    store, cfg, log = run.store, run.cfg, run.log
+    index_ref, tokenizer_ref = run.inputs["index"], run.inputs["tokenizer"]
+    index = store.manifest(index_ref)
+    with store.local_dir(tokenizer_ref) as folder:
+        vocab = len(AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
+    if vocab != index["vocab_size"]:
+        raise VocabMismatchError(f"memorization: tokenizer {tokenizer_ref} has {vocab} tokens but index "
+                                 f"{index_ref} was built with {index['vocab_size']}")
+    for warning in threshold_warnings(cfg):
+        log.warning(warning)
+    models = resolve_models(store, run.args["models"])
+    params = {m: _parameters(AutoConfig.from_pretrained(d, local_files_only=True)) for m, d in models.items()}
+    items, rejects = task_items(run)
+    store.write_shard(run.ref("rejects"), 0, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
+    run.commit("rejects", expected_shards=1)
+    if not items:
+        raise ValueError(f"memorization: no usable task items ({len(rejects)} rejected); see {run.ref('rejects')}")
+    specs = {s.name: s for s in cfg.tasks}
+    pairs = [{"task": it["task"], "item_id": it["id"], "input": it["input"], "frequency": it["frequency"],
+              "s_x": sx, "s_y": sy} for it in items for sx, sy in candidate_pairs(it, cfg.n)]
+    sims = alignment_scores([(p["s_x"], p["s_y"]) for p in pairs], cfg.embedder_path, cfg.batch_size) \
+        if cfg.align and pairs else np.ones(len(pairs))
+    kept = [{**p, "similarity": float(s)} for p, s in zip(pairs, sims)
+            if not cfg.align or s >= threshold(cfg, specs[p["task"]])]
+    chunks = _chunks_by_item(kept, cfg.items_per_chunk)
+    counted = map_shards("memorization", store, run.ref("pairs"), count_chunk,
+                         [(index_ref, tokenizer_ref, c) for c in chunks], run.address,
+                         max_diff_tokens=cfg.max_diff_tokens, max_clause_freq=cfg.max_clause_freq)
+    run.commit("pairs", {"candidate_pairs": len(pairs), "aligned_pairs": len(kept)}, expected_shards=len(chunks))
+    base = item_scores(store.read_table(run.ref("pairs")).to_pylist()) if chunks else []
+    rows = []
+    for label, folder in models.items():
+        for r, lp in zip(base, lm_logprobs(folder, base, cfg.batch_size)):
+            rows.append({**r, "model": label, "parameters": params[label], "log_p_lm": lp})
+    store.write_shard(run.ref("items"), 0, pa.Table.from_pylist(rows))
+    run.commit("items", expected_shards=1)
+    counts = rule_counts(items, pairs, kept)
+    scores = [{**s, **counts.get(s["task"], {})} for s in score_table(rows, cfg)]
+    store.write_shard(run.ref("scores"), 0, pa.Table.from_pylist(scores))
+    images = plots(scores, rows) if rows else {}
+    for name, data in images.items():
+        store.write_file(run.ref("scores"), name, data)
+    run.commit("scores", {"items": len(items), "rejected": len(rejects), "aligned_pairs": len(kept),
+                          "seconds": counted.seconds, "skipped_shards": counted.skipped, "plots": sorted(images),
+                          "report_columns": REPORT_COLUMNS}, expected_shards=1)
+    for s in scores:
+        log.info("memorization %s/%s: spearman %s over %d co-occurring item targets, %s over all %d",
+                 s["model"], s["task"], s.get("spearman"), s["n_cooccurring"], s.get("spearman_all"), s["n_all"])
 
 
 def _parameters(config) -> int:
@@ -469,4 +328,9 @@ def _chunks_by_item(pairs: list[dict], items_per_chunk: int) -> list[list[dict]]
     return chunks + ([current] if current else [])
 
 
-memorization_task = stage_task(run_memorization, "memorization")
+
+
+STAGE = Stage("memorization", MemorizationConfig,
+              {"scores": "memorization_scores", "items": "memorization_items", "pairs": "memorization_pairs",
+               "rejects": "memorization_rejects"}, run_memorization, needs=memorization_needs,
+              external=user_inputs, description="task-gram pairs, corpus counts, distributional memorization")

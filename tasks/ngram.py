@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tracecore.configs.schema import NgramConfig
-from tracecore.storage.lineage import code_version, lineage
 from tracecore.storage.store import FILES_DIR, ArtifactStore
-from tracecore.tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
+from tracecore.tasks.common import map_shards
+from tracecore.tasks.stage import Stage, StageRun
 
 
 class EmptyCorpusError(ValueError):
@@ -41,14 +41,6 @@ class EmptyCorpusError(ValueError):
 
 class VocabMismatchError(ValueError):
     pass
-
-
-def plan_ngram(cfg: NgramConfig, tokens_ref: str, tokenizer_ref: str) -> dict[str, str]:
-    index = plan_ref("ngram_index", "ngram", cfg.fingerprint(), {"tokens": tokens_ref, "tokenizer": tokenizer_ref},
-                     __name__)
-    fp = index.split("/")[1]
-    return {"index": index, "counts_map": f"ngram_map/{fp}", "counts": f"ngram_counts/{fp}",
-            "topk": f"ngram_topk/{fp}"}
 
 
 KEY_WORDS = 2  # 64-bit words per packed n-gram key
@@ -284,46 +276,41 @@ def top_k_table(store: ArtifactStore, counts_ref: str, buckets: int, k: int, tok
     return pa.Table.from_pylist(rows)
 
 
-def run_ngram(store_uri: str, cfg: NgramConfig, tokens_ref: str, tokenizer_ref: str, refs: dict[str, str],
-              address: str | None = None) -> dict[str, str]:
+def run_ngram(run: StageRun) -> None:
     from transformers import AutoTokenizer
 
-    store, log = ArtifactStore(store_uri), get_logger()
-    with store.lock(refs["index"]):
-        if already_committed(store, "ngram", refs["topk"]):
-            return refs
-        with store.local_dir(tokenizer_ref) as folder:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        bits = check_inputs(store, cfg, tokens_ref, len(tokenizer))
-        record = lineage("ngram", cfg.fingerprint(), {"tokens": tokens_ref, "tokenizer": tokenizer_ref},
-                         code_version(__name__))
-        n_shards = store.manifest(tokens_ref)["shards"]
-        groups = group_shards(n_shards, cfg.shard_groups)
-        index = map_shards("ngram-index", store, refs["index"], build_index_group,
-                           [(tokens_ref, tokenizer_ref, g, len(tokenizer)) for g in groups], address,
-                           mem_gib=cfg.index_mem_gib, cpus=cfg.index_cpus)
-        index_tokens = index.sum_computed("tokens")
-        store.commit(refs["index"], {**record, "tokenizer": tokenizer_ref, "vocab_size": len(tokenizer),
-                                     "eos_token_id": tokenizer.eos_token_id, "token_dtype": token_dtype(bits),
-                                     "tokens": sum(m["tokens"] for m in index.markers),
-                                     "documents": sum(m["documents"] for m in index.markers),
-                                     "seconds": index.seconds, "skipped_shards": index.skipped,
-                                     "tokens_per_second": round(index_tokens / index.seconds, 1) if index.computed else None},
-                     expected_shards=len(groups))
-        mapped = map_shards("ngram-map", store, refs["counts_map"], count_partition, [tokens_ref] * n_shards,
-                            address, max_n=cfg.max_n, buckets=cfg.buckets)
-        store.commit(refs["counts_map"], record, expected_shards=n_shards)
-        reduced = map_shards("ngram-reduce", store, refs["counts"], reduce_bucket,
-                             [(refs["counts_map"], n_shards, bits)] * cfg.buckets, address)
-        store.commit(refs["counts"], {**record, "max_n": cfg.max_n, "buckets": cfg.buckets,
-                                      "seconds": mapped.seconds + reduced.seconds,
-                                      "skipped_shards": mapped.skipped + reduced.skipped},
-                     expected_shards=cfg.buckets)
-        store.write_shard(refs["topk"], 0, top_k_table(store, refs["counts"], cfg.buckets, cfg.top_k, tokenizer))
-        store.commit(refs["topk"], {**record, "top_k": cfg.top_k}, expected_shards=1)
-        log.info("ngram: index of %d tokens in %d groups; exact table n<=%d in %d buckets", index_tokens,
-                 len(groups), cfg.max_n, cfg.buckets)
-    return refs
+    store, cfg, log = run.store, run.cfg, run.log
+    tokens_ref, tokenizer_ref = run.inputs["tokens"], run.inputs["tokenizer"]
+    with store.local_dir(tokenizer_ref) as folder:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    bits = check_inputs(store, cfg, tokens_ref, len(tokenizer))
+    n_shards = store.manifest(tokens_ref)["shards"]
+    groups = group_shards(n_shards, cfg.shard_groups)
+    index = map_shards("ngram-index", store, run.ref("index"), build_index_group,
+                       [(tokens_ref, tokenizer_ref, g, len(tokenizer)) for g in groups], run.address,
+                       mem_gib=cfg.index_mem_gib, cpus=cfg.index_cpus)
+    index_tokens = index.sum_computed("tokens")
+    run.commit("index", {"tokenizer": tokenizer_ref, "vocab_size": len(tokenizer),
+                         "eos_token_id": tokenizer.eos_token_id, "token_dtype": token_dtype(bits),
+                         "tokens": sum(m["tokens"] for m in index.markers),
+                         "documents": sum(m["documents"] for m in index.markers),
+                         "seconds": index.seconds, "skipped_shards": index.skipped,
+                         "tokens_per_second": round(index_tokens / index.seconds, 1) if index.computed else None},
+               expected_shards=len(groups))
+    mapped = map_shards("ngram-map", store, run.ref("counts_map"), count_partition, [tokens_ref] * n_shards,
+                        run.address, max_n=cfg.max_n, buckets=cfg.buckets)
+    run.commit("counts_map", expected_shards=n_shards)
+    reduced = map_shards("ngram-reduce", store, run.ref("counts"), reduce_bucket,
+                         [(run.ref("counts_map"), n_shards, bits)] * cfg.buckets, run.address)
+    run.commit("counts", {"max_n": cfg.max_n, "buckets": cfg.buckets, "seconds": mapped.seconds + reduced.seconds,
+                          "skipped_shards": mapped.skipped + reduced.skipped}, expected_shards=cfg.buckets)
+    store.write_shard(run.ref("topk"), 0, top_k_table(store, run.ref("counts"), cfg.buckets, cfg.top_k, tokenizer))
+    run.commit("topk", {"top_k": cfg.top_k}, expected_shards=1)
+    log.info("ngram: index of %d tokens in %d groups; exact table n<=%d in %d buckets", index_tokens,
+             len(groups), cfg.max_n, cfg.buckets)
 
 
-ngram_task = stage_task(run_ngram, "ngram")
+STAGE = Stage("ngram", NgramConfig, {"topk": "ngram_topk", "index": "ngram_index", "counts_map": "ngram_map",
+                                     "counts": "ngram_counts"}, run_ngram,
+              needs={"tokens": "tokenize.tokens", "tokenizer": "tokenize.tokenizer"},
+              description="infini-gram index + exact n-gram tables over the token shards")

@@ -15,21 +15,32 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import PretrainConfig
-from tracecore.storage.lineage import code_version, lineage
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import Progress, already_committed, get_logger, plan_ref, stage_task
+from tracecore.tasks.common import Progress
+from tracecore.tasks.models import resolve_device
+from tracecore.tasks.stage import Stage, StageRun
 
 
 class ModelPathError(ValueError):
     pass
 
 
-def plan_pretrain(cfg: PretrainConfig, tokens_ref: str, tokenizer_ref: str) -> dict[str, str]:
+def pretrain_needs(pipeline_cfg) -> dict[str, str]:
+    """A user's model reads no token shards; the bootstrap model trains on them."""
+    tokens = {} if pipeline_cfg.pretrain.model_path else {"tokens": "tokenize.tokens"}
+    return {**tokens, "tokenizer": "tokenize.tokenizer"}
 
-    inputs = {"tokens": tokens_ref, "tokenizer": tokenizer_ref}
-    if cfg.model_path:
-        inputs = {"model_path": str(Path(cfg.model_path).resolve()), "tokenizer": tokenizer_ref}
-    return {"model": plan_ref("model", "pretrain", cfg.fingerprint(), inputs, __name__)}
+
+def user_model(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """A user's model folder is an input: its path and its files' identity (size, mtime) are fingerprinted."""
+    from tracecore.storage.fs import input_fingerprint
+
+    path = pipeline_cfg.pretrain.model_path
+    if not path:
+        return {}, {}
+    folder = Path(path).resolve()
+    files = sorted(str(f) for f in folder.glob("*") if f.is_file()) if folder.is_dir() else []
+    return {"model_path": str(folder), "model_files": input_fingerprint(files)}, {}
 
 
 def token_stream(store: ArtifactStore, tokens_ref: str, separator: list[int]) -> np.ndarray:
@@ -110,9 +121,11 @@ def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log
     return curve
 
 
-def register_user_model(store: ArtifactStore, cfg: PretrainConfig, tokenizer_ref: str, ref: str, record: dict) -> None:
+def register_user_model(run: StageRun) -> None:
+    """Record the user's model folder by path (not copied); later stages load it from there."""
     from transformers import AutoConfig
 
+    cfg = run.cfg
     folder = Path(cfg.model_path)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ModelPathError(f"pretrain.model_path: {cfg.model_path!r} is not a Hugging Face model folder "
@@ -121,58 +134,43 @@ def register_user_model(store: ArtifactStore, cfg: PretrainConfig, tokenizer_ref
         raise ModelPathError(f"pretrain.model_path: {cfg.model_path!r} has no *.safetensors weights "
                              "(pickled .bin weights are refused)")
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    store.commit(ref, {**record, "external_path": str(folder.resolve()), "model_type": config.model_type})
+    run.commit("model", {"external_path": str(folder.resolve()), "model_type": config.model_type})
 
 
-def run_pretrain(store_uri: str, cfg: PretrainConfig, tokens_ref: str, tokenizer_ref: str, refs: dict[str, str],
-                 address: str | None = None) -> dict[str, str]:
+def run_pretrain(run: StageRun) -> None:
     import torch
-    from tracecore.tasks.gradients import resolve_device
     from transformers import AutoTokenizer
 
-    store, log, ref = ArtifactStore(store_uri), get_logger(), refs["model"]
-    with store.lock(ref):
-        if already_committed(store, "pretrain", ref):
-            return refs
-        record = lineage("pretrain", cfg.fingerprint(), {"tokens": tokens_ref, "tokenizer": tokenizer_ref},
-                         code_version(__name__))
-        if cfg.model_path:
-            register_user_model(store, cfg, tokenizer_ref, ref, record)
-            return refs
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        device = resolve_device(cfg.device)
-        with store.local_dir(tokenizer_ref) as tok_dir:
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
-        train_blocks, eval_blocks = split_blocks(token_stream(store, tokens_ref, [tokenizer.eos_token_id]),
-                                                 cfg.seq_len, cfg.eval_fraction)
-        model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id).to(device)
-        if cfg.dtype == "bfloat16":
-            model = model.to(torch.bfloat16)
-        initial = eval_loss(model, eval_blocks, cfg.batch_size, device)
-        curve = train(model, train_blocks, cfg, device, log)
-        final = eval_loss(model, eval_blocks, cfg.batch_size, device)
-        with tempfile.TemporaryDirectory(prefix="tracecore-model-") as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            store.put_dir(ref, tmp)
-        store.write_shard(ref, 0, pa.Table.from_pylist(curve))
-        seconds = curve[-1]["seconds"]
-        stats = {"parameters": sum(p.numel() for p in model.parameters()), "steps": len(curve),
-                 "train_tokens": curve[-1]["tokens"], "tokens_per_second": round(curve[-1]["tokens"] / seconds, 1),
-                 "eval_loss_initial": round(initial, 4), "eval_loss": round(final, 4),
-                 "eval_perplexity": round(math.exp(min(final, 50)), 3), "seconds": round(seconds, 2), "device": device}
-        store.commit(ref, {**record, **stats}, expected_shards=1)
-        log.info("pretrain: %d params, eval loss %.3f -> %.3f in %.0fs", stats["parameters"], initial, final, seconds)
-    return refs
+    store, cfg, log = run.store, run.cfg, run.log
+    if cfg.model_path:
+        register_user_model(run)
+        return
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    with store.local_dir(run.inputs["tokenizer"]) as tok_dir:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
+    train_blocks, eval_blocks = split_blocks(token_stream(store, run.inputs["tokens"], [tokenizer.eos_token_id]),
+                                             cfg.seq_len, cfg.eval_fraction)
+    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id).to(device)
+    if cfg.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    initial = eval_loss(model, eval_blocks, cfg.batch_size, device)
+    curve = train(model, train_blocks, cfg, device, log)
+    final = eval_loss(model, eval_blocks, cfg.batch_size, device)
+    with tempfile.TemporaryDirectory(prefix="tracecore-model-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        store.put_dir(run.ref("model"), tmp)
+    store.write_shard(run.ref("model"), 0, pa.Table.from_pylist(curve))
+    seconds = curve[-1]["seconds"]
+    stats = {"parameters": sum(p.numel() for p in model.parameters()), "steps": len(curve),
+             "train_tokens": curve[-1]["tokens"], "tokens_per_second": round(curve[-1]["tokens"] / seconds, 1),
+             "eval_loss_initial": round(initial, 4), "eval_loss": round(final, 4),
+             "eval_perplexity": round(math.exp(min(final, 50)), 3), "seconds": round(seconds, 2), "device": device}
+    run.commit("model", stats, expected_shards=1)
+    log.info("pretrain: %d params, eval loss %.3f -> %.3f in %.0fs", stats["parameters"], initial, final, seconds)
 
 
-def model_dir(store: ArtifactStore, model_ref: str):
-    """Context manager yielding a local HF folder for a model artifact (trained here or registered by path)."""
-    import contextlib
-
-    external = store.manifest(model_ref).get("external_path")
-    return contextlib.nullcontext(external) if external else store.local_dir(model_ref)
-
-
-pretrain_task = stage_task(run_pretrain, "pretrain")
+STAGE = Stage("pretrain", PretrainConfig, {"model": "model"}, run_pretrain, needs=pretrain_needs,
+              external=user_model, description="the bootstrap tiny Llama, or the user's model by path")

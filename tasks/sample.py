@@ -19,9 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tracecore.configs.schema import SampleConfig
-from tracecore.storage.lineage import code_version, lineage
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import get_logger, instruction_key, plan_ref, stage_task
+from tracecore.tasks.common import instruction_key
+from tracecore.tasks.stage import Stage, StageRun
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "so", "ta", "vel", "dor", "an", "is", "um", "qua", "zel", "bri",
              "no", "pa", "ther", "gal", "fi", "ou", "rak", "sen", "wy", "mor"]
@@ -66,7 +66,7 @@ AXES = {
 FACTUAL = ["Prefer factually correct answers.", "Correct facts matter most.", "Please make sure the answer is correct."]
 
 
-def _word(rng: random.Random, syllables: int) -> str:
+def word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(syllables))
 
 
@@ -78,10 +78,10 @@ def zipf_frequencies(n: int, top: int, rng: random.Random) -> list[int]:
 
 
 def build_knowledge_base(cfg: SampleConfig, rng: random.Random) -> tuple[list[dict], dict[str, str]]:
-    cities = sorted({_word(rng, 2).capitalize() for _ in range(60)})
+    cities = sorted({word(rng, 2).capitalize() for _ in range(60)})
     names = set()
     while len(names) < cfg.n_entities:
-        names.add(f"{_word(rng, 2).capitalize()} {_word(rng, 3).capitalize()}")
+        names.add(f"{word(rng, 2).capitalize()} {word(rng, 3).capitalize()}")
     facts = []
     for name in sorted(names):
         values = {"city": rng.choice(cities), "occupation": rng.choice(OCCUPATIONS),
@@ -92,7 +92,7 @@ def build_knowledge_base(cfg: SampleConfig, rng: random.Random) -> tuple[list[di
     english = sorted(set(ADJECTIVES + NOUNS + VERBS + PLACES + ["the", "a", "near"]))
     zelan, used = {}, set()
     for w in english:
-        while (z := _word(rng, rng.randint(1, 3))) in used:
+        while (z := word(rng, rng.randint(1, 3))) in used:
             pass
         used.add(z)
         zelan[w] = z
@@ -138,7 +138,7 @@ def build_corpus(cfg: SampleConfig, facts: list[dict], phrases: list[dict], rng:
 def repeated_list_document(rng: random.Random) -> str:
     """A random list of made-up words and numbers, then the same list again. Only copying from context
     predicts the second half, which is what makes induction heads form (Olsson et al., 2022)."""
-    items = [_word(rng, rng.randint(1, 3)).capitalize() if rng.random() < 0.5 else str(rng.randint(0, 99_999))
+    items = [word(rng, rng.randint(1, 3)).capitalize() if rng.random() < 0.5 else str(rng.randint(0, 99_999))
              for _ in range(rng.randint(4, 12))]
     return f"List: {' '.join(items)}. Again: {' '.join(items)}."
 
@@ -295,7 +295,7 @@ def build_haystacks(cfg: SampleConfig, rng: random.Random) -> list[dict]:
     rows = []
     for i in range(cfg.haystacks):
         sentences = [filler_sentence(rng) for _ in range(cfg.haystack_sentences)]
-        key, secret = _word(rng, 3).capitalize(), str(rng.randint(10_000, 99_999))
+        key, secret = word(rng, 3).capitalize(), str(rng.randint(10_000, 99_999))
         depth = depths[i % len(depths)]
         sentences.insert(round(depth * len(sentences)), f"The secret passkey of {key} is {secret}.")
         rows.append({"id": f"hay-{i:04d}", "context": " ".join(sentences), "question":
@@ -342,30 +342,25 @@ def write_sample(cfg: SampleConfig, out_dir: str | Path) -> dict[str, int]:
             "haystacks": len(haystacks), **{f"tasks_{k}": len(v) for k, v in tasks.items()}}
 
 
-def plan_sample(cfg: SampleConfig) -> dict[str, str]:
-
-    return {"sample": plan_ref("sample", "sample", cfg.fingerprint(), {}, __name__)}
-
-
-def run_sample(store_uri: str, cfg: SampleConfig, refs: dict[str, str], address: str | None = None) -> dict[str, str]:
+def run_sample(run: StageRun) -> None:
     """Generate the sample world into the store (the `sample` artifact's files)."""
     import tempfile
 
-
-    store, ref = ArtifactStore(store_uri), refs["sample"]
-    with store.lock(ref):
-        if not store.is_committed(ref):
-            with tempfile.TemporaryDirectory(prefix="tracecore-sample-") as tmp:
-                counts = write_sample(cfg, tmp)
-                store.put_dir(ref, tmp)
-            store.commit(ref, lineage("sample", cfg.fingerprint(), {}, code_version(__name__), counts=counts))
-            get_logger().info("sample world written to %s: %s", store.display_path(ref), counts)
-    return refs
+    with tempfile.TemporaryDirectory(prefix="tracecore-sample-") as tmp:
+        counts = write_sample(run.cfg, tmp)
+        run.store.put_dir(run.ref("sample"), tmp)
+    run.commit("sample", {"counts": counts})
+    run.log.info("sample world written to %s: %s", run.store.display_path(run.ref("sample")), counts)
 
 
 def sample_corpus_glob(store_uri: str, sample_ref: str) -> str:
-
     return f"{ArtifactStore(store_uri).files_path(sample_ref)}/corpus/*.jsonl.gz"
 
 
-sample_task = stage_task(run_sample, "sample")
+def sample_file(store: ArtifactStore, sample_ref: str, relpath: str) -> str:
+    """A file of the committed sample world (instructions, preference pairs, tasks, haystacks)."""
+    return f"{store.files_path(sample_ref)}/{relpath}"
+
+
+STAGE = Stage("sample", SampleConfig, {"sample": "sample"}, run_sample,
+              description="the embedded sample world: corpus, facts, tasks, instructions, preferences")

@@ -23,32 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tracecore.configs.schema import SelectConfig
-from tracecore.storage.lineage import code_version, lineage
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import (
-    already_committed,
-    figure_png,
-    get_logger,
-    map_shards,
-    plan_ref,
-    stage_task,
-    subplots,
-)
+from tracecore.tasks.common import figure_png, map_shards, subplots
+from tracecore.tasks.instructions import load_pool, pool_inputs, pool_needs
+from tracecore.tasks.stage import Stage, StageRun
 
 # `draw`: which random draw a baseline row belongs to (one per fine-tuning seed, modulo baseline_draws);
 # TAGCOS rows are deterministic and all carry draw 0
 CORESET_SCHEMA = pa.schema([("record_id", pa.string()), ("cluster", pa.int32()), ("omp_weight", pa.float64()),
                             ("rank", pa.int32()), ("draw", pa.int32())])
-
-
-def plan_select(cfg: SelectConfig, features_ref: str) -> dict[str, str]:
-    coreset = plan_ref("coreset", "select", cfg.fingerprint(), {"features": features_ref}, __name__)
-    fp = coreset.split("/")[1]
-    # `selection`: the per-cluster shards (TAGCOS + cluster-random rows), listed so `tracecore status`
-    # shows the clusters a killed run already finished.
-    return {"coreset": coreset, "clusters": f"clusters/{fp}", "random": f"coreset_random/{fp}",
-            "cluster_random": f"coreset_cluster_random/{fp}", "selection": f"selection/{fp}",
-            "families": f"coreset_families/{fp}"}
 
 
 def ridge_fit(A: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
@@ -185,61 +168,60 @@ def cluster_size_png(sizes: list[int], budgets: list[int]) -> bytes:
     return figure_png(fig)
 
 
-def run_select(store_uri: str, cfg: SelectConfig, features_ref: str, pool_path: str, refs: dict[str, str],
-               address: str | None = None) -> dict[str, str]:
-    from tracecore.tasks.gradients import load_pool, read_features
+def run_select(run: StageRun) -> None:
+    from tracecore.tasks.gradients import read_features
 
-    store, log = ArtifactStore(store_uri), get_logger()
-    with store.lock(refs["coreset"]):
-        if already_committed(store, "select", refs["coreset"]):
-            return refs
-        record = lineage("select", cfg.fingerprint(), {"features": features_ref}, code_version(__name__))
-        ids, X = read_features(store, features_ref)
-        bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
-        if len(bad):
-            raise ValueError(f"select: {len(bad)} feature rows of {features_ref} are not finite "
-                             f"(records {[ids[i] for i in bad[:5]]}...); recompute the gradients stage")
-        labels, centroids = cluster_features(X, cfg)
-        items = []
-        for c in range(len(centroids)):
-            members = np.flatnonzero(labels == c)
-            items.append(([ids[i] for i in members], X[members], centroids[c], int(cfg.rate * len(members))))
-        work = refs["selection"]
-        report = map_shards("select", store, work, select_cluster, items, address, lam=cfg.omp_lambda,
-                            tol=cfg.omp_tolerance, seed=cfg.seed, draws=cfg.baseline_draws)
-        store.commit(work, record, expected_shards=len(items))
-        both = store.read_table(work)
-        tagcos = both.filter(pc.invert(both["baseline"])).drop_columns(["baseline"])
-        cluster_random = both.filter(both["baseline"]).drop_columns(["baseline"])
-        random = random_draws(ids, labels, tagcos.num_rows, cfg.seed, cfg.baseline_draws)
-        pool, _ = load_pool(pool_path)
-        markers = report.markers
-        selections = {name: t.column("record_id").to_pylist()
-                      for name, t in (("pool", pa.table({"record_id": ids})), ("tagcos", tagcos),
-                                      ("cluster_random", cluster_random), ("random", random))}
-        rates = {name: flag_rates(pool, chosen) for name, chosen in selections.items()}
-        clusters = pa.Table.from_pylist([{"cluster": m["shard"], "size": m["size"], "budget": m["budget"],
-                                          "centroid_norm": m["centroid_norm"], "residual_tagcos": m["residual_tagcos"],
-                                          "residual_cluster_random": m["residual_cluster_random"]} for m in markers])
-        stats = {"records": len(ids), "clusters_k": len(items), "selected": tagcos.num_rows, "rates": rates,
-                 "mean_residual_tagcos": float(np.mean([m["residual_tagcos"] for m in markers])),
-                 "mean_residual_cluster_random": float(np.mean([m["residual_cluster_random"] for m in markers])),
-                 "seconds": report.seconds, "skipped_shards": report.skipped}
-        for name, table in (("random", random), ("cluster_random", cluster_random), ("clusters", clusters)):
-            store.write_shard(refs[name], 0, table)
-            store.commit(refs[name], {**record, **stats}, expected_shards=1)
-        store.write_shard(refs["families"], 0, pa.Table.from_pylist(family_coverage(pool, selections)))
-        store.commit(refs["families"], {**record, "report_columns": FAMILY_COLUMNS}, expected_shards=1)
-        store.write_file(refs["coreset"], "plots/cluster_sizes.png",
-                         cluster_size_png(clusters["size"].to_pylist(), clusters["budget"].to_pylist()))
-        store.write_file(refs["coreset"], "rates.json", json.dumps(rates, indent=2).encode())
-        store.write_shard(refs["coreset"], 0, tagcos)
-        store.commit(refs["coreset"], {**record, **stats, "plots": ["plots/cluster_sizes.png"]}, expected_shards=1)
-        log.info("select: %d of %d records in %d clusters; residual TAGCOS %.3f vs cluster-random %.3f; "
-                 "low-quality rate %.3f (pool %.3f)", tagcos.num_rows, len(ids), len(items),
-                 stats["mean_residual_tagcos"], stats["mean_residual_cluster_random"],
-                 rates["tagcos"]["low_quality_rate"], rates["pool"]["low_quality_rate"])
-    return refs
+    store, cfg, log, address, features_ref = run.store, run.cfg, run.log, run.address, run.inputs["features"]
+    refs = run.plan.refs
+    ids, X = read_features(store, features_ref)
+    bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+    if len(bad):
+        raise ValueError(f"select: {len(bad)} feature rows of {features_ref} are not finite "
+                         f"(records {[ids[i] for i in bad[:5]]}...); recompute the gradients stage")
+    labels, centroids = cluster_features(X, cfg)
+    items = []
+    for c in range(len(centroids)):
+        members = np.flatnonzero(labels == c)
+        items.append(([ids[i] for i in members], X[members], centroids[c], int(cfg.rate * len(members))))
+    work = refs["selection"]
+    report = map_shards("select", store, work, select_cluster, items, address, lam=cfg.omp_lambda,
+                        tol=cfg.omp_tolerance, seed=cfg.seed, draws=cfg.baseline_draws)
+    run.commit("selection", expected_shards=len(items))
+    both = store.read_table(work)
+    tagcos = both.filter(pc.invert(both["baseline"])).drop_columns(["baseline"])
+    cluster_random = both.filter(both["baseline"]).drop_columns(["baseline"])
+    random = random_draws(ids, labels, tagcos.num_rows, cfg.seed, cfg.baseline_draws)
+    pool, _ = load_pool(run.args["pool_path"])
+    markers = report.markers
+    selections = {name: t.column("record_id").to_pylist()
+                  for name, t in (("pool", pa.table({"record_id": ids})), ("tagcos", tagcos),
+                                  ("cluster_random", cluster_random), ("random", random))}
+    rates = {name: flag_rates(pool, chosen) for name, chosen in selections.items()}
+    clusters = pa.Table.from_pylist([{"cluster": m["shard"], "size": m["size"], "budget": m["budget"],
+                                      "centroid_norm": m["centroid_norm"], "residual_tagcos": m["residual_tagcos"],
+                                      "residual_cluster_random": m["residual_cluster_random"]} for m in markers])
+    stats = {"records": len(ids), "clusters_k": len(items), "selected": tagcos.num_rows, "rates": rates,
+             "mean_residual_tagcos": float(np.mean([m["residual_tagcos"] for m in markers])),
+             "mean_residual_cluster_random": float(np.mean([m["residual_cluster_random"] for m in markers])),
+             "seconds": report.seconds, "skipped_shards": report.skipped}
+    for name, table in (("random", random), ("cluster_random", cluster_random), ("clusters", clusters)):
+        store.write_shard(refs[name], 0, table)
+        run.commit(name, stats, expected_shards=1)
+    store.write_shard(refs["families"], 0, pa.Table.from_pylist(family_coverage(pool, selections)))
+    run.commit("families", {"report_columns": FAMILY_COLUMNS}, expected_shards=1)
+    store.write_file(refs["coreset"], "plots/cluster_sizes.png",
+                     cluster_size_png(clusters["size"].to_pylist(), clusters["budget"].to_pylist()))
+    store.write_file(refs["coreset"], "rates.json", json.dumps(rates, indent=2).encode())
+    store.write_shard(refs["coreset"], 0, tagcos)
+    run.commit("coreset", {**stats, "plots": ["plots/cluster_sizes.png"]}, expected_shards=1)
+    log.info("select: %d of %d records in %d clusters; residual TAGCOS %.3f vs cluster-random %.3f; "
+             "low-quality rate %.3f (pool %.3f)", tagcos.num_rows, len(ids), len(items),
+             stats["mean_residual_tagcos"], stats["mean_residual_cluster_random"],
+             rates["tagcos"]["low_quality_rate"], rates["pool"]["low_quality_rate"])
 
 
-select_task = stage_task(run_select, "select")
+STAGE = Stage("select", SelectConfig, {"coreset": "coreset", "clusters": "clusters", "random": "coreset_random",
+                                       "cluster_random": "coreset_cluster_random", "selection": "selection",
+                                       "families": "coreset_families"}, run_select,
+              needs=lambda c: {"features": "gradients.features", **pool_needs(c)}, external=pool_inputs,
+              description="TAGCOS coreset: K-means + per-cluster OMP, and the random baselines")

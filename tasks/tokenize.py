@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pyarrow as pa
 from tracecore.configs.schema import TokenizeConfig
-from tracecore.storage.lineage import code_version, lineage
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import already_committed, get_logger, map_shards, plan_ref, stage_task
+from tracecore.tasks.common import map_shards
+from tracecore.tasks.stage import Stage, StageRun
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -82,22 +82,26 @@ def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str], 
     return store.write_shard(ref, shard, out, tokens=n_tokens, encode_seconds=round(seconds, 4))
 
 
-def plan_tokenize(cfg: TokenizeConfig, documents_ref: str) -> dict[str, str]:
+def user_tokenizer(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """A user's tokenizer is an input: its tokenizer.json's hash is fingerprinted (and so in the lineage)."""
+    path = pipeline_cfg.tokenize.tokenizer_path
+    if not path:
+        return {}, {}
+    tokenizer_json = Path(path) / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise TokenizerError(f"tokenize.tokenizer_path: {path!r} has no tokenizer.json (a fast HF tokenizer "
+                             "folder is required)")
+    return {"user_tokenizer": hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()}, {}
 
-    inputs = {"documents": documents_ref}
-    if cfg.tokenizer_path:
-        inputs["user_tokenizer"] = hashlib.sha256((Path(cfg.tokenizer_path) / "tokenizer.json").read_bytes()).hexdigest()
-    tokenizer = plan_ref("tokenizer", "tokenize", cfg.fingerprint(), inputs, __name__)
-    return {"tokenizer": tokenizer, "tokens": f"tokens/{tokenizer.split('/')[1]}"}
 
-
-def build_tokenizer(store: ArtifactStore, cfg: TokenizeConfig, documents_ref: str, ref: str, record: dict) -> None:
+def build_tokenizer(run: StageRun) -> None:
     """Train (or copy the user's) tokenizer into the store, unless already committed."""
-    if store.is_committed(ref):
+    store, cfg, documents_ref = run.store, run.cfg, run.inputs["documents"]
+    if store.is_committed(run.ref("tokenizer")):
         return
     with tempfile.TemporaryDirectory(prefix="tracecore-tok-") as tmp:
         if cfg.tokenizer_path:
-            store.put_dir(ref, check_user_tokenizer(cfg.tokenizer_path))
+            store.put_dir(run.ref("tokenizer"), check_user_tokenizer(cfg.tokenizer_path))
         else:
             texts: list[str] = []
             for m in store.markers(documents_ref):
@@ -105,31 +109,26 @@ def build_tokenizer(store: ArtifactStore, cfg: TokenizeConfig, documents_ref: st
                 if len(texts) >= cfg.train_docs:
                     break
             train_bpe(texts[: cfg.train_docs], cfg.vocab_size, cfg.min_frequency, Path(tmp), cfg.split_digits)
-            store.put_dir(ref, tmp)
-    store.commit(ref, record)
+            store.put_dir(run.ref("tokenizer"), tmp)
+    run.commit("tokenizer")
 
 
-def run_tokenize(store_uri: str, cfg: TokenizeConfig, documents_ref: str, refs: dict[str, str],
-                 address: str | None = None) -> dict[str, str]:
-
-    store, log = ArtifactStore(store_uri), get_logger()
-    with store.lock(refs["tokens"]):
-        if already_committed(store, "tokenize", refs["tokens"]):
-            return refs
-        record = lineage("tokenize", cfg.fingerprint(), {"documents": documents_ref}, code_version(__name__))
-        build_tokenizer(store, cfg, documents_ref, refs["tokenizer"], record)
-        n_shards = store.manifest(documents_ref)["shards"]
-        report = map_shards("tokenize", store, refs["tokens"], tokenize_shard,
-                            [(documents_ref, refs["tokenizer"])] * n_shards, address, batch_size=cfg.batch_size)
-        tokens = sum(m["tokens"] for m in report.markers)
-        computed_tokens = report.sum_computed("tokens")
-        stats = {"tokens": tokens, "seconds": report.seconds, "skipped_shards": report.skipped,
-                 "tokens_per_second": round(computed_tokens / report.seconds, 1) if report.computed else None,
-                 "tokenizer": refs["tokenizer"]}
-        store.commit(refs["tokens"], {**record, **stats}, expected_shards=n_shards)
-        log.info("tokenize: %d tokens in %d shards (%d skipped), %s tokens/s", tokens, n_shards, report.skipped,
+def run_tokenize(run: StageRun) -> None:
+    store, documents_ref = run.store, run.inputs["documents"]
+    build_tokenizer(run)
+    n_shards = store.manifest(documents_ref)["shards"]
+    report = map_shards("tokenize", store, run.ref("tokens"), tokenize_shard,
+                        [(documents_ref, run.ref("tokenizer"))] * n_shards, run.address, batch_size=run.cfg.batch_size)
+    tokens = sum(m["tokens"] for m in report.markers)
+    computed_tokens = report.sum_computed("tokens")
+    stats = {"tokens": tokens, "seconds": report.seconds, "skipped_shards": report.skipped,
+             "tokens_per_second": round(computed_tokens / report.seconds, 1) if report.computed else None,
+             "tokenizer": run.ref("tokenizer")}
+    run.commit("tokens", stats, expected_shards=n_shards)
+    run.log.info("tokenize: %d tokens in %d shards (%d skipped), %s tokens/s", tokens, n_shards, report.skipped,
                  stats["tokens_per_second"])
-    return refs
 
 
-tokenize_task = stage_task(run_tokenize, "tokenize")
+STAGE = Stage("tokenize", TokenizeConfig, {"tokens": "tokens", "tokenizer": "tokenizer"}, run_tokenize,
+              needs={"documents": "ingest.documents"}, external=user_tokenizer,
+              description="train (or load) a tokenizer and write token shards")

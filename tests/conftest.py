@@ -42,7 +42,7 @@ def prefect_harness():
 @pytest.fixture
 def test_config(tmp_path):
     """The reduced profile with a fresh store and in-process (threaded) Dask."""
-    from tracecore.configs.schema import load_config
+    from tracecore.tasks.registry import load_config
 
     def make(*overrides: str, store: Path | None = None):
         return load_config(str(TEST_PROFILE), list(overrides), store=str(store or tmp_path / "store"))
@@ -74,8 +74,8 @@ def reduced_sets() -> list[str]:
 @pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
     """The reduced sample world through pretrain (a tiny Llama), shared by the stage tests."""
-    from tracecore.configs.schema import load_config
     from tracecore.flows.pipeline import execute_stage
+    from tracecore.tasks.registry import load_config
 
     store = str(tmp_path_factory.mktemp("pretrained") / "store")
     cfg = load_config(str(TEST_PROFILE), [], store=store)

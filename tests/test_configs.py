@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from tracecore.configs.schema import ConfigError, PipelineConfig, load_config, validate_config
+from tracecore.configs.schema import ConfigError
+from tracecore.tasks.registry import PipelineConfig, load_config, validate_config
 
 
 @pytest.mark.parametrize("profile", ["tiny", "gpu", "tiny-retrieval"])

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tracecore.configs.schema import load_config
 from tracecore.flows.cli import build_parser
+from tracecore.tasks.registry import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

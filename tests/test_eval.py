@@ -102,7 +102,7 @@ def test_retrieval_curriculum_documents_are_answerable_from_context(pretrained):
     import re
 
     from tracecore.tasks.eval_longctx import curriculum_blocks, recall_document, repeated_list_document
-    from tracecore.tasks.pretrain import model_dir
+    from tracecore.tasks.models import model_dir
     from transformers import AutoTokenizer
 
     rng = random.Random(0)

@@ -11,8 +11,8 @@ from tracecore.flows.pipeline import execute_stage
 from tracecore.flows.plan import eval_split, instruction_pool
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.finetune import Resume, load_model, step_batches, train
-from tracecore.tasks.gradients import encode, load_pool
-from tracecore.tasks.pretrain import model_dir
+from tracecore.tasks.instructions import encode, load_pool
+from tracecore.tasks.models import model_dir
 
 
 @pytest.fixture(scope="module")

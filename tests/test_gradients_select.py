@@ -19,7 +19,7 @@ from tracecore.tasks.gradients import (
     read_features,
     run_gradients,
 )
-from tracecore.tasks.pretrain import model_dir
+from tracecore.tasks.models import model_dir
 from tracecore.tasks.select import omp, omp_fill, plan_select, run_select
 
 
@@ -92,7 +92,7 @@ def test_select_budgets_residuals_and_baselines(pretrained):
         assert sum(r["cluster"] == c["cluster"] for r in cluster_random) == c["budget"]
     assert "rates" in store.manifest(srefs["coreset"])
     families = store.read_table(srefs["families"]).to_pylist()  # which families each selection covers
-    from tracecore.tasks.gradients import load_pool
+    from tracecore.tasks.instructions import load_pool
 
     records = load_pool(pool)[0]
     assert {f["family"] for f in families} == {r["family"] for r in records}

@@ -11,8 +11,8 @@ import json
 import os
 
 import pytest
-from tracecore.configs.schema import load_config
 from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.registry import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 3600), pytest.mark.skipif(os.environ.get("TRACECORE_LONG") != "1",
                                                    reason="opt-in (~26 min): make test-long")]

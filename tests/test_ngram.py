@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tracecore.configs.schema import MemorizationConfig, NgramConfig, TaskSpec, load_config
+from tracecore.configs.schema import MemorizationConfig, NgramConfig, TaskSpec
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.memorization import candidate_pairs, load_task, phrase_variants, threshold, word_ngrams
 from tracecore.tasks.ngram import (
@@ -18,6 +18,7 @@ from tracecore.tasks.ngram import (
     plan_ngram,
     run_ngram,
 )
+from tracecore.tasks.registry import load_config
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ def test_pipeline_end_to_end_then_fully_cached(prefect_harness, test_config):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from tracecore.flows.pipeline import pipeline
-    from tracecore.tasks.pretrain import model_dir
+    from tracecore.tasks.models import model_dir
     from transformers import AutoModelForCausalLM
 
     cfg = test_config()
@@ -21,7 +21,7 @@ def test_pipeline_end_to_end_then_fully_cached(prefect_harness, test_config):
     first = pipeline(config=cfg.model_dump(mode="json"), run_id="run-a")
     record = json.loads(store.fs.open(f"{store.run_dir('run-a')}/run.json").read())
     assert record["state"] == "completed"
-    from tracecore.configs.schema import STAGES
+    from tracecore.tasks.registry import STAGES
 
     assert {s: i["status"] for s, i in record["stages"].items()} == dict.fromkeys(STAGES, "computed")
     report = (store.fs.open(first["report"]).read()).decode()

@@ -132,7 +132,7 @@ def test_context_lm_and_lora_reward_model_run(pretrained, tmp_path):
     """The GPU-profile options on the tiny model: LM-proposed contexts (tagged `lm` when the judge answers)
     and a LoRA reward model that trains and merges into a plain sequence-classification folder."""
     from tracecore.tasks.preference import lm_contexts, load_context_lm, load_reward_model, train_reward_model
-    from tracecore.tasks.pretrain import model_dir
+    from tracecore.tasks.models import model_dir
 
     cfg, refs = pretrained
     store = ArtifactStore(cfg.store)
@@ -182,7 +182,7 @@ def test_no_context_records_only_where_a_preference_holds_without_context():
 def test_reward_model_input_never_cuts_the_response(pretrained):
     """[context][prompt][response] over max_len: the prompt (then the context) gives way, the response stays whole."""
     from tracecore.tasks.preference import rm_ids
-    from tracecore.tasks.pretrain import model_dir
+    from tracecore.tasks.models import model_dir
     from transformers import AutoTokenizer
 
     cfg, refs = pretrained

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tracecore.configs.schema import load_config
 from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.registry import load_config
 
 FILLER = 66_000  # placeholder tokens first, so every real word has an id above 65,535
 pytestmark = pytest.mark.timeout(600)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from tracecore.configs.schema import ConfigError, load_config
-from tracecore.tasks.gradients import load_pool
+from tracecore.configs.schema import ConfigError
+from tracecore.tasks.instructions import load_pool
+from tracecore.tasks.registry import load_config
 
 BAD_INSTRUCTIONS = [  # (line, reason fragment)
     ('{"instruction": "x", "output": ', "bad JSON"),

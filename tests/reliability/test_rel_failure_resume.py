@@ -8,8 +8,8 @@ import json
 
 import pytest
 from conftest import TEST_PROFILE
-from tracecore.configs.schema import load_config
 from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.registry import load_config
 
 
 @pytest.mark.parametrize(("fault", "failed_stage"), [("tokenize:2", "tokenize"), ("after-pretrain:1", None)])

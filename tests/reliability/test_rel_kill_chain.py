@@ -15,8 +15,8 @@ import json
 
 import pytest
 from conftest import TEST_PROFILE, run_cli
-from tracecore.configs.schema import STAGES
 from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.registry import STAGES
 
 pytestmark = pytest.mark.slow
 # Sharded stages -> the name their shard loop reports to the fault hook (ngram's first loop is its index).
