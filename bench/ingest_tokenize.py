@@ -27,10 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tracecore.configs.schema import IngestConfig, SampleConfig, TokenizeConfig
-from tracecore.tasks.ingest import list_input_files, plan_ingest, run_ingest, validate_record
+from tracecore.configs.schema import IngestConfig, SampleConfig
+from tracecore.flows.pipeline import run_stages
+from tracecore.tasks.ingest import list_input_files, validate_record
+from tracecore.tasks.registry import validate_config
 from tracecore.tasks.sample import write_sample
-from tracecore.tasks.tokenize import plan_tokenize, run_tokenize, train_bpe
+from tracecore.tasks.tokenize import train_bpe
 
 
 def plain_loop(files: list[Path], tokenizer_json: Path, out_dir: Path) -> int:
@@ -55,14 +57,12 @@ def plain_loop(files: list[Path], tokenizer_json: Path, out_dir: Path) -> int:
 
 
 def tracecore_stages(files: list[str], tokenizer_dir: Path, store_uri: str, address: str) -> int:
-    ingest_cfg, tok_cfg = IngestConfig(), TokenizeConfig(tokenizer_path=str(tokenizer_dir))
-    ingest_refs = plan_ingest(ingest_cfg, files)
-    run_ingest(store_uri, ingest_cfg, files, ingest_refs, address)
-    tok_refs = plan_tokenize(tok_cfg, ingest_refs["documents"])
-    run_tokenize(store_uri, tok_cfg, ingest_refs["documents"], tok_refs, address)
+    cfg = validate_config({"store": store_uri, "ingest": {"paths": files},
+                           "tokenize": {"tokenizer_path": str(tokenizer_dir)}})
+    refs = run_stages(cfg, ["tokenize"], address)
     from tracecore.storage.store import ArtifactStore
 
-    return ArtifactStore(store_uri).manifest(tok_refs["tokens"])["tokens"]
+    return ArtifactStore(store_uri).manifest(refs["tokenize.tokens"])["tokens"]
 
 
 def timed(fn, *args) -> tuple[float, int]:

@@ -24,12 +24,12 @@ os.environ.setdefault("TRACECORE_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from tracecore.configs.schema import IngestConfig, NgramConfig, SampleConfig, TokenizeConfig
+from tracecore.configs.schema import SampleConfig
+from tracecore.flows.pipeline import run_stages
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.ingest import list_input_files, plan_ingest, run_ingest
-from tracecore.tasks.ngram import open_engine, plan_ngram, run_ngram
+from tracecore.tasks.ngram import open_engine
+from tracecore.tasks.registry import validate_config
 from tracecore.tasks.sample import write_sample
-from tracecore.tasks.tokenize import plan_tokenize, run_tokenize
 
 
 def counter_baseline(docs: list[list[int]], max_n: int) -> float:
@@ -52,18 +52,13 @@ def main() -> None:
             LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
         address, store_uri = cluster.scheduler_address, f"{tmp}/store"
         write_sample(SampleConfig(filler_documents=args.filler_documents), f"{tmp}/world")
-        files = list_input_files([f"{tmp}/world/corpus/*.jsonl.gz"])
-        ingest_refs = plan_ingest(IngestConfig(), files)
-        run_ingest(store_uri, IngestConfig(), files, ingest_refs, address)
-        tok_refs = plan_tokenize(TokenizeConfig(), ingest_refs["documents"])
-        run_tokenize(store_uri, TokenizeConfig(), ingest_refs["documents"], tok_refs, address)
-        cfg = NgramConfig()
-        refs = plan_ngram(cfg, tok_refs["tokens"], tok_refs["tokenizer"])
-        run_ngram(store_uri, cfg, tok_refs["tokens"], tok_refs["tokenizer"], refs, address)
+        pipeline_cfg = validate_config({"store": store_uri, "ingest": {"paths": [f"{tmp}/world/corpus/*.jsonl.gz"]}})
+        all_refs, cfg = run_stages(pipeline_cfg, ["ngram"], address), pipeline_cfg.ngram
+        refs = {k.split(".", 1)[1]: v for k, v in all_refs.items() if k.startswith("ngram.")}
         store = ArtifactStore(store_uri)
         tokens = store.manifest(refs["index"])["tokens"]
         index_s, table_s = store.manifest(refs["index"])["seconds"], store.manifest(refs["counts"])["seconds"]
-        docs = store.read_table(tok_refs["tokens"], columns=["tokens"]).column(0).to_pylist()
+        docs = store.read_table(all_refs["tokenize.tokens"], columns=["tokens"]).column(0).to_pylist()
         counter_s = counter_baseline(docs, cfg.max_n)
 
         rng = np.random.default_rng(0)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tracecore.kernels.settings import LongCacheConfig, RazorConfig
 
 PROFILE_DIR = Path(__file__).parent
 
@@ -270,29 +271,6 @@ class FinetuneConfig(Strict):
     seed: int = 0
 
 
-class RazorSettings(Strict):
-    """RazorAttention (arXiv 2407.15891). Paper/vendor values in comments; defaults scaled for small models."""
-
-    induction_fraction: float = Field(0.14, gt=0, le=1)
-    echo_fraction: float = Field(0.01, gt=0, le=1)
-    sinks: int = Field(4, ge=0, description="N0")
-    min_buffer: int = Field(32, ge=1, description="S0 (paper: thousands)")
-    compression: float = Field(8.0, ge=1, description="C: recent buffer = max(S0, N / C)")
-    probe_block: int = Field(64, ge=4, description="random tokens per repeat (official 2500)")
-    probe_repeats: int = Field(4, ge=2, description="official 4")
-
-
-class LongCacheSettings(Strict):
-    """LongCache/ReAttention (arXiv 2407.15176): official 32 / 4096 / 1 / 32, clip 64, chunk 512."""
-
-    global_size: int = Field(4, ge=0)
-    local_size: int = Field(64, ge=1)
-    mid_size: int = Field(1, ge=1)
-    span_size: int = Field(16, ge=1)
-    recall_clip: int = Field(4, ge=1)
-    chunk_size: int = Field(64, ge=1)
-
-
 class RagSettings(Strict):
     """ChatQA 2-style retrieval: token chunks with overlap, MiniLM embeddings, top-k chunks in context."""
 
@@ -314,8 +292,13 @@ class EvalConfig(Strict):
     retrieval_train_lr: float = Field(1e-3, gt=0, lt=1, description="constant after warm-up")
     retrieval_batch_size: int = Field(16, ge=1)
     retrieval_recall_share: float = Field(0.3, ge=0, le=1, description="passkey-recall documents; the rest repeated lists")
-    razor: RazorSettings = Field(default_factory=RazorSettings)
-    longcache: LongCacheSettings = Field(default_factory=LongCacheSettings)
+    razor: RazorConfig = Field(  # paper: S0 in the thousands, C 5, probe 2500 tokens; scaled for small models
+        default_factory=lambda: RazorConfig(min_buffer=32, compression=8.0, probe_block=64),
+        description="RazorAttention (arXiv 2407.15891), the kernel's own settings type")
+    longcache: LongCacheConfig = Field(  # official 32 / 4096 / 1 / 32, clip 64, chunk 512
+        default_factory=lambda: LongCacheConfig(global_size=4, local_size=64, mid_size=1, span_size=16, recall_clip=4,
+                                                chunk_size=64),
+        description="LongCache/ReAttention (arXiv 2407.15176), the kernel's own settings type")
     rag: RagSettings = Field(default_factory=RagSettings)
     threads: int = Field(1, ge=0)
     seed: int = 0

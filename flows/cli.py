@@ -232,25 +232,16 @@ def cmd_ngram(args: argparse.Namespace) -> int:
 
 
 def status_rows(store_uri: str, run_id: str | None) -> tuple[dict, list[dict]]:
-    """Per stage: what the run recorded, and what the store holds now (= what a re-run skips)."""
+    """Per artifact: what the run recorded, and what the store holds now (= what a re-run skips)."""
+    from tracecore.flows.report import artifact_rows
     from tracecore.storage.runs import read_run
     from tracecore.storage.store import ArtifactStore
 
     store = ArtifactStore(store_uri)
     record = read_run(store, run_id)
-    rows = []
-    for stage, info in record["stages"].items():
-        for ref in info.get("refs", {}).values():
-            markers = store.markers(ref)
-            committed = store.is_committed(ref)
-            manifest = store.manifest(ref) if committed else {}
-            rows.append({"stage": stage, "artifact": ref, "run_status": info.get("status"),
-                         "committed": committed, "shards_done": len(markers),
-                         "shards": manifest.get("shards", "?"), "rows": sum(m["rows"] for m in markers),
-                         "rejects": manifest.get("rejected", ""),
-                         "on_rerun": "skip" if committed else (f"resume ({len(markers)} shards kept)"
-                                                               if markers else "compute"),
-                         "error": info.get("error") or ""})
+    columns = ("stage", "output", "artifact", "run_status", "committed", "shards_done", "shards", "rows", "rejects",
+               "on_rerun", "error")
+    rows = [{c: r[c] for c in columns} for r in ({**r, "run_status": r["status"]} for r in artifact_rows(store, record))]
     return record, rows
 
 

@@ -158,3 +158,8 @@ def run_stages(cfg: Any, selected: list[str] | None = None, address: str | None 
     for name, plan in plans.items():
         run_stage(stages[name], getattr(cfg, name), plan, store.uri, address)
     return pipeline_refs(plans)
+
+
+def execute_stage(stage: str, config: dict, address: str | None = None) -> dict[str, str]:
+    """One stage from a config mapping (and the upstream stages it needs, reused when committed)."""
+    return run_stages(validate_config(config), [stage], address)

@@ -10,20 +10,31 @@ from tracecore.storage.store import ArtifactStore
 COLUMNS = ["stage", "artifact", "status", "shards", "skipped_shards", "rows", "rejects", "seconds", "notes"]
 
 
-def stage_rows(store: ArtifactStore, record: dict) -> list[dict]:
+def artifact_rows(store: ArtifactStore, record: dict) -> list[dict]:
+    """One row per artifact a run planned: what the run recorded and what the store holds now (= what a
+    re-run skips). `tracecore status` shows all of it; the report the committed part."""
     rows = []
     for stage, info in record["stages"].items():
         for name, ref in info.get("refs", {}).items():
-            if name == "parsed" or not store.is_committed(ref):
-                continue
-            m = store.manifest(ref)
+            markers = store.markers(ref)
+            committed = store.is_committed(ref)
+            m = store.manifest(ref) if committed else {}
             notes = {k: m[k] for k in ("tokens", "tokens_per_second", "duplicates", "reject_fraction",
                                        "eval_loss_initial", "eval_loss", "parameters", "external_path") if k in m}
-            rows.append({"stage": stage, "artifact": ref, "status": info.get("status", "?"), "shards": m["shards"],
-                         "skipped_shards": m.get("skipped_shards", 0), "rows": m["rows"],
+            rows.append({"stage": stage, "output": name, "artifact": ref, "status": info.get("status", "?"),
+                         "committed": committed, "shards_done": len(markers), "shards": m.get("shards", "?"),
+                         "skipped_shards": m.get("skipped_shards", 0), "rows": sum(x["rows"] for x in markers),
                          "rejects": m.get("rejected", ""), "seconds": m.get("seconds", ""),
-                         "notes": ", ".join(f"{k}={v}" for k, v in notes.items())})
+                         "notes": ", ".join(f"{k}={v}" for k, v in notes.items()),
+                         "on_rerun": "skip" if committed else (f"resume ({len(markers)} shards kept)"
+                                                               if markers else "compute"),
+                         "error": info.get("error") or ""})
     return rows
+
+
+def stage_rows(store: ArtifactStore, record: dict) -> list[dict]:
+    """The report's table: committed artifacts (the intermediate `parsed` tables left out)."""
+    return [r for r in artifact_rows(store, record) if r["committed"] and r["output"] != "parsed"]
 
 
 def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:

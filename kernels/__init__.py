@@ -2,10 +2,18 @@
 
 `apply_mini_sequence(model)` wraps a Hugging Face Llama-family causal LM; `reference` holds the
 PyTorch implementations (CPU path and test oracle); `triton_ce` the Triton kernel (imported on use,
-so CPU-only installs never need a GPU toolchain).
+so CPU-only installs never need a GPU toolchain). Names load lazily, so `tracecore.kernels.settings`
+(the cache policies' settings, read by the config) imports without torch.
 """
 
-from tracecore.kernels.mini_sequence import apply_mini_sequence, default_chunks
-from tracecore.kernels.reference import lm_head_ce, mini_sequence_mlp, plain_lm_head_ce
+import importlib
 
+_EXPORTS = {"apply_mini_sequence": "mini_sequence", "default_chunks": "mini_sequence", "lm_head_ce": "reference",
+            "mini_sequence_mlp": "reference", "plain_lm_head_ce": "reference"}
 __all__ = ["apply_mini_sequence", "default_chunks", "lm_head_ce", "mini_sequence_mlp", "plain_lm_head_ce"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,25 +16,9 @@ kernel alignment detail); we keep `local_size` exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from tracecore.kernels.decoding import Rope, attention
-
-
-@dataclass(frozen=True)
-class LongCacheConfig:
-    global_size: int = 32
-    local_size: int = 4096
-    mid_size: int = 1
-    span_size: int = 32
-    recall_clip: int = -1
-
-    def scope(self, chunk: int = 0) -> int:
-        """Most tokens one attention call can see (bounded iff recall_clip > 0)."""
-        if self.recall_clip <= 0:
-            raise ValueError("LongCache scope is unbounded without recall_clip > 0")
-        return self.global_size + self.recall_clip * self.span_size + self.local_size + chunk
+from tracecore.kernels.settings import LongCacheConfig
 
 
 def select_middle(scores: torch.Tensor, mid_size: int, recall_clip: int) -> torch.Tensor:

@@ -18,20 +18,10 @@ recent buffer + one compensation token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from tracecore.kernels.decoding import FullAttention, Rope, attention, fast_attention
-
-
-@dataclass(frozen=True)
-class RazorConfig:
-    induction_fraction: float = 0.14
-    echo_fraction: float = 0.01
-    sinks: int = 4
-    min_buffer: int = 4096  # S0
-    compression: float = 5.0  # C
-    compensation: bool = True
+from tracecore.kernels.settings import RazorConfig
 
 
 @torch.no_grad()

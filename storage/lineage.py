@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.metadata as md
-import inspect
 import sys
 
 TRACKED_PACKAGES = ("tracecore", "prefect", "dask", "distributed", "pyarrow", "torch", "transformers",
                     "tokenizers", "peft", "infini-gram", "pydantic")
-
-
-def code_version(*module_names: str) -> str:
-    """Hash of the stage modules' source: editing a stage (or a helper it lists) invalidates its artifacts."""
-    digest = hashlib.sha256()
-    for name in module_names:
-        digest.update(inspect.getsource(importlib.import_module(name)).encode())
-    return digest.hexdigest()[:12]
 
 
 def fingerprint(stage: str, config_hash: str, inputs: dict[str, str], code: str) -> str:

@@ -237,7 +237,7 @@ def long_context(run: StageRun, trained_len: int) -> None:
 
     import torch
     from sentence_transformers import SentenceTransformer
-    from tracecore.kernels.razor import RazorConfig, head_scores, retrieval_heads
+    from tracecore.kernels.razor import head_scores, retrieval_heads
     from tracecore.tasks.eval_longctx import heads_png, heatmaps_png, needle_grid, summarize, train_retrieval
     from tracecore.tasks.models import model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -258,8 +258,7 @@ def long_context(run: StageRun, trained_len: int) -> None:
     rz = cfg.razor
     induction, echo = head_scores(model, rz.probe_block, rz.probe_repeats, low=min(10, len(tok) - 1), high=len(tok),
                                   seed=cfg.seed)
-    heads = retrieval_heads(induction, echo, RazorConfig(induction_fraction=rz.induction_fraction,
-                                                         echo_fraction=rz.echo_fraction))
+    heads = retrieval_heads(induction, echo, rz)
     head_rows = [{"layer": layer, "kv_head": h, "induction": float(induction[layer, h]), "echo": float(echo[layer, h]),
                   "retrieval": bool(heads[layer, h])} for layer in range(heads.shape[0]) for h in range(heads.shape[1])]
     store.write_shard(refs["heads"], 0, pa.Table.from_pylist(head_rows))

@@ -79,11 +79,10 @@ def train_retrieval(model, tok, cfg, max_len: int, log) -> list[float]:
 def policies(model, heads, cfg) -> dict:
     """name -> factory of a fresh KV-cache policy (one per context)."""
     from tracecore.kernels.decoding import FullAttention
-    from tracecore.kernels.longcache import LongCache, LongCacheConfig
-    from tracecore.kernels.razor import RazorCache, RazorConfig
+    from tracecore.kernels.longcache import LongCache
+    from tracecore.kernels.razor import RazorCache
 
-    lc = LongCacheConfig(**cfg.longcache.model_dump(exclude={"chunk_size"}))
-    rz = RazorConfig(**cfg.razor.model_dump(exclude={"probe_block", "probe_repeats"}))
+    lc, rz = cfg.longcache, cfg.razor
     return {"full": lambda: FullAttention(model), "razor": lambda: RazorCache(model, heads, rz),
             "longcache": lambda: LongCache(model, lc)}
 

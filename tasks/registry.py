@@ -57,8 +57,8 @@ def pipeline_model(extra: tuple[str, ...] = ()) -> type[PipelineBase]:
                         stages=(list[Literal[names]], Field(default_factory=lambda: list(names))), **sections)
 
 
-PipelineConfig = pipeline_model()
-STAGES: tuple[str, ...] = tuple(registry())
+PipelineConfig = pipeline_model(())  # positional: lru_cache keys f() and f(()) apart
+STAGES: tuple[str, ...] = tuple(registry(()))
 
 
 def validate_config(data: dict, source: str = "config") -> Any:

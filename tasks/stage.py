@@ -64,10 +64,14 @@ def imported_modules(name: str) -> set[str]:
 
 
 def _submodule(package: str, name: str) -> str:
-    """`package.name` when that is a module, else the package (the name is an attribute of it)."""
+    """The module behind `from package import name`: the submodule itself, or the module that defines the
+    attribute (a package may re-export lazily, so its own source does not name it)."""
     import importlib.util
 
-    return f"{package}.{name}" if importlib.util.find_spec(f"{package}.{name}") else package
+    if importlib.util.find_spec(f"{package}.{name}"):
+        return f"{package}.{name}"
+    defined_in = getattr(getattr(importlib.import_module(package), name, None), "__module__", None) or package
+    return defined_in if defined_in.startswith(package) else package
 
 
 def code_modules(*roots: str) -> list[str]:
@@ -82,10 +86,11 @@ def code_modules(*roots: str) -> list[str]:
     return sorted(seen)
 
 
-def code_version(modules: list[str], source: Callable[[str], str] = module_source) -> str:
+def code_version(modules: list[str]) -> str:
+    """Hash of the modules' names and sources (`module_source`, looked up at call time)."""
     digest = hashlib.sha256()
     for name in modules:
-        digest.update(name.encode() + b"\0" + source(name).encode())
+        digest.update(name.encode() + b"\0" + module_source(name).encode())
     return digest.hexdigest()[:12]
 
 

@@ -81,5 +81,51 @@ def pretrained(tmp_path_factory):
     cfg = load_config(str(TEST_PROFILE), [], store=store)
     config, refs = cfg.model_dump(mode="json"), {}
     for stage in ("sample", "ingest", "tokenize", "pretrain"):
-        refs.update(execute_stage(stage, config, refs, address=None))
+        refs.update(execute_stage(stage, config))
     return cfg, refs
+
+
+def with_section(cfg, section: str, **overrides):
+    """A copy of the pipeline config with one stage section's fields changed."""
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=overrides)})
+
+
+def planned_args(cfg, stage: str) -> dict:
+    """The plain run arguments the planner gives a stage (paths such as `pool_path`)."""
+    from tracecore.flows.plan import plan_pipeline
+    from tracecore.storage.store import ArtifactStore
+
+    return plan_pipeline(cfg, ArtifactStore(cfg.store), [stage])[stage].args
+
+
+def stage_plan(cfg, stage: str):
+    """The planner's StagePlan of one stage (its upstream stages planned too, not run)."""
+    from tracecore.flows.plan import plan_pipeline
+    from tracecore.storage.store import ArtifactStore
+
+    return plan_pipeline(cfg, ArtifactStore(cfg.store), [stage])[stage]
+
+
+def run_planned(cfg, stage: str, plan=None, store_uri: str | None = None) -> dict[str, str]:
+    """Run one stage through the runner (no upstream, no Prefect); returns its refs by output name."""
+    from tracecore.tasks.registry import stages_of
+    from tracecore.tasks.stage import run_stage
+
+    plan = plan or stage_plan(cfg, stage)
+    return run_stage(stages_of(cfg)[stage], getattr(cfg, stage), plan, store_uri or cfg.store)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(prefect_harness, tmp_path_factory):
+    """One full pipeline run of the test profile (run id `run-a`), shared by the tests that inspect it."""
+    from types import SimpleNamespace
+
+    from tracecore.flows.pipeline import pipeline
+    from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks.registry import load_config
+
+    cfg = load_config(str(TEST_PROFILE), [], store=str(tmp_path_factory.mktemp("pipeline") / "store"))
+    result = pipeline(config=cfg.model_dump(mode="json"), run_id="run-a")
+    store = ArtifactStore(cfg.store)
+    record = json.loads(store.fs.open(f"{store.run_dir('run-a')}/run.json").read())
+    return SimpleNamespace(cfg=cfg, store=store, record=record, result=result)

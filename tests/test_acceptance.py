@@ -37,7 +37,7 @@ def tiny_run(prefect_harness, tmp_path_factory):
 
 def test_bootstrap_model_memorizes_factual_qa(tiny_run):
     store, result = tiny_run
-    scores = {s["task"]: s for s in store.read_table(result["refs"]["scores"]).to_pylist()}
+    scores = {s["task"]: s for s in store.read_table(result["refs"]["memorization.scores"]).to_pylist()}
     qa = scores["qa"]
     assert qa["n_cooccurring"] >= MIN_QA_ITEMS and qa["n_all"] >= qa["n_cooccurring"]
     assert qa["spearman"] > 0.2 and qa["spearman_lo"] > 0.1, qa
@@ -48,10 +48,10 @@ def test_bootstrap_model_memorizes_factual_qa(tiny_run):
 
 def test_tagcos_coreset_under_selects_low_quality_and_near_duplicates(tiny_run):
     store, result = tiny_run
-    rates = store.manifest(result["refs"]["coreset"])["rates"]
+    rates = store.manifest(result["refs"]["select.coreset"])["rates"]
     assert rates["tagcos"]["low_quality_rate"] < rates["pool"]["low_quality_rate"], rates
     assert rates["tagcos"]["near_duplicate_rate"] < rates["pool"]["near_duplicate_rate"], rates
-    clusters = store.read_table(result["refs"]["clusters"]).to_pylist()
+    clusters = store.read_table(result["refs"]["select.clusters"]).to_pylist()
     assert sum(c["residual_tagcos"] for c in clusters) < sum(c["residual_cluster_random"] for c in clusters)
     assert "select_cluster_sizes.png" in store.fs.cat(result["report"]).decode()
 
@@ -61,7 +61,7 @@ def test_context_aware_reward_model_reads_the_context(tiny_run):
     context-blind one cannot; factual pairs are right without context. Under held-out phrasings the gap is
     asserted on tiny only: the reduced profile's 300 pairs do not transfer to new wordings (README)."""
     store, result = tiny_run
-    acc = {(r["metric"], r["model"]): r for r in store.read_table(result["refs"]["eval"]).to_pylist()
+    acc = {(r["metric"], r["model"]): r for r in store.read_table(result["refs"]["preference.accuracy"]).to_pylist()
            if r["context_type"] == "all"}
     seen_aware = acc[("context_conditioned_seen_phrasing", "context_aware")]
     seen_blind = acc[("context_conditioned_seen_phrasing", "context_blind")]
@@ -82,7 +82,7 @@ def test_fine_tuning_on_coresets_lowers_held_out_loss(tiny_run):
     """Held-out response loss falls by more than a nat after fine-tuning on a 5 % coreset, and the full pool
     (capped steps) beats 5 % (README: measured values per profile)."""
     store, result = tiny_run
-    rows = {r["subset"]: r for r in store.read_table(result["refs"]["finetune"]).to_pylist() if r["seed"] == 0}
+    rows = {r["subset"]: r for r in store.read_table(result["refs"]["finetune.finetune"]).to_pylist() if r["seed"] == 0}
     assert set(rows) == {"tagcos", "random", "cluster_random", "full"}
     for subset in ("tagcos", "random"):
         assert rows[subset]["eval_loss"] < rows[subset]["eval_loss_base"] - 1.0, rows[subset]
@@ -96,13 +96,13 @@ def test_eval_tables_and_razor_kv_savings(tiny_run):
     scores ~0.01), so it cannot retrieve at any length (README; `make test-long` covers retrieval)."""
     store, result = tiny_run
     refs = result["refs"]
-    summary = {(r["method"], r["length"]): r for r in store.read_table(refs["eval_long_context"]).to_pylist()}
+    summary = {(r["method"], r["length"]): r for r in store.read_table(refs["eval.long_context"]).to_pylist()}
     longest = max(length for _, length in summary)
     assert summary[("razor", longest)]["kv_vs_full"] <= 0.3, summary[("razor", longest)]
     assert summary[("rag_top1", longest)]["tokens_in_context"] < 200
-    verdict = {(r["subset"], r["metric"]) for r in store.read_table(refs["eval_verdict"]).to_pylist()}
+    verdict = {(r["subset"], r["metric"]) for r in store.read_table(refs["eval.verdict"]).to_pylist()}
     assert ("tagcos-random", "instruction_loss") in verdict and ("full", "perplexity") in verdict
-    quality = store.read_table(refs["eval_quality"]).to_pylist()
+    quality = store.read_table(refs["eval.quality"]).to_pylist()
     finetune = load_config(PROFILE).finetune
     seeds = len(finetune.seeds)
     assert len(quality) == 1 + 3 * seeds + min(seeds, finetune.full_seeds or seeds)  # base + 3 subsets x seeds + full
@@ -114,7 +114,7 @@ def test_per_family_selection_table_with_intervals_over_seeds(tiny_run):
     """Zipf-sized families: TAGCOS, random and cluster-random per held-out family, with the pool share and
     intervals over seeds, and TAGCOS - random paired by seed (which way it comes out is the finding; README)."""
     store, result = tiny_run
-    rows = store.read_table(result["refs"]["eval_families"]).to_pylist()
+    rows = store.read_table(result["refs"]["eval.families"]).to_pylist()
     shares = {r["family"]: r["pool_share"] for r in rows}
     assert len(shares) == 8 and max(shares.values()) / min(shares.values()) >= 4  # Zipf, not uniform
     seeds = len(load_config(PROFILE).finetune.seeds)
@@ -184,7 +184,7 @@ def test_readme_tables_are_rendered_from_the_run(tiny_run, tmp_path):
     record = read_run(store, "acceptance")
     text, changed = update_readme(readme, store, record)
     blocks = {m["name"]: m["body"] for m in BLOCK.finditer(text)}
-    verdict = {(r["subset"], r["metric"]): r for r in store.read_table(result["refs"]["eval_verdict"]).to_pylist()}
+    verdict = {(r["subset"], r["metric"]): r for r in store.read_table(result["refs"]["eval.verdict"]).to_pylist()}
     assert f"{verdict[('tagcos', 'instruction_loss')]['mean']:.3f}" in blocks["verdict"]
     assert f"{record['calibration']['matmul_gflops']:.0f} GFLOP/s" in blocks["timings"]
     assert re.search(r"\*\*whole run\*\* \| \*\*\d+\*\*", blocks["timings"])

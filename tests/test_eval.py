@@ -17,13 +17,13 @@ def evaluated(pretrained):
     config = cfg.model_dump(mode="json")
     config["finetune"] = {**config["finetune"], "subsets": ["tagcos", "random"], "seeds": [0, 1], "max_steps": 4}
     for stage in ("gradients", "select", "preference", "finetune", "eval"):
-        refs.update(execute_stage(stage, config, refs, address=None))
+        refs.update(execute_stage(stage, config))
     return ArtifactStore(cfg.store), cfg, refs
 
 
 def test_quality_row_per_checkpoint(evaluated):
     store, _, refs = evaluated
-    rows = {r["model"]: r for r in store.read_table(refs["eval_quality"]).to_pylist()}
+    rows = {r["model"]: r for r in store.read_table(refs["eval.quality"]).to_pylist()}
     assert set(rows) == {"base", "tagcos_s0", "tagcos_s1", "random_s0", "random_s1"}
     for r in rows.values():
         assert r["perplexity"] > 1 and math.isfinite(r["perplexity"])
@@ -34,7 +34,7 @@ def test_quality_row_per_checkpoint(evaluated):
 
 def test_verdict_has_intervals_over_seeds_and_the_paired_difference(evaluated):
     store, _, refs = evaluated
-    rows = store.read_table(refs["eval_verdict"]).to_pylist()
+    rows = store.read_table(refs["eval.verdict"]).to_pylist()
     subsets = {r["subset"] for r in rows}
     assert subsets == {"tagcos", "random", "tagcos-random"}
     for r in rows:
@@ -71,27 +71,27 @@ def test_family_verdict_per_family_and_subset_with_the_paired_difference():
 
 def test_family_table_is_written_for_the_default_verdict(evaluated):
     store, _, refs = evaluated
-    rows = store.read_table(refs["eval_families"]).to_pylist()
+    rows = store.read_table(refs["eval.families"]).to_pylist()
     assert {r["subset"] for r in rows} == {"tagcos", "random", "tagcos-random"}
     assert len({r["family"] for r in rows}) >= 2 and all(r["seeds"] == 2 for r in rows)
 
 
 def test_long_context_tables_heads_and_plots(evaluated):
     store, cfg, refs = evaluated
-    grid = store.read_table(refs["eval_needle"]).to_pylist()
+    grid = store.read_table(refs["eval.needle"]).to_pylist()
     methods = {r["method"] for r in grid}
     assert methods == {"full", "razor", "longcache", "rag_top1", "rag_top2"}
     assert len(grid) == len(methods) * 2 * 3
-    summary = {(r["method"], r["length"]): r for r in store.read_table(refs["eval_long_context"]).to_pylist()}
+    summary = {(r["method"], r["length"]): r for r in store.read_table(refs["eval.long_context"]).to_pylist()}
     # the test model has one KV head, which is then the retrieval head: Razor keeps everything here
     # (compression itself is tested in test_long_context_kernels; the tiny acceptance run checks >= 70 %)
     assert summary[("razor", 256)]["kv_vs_full"] == summary[("full", 256)]["kv_vs_full"] == 1.0
     assert summary[("rag_top1", 256)]["tokens_in_context"] < summary[("full", 256)]["tokens_in_context"]
-    heads = store.read_table(refs["eval_heads"]).to_pylist()
+    heads = store.read_table(refs["eval.heads"]).to_pylist()
     assert len(heads) == cfg.pretrain.layers * cfg.pretrain.kv_heads and any(h["retrieval"] for h in heads)
-    assert store.manifest(refs["eval_heads"])["plots"] == ["plots/retrieval_heads.png"]
-    assert store.read_file(refs["eval_needle"], "plots/needle_heatmaps.png")[:4] == b"\x89PNG"
-    pref = store.read_table(refs["eval_preference"]).to_pylist()
+    assert store.manifest(refs["eval.heads"])["plots"] == ["plots/retrieval_heads.png"]
+    assert store.read_file(refs["eval.needle"], "plots/needle_heatmaps.png")[:4] == b"\x89PNG"
+    pref = store.read_table(refs["eval.preference"]).to_pylist()
     assert {r["metric"] for r in pref} >= {"context_conditioned", "joint_reversal", "no_context_unconditional"}
 
 
@@ -115,7 +115,7 @@ def test_retrieval_curriculum_documents_are_answerable_from_context(pretrained):
         assert first + "." == again
     cfg, refs = pretrained
     store = ArtifactStore(cfg.store)
-    with model_dir(store, refs["model"]) as folder:
+    with model_dir(store, refs["pretrain.model"]) as folder:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     blocks = curriculum_blocks(tok, random.Random(1), 16, 64, 0.5)
     assert blocks.shape == (16, 64) and (blocks == tok.eos_token_id).sum() >= 2

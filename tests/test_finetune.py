@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
+from conftest import planned_args
 from tracecore.flows.pipeline import execute_stage
-from tracecore.flows.plan import eval_split, instruction_pool
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.finetune import Resume, load_model, step_batches, train
 from tracecore.tasks.instructions import encode, load_pool
@@ -21,7 +21,7 @@ def finetuned(pretrained):
     refs = dict(refs)
     config = cfg.model_dump(mode="json")
     for stage in ("gradients", "select", "finetune"):
-        refs.update(execute_stage(stage, config, refs, address=None))
+        refs.update(execute_stage(stage, config))
     return cfg, refs
 
 
@@ -30,11 +30,11 @@ def test_every_subset_lowers_held_out_loss_and_saves_a_loadable_model(finetuned)
 
     cfg, refs = finetuned
     store = ArtifactStore(cfg.store)
-    rows = {r["variant"]: r for r in store.read_table(refs["finetune"]).to_pylist()}
+    rows = {r["variant"]: r for r in store.read_table(refs["finetune.finetune"]).to_pylist()}
     assert set(rows) == {"tagcos_s0", "random_s0", "full_s0"}
-    coreset = store.read_table(refs["coreset"]).num_rows
+    coreset = store.read_table(refs["select.coreset"]).num_rows
     assert rows["tagcos_s0"]["records"] == rows["random_s0"]["records"] == coreset
-    assert rows["full_s0"]["records"] == len(load_pool(instruction_pool(cfg, store.uri, refs)[0])[0])
+    assert rows["full_s0"]["records"] == len(load_pool(planned_args(cfg, "finetune")["pool_path"])[0])
     for r in rows.values():
         assert r["eval_loss"] < r["eval_loss_base"], r
         assert r["tokens_per_second"] > 0 and r["peak_memory_mb"] > 0
@@ -44,7 +44,7 @@ def test_every_subset_lowers_held_out_loss_and_saves_a_loadable_model(finetuned)
     assert model.config.vocab_size > 0
     curve = store.read_table(rows["tagcos_s0"]["model_ref"]).to_pylist()
     assert len(curve) == rows["tagcos_s0"]["steps"] and curve[-1]["loss"] < curve[0]["loss"]
-    assert "plots/finetune_loss.png" in store.manifest(refs["finetune"])["plots"]
+    assert "plots/finetune_loss.png" in store.manifest(refs["finetune.finetune"])["plots"]
 
 
 def test_new_seed_trains_only_the_new_variants(finetuned):
@@ -52,10 +52,10 @@ def test_new_seed_trains_only_the_new_variants(finetuned):
     config = cfg.model_dump(mode="json")
     config["finetune"] = {**config["finetune"], "seeds": [0, 1], "subsets": ["tagcos", "random"]}
     store = ArtifactStore(cfg.store)
-    before = {r["variant"]: r["model_ref"] for r in store.read_table(refs["finetune"]).to_pylist()}
+    before = {r["variant"]: r["model_ref"] for r in store.read_table(refs["finetune.finetune"]).to_pylist()}
     mtimes = {v: store.fs.info(store.manifest_path(ref))["mtime"] for v, ref in before.items()}
-    new = execute_stage("finetune", config, refs, address=None)
-    rows = {r["variant"]: r["model_ref"] for r in store.read_table(new["finetune"]).to_pylist()}
+    new = execute_stage("finetune", config)
+    rows = {r["variant"]: r["model_ref"] for r in store.read_table(new["finetune.finetune"]).to_pylist()}
     assert set(rows) == {"tagcos_s0", "random_s0", "tagcos_s1", "random_s1"}
     for v in ("tagcos_s0", "random_s0"):
         assert rows[v] == before[v] and store.fs.info(store.manifest_path(rows[v]))["mtime"] == mtimes[v]
@@ -71,9 +71,9 @@ def small_run(cfg, refs, tmp_path, crash_after_first_checkpoint: bool):
     fcfg = cfg.finetune.model_copy(update={"epochs": 2, "batch_size": 4, "grad_accum": 1, "checkpoint_every": 4,
                                            "max_steps": 10, "device": "cpu"})
     src = ArtifactStore(cfg.store)
-    with model_dir(src, refs["model"]) as folder:
+    with model_dir(src, refs["pretrain.model"]) as folder:
         tok, model = load_model(folder, fcfg, "cpu", torch.float32)
-    records = load_pool(instruction_pool(cfg, src.uri, refs)[0])[0][:40]
+    records = load_pool(planned_args(cfg, "finetune")["pool_path"])[0][:40]
     data = [encode(tok, r, 64) for r in records]
     resume = Resume(store, "finetuned/test")
     if crash_after_first_checkpoint:
@@ -86,7 +86,7 @@ def small_run(cfg, refs, tmp_path, crash_after_first_checkpoint: bool):
         resume.save = save_then_crash
         with pytest.raises(Crash):
             train(model, data, tok.pad_token_id, fcfg, 0, "cpu", resume, _Log())
-        with model_dir(src, refs["model"]) as folder:  # a fresh process: fresh model, state from the store
+        with model_dir(src, refs["pretrain.model"]) as folder:  # a fresh process: fresh model, state from the store
             tok, model = load_model(folder, fcfg, "cpu", torch.float32)
         resume = Resume(store, "finetuned/test")
     curve = train(model, data, tok.pad_token_id, fcfg, 0, "cpu", resume, _Log())
@@ -132,21 +132,21 @@ def test_long_context_extension_raises_rope_base(pretrained, tmp_path):
     config["stages"] = ["finetune"]
     new = dict(refs)
     for stage in ("gradients", "select", "finetune"):
-        new.update(execute_stage(stage, config, new, address=None))
+        new.update(execute_stage(stage, config))
     store = ArtifactStore(cfg.store)
-    manifest = store.manifest(new["long_model"])
+    manifest = store.manifest(new["finetune.long_model"])
     assert manifest["rope_theta"] == 1e6 and manifest["seq_len"] == 256
-    with store.local_dir(new["long_model"]) as folder:
+    with store.local_dir(new["finetune.long_model"]) as folder:
         long_cfg = AutoConfig.from_pretrained(folder)
     theta = (getattr(long_cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(long_cfg, "rope_theta", None))
     assert theta == 1e6 and long_cfg.max_position_embeddings >= 256
-    row = store.read_table(new["finetune"]).to_pylist()[0]
-    assert store.manifest(row["model_ref"])["inputs"]["model"] == new["long_model"]
+    row = store.read_table(new["finetune.finetune"]).to_pylist()[0]
+    assert store.manifest(row["model_ref"])["inputs"]["model"] == new["finetune.long_model"]
 
 
 def test_eval_split_defaults_to_sample_world(pretrained):
-    cfg, refs = pretrained
-    assert eval_split(cfg, cfg.store, refs).endswith("instructions/eval.jsonl")
+    cfg, _ = pretrained
+    assert planned_args(cfg, "finetune")["eval_path"].endswith("instructions/eval.jsonl")
 
 
 def test_full_pool_reference_trains_on_the_first_full_seeds_only():

@@ -7,40 +7,37 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from tracecore.flows.plan import instruction_pool
+from conftest import planned_args, with_section
+from tracecore.flows.pipeline import run_stages
 from tracecore.kernels.per_sample import batched_grads, loop_grads
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.gradients import (
-    collate,
-    encode,
-    load_pool,
-    lora_model,
-    plan_gradients,
-    read_features,
-    run_gradients,
-)
+from tracecore.tasks.gradients import lora_model, read_features
+from tracecore.tasks.instructions import collate, encode, load_pool
 from tracecore.tasks.models import model_dir
-from tracecore.tasks.select import omp, omp_fill, plan_select, run_select
+from tracecore.tasks.select import omp, omp_fill
 
 
 def features(cfg, refs, store_uri, **overrides):
-    gcfg = cfg.gradients.model_copy(update=overrides)
-    pool, pool_id = instruction_pool(cfg, store_uri, refs)
-    grefs = plan_gradients(gcfg, refs["model"], pool_id)
-    run_gradients(store_uri, gcfg, refs["model"], pool, pool_id, grefs)
-    return ArtifactStore(store_uri), grefs, pool
+    """The gradients stage with changed settings; returns the store, every ref and the pool path."""
+    cfg = with_section(cfg, "gradients", **overrides)
+    return ArtifactStore(store_uri), run_stages(cfg, ["gradients"]), planned_args(cfg, "gradients")["pool_path"]
+
+
+def select_refs(cfg) -> dict[str, str]:
+    """The select stage's refs by output name."""
+    return {k.split(".", 1)[1]: v for k, v in run_stages(cfg, ["select"]).items() if k.startswith("select.")}
 
 
 def test_batched_per_sample_gradients_equal_the_loop(pretrained):
     cfg, refs = pretrained
     store = ArtifactStore(cfg.store)
-    with model_dir(store, refs["model"]) as folder:
+    with model_dir(store, refs["pretrain.model"]) as folder:
         tok, model = lora_model(folder, cfg.gradients)
     model.eval()
     with torch.no_grad():  # LoRA B starts at zero; make both factors non-trivial
         for p in (p for p in model.parameters() if p.requires_grad):
             p.normal_(0, 0.05)
-    pool, _ = instruction_pool(cfg, store.uri, refs)
+    pool = planned_args(cfg, "gradients")["pool_path"]
     records, _ = load_pool(pool)
     batch = collate([encode(tok, r, 64) for r in records[:12]], tok.pad_token_id)  # varied lengths: padding
     batched, looped = batched_grads(model, batch), loop_grads(model, batch)
@@ -51,13 +48,13 @@ def test_batched_per_sample_gradients_equal_the_loop(pretrained):
 def test_features_unit_norm_deterministic_and_shard_independent(pretrained, tmp_path):
     cfg, refs = pretrained
     store, grefs, _ = features(cfg, refs, cfg.store, shards=1)
-    ids, mean = read_features(store, grefs["features"])
+    ids, mean = read_features(store, grefs["gradients.features"])
     for step in cfg.gradients.checkpoint_steps:
-        _, per_ckpt = read_features(store, grefs["features"], f"ckpt_{step}")
+        _, per_ckpt = read_features(store, grefs["gradients.features"], f"ckpt_{step}")
         np.testing.assert_allclose(np.linalg.norm(per_ckpt, axis=1), 1.0, atol=2e-3)  # fp16 on disk
     assert mean.shape == (len(ids), cfg.gradients.proj_dim) and np.isfinite(mean).all()
     other, grefs4, _ = features(cfg, refs, cfg.store, shards=4)
-    ids4, mean4 = read_features(other, grefs4["features"])
+    ids4, mean4 = read_features(other, grefs4["gradients.features"])
     order = {i: k for k, i in enumerate(ids4)}
     np.testing.assert_allclose(mean, mean4[[order[i] for i in ids]], atol=2e-3)
 
@@ -75,9 +72,8 @@ def test_omp_is_nonnegative_and_respects_the_budget():
 
 def test_select_budgets_residuals_and_baselines(pretrained):
     cfg, refs = pretrained
-    store, grefs, pool = features(cfg, refs, cfg.store, shards=2)
-    srefs = plan_select(cfg.select, grefs["features"])
-    run_select(store.uri, cfg.select, grefs["features"], pool, srefs)
+    store, _, pool = features(cfg, refs, cfg.store, shards=2)
+    srefs = select_refs(with_section(cfg, "gradients", shards=2))
     clusters = store.read_table(srefs["clusters"]).to_pylist()
     coreset = store.read_table(srefs["coreset"]).to_pylist()
     for c in clusters:
@@ -145,9 +141,9 @@ def test_warmup_checkpoints_sit_in_the_rising_warmup_and_record_the_lr_they_trai
     cfg, refs = pretrained
     store = ArtifactStore(cfg.store)
     gcfg = cfg.gradients.model_copy(update={"checkpoint_steps": [2, 4, 6]})
-    with model_dir(store, refs["model"]) as folder:
+    with model_dir(store, refs["pretrain.model"]) as folder:
         tok, model = lora_model(folder, gcfg)
-    records, _ = load_pool(instruction_pool(cfg, store.uri, refs)[0])
+    records, _ = load_pool(planned_args(cfg, "gradients")["pool_path"])
     used = []
     original = torch.optim.AdamW.step
 
@@ -177,10 +173,8 @@ def test_random_baselines_are_drawn_per_seed(pretrained):
     from tracecore.tasks.finetune import subset_records
 
     cfg, refs = pretrained
-    store, grefs, pool_path = features(cfg, refs, cfg.store, shards=2)
-    scfg = cfg.select.model_copy(update={"baseline_draws": 3})
-    srefs = plan_select(scfg, grefs["features"])
-    run_select(store.uri, scfg, grefs["features"], pool_path, srefs)
+    store, _, pool_path = features(cfg, refs, cfg.store, shards=2)
+    srefs = select_refs(with_section(with_section(cfg, "gradients", shards=2), "select", baseline_draws=3))
     pool, _ = load_pool(pool_path)
     size = store.read_table(srefs["coreset"]).num_rows
     for name in ("random", "cluster_random"):

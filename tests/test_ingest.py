@@ -9,15 +9,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from tracecore.configs.schema import IngestConfig
+from tracecore.flows.pipeline import run_stages
+from tracecore.flows.plan import plan_pipeline
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.ingest import (
     NoInputError,
     TooManyRejectsError,
     list_input_files,
-    plan_ingest,
-    run_ingest,
 )
+from tracecore.tasks.registry import validate_config
 
 
 def good(i: int) -> bytes:
@@ -72,12 +72,20 @@ def corpus(tmp_path):
     return d, good_ids, expected
 
 
+def ingest_config(store, files, **ingest):
+    return validate_config({"store": str(store), "calibrate": False, "ingest": {"paths": list(files), **ingest}})
+
+
+def ingest_refs(cfg) -> dict[str, str]:
+    """The ingest stage's planned refs by output name (known before it runs)."""
+    return plan_pipeline(cfg, ArtifactStore(cfg.store), ["ingest"])["ingest"].refs
+
+
 def ingest(tmp_path, files, **cfg_kwargs):
-    cfg = IngestConfig(**{"max_doc_chars": 1000, "max_reject_fraction": 1.0, **cfg_kwargs})
-    refs = plan_ingest(cfg, files)
-    store = ArtifactStore(tmp_path / "store")
-    run_ingest(store.uri, cfg, files, refs, address=None)
-    return store, refs
+    cfg = ingest_config(tmp_path / "store", files, **{"max_doc_chars": 1000, "max_reject_fraction": 1.0, **cfg_kwargs})
+    refs = ingest_refs(cfg)
+    run_stages(cfg, ["ingest"])
+    return ArtifactStore(cfg.store), refs
 
 
 def test_every_malformed_input_is_rejected_with_file_line_reason(tmp_path, corpus):
@@ -115,7 +123,8 @@ def test_too_many_rejects_fails_clearly_and_keeps_the_rejects(tmp_path, corpus):
     with pytest.raises(TooManyRejectsError, match=r"12 of 24 records rejected \(50.0%\) > ingest.max_reject_fraction"):
         ingest(tmp_path, files, max_reject_fraction=0.1)
     store = ArtifactStore(tmp_path / "store")
-    assert store.read_table(plan_ingest(IngestConfig(max_doc_chars=1000, max_reject_fraction=0.1), files)["rejects"]).num_rows == 12
+    refs = ingest_refs(ingest_config(tmp_path / "store", files, max_doc_chars=1000, max_reject_fraction=0.1))
+    assert store.read_table(refs["rejects"]).num_rows == 12
 
 
 def test_missing_inputs_name_the_pattern(tmp_path):
@@ -126,9 +135,9 @@ def test_missing_inputs_name_the_pattern(tmp_path):
 def test_changed_input_changes_the_fingerprint(tmp_path):
     f = tmp_path / "a.jsonl"
     f.write_text(json.dumps({"text": "one"}))
-    before = plan_ingest(IngestConfig(), [str(f)])
+    before = ingest_refs(ingest_config(tmp_path / "store", [str(f)]))
     f.write_text(json.dumps({"text": "one, edited"}))
-    assert plan_ingest(IngestConfig(), [str(f)]) != before
+    assert ingest_refs(ingest_config(tmp_path / "store", [str(f)])) != before
 
 
 def test_memory_store_and_memory_inputs(tmp_path):
@@ -138,7 +147,7 @@ def test_memory_store_and_memory_inputs(tmp_path):
     with fs.open("/inputs-t/a.jsonl", "wb") as fh:
         fh.write(b"\n".join(good(i) for i in range(5)))
     files = list_input_files(["memory://inputs-t/*.jsonl"])
-    cfg = IngestConfig()
-    refs = plan_ingest(cfg, files)
-    run_ingest("memory://store-t", cfg, files, refs)
+    cfg = ingest_config("memory://store-t", files)
+    refs = ingest_refs(cfg)
+    run_stages(cfg, ["ingest"])
     assert ArtifactStore("memory://store-t").read_table(refs["documents"]).num_rows == 5

@@ -27,12 +27,12 @@ def retrieval_run(prefect_harness, tmp_path_factory):
     cfg = load_config("tiny-retrieval", ["dask.processes=false"], store=store)
     state = pipeline(config=cfg.model_dump(mode="json"), return_state=True)
     result, artifacts = state.result(), ArtifactStore(store)
-    summary = {(r["method"], r["length"]): r for r in artifacts.read_table(result["refs"]["eval_long_context"]).to_pylist()}
+    summary = {(r["method"], r["length"]): r for r in artifacts.read_table(result["refs"]["eval.long_context"]).to_pylist()}
     return artifacts, result, summary, state.state_details.flow_run_id
 
 
 def trained_length(store: ArtifactStore, result: dict) -> int:
-    return store.manifest(result["refs"]["eval_long_context"])["trained_length"]
+    return store.manifest(result["refs"]["eval.long_context"])["trained_length"]
 
 
 def test_full_attention_retrieves_within_and_fails_beyond_the_trained_length(retrieval_run):
@@ -56,7 +56,7 @@ def test_razor_cuts_kv_by_70_percent_within_tolerance_of_full_attention(retrieva
         if method == "razor":
             assert row["kv_vs_full"] <= 0.30, row
             assert row["accuracy"] >= summary[("full", length)]["accuracy"] - TOLERANCE, (row, summary[("full", length)])
-    heads = store.read_table(result["refs"]["eval_heads"]).to_pylist()
+    heads = store.read_table(result["refs"]["eval.heads"]).to_pylist()
     induction = sorted(h["induction"] for h in heads)
     top = max(h["induction"] for h in heads if h["retrieval"])  # an induction head, not an arbitrary one
     assert top == induction[-1] and top > 5 * induction[len(induction) // 2], heads
@@ -77,4 +77,4 @@ def test_tables_and_plots_are_in_the_report_and_prefect(retrieval_run):
     assert "data:image/png;base64," in keys["tracecore-eval-needle-heatmaps"].data
     outputs = keys["tracecore-eval-outputs"].data
     rows = json.loads(outputs) if isinstance(outputs, str) else outputs
-    assert {r["artifact"] for r in rows} >= {result["refs"]["eval_long_context"], result["refs"]["eval_needle"]}
+    assert {r["artifact"] for r in rows} >= {result["refs"]["eval.long_context"], result["refs"]["eval.needle"]}

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from tracecore.configs.schema import MemorizationConfig, NgramConfig, TaskSpec
+from tracecore.flows.pipeline import run_stages
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.memorization import candidate_pairs, load_task, phrase_variants, threshold, word_ngrams
 from tracecore.tasks.ngram import (
@@ -15,8 +16,6 @@ from tracecore.tasks.ngram import (
     VocabMismatchError,
     open_engine,
     packed_ngrams,
-    plan_ngram,
-    run_ngram,
 )
 from tracecore.tasks.registry import load_config
 
@@ -29,18 +28,15 @@ def indexed(tmp_path_factory, request):
     store_uri = str(tmp_path_factory.mktemp("ngram") / "store")
     cfg = load_config(str(request.config.rootpath / "tests/profile_test.yaml"), [], store=store_uri)
     config, refs = cfg.model_dump(mode="json"), {}
-    for stage in ("sample", "ingest", "tokenize"):
-        refs.update(execute_stage(stage, config, refs, address=None))
-    refs.update(plan_ngram(cfg.ngram, refs["tokens"], refs["tokenizer"]))
-    run_ngram(store_uri, cfg.ngram, refs["tokens"], refs["tokenizer"], plan_ngram(cfg.ngram, refs["tokens"],
-              refs["tokenizer"]))
+    for stage in ("sample", "ingest", "tokenize", "ngram"):
+        refs.update(execute_stage(stage, config))
     return ArtifactStore(store_uri), cfg, refs
 
 
 def tokenizer(store, refs):
     from tokenizers import Tokenizer
 
-    with store.local_dir(refs["tokenizer"]) as folder:
+    with store.local_dir(refs["tokenize.tokenizer"]) as folder:
         return Tokenizer.from_file(f"{folder}/tokenizer.json")
 
 
@@ -49,10 +45,10 @@ def test_planted_phrase_counts_equal_ground_truth(indexed):
 
     store, _, refs = indexed
     tok = tokenizer(store, refs)
-    with store.local_dir(refs["sample"]) as folder:
+    with store.local_dir(refs["sample.sample"]) as folder:
         phrases = pq.read_table(f"{folder}/ground_truth/phrases.parquet").to_pylist()
         facts = pq.read_table(f"{folder}/ground_truth/facts.parquet").to_pylist()
-    with open_engine(store, refs["index"]) as engine:
+    with open_engine(store, refs["ngram.index"]) as engine:
         for p in phrases:
             text = f"In Zelan, {p['source']} is said as {p['target']}."
             assert sum(engine.count(v)["count"] for v in phrase_variants(tok, text)) == p["frequency"], p
@@ -64,29 +60,28 @@ def test_planted_phrase_counts_equal_ground_truth(indexed):
 
 def test_exact_table_matches_infinigram(indexed):
     store, _, refs = indexed
-    table = store.read_table(refs["counts"])
+    table = store.read_table(refs["ngram.counts"])
     assert set(table["n"].to_pylist()) == {1, 2, 3}
     rng = np.random.default_rng(0)
     rows = table.to_pylist()
-    with open_engine(store, refs["index"]) as engine:
+    with open_engine(store, refs["ngram.index"]) as engine:
         for i in rng.choice(len(rows), 60, replace=False):
             assert engine.count(rows[i]["ngram"])["count"] == rows[i]["count"], rows[i]
     unigrams = sum(r["count"] for r in rows if r["n"] == 1)
-    assert unigrams == store.manifest(refs["tokens"])["tokens"]
-    topk = store.read_table(refs["topk"]).to_pylist()
+    assert unigrams == store.manifest(refs["tokenize.tokens"])["tokens"]
+    topk = store.read_table(refs["ngram.topk"]).to_pylist()
     assert topk[0]["rank"] == 1 and topk[0]["count"] == max(r["count"] for r in rows if r["n"] == topk[0]["n"])
 
 
 def test_a_lost_bucket_is_recomputed_alone(indexed):
     store, cfg, refs = indexed
-    before = store.manifest(refs["counts"])["checksum"]
-    store.drop_shard(refs["counts"], 3)
-    store.fs.rm(store.manifest_path(refs["topk"]))
-    run_ngram(store.uri, cfg.ngram, refs["tokens"], refs["tokenizer"],
-              plan_ngram(cfg.ngram, refs["tokens"], refs["tokenizer"]))
-    manifest = store.manifest(refs["counts"])
+    before = store.manifest(refs["ngram.counts"])["checksum"]
+    store.drop_shard(refs["ngram.counts"], 3)
+    store.fs.rm(store.manifest_path(refs["ngram.topk"]))
+    run_stages(cfg, ["ngram"])
+    manifest = store.manifest(refs["ngram.counts"])
     assert manifest["checksum"] == before and manifest["skipped_shards"] == cfg.ngram.buckets - 1 + len(
-        store.markers(refs["counts_map"]))
+        store.markers(refs["ngram.counts_map"]))
 
 
 def test_ngrams_never_cross_documents():
@@ -147,16 +142,16 @@ def test_empty_corpus_and_vocab_mismatch_fail_before_work(indexed, tmp_path):
         from tracecore.tasks.ngram import check_inputs
 
         check_inputs(empty, NgramConfig(), "tokens/e", 400)
-    from tracecore.tasks.memorization import plan_memorization, run_memorization
+    from tracecore.tasks.memorization import STAGE
+    from tracecore.tasks.stage import plan_stage, run_stage
 
-    other = store.manifest(refs["index"])
-    manifest_path = store.manifest_path(refs["index"])
+    other = store.manifest(refs["ngram.index"])
+    manifest_path = store.manifest_path(refs["ngram.index"])
     store.fs.pipe(manifest_path, json.dumps({**other, "vocab_size": other["vocab_size"] + 1}).encode())
     try:
-        mcfg = MemorizationConfig(models=[])
+        plan = plan_stage(STAGE, indexed[1], {**refs, "pretrain.model": "model/not-needed"}, store)
         with pytest.raises(VocabMismatchError, match="was built with"):
-            run_memorization(store.uri, mcfg, refs["index"], refs["tokenizer"], [], refs["sample"],
-                             plan_memorization(mcfg, refs["index"], [], refs["sample"]))
+            run_stage(STAGE, indexed[1].memorization, plan, store.uri)
     finally:
         store.fs.pipe(manifest_path, json.dumps(other).encode())
     assert not any(a.startswith("memorization_pairs/") for a in store.list_artifacts())
@@ -169,7 +164,7 @@ def test_overlap_rule_checks_short_answers_and_multiple_choice_input_is_the_ques
     assert candidate_pairs({"input": "Was Mivel the birthplace of Anan?", "output": "Mivel"}, 2) == []
     assert candidate_pairs({"input": "Where was Anan born?", "output": "in Mivel town"}, 5) != []
     mc = {"id": "m", "question": "Which city?", "choices": ["Mivel", "Oran"], "answer": 0}
-    from tracecore.tasks.memorization import to_item
+    from tracecore.tasks.taskfiles import to_item
 
     item, reason = to_item("multiple_choice", mc)
     assert reason is None and item["input"] == "Which city?" and item["output"] == "Mivel"
@@ -206,11 +201,11 @@ def test_constructed_agreement_gives_positive_rho(indexed):
 
     store, _, refs = indexed
     spec = TaskSpec(name="qa", kind="qa")
-    with store.local_dir(refs["sample"]) as folder:
+    with store.local_dir(refs["sample.sample"]) as folder:
         items, _ = load_task(spec, f"{folder}/tasks/qa.jsonl", 0)
     pairs = [{"task": "qa", "item_id": it["id"], "input": it["input"], "frequency": it["frequency"], "s_x": sx,
               "s_y": sy} for it in items for sx, sy in candidate_pairs(it, 2)]
-    count_chunk(store.uri, "test/constructed", 0, (refs["index"], refs["tokenizer"], pairs), 100, 50_000)
+    count_chunk(store.uri, "test/constructed", 0, (refs["ngram.index"], refs["tokenize.tokenizer"], pairs), 100, 50_000)
     rows = item_scores(store.read_shard("test/constructed", 0).to_pylist())
     designed = [{**r, "model": "planted", "parameters": 1, "log_p_lm": float(np.log(r["frequency"]))} for r in rows]
     (score,) = score_table(designed, MemorizationConfig(bootstrap=200))
@@ -244,7 +239,7 @@ def test_vectorized_bootstrap_equals_one_resample_at_a_time():
     """`correlations` draws all resamples at once (it was ~12 s of the default run); same draws, same interval,
     ties (integer counts) ranked as averages, constant resamples skipped."""
     from scipy import stats
-    from tracecore.tasks.memorization import correlations
+    from tracecore.tasks.memorization_scores import correlations
 
     rng = np.random.default_rng(3)
     ref = rng.integers(0, 6, 40).astype(float)  # heavy ties, and some resamples of 40 are near-constant
@@ -268,25 +263,25 @@ def test_ngram_cli_count_docs_and_cnf(indexed):
 
     store, _, refs = indexed
     phrase = "was born in the year"
-    texts = store.read_table(refs["documents"]).column("text").to_pylist()
+    texts = store.read_table(refs["ingest.documents"]).column("text").to_pylist()
     expected = sum(len(re.findall(r"(?:^| )" + re.escape(phrase) + r"(?=\W|$)", t)) for t in texts)
-    args = ["--store", store.uri, "--index", refs["index"], "--json"]
+    args = ["--store", store.uri, "--index", refs["ngram.index"], "--json"]
     counted = json.loads(run_cli("ngram", "count", phrase, *args).stdout)
     assert counted["count"] == expected > 0 and counted["text"] == phrase
     assert sum(f["count"] for f in counted["forms"]) == counted["count"] and all(f["tokens"] for f in counted["forms"])
     found = json.loads(run_cli("ngram", "docs", phrase, *args, "--limit", "50").stdout)
     assert found["occurrences"] == expected and 0 < len(found["documents"]) <= 50
     ids = {d["id"] for d in found["documents"]}
-    by_id = {r["id"]: r for r in store.read_table(refs["documents"]).to_pylist() if r["id"] in ids}
+    by_id = {r["id"]: r for r in store.read_table(refs["ingest.documents"]).to_pylist() if r["id"] in ids}
     for d in found["documents"]:
         assert phrase in by_id[d["id"]]["text"] and phrase in d["snippet"]
         assert (d["file"], d["line"]) == (by_id[d["id"]]["file"], by_id[d["id"]]["line"])
     cooc = json.loads(run_cli("ngram", "cnf", "was born", "AND", "year", *args, "--window", "20").stdout)
-    with open_engine(store, refs["index"]) as engine:
+    with open_engine(store, refs["ngram.index"]) as engine:
         tok = tokenizer(store, refs)
         direct = engine.count_cnf([phrase_variants(tok, "was born"), phrase_variants(tok, "year")], max_diff_tokens=20)
     assert cooc["count"] == direct["count"] > 0 and cooc["approx"] is False
-    text = run_cli("ngram", "count", phrase, "--store", store.uri, "--index", refs["index"])
+    text = run_cli("ngram", "count", phrase, "--store", store.uri, "--index", refs["ngram.index"])
     assert text.returncode == 0 and f": {expected}" in text.stdout
-    bad = run_cli("ngram", "cnf", "a", "AND", "--store", store.uri, "--index", refs["index"])
+    bad = run_cli("ngram", "cnf", "a", "AND", "--store", store.uri, "--index", refs["ngram.index"])
     assert bad.returncode == 2 and "empty clause" in bad.stderr

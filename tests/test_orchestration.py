@@ -7,8 +7,8 @@ import threading
 
 import pytest
 from conftest import run_cli
+from tracecore.flows.pipeline import is_transient
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import is_transient
 
 
 @pytest.mark.parametrize(("exc", "retry"), [
@@ -30,26 +30,23 @@ def test_single_stage_flow_computes_missing_upstream(prefect_harness, test_confi
     cfg = test_config()
     refs = STAGE_FLOWS["tokenize"](config=cfg.model_dump(mode="json"))
     store = ArtifactStore(cfg.store)
-    assert {"sample", "documents", "tokens", "tokenizer"} <= set(refs)
-    assert all(store.is_committed(refs[k]) for k in ("sample", "documents", "tokens"))
+    assert {"sample.sample", "ingest.documents", "tokenize.tokens", "tokenize.tokenizer"} <= set(refs)
+    assert all(store.is_committed(refs[k]) for k in ("sample.sample", "ingest.documents", "tokenize.tokens"))
     assert not any(a.startswith("model/") for a in store.list_artifacts())  # nothing downstream ran
 
 
 def test_concurrent_runs_of_one_config_compute_once(test_config, tmp_path):
-    from tracecore.flows.plan import stage_call
-    from tracecore.tasks.sample import run_sample
+    from conftest import run_planned, stage_plan
 
     cfg = test_config()
-    sample_call = stage_call("sample", cfg, cfg.store, {})
-    run_sample(cfg.store, **sample_call)
-    call = stage_call("ingest", cfg, cfg.store, {"sample": sample_call["refs"]["sample"]})
-    from tracecore.tasks.ingest import run_ingest
+    run_planned(cfg, "sample")
+    plan = stage_plan(cfg, "ingest")
 
     errors: list[BaseException] = []
 
     def worker():
         try:
-            run_ingest(cfg.store, **call)
+            run_planned(cfg, "ingest", plan)
         except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
             errors.append(exc)
 
@@ -57,10 +54,10 @@ def test_concurrent_runs_of_one_config_compute_once(test_config, tmp_path):
     [t.start() for t in threads], [t.join() for t in threads]
     assert not errors
     store = ArtifactStore(cfg.store)
-    manifest = store.manifest(call["refs"]["documents"])
-    assert manifest["rows"] == store.read_table(call["refs"]["documents"]).num_rows > 0
-    assert len(store.markers(call["refs"]["documents"])) == manifest["shards"]
-    ids = store.read_table(call["refs"]["documents"]).column("id").to_pylist()
+    manifest = store.manifest(plan.refs["documents"])
+    assert manifest["rows"] == store.read_table(plan.refs["documents"]).num_rows > 0
+    assert len(store.markers(plan.refs["documents"])) == manifest["shards"]
+    ids = store.read_table(plan.refs["documents"]).column("id").to_pylist()
     assert len(ids) == len(set(ids))  # nothing written twice
 
 

@@ -9,26 +9,23 @@ from conftest import reduced_sets, run_cli
 from tracecore.storage.store import ArtifactStore
 
 
-def test_pipeline_end_to_end_then_fully_cached(prefect_harness, test_config):
+def test_pipeline_end_to_end_then_fully_cached(pipeline_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from tracecore.flows.pipeline import pipeline
     from tracecore.tasks.models import model_dir
     from transformers import AutoModelForCausalLM
 
-    cfg = test_config()
-    store = ArtifactStore(cfg.store)
-    first = pipeline(config=cfg.model_dump(mode="json"), run_id="run-a")
-    record = json.loads(store.fs.open(f"{store.run_dir('run-a')}/run.json").read())
+    cfg, store, first, record = pipeline_run.cfg, pipeline_run.store, pipeline_run.result, pipeline_run.record
     assert record["state"] == "completed"
     from tracecore.tasks.registry import STAGES
 
     assert {s: i["status"] for s, i in record["stages"].items()} == dict.fromkeys(STAGES, "computed")
     report = (store.fs.open(first["report"]).read()).decode()
     assert "| tokenize | tokens/" in report and "pretrain_loss.png" in report
-    manifest = store.manifest(first["refs"]["model"])
+    manifest = store.manifest(first["refs"]["pretrain.model"])
     assert manifest["eval_loss"] < manifest["eval_loss_initial"]  # the bootstrap model learned something
-    with model_dir(store, first["refs"]["model"]) as folder:
+    with model_dir(store, first["refs"]["pretrain.model"]) as folder:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     assert model.config.model_type == "llama" and model.num_parameters() == manifest["parameters"]
 
@@ -64,7 +61,7 @@ def test_stage_runs_on_an_existing_cluster_by_address(prefect_harness, test_conf
         result = pipeline(config=cfg.model_dump(mode="json"), run_id="by-address")
         prefixes = set(cluster.scheduler.task_prefixes)
     assert {"ingest", "dedup", "tokenize"} <= {p.split("-")[0] for p in prefixes}, prefixes
-    assert ArtifactStore(cfg.store).is_committed(result["refs"]["tokens"])
+    assert ArtifactStore(cfg.store).is_committed(result["refs"]["tokenize.tokens"])
 
 
 @pytest.mark.slow

@@ -75,36 +75,35 @@ def test_dataset_guarantees():
 
 @pytest.mark.slow
 def test_stage_splits_by_prompt_is_deterministic_and_reused(pretrained, tmp_path):
-    from tracecore.flows.plan import stage_call
-    from tracecore.tasks.preference import run_preference
+    from conftest import run_planned, stage_plan
 
-    cfg, refs = pretrained
-    call = stage_call("preference", cfg, cfg.store, refs)
-    run_preference(cfg.store, **call)
+    cfg, _ = pretrained
+    plan = stage_plan(cfg, "preference")
+    refs = run_planned(cfg, "preference", plan)
     store = ArtifactStore(cfg.store)
-    data = store.read_table(call["refs"]["data"]).to_pylist()
+    data = store.read_table(refs["data"]).to_pylist()
     train = {r["prompt"] for r in data if r["split"] == "train"}
     test = {r["prompt"] for r in data if r["split"] == "test"}
     assert train and test and not train & test
     train_ctx = {r["context"] for r in data if r["split"] == "train" and r["context"]}
     test_ctx = {r["context"] for r in data if r["split"] == "test" and r["context"]}
     assert test_ctx and not train_ctx & test_ctx  # held-out phrasings, not only held-out prompts
-    folder = store.artifact_dir(call["refs"]["data"])
+    folder = store.artifact_dir(refs["data"])
     assert pq.read_table(folder).num_rows == len(data)  # a plain Parquet dataset (HF `datasets` reads it)
-    stats = {s["metric"]: s["value"] for s in store.read_table(call["refs"]["stats"]).to_pylist()}
+    stats = {s["metric"]: s["value"] for s in store.read_table(refs["stats"]).to_pylist()}
     assert stats["label_a_share"] == 0.5 and stats["reversal_pairs"] > 0
-    first = store.manifest(call["refs"]["data"])["checksum"]
+    first = store.manifest(refs["data"])["checksum"]
     import shutil
 
     other = tmp_path / "again"
     shutil.copytree(cfg.store, other)
-    for name in ("parsed", "data", "rejects", "stats", "reward_model", "eval"):
-        shutil.rmtree(other / "artifacts" / call["refs"][name], ignore_errors=True)
-    run_preference(str(other), **call)
-    assert ArtifactStore(other).manifest(call["refs"]["data"])["checksum"] == first  # deterministic
-    eval_manifest = store.manifest(call["refs"]["eval"])
-    run_preference(cfg.store, **call)  # re-run on the same inputs: reused, not recomputed
-    assert store.manifest(call["refs"]["eval"])["committed_at"] == eval_manifest["committed_at"]
+    for name in ("parsed", "data", "rejects", "stats", "reward_model", "accuracy"):
+        shutil.rmtree(other / "artifacts" / refs[name], ignore_errors=True)
+    run_planned(cfg, "preference", plan, str(other))
+    assert ArtifactStore(other).manifest(refs["data"])["checksum"] == first  # deterministic
+    eval_manifest = store.manifest(refs["accuracy"])
+    run_planned(cfg, "preference", plan)  # re-run on the same inputs: reused, not recomputed
+    assert store.manifest(refs["accuracy"])["committed_at"] == eval_manifest["committed_at"]
 
 
 def test_guarantees_are_counted_and_zero():
@@ -131,12 +130,13 @@ def test_lm_judgements_are_parsed():
 def test_context_lm_and_lora_reward_model_run(pretrained, tmp_path):
     """The GPU-profile options on the tiny model: LM-proposed contexts (tagged `lm` when the judge answers)
     and a LoRA reward model that trains and merges into a plain sequence-classification folder."""
-    from tracecore.tasks.preference import lm_contexts, load_context_lm, load_reward_model, train_reward_model
     from tracecore.tasks.models import model_dir
+    from tracecore.tasks.preference import lm_contexts, load_context_lm
+    from tracecore.tasks.reward_model import load_reward_model, train_reward_model
 
     cfg, refs = pretrained
     store = ArtifactStore(cfg.store)
-    with model_dir(store, refs["model"]) as folder:
+    with model_dir(store, refs["pretrain.model"]) as folder:
         lm = load_context_lm(folder)
         contexts = lm_contexts({"prompt": "p", "a": "x", "b": "y"}, lm, PreferenceConfig().context_lm_template)
         assert all(c[1] == "criteria" and c[2] in ("a", "b") and c[3] == "lm" for c in contexts)
@@ -181,12 +181,12 @@ def test_no_context_records_only_where_a_preference_holds_without_context():
 
 def test_reward_model_input_never_cuts_the_response(pretrained):
     """[context][prompt][response] over max_len: the prompt (then the context) gives way, the response stays whole."""
-    from tracecore.tasks.preference import rm_ids
     from tracecore.tasks.models import model_dir
+    from tracecore.tasks.reward_model import rm_ids
     from transformers import AutoTokenizer
 
     cfg, refs = pretrained
-    with model_dir(ArtifactStore(cfg.store), refs["model"]) as folder:
+    with model_dir(ArtifactStore(cfg.store), refs["pretrain.model"]) as folder:
         tok = AutoTokenizer.from_pretrained(folder)
     response = "Tea is a drink made from leaves."
     ids = rm_ids(tok, "Prefer a short answer.", "Tell me " + "everything " * 80 + "about tea.", response, 100)
@@ -205,7 +205,7 @@ def _scorer(reads_context: bool):
 def test_preference_metrics_can_fail():
     """A context-blind scorer and a context-reading scorer must come out differently on every metric that
     claims to measure context use: conditioned accuracy and joint accuracy on reversal pairs. Ties are wrong."""
-    from tracecore.tasks.preference import evaluate, is_correct
+    from tracecore.tasks.reward_model import evaluate, is_correct
 
     assert not is_correct(0.0, "a") and not is_correct(0.0, "b") and is_correct(-1.0, "b")
     rows = []
@@ -237,7 +237,7 @@ def test_every_sample_axis_pole_has_training_and_held_out_phrasings():
 
 
 def test_wilson_interval_keeps_the_estimate_inside_and_the_range():
-    from tracecore.tasks.preference import wilson
+    from tracecore.tasks.reward_model import wilson
 
     for k, n in ((0, 10), (10, 10), (28, 28), (5, 10), (0, 1), (1, 3)):
         lo, hi = wilson(k, n)
@@ -249,7 +249,8 @@ def test_reward_model_trains_once_per_comparison_not_per_response_order():
     """The dataset keeps both response orders (balanced labels for pairwise classifiers), but a Bradley-Terry
     model scores each response alone: -log s(r(win) - r(lose)) is the same example in either order, so
     training on both only doubles the cost."""
-    from tracecore.tasks.preference import bt_examples, expand
+    from tracecore.tasks.preference import expand
+    from tracecore.tasks.reward_model import bt_examples
 
     pair = {"prompt": "p", "a": "short", "b": "long answer", "default": "a",
             "contexts": json.dumps([["Be brief.", "criteria", "a", "library"], ["Be thorough.", "criteria", "b", "library"]])}

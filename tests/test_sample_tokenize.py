@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from tracecore.configs.schema import SampleConfig, TokenizeConfig
-from tracecore.tasks.ingest import list_input_files, plan_ingest, run_ingest
+from tracecore.configs.schema import SampleConfig
 from tracecore.tasks.sample import FACT_TEMPLATES, write_sample
-from tracecore.tasks.tokenize import TokenizerError, check_user_tokenizer, plan_tokenize, run_tokenize
+from tracecore.tasks.tokenize import TokenizerError, check_user_tokenizer
 
 SMALL = SampleConfig(n_entities=30, max_fact_frequency=40, n_parallel_phrases=15, filler_documents=200,
                      instructions=160, preference_pairs=20, haystacks=5, haystack_sentences=20, corpus_files=3)
@@ -86,30 +85,30 @@ def test_tasks_instructions_preferences_haystacks_have_public_schemas(tmp_path):
 @pytest.fixture
 def documents(tmp_path):
     write_sample(SMALL, tmp_path / "world")
-    from tracecore.configs.schema import IngestConfig
 
-    files = list_input_files([str(tmp_path / "world/corpus/*.jsonl.gz")])
-    refs = plan_ingest(IngestConfig(), files)
-    store_uri = str(tmp_path / "store")
-    run_ingest(store_uri, IngestConfig(), files, refs)
-    return store_uri, refs["documents"]
+    from tracecore.flows.pipeline import run_stages
+    from tracecore.tasks.registry import validate_config
+
+    cfg = validate_config({"store": str(tmp_path / "store"),
+                           "ingest": {"paths": [str(tmp_path / "world/corpus/*.jsonl.gz")]},
+                           "tokenize": {"vocab_size": 500, "train_docs": 1000}})
+    return cfg, run_stages(cfg, ["ingest"])["ingest.documents"]
 
 
 def test_tokenize_trains_bpe_and_roundtrips(documents):
+    from tracecore.flows.pipeline import run_stages
     from tracecore.storage.store import ArtifactStore
     from transformers import AutoTokenizer
 
-    store_uri, docs_ref = documents
-    cfg = TokenizeConfig(vocab_size=500, train_docs=1000)
-    refs = plan_tokenize(cfg, docs_ref)
-    run_tokenize(store_uri, cfg, docs_ref, refs)
-    store = ArtifactStore(store_uri)
-    tokens = store.read_table(refs["tokens"])
+    cfg, docs_ref = documents
+    refs = run_stages(cfg, ["tokenize"])
+    store = ArtifactStore(cfg.store)
+    tokens = store.read_table(refs["tokenize.tokens"])
     assert str(tokens.schema.field("tokens").type) == "list<element: uint16>"
-    manifest = store.manifest(refs["tokens"])
+    manifest = store.manifest(refs["tokenize.tokens"])
     assert manifest["tokens"] == sum(tokens.column("n_tokens").to_pylist()) > 0
     assert manifest["inputs"] == {"documents": docs_ref} and manifest["tokens_per_second"] > 0
-    with store.local_dir(refs["tokenizer"]) as folder:
+    with store.local_dir(refs["tokenize.tokenizer"]) as folder:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     assert len(tok) <= 500 and tok.eos_token == "<|endoftext|>"
     texts = store.read_table(docs_ref).column("text").to_pylist()

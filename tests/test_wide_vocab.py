@@ -41,33 +41,33 @@ def wide(tmp_path_factory, request):
     cfg = load_config(profile, [], store=str(root / "store"))
     config, refs = cfg.model_dump(mode="json"), {}
     for stage in ("sample", "ingest"):
-        refs.update(execute_stage(stage, config, refs, address=None))
+        refs.update(execute_stage(stage, config))
     store = ArtifactStore(cfg.store)
-    texts = store.read_table(refs["documents"]).column("text").to_pylist()
+    texts = store.read_table(refs["ingest.documents"]).column("text").to_pylist()
     size = word_level_tokenizer(texts, root / "tokenizer")
     cfg = load_config(profile, [f"tokenize.tokenizer_path={root / 'tokenizer'}"], store=cfg.store)
     config = cfg.model_dump(mode="json")
     for stage in ("tokenize", "pretrain", "ngram", "memorization"):
-        refs.update(execute_stage(stage, config, refs, address=None))
+        refs.update(execute_stage(stage, config))
     return store, refs, size
 
 
 def token_docs(store, refs) -> list[list[int]]:
-    return [list(d) for d in store.read_table(refs["tokens"]).column("tokens").to_pylist()]
+    return [list(d) for d in store.read_table(refs["tokenize.tokens"]).column("tokens").to_pylist()]
 
 
 def test_ids_above_65535_are_stored_as_uint32(wide):
     store, refs, size = wide
     assert size > 65_535
-    assert "uint32" in store.markers(refs["tokens"])[0]["schema"]
-    assert store.manifest(refs["index"])["token_dtype"] == "u32"
+    assert "uint32" in store.markers(refs["tokenize.tokens"])[0]["schema"]
+    assert store.manifest(refs["ngram.index"])["token_dtype"] == "u32"
     assert max(max(d) for d in token_docs(store, refs) if d) > 65_535
 
 
 def test_exact_table_equals_an_independent_scan(wide):
     store, refs, _ = wide
     scan = Counter(tuple(d[i:i + n]) for d in token_docs(store, refs) for n in (1, 2, 3) for i in range(len(d) - n + 1))
-    table = store.read_table(refs["counts"]).to_pylist()
+    table = store.read_table(refs["ngram.counts"]).to_pylist()
     assert len(table) == len(scan)
     assert all(scan[tuple(r["ngram"])] == r["count"] for r in table)
 
@@ -79,7 +79,7 @@ def test_index_counts_equal_an_independent_scan(wide):
     docs = token_docs(store, refs)
     scan = Counter(tuple(d[i:i + 3]) for d in docs for i in range(len(d) - 2))
     grams = [g for g, _ in scan.most_common(5)] + [g for g, c in scan.items() if c == 1][:5]
-    with open_engine(store, refs["index"]) as engine:
+    with open_engine(store, refs["ngram.index"]) as engine:
         for gram in grams:
             assert engine.count(list(gram))["count"] == scan[gram], gram
         assert engine.count([65_999, 66_000])["count"] == 0  # filler ids never occur
@@ -93,7 +93,7 @@ def test_index_counts_equal_an_independent_scan(wide):
 
 def test_memorization_scores_with_a_wide_vocabulary(wide):
     store, refs, _ = wide
-    scores = {s["task"]: s for s in store.read_table(refs["scores"]).to_pylist()}
+    scores = {s["task"]: s for s in store.read_table(refs["memorization.scores"]).to_pylist()}
     assert scores["qa"]["n_all"] > 0 and scores["qa"]["n_cooccurring"] > 0
-    pairs = store.read_table(refs["pairs"]).to_pylist()
+    pairs = store.read_table(refs["memorization.pairs"]).to_pylist()
     assert any(p["c_xy"] > 0 for p in pairs) and np.isfinite([p["c_x"] for p in pairs]).all()

@@ -1,0 +1,411 @@
+"""Typed pipeline configuration: one pydantic model per stage, composed into `PipelineConfig`.
+
+Every model forbids unknown keys, so a typo fails before any work starts. `load_config`
+reads a YAML profile, applies `--set a.b=c` overrides and turns pydantic's errors into one
+readable message that names the field and what it accepts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tracecore.kernels.settings import LongCacheConfig, RazorConfig
+
+PROFILE_DIR = Path(__file__).parent
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the field(s)."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the settings; part of every artifact fingerprint."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SampleConfig(Strict):
+    """The embedded sample world (`tracecore make-sample`)."""
+
+    seed: int = 0
+    n_entities: int = Field(400, ge=10, le=100_000)
+    max_fact_frequency: int = Field(1000, ge=1, le=100_000, description="planted count of the most frequent fact")
+    n_parallel_phrases: int = Field(300, ge=10, le=100_000)
+    filler_documents: int = Field(10000, ge=0, le=10_000_000)
+    sentences_per_document: int = Field(8, ge=1, le=1000)
+    instructions: int = Field(3000, ge=100, le=1_000_000)
+    family_zipf_exponent: float = Field(1.0, ge=0.0, le=3.0, description=(
+        "instruction-pool family sizes fall as rank^-s (s = 1: the largest of 8 families is 8x the rarest, as in "
+        "real instruction mixtures); 0 = equal sizes. The held-out set is balanced over families either way"))
+    preference_pairs: int = Field(600, ge=10, le=1_000_000)
+    haystacks: int = Field(40, ge=1, le=100_000)
+    haystack_sentences: int = Field(120, ge=10, le=100_000)
+    corpus_files: int = Field(8, ge=1, le=10_000, description="corpus JSONL files (ingest parallelism)")
+    repeated_list_documents: int = Field(0, ge=0, le=10_000_000, description=(
+        "extra corpus documents that repeat a random list (in-context repetition, on which induction heads form)"))
+
+
+class IngestConfig(Strict):
+    """Read corpora into validated, de-duplicated document shards."""
+
+    paths: list[str] = Field(default_factory=list, description="globs/URIs; empty = the sample corpus")
+    text_field: str = "text"
+    id_field: str = "id"
+    max_doc_chars: int = Field(1_000_000, ge=1)
+    max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    docs_per_shard: int = Field(2000, ge=1)
+    dedup: bool = True
+
+
+class TokenizeConfig(Strict):
+    """Train (or load) a tokenizer and write token shards."""
+
+    tokenizer_path: str | None = Field(None, description="local HF tokenizer folder; None = train BPE")
+    vocab_size: int = Field(4096, ge=260, le=65_535)
+    min_frequency: int = Field(2, ge=1)
+    train_docs: int = Field(20_000, ge=1, description="documents sampled to train the BPE")
+    split_digits: bool = Field(False, description="one token per digit (as in Llama): numbers can be copied "
+                               "digit by digit; needed for the needle task on a tiny model")
+    batch_size: int = Field(512, ge=1)
+
+
+class PretrainConfig(Strict):
+    """The bootstrap Llama-architecture model, or a user's model by path."""
+
+    model_path: str | None = Field(None, description="local HF causal-LM folder; None = pretrain a tiny Llama")
+    hidden_size: int = Field(128, ge=16, le=8192)
+    layers: int = Field(2, ge=1, le=128)
+    heads: int = Field(4, ge=1, le=128)
+    kv_heads: int = Field(2, ge=1, le=128)
+    intermediate_size: int = Field(384, ge=16)
+    seq_len: int = Field(256, ge=16, le=131_072)
+    batch_size: int = Field(16, ge=1)
+    max_tokens: int = Field(1_000_000, ge=1, description="training tokens (stops early when the corpus ends)")
+    lr: float = Field(3e-3, gt=0, lt=1)
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after the linear warm-up")
+    epochs: float = Field(1.0, gt=0, le=1000, description="passes over the corpus (max_tokens still caps)")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    eval_fraction: float = Field(0.02, gt=0, lt=0.5)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> PretrainConfig:
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden_size must be divisible by heads, and heads by kv_heads")
+        return self
+
+
+class NgramConfig(Strict):
+    """Corpus n-gram counting: infini-gram index + exact small-n table."""
+
+    shard_groups: int = Field(2, ge=1, le=4096, description="infini-gram indexes built in parallel")
+    index_mem_gib: int = Field(2, ge=1, le=4096)
+    index_cpus: int = Field(1, ge=1, le=256, description="cpus per indexer process")
+    max_n: int = Field(3, ge=1, le=4, description="exact table holds n-grams for n = 1..max_n")
+    buckets: int = Field(16, ge=1, le=65_535)
+    top_k: int = Field(100, ge=1)
+
+
+class TaskSpec(Strict):
+    """A task file in one of the public shapes: translation (source/target), qa (question/answer),
+    multiple_choice (question/choices/answer index)."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    kind: Literal["translation", "qa", "multiple_choice"]
+    path: str | None = Field(None, description="JSONL/Parquet file or glob; None = the sample world's task")
+    align_threshold: float | None = Field(None, ge=-1, le=1, description="overrides the n-based default")
+
+
+def _sample_tasks() -> list[TaskSpec]:
+    return [TaskSpec(name="translation", kind="translation"), TaskSpec(name="qa", kind="qa"),
+            TaskSpec(name="multiple_choice", kind="multiple_choice")]
+
+
+class MemorizationConfig(Strict):
+    """Task-gram pairs, their corpus counts, LM probabilities and the memorization scores (v5 definitions)."""
+
+    tasks: list[TaskSpec] = Field(default_factory=_sample_tasks)
+    n: int = Field(2, ge=1, le=8, description="word n-gram size for task-gram pairs")
+    max_items: int = Field(400, ge=0, description="items per task (0 = all)")
+    align: bool = True
+    align_threshold_short: float = Field(0.6, ge=-1, le=1, description="cosine threshold for n <= 2 (paper)")
+    align_threshold_long: float = Field(0.9, ge=-1, le=1, description="cosine threshold for n >= 3 (paper)")
+    embedder_path: str | None = Field(None, description="sentence-transformers folder; None = packaged MiniLM")
+    max_diff_tokens: int = Field(1000, ge=1, description="co-occurrence window for count_cnf")
+    max_clause_freq: int = Field(50_000, ge=1)
+    models: list[str] = Field(default_factory=list, description="HF causal-LM folders; empty = bootstrap model")
+    bootstrap: int = Field(1000, ge=10, le=100_000)
+    items_per_chunk: int = Field(50, ge=1, description="items per Dask counting task")
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class GradientsConfig(Strict):
+    """TAGCOS/LESS gradient features. Official values in comments; the tiny profile scales them down."""
+
+    pool_path: str | None = Field(None, description="Alpaca-style JSONL; None = sample world instructions")
+    warmup_fraction: float = Field(0.05, gt=0, le=1)
+    checkpoint_steps: list[int] = Field(default_factory=lambda: [10, 20, 30], min_length=1)
+    lr: float = Field(2e-5, gt=0, lt=1, description="peak lr of the planned linear warm-up schedule")
+    lr_warmup_steps: int | None = Field(None, ge=1, description="linear warm-up length; None = 2 x the last "
+                                        "checkpoint step, so checkpoints train at rising lrs (TAGCOS 10/20/30)")
+    planned_epochs: int = Field(4, ge=1, description="planned schedule length in epochs over the warm-up "
+                                "subset (LESS: 4); decay starts after the warm-up")
+    batch_size: int = Field(8, ge=1, description="warm-up batch (official 1 x 32 accumulation x GPUs)")
+    lora_r: int = Field(128, ge=1)
+    lora_alpha: int = Field(512, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    max_seq_len: int = Field(512, ge=8)
+    proj_dim: int = Field(8192, ge=8, le=65_536)
+    proj_seed: int = 0
+    feature_batch_size: int = Field(16, ge=1)
+    shards: int = Field(4, ge=1, le=100_000)
+    threads: int = Field(1, ge=0, description="torch threads per Dask worker; 0 = default")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sorted_steps(self) -> GradientsConfig:
+        if sorted(set(self.checkpoint_steps)) != self.checkpoint_steps or self.checkpoint_steps[0] < 1:
+            raise ValueError("checkpoint_steps must be increasing positive integers")
+        return self
+
+
+class SelectConfig(Strict):
+    """TAGCOS coreset selection: K-means, then per-cluster non-negative ridge OMP."""
+
+    clusters: int = Field(100, ge=1)
+    rate: float = Field(0.05, gt=0, le=1)
+    omp_lambda: float = Field(1.0, ge=0)
+    omp_tolerance: float = Field(1e-4, gt=0)
+    minibatch_above: int = Field(100_000, ge=1, description="use MiniBatchKMeans above this many rows")
+    baseline_draws: int = Field(3, ge=1, description="random / cluster-random draws; fine-tuning seed s uses "
+                                "draw s mod baseline_draws, so intervals over seeds include selection noise")
+    seed: int = 0
+
+
+class PreferenceInput(Strict):
+    path: str
+    format: Literal["pairwise", "rpr", "sample"] = "pairwise"
+
+
+class PreferenceConfig(Strict):
+    """Context-conditioned preference data with reversals and a context-aware reward model."""
+
+    inputs: list[PreferenceInput] = Field(default_factory=list, description="empty = the sample world's pairs")
+    criteria_library: str | None = Field(
+        "builtin", description="YAML path; builtin = configs/libraries/criteria.yaml; null = none")
+    context_lm_path: str | None = Field(None, description="local instruct LM that proposes criteria")
+    context_lm_template: str = ("Prompt: {prompt}\nResponse A: {a}\nResponse B: {b}\n"
+                                "One criterion that tells these responses apart:")
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of prompts held out")
+    context_test_fraction: float = Field(0.3, gt=0, lt=1, description="share of context phrasings held out: "
+                                         "test records use only phrasings no training record has")
+    rm_epochs: int = Field(3, ge=1)
+    rm_lr: float = Field(1e-4, gt=0, lt=1)
+    rm_batch_size: int = Field(16, ge=1)
+    rm_max_len: int = Field(128, ge=16)
+    rm_lora: bool = False
+    threads: int = Field(1, ge=0, description="torch threads per Dask worker; the context-aware and the "
+                         "context-blind reward models train as two shards, in parallel; 0 = torch default")
+    seed: int = 0
+
+
+class LongContextConfig(Strict):
+    """ChatQA 2-style context extension before fine-tuning: raise the RoPE base, continue training on
+    corpus documents packed into long sequences with a separator string between documents."""
+
+    enabled: bool = False
+    rope_theta: float = Field(1.5e8, gt=0, description="ChatQA 2: 500k -> 150M for 8K -> 128K")
+    seq_len: int = Field(1024, ge=16, le=1_048_576)
+    steps: int = Field(50, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(3e-5, gt=0, lt=1, description="ChatQA 2: 3e-5")
+    separator: str = Field("<s>", min_length=1, description="between packed documents (not the EOS token)")
+
+
+class FinetuneConfig(Strict):
+    """Fine-tune the base model on selected subsets (TAGCOS, baselines, full pool), several seeds each."""
+
+    subsets: list[Literal["tagcos", "random", "cluster_random", "full"]] = Field(
+        default_factory=lambda: ["tagcos", "random", "cluster_random", "full"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    full_seeds: int | None = Field(None, ge=1, description=(
+        "the `full` pool reference trains on only the first N seeds (it is a reference, not part of the paired "
+        "TAGCOS - random verdict, and on CPU its run is the longest); None = every seed"))
+    eval_path: str | None = Field(None, description="held-out Alpaca-style JSONL; None = sample eval split")
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per variant")
+    lr: float = Field(2e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="micro-batch")
+    grad_accum: int = Field(4, ge=1)
+    max_seq_len: int = Field(512, ge=8)
+    lora: bool = Field(False, description="LoRA via peft (merged before saving) instead of full fine-tuning")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    mini_sequence: bool = Field(True, description="MsT chunked LM head + MLP with activation recomputation")
+    lm_chunks: int | None = Field(None, ge=1, description="None = ceil(vocab / hidden)")
+    mlp_chunks: int | None = Field(None, ge=1, description="None = ceil(intermediate / hidden)")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    log_every: int = Field(10, ge=1, description="optimizer steps between Prefect log lines (the curve keeps all)")
+    long_context: LongContextConfig = Field(default_factory=LongContextConfig)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+    threads: int = Field(1, ge=0, description="torch threads per Dask worker; 0 = default")
+    seed: int = 0
+
+
+class RagSettings(Strict):
+    """ChatQA 2-style retrieval: token chunks with overlap, MiniLM embeddings, top-k chunks in context."""
+
+    chunk_tokens: int = Field(64, ge=8, description="ChatQA 2 used 1200")
+    overlap: int = Field(16, ge=0)
+    top_k: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
+
+
+class EvalConfig(Strict):
+    """Model quality per checkpoint, the data-selection verdict, and long-context evaluation."""
+
+    max_items: int = Field(100, ge=1, description="items per task and model")
+    batch_size: int = Field(16, ge=1)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    needle_lengths: list[int] = Field(default_factory=lambda: [256, 1024, 2048], min_length=1)
+    needle_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    needles_per_cell: int = Field(2, ge=1)
+    retrieval_train_steps: int = Field(0, ge=0, description="retrieval curriculum steps at the trained length; 0 = none")
+    retrieval_train_lr: float = Field(1e-3, gt=0, lt=1, description="constant after warm-up")
+    retrieval_batch_size: int = Field(16, ge=1)
+    retrieval_recall_share: float = Field(0.3, ge=0, le=1, description="passkey-recall documents; the rest repeated lists")
+    razor: RazorConfig = Field(  # paper: S0 in the thousands, C 5, probe 2500 tokens; scaled for small models
+        default_factory=lambda: RazorConfig(min_buffer=32, compression=8.0, probe_block=64),
+        description="RazorAttention (arXiv 2407.15891), the kernel's own settings type")
+    longcache: LongCacheConfig = Field(  # official 32 / 4096 / 1 / 32, clip 64, chunk 512
+        default_factory=lambda: LongCacheConfig(global_size=4, local_size=64, mid_size=1, span_size=16, recall_clip=4,
+                                                chunk_size=64),
+        description="LongCache/ReAttention (arXiv 2407.15176), the kernel's own settings type")
+    rag: RagSettings = Field(default_factory=RagSettings)
+    threads: int = Field(1, ge=0)
+    seed: int = 0
+
+
+class DaskConfig(Strict):
+    address: str | None = Field(None, description="existing scheduler, e.g. tcp://host:8786")
+    n_workers: int = Field(2, ge=1, le=1024)
+    threads_per_worker: int = Field(1, ge=1, le=256)
+    processes: bool = True
+    memory_limit: str = "auto"
+
+
+class PipelineBase(Strict):
+    """Run-wide settings; `tracecore.tasks.registry` adds one section per registered stage and `stages`."""
+
+    profile: str = "tiny"
+    store: str = ".tracecore/store"
+    calibrate: bool = Field(True, description="measure the machine (fp32 matmul GFLOP/s, BPE tokens/s; ~3 s) at the "
+                            "start of a run and record it beside the stage timings, which differ ~2x between "
+                            "same-size machines")
+    extra_stages: list[str] = Field(default_factory=list, description=(
+        "modules of your own stages (each defines STAGE = tracecore.tasks.stage.Stage(...)), run after the "
+        "built-in ones"))
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+
+    def stage_config(self, stage: str) -> Strict:
+        return getattr(self, stage)
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"must be one of {e['ctx']['expected']}"
+        lines.append(f"  {field}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _parse_value(raw: str) -> Any:
+    """`--set` values are YAML scalars/lists: 4096, true, null, [a, b], 'text'."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def resolve_profile(profile: str) -> Path:
+    candidate = Path(profile)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        path = candidate
+    else:
+        path = PROFILE_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+        raise ConfigError(f"profile {profile!r} not found: use one of {known} or a path to a YAML file")
+    return path
+
+
+def _merge(base: dict, over: dict) -> dict:
+    return {**base, **{k: _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
+def _extended(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """`extends: <profile>`: that profile's sections, with this file's values merged over them."""
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    base_path = resolve_profile(str(parent))
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise ConfigError(f"{path}: `extends: {parent}` is circular")
+    base = yaml.safe_load(base_path.read_text()) or {}
+    return _merge(_extended(base, base_path, seen + (path.resolve(),)), data)
+
+
+def read_profile(profile: str = "tiny", overrides: list[str] | None = None, **top: Any) -> tuple[dict, str]:
+    """Profile YAML (with `extends:`) + `--set` overrides + explicit top-level values (None = keep);
+    returns the raw mapping and its source, for `tracecore.tasks.registry.load_config` to validate."""
+    path = resolve_profile(profile)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = _extended(data, path)
+    data.setdefault("profile", path.stem)
+    data = apply_overrides(data, list(overrides or []))
+    data.update({k: v for k, v in top.items() if v is not None})
+    return data, str(path)

@@ -1,0 +1,306 @@
+"""`tracecore` command line: run, make-sample, serve, ui, status, artifacts, calibrate.
+
+Imports of Prefect and the stages happen inside the commands, after the offline environment
+and the result-storage path are set (Prefect reads its settings at import time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tracecore.configs.schema import ConfigError
+from tracecore.flows.runtime import configure_environment
+from tracecore.tasks.registry import STAGES, load_config
+
+EPILOG = """examples:
+  tracecore run                                   # tiny profile, embedded sample world, local store
+  tracecore run --stages ingest,tokenize --set ingest.paths='[data/*.jsonl.gz]'
+  tracecore run --profile gpu --dask-address tcp://10.0.0.5:8786 --store s3://bucket/tracecore
+  tracecore run --resume 20261124-201500-a1b2c3   # re-run a failed run: finished stages/shards are skipped
+  tracecore status                                # what the latest run did / what a re-run will skip
+  tracecore ngram count "born in the year"        # exact count in the latest index (both tokenizations)
+  tracecore ngram docs "born in the year" --limit 3
+  tracecore ngram cnf "Renou Nosenta" AND "1854" --window 50
+  tracecore ui                                    # Prefect server + UI on 127.0.0.1:4200
+  tracecore serve --cron "0 3 * * *"              # scheduled runs of the tiny profile (needs the server)
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="tiny", help="profile name in configs/ (tiny, gpu) or a YAML path "
+                   "(default: tiny)")
+    p.add_argument("--store", default=None, help="artifact store root: a local path or any fsspec URI "
+                   "(file://, s3://, memory://); default from the profile (.tracecore/store)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set tokenize.vocab_size=8192 (repeatable; "
+                   "values are YAML: 12, true, null, [a, b])")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tracecore", description="Prefect + Dask pipelines for LLM data work; "
+                                     "every stage reads and writes Parquet artifacts in a store.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (or some stages) as a Prefect flow on a Dask cluster")
+    _add_common(run)
+    run.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}; the upstream "
+                     "stages they need are reused from the store or computed (default: all)")
+    run.add_argument("--dask-address", default=None, help="existing Dask scheduler, e.g. tcp://host:8786 "
+                     "(default: start a LocalCluster for this run)")
+    run.add_argument("--resume", default=None, metavar="RUN_ID", help="re-run RUN_ID with its saved config: "
+                     "committed stages and shards are skipped")
+
+    sample = sub.add_parser("make-sample", help="write the sample world (corpus, tasks, instructions, "
+                            "preferences, long-context) to a local folder")
+    _add_common(sample)
+    sample.add_argument("--out", default="sample_world", help="output folder (default: ./sample_world)")
+
+    serve = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment (needs a server: "
+                           "`tracecore ui` in another shell and PREFECT_API_URL set)")
+    _add_common(serve)
+    serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (03:00 daily)')
+    serve.add_argument("--name", default="tracecore-scheduled", help="deployment name (default: tracecore-scheduled)")
+    serve.add_argument("--no-pause-on-shutdown", dest="pause_on_shutdown", action="store_false",
+                       help="keep the schedule active after this process stops (default: Prefect pauses it)")
+
+    ui = sub.add_parser("ui", help="start the Prefect server + UI on loopback and print PREFECT_API_URL")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; other hosts expose "
+                    "the UI and API to the network)")
+    ui.add_argument("--port", type=int, default=4200)
+
+    sub.add_parser("calibrate", help="a few seconds of fixed work (fp32 matmul GFLOP/s, BPE tokens/s): quote it "
+                   "beside any wall-clock figure, since same-size machines differ ~2x")
+
+    ngram = sub.add_parser("ngram", help="query a committed infini-gram index: count, docs, cnf",
+                           description="Query the n-gram index of a store (the latest one unless --index). "
+                           "Phrases are counted in both tokenizations they have in running text.")
+    ngram_sub = ngram.add_subparsers(dest="query", required=True)
+    for name, text in (("count", "exact count of a phrase"),
+                       ("docs", "documents containing a phrase: id, file, line, snippet"),
+                       ("cnf", 'co-occurrence count: "a" AND "b" [OR "c"] within --window tokens')):
+        q = ngram_sub.add_parser(name, help=text)
+        q.add_argument("terms", nargs="+", help="the phrase" if name != "cnf" else 'phrases joined by AND / OR')
+        q.add_argument("--profile", default="tiny", help="profile whose store to read (default: tiny)")
+        q.add_argument("--store", default=None, help="artifact store root (default: the profile's store)")
+        q.add_argument("--index", default=None, help="index artifact, e.g. ngram_index/<fp> (default: latest)")
+        q.add_argument("--json", action="store_true", help="print JSON for scripts")
+        if name == "docs":
+            q.add_argument("--limit", type=int, default=10, help="documents to show (default: 10)")
+        if name == "cnf":
+            q.add_argument("--window", type=int, default=100, help="max tokens between the clauses (default: 100)")
+
+    status_help = "stages of a run: state, artifacts, shards done, rows, rejects, and what a re-run would skip"
+    for name, text in (("status", status_help),
+                       ("artifacts", "artifacts of a run with their paths, rows and checksums"),
+                       ("readme", ("re-render the README's measured tables (<!-- tracecore:begin NAME --> blocks) "
+                                  "from a run's artifacts, so they cannot go stale"))):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run_id", nargs="?", default=None, help="run id (default: the latest run)")
+        p.add_argument("--profile", default="tiny", help="profile whose store to read (default: tiny)")
+        p.add_argument("--store", default=None, help="artifact store root (default: the profile's store)")
+        if name == "readme":
+            p.add_argument("--readme", default="README.md", help="file to update (default: README.md)")
+            p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a result block would "
+                           "change (the timings block is machine-dependent and not checked)")
+        else:
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tracecore.storage.runs import new_run_id, read_run
+    from tracecore.storage.store import ArtifactStore
+
+    if args.resume:
+        store = ArtifactStore(args.store or ".tracecore/store")
+        saved = read_run(store, args.resume)["config"]
+        cfg = load_config(args.profile, args.overrides) if args.overrides else None
+        config = {**saved, **({} if cfg is None else cfg.model_dump(mode="json"))}
+        run_id = args.resume
+    else:
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+        cfg = load_config(args.profile, args.overrides, store=args.store, stages=stages)
+        config, run_id = cfg.model_dump(mode="json"), new_run_id()
+    if args.dask_address:
+        config["dask"]["address"] = args.dask_address
+    configure_environment(config["store"])
+    from tracecore.flows.pipeline import pipeline
+
+    print(f"tracecore run {run_id}: stages {','.join(config['stages'])}, store {config['store']}", flush=True)
+    result = pipeline.with_options(flow_run_name=f"tracecore-{run_id}")(config=config, run_id=run_id)
+    print(f"\nrun {run_id} completed\nreport:    {result['report']}\nartifacts: {config['store']}/artifacts")
+    return 0
+
+
+def cmd_make_sample(args: argparse.Namespace) -> int:
+    from tracecore.tasks.sample import write_sample
+
+    cfg = load_config(args.profile, args.overrides)
+    counts = write_sample(cfg.sample, args.out)
+    print(json.dumps({"out": str(Path(args.out).resolve()), **counts}, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.profile, args.overrides, store=args.store)  # fail fast on a bad profile
+    configure_environment(cfg.store)
+    from tracecore.flows.deploy import serve
+
+    print(f"serving deployment tracecore-pipeline/{args.name} on cron {args.cron!r} (Ctrl-C stops; "
+          f"the schedule is {'paused' if args.pause_on_shutdown else 'kept'} on shutdown)", flush=True)
+    serve(args.profile, args.overrides, args.store, args.cron, args.name, args.pause_on_shutdown)
+    return 0
+
+
+def store_of(args: argparse.Namespace) -> str:
+    """`--store`, else the profile's store. A store that does not exist is an error (opening one would leave
+    an empty folder behind)."""
+    import fsspec
+
+    uri = args.store or load_config(args.profile).store
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"store {uri!r} does not exist (profile {args.profile!r}; pass --store or --profile)")
+    return uri
+
+
+def cmd_readme(args: argparse.Namespace) -> int:
+    from tracecore.flows.readme import update_readme
+    from tracecore.storage.runs import read_run
+    from tracecore.storage.store import ArtifactStore
+
+    store = ArtifactStore(store_of(args))
+    record = read_run(store, args.run_id)
+    path = Path(args.readme)
+    text, changed = update_readme(path.read_text(), store, record)
+    if args.check:  # wall-clock timings differ between machines; results are deterministic
+        results = [name for name in changed if name != "timings"]
+        print(f"{path}: result blocks that differ from run {record['run_id']}: {', '.join(results) or 'none'}")
+        return 1 if results else 0
+    path.write_text(text)
+    print(f"{path}: {len(changed)} block(s) re-rendered from run {record['run_id']}: {', '.join(changed) or 'none'}")
+    return 0
+
+
+def cnf_clauses(terms: list[str]) -> list[list[str]]:
+    """`a AND b OR c` -> [[a], [b, c]] (AND of ORs, as infini-gram's CNF)."""
+    clauses, current = [], []
+    for term in terms + ["AND"]:
+        if term == "AND":
+            if not current:
+                raise ConfigError(f"cnf: empty clause in {' '.join(terms)!r}")
+            clauses.append(current)
+            current = []
+        elif term != "OR":
+            current.append(term)
+    return clauses
+
+
+def cmd_ngram(args: argparse.Namespace) -> int:
+    from tracecore.flows import query
+    from tracecore.storage.store import ArtifactStore
+
+    store = ArtifactStore(store_of(args))
+    index = args.index or query.latest_index(store)
+    with query.opened(store, index) as (engine, tok):
+        if args.query == "count":
+            result = query.count(engine, tok, " ".join(args.terms))
+        elif args.query == "docs":
+            result = query.docs(store, index, engine, tok, " ".join(args.terms), args.limit)
+        else:
+            result = query.cnf(engine, tok, cnf_clauses(args.terms), args.window)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"index {index}")
+    if args.query == "count":
+        print(f"{result['text']!r}: {result['count']}  (" + ", ".join(
+            f"{f['tokens']}: {f['count']}" for f in result["forms"]) + ")")
+    elif args.query == "docs":
+        print(f"{result['text']!r}: {result['occurrences']} occurrences; {len(result['documents'])} documents")
+        for d in result["documents"]:
+            print(f"  {d['id']}  {d['file']}:{d['line']}\n    {d['snippet']}")
+    else:
+        flag = " (approximate: a clause is more frequent than max_clause_freq)" if result["approx"] else ""
+        print(" AND ".join("(" + " OR ".join(map(repr, c)) + ")" for c in result["clauses"])
+              + f" within {result['window']} tokens: {result['count']}{flag}")
+    return 0
+
+
+def status_rows(store_uri: str, run_id: str | None) -> tuple[dict, list[dict]]:
+    """Per artifact: what the run recorded, and what the store holds now (= what a re-run skips)."""
+    from tracecore.flows.report import artifact_rows
+    from tracecore.storage.runs import read_run
+    from tracecore.storage.store import ArtifactStore
+
+    store = ArtifactStore(store_uri)
+    record = read_run(store, run_id)
+    columns = ("stage", "output", "artifact", "run_status", "committed", "shards_done", "shards", "rows", "rejects",
+               "on_rerun", "error")
+    rows = [{c: r[c] for c in columns} for r in ({**r, "run_status": r["status"]} for r in artifact_rows(store, record))]
+    return record, rows
+
+
+def cmd_status(args: argparse.Namespace, artifacts: bool = False) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    uri = store_of(args)
+    record, rows = status_rows(uri, args.run_id)
+    if artifacts:
+        from tracecore.storage.store import ArtifactStore
+
+        store = ArtifactStore(uri)
+        rows = [{"artifact": r["artifact"], "path": store.display_path(r["artifact"]), "rows": r["rows"],
+                 "checksum": store.manifest(r["artifact"])["checksum"][:16] if r["committed"] else "(uncommitted)"}
+                for r in rows]
+    if args.json:
+        print(json.dumps({"run_id": record["run_id"], "state": record["state"], "rows": rows}, indent=2))
+        return 0
+    table = Table(title=f"run {record['run_id']} · {record['state']} · report: {record.get('report', '-')}")
+    for col in rows[0] if rows else ["artifact"]:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    Console(width=200).print(table)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "make-sample":
+            return cmd_make_sample(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "calibrate":
+            from tracecore.flows.calibrate import calibration_line
+
+            print(calibration_line())
+            return 0
+        if args.command == "ui":
+            from tracecore.flows.deploy import ui
+
+            return ui(args.host, args.port)
+        if args.command == "readme":
+            return cmd_readme(args)
+        if args.command == "ngram":
+            return cmd_ngram(args)
+        return cmd_status(args, artifacts=args.command == "artifacts")
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"tracecore: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the stage already logged its traceback through Prefect
+        print(f"tracecore: run failed: {type(exc).__name__}: {exc}\n"
+              "  `tracecore status` shows what finished; `tracecore run --resume RUN_ID` continues.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

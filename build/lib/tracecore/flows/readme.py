@@ -1,0 +1,154 @@
+"""README tables generated from a run, so the measured figures cannot go stale.
+
+The README marks each measured table with `<!-- tracecore:begin NAME -->` … `<!-- tracecore:end NAME -->`;
+`tracecore readme [RUN_ID]` re-renders every marked block from that run's artifacts (the latest run by
+default) and `--check` exits non-zero when a block differs (the full acceptance target runs it). A block
+names the run and its calibration, so every figure carries the machine it came from.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tracecore.flows.report import markdown_table
+from tracecore.storage.store import ArtifactStore
+
+BLOCK = re.compile(r"(<!-- tracecore:begin (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- tracecore:end (?P=name) -->)",
+                   re.DOTALL)
+SUBSET_NAMES = {"tagcos": "TAGCOS 5 %", "random": "random 5 %", "cluster_random": "cluster-random 5 %",
+                "full": "full pool", "tagcos-random": "TAGCOS − random (paired by seed)"}
+
+
+def _ref(record: dict, stage: str, key: str) -> str | None:
+    return record["stages"].get(stage, {}).get("refs", {}).get(key)
+
+
+def _rows(store: ArtifactStore, record: dict, stage: str, key: str) -> list[dict]:
+    ref = _ref(record, stage, key)
+    if not ref or not store.is_committed(ref):
+        raise LookupError(f"run {record['run_id']} has no committed {stage}.{key} artifact")
+    return store.read_table(ref).to_pylist()
+
+
+def _signed(x: float, digits: int) -> str:
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
+def _with_interval(row: dict, digits: int, lo: str = "lo", hi: str = "hi", mean: str = "mean") -> str:
+    fmt = _signed if row.get("scale") == "difference" else (lambda x, d: f"{x:.{d}f}")
+    if row.get("seeds", 2) < 2 or row[lo] == row[hi] == row[mean]:
+        return fmt(row[mean], digits)
+    return f"{fmt(row[mean], digits)} [{fmt(row[lo], digits)}, {fmt(row[hi], digits)}]"
+
+
+def calibration_text(record: dict) -> str:
+    c = record.get("calibration")
+    if not c:
+        return "calibration not recorded"
+    return (f"fp32 matmul {c['matmul_gflops']:.0f} GFLOP/s on {c['torch_threads']} threads "
+            f"({c['matmul_gflops_1thread']:.0f} on 1), load {c['load_1min']:.1f} before")
+
+
+def render_timings(store: ArtifactStore, record: dict) -> str:
+    """Stage wall-clock seconds of the run, the total, and the calibration measured at its start."""
+    from tracecore.tasks.registry import STAGES
+
+    stages = {s: record["stages"][s] for s in STAGES
+              if isinstance(record["stages"].get(s, {}).get("seconds"), (int, float))}
+    rows = [{"stage": s, "seconds": f"{i['seconds']:.0f}", "status": i.get("status", "")} for s, i in stages.items()]
+    total = record.get("wall_seconds") or sum(i["seconds"] for i in stages.values())
+    rows.append({"stage": "**whole run**", "seconds": f"**{total:.0f}** ({total / 60:.1f} min)", "status": ""})
+    return (f"Run `{record['run_id']}`, profile `{record['config'].get('profile')}`; {calibration_text(record)}.\n\n"
+            + markdown_table(rows, ["stage", "seconds", "status"]))
+
+
+def render_verdict(store: ArtifactStore, record: dict) -> str:
+    """Held-out instruction loss and MC accuracy per subset, with intervals, and TAGCOS − random."""
+    by = {(r["subset"], r["metric"]): r for r in _rows(store, record, "eval", "verdict")}
+    order = [s for s in SUBSET_NAMES if (s, "instruction_loss") in by]
+    rows = []
+    for subset in order:
+        loss, acc = by[(subset, "instruction_loss")], by[(subset, "mc_accuracy")]
+        name = SUBSET_NAMES[subset] + (f" ({loss['seeds']} seed{'s' * (loss['seeds'] > 1)})" if subset != "tagcos-random"
+                                       else "")
+        rows.append({"subset": name, "held-out loss": _with_interval(loss, 3), "MC accuracy": _with_interval(acc, 3)})
+    return markdown_table(rows, ["subset", "held-out loss", "MC accuracy"])
+
+
+def render_families(store: ArtifactStore, record: dict) -> str:
+    """Each instruction family's share of the pool and of every selection."""
+    rows = [{"family": r["family"], **{k: f"{100 * r[k]:.1f} %" for k in ("pool", "tagcos", "cluster_random",
+                                                                          "random")}}
+            for r in _rows(store, record, "select", "families")]
+    table = markdown_table(rows, ["family", "pool", "tagcos", "cluster_random", "random"])
+    return table.replace("| tagcos | cluster_random |", "| TAGCOS | cluster-random |", 1)
+
+
+def render_selection_quality(store: ArtifactStore, record: dict) -> str:
+    """Low-quality and near-duplicate rates of the pool and each selection (sample-world flags)."""
+    manifest = store.manifest(_ref(record, "select", "coreset"))
+    rates, n = manifest["rates"], manifest["selected"]
+    residual = {"tagcos": manifest["mean_residual_tagcos"], "cluster_random": manifest["mean_residual_cluster_random"]}
+    names = {"pool": "pool", "tagcos": "TAGCOS", "cluster_random": "cluster-random (same budgets; all draws)",
+             "random": "random (all draws)"}
+    rows = [{"selection": names[k], "size": manifest["records"] if k == "pool" else n,
+             "low-quality rate": f"{100 * rates[k]['low_quality_rate']:.1f} %",
+             "near-duplicate rate": f"{100 * rates[k]['near_duplicate_rate']:.1f} %",
+             "centroid residual (mean)": f"{residual[k]:.3f}" if k in residual else "–"} for k in names]
+    return markdown_table(rows, ["selection", "size", "low-quality rate", "near-duplicate rate",
+                                 "centroid residual (mean)"])
+
+
+def render_memorization(store: ArtifactStore, record: dict) -> str:
+    """Spearman ρ of model log-prob vs. task-gram counts per task, with bootstrap intervals."""
+    rows = [{"task": r["task"], "items with co-occurring targets": r["n_cooccurring"],
+             "ρ (task-gram)": f"{r['spearman']:.2f} [{r['spearman_lo']:.2f}, {r['spearman_hi']:.2f}]",
+             "all targets": r["n_all"],
+             "ρ all (smoothed)": f"{r['spearman_all']:.2f} [{r['spearman_all_lo']:.2f}, {r['spearman_all_hi']:.2f}]",
+             "Kendall-τ distance": f"{r['kendall_tau_distance']:.2f}", "ρ (∞-gram)": f"{r['infgram_spearman']:.2f}"}
+            for r in _rows(store, record, "memorization", "scores")]
+    return markdown_table(rows, list(rows[0]) if rows else ["task"])
+
+
+def render_reward_model(store: ArtifactStore, record: dict) -> str:
+    """Held-out reward-model accuracies with Wilson intervals."""
+    rows = [{"metric": r["metric"], "contexts": r["context_type"], "model": r["model"], "n": r["n"],
+             "accuracy": f"{r['accuracy']:.3f}", "95 % CI": f"[{r['lo']:.3f}, {r['hi']:.3f}]"}
+            for r in _rows(store, record, "preference", "accuracy") if r.get("n")]
+    return markdown_table(rows, ["metric", "contexts", "model", "n", "accuracy", "95 % CI"])
+
+
+def render_long_context(store: ArtifactStore, record: dict) -> str:
+    """Needle accuracy per method and length, with KV bytes relative to full attention."""
+    table = _rows(store, record, "eval", "long_context")
+    lengths = sorted({r["length"] for r in table})
+    methods = list(dict.fromkeys(r["method"] for r in table))
+    cell = {(r["method"], r["length"]): r for r in table}
+    rows = []
+    for m in methods:
+        row = {"method": m, **{str(n): f"{cell[(m, n)]['accuracy']:.3f}" if (m, n) in cell else "" for n in lengths}}
+        last = cell.get((m, lengths[-1]))
+        row[f"KV vs. full at {lengths[-1]}"] = f"{last['kv_vs_full']:.3f}" if last else ""
+        rows.append(row)
+    return markdown_table(rows, ["method", *map(str, lengths), f"KV vs. full at {lengths[-1]}"])
+
+
+RENDERERS = {"timings": render_timings, "verdict": render_verdict, "families": render_families,
+             "selection_quality": render_selection_quality, "memorization": render_memorization,
+             "reward_model": render_reward_model, "long_context": render_long_context}
+
+
+def update_readme(text: str, store: ArtifactStore, record: dict) -> tuple[str, list[str]]:
+    """(new text, names of blocks that changed). An unknown block name is an error, not silently kept."""
+    changed = []
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            raise KeyError(f"README block {name!r} has no renderer (known: {sorted(RENDERERS)})")
+        body = RENDERERS[name](store, record).rstrip("\n") + "\n"
+        if body != match["body"]:
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(replace, text), changed

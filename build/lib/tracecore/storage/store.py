@@ -1,0 +1,307 @@
+"""Parquet artifact store: content-addressed artifacts, atomic shards, completion markers.
+
+Layout under the store root (local path or any fsspec URI)::
+
+    artifacts/<name>/<fingerprint>/part-00000.parquet   one file per shard
+    artifacts/<name>/<fingerprint>/_markers/00000.json  shard is complete only when this exists
+    artifacts/<name>/<fingerprint>/_MANIFEST.json       artifact is committed (lineage, checksum)
+    artifacts/<name>/<fingerprint>/_files/...           non-tabular payloads (tokenizer, model); the leading
+                                                        underscore makes pandas/pyarrow skip it, so the folder
+                                                        reads as one table (stores before it used `files/`)
+    runs/<run_id>/run.json, report.md, plots/           one folder per pipeline run
+
+An artifact reference (`ref`) is the string ``"<name>/<fingerprint>"``. The fingerprint hashes
+the stage config, the input fingerprints and the code version, so the same work always lands
+in the same folder: that is what makes resume and concurrent runs safe (see README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import posixpath
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tracecore.storage.fs import (
+    atomic_write_bytes,
+    file_checksum,
+    is_local,
+    open_root,
+    read_json,
+    safe_join,
+    sha256_bytes,
+    write_json,
+)
+
+FILES_DIR = "_files"  # leading underscore: pyarrow.dataset / pandas skip it when reading the folder
+
+
+class CorruptShardError(RuntimeError):
+    """A shard whose bytes no longer match the checksum recorded when it was written."""
+
+
+class MissingArtifactError(FileNotFoundError):
+    pass
+
+
+def shard_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+class ArtifactStore:
+    """Reads and writes artifacts under one root. Cheap to construct; safe to send to Dask workers."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.uri = str(root)
+        self.fs, self.root = open_root(self.uri)
+
+    def __reduce__(self):  # rebuild from the URI on workers instead of pickling fs handles
+        return (ArtifactStore, (self.uri,))
+
+    # ---- paths ---------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return safe_join(self.root, *parts)
+
+    def artifact_dir(self, ref: str) -> str:
+        return self.path("artifacts", ref)
+
+    def display_path(self, ref: str = "") -> str:
+        """A path a user can paste into pandas/pyarrow."""
+        base = self.artifact_dir(ref) if ref else self.root
+        return base if is_local(self.fs) else self.fs.unstrip_protocol(base)
+
+    # ---- shards --------------------------------------------------------------------------
+    def _marker_path(self, ref: str, shard: int) -> str:
+        return f"{self.artifact_dir(ref)}/_markers/{shard:05d}.json"
+
+    def shard_path(self, ref: str, shard: int) -> str:
+        return f"{self.artifact_dir(ref)}/{shard_name(shard)}"
+
+    def shard_done(self, ref: str, shard: int) -> bool:
+        return self.fs.exists(self._marker_path(ref, shard)) and self.fs.exists(self.shard_path(ref, shard))
+
+    def write_shard(self, ref: str, shard: int, table: pa.Table, **stats: Any) -> dict:
+        """Write one shard atomically, then its marker. Returns the marker."""
+        start = time.perf_counter()
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue()
+        atomic_write_bytes(self.fs, self.shard_path(ref, shard), data)
+        marker = {
+            "shard": shard,
+            "file": shard_name(shard),
+            "rows": table.num_rows,
+            "bytes": len(data),
+            "checksum": sha256_bytes(data),
+            "schema": table.schema.to_string(show_schema_metadata=False),
+            "write_seconds": round(time.perf_counter() - start, 4),
+            **stats,
+        }
+        write_json(self.fs, self._marker_path(ref, shard), marker)
+        return marker
+
+    def markers(self, ref: str) -> list[dict]:
+        folder = f"{self.artifact_dir(ref)}/_markers"
+        if not self.fs.exists(folder):
+            return []
+        paths = sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".json"))
+        return [read_json(self.fs, p) for p in paths]
+
+    def read_shard(self, ref: str, shard: int, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
+        path = self.shard_path(ref, shard)
+        if not self.fs.exists(self._marker_path(ref, shard)):
+            raise MissingArtifactError(f"shard {shard} of {ref} is not complete (no marker): {path}")
+        if verify:
+            self.verify_shard(ref, shard)
+        with self.fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=columns)
+
+    def verify_shard(self, ref: str, shard: int) -> None:
+        marker = read_json(self.fs, self._marker_path(ref, shard))
+        path = self.shard_path(ref, shard)
+        if not self.fs.exists(path) or file_checksum(self.fs, path) != marker["checksum"]:
+            raise CorruptShardError(f"checksum mismatch for {path}: the shard is corrupt; delete it or re-run")
+
+    def shard_intact(self, ref: str, shard: int) -> bool:
+        try:
+            self.verify_shard(ref, shard)
+            return True
+        except (CorruptShardError, FileNotFoundError):
+            return False
+
+    def corrupt_parts(self, ref: str) -> list[str]:
+        """Paths of a committed artifact's shards and files whose bytes no longer match the manifest."""
+        manifest = self.manifest(ref)
+        bad = [self.shard_path(ref, m["shard"]) for m in self.markers(ref) if not self.shard_intact(ref, m["shard"])]
+        base = self.files_dir(ref)
+        for entry in manifest.get("files", []):
+            path = f"{base}/{entry['file']}"
+            if not self.fs.exists(path) or file_checksum(self.fs, path) != entry["checksum"]:
+                bad.append(path)
+        return bad
+
+    def repair(self, ref: str) -> list[str]:
+        """Un-commit an artifact with corrupt parts and forget its corrupt shards, so the next run
+        recomputes exactly those (files such as model weights: the whole artifact). Returns the paths."""
+        bad = self.corrupt_parts(ref) if self.is_committed(ref) else []
+        if bad:
+            self.fs.rm(self.manifest_path(ref))
+            for m in self.markers(ref):
+                if self.shard_path(ref, m["shard"]) in bad:
+                    self.drop_shard(ref, m["shard"])
+        return bad
+
+    def drop_shard(self, ref: str, shard: int) -> None:
+        """Forget a shard (e.g. a corrupt one) so the next run recomputes it."""
+        for path in (self._marker_path(ref, shard), self.shard_path(ref, shard), self.manifest_path(ref)):
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    # ---- artifacts -----------------------------------------------------------------------
+    def manifest_path(self, ref: str) -> str:
+        return f"{self.artifact_dir(ref)}/_MANIFEST.json"
+
+    def is_committed(self, ref: str) -> bool:
+        return self.fs.exists(self.manifest_path(ref))
+
+    def manifest(self, ref: str) -> dict:
+        if not self.is_committed(ref):
+            raise MissingArtifactError(f"artifact {ref} is not committed in {self.uri}")
+        return read_json(self.fs, self.manifest_path(ref))
+
+    def commit(self, ref: str, lineage: dict, expected_shards: int | None = None) -> dict:
+        """Seal an artifact: checks every shard is present and records lineage + checksum."""
+        markers = self.markers(ref)
+        shards = [m["shard"] for m in markers]
+        if expected_shards is not None and sorted(shards) != list(range(expected_shards)):
+            missing = sorted(set(range(expected_shards)) - set(shards))
+            raise MissingArtifactError(f"cannot commit {ref}: shards {missing} are missing")
+        files = self._file_entries(ref)
+        manifest = {
+            "ref": ref,
+            **lineage,
+            "shards": len(markers),
+            "rows": sum(m["rows"] for m in markers),
+            "bytes": sum(m["bytes"] for m in markers) + sum(f["bytes"] for f in files),
+            "schema": markers[0]["schema"] if markers else None,
+            "checksum": sha256_bytes("".join(m["checksum"] for m in markers + files).encode()),
+            "shard_checksums": {m["file"]: m["checksum"] for m in markers},
+            "files": files,
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_json(self.fs, self.manifest_path(ref), manifest)
+        return manifest
+
+    def read_table(self, ref: str, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
+        self.manifest(ref)  # raises unless committed: readers never see an unsealed artifact
+        shards = [m["shard"] for m in self.markers(ref)]
+        tables = [self.read_shard(ref, s, columns=columns, verify=verify) for s in shards]
+        if not tables:
+            raise MissingArtifactError(f"artifact {ref} has no shards")
+        return pa.concat_tables(tables)
+
+    def list_artifacts(self) -> list[str]:
+        base = self.path("artifacts")
+        if not self.fs.exists(base):
+            return []
+        refs = []
+        for name_dir in self.fs.ls(base, detail=False):
+            for fp_dir in self.fs.ls(name_dir, detail=False):
+                refs.append(f"{posixpath.basename(name_dir)}/{posixpath.basename(fp_dir)}")
+        return sorted(refs)
+
+    # ---- files (tokenizers, models, tensors) ------------------------------------------------
+    def files_dir(self, ref: str) -> str:
+        """Where an artifact's files live: `_files/`, or `files/` in an artifact written before that."""
+        base = self.artifact_dir(ref)
+        return f"{base}/files" if self.fs.exists(f"{base}/files") else f"{base}/{FILES_DIR}"
+
+    def files_path(self, ref: str) -> str:
+        """`files_dir` as a path a user (or a stage reading a sample-world file) can open."""
+        path = self.files_dir(ref)
+        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
+
+    def _file_entries(self, ref: str) -> list[dict]:
+        base = self.files_dir(ref)
+        if not self.fs.exists(base):
+            return []
+        entries = []
+        for path in sorted(self.fs.find(base)):
+            if posixpath.basename(path).startswith(".tmp-"):
+                continue
+            entries.append({"file": path[len(base) + 1 :], "bytes": self.fs.size(path),
+                            "checksum": file_checksum(self.fs, path)})
+        return entries
+
+    def write_file(self, ref: str, relpath: str, data: bytes) -> None:
+        atomic_write_bytes(self.fs, safe_join(self.files_dir(ref), relpath), data)
+
+    def read_file(self, ref: str, relpath: str) -> bytes:
+        with self.fs.open(safe_join(self.files_dir(ref), relpath), "rb") as fh:
+            return fh.read()
+
+    def put_dir(self, ref: str, local_dir: str | os.PathLike) -> None:
+        """Copy a local folder (HF tokenizer/model folder) into the artifact's files."""
+        local_dir = Path(local_dir)
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            self.write_file(ref, path.relative_to(local_dir).as_posix(), path.read_bytes())
+
+    @contextlib.contextmanager
+    def local_dir(self, ref: str) -> Iterator[str]:
+        """A local folder holding the artifact's files (the folder itself on local stores)."""
+        base = self.files_dir(ref)
+        if is_local(self.fs):
+            yield base
+            return
+        with tempfile.TemporaryDirectory(prefix="tracecore-") as tmp:
+            for entry in self._file_entries(ref):
+                target = Path(tmp) / entry["file"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self.read_file(ref, entry["file"]))
+            yield tmp
+
+    def write_tensors(self, ref: str, relpath: str, tensors: dict) -> None:
+        from safetensors.torch import save
+
+        self.write_file(ref, relpath, save({k: v.contiguous() for k, v in tensors.items()}))
+
+    def read_tensors(self, ref: str, relpath: str) -> dict:
+        from safetensors.torch import load
+
+        return load(self.read_file(ref, relpath))
+
+    # ---- runs and locks ------------------------------------------------------------------
+    def run_dir(self, run_id: str) -> str:
+        return self.path("runs", run_id)
+
+    def list_runs(self) -> list[str]:
+        base = self.path("runs")
+        if not self.fs.exists(base):
+            return []
+        runs = [posixpath.basename(p) for p in self.fs.ls(base, detail=False)]
+        return sorted(runs)
+
+    @contextlib.contextmanager
+    def lock(self, ref: str, timeout: float = 3600) -> Iterator[None]:
+        """Serialize work on one artifact across processes on this host.
+
+        Local stores use an OS file lock. Remote stores have no cross-host lock: there,
+        content-addressed folders + atomic shard writes of deterministic content make two
+        writers of the same artifact race harmlessly (both write identical bytes).
+        """
+        if not is_local(self.fs):
+            yield
+            return
+        from filelock import FileLock
+
+        lock_path = self.path("locks", ref.replace("/", "__") + ".lock")
+        self.fs.makedirs(posixpath.dirname(lock_path), exist_ok=True)
+        with FileLock(lock_path, timeout=timeout):
+            yield

@@ -1,0 +1,202 @@
+"""What every stage shares: artifact planning, sharded Dask execution with skip-completed, progress.
+
+A stage is a plain function over artifact references (strings). Its fine-grained work is a list
+of shards mapped over the run's Dask cluster with `client.map`; shards whose completion marker
+already exists are skipped (DataTrove's `skip_completed`), so a killed run resumes where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+from tracecore.storage.store import ArtifactStore
+
+# transformers' from_pretrained patches module initialisation process-wide while it loads, so two
+# threads loading at once (Dask workers with processes=False) can corrupt each other's weights
+# (seen here: untied embeddings, NaN features). Loads on threaded workers take this lock.
+MODEL_LOAD_LOCK = threading.Lock()
+FAULT_ENV = "TRACECORE_KILL_AT"  # "<stage>:<n>": SIGKILL the run's process group after n new shards (tests)
+RAISE_ENV = "TRACECORE_FAIL_AT"  # same spec: raise InjectedFailure instead (a stage error; tests)
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the TRACECORE_FAIL_AT test hook; not transient, so never retried."""
+
+
+@dataclass
+class ShardReport:
+    total: int
+    skipped: int
+    computed: int
+    seconds: float
+    markers: list[dict] = field(default_factory=list)
+    computed_shards: list[int] = field(default_factory=list)
+
+    def sum_computed(self, key: str) -> float:
+        """Sum a marker stat over the shards this call computed (for honest throughput numbers)."""
+        done = set(self.computed_shards)
+        return sum(m.get(key, 0) for m in self.markers if m["shard"] in done)
+
+
+def in_prefect_run() -> bool:
+    """True inside a Prefect flow or task run (so logs and artifacts reach the UI)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def normalize_text(text: str) -> str:
+    """Lower-cased words without punctuation: the key for train/test disjointness checks."""
+    import re
+
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def instruction_key(rec: dict) -> str:
+    """An Alpaca-style record's identity for disjointness: its instruction and input, normalized."""
+    return normalize_text(f"{rec['instruction']} {rec.get('input', '')}")
+
+
+def get_logger() -> logging.Logger:
+    """Prefect's run logger inside a flow/task run (shows in the UI), else a plain logger."""
+    if in_prefect_run():
+        from prefect import get_run_logger
+
+        return get_run_logger()  # type: ignore[return-value]
+    return logging.getLogger("tracecore")
+
+
+class Progress:
+    """A terminal progress bar mirrored to a keyed Prefect progress artifact when in a run."""
+
+    def __init__(self, stage: str, total: int, done: int = 0, unit: str = "shard"):
+        self.total, self.done, self.published = max(total, 1), done, -1.0
+        self.bar = tqdm(total=total, initial=done, desc=stage, unit=unit, leave=False,
+                        disable=True if os.environ.get("TRACECORE_NO_PROGRESS") == "1" else None)
+        self.artifact_id = None
+        if in_prefect_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self.artifact_id = create_progress_artifact(
+                100.0 * done / self.total, key=f"tracecore-{stage}-progress", description=f"{stage}: {unit}s done")
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        percent = 100.0 * self.done / self.total
+        if self.artifact_id is not None and (percent - self.published >= 1.0 or self.done >= self.total):
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact_id, percent)  # at most ~100 API calls per stage
+            self.published = percent
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def inject_fault(stage: str, computed: int) -> None:
+    """Reliability hook: a real SIGKILL of the whole run mid-stage (`<stage>:<n>`, after n new shards) or
+    at a stage boundary (`after-<stage>:1`, right after the stage committed), so tests exercise resume;
+    the same spec in TRACECORE_FAIL_AT raises an ordinary error there instead."""
+    failing = os.environ.get(RAISE_ENV, "")
+    if failing and failing.split(":")[0] == stage and computed >= int(failing.split(":")[1]):
+        raise InjectedFailure(f"{RAISE_ENV}={failing}: injected failure in {stage} after {computed} shard(s)")
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec.split(":")[0] == stage and computed >= int(spec.split(":")[1]):
+        if os.getpgrp() == os.getpid():  # a session leader (tests start runs so): take the workers down too
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def dask_client(address: str | None) -> Iterator[Any]:
+    """A client on the run's cluster; None = run shards in this process (tests, debugging)."""
+    if address is None:
+        yield None
+        return
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+        yield client
+
+
+def _usable_shard(store: ArtifactStore, ref: str, shard: int) -> bool:
+    """A finished shard whose bytes match its marker; a corrupt one is dropped (and logged) for recompute."""
+    if not store.shard_done(ref, shard):
+        return False
+    if store.shard_intact(ref, shard):
+        return True
+    get_logger().warning("shard %s is corrupt (checksum mismatch); recomputing it", store.shard_path(ref, shard))
+    store.drop_shard(ref, shard)
+    return False
+
+
+def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dict], items: list[Any],
+               address: str | None, **kwargs: Any) -> ShardReport:
+    """Run `fn(store_uri, ref, shard, item, **kwargs) -> marker` for every shard not yet complete."""
+    start = time.perf_counter()
+    todo = [(i, item) for i, item in enumerate(items) if not _usable_shard(store, ref, i)]
+    skipped = len(items) - len(todo)
+    log = get_logger()
+    if skipped:
+        log.info("%s: skipping %d/%d completed shards of %s", stage, skipped, len(items), ref)
+    progress = Progress(stage, len(items), skipped)
+    computed: list[int] = []
+    try:
+        with dask_client(address) as client:
+            if client is None:
+                results = (fn(store.uri, ref, i, item, **kwargs) for i, item in todo)
+            else:
+                from distributed import as_completed
+
+                futures = [client.submit(fn, store.uri, ref, i, item, key=f"{stage}-{ref}-{i}", pure=False, **kwargs)
+                           for i, item in todo]
+                results = (f.result() for f in as_completed(futures, loop=client.loop))
+            for marker in results:
+                computed.append(marker["shard"])
+                progress.step()
+                inject_fault(stage, len(computed))
+    finally:
+        progress.close()
+    return ShardReport(total=len(items), skipped=skipped, computed=len(computed),
+                       seconds=round(time.perf_counter() - start, 3), markers=store.markers(ref),
+                       computed_shards=sorted(computed))
+
+
+def subplots(**kwargs: Any):
+    """matplotlib `subplots` on the non-interactive Agg backend (workers and CI have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(**kwargs)
+
+
+def integer_ticks(axis) -> None:
+    """Ticks only at integers, for an axis that counts (steps, indices)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def figure_png(fig) -> bytes:
+    """Render and close a figure; PNG bytes go into the store and the run report."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

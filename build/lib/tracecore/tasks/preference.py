@@ -1,0 +1,375 @@
+"""Stage `preference`: context-conditioned preference data with reversals, and a context-aware reward model
+(arXiv 2407.14916).
+
+Builder (Dask-parallel over input files): pairwise exports (`prompt`, `chosen`, `rejected`), RPR-style
+rows (`prompt`, `response_a`, `response_b`, `criteria_x|y`, `scenario_x|y`), and the sample world. Each
+pair gets contexts from (a) its own context columns, (b) the criteria library (`configs/libraries/criteria.yaml`)
+matched by a feature scorer, (c) optionally a local instruct LM by path. Every (pair, context) becomes two
+records, one per response order, so labels are balanced and position carries no signal; every pair also
+gets a no-context record. Exact and near-duplicate pairs are removed, splits are by prompt.
+
+Reward model: `AutoModelForSequenceClassification` (one scalar) from the bootstrap model, Bradley-Terry
+loss on `[context] [prompt] [response]` (truncated so the response is never cut), and a context-blind
+baseline trained the same way on the same records without contexts. Splits are by prompt and, for contexts,
+by phrasing (a hash of the wording): test records use only wordings no training record has. Metrics, each
+with a Wilson interval: context-conditioned accuracy (aware vs. blind: the paper's claim is the gap), joint
+accuracy on reversal pairs (right under both contexts at once), no-context accuracy on pairs with a
+context-free winner only; an in-distribution diagnostic (held-out prompts under training phrasings) beside
+them. Ties count as wrong. Deviation: RPR's `profile_*` columns carry no label of which response they
+favour, so they are not used as contexts; RPR pairs get no no-context record (no context-free label).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import yaml
+from tracecore.configs.schema import PreferenceConfig
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import (
+    MODEL_LOAD_LOCK,
+    map_shards,
+    normalize_text,
+)
+from tracecore.tasks.reward_model import RM_KINDS, accuracy_png, evaluate, scorer, train_and_score
+from tracecore.tasks.stage import Stage, StageRun
+
+CONTEXT_TYPES = ("criteria", "scenario", "profile", "none")
+RECORD_SCHEMA = pa.schema([(c, pa.string()) for c in ("prompt", "context", "context_type", "response_a",
+                                                        "response_b", "preferred", "pair_id", "source", "split")])
+REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
+# test: held-out prompts under held-out phrasings (the metrics); test_seen_phrasing: held-out prompts under
+# training phrasings, an in-distribution diagnostic reported beside them (`*_seen_phrasing` rows)
+SPLITS = ("train", "test", "test_seen_phrasing")
+ENGLISH = {"the", "is", "a", "to", "of", "and", "in", "was", "connected", "i", "hope", "this", "cool", "right",
+           "certainly", "sure", "near", "answer", "about", "it", "for", "you"}
+FORMAL, CASUAL = ("certainly", "please", "assistance", "kindly", "regards"), ("oh", "cool", "hey", "sure!", "!")
+FEATURES = {
+    "length": lambda t: len(t.split()),
+    "formality": lambda t: sum(m in t.lower() for m in FORMAL) - sum(m in t.lower() for m in CASUAL),
+    "english": lambda t: sum(w in ENGLISH for w in re.findall(r"[a-z]+", t.lower())) / max(len(t.split()), 1),
+    "list": lambda t: sum(line.lstrip().startswith(("- ", "* ", "1.")) for line in t.splitlines()),
+}
+MARGINS = {"length": 5, "formality": 1, "english": 0.3, "list": 1}
+
+
+def load_library(spec: str | None) -> list[dict]:
+    if not spec:
+        return []
+    from tracecore.configs.schema import PROFILE_DIR
+
+    path = PROFILE_DIR / "libraries" / "criteria.yaml" if spec == "builtin" else Path(spec)
+    entries = yaml.safe_load(path.read_text()) or []
+    for i, e in enumerate(entries):
+        if e.get("type") not in CONTEXT_TYPES[:3] or e.get("feature") not in FEATURES or e.get("prefers") not in (
+                "higher", "lower") or not str(e.get("context", "")).strip():
+            raise ValueError(f"{path}: entry {i} needs context, type in {CONTEXT_TYPES[:3]}, feature in "
+                             f"{sorted(FEATURES)} and prefers in ('higher', 'lower'); got {e}")
+    return entries
+
+
+# ---- parsing and validation ---------------------------------------------------------------------
+def to_pair(rec: object, fmt: str) -> tuple[dict | None, str | None]:
+    """Normalize a row to {prompt, a, b, default, contexts: [(text, type, preferred, source)]} or a reason."""
+    if not isinstance(rec, dict):
+        return None, f"record is a {type(rec).__name__}, not an object"
+    names = {"pairwise": ("chosen", "rejected"), "sample": ("chosen", "rejected"), "rpr": ("response_a", "response_b")}
+    if fmt not in names:
+        return None, f"unknown input format {fmt!r}"
+    ka, kb = names[fmt]
+    missing = [k for k in ("prompt", ka, kb) if k not in rec]
+    if missing:
+        return None, f"missing field(s) {missing}"
+    prompt, a, b = rec["prompt"], rec[ka], rec[kb]
+    if not all(isinstance(x, str) for x in (prompt, a, b)):
+        return None, "prompt and responses must be strings"
+    if not prompt.strip() or not a.strip() or not b.strip():
+        return None, "empty prompt or response"
+    if a.strip() == b.strip():
+        return None, "identical responses"
+    contexts = []
+    if fmt == "sample":  # one criterion or a list of phrasings per side
+        for side, key in (("a", "criteria_chosen"), ("b", "criteria_rejected")):
+            value = rec.get(key)
+            contexts += [(c, "criteria", side, "input") for c in (value if isinstance(value, list) else [value])]
+    if fmt == "rpr":
+        for kind in ("criteria", "scenario"):
+            contexts += [(rec.get(f"{kind}_x"), kind, "a", "input"), (rec.get(f"{kind}_y"), kind, "b", "input")]
+    for ctx in rec.get("contexts", []) or []:  # explicit list: {context, type, preferred}
+        if not isinstance(ctx, dict) or ctx.get("type") not in CONTEXT_TYPES[:3]:
+            return None, f"unknown context type {ctx.get('type') if isinstance(ctx, dict) else ctx!r}"
+        if ctx.get("preferred") not in ("a", "b"):
+            return None, f"label {ctx.get('preferred')!r} outside {{a, b}}"
+        contexts.append((ctx.get("context"), ctx["type"], ctx["preferred"], "input"))
+    contexts = [c for c in contexts if isinstance(c[0], str) and c[0].strip()]
+    # a context-free winner exists for a pairwise export's chosen side and a sample pair marked not
+    # reversible (its factual pairs); RPR pairs and reversible pairs have none, so they get no no-context record
+    default = "a" if fmt == "pairwise" or (fmt == "sample" and rec.get("reversible") is False) else None
+    return {"prompt": prompt, "a": a, "b": b, "default": default, "contexts": contexts}, None
+
+
+def library_contexts(pair: dict, library: list[dict]) -> list[tuple]:
+    """Library criteria whose feature tells the two responses apart, with the side each one prefers."""
+    out = []
+    for entry in library:
+        diff = FEATURES[entry["feature"]](pair["a"]) - FEATURES[entry["feature"]](pair["b"])
+        if abs(diff) >= MARGINS[entry["feature"]]:
+            higher = "a" if diff > 0 else "b"
+            out.append((entry["context"], entry["type"], higher if entry["prefers"] == "higher" else
+                        ("b" if higher == "a" else "a"), "library"))
+    return out
+
+
+def parse_judgement(text: str) -> str | None:
+    """'A'/'B' (first standalone letter) from a judge's answer; None when it names neither."""
+    match = re.search(r"\b([AB])\b", text.strip().upper())
+    return match.group(1).lower() if match else None
+
+
+def lm_contexts(pair: dict, lm, template: str) -> list[tuple]:
+    """A criterion proposed by a local instruct LM, and the side the same LM says it favours."""
+    tok, model = lm
+
+    def generate(prompt: str) -> str:
+        ids = tok(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    criterion = generate(template.format(prompt=pair["prompt"], a=pair["a"], b=pair["b"])).split("\n")[0].strip()
+    if not criterion:
+        return []
+    verdict = parse_judgement(generate(f"Criterion: {criterion}\nResponse A: {pair['a']}\nResponse B: {pair['b']}\n"
+                                       "Under this criterion the better response is (A or B):"))
+    return [(criterion, "criteria", verdict, "lm")] if verdict else []
+
+
+def load_context_lm(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with MODEL_LOAD_LOCK:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return tok, AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False).eval()
+
+
+def read_lines(path: str) -> list[tuple[int, object]]:
+    import fsspec
+
+    rows = []
+    with fsspec.open(path, "rb", compression="infer") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rows.append((line_no, json.loads(raw.decode("utf-8"))))
+            except UnicodeDecodeError as exc:
+                rows.append((line_no, f"non-UTF-8 bytes at byte {exc.start}"))
+            except json.JSONDecodeError as exc:
+                rows.append((line_no, f"bad JSON: {exc.msg}"))
+    return rows
+
+
+def parse_input(store_uri: str, ref: str, shard: int, item: tuple, cfg: PreferenceConfig) -> dict:
+    """One input file -> normalized pairs (with contexts) + rejects, as one shard each."""
+    store = ArtifactStore(store_uri)
+    path, fmt, rejects_ref = item
+    library = load_library(cfg.criteria_library)
+    lm = load_context_lm(cfg.context_lm_path) if cfg.context_lm_path else None
+    pairs, rejects = [], []
+    for line, rec in read_lines(path):
+        pair, reason = (None, rec) if isinstance(rec, str) else to_pair(rec, fmt)
+        if reason:
+            rejects.append({"file": path, "line": line, "reason": reason})
+            continue
+        contexts = pair["contexts"] + library_contexts(pair, library)
+        if lm is not None:
+            contexts += lm_contexts(pair, lm, cfg.context_lm_template)
+        pairs.append({"prompt": pair["prompt"], "a": pair["a"], "b": pair["b"], "default": pair["default"],
+                      "contexts": json.dumps(sorted(set(contexts))), "source": f"{Path(path).name}:{line}"})
+    store.write_shard(rejects_ref, shard, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
+    schema = pa.schema([(k, pa.string()) for k in ("prompt", "a", "b", "default", "contexts", "source")])
+    return store.write_shard(ref, shard, pa.Table.from_pylist(pairs, schema=schema), rejects=len(rejects))
+
+
+# ---- dataset assembly ---------------------------------------------------------------------------
+def shingles(text: str, k: int = 3) -> set[str]:
+    words = text.lower().split()
+    return {" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
+
+
+def dedup_pairs(pairs: list[dict], threshold: float) -> tuple[list[dict], int, int]:
+    """Drop exact duplicates (same prompt and response set) and near-duplicates (Jaccard of word
+    3-shingles >= threshold) among pairs with the same prompt; first occurrence wins."""
+    kept, exact, near, seen, by_prompt = [], 0, 0, set(), {}
+    for p in pairs:
+        key = (p["prompt"], frozenset((p["a"], p["b"])))
+        if key in seen:
+            exact += 1
+            continue
+        sh = shingles(" ".join((p["prompt"], *sorted((p["a"], p["b"])))))
+        if any(len(sh & o) / len(sh | o) >= threshold for o in by_prompt.get(p["prompt"], [])):
+            near += 1
+            continue
+        seen.add(key)
+        by_prompt.setdefault(p["prompt"], []).append(sh)
+        kept.append(p)
+    return kept, exact, near
+
+
+def hash_split(key: str, test_fraction: float) -> str:
+    """A deterministic split by a hash of `key`: the same key lands on the same side in every run."""
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if bucket < test_fraction else "train"
+
+
+def split_of(prompt: str, test_fraction: float, seed: int) -> str:
+    return hash_split(f"{seed}|{prompt}", test_fraction)
+
+
+def context_split(context: str, test_fraction: float) -> str:
+    """Held-out phrasings: a context text is a test phrasing by a hash of its normalized words alone, so the
+    same wording lands on the same side for every pair and no test context was seen in training."""
+    return hash_split(f"context|{normalize_text(context)}", test_fraction)
+
+
+def expand(pair: dict, split: str, context_test_fraction: float | None = None) -> list[dict]:
+    """Records for every (context, order), plus the no-context record in both orders where the pair has a
+    context-free winner. With `context_test_fraction`, only the contexts phrased for `split` are kept."""
+    pair_id = hashlib.sha256(json.dumps([pair["prompt"], sorted((pair["a"], pair["b"]))]).encode()).hexdigest()[:16]
+    contexts = []
+    for c, t, pref, src in json.loads(pair["contexts"]):
+        phrasing = split if context_test_fraction is None else context_split(c, context_test_fraction)
+        if phrasing == split:
+            contexts.append((c, t, pref, src, split))
+        elif split == "test":  # a held-out prompt under a training phrasing: the in-distribution diagnostic
+            contexts.append((c, t, pref, src, "test_seen_phrasing"))
+    if pair["default"]:
+        contexts.append(("", "none", pair["default"], "none", split))
+    rows = []
+    for context, ctype, preferred, source, record_split in contexts:
+        for flip in (False, True):
+            a, b = (pair["b"], pair["a"]) if flip else (pair["a"], pair["b"])
+            label = {"a": "b", "b": "a"}[preferred] if flip else preferred
+            rows.append({"prompt": pair["prompt"], "context": context, "context_type": ctype, "response_a": a,
+                         "response_b": b, "preferred": label, "pair_id": pair_id, "source": source,
+                         "split": record_split})
+    return rows
+
+
+def reversal_pairs(rows: list[dict]) -> set[str]:
+    """Pairs with contexts that prefer different responses (in the original order)."""
+    sides: dict[str, set[str]] = {}
+    for r in rows:
+        if r["context_type"] != "none":
+            first = r["preferred"] if r["response_a"] <= r["response_b"] else {"a": "b", "b": "a"}[r["preferred"]]
+            sides.setdefault(r["pair_id"], set()).add(first)
+    return {p for p, s in sides.items() if len(s) == 2}
+
+
+def statistics(rows: list[dict], pairs: int, exact: int, near: int, rejected: int) -> list[dict]:
+    import numpy as np
+
+    lengths = np.array([len(r["response_a"].split()) for r in rows]) if rows else np.zeros(1)
+    reversals = reversal_pairs(rows)
+    stats = [{"metric": f"records[{t}]", "value": float(sum(r["context_type"] == t for r in rows))}
+             for t in CONTEXT_TYPES]
+    stats += [{"metric": "pairs", "value": float(pairs)}, {"metric": "reversal_pairs", "value": float(len(reversals))},
+              {"metric": "reversal_rate", "value": len(reversals) / max(pairs, 1)},
+              {"metric": "label_a_share", "value": sum(r["preferred"] == "a" for r in rows) / max(len(rows), 1)},
+              {"metric": "exact_duplicates_removed", "value": float(exact)},
+              {"metric": "near_duplicates_removed", "value": float(near)},
+              {"metric": "rejected", "value": float(rejected)}]
+    stats += [{"metric": f"response_words_p{q}", "value": float(np.percentile(lengths, q))} for q in (10, 50, 90)]
+    stats += [{"metric": name, "value": float(value)} for name, value in guarantee_violations(rows).items()]
+    return stats
+
+
+def guarantee_violations(rows: list[dict]) -> dict[str, int]:
+    """Each guarantee the dataset promises, counted from the records themselves (all must be 0)."""
+    orders: dict[tuple, set] = {}
+    no_context: dict[str, int] = {}
+    splits: dict[str, set] = {}
+    for r in rows:
+        orders.setdefault((r["pair_id"], r["context"]), set()).add(r["response_a"])
+        if r["context_type"] == "none":
+            no_context[r["pair_id"]] = no_context.get(r["pair_id"], 0) + 1
+        splits.setdefault(r["prompt"], set()).add(r["split"].removesuffix("_seen_phrasing"))
+    return {"contexts_missing_an_order": sum(len(o) != 2 for o in orders.values()),
+            "no_context_records_not_in_both_orders": sum(n != 2 for n in no_context.values()),
+            "prompts_in_two_splits": sum(len(s) > 1 for s in splits.values()),
+            "label_imbalance": abs(sum(r["preferred"] == "a" for r in rows) * 2 - len(rows))}
+
+
+def preference_needs(pipeline_cfg) -> dict[str, str]:
+    """The base model (the reward model starts from it); the sample world's pairs unless inputs are given."""
+    return {"model": "pretrain.model", **({} if pipeline_cfg.preference.inputs else {"sample": "sample.sample"})}
+
+
+def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """Fingerprinted: the criteria library's content, the user's input files and context LM (file identity)."""
+    from tracecore.storage.fs import input_fingerprint, list_input_files
+
+    cfg = pipeline_cfg.preference
+    inputs = {"library": hashlib.sha256(json.dumps(load_library(cfg.criteria_library)).encode()).hexdigest()[:16]}
+    if cfg.inputs:
+        files = list_input_files([i.path for i in cfg.inputs], "preference.inputs")
+        inputs["inputs"] = input_fingerprint(files)
+        pairs = [[i.path, i.format] for i in cfg.inputs]
+    else:
+        pairs = [[f"{store.files_path(upstream['sample'])}/preferences/pairs.jsonl", "sample"]]
+    if cfg.context_lm_path:
+        lm = Path(cfg.context_lm_path)
+        inputs["context_lm"] = input_fingerprint(sorted(str(f) for f in lm.glob("*") if f.is_file()))
+    return inputs, {"pairs_files": pairs}
+
+
+def run_preference(run: StageRun) -> None:
+    store, cfg, log, address = run.store, run.cfg, run.log, run.address
+    refs, model_ref, inputs = run.plan.refs, run.inputs["model"], run.args["pairs_files"]
+    parsed = map_shards("preference", store, refs["parsed"], parse_input,
+                        [(path, fmt, refs["rejects"]) for path, fmt in inputs], address, cfg=cfg)
+    run.commit("rejects", expected_shards=len(inputs))
+    run.commit("parsed", {"seconds": parsed.seconds, "skipped_shards": parsed.skipped}, expected_shards=len(inputs))
+    rejected = sum(m.get("rejects", 0) for m in parsed.markers)
+    pairs, exact, near = dedup_pairs(store.read_table(refs["parsed"]).to_pylist(), cfg.near_duplicate_threshold)
+    rows = [row for p in pairs
+            for row in expand(p, split_of(p["prompt"], cfg.test_fraction, cfg.seed), cfg.context_test_fraction)]
+    for shard, split in enumerate(SPLITS):
+        store.write_shard(refs["data"], shard, pa.Table.from_pylist([r for r in rows if r["split"] == split],
+                                                                    schema=RECORD_SCHEMA))
+    run.commit("data", {"pairs": len(pairs), "splits": list(SPLITS)}, expected_shards=len(SPLITS))
+    store.write_shard(refs["stats"], 0, pa.Table.from_pylist(statistics(rows, len(pairs), exact, near, rejected)))
+    run.commit("stats", {"report_columns": ["metric", "value"]}, expected_shards=1)
+
+    for shard in range(len(RM_KINDS)):  # a model's curve and its scores are one unit of work
+        if not (store.shard_done(refs["reward_model"], shard) and store.shard_done(refs["rm_scores"], shard)):
+            store.drop_shard(refs["rm_scores"], shard)
+    trained = map_shards("preference", store, refs["rm_scores"], train_and_score,
+                         [{"kind": kind, "model_ref": model_ref, "data_ref": refs["data"],
+                           "rm_ref": refs["reward_model"]} for kind in RM_KINDS], address, cfg=cfg)
+    run.commit("reward_model", expected_shards=len(RM_KINDS))
+    run.commit("rm_scores", {"seconds": trained.seconds}, expected_shards=len(RM_KINDS))
+    aware, blind_score = (scorer(store.read_table(refs["rm_scores"]).to_pylist(), kind) for kind in RM_KINDS)
+    table = evaluate(aware, blind_score, [r for r in rows if r["split"] == "test"])
+    seen = [r for r in rows if r["split"] == "test_seen_phrasing"]
+    table += [{**r, "metric": f"{r['metric']}_seen_phrasing"}
+              for r in evaluate(aware, blind_score, seen) if r["metric"] == "context_conditioned"]
+    store.write_shard(refs["accuracy"], 0, pa.Table.from_pylist(table))
+    store.write_file(refs["accuracy"], "plots/accuracy.png", accuracy_png(table))
+    run.commit("accuracy", {"plots": ["plots/accuracy.png"],
+                            "report_columns": ["metric", "model", "context_type", "n", "accuracy", "lo", "hi"]},
+               expected_shards=1)
+    for r in table:
+        if r["context_type"] == "all":
+            log.info("preference %s %s accuracy %.3f [%.3f, %.3f] (n=%d)", r["metric"], r["model"],
+                     r["accuracy"], r["lo"], r["hi"], r["n"])
+
+
+STAGE = Stage("preference", PreferenceConfig,
+              {"accuracy": "preference_eval", "data": "preference_data", "parsed": "preference_parsed",
+               "rejects": "preference_rejects", "stats": "preference_stats", "reward_model": "reward_model",
+               "rm_scores": "preference_rm_scores"}, run_preference, needs=preference_needs,
+              external=preference_inputs, description="context-conditioned preference data + context-aware RM")

@@ -1,0 +1,232 @@
+"""The stage contract: what a stage declares, and the one runner that executes every stage.
+
+DataTrove's split between a `PipelineStep` and its executor: a stage's `compute` only computes over its
+inputs and writes its outputs; the runner owns planning (fingerprints), the lock, verify/repair,
+skip-if-committed and lineage. Each output's lineage is the very record its fingerprint was hashed
+from (`Planned`), so a manifest always says exactly what its artifact was computed from.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracecore.storage.lineage import fingerprint, lineage
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import get_logger
+
+# Modules every stage uses for bookkeeping; their code does not change what a stage computes.
+INFRASTRUCTURE = ("tracecore.tasks.common", "tracecore.tasks.stage", "tracecore.tasks.registry")
+
+
+@dataclass(frozen=True)
+class Planned:
+    """An artifact ref bound to the lineage record its fingerprint was computed from (they cannot drift)."""
+
+    ref: str
+    lineage: dict
+
+
+def plan_artifact(stage: str, artifact: str, config_hash: str, inputs: Mapping[str, str], code: str) -> Planned:
+    """`<artifact>/<fingerprint>` plus the lineage built from the same stage, config, inputs and code."""
+    inputs = {k: str(v) for k, v in inputs.items()}
+    return Planned(f"{artifact}/{fingerprint(stage, config_hash, inputs, code)}",
+                   lineage(stage, config_hash, inputs, code))
+
+
+def fingerprint_of(manifest: dict) -> str:
+    """Recompute an artifact's fingerprint from its manifest's lineage (tests: lineage == fingerprint)."""
+    return fingerprint(manifest["stage"], manifest["config_hash"], manifest["inputs"], manifest["code_version"])
+
+
+# ---- code versions ------------------------------------------------------------------------------------
+def module_source(name: str) -> str:
+    return inspect.getsource(importlib.import_module(name))
+
+
+def imported_modules(name: str) -> set[str]:
+    """tracecore task/kernel modules `name` imports anywhere in its source (lazy imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(module_source(name))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module in ("tracecore.tasks", "tracecore.kernels"):
+            names = [_submodule(node.module, a.name) for a in node.names]  # `from tracecore.kernels import x`
+        else:
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        found |= {n for n in names if n.startswith(("tracecore.tasks.", "tracecore.kernels"))}
+    return {n for n in found if n not in INFRASTRUCTURE}
+
+
+def _submodule(package: str, name: str) -> str:
+    """The module behind `from package import name`: the submodule itself, or the module that defines the
+    attribute (a package may re-export lazily, so its own source does not name it)."""
+    import importlib.util
+
+    if importlib.util.find_spec(f"{package}.{name}"):
+        return f"{package}.{name}"
+    defined_in = getattr(getattr(importlib.import_module(package), name, None), "__module__", None) or package
+    return defined_in if defined_in.startswith(package) else package
+
+
+def code_modules(*roots: str) -> list[str]:
+    """The roots plus every task/kernel module they import, transitively: editing any helper a stage
+    calls changes the stage's code version (a resumed run never reuses results of old code)."""
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += sorted(imported_modules(name) - seen)
+    return sorted(seen)
+
+
+def code_version(modules: list[str]) -> str:
+    """Hash of the modules' names and sources (`module_source`, looked up at call time)."""
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(name.encode() + b"\0" + module_source(name).encode())
+    return digest.hexdigest()[:12]
+
+
+# ---- the contract -------------------------------------------------------------------------------------
+Needs = Mapping[str, str] | Callable[[Any], Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage, declared once in its module (`STAGE = Stage(...)`) and listed in the registry.
+
+    - `needs`: local input name -> upstream output `"stage.output"` (or a function of the pipeline config,
+      for inputs that depend on settings, e.g. no sample world when the user gives files).
+    - `outputs`: output name -> artifact folder; all share the stage fingerprint; the first is primary and
+      is committed last (its manifest means "stage done").
+    - `external(pipeline_cfg, upstream, store) -> (inputs, args)`: fingerprinted identities of files the
+      stage reads from outside the store, and plain run arguments (paths) that are not fingerprinted.
+    - `subartifacts(cfg, inputs, code) -> {name: Planned}`: outputs keyed finer than the stage (finetune's
+      models are keyed per variant, so adding a seed reuses the others).
+    - `code`: extra modules the results depend on that are not imported by name (rare).
+    """
+
+    name: str
+    config: type
+    outputs: Mapping[str, str]
+    compute: Callable[[StageRun], None]
+    needs: Needs = field(default_factory=dict)
+    external: Callable[[Any, dict[str, str], ArtifactStore], tuple[dict, dict]] | None = None
+    subartifacts: Callable[[Any, dict[str, str], str], dict[str, Planned]] | None = None
+    config_hash: Callable[[Any], str] = lambda cfg: cfg.fingerprint()
+    code: tuple[str, ...] = ()
+    description: str = ""
+
+    def upstream(self, pipeline_cfg: Any) -> dict[str, str]:
+        return dict(self.needs(pipeline_cfg) if callable(self.needs) else self.needs)
+
+    def code_modules(self) -> list[str]:
+        return code_modules(self.compute.__module__, *self.code)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Everything the runner needs, computed before any work: refs with their lineage, plain args."""
+
+    stage: str
+    outputs: dict[str, Planned]
+    args: dict[str, Any]
+
+    @property
+    def refs(self) -> dict[str, str]:
+        return {name: p.ref for name, p in self.outputs.items()}
+
+    @property
+    def primary(self) -> Planned:
+        return next(iter(self.outputs.values()))
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return self.primary.lineage["inputs"]
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "args": self.args,
+                "outputs": {n: {"ref": p.ref, "lineage": p.lineage} for n, p in self.outputs.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> StagePlan:
+        return cls(data["stage"], {n: Planned(o["ref"], o["lineage"]) for n, o in data["outputs"].items()},
+                   data["args"])
+
+
+def plan_stage(stage: Stage, pipeline_cfg: Any, refs: Mapping[str, str], store: ArtifactStore) -> StagePlan:
+    """Refs of every output: fingerprint of (stage, its config, upstream refs + external inputs, code)."""
+    cfg = getattr(pipeline_cfg, stage.name)
+    upstream = {local: refs[qualified] for local, qualified in stage.upstream(pipeline_cfg).items()}
+    external, args = stage.external(pipeline_cfg, upstream, store) if stage.external else ({}, {})
+    inputs, code = {**upstream, **external}, code_version(stage.code_modules())
+    config_hash = stage.config_hash(cfg)
+    outputs = {name: plan_artifact(stage.name, folder, config_hash, inputs, code)
+               for name, folder in stage.outputs.items()}
+    extra = stage.subartifacts(cfg, inputs, code) if stage.subartifacts else {}
+    return StagePlan(stage.name, {**outputs, **extra}, {**args, "inputs": inputs})
+
+
+@dataclass
+class StageRun:
+    """What the runner hands `compute`: the stage's config, its inputs and planned outputs, the cluster."""
+
+    store: ArtifactStore
+    cfg: Any
+    plan: StagePlan
+    address: str | None = None
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return self.plan.inputs
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return self.plan.args
+
+    @property
+    def log(self):
+        return get_logger()
+
+    def ref(self, name: str) -> str:
+        return self.plan.outputs[name].ref
+
+    def lineage(self, name: str) -> dict:
+        return self.plan.outputs[name].lineage
+
+    def commit(self, name: str, stats: dict | None = None, expected_shards: int | None = None) -> dict:
+        """Commit an output with the lineage it was planned from, plus the stage's stats."""
+        return self.store.commit(self.ref(name), {**self.lineage(name), **(stats or {})}, expected_shards)
+
+
+def already_committed(store: ArtifactStore, stage: str, ref: str) -> bool:
+    """True, and logged, when a stage's primary artifact is in the store and intact: the stage is skipped.
+    A committed artifact whose bytes fail their checksums is repaired (un-committed, corrupt shards
+    dropped, paths logged) and the stage recomputes what is missing: corrupt data is never used."""
+    bad = store.repair(ref)
+    if bad:
+        get_logger().warning("%s: %s has corrupt parts, recomputing: %s", stage, ref, ", ".join(bad))
+        return False
+    if store.is_committed(ref):
+        get_logger().info("%s: %s already committed, skipping", stage, ref)
+        return True
+    return False
+
+
+def run_stage(stage: Stage, cfg: Any, plan: StagePlan, store_uri: str, address: str | None = None) -> dict[str, str]:
+    """lock -> verify/repair -> skip if committed -> compute -> check the primary was committed."""
+    store = ArtifactStore(store_uri)
+    primary = plan.primary.ref
+    with store.lock(primary):
+        if not already_committed(store, stage.name, primary):
+            stage.compute(StageRun(store, cfg, plan, address))
+            if not store.is_committed(primary):
+                raise RuntimeError(f"stage {stage.name}: compute returned without committing {primary}")
+    return plan.refs

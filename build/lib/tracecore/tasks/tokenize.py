@@ -1,0 +1,134 @@
+"""Stage `tokenize`: train a byte-level BPE (or load a user's tokenizer) and write token shards.
+
+Token shards hold `list<uint16>` when the vocabulary fits (ids < 65535, which leaves 0xFFFF free
+for infini-gram's document separator) and `list<uint32>` otherwise, one shard per documents shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+from tracecore.configs.schema import TokenizeConfig
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import map_shards
+from tracecore.tasks.stage import Stage, StageRun
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, out_dir: Path, split_digits: bool = False) -> None:
+    """Byte-level BPE with `tokenizers`, saved as a Hugging Face tokenizer folder. `split_digits` keeps every
+    digit its own token (as Llama's and Qwen's tokenizers do), so a number is never merged into a word piece
+    that depends on its neighbours: a model can then copy a passkey digit by digit."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, PAD],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    fast.save_pretrained(str(out_dir))
+
+
+def check_user_tokenizer(path: str) -> Path:
+    folder = Path(path)
+    if not (folder / "tokenizer.json").is_file():
+        raise TokenizerError(f"tokenize.tokenizer_path: {path!r} has no tokenizer.json (a fast HF tokenizer "
+                             "folder is required)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    if tok.eos_token_id is None:
+        raise TokenizerError(f"tokenize.tokenizer_path: tokenizer at {path!r} defines no eos_token")
+    return folder
+
+
+def token_type(vocab_size: int) -> pa.DataType:
+    return pa.uint16() if vocab_size <= 65_535 else pa.uint32()
+
+
+def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str], batch_size: int) -> dict:
+    """Encode one documents shard into a token shard."""
+    from tokenizers import Tokenizer
+
+    store = ArtifactStore(store_uri)
+    documents_ref, tokenizer_ref = item
+    with store.local_dir(tokenizer_ref) as folder:
+        tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    table = store.read_shard(documents_ref, shard, columns=["id", "text"])
+    start = time.perf_counter()
+    texts = table.column("text").to_pylist()
+    ids: list[list[int]] = []
+    for i in range(0, len(texts), batch_size):
+        ids += [enc.ids for enc in tok.encode_batch(texts[i:i + batch_size], add_special_tokens=False)]
+    seconds = time.perf_counter() - start
+    dtype = token_type(tok.get_vocab_size())
+    out = pa.table({"doc_id": table.column("id"), "tokens": pa.array(ids, type=pa.list_(dtype)),
+                    "n_tokens": pa.array([len(x) for x in ids], type=pa.int32())})
+    n_tokens = sum(len(x) for x in ids)
+    return store.write_shard(ref, shard, out, tokens=n_tokens, encode_seconds=round(seconds, 4))
+
+
+def user_tokenizer(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """A user's tokenizer is an input: its tokenizer.json's hash is fingerprinted (and so in the lineage)."""
+    path = pipeline_cfg.tokenize.tokenizer_path
+    if not path:
+        return {}, {}
+    tokenizer_json = Path(path) / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise TokenizerError(f"tokenize.tokenizer_path: {path!r} has no tokenizer.json (a fast HF tokenizer "
+                             "folder is required)")
+    return {"user_tokenizer": hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()}, {}
+
+
+def build_tokenizer(run: StageRun) -> None:
+    """Train (or copy the user's) tokenizer into the store, unless already committed."""
+    store, cfg, documents_ref = run.store, run.cfg, run.inputs["documents"]
+    if store.is_committed(run.ref("tokenizer")):
+        return
+    with tempfile.TemporaryDirectory(prefix="tracecore-tok-") as tmp:
+        if cfg.tokenizer_path:
+            store.put_dir(run.ref("tokenizer"), check_user_tokenizer(cfg.tokenizer_path))
+        else:
+            texts: list[str] = []
+            for m in store.markers(documents_ref):
+                texts += store.read_shard(documents_ref, m["shard"], columns=["text"]).column(0).to_pylist()
+                if len(texts) >= cfg.train_docs:
+                    break
+            train_bpe(texts[: cfg.train_docs], cfg.vocab_size, cfg.min_frequency, Path(tmp), cfg.split_digits)
+            store.put_dir(run.ref("tokenizer"), tmp)
+    run.commit("tokenizer")
+
+
+def run_tokenize(run: StageRun) -> None:
+    store, documents_ref = run.store, run.inputs["documents"]
+    build_tokenizer(run)
+    n_shards = store.manifest(documents_ref)["shards"]
+    report = map_shards("tokenize", store, run.ref("tokens"), tokenize_shard,
+                        [(documents_ref, run.ref("tokenizer"))] * n_shards, run.address, batch_size=run.cfg.batch_size)
+    tokens = sum(m["tokens"] for m in report.markers)
+    computed_tokens = report.sum_computed("tokens")
+    stats = {"tokens": tokens, "seconds": report.seconds, "skipped_shards": report.skipped,
+             "tokens_per_second": round(computed_tokens / report.seconds, 1) if report.computed else None,
+             "tokenizer": run.ref("tokenizer")}
+    run.commit("tokens", stats, expected_shards=n_shards)
+    run.log.info("tokenize: %d tokens in %d shards (%d skipped), %s tokens/s", tokens, n_shards, report.skipped,
+                 stats["tokens_per_second"])
+
+
+STAGE = Stage("tokenize", TokenizeConfig, {"tokens": "tokens", "tokenizer": "tokenizer"}, run_tokenize,
+              needs={"documents": "ingest.documents"}, external=user_tokenizer,
+              description="train (or load) a tokenizer and write token shards")
