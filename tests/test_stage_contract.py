@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,8 +21,14 @@ from tracecore.tasks.stage import fingerprint_of
 @pytest.mark.slow
 def test_the_installed_wheel_exposes_one_tracecore_namespace(tmp_path):
     """`pip install .` must not put generic `tasks`/`configs`/... modules into site-packages."""
+    source = tmp_path / "src"  # a copy: building in place would leave build/ in the working tree
+    for folder in ("flows", "tasks", "kernels", "storage", "configs"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for file in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / file, source / file)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(REPO)], check=False, capture_output=True, text=True, timeout=600)
+                            "-w", str(tmp_path / "dist"), str(source)], check=False, capture_output=True, text=True,
+                           timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("tracecore-*.whl")
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
