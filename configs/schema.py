@@ -323,7 +323,17 @@ class PipelineBase(Strict):
     extra_stages: list[str] = Field(default_factory=list, description=(
         "modules of your own stages (each defines STAGE = tracecore.tasks.stage.Stage(...)), run after the "
         "built-in ones"))
+    parallel_stages: int | None = Field(None, ge=1, description=(
+        "stages running at once; None = auto: unbounded when Dask runs in worker processes or on a cluster, 1 "
+        "when it runs as threads in this process (dask.processes: false), where concurrent stages would share "
+        "torch's process-global RNG and thread count and their results would depend on scheduling"))
     dask: DaskConfig = Field(default_factory=DaskConfig)
+
+    def max_parallel_stages(self) -> int | None:
+        """The effective bound (None = unbounded)."""
+        if self.parallel_stages is not None:
+            return self.parallel_stages
+        return None if (self.dask.processes or self.dask.address) else 1
 
     def stage_config(self, stage: str) -> Strict:
         return getattr(self, stage)

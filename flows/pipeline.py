@@ -24,7 +24,7 @@ from tracecore.flows.runtime import dask_cluster
 from tracecore.storage.runs import RunRecorder, new_run_id, start_run, write_run
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.common import inject_fault
-from tracecore.tasks.registry import STAGES, load_config, stages_of, validate_config
+from tracecore.tasks.registry import STAGES, dependencies, load_config, stages_of, validate_config
 from tracecore.tasks.stage import StagePlan, run_stage
 
 
@@ -75,20 +75,37 @@ def stage_task(name: str):
                 retries=2, retry_delay_seconds=2, retry_condition_fn=is_transient, log_prints=True)
 
 
+def preload_libraries() -> None:
+    """Import transformers' auto classes once before stages start in threads: its lazy module resolves an
+    attribute by importing a submodule, and two threads doing that at once can see it half-initialised
+    (`ImportError: cannot import name 'AutoTokenizer'`, seen with pretrain and ngram starting together)."""
+    from transformers import (  # noqa: F401
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        PreTrainedTokenizerFast,
+    )
+
+
 def run_graph(cfg: Any, config: dict, address: str | None, selected: list[str] | None = None,
               recorder: RunRecorder | None = None) -> dict[str, str]:
     """Plan, then submit every stage with `wait_for` its upstream stages; raise the first failure."""
     store = ArtifactStore(cfg.store)
     plans = plan_pipeline(cfg, store, selected)
-    upstream = {name: {q.split(".")[0] for q in stage.upstream(cfg).values()} for name, stage in stages_of(cfg).items()}
-    futures = {}
+    graph, limit = dependencies(cfg), cfg.max_parallel_stages()
+    preload_libraries()
+    futures: dict[str, Any] = {}
     for name, plan in plans.items():
         primary = plan.primary.ref
         done_before = store.is_committed(primary) and not store.corrupt_parts(primary)  # else: run, repair
         if recorder:
             recorder.planned(name, plan.refs, reused=done_before)
+        wait_for = [futures[u] for u in graph[name]]
+        if limit and len(futures) >= limit:  # at most `limit` at once: wait for the stage `limit` places earlier
+            wait_for.append(list(futures.values())[-limit])
         futures[name] = stage_task(name).with_options(refresh_cache=not done_before).submit(
-            config, plan.to_json(), store.uri, address, recorder, wait_for=[futures[u] for u in upstream[name]])
+            config, plan.to_json(), store.uri, address, recorder, wait_for=wait_for)
     wait(list(futures.values()))
     for name, future in futures.items():
         if future.state.is_failed() or future.state.is_crashed() or future.state.is_cancelled():

@@ -38,9 +38,21 @@ def user_model(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> 
     path = pipeline_cfg.pretrain.model_path
     if not path:
         return {}, {}
-    folder = Path(path).resolve()
-    files = sorted(str(f) for f in folder.glob("*") if f.is_file()) if folder.is_dir() else []
+    folder = check_model_folder(path)
+    files = sorted(str(f) for f in folder.glob("*") if f.is_file())
     return {"model_path": str(folder), "model_files": input_fingerprint(files)}, {}
+
+
+def check_model_folder(path: str) -> Path:
+    """A local Hugging Face folder with safetensors weights, checked when the run is planned (before any work)."""
+    folder = Path(path)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ModelPathError(f"pretrain.model_path: {path!r} is not a Hugging Face model folder "
+                             "(config.json missing)")
+    if not list(folder.glob("*.safetensors")):
+        raise ModelPathError(f"pretrain.model_path: {path!r} has no *.safetensors weights "
+                             "(pickled .bin weights are refused)")
+    return folder.resolve()
 
 
 def token_stream(store: ArtifactStore, tokens_ref: str, separator: list[int]) -> np.ndarray:
@@ -125,14 +137,7 @@ def register_user_model(run: StageRun) -> None:
     """Record the user's model folder by path (not copied); later stages load it from there."""
     from transformers import AutoConfig
 
-    cfg = run.cfg
-    folder = Path(cfg.model_path)
-    if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise ModelPathError(f"pretrain.model_path: {cfg.model_path!r} is not a Hugging Face model folder "
-                             "(config.json missing)")
-    if not list(folder.glob("*.safetensors")):
-        raise ModelPathError(f"pretrain.model_path: {cfg.model_path!r} has no *.safetensors weights "
-                             "(pickled .bin weights are refused)")
+    folder = check_model_folder(run.cfg.model_path)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     run.commit("model", {"external_path": str(folder.resolve()), "model_type": config.model_type})
 

@@ -124,7 +124,8 @@ def pipeline_run(prefect_harness, tmp_path_factory):
     from tracecore.storage.store import ArtifactStore
     from tracecore.tasks.registry import load_config
 
-    cfg = load_config(str(TEST_PROFILE), [], store=str(tmp_path_factory.mktemp("pipeline") / "store"))
+    # stages overlap (in-process Dask would otherwise run them one at a time: see `parallel_stages`)
+    cfg = load_config(str(TEST_PROFILE), ["parallel_stages=4"], store=str(tmp_path_factory.mktemp("pipeline") / "store"))
     result = pipeline(config=cfg.model_dump(mode="json"), run_id="run-a")
     store = ArtifactStore(cfg.store)
     record = json.loads(store.fs.open(f"{store.run_dir('run-a')}/run.json").read())

@@ -70,6 +70,7 @@ def test_user_inputs_are_in_the_lineage(test_config, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
     cfg = test_config(f"tokenize.tokenizer_path={folder}", f"pretrain.model_path={model}")
     plans = plan_pipeline(cfg, ArtifactStore(cfg.store))
     assert "user_tokenizer" in plans["tokenize"].inputs
@@ -137,3 +138,10 @@ def test_independent_stages_overlap_in_time(pipeline_run):
     assert ngram["started_s"] < pretrain["finished_s"] and pretrain["started_s"] < ngram["finished_s"]
     tokenize = record["stages"]["tokenize"]
     assert min(ngram["started_s"], pretrain["started_s"]) >= tokenize["finished_s"]  # but after their input
+
+
+def test_stages_overlap_only_where_they_cannot_share_torch_state(test_config):
+    """In-process Dask threads share torch's global RNG and thread count: one stage at a time there."""
+    assert test_config().max_parallel_stages() == 1  # the test profile: dask.processes false
+    assert test_config("dask.processes=true").max_parallel_stages() is None
+    assert test_config("parallel_stages=3").max_parallel_stages() == 3

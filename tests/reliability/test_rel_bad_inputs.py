@@ -61,17 +61,18 @@ def test_bad_profile_path_and_yaml(tmp_path):
 
 
 def test_model_paths_that_are_not_safe_hf_folders_are_refused(tmp_path):
-    from tracecore.configs.schema import PretrainConfig
-    from tracecore.storage.store import ArtifactStore
-    from tracecore.tasks.pretrain import ModelPathError, register_user_model
+    """Refused when the run is planned, before any stage runs."""
+    from conftest import TEST_PROFILE, stage_plan
+    from tracecore.tasks.pretrain import ModelPathError
+    from tracecore.tasks.registry import load_config
 
-    store = ArtifactStore(tmp_path / "store")
+    cfg = load_config(str(TEST_PROFILE), [f"pretrain.model_path={tmp_path}"], store=str(tmp_path / "store"))
     with pytest.raises(ModelPathError, match="config.json missing"):
-        register_user_model(store, PretrainConfig(model_path=str(tmp_path)), "tokenizer/x", "model/x", {})
+        stage_plan(cfg, "pretrain")
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ModelPathError, match="pickled .bin weights are refused"):
-        register_user_model(store, PretrainConfig(model_path=str(tmp_path)), "tokenizer/x", "model/x", {})
+        stage_plan(cfg, "pretrain")
 
 
 def test_missing_corpus_glob_names_the_pattern(tmp_path):

@@ -25,7 +25,9 @@ MID_STAGE = {"ingest": "ingest", "tokenize": "tokenize", "ngram": "ngram-index",
              "eval": "eval"}
 POINTS = [p for stage in STAGES for p in ([f"{MID_STAGE[stage]}:1"] if stage in MID_STAGE else []) + [f"after-{stage}:1"]]
 STAGE_OF = {f"{loop}:1": stage for stage, loop in MID_STAGE.items()} | {f"after-{s}:1": s for s in STAGES}
-CONFIG = ["--profile", str(TEST_PROFILE), "--set", "dask.processes=true"]
+# One stage at a time: the chain walks every stage boundary in order, which concurrent branches would reorder
+# (a failure during concurrent stages, and its resume, is test_rel_failure_resume's ngram-beside-pretrain case).
+CONFIG = ["--profile", str(TEST_PROFILE), "--set", "dask.processes=true", "--set", "parallel_stages=1"]
 # Measured columns (wall clock, allocator peaks): two uninterrupted runs differ there and nowhere else
 # (measured: only the fine-tune curves and summary have them; weights, features, tables are byte-equal).
 # `resumed_from_step` is run history: a variant that was mid-training at a kill says where it resumed.
