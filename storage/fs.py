@@ -10,6 +10,7 @@ import hashlib
 import json
 import posixpath
 import uuid
+from pathlib import PurePath
 from typing import Any
 
 import fsspec
@@ -106,3 +107,10 @@ def input_fingerprint(files: list[str]) -> str:
         info = fs.info(path)
         digest.update(f"{uri}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('ETag')}".encode())
     return digest.hexdigest()[:16]
+
+
+def folder_fingerprint(folder: str | PurePath) -> str:
+    """Identity of a local folder's files (a user's model): `input_fingerprint` of every file directly in it."""
+    from pathlib import Path
+
+    return input_fingerprint(sorted(str(f) for f in Path(folder).resolve().glob("*") if f.is_file()))

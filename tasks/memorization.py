@@ -235,14 +235,12 @@ def memorization_needs(pipeline_cfg) -> dict[str, str]:
 
 def user_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
     """User task files and model folders, fingerprinted by their files' identity."""
-    from tracecore.storage.fs import input_fingerprint, list_input_files
+    from tracecore.storage.fs import folder_fingerprint, input_fingerprint, list_input_files
 
     cfg = pipeline_cfg.memorization
     inputs = {f"task_{s.name}": input_fingerprint(list_input_files([s.path], f"memorization.tasks.{s.name}.path"))
               for s in cfg.tasks if s.path}
-    for i, folder in enumerate(cfg.models):
-        files = sorted(str(f) for f in Path(folder).glob("*") if f.is_file())
-        inputs[f"model{i}"] = f"{Path(folder).resolve()}|{input_fingerprint(files)}"
+    inputs |= {f"model{i}": folder_fingerprint(folder) for i, folder in enumerate(cfg.models)}
     return inputs, {"models": list(cfg.models) or [upstream["model"]]}
 
 

@@ -310,7 +310,7 @@ def preference_needs(pipeline_cfg) -> dict[str, str]:
 
 def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
     """Fingerprinted: the criteria library's content, the user's input files and context LM (file identity)."""
-    from tracecore.storage.fs import input_fingerprint, list_input_files
+    from tracecore.storage.fs import folder_fingerprint, input_fingerprint, list_input_files
 
     cfg = pipeline_cfg.preference
     inputs = {"library": hashlib.sha256(json.dumps(load_library(cfg.criteria_library)).encode()).hexdigest()[:16]}
@@ -321,8 +321,7 @@ def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactSto
     else:
         pairs = [[f"{store.files_path(upstream['sample'])}/preferences/pairs.jsonl", "sample"]]
     if cfg.context_lm_path:
-        lm = Path(cfg.context_lm_path)
-        inputs["context_lm"] = input_fingerprint(sorted(str(f) for f in lm.glob("*") if f.is_file()))
+        inputs["context_lm"] = folder_fingerprint(cfg.context_lm_path)
     return inputs, {"pairs_files": pairs}
 
 

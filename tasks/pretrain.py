@@ -33,14 +33,13 @@ def pretrain_needs(pipeline_cfg) -> dict[str, str]:
 
 def user_model(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
     """A user's model folder is an input: its path and its files' identity (size, mtime) are fingerprinted."""
-    from tracecore.storage.fs import input_fingerprint
+    from tracecore.storage.fs import folder_fingerprint
 
     path = pipeline_cfg.pretrain.model_path
     if not path:
         return {}, {}
     folder = check_model_folder(path)
-    files = sorted(str(f) for f in folder.glob("*") if f.is_file())
-    return {"model_path": str(folder), "model_files": input_fingerprint(files)}, {}
+    return {"model_path": str(folder), "model_files": folder_fingerprint(folder)}, {}
 
 
 def check_model_folder(path: str) -> Path:

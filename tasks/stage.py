@@ -171,7 +171,7 @@ def plan_stage(stage: Stage, pipeline_cfg: Any, refs: Mapping[str, str], store: 
     outputs = {name: plan_artifact(stage.name, folder, config_hash, inputs, code)
                for name, folder in stage.outputs.items()}
     extra = stage.subartifacts(cfg, inputs, code) if stage.subartifacts else {}
-    return StagePlan(stage.name, {**outputs, **extra}, {**args, "inputs": inputs})
+    return StagePlan(stage.name, {**outputs, **extra}, args)
 
 
 @dataclass
