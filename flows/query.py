@@ -58,13 +58,13 @@ def cnf(engine, tok, clauses: list[list[str]], window: int) -> dict:
 
 def docs(store: ArtifactStore, index_ref: str, engine, tok, text: str, limit: int, context: int = 80) -> dict:
     """Up to `limit` documents containing the phrase (any tokenization): id, file, line and a snippet."""
-    from tracecore.tasks.ngram import PairedEngine, to_symbols
+    from tracecore.tasks.ngram import PairedEngine
 
-    paired = isinstance(engine, PairedEngine)
-    raw = engine.engine if paired else engine  # suffix-array ranks and documents live on the raw engine
+    # suffix-array ranks and documents live on the raw engine, which a u32 index queries in paired symbols
+    raw, encode = (engine.engine, engine.encode) if isinstance(engine, PairedEngine) else (engine, list)
     ranks = []
     for ids in forms(tok, text):
-        query = to_symbols(ids).tolist() if paired else ids
+        query = encode(ids)
         found = raw.find(query)
         ranks += [(s, r, len(query), 0) for s, (lo, hi) in enumerate(found["segment_by_shard"]) for r in range(lo, hi)]
     doc_ixs: list[int] = []

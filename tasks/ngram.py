@@ -74,15 +74,16 @@ class PairedEngine:
     def __init__(self, engine):
         self.engine = engine
 
-    def _enc(self, ids) -> list[int]:
-        return to_symbols(np.asarray(ids, dtype=np.int64)).tolist()
+    def encode(self, ids) -> list[int]:
+        """Token ids -> the index's symbols (what the raw engine's `find` and ranks work in)."""
+        return to_symbols(ids).tolist()
 
     def count(self, input_ids) -> dict:
-        return self.engine.count(self._enc(input_ids))
+        return self.engine.count(self.encode(input_ids))
 
     def count_cnf(self, cnf, max_clause_freq=None, max_diff_tokens=None) -> dict:
         diff = None if max_diff_tokens is None else 2 * max_diff_tokens  # two symbols per token
-        return self.engine.count_cnf([[self._enc(t) for t in clause] for clause in cnf], max_clause_freq, diff)
+        return self.engine.count_cnf([[self.encode(t) for t in clause] for clause in cnf], max_clause_freq, diff)
 
     def infgram_prob(self, prompt_ids, cont_id: int) -> dict:
         """cnt(s + t) / cnt(s) for the longest suffix s of the prompt that occurs (infini-gram's definition);
