@@ -22,7 +22,8 @@ from tracecore.storage.store import ArtifactStore
 
 # transformers' from_pretrained patches module initialisation process-wide while it loads, so two
 # threads loading at once (Dask workers with processes=False) can corrupt each other's weights
-# (seen here: untied embeddings, NaN features). Loads on threaded workers take this lock.
+# (seen here: untied embeddings, NaN features; a model built meanwhile ends up on the meta device). Every model
+# load or construction in a stage takes this lock: stages also run concurrently in threads of the flow process.
 MODEL_LOAD_LOCK = threading.Lock()
 FAULT_ENV = "TRACECORE_KILL_AT"  # "<stage>:<n>": SIGKILL the run's process group after n new shards (tests)
 RAISE_ENV = "TRACECORE_FAIL_AT"  # same spec: raise InjectedFailure instead (a stage error; tests)

