@@ -22,8 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $(STAMP)
 
-run: setup
-	@$(BIN)/python -m tracecore.flows.calibrate
+run: setup  # the run measures and prints the machine's calibration itself (`calibrate: true`)
 	$(BIN)/tracecore run --profile $(PROFILE) $(if $(strip $(STORE)),--store $(STORE))
 
 test: setup  # first line: the machine's calibration, so the suite's time can be compared across machines

@@ -139,9 +139,10 @@ def pipeline(config: dict, run_id: str | None = None) -> dict[str, Any]:
     store = ArtifactStore(cfg.store)
     record = start_run(store, run_id, cfg.model_dump(mode="json"))
     if cfg.calibrate:
-        from tracecore.flows.calibrate import calibrate
+        from tracecore.flows.calibrate import calibrate, calibration_line
 
         record["calibration"] = calibrate()
+        print(calibration_line(record["calibration"]))  # the run's first line (log_prints: also in Prefect)
     recorder, started, refs = RunRecorder(store, record), time.perf_counter(), {}
     try:
         with dask_cluster(cfg.dask) as address:
