@@ -81,25 +81,20 @@ def docs(store: ArtifactStore, index_ref: str, engine, tok, text: str, limit: in
 
 def document_rows(store: ArtifactStore, index_ref: str, doc_ixs: list[int]) -> dict[int, dict]:
     """Global document numbers of the index -> the ingest stage's (id, file, line, text): index groups hold
-    token shards in order, token shards hold documents in order, and token rows name their document id."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+    token shards in order, and token shard k holds documents shard k's rows in their order (tokenize writes
+    one token shard per documents shard), so each needed documents shard is read once, only its hit rows kept."""
     tokens_ref = store.manifest(index_ref)["inputs"]["tokens"]
     documents_ref = store.manifest(tokens_ref)["inputs"]["documents"]
     groups = sorted(store.read_table(index_ref).to_pylist(), key=lambda g: g["group"])
     rows = {m["shard"]: m["rows"] for m in store.markers(tokens_ref)}  # shard sizes without reading shards
-    wanted, start = {}, 0
+    located, start = {}, 0
     for shard in (s for g in groups for s in g["token_shards"]):
         inside = [ix for ix in doc_ixs if start <= ix < start + rows[shard]]
-        if inside:  # each needed shard read once
-            ids = store.read_shard(tokens_ref, shard, columns=["doc_id"]).column(0)
-            wanted |= {ix: ids[ix - start].as_py() for ix in inside}
+        if inside:
+            table = store.read_shard(documents_ref, shard, columns=["id", "file", "line", "text"])
+            located |= dict(zip(inside, table.take([ix - start for ix in inside]).to_pylist()))
         start += rows[shard]
-    table = store.read_table(documents_ref, columns=["id", "file", "line", "text"])
-    table = table.filter(pc.is_in(table["id"], value_set=pa.array(list(wanted.values()), pa.string())))
-    by_id = {r["id"]: r for r in table.to_pylist()}
-    return {ix: dict(by_id[doc_id]) for ix, doc_id in wanted.items()}
+    return located
 
 
 def snippet(document: str, text: str, context: int) -> str:
