@@ -77,11 +77,10 @@ def render_verdict(store: ArtifactStore, record: dict) -> str:
 
 def render_families(store: ArtifactStore, record: dict) -> str:
     """Each instruction family's share of the pool and of every selection."""
-    rows = [{"family": r["family"], **{k: f"{100 * r[k]:.1f} %" for k in ("pool", "tagcos", "cluster_random",
-                                                                          "random")}}
+    heads = {"pool": "pool", "tagcos": "TAGCOS", "cluster_random": "cluster-random", "random": "random"}
+    rows = [{"family": r["family"], **{head: f"{100 * r[k]:.1f} %" for k, head in heads.items()}}
             for r in _rows(store, record, "select", "families")]
-    table = markdown_table(rows, ["family", "pool", "tagcos", "cluster_random", "random"])
-    return table.replace("| tagcos | cluster_random |", "| TAGCOS | cluster-random |", 1)
+    return markdown_table(rows, ["family", *heads.values()])
 
 
 def render_selection_quality(store: ArtifactStore, record: dict) -> str:
