@@ -48,6 +48,9 @@ class SampleConfig(Strict):
     corpus_files: int = Field(8, ge=1, le=10_000, description="corpus JSONL files (ingest parallelism)")
     repeated_list_documents: int = Field(0, ge=0, le=10_000_000, description=(
         "extra corpus documents that repeat a random list (in-context repetition, on which induction heads form)"))
+    planted_contamination: int = Field(0, ge=0, le=100_000, description=(
+        "QA items copied verbatim (question, then answer) into extra corpus documents, listed in "
+        "ground_truth/planted.jsonl: known contamination for the trace stage to find"))
 
 
 class IngestConfig(Strict):
@@ -164,7 +167,9 @@ class GradientsConfig(Strict):
     lora_r: int = Field(128, ge=1)
     lora_alpha: int = Field(512, ge=1)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] | None = Field(None, description="LoRA targets; None = the architecture's attention "
+                                             "projections (kernels/families.py: q/k/v/o_proj, GPT-NeoX "
+                                             "query_key_value + attention.dense, GPT-2 c_attn + attn.c_proj)")
     max_seq_len: int = Field(512, ge=8)
     proj_dim: int = Field(8192, ge=8, le=65_536)
     proj_seed: int = 0
@@ -217,9 +222,27 @@ class PreferenceConfig(Strict):
     rm_batch_size: int = Field(16, ge=1)
     rm_max_len: int = Field(128, ge=16)
     rm_lora: bool = False
+    rm_target_modules: list[str] | None = Field(None, description="LoRA targets with rm_lora; None = the "
+                                                "architecture's attention projections")
     threads: int = Field(1, ge=0, description="torch threads per Dask worker; the context-aware and the "
                          "context-blind reward models train as two shards, in parallel; 0 = torch default")
     seed: int = 0
+
+
+class TraceConfig(Strict):
+    """Trace task items back to the corpus (stage `trace`): longest spans with their documents, n-gram
+    contamination as in GPT-3 / NeMo Curator."""
+
+    tasks: list[TaskSpec] | None = Field(None, description="task files to trace; None = memorization.tasks")
+    max_items: int = Field(0, ge=0, description="items per task; 0 = every item")
+    contamination_n: int = Field(13, ge=1, le=64, description=(
+        "an item is contaminated when it shares an n-gram of this many words with a document (GPT-3: 13)"))
+    min_words: int = Field(5, ge=1, description=(
+        "an item shorter than contamination_n words counts as contaminated only when it occurs whole; "
+        "items shorter than this are not judged (counted and logged)"))
+    max_docs: int = Field(3, ge=1, le=1000, description="documents listed per span and per contaminated item")
+    decontaminate: bool = Field(False, description="also write documents_decontaminated (documents minus the "
+                                "contaminating ones) for a later training run")
 
 
 class LongContextConfig(Strict):
@@ -257,7 +280,9 @@ class FinetuneConfig(Strict):
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] | None = Field(None, description="LoRA targets; None = the architecture's attention "
+                                             "projections (kernels/families.py: q/k/v/o_proj, GPT-NeoX "
+                                             "query_key_value + attention.dense, GPT-2 c_attn + attn.c_proj)")
     mini_sequence: bool = Field(True, description="MsT chunked LM head + MLP with activation recomputation")
     lm_chunks: int | None = Field(None, ge=1, description="None = ceil(vocab / hidden)")
     mlp_chunks: int | None = Field(None, ge=1, description="None = ceil(intermediate / hidden)")

@@ -201,7 +201,7 @@ def cnf_clauses(terms: list[str]) -> list[list[str]]:
 
 
 def cmd_ngram(args: argparse.Namespace) -> int:
-    from tracecore.flows import query
+    from tracecore.tasks import index_query as query
     from tracecore.storage.store import ArtifactStore
 
     store = ArtifactStore(store_of(args))

@@ -19,7 +19,7 @@ def artifact_rows(store: ArtifactStore, record: dict) -> list[dict]:
             markers = store.markers(ref)
             committed = store.is_committed(ref)
             m = store.manifest(ref) if committed else {}
-            notes = {k: m[k] for k in ("tokens", "tokens_per_second", "duplicates", "reject_fraction",
+            notes = {k: m[k] for k in ("skipped", "tokens", "tokens_per_second", "duplicates", "reject_fraction",
                                        "eval_loss_initial", "eval_loss", "parameters", "external_path") if k in m}
             rows.append({"stage": stage, "output": name, "artifact": ref, "status": info.get("status", "?"),
                          "committed": committed, "shards_done": len(markers), "shards": m.get("shards", "?"),
@@ -76,7 +76,11 @@ def stage_tables(store: ArtifactStore, record: dict) -> list[str]:
     parts = []
     for stage, info in record["stages"].items():
         for ref in info.get("refs", {}).values():
-            columns = store.manifest(ref).get("report_columns") if store.is_committed(ref) else None
+            manifest = store.manifest(ref) if store.is_committed(ref) else {}
+            if manifest.get("skipped"):
+                parts += [f"## {stage}: {ref}", "", f"_{manifest['skipped']}_", ""]
+                continue
+            columns = manifest.get("report_columns")
             if columns:
                 rows = [{c: (round(v, 3) if isinstance(v, float) else v) for c, v in r.items()}
                         for r in store.read_table(ref).to_pylist()[:50]]

@@ -1,6 +1,6 @@
 """tracecore kernels: Mini-Sequence Transformer pieces, each Triton kernel beside its PyTorch reference.
 
-`apply_mini_sequence(model)` wraps a Hugging Face Llama-family causal LM; `reference` holds the
+`apply_mini_sequence(model)` wraps any Hugging Face causal LM (MLP chunking for the families in `families`); `reference` holds the
 PyTorch implementations (CPU path and test oracle); `triton_ce` the Triton kernel (imported on use,
 so CPU-only installs never need a GPU toolchain). Names load lazily, so `tracecore.kernels.settings`
 (the cache policies' settings, read by the config) imports without torch.

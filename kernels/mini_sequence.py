@@ -1,9 +1,12 @@
-"""`apply_mini_sequence`: Mini-Sequence Transformer (arXiv 2407.15892) for HF Llama-family models.
+"""`apply_mini_sequence`: Mini-Sequence Transformer (arXiv 2407.15892) for any HF causal LM.
 
-As the official `minisequence(model)`: every gate/up/down MLP runs per sequence chunk (`mini_sequence_mlp`), the causal
+As the official `minisequence(model)`: every decoder MLP runs per sequence chunk (`mini_sequence_mlp`), the causal
 LM's loss is computed by the chunked LM head + CE (the `[tokens, vocab]` logits never exist), and
-gradient checkpointing is switched on so that only decoder-layer inputs persist. Llama, Mistral and
-Qwen2 share this structure (`model.model`, `model.lm_head`, `*.mlp.{gate,up,down}_proj`).
+gradient checkpointing is switched on so that only decoder-layer inputs persist. The paper calls MsT
+implementation-agnostic: the LM-head part needs only the base model's final hidden states and
+`get_output_embeddings()`, so it applies to every family; the MLP part needs to know which module is the
+MLP (`kernels/families.py`: Llama/Mistral/Qwen2/OLMo/Gemma, GPT-NeoX, GPT-2). For a family not in that
+table the MLP runs unchunked and `model.mini_sequence["mlp_layers"]` is 0 (the finetune stage logs it).
 
 Differences from the official code: chunk counts default to the paper's memory argument
 (M_lm = ceil(V / d), M_mlp = ceil(I / d)) instead of fixed 64 / 4096-token chunks, with LM-head chunks
@@ -18,6 +21,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from tracecore.kernels.families import intermediate_size, mini_sequence_obstacle, mlp_modules
 from tracecore.kernels.reference import IGNORE_INDEX, lm_head_ce, mini_sequence_mlp
 
 MIN_CHUNK_ROWS = 256  # automatic LM-head chunks never get smaller: they would only re-read the weight
@@ -26,7 +30,7 @@ MIN_CHUNK_ROWS = 256  # automatic LM-head chunks never get smaller: they would o
 def default_chunks(config) -> tuple[int, int]:
     """(LM-head chunks, MLP chunks) that shrink each transient to about the size of the layer input."""
     d = config.hidden_size
-    return max(1, math.ceil(config.vocab_size / d)), max(1, math.ceil(config.intermediate_size / d))
+    return max(1, math.ceil(config.vocab_size / d)), max(1, math.ceil(intermediate_size(config) / d))
 
 
 def auto_lm_chunks(rows: int, vocab: int, hidden: int) -> int:
@@ -36,34 +40,34 @@ def auto_lm_chunks(rows: int, vocab: int, hidden: int) -> int:
     return max(1, min(math.ceil(vocab / hidden), rows // MIN_CHUNK_ROWS))
 
 
-def _is_gated_mlp(module: torch.nn.Module) -> bool:
-    return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))
-
-
 def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The `*ForCausalLM` module inside a plain or peft-wrapped model."""
+    """The `*ForCausalLM` module inside a plain or peft-wrapped model: a PreTrainedModel with an output
+    embedding and a base model under it."""
     from transformers import PreTrainedModel
 
-    for module in model.modules():  # peft wrappers forward attribute lookups, so check real children
-        if isinstance(module, PreTrainedModel) and {"lm_head", "model"} <= module._modules.keys():
+    for module in model.modules():  # peft wrappers forward attribute lookups, so check real modules
+        if isinstance(module, PreTrainedModel) and module.base_model is not module \
+                and module.get_output_embeddings() is not None:
             return module
-    raise TypeError(f"apply_mini_sequence: {type(model).__name__} has no causal-LM head (lm_head + model)")
+    raise TypeError(f"apply_mini_sequence: {type(model).__name__} has no causal-LM head (get_output_embeddings)")
 
 
 def apply_mini_sequence(model: torch.nn.Module, lm_chunks: int | None = None, mlp_chunks: int | None = None,
                         use_triton: bool | None = None, checkpointing: bool = True) -> torch.nn.Module:
     """Wrap `model` in place (and return it). `use_triton=None`: Triton on CUDA, PyTorch elsewhere."""
     lm = _causal_lm(model)
-    if getattr(lm.lm_head, "bias", None) is not None:
-        raise TypeError("apply_mini_sequence: an LM head with a bias is not supported (Llama-family heads have none)")
+    obstacle = mini_sequence_obstacle(lm.config, lm.get_output_embeddings())
+    if obstacle:
+        raise TypeError(f"apply_mini_sequence: model type {lm.config.model_type!r} not supported: {obstacle}")
     mlp_chunks = mlp_chunks or default_chunks(lm.config)[1]
-    for module in lm.modules():
-        if _is_gated_mlp(module) and not hasattr(module, "mini_sequence_chunks"):
-            mini_sequence_mlp(module, mlp_chunks)
+    mlps = [m for m in mlp_modules(lm, lm.config) if not hasattr(m, "mini_sequence_chunks")]
+    for module in mlps:
+        mini_sequence_mlp(module, mlp_chunks)
     lm.forward = types.MethodType(_make_forward(type(lm).forward, lm_chunks, use_triton), lm)
     if checkpointing:
         _enable_checkpointing(lm)
-    lm.mini_sequence = {"lm_chunks": lm_chunks, "mlp_chunks": mlp_chunks, "use_triton": use_triton}
+    lm.mini_sequence = {"lm_chunks": lm_chunks, "mlp_chunks": mlp_chunks, "use_triton": use_triton,
+                        "mlp_layers": len(mlps)}
     return model
 
 
@@ -95,15 +99,16 @@ def _make_forward(original, lm_chunks: int, use_triton: bool | None):
 
         kwargs.pop("logits_to_keep", None)
         kwargs.setdefault("use_cache", False)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out.last_hidden_state
         # HF's causal-LM loss: pad labels with one ignored position, shift left by one
         shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(hidden.device)
         loss_fn = _loss_fn(use_triton, hidden.device)
         denominator = float(num_items_in_batch) if num_items_in_batch is not None else None
         rows = hidden.reshape(-1, hidden.shape[-1])
-        chunks = lm_chunks or auto_lm_chunks(rows.shape[0], self.lm_head.weight.shape[0], rows.shape[1])
-        loss = loss_fn(rows, self.lm_head.weight, shifted.reshape(-1), chunks, denominator)
+        weight = self.get_output_embeddings().weight
+        chunks = lm_chunks or auto_lm_chunks(rows.shape[0], weight.shape[0], rows.shape[1])
+        loss = loss_fn(rows, weight, shifted.reshape(-1), chunks, denominator)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states,
                                       attentions=out.attentions)
 

@@ -100,7 +100,7 @@ class _ChunkedMLP(torch.autograd.Function):
         ctx.rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         with torch.no_grad():
-            return torch.cat([mlp_fn(part) for part in x.tensor_split(chunks, dim=-2)], dim=-2)
+            return torch.cat([mlp_fn(part.contiguous()) for part in x.tensor_split(chunks, dim=-2)], dim=-2)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -120,7 +120,7 @@ def _replay_chunks(mlp_fn, chunks: int, x, grad_out, params, need_x: bool):
     grad_p = [torch.zeros_like(p) for p in params]
     offset = 0
     for part, g in zip(x.tensor_split(chunks, dim=-2), grad_out.tensor_split(chunks, dim=-2)):
-        part = part.detach().requires_grad_(need_x)
+        part = part.detach().contiguous().requires_grad_(need_x)  # GPT-2's Conv1D views its input
         with torch.enable_grad():
             inputs = ([part] if need_x else []) + params
             grads = list(torch.autograd.grad(mlp_fn(part), inputs, g, allow_unused=True)) if inputs else []

@@ -76,6 +76,14 @@ def get_logger() -> logging.Logger:
     return logging.getLogger("tracecore")
 
 
+def log_dropped(stage: str, what: str, total: int, reasons: dict[str, int], where: str = "") -> None:
+    """One line per drop site: how many of `total` were left out, per reason (nothing when none were)."""
+    dropped = {r: n for r, n in reasons.items() if n}
+    if dropped:
+        get_logger().info("%s: %d of %d %s left out: %s%s", stage, sum(dropped.values()), total, what,
+                          ", ".join(f"{n} {r}" for r, n in dropped.items()), f" ({where})" if where else "")
+
+
 class Progress:
     """A terminal progress bar mirrored to a keyed Prefect progress artifact when in a run."""
 

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
-from tracecore.configs.schema import FinetuneConfig
+from tracecore.configs.schema import ConfigError, FinetuneConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.common import (
     MODEL_LOAD_LOCK,
@@ -32,7 +32,14 @@ from tracecore.tasks.common import (
     subplots,
 )
 from tracecore.tasks.instructions import collate, encode, load_pool, pool_inputs, pool_needs
-from tracecore.tasks.models import device_and_dtype, model_dir
+from tracecore.tasks.models import (
+    buildable,
+    device_and_dtype,
+    lora_kwargs,
+    model_dir,
+    resolve_lora_targets,
+    user_model_config,
+)
 from tracecore.tasks.stage import Planned, Stage, StageRun, plan_artifact
 
 SUMMARY_COLUMNS = ["variant", "subset", "seed", "records", "steps", "train_loss", "eval_loss_base", "eval_loss",
@@ -63,10 +70,26 @@ def finetune_needs(pipeline_cfg) -> dict[str, str]:
     return needs | pool_needs(pipeline_cfg)
 
 
+def check_user_model(pipeline_cfg) -> None:
+    """A user's model, checked when the run is planned: LoRA targets exist, Mini-Sequence applies."""
+    from tracecore.kernels.families import meta_model, mini_sequence_obstacle
+
+    cfg, config = pipeline_cfg.finetune, user_model_config(pipeline_cfg)
+    if config is None:
+        return
+    if cfg.lora:
+        resolve_lora_targets(config, cfg.target_modules, "finetune.target_modules")
+    obstacle = mini_sequence_obstacle(config, buildable(config, meta_model).get_output_embeddings())
+    if cfg.mini_sequence and obstacle:
+        raise ConfigError(f"finetune.mini_sequence: model type {config.model_type!r}: {obstacle}; "
+                          "set finetune.mini_sequence: false")
+
+
 def finetune_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
     """The pool (as for gradients) and the held-out split: a user file by identity, or the sample's split."""
     from tracecore.storage.fs import input_fingerprint, list_input_files
 
+    check_user_model(pipeline_cfg)
     inputs, args = pool_inputs(pipeline_cfg, upstream, store)
     eval_path = pipeline_cfg.finetune.eval_path
     if eval_path:
@@ -112,9 +135,12 @@ def load_model(folder: str, cfg: FinetuneConfig, device: str, dtype, config=None
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, bias="none",
                                                  lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                                                 target_modules=list(cfg.target_modules)))
+                                                 **lora_kwargs(model, cfg.target_modules, "finetune.target_modules")))
     if cfg.mini_sequence:
         apply_mini_sequence(model, cfg.lm_chunks, cfg.mlp_chunks)
+        if not model.mini_sequence["mlp_layers"]:
+            get_logger().info("finetune: Mini-Sequence chunks the LM head only: model type %r has no MLP entry in "
+                              "kernels/families.py", model.config.model_type)
     return tok, model.to(device)
 
 

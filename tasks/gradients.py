@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import GradientsConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import MODEL_LOAD_LOCK, map_shards
+from tracecore.tasks.common import MODEL_LOAD_LOCK, log_dropped, map_shards
 from tracecore.tasks.instructions import collate, encode, load_pool, pool_inputs, pool_needs
-from tracecore.tasks.models import model_dir, resolve_device
+from tracecore.tasks.models import check_user_lora_targets, lora_kwargs, model_dir, resolve_device
 from tracecore.tasks.stage import Stage, StageRun
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -40,12 +40,12 @@ def lora_model(model_dir: str, cfg: GradientsConfig):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     with MODEL_LOAD_LOCK:
         torch.manual_seed(cfg.seed)
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
         base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                            task_type="CAUSAL_LM", **lora_kwargs(base, cfg.target_modules, "gradients.target_modules"))
         return tok, get_peft_model(base, config)
 
 
@@ -224,6 +224,10 @@ def run_gradients(run: StageRun) -> None:
     if not records:
         raise ValueError(f"gradients: no usable records in {pool_path} ({len(rejects)} rejected)")
     pool = {"pool": pool_path, "pool_records": len(records), "pool_rejects": rejects[:100]}
+    if rejects:
+        log_dropped("gradients", "pool rows", len(records) + len(rejects),
+                    {f"rejected (first: line {rejects[0]['line']}: {rejects[0]['reason']})": len(rejects)},
+                    "the warmup manifest lists up to 100")
     if not store.is_committed(run.ref("warmup")):
         with model_dir(store, model_ref) as folder:
             tok, model = lora_model(folder, cfg)
@@ -242,6 +246,12 @@ def run_gradients(run: StageRun) -> None:
                  cfg.shards, report.skipped)
 
 
+def gradients_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """The pool; a user's model is checked against the LoRA targets first (before any work)."""
+    check_user_lora_targets(pipeline_cfg, pipeline_cfg.gradients.target_modules, "gradients.target_modules")
+    return pool_inputs(pipeline_cfg, upstream, store)
+
+
 STAGE = Stage("gradients", GradientsConfig, {"features": "features", "warmup": "warmup"}, run_gradients,
-              needs=lambda c: {"model": "pretrain.model", **pool_needs(c)}, external=pool_inputs,
+              needs=lambda c: {"model": "pretrain.model", **pool_needs(c)}, external=gradients_inputs,
               description="LoRA warm-up + per-sample Adam-aware gradient features (TAGCOS/LESS)")

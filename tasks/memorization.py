@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import MemorizationConfig, TaskSpec
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import MODEL_LOAD_LOCK, figure_png, map_shards, subplots
+from tracecore.tasks.common import MODEL_LOAD_LOCK, figure_png, log_dropped, map_shards, subplots
 from tracecore.tasks.memorization_scores import item_scores, score_table
 from tracecore.tasks.ngram import VocabMismatchError, open_engine
 from tracecore.tasks.stage import Stage, StageRun
@@ -296,6 +296,12 @@ def run_memorization(run: StageRun) -> None:
     store.write_shard(run.ref("items"), 0, pa.Table.from_pylist(rows))
     run.commit("items", expected_shards=1)
     counts = rule_counts(items, pairs, kept)
+    for task, c in counts.items():
+        log_dropped("memorization", f"{task} items", c["items"], {
+            "with a y-gram that occurs in x (overlap rule)": c["items_overlap_dropped"],
+            "with no pair above the alignment threshold": c["items_unaligned"]})
+    log_dropped("memorization", "task rows", len(items) + len(rejects), {"rejected": len(rejects)},
+                f"reasons in {run.ref('rejects')}")
     scores = [{**s, **counts.get(s["task"], {})} for s in score_table(rows, cfg)]
     store.write_shard(run.ref("scores"), 0, pa.Table.from_pylist(scores))
     images = plots(scores, rows) if rows else {}

@@ -28,3 +28,69 @@ def model_dir(store: ArtifactStore, model_ref: str):
     """Context manager yielding a local HF folder for a model artifact (trained here or registered by path)."""
     external = store.manifest(model_ref).get("external_path")
     return contextlib.nullcontext(external) if external else store.local_dir(model_ref)
+
+
+def user_model_config(pipeline_cfg):
+    """The user's model config (`pretrain.model_path`), read when the run is planned; None for the bootstrap
+    Llama (built by the pretrain stage, always a known family)."""
+    path = pipeline_cfg.pretrain.model_path
+    if not path:
+        return None
+    from tracecore.configs.schema import ConfigError
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ConfigError(f"pretrain.model_path: {path!r}: config.json names a model type transformers does not "
+                          f"know without remote code ({type(exc).__name__})") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"pretrain.model_path: {path!r} is model type {config.model_type!r}, not a causal LM")
+    return config
+
+
+def resolve_lora_targets(config, configured: list[str] | None, field: str, model=None) -> list[str]:
+    """The LoRA target modules for this architecture (the config field wins), checked against the model's
+    module names, so a wrong name fails here naming the field, not inside peft."""
+    from tracecore.configs.schema import ConfigError
+    from tracecore.kernels.families import linear_names, lora_targets, meta_model, missing_targets
+
+    model = model if model is not None else buildable(config, meta_model)
+    targets = lora_targets(config, configured)
+    if targets is None:
+        raise ConfigError(f"{field}: no LoRA targets known for model type {config.model_type!r}; set {field} to "
+                          f"its attention projections (its linear layers: {', '.join(linear_names(model))})")
+    missing = missing_targets(model, targets)
+    if missing:
+        raise ConfigError(f"{field}: {', '.join(missing)} match no module of model type {config.model_type!r} "
+                          f"(its linear layers: {', '.join(linear_names(model))})")
+    return targets
+
+
+def buildable(config, build):
+    """`build(config)`, a library error becoming one line that names the model type."""
+    from tracecore.configs.schema import ConfigError
+
+    try:
+        return build(config)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a config it cannot build
+        raise ConfigError(f"pretrain.model_path: transformers cannot build model type {config.model_type!r} from "
+                          f"its config.json: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def check_user_lora_targets(pipeline_cfg, configured: list[str] | None, field: str) -> None:
+    """Planning-time check of a user's model against a stage's LoRA targets (before any work starts)."""
+    config = user_model_config(pipeline_cfg)
+    if config is not None:
+        resolve_lora_targets(config, configured, field)
+
+
+def lora_kwargs(model, configured: list[str] | None, field: str) -> dict:
+    """`target_modules` (and GPT-2's `fan_in_fan_out`) for peft's LoraConfig on this model."""
+    from tracecore.kernels.families import family
+
+    known = family(model.config)
+    targets = resolve_lora_targets(model.config, configured, field, model)
+    return {"target_modules": targets, "fan_in_fan_out": bool(known and known.fan_in_fan_out)}

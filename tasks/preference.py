@@ -32,6 +32,7 @@ from tracecore.configs.schema import PreferenceConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.common import (
     MODEL_LOAD_LOCK,
+    log_dropped,
     map_shards,
     normalize_text,
 )
@@ -313,6 +314,10 @@ def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactSto
     from tracecore.storage.fs import folder_fingerprint, input_fingerprint, list_input_files
 
     cfg = pipeline_cfg.preference
+    if cfg.rm_lora:
+        from tracecore.tasks.models import check_user_lora_targets
+
+        check_user_lora_targets(pipeline_cfg, cfg.rm_target_modules, "preference.rm_target_modules")
     inputs = {"library": hashlib.sha256(json.dumps(load_library(cfg.criteria_library)).encode()).hexdigest()[:16]}
     if cfg.inputs:
         files = list_input_files([i.path for i in cfg.inputs], "preference.inputs")
@@ -333,7 +338,11 @@ def run_preference(run: StageRun) -> None:
     run.commit("rejects", expected_shards=len(inputs))
     run.commit("parsed", {"seconds": parsed.seconds, "skipped_shards": parsed.skipped}, expected_shards=len(inputs))
     rejected = sum(m.get("rejects", 0) for m in parsed.markers)
-    pairs, exact, near = dedup_pairs(store.read_table(refs["parsed"]).to_pylist(), cfg.near_duplicate_threshold)
+    parsed_pairs = store.read_table(refs["parsed"]).to_pylist()
+    pairs, exact, near = dedup_pairs(parsed_pairs, cfg.near_duplicate_threshold)
+    log_dropped("preference", "input rows", len(parsed_pairs) + rejected, {
+        f"rejected (reasons in {refs['rejects']})": rejected, "exact duplicate pairs": exact,
+        f"near-duplicate pairs (Jaccard >= {cfg.near_duplicate_threshold})": near})
     rows = [row for p in pairs
             for row in expand(p, split_of(p["prompt"], cfg.test_fraction, cfg.seed), cfg.context_test_fraction)]
     for shard, split in enumerate(SPLITS):

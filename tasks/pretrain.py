@@ -17,7 +17,7 @@ import pyarrow as pa
 from tracecore.configs.schema import PretrainConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.common import MODEL_LOAD_LOCK, Progress
-from tracecore.tasks.models import resolve_device
+from tracecore.tasks.models import resolve_device, user_model_config
 from tracecore.tasks.stage import Stage, StageRun
 
 
@@ -39,6 +39,7 @@ def user_model(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> 
     if not path:
         return {}, {}
     folder = check_model_folder(path)
+    user_model_config(pipeline_cfg)  # a causal LM transformers knows, checked before any work
     return {"model_path": str(folder), "model_files": folder_fingerprint(folder)}, {}
 
 

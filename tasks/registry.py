@@ -19,7 +19,7 @@ from tracecore.configs.schema import ConfigError, PipelineBase
 from tracecore.tasks.stage import Stage
 
 BUILTIN = ("tracecore.tasks.sample", "tracecore.tasks.ingest", "tracecore.tasks.tokenize",
-           "tracecore.tasks.pretrain", "tracecore.tasks.ngram", "tracecore.tasks.memorization",
+           "tracecore.tasks.pretrain", "tracecore.tasks.ngram", "tracecore.tasks.trace", "tracecore.tasks.memorization",
            "tracecore.tasks.gradients", "tracecore.tasks.select", "tracecore.tasks.preference",
            "tracecore.tasks.finetune", "tracecore.tasks.eval")
 

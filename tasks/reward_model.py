@@ -36,9 +36,11 @@ def load_reward_model(model_dir: str, cfg: PreferenceConfig):
             model_dir, num_labels=1, local_files_only=True, trust_remote_code=False, pad_token_id=tok.pad_token_id)
     if cfg.rm_lora:
         from peft import LoraConfig, get_peft_model
+        from tracecore.tasks.models import lora_kwargs
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, task_type="SEQ_CLS",
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+                                                 **lora_kwargs(model, cfg.rm_target_modules,
+                                                               "preference.rm_target_modules")))
     return tok, model
 
 

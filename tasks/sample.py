@@ -124,7 +124,9 @@ def build_corpus(cfg: SampleConfig, facts: list[dict], phrases: list[dict], rng:
     planted = []
     for f in facts:
         templates = FACT_TEMPLATES[f["attribute"]]
-        planted += [rng.choice(templates).format(name=f["entity"], value=f["value"]) for _ in range(f["frequency"])]
+        chosen = [rng.randrange(len(templates)) for _ in range(f["frequency"])]  # the draws rng.choice makes
+        f["qa_shaped"] = chosen.count(len(templates) - 1)  # ground truth: the QA item occurs verbatim this often
+        planted += [templates[t].format(name=f["entity"], value=f["value"]) for t in chosen]
     for p in phrases:
         planted += [f"In Zelan, {p['source']} is said as {p['target']}."] * p["frequency"]
     n_docs = max(cfg.filler_documents, 1)
@@ -151,6 +153,19 @@ def add_repeated_lists(docs: list[dict], n: int, seed: int) -> list[dict]:
         out.insert(rng.randint(0, len(out)), {"id": f"rep-{i:07d}", "text": repeated_list_document(rng),
                                               "source": "sample-world-repeats"})
     return out
+
+
+def plant_contamination(docs: list[dict], qa: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """`n` QA items copied verbatim (question, then answer) into extra documents among filler, at random
+    places (own RNG: with n = 0 the world is unchanged); returns (corpus, the planted items)."""
+    rng = random.Random(f"planted-{seed}")
+    chosen = sorted(rng.sample(range(len(qa)), min(n, len(qa))))
+    out = list(docs)
+    for i in chosen:
+        text = " ".join([filler_sentence(rng), f"{qa[i]['question']} {qa[i]['answer']}.", filler_sentence(rng)])
+        out.insert(rng.randint(0, len(out)), {"id": f"planted-{qa[i]['id']}", "text": text,
+                                              "source": "sample-world-planted"})
+    return out, [{"task": "qa", "id": qa[i]["id"], "doc_id": f"planted-{qa[i]['id']}"} for i in chosen]
 
 
 def build_tasks(facts: list[dict], phrases: list[dict], rng: random.Random) -> dict[str, list[dict]]:
@@ -317,10 +332,12 @@ def write_sample(cfg: SampleConfig, out_dir: str | Path) -> dict[str, int]:
     facts, lexicon = build_knowledge_base(cfg, rng)
     phrases = build_phrases(cfg, lexicon, rng)
     corpus = add_repeated_lists(build_corpus(cfg, facts, phrases, rng), cfg.repeated_list_documents, cfg.seed)
+    tasks = build_tasks(facts, phrases, rng)
+    corpus, planted = plant_contamination(corpus, tasks["qa"], cfg.planted_contamination, cfg.seed)
+    _write_jsonl(out / "ground_truth" / "planted.jsonl", planted)
     per_file = -(-len(corpus) // cfg.corpus_files)
     for k in range(cfg.corpus_files):
         _write_jsonl(out / "corpus" / f"part-{k:03d}.jsonl.gz", corpus[k * per_file:(k + 1) * per_file], gz=True)
-    tasks = build_tasks(facts, phrases, rng)
     for name, rows in tasks.items():
         _write_jsonl(out / "tasks" / f"{name}.jsonl", rows)
     pool, held_out = build_instructions(cfg, facts, lexicon, rng)

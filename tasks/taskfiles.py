@@ -52,7 +52,7 @@ def to_item(kind: str, rec: object) -> tuple[dict | None, str | None]:
     return {"id": str(rec.get("id", "")), "input": x, "output": y, "frequency": rec.get("frequency")}, None
 
 
-def load_task(spec: TaskSpec, path: str, max_items: int) -> tuple[list[dict], list[dict]]:
+def load_task(spec: TaskSpec, path: str, max_items: int, stage: str = "memorization") -> tuple[list[dict], list[dict]]:
     items, rejects = [], []
     for line, rec in read_task_rows(path):
         item, reason = to_item(spec.kind, rec)
@@ -61,6 +61,6 @@ def load_task(spec: TaskSpec, path: str, max_items: int) -> tuple[list[dict], li
         else:
             items.append({**item, "id": item["id"] or f"{spec.name}-{line}", "task": spec.name})
     if max_items and len(items) > max_items:
-        get_logger().info("memorization: task %s uses the first %d of its %d items (memorization.max_items)",
-                          spec.name, max_items, len(items))
+        get_logger().info("%s: task %s uses the first %d of its %d items (%s.max_items)",
+                          stage, spec.name, max_items, len(items), stage)
     return (items[:max_items] if max_items else items), rejects

@@ -17,6 +17,10 @@ from tracecore.kernels import apply_mini_sequence, default_chunks, lm_head_ce, p
 from tracecore.kernels.reference import torch_ce_grad_
 from tracecore.kernels.triton_ce import triton_ce_grad_, triton_lm_head_ce
 from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -107,16 +111,26 @@ def grads_of(model, ids, mask, labels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("config_cls,model_cls", [(LlamaConfig, LlamaForCausalLM), (MistralConfig, MistralForCausalLM),
-                                                  (Qwen2Config, Qwen2ForCausalLM)])
+# GPT-NeoX (Pythia) and GPT-2 under their own config names, dropout off so both paths draw nothing
+NEOX = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "attention_dropout": 0.0, "hidden_dropout": 0.0}
+GPT2 = {"vocab_size": 1000, "n_embd": 64, "n_inner": 172, "n_layer": 2, "n_head": 4, "n_positions": 512,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+FAMILIES = [(LlamaConfig, LlamaForCausalLM, TINY), (MistralConfig, MistralForCausalLM, TINY),
+            (Qwen2Config, Qwen2ForCausalLM, TINY), (GPTNeoXConfig, GPTNeoXForCausalLM, NEOX),
+            (GPT2Config, GPT2LMHeadModel, GPT2)]
+
+
+@pytest.mark.parametrize("config_cls,model_cls,size", FAMILIES, ids=lambda v: getattr(v, "model_type", None))
 @pytest.mark.parametrize("use_triton", [False, True])
-def test_wrapped_model_equals_plain_model(config_cls, model_cls, use_triton):
+def test_wrapped_model_equals_plain_model(config_cls, model_cls, size, use_triton):
     if use_triton and config_cls is not LlamaConfig:
-        pytest.skip("one family suffices for the interpreter (slow); the PyTorch path covers all three")
+        pytest.skip("one family suffices for the interpreter (slow); the PyTorch path covers all of them")
     torch.manual_seed(0)
-    plain = model_cls(config_cls(**TINY)).train()
+    plain = model_cls(config_cls(**size)).train()
     wrapped = apply_mini_sequence(copy.deepcopy(plain), lm_chunks=7, mlp_chunks=3, use_triton=use_triton)
     assert any(getattr(m, "gradient_checkpointing", False) for m in wrapped.modules())
+    assert wrapped.mini_sequence["mlp_layers"] == 2  # every decoder layer's MLP is chunked, in every family
     loss_p, grads_p = grads_of(plain, *batch())
     loss_w, grads_w = grads_of(wrapped, *batch())
     torch.testing.assert_close(loss_w, loss_p, rtol=1e-5, atol=1e-6)

@@ -69,7 +69,9 @@ def test_user_inputs_are_in_the_lineage(test_config, tmp_path):
     (folder / "tokenizer.json").write_text("{}")
     model = tmp_path / "model"
     model.mkdir()
-    (model / "config.json").write_text("{}")
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(model)
     (model / "model.safetensors").write_bytes(b"")
     cfg = test_config(f"tokenize.tokenizer_path={folder}", f"pretrain.model_path={model}")
     plans = plan_pipeline(cfg, ArtifactStore(cfg.store))
@@ -145,3 +147,23 @@ def test_stages_overlap_only_where_they_cannot_share_torch_state(test_config):
     assert test_config().max_parallel_stages() == 1  # the test profile: dask.processes false
     assert test_config("dask.processes=true").max_parallel_stages() is None
     assert test_config("parallel_stages=3").max_parallel_stages() == 3
+
+
+def test_no_sample_world_unless_a_stage_reads_it(test_config, tmp_path):
+    """A user's corpus, tasks, pool and preference file: the stages that take them plan no sample world;
+    eval (whose items and haystacks are the sample world's) is the one stage that always reads it."""
+    import json as _json
+
+    corpus, qa, pool, prefs = (tmp_path / n for n in ("corpus.jsonl", "qa.jsonl", "pool.jsonl", "prefs.jsonl"))
+    corpus.write_text(_json.dumps({"id": "a", "text": "some text"}) + "\n")
+    qa.write_text(_json.dumps({"question": "q?", "answer": "a"}) + "\n")
+    pool.write_text(_json.dumps({"instruction": "i", "input": "", "output": "o"}) + "\n")
+    prefs.write_text(_json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
+    cfg = test_config(f"ingest.paths=[{corpus}]", f"memorization.tasks=[{{name: qa, kind: qa, path: {qa}}}]",
+                      f"gradients.pool_path={pool}", f"preference.inputs=[{{path: {prefs}, format: pairwise}}]")
+    store = ArtifactStore(cfg.store)
+    user_stages = ["ingest", "tokenize", "pretrain", "ngram", "trace", "memorization", "gradients", "select",
+                   "preference"]
+    assert "sample" not in plan_pipeline(cfg, store, user_stages)
+    assert "sample" in plan_pipeline(cfg, store, ["eval"])
+    assert "sample" in plan_pipeline(test_config(), store, ["trace"])  # the sample world's task files

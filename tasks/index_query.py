@@ -1,4 +1,4 @@
-"""`tracecore ngram count | docs | cnf`: query a committed infini-gram index from the command line.
+"""Queries of a committed infini-gram index: `tracecore ngram count | docs | cnf` and the trace stage.
 
 What infini-gram users do all day, without writing Python against the engine: exact counts of a phrase
 (both tokenizations a phrase has in running text: with its leading space, and bare at a document start),

@@ -1,0 +1,318 @@
+"""Stage `trace`: every task item traced back to the corpus, and test-set contamination flagged.
+
+Beyond the papers, what users of a pretraining corpus ask first (infini-gram's document attribution;
+DataTrove's and NeMo Curator's task decontamination):
+
+* **Longest spans** (infini-gram index): for the question and for the answer of every item, the longest
+  run of its tokens (tokenized as in running text, with the leading space) that occurs in the corpus, its
+  count and up to `max_docs` documents holding it (id, file, line). Occurrence is closed under
+  sub-spans, so a two-pointer walk finds the longest span in O(tokens) `count` calls.
+* **Contamination** (a corpus scan on Dask, one task per documents shard): the item's text is its question
+  followed by its answer, normalized as in GPT-3 / NeMo Curator (lower case, words = runs of letters and
+  digits, punctuation dropped); it is contaminated when one of its n-grams of `contamination_n` words
+  (13) occurs in a document. Deviation, for short items (most sample-world items have 5-8 words): an
+  item shorter than `contamination_n` words counts as one n-gram, the whole item (as DataTrove does
+  for short tasks); items shorter than `min_words` are not judged, and are counted and logged as such.
+  The scan is exact (n-grams compared as strings), not a Bloom filter.
+
+Outputs: `items` (one row per item), `tasks` (share contaminated per task, with a Wilson interval and
+the documents), `hits` (one row per item x document), `rejects` (unusable task rows), a plot, and with
+`decontaminate: true` a `documents_decontaminated` artifact: the documents without the contaminating
+ones, for a later training run (`ingest.paths` can read its Parquet shards).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pyarrow as pa
+from tracecore.configs.schema import TraceConfig
+from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.common import figure_png, map_shards, subplots
+from tracecore.tasks.stage import Planned, Stage, StageRun, plan_artifact
+from tracecore.tasks.taskfiles import load_task
+
+WORD = re.compile(r"\w+")
+HIT_SCHEMA = pa.schema([("item", pa.string()), ("task", pa.string()), ("doc_id", pa.string()),
+                        ("file", pa.string()), ("line", pa.int64()), ("ngram", pa.string())])
+TASK_COLUMNS = ["task", "items", "judged", "too_short", "contaminated", "share", "share_lo", "share_hi",
+                "median_question_words", "median_question_span", "answer_found", "documents"]
+
+
+def words(text: str) -> list[str]:
+    return WORD.findall(text.lower())
+
+
+# ---- which items, which n-grams -----------------------------------------------------------------------
+def task_specs(pipeline_cfg) -> list:
+    """`trace.tasks`, or the memorization stage's tasks when none are given."""
+    return list(pipeline_cfg.trace.tasks if pipeline_cfg.trace.tasks is not None else pipeline_cfg.memorization.tasks)
+
+
+def item_ngrams(item: dict, n: int, min_words: int) -> list[str]:
+    """The item's word n-grams (question then answer); the whole item when it is shorter than n; none
+    when it is shorter than `min_words` (not judged)."""
+    w = words(item["input"]) + words(item["output"])
+    if len(w) < min_words:
+        return []
+    size = min(n, len(w))
+    return list(dict.fromkeys(" ".join(w[i:i + size]) for i in range(len(w) - size + 1)))
+
+
+def gram_index(items: list[dict], n: int, min_words: int) -> dict[int, dict[str, list[str]]]:
+    """n-gram size -> n-gram -> item keys (several items may share one)."""
+    index: dict[int, dict[str, list[str]]] = {}
+    for item in items:
+        for gram in item_ngrams(item, n, min_words):
+            index.setdefault(gram.count(" ") + 1, {}).setdefault(gram, []).append(item["key"])
+    return index
+
+
+# ---- the corpus scan (one Dask task per documents shard) ------------------------------------------------
+def document_hits(text: str, grams: dict[int, dict[str, list[str]]], firsts: dict[int, set[str]]):
+    """(item key, n-gram) for every item n-gram in the document; a first-word filter skips most positions."""
+    w, found = words(text), {}
+    for size, table in grams.items():
+        for i in range(len(w) - size + 1):
+            if w[i] in firsts[size]:
+                gram = " ".join(w[i:i + size])
+                for key in table.get(gram, ()):
+                    found.setdefault(key, gram)
+    return found.items()
+
+
+def scan_shard(store_uri: str, ref: str, shard: int, documents_ref: str, grams: dict, owners: dict) -> dict:
+    store = ArtifactStore(store_uri)
+    firsts = {size: {g.split(" ", 1)[0] for g in table} for size, table in grams.items()}
+    table = store.read_shard(documents_ref, shard, columns=["id", "file", "line", "text"])
+    rows = []
+    for doc in table.to_pylist():
+        for key, gram in document_hits(doc["text"], grams, firsts):
+            rows.append({"item": owners[key]["id"], "task": owners[key]["task"], "doc_id": doc["id"],
+                         "file": doc["file"], "line": doc["line"], "ngram": gram})
+    return store.write_shard(ref, shard, pa.Table.from_pylist(rows, schema=HIT_SCHEMA), records=table.num_rows)
+
+
+def decontaminate_shard(store_uri: str, ref: str, shard: int, documents_ref: str, drop: set[str]) -> dict:
+    store = ArtifactStore(store_uri)
+    table = store.read_shard(documents_ref, shard)
+    keep = pa.array([i not in drop for i in table.column("id").to_pylist()], pa.bool_())
+    kept = table.filter(keep)
+    return store.write_shard(ref, shard, kept, records=kept.num_rows, dropped=table.num_rows - kept.num_rows)
+
+
+# ---- longest spans (infini-gram) -------------------------------------------------------------------------
+def longest_span(engine, ids: list[int]) -> tuple[int, int]:
+    """(start, end) of the longest run of `ids` that occurs in the corpus (two pointers: occurrence is
+    closed under sub-spans, so the end never moves back)."""
+    best, end = (0, 0), 0
+    for start in range(len(ids)):
+        end = max(end, start)
+        while end < len(ids) and engine.count(ids[start:end + 1])["count"] > 0:
+            end += 1
+        if end - start > best[1] - best[0]:
+            best = (start, end)
+    return best
+
+
+def span_ranks(engine, ids: list[int], limit: int) -> tuple[int, list[tuple]]:
+    """(count, up to `limit` suffix-array ranks) of a span, in the raw engine's symbols."""
+    from tracecore.tasks.ngram import PairedEngine
+
+    raw, encode = (engine.engine, engine.encode) if isinstance(engine, PairedEngine) else (engine, list)
+    query = encode(ids)
+    found = raw.find(query)
+    ranks = [(s, r, len(query), 0) for s, (lo, hi) in enumerate(found["segment_by_shard"]) for r in range(lo, hi)]
+    return found["cnt"], ranks[:limit]
+
+
+RANKS_PER_CALL = 256  # the engine starts a thread per rank: one call for 70k ranks aborted the process
+
+
+def docs_by_ranks(raw, ranks: list[tuple]) -> list[dict]:
+    """The engine's batched document retrieval (the `_2` call: infini-gram 2.6's `get_docs_by_ranks` calls a
+    method its C++ engine lacks), in batches of RANKS_PER_CALL."""
+    return [h for i in range(0, len(ranks), RANKS_PER_CALL) for h in raw.get_docs_by_ranks_2(ranks[i:i + RANKS_PER_CALL])]
+
+
+def trace_spans(store: ArtifactStore, index_ref: str, items: list[dict], max_docs: int) -> list[dict]:
+    """Per item: the longest question span and answer span, their counts and documents."""
+    from tracecore.tasks.index_query import document_rows, opened
+    from tracecore.tasks.ngram import PairedEngine
+
+    out = []
+    with opened(store, index_ref) as (engine, tok):
+        raw = engine.engine if isinstance(engine, PairedEngine) else engine
+        pending: list[tuple[dict, str, list[tuple]]] = []
+        for item in items:
+            row = {"key": item["key"]}
+            for field, text in (("question", item["input"]), ("answer", item["output"])):
+                ids = tok.encode(" " + text.strip(), add_special_tokens=False).ids
+                start, end = longest_span(engine, ids)
+                span = ids[start:end]
+                count, ranks = span_ranks(engine, span, 4 * max_docs) if span else (0, [])
+                row |= {f"{field}_span": tok.decode(span).strip(), f"{field}_span_tokens": len(span),
+                        f"{field}_tokens": len(ids), f"{field}_span_words": len(words(tok.decode(span))),
+                        f"{field}_span_count": int(count)}
+                pending.append((row, field, ranks))
+            out.append(row)
+        hits = docs_by_ranks(raw, [r for _, _, ranks in pending for r in ranks])
+        offset, per_row = 0, []
+        for row, field, ranks in pending:
+            per_row.append((row, field, list(dict.fromkeys(h["doc_ix"] for h in hits[offset:offset + len(ranks)]))))
+            offset += len(ranks)
+    located = document_rows(store, index_ref, sorted({ix for _, _, ixs in per_row for ix in ixs}))
+    for row, field, ixs in per_row:
+        row[f"{field}_docs"] = [{k: located[ix][k] for k in ("id", "file", "line")} for ix in ixs[:max_docs]]
+    return out
+
+
+# ---- summaries --------------------------------------------------------------------------------------------
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion: stays inside [0, 1], sensible at 0 of n."""
+    if n == 0:
+        return 0.0, 1.0
+    p, denom = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def task_table(items: list[dict], max_docs: int) -> list[dict]:
+    out = []
+    for task in dict.fromkeys(i["task"] for i in items):
+        group = [i for i in items if i["task"] == task]
+        judged = [i for i in group if i["judged"]]
+        bad = [i for i in judged if i["contaminated"]]
+        lo, hi = wilson(len(bad), len(judged))
+        spans = sorted(i["question_span_words"] for i in group)
+        docs = list(dict.fromkeys(d["doc_id"] for i in bad for d in i["contaminating_docs"]))
+        out.append({"task": task, "items": len(group), "judged": len(judged), "too_short": len(group) - len(judged),
+                    "contaminated": len(bad), "share": len(bad) / len(judged) if judged else None,
+                    "share_lo": lo, "share_hi": hi,
+                    "median_question_words": sorted(len(words(i["input"])) for i in group)[len(group) // 2],
+                    "median_question_span": spans[len(spans) // 2] if spans else 0,
+                    "answer_found": sum(i["answer_span"] == i["output"].strip() for i in group) / max(len(group), 1),
+                    "documents": ", ".join(docs[:max_docs]) + (f" (+{len(docs) - max_docs})" if len(docs) > max_docs
+                                                                   else "")})
+    return out
+
+
+def trace_png(items: list[dict], tasks: list[dict]) -> bytes:
+    """Left: share contaminated per task with its interval; right: longest question span, as a share of the
+    question's words, per task (how much of each question the corpus holds verbatim)."""
+    fig, (left, right) = subplots(nrows=1, ncols=2, figsize=(8, 3))
+    names = [t["task"] for t in tasks]
+    shares = [t["share"] or 0.0 for t in tasks]
+    err = [[s - t["share_lo"] for s, t in zip(shares, tasks)], [t["share_hi"] - s for s, t in zip(shares, tasks)]]
+    left.bar(names, shares, yerr=err, capsize=4, color="tab:red")
+    left.set(ylim=(0, 1), ylabel="share contaminated", title="contaminated items (95% Wilson)")
+    for name in names:
+        ratios = [i["question_span_words"] / max(len(words(i["input"])), 1) for i in items if i["task"] == name]
+        right.hist(ratios, bins=10, range=(0, 1), alpha=0.5, label=name)
+    right.set(xlabel="longest question span / question words", ylabel="items", title="longest span in corpus")
+    right.legend(fontsize=7)
+    return figure_png(fig)
+
+
+# ---- the stage -------------------------------------------------------------------------------------------
+def trace_needs(pipeline_cfg) -> dict[str, str]:
+    needs = {"index": "ngram.index", "documents": "ingest.documents"}
+    return needs | ({"sample": "sample.sample"} if any(not s.path for s in task_specs(pipeline_cfg)) else {})
+
+
+def trace_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
+    """User task files by identity; the task list itself is in the args (it may come from memorization)."""
+    from tracecore.storage.fs import input_fingerprint, list_input_files
+
+    specs = task_specs(pipeline_cfg)
+    inputs = {f"task_{s.name}": input_fingerprint(list_input_files([s.path], f"trace.tasks.{s.name}.path"))
+              for s in specs if s.path}
+    inputs["tasks"] = ",".join(f"{s.name}:{s.kind}:{s.path or 'sample'}" for s in specs)
+    return inputs, {"tasks": [s.model_dump() for s in specs]}
+
+
+def decontaminated_output(cfg: TraceConfig, inputs: dict[str, str], code: str) -> dict[str, Planned]:
+    if not cfg.decontaminate:
+        return {}
+    return {"documents_decontaminated": plan_artifact("trace", "documents_decontaminated", cfg.fingerprint(),
+                                                      inputs, code)}
+
+
+def load_items(run: StageRun) -> tuple[list[dict], list[dict]]:
+    from tracecore.configs.schema import TaskSpec
+
+    items, rejects = [], []
+    for spec in map(TaskSpec.model_validate, run.args["tasks"]):
+        path = spec.path or f"{run.store.files_path(run.inputs['sample'])}/tasks/{spec.kind}.jsonl"
+        got, bad = load_task(spec, path, run.cfg.max_items, stage="trace")
+        items, rejects = items + [{**i, "key": f"{spec.name}/{i['id']}"} for i in got], rejects + bad
+    return items, rejects
+
+
+def run_trace(run: StageRun) -> None:
+    store, cfg, log, refs = run.store, run.cfg, run.log, run.plan.refs
+    items, rejects = load_items(run)
+    if not store.is_committed(refs["rejects"]):
+        store.write_shard(refs["rejects"], 0, pa.Table.from_pylist(
+            rejects, schema=pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])))
+        run.commit("rejects", {"rejected": len(rejects)}, expected_shards=1)
+    if rejects:
+        log.info("trace: %d task rows rejected (first: %s line %d: %s); see %s", len(rejects), rejects[0]["file"],
+                 rejects[0]["line"], rejects[0]["reason"], refs["rejects"])
+    grams = gram_index(items, cfg.contamination_n, cfg.min_words)
+    documents_ref, by_key = run.inputs["documents"], {i["key"]: i for i in items}
+    n_shards = store.manifest(documents_ref)["shards"]
+    report = map_shards("trace", store, refs["hits"], scan_shard, [documents_ref] * n_shards, run.address,
+                        grams=grams, owners={k: {"id": i["id"], "task": i["task"]} for k, i in by_key.items()})
+    if not store.is_committed(refs["hits"]):
+        run.commit("hits", {"seconds": report.seconds, "skipped_shards": report.skipped}, expected_shards=n_shards)
+    hits = store.read_table(refs["hits"]).to_pylist()
+    spans = {r["key"]: r for r in trace_spans(store, run.inputs["index"], items, cfg.max_docs)}
+    by_item: dict[tuple, list[dict]] = {}
+    for h in hits:
+        by_item.setdefault((h["task"], h["item"]), []).append(h)
+    rows = [item_row(i, spans[i["key"]], by_item.get((i["task"], i["id"]), []), cfg) for i in items]
+    too_short = sum(not r["judged"] for r in rows)
+    if too_short:
+        log.info("trace: %d of %d items have fewer than %d words and are not judged for contamination "
+                 "(trace.min_words)", too_short, len(rows), cfg.min_words)
+    tasks = task_table(rows, cfg.max_docs)
+    if not store.is_committed(refs["tasks"]):
+        store.write_shard(refs["tasks"], 0, pa.Table.from_pylist(tasks))
+        store.write_file(refs["tasks"], "plots/trace_contamination.png", trace_png(rows, tasks))
+        run.commit("tasks", {"report_columns": TASK_COLUMNS, "plots": ["plots/trace_contamination.png"],
+                             "contamination_n": cfg.contamination_n}, expected_shards=1)
+    if cfg.decontaminate and not store.is_committed(refs["documents_decontaminated"]):
+        decontaminate(run, {h["doc_id"] for h in hits})
+    store.write_shard(refs["items"], 0, pa.Table.from_pylist(rows))
+    run.commit("items", {"items": len(rows), "contaminated": sum(r["contaminated"] for r in rows)},
+               expected_shards=1)
+    for t in tasks:
+        log.info("trace %s: %d/%d judged items contaminated (%d-word n-grams), median longest question span %d words",
+                 t["task"], t["contaminated"], t["judged"], cfg.contamination_n, t["median_question_span"])
+
+
+def item_row(item: dict, spans: dict, own: list[dict], cfg: TraceConfig) -> dict:
+    """One item's row: its spans, whether it could be judged, the documents it shares an n-gram with."""
+    docs = list({h["doc_id"]: {"doc_id": h["doc_id"], "file": h["file"], "line": h["line"], "ngram": h["ngram"]}
+                 for h in own}.values())
+    judged = bool(item_ngrams(item, cfg.contamination_n, cfg.min_words))
+    return {"task": item["task"], "id": item["id"], "input": item["input"], "output": item["output"],
+            **{k: v for k, v in spans.items() if k != "key"}, "judged": judged, "contaminated": bool(docs),
+            "contaminating_docs": docs[: cfg.max_docs], "contaminating_count": len(docs)}
+
+
+def decontaminate(run: StageRun, drop: set[str]) -> None:
+    """The documents without every contaminating one (same shards, same schema)."""
+    documents_ref, ref = run.inputs["documents"], run.plan.refs["documents_decontaminated"]
+    n_shards = run.store.manifest(documents_ref)["shards"]
+    map_shards("trace", run.store, ref, decontaminate_shard, [documents_ref] * n_shards, run.address, drop=drop)
+    run.commit("documents_decontaminated", {"dropped_documents": len(drop)}, expected_shards=n_shards)
+    run.log.info("trace: %d contaminating documents removed in %s", len(drop), ref)
+
+
+STAGE = Stage("trace", TraceConfig, {"items": "trace_items", "tasks": "trace_tasks", "hits": "trace_hits",
+                                     "rejects": "trace_rejects"},
+              run_trace, needs=trace_needs, external=trace_inputs, subartifacts=decontaminated_output,
+              description="longest spans of task items in the corpus, with documents; n-gram contamination")
