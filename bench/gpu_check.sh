@@ -15,6 +15,13 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# The GPU machine has no tracecore install: expose the repository's kernels/ as tracecore.kernels (a namespace
+# package of symlinks), which is all the kernel tests and benches import.
+if ! "$PY" -c "import tracecore.kernels" 2>/dev/null; then
+  SHIM=$(mktemp -d)
+  mkdir -p "$SHIM/tracecore" && ln -s "$PWD/kernels" "$SHIM/tracecore/kernels"
+  export PYTHONPATH="$SHIM:$PYTHONPATH"
+fi
 failed=0
 
 step() {  # step NAME LIMIT_SECONDS COMMAND...: output to OUT/NAME.md, stderr and timing to OUT/log.txt
@@ -42,6 +49,8 @@ KERNEL_TESTS=(tests/test_kernels.py tests/test_long_context_kernels.py)
 if [ "$MODE" = "--smoke" ]; then
   step pytest_gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${KERNEL_TESTS[@]}"
   step mini_sequence 240 "$PY" bench/mini_sequence.py --smoke
+  step mini_sequence_neox 120 "$PY" bench/mini_sequence.py --smoke --step-model toy-neox --step-lengths 16 32 \
+    --head-lengths 64
   step gradients 120 "$PY" bench/gradients.py --synthetic --hidden 64 --layers 2 --vocab 1000 --lora-r 4 --seq 32 \
     --records 16 --batch 8
   step long_context 180 "$PY" bench/long_context.py --smoke

@@ -54,6 +54,11 @@ STEP_MODELS = {  # --step-model: Llama shapes for the training-step table
               "num_attention_heads": 4, "num_key_value_heads": 4},
     "1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
            "num_attention_heads": 32, "num_key_value_heads": 8},
+    "toy-neox": {"model_type": "gpt_neox", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+                 "num_hidden_layers": 2, "num_attention_heads": 4},
+    # Pythia-410m's shape (GPT-NeoX), the memorization paper's family: MsT on a non-Llama architecture
+    "pythia-410m": {"model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 1024, "intermediate_size": 4096,
+                    "num_hidden_layers": 24, "num_attention_heads": 16},
 }
 
 
@@ -93,14 +98,14 @@ def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int, d: i
 def step_cell(method: str, seq: int, device: str, repeats: int, size: str = "small") -> dict:
     from tracecore.kernels import apply_mini_sequence
     from tracecore.kernels.mini_sequence import _enable_checkpointing
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    shape = STEP_MODELS[size]
-    config = LlamaConfig(**shape, max_position_embeddings=max(seq, 2048))
+    shape = dict(STEP_MODELS[size])
+    config = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape, max_position_embeddings=max(seq, 2048))
     vocab = shape["vocab_size"]
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the GPU: a 1.2 B model's CPU init alone takes tens of seconds
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     if device == "cuda":
         model = model.to(torch.bfloat16)
     if method == "checkpointing":  # activation recomputation alone, the paper's second baseline
@@ -205,7 +210,8 @@ def main() -> None:
     gpu = device == "cuda"
     in_process = gpu or args.smoke
     if args.smoke:
-        args.hidden, args.vocabs, args.step_model, args.repeats = 64, [1000], "toy", 1
+        args.hidden, args.vocabs, args.repeats = 64, [1000], 1
+        args.step_model = "toy" if args.step_model == "small" else args.step_model
     head_methods = ["plain", "chunked"] + (["triton"] if gpu else []) + (["liger"] if gpu and liger_available() else [])
     head_lengths = args.head_lengths or ([128, 256] if args.smoke else [2048, 8192, 32768, 65536] if gpu
                                          else [1024, 4096] if args.quick else [1024, 2048, 4096])
@@ -226,7 +232,7 @@ def main() -> None:
                                                          for m in head_methods), flush=True)
     step_methods = ["plain", "checkpointing", "chunked"] + (["triton"] if gpu else [])
     shape = STEP_MODELS[args.step_model]
-    print(f"\nTraining step (Llama {args.step_model}: d={shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+    print(f"\nTraining step ({shape.get('model_type', 'llama')} {args.step_model}: d={shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
           f"vocab {shape['vocab_size']}, batch 1, AdamW)")
     print(f"{'seq':>6} | " + " | ".join(f"{m:^26}" for m in step_methods))
     fits = {m: [] for m in step_methods}
