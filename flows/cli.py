@@ -201,8 +201,8 @@ def cnf_clauses(terms: list[str]) -> list[list[str]]:
 
 
 def cmd_ngram(args: argparse.Namespace) -> int:
-    from tracecore.tasks import index_query as query
     from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks import index_query as query
 
     store = ArtifactStore(store_of(args))
     index = args.index or query.latest_index(store)

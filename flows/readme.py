@@ -132,7 +132,18 @@ def render_long_context(store: ArtifactStore, record: dict) -> str:
     return markdown_table(rows, ["method", *map(str, lengths), f"KV vs. full at {lengths[-1]}"])
 
 
-RENDERERS = {"timings": render_timings, "verdict": render_verdict, "families": render_families,
+def render_contamination(store: ArtifactStore, record: dict) -> str:
+    """Per task: items contaminated (13-word n-grams, Wilson interval), how much of a question the corpus holds."""
+    rows = [{"task": r["task"], "items": r["items"], "judged": r["judged"], "contaminated": r["contaminated"],
+             "share [95 % CI]": f"{r['share'] or 0:.3f} [{r['share_lo']:.3f}, {r['share_hi']:.3f}]",
+             "median question words": r["median_question_words"],
+             "median longest question span (words)": r["median_question_span"],
+             "answers found whole": f"{100 * r['answer_found']:.0f} %",
+             "contaminating documents": r["documents"] or "–"} for r in _rows(store, record, "trace", "tasks")]
+    return markdown_table(rows, list(rows[0]) if rows else ["task"])
+
+
+RENDERERS = {"contamination": render_contamination, "timings": render_timings, "verdict": render_verdict, "families": render_families,
              "selection_quality": render_selection_quality, "memorization": render_memorization,
              "reward_model": render_reward_model, "long_context": render_long_context}
 

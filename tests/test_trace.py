@@ -79,3 +79,17 @@ def test_task_table_intervals_and_decontaminated_documents(traced):
     hits = store.read_table(refs["trace.hits"]).to_pylist()
     assert every - kept == {h["doc_id"] for h in hits} and {p["doc_id"] for p in planted} <= every - kept
     assert store.manifest(refs["trace.tasks"])["plots"] == ["plots/trace_contamination.png"]
+
+
+def test_a_later_run_reads_the_decontaminated_documents(traced, tmp_path):
+    from conftest import TEST_PROFILE
+    from tracecore.flows.pipeline import run_stages
+    from tracecore.tasks.registry import load_config
+
+    folder = traced.store.artifact_dir(traced.refs["trace.documents_decontaminated"])
+    cfg = load_config(str(TEST_PROFILE), [f"ingest.paths=[{folder}/*.parquet]"],
+                      store=str(tmp_path / "store"))
+    refs = run_stages(cfg, ["ingest"])
+    again = ArtifactStore(cfg.store).read_table(refs["ingest.documents"]).column("id").to_pylist()
+    kept = traced.store.read_table(traced.refs["trace.documents_decontaminated"]).column("id").to_pylist()
+    assert sorted(again) == sorted(kept) and not {p["doc_id"] for p in traced.planted} & set(again)
