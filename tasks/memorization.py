@@ -238,10 +238,13 @@ def memorization_needs(pipeline_cfg) -> dict[str, str]:
 def user_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
     """User task files and model folders, fingerprinted by their files' identity."""
     from tracecore.storage.fs import folder_fingerprint, input_fingerprint, list_input_files
+    from tracecore.tasks.models import causal_lm_config
 
     cfg = pipeline_cfg.memorization
     inputs = {f"task_{s.name}": input_fingerprint(list_input_files([s.path], f"memorization.tasks.{s.name}.path"))
               for s in cfg.tasks if s.path}
+    for i, folder in enumerate(cfg.models):  # each a causal LM, checked before any work
+        causal_lm_config(folder, f"memorization.models[{i}]")
     inputs |= {f"model{i}": folder_fingerprint(folder) for i, folder in enumerate(cfg.models)}
     return inputs, {"models": list(cfg.models) or [upstream["model"]]}
 

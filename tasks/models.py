@@ -34,20 +34,23 @@ def user_model_config(pipeline_cfg):
     """The user's model config (`pretrain.model_path`), read when the run is planned; None for the bootstrap
     Llama (built by the pretrain stage, always a known family)."""
     path = pipeline_cfg.pretrain.model_path
-    if not path:
-        return None
+    return causal_lm_config(path, "pretrain.model_path") if path else None
+
+
+def causal_lm_config(path: str, field: str):
+    """The config of a local model folder that must be a causal LM transformers knows (no remote code)."""
     from tracecore.configs.schema import ConfigError
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as exc:
-        raise ConfigError(f"pretrain.model_path: {path!r}: config.json names a model type transformers does not "
-                          f"know without remote code ({type(exc).__name__})") from None
+        raise ConfigError(f"{field}: {path!r} is not a model folder transformers reads without remote code "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ConfigError(f"pretrain.model_path: {path!r} is model type {config.model_type!r}, not a causal LM")
+        raise ConfigError(f"{field}: {path!r} is model type {config.model_type!r}, not a causal LM")
     return config
 
 

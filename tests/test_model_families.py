@@ -136,6 +136,9 @@ def test_unsupported_models_are_refused_when_the_run_is_planned(test_config, tmp
     assert message.startswith("finetune.target_modules: q_proj match no module of model type 'phi3'")
     encoder = config_only_folder(tmp_path / "distilbert", "distilbert", dim=64, n_layers=1, n_heads=2)
     assert "'distilbert', not a causal LM" in planning_error(test_config, encoder)
+    llama = config_only_folder(tmp_path / "llama", "llama", **LLAMA_LIKE)
+    message = planning_error(test_config, llama, f"memorization.models=[{llama}, {encoder}]")
+    assert message.startswith("memorization.models[1]: ") and "not a causal LM" in message
     broken = config_only_folder(tmp_path / "broken", "llama", pad_token_id=9999, **LLAMA_LIKE)
     assert planning_error(test_config, broken).startswith("pretrain.model_path: transformers cannot build model "
                                                           "type 'llama' from its config.json: AssertionError")
