@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 PROFILE ?= tiny
 STORE ?=  # empty: the profile's own store (tiny: .tracecore/store)
 
-.PHONY: setup run test test-accept test-long lint bench readme clean
+.PHONY: setup run test test-accept test-long test-cluster lint bench readme clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test-accept: setup  # the acceptance assertions on the full `tiny` profile (~25 
 test-long: setup  # the long-context acceptance on tiny-retrieval (~26 min); not part of `make test`
 	@$(BIN)/python -m tracecore.flows.calibrate
 	TRACECORE_LONG=1 $(BIN)/python -m pytest -q tests/test_long_context_acceptance.py
+
+test-cluster: setup  # SeaweedFS (S3), a CLI-started Dask cluster and a Prefect server + work pool on loopback (~5 min)
+	@$(BIN)/python -m tracecore.flows.calibrate
+	TRACECORE_CLUSTER=1 $(BIN)/python -m pytest -q --durations=10 tests/cluster tests/test_object_store.py
 
 readme: setup  # re-render the README's measured tables from the latest run of PROFILE (tracecore readme)
 	$(BIN)/tracecore readme --profile $(PROFILE) $(if $(strip $(STORE)),--store $(STORE))

@@ -8,6 +8,7 @@ pool (`prefect deploy`), plus `finetune`/`eval` flows for a GPU pool.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -42,8 +43,17 @@ def serve(profile: str, overrides: list[str], store: str | None, cron: str, name
                       pause_on_shutdown=pause_on_shutdown, tags=["tracecore", f"profile:{profile}"])
 
 
+def ui_environment(host: str, port: int) -> dict[str, str]:
+    """The server's settings for its own address: the UI's API URL follows the port (Prefect's UI otherwise
+    calls http://127.0.0.1:4200/api whatever port the server listens on, and shows "Can't connect")."""
+    return {"PREFECT_UI_API_URL": f"http://{host}:{port}/api", "PREFECT_SERVER_API_HOST": host,
+            "PREFECT_SERVER_API_PORT": str(port)}
+
+
 def ui(host: str = UI_HOST, port: int = UI_PORT) -> int:
     """`prefect server start` on loopback (by default); prints the URL and the API setting to export."""
     url = f"http://{host}:{port}"
     print(f"Prefect UI: {url}\nIn the shell that runs tracecore:\n  export PREFECT_API_URL={url}/api", flush=True)
-    return subprocess.call([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)])
+    env = {**os.environ, **ui_environment(host, port)}
+    return subprocess.call([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+                           env=env)

@@ -24,6 +24,10 @@ class StorePathError(ValueError):
 def open_root(root: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Resolve a store root (local path or URI) to (filesystem, root path inside it)."""
     fs, path = fsspec.core.url_to_fs(str(root))
+    if not isinstance(fs, LocalFileSystem) and getattr(fs, "dircache", None) is not None:
+        # object stores (s3fs, gcsfs) cache directory listings per process; shards and markers are written by
+        # other processes (Dask workers, a concurrent run), so a cached listing would hide them
+        fs, path = fsspec.core.url_to_fs(str(root), use_listings_cache=False)
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(path, exist_ok=True)
     return fs, path.rstrip("/") or "/"
@@ -56,10 +60,14 @@ def file_checksum(fs: fsspec.AbstractFileSystem, path: str, block: int = 1 << 22
 def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write to a unique temporary sibling, then rename: readers never see a partial file.
 
-    On local disks the rename is atomic (POSIX `rename`). On object stores a single PUT is
-    already atomic, so the temp+move degrades gracefully; completeness is still signalled
-    only by the marker written after the data (see `storage.store`).
+    On local disks the rename is atomic (POSIX `rename`). On object stores there is no rename (a move is
+    a copy + delete) but an object appears only when its PUT (or multipart upload) completes, so the
+    bytes go straight to `path`; completeness is still signalled only by the marker written after the
+    data (see `storage.store`).
     """
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
     parent = posixpath.dirname(path)
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"

@@ -27,6 +27,7 @@ from tracecore.storage.store import ArtifactStore
 MODEL_LOAD_LOCK = threading.Lock()
 FAULT_ENV = "TRACECORE_KILL_AT"  # "<stage>:<n>": SIGKILL the run's process group after n new shards (tests)
 RAISE_ENV = "TRACECORE_FAIL_AT"  # same spec: raise InjectedFailure instead (a stage error; tests)
+DELAY_ENV = "TRACECORE_SHARD_DELAY_S"  # seconds every shard sleeps on a worker with it set (cluster tests)
 
 
 class InjectedFailure(RuntimeError):
@@ -126,6 +127,15 @@ def inject_fault(stage: str, computed: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def run_shard(fn: Callable[..., dict], *args: Any, **kwargs: Any) -> dict:
+    """One shard on a worker. Reliability hook: `TRACECORE_SHARD_DELAY_S` in a worker's environment slows every
+    shard it runs, so a test can kill that worker while a stage is surely in flight."""
+    delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)
+    return fn(*args, **kwargs)
+
+
 @contextmanager
 def dask_client(address: str | None) -> Iterator[Any]:
     """A client on the run's cluster; None = run shards in this process (tests, debugging)."""
@@ -163,11 +173,12 @@ def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dic
     try:
         with dask_client(address) as client:
             if client is None:
-                results = (fn(store.uri, ref, i, item, **kwargs) for i, item in todo)
+                results = (run_shard(fn, store.uri, ref, i, item, **kwargs) for i, item in todo)
             else:
                 from distributed import as_completed
 
-                futures = [client.submit(fn, store.uri, ref, i, item, key=f"{stage}-{ref}-{i}", pure=False, **kwargs)
+                futures = [client.submit(run_shard, fn, store.uri, ref, i, item, key=f"{stage}-{ref}-{i}", pure=False,
+                                         **kwargs)
                            for i, item in todo]
                 results = (f.result() for f in as_completed(futures, loop=client.loop))
             for marker in results:

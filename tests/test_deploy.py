@@ -60,3 +60,17 @@ def test_cli_serve_and_ui_options():
     assert ui.host == "127.0.0.1" and ui.port == 4200  # loopback unless asked otherwise
     with pytest.raises(SystemExit):
         parser.parse_args(["serve"])  # --cron is required
+
+
+def test_tracecore_ui_on_another_port_points_its_ui_at_that_port(tmp_path):
+    """`tracecore ui --port N`: the UI's settings name the API on N (Prefect's default, 4200, left the page
+    unable to reach its server: "Can't connect to Server API"). The browser check is in `make test-cluster`."""
+    import json
+    import urllib.request
+
+    from cluster_components import prefect_server
+
+    with prefect_server(tmp_path) as server:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/ui-settings", timeout=10) as response:
+            settings = json.loads(response.read())
+    assert settings["api_url"] == f"http://127.0.0.1:{server['port']}/api"
