@@ -71,6 +71,5 @@ def test_tracecore_ui_on_another_port_points_its_ui_at_that_port(tmp_path):
     from cluster_components import prefect_server
 
     with prefect_server(tmp_path) as server:
-        with urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/ui-settings", timeout=10) as response:
-            settings = json.loads(response.read())
+        settings = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/ui-settings", timeout=10).read())
     assert settings["api_url"] == f"http://127.0.0.1:{server['port']}/api"
