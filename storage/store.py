@@ -21,8 +21,10 @@ import contextlib
 import io
 import os
 import posixpath
+import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,11 +249,24 @@ class ArtifactStore:
         with self.fs.open(safe_join(self.files_dir(ref), relpath), "rb") as fh:
             return fh.read()
 
+    def put_file(self, ref: str, relpath: str, local_path: str | os.PathLike) -> None:
+        """Stream a local file into the artifact's files (never whole in memory: index tables and model
+        weights are GBs): on a local disk a copy to a temporary sibling, then rename; on an object store one
+        (multipart) upload, which appears only when complete."""
+        target = safe_join(self.files_dir(ref), relpath)
+        if not is_local(self.fs):
+            self.fs.put_file(str(local_path), target)
+            return
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        tmp = f"{posixpath.dirname(target)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}"
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, target)
+
     def put_dir(self, ref: str, local_dir: str | os.PathLike) -> None:
-        """Copy a local folder (HF tokenizer/model folder) into the artifact's files."""
+        """Copy a local folder (HF tokenizer/model folder) into the artifact's files, file by file, streamed."""
         local_dir = Path(local_dir)
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            self.write_file(ref, path.relative_to(local_dir).as_posix(), path.read_bytes())
+            self.put_file(ref, path.relative_to(local_dir).as_posix(), path)
 
     @contextlib.contextmanager
     def local_dir(self, ref: str) -> Iterator[str]:
@@ -261,10 +276,12 @@ class ArtifactStore:
             yield base
             return
         with tempfile.TemporaryDirectory(prefix="tracecore-") as tmp:
-            for entry in self._file_entries(ref):
-                target = Path(tmp) / entry["file"]
+            for path in sorted(self.fs.find(base)):
+                if posixpath.basename(path).startswith(".tmp-"):
+                    continue
+                target = Path(tmp) / path[len(base) + 1:]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.read_file(ref, entry["file"]))
+                self.fs.get_file(path, str(target))  # streamed, not read whole
             yield tmp
 
     def write_tensors(self, ref: str, relpath: str, tensors: dict) -> None:

@@ -162,7 +162,7 @@ def build_index_group(store_uri: str, ref: str, group: int, item: tuple, mem_gib
         # The indexer splits the work in `cpus` parts only when the group is large enough.
         run_indexer(folder, mem_gib, cpus if tokens * 2 >= cpus * 200_000 else 1)
         for name in ("tokenized.0", "offset.0", "table.0"):
-            store.write_file(ref, f"group-{group:03d}/{name}", (folder / name).read_bytes())
+            store.put_file(ref, f"group-{group:03d}/{name}", folder / name)  # streamed: index files are GBs
     summary = pa.table({"group": [group], "folder": [f"{FILES_DIR}/group-{group:03d}"], "token_shards": [shards],
                         "documents": [docs], "tokens": [tokens], "tokenizer": [tokenizer_ref],
                         "vocab_size": [vocab_size], "token_dtype": [token_dtype(bits)]})
