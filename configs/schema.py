@@ -61,8 +61,12 @@ class IngestConfig(Strict):
     id_field: str = "id"
     max_doc_chars: int = Field(1_000_000, ge=1)
     max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    docs_per_shard: int = Field(2000, ge=1)
+    shard_mb: int = Field(256, ge=1, le=65_536, description=(
+        "files larger than this are split into shards of about this size (plain JSONL by byte ranges on line "
+        "boundaries, Parquet by row groups), so memory per shard is bounded by it; compressed files stay whole"))
     dedup: bool = True
+    dedup_buckets: int = Field(16, ge=1, le=4096, description=(
+        "hash partitions of exact dedup, one task each: a task holds ~1/buckets of the corpus's hashes"))
 
 
 class TokenizeConfig(Strict):

@@ -28,13 +28,13 @@ def artifact_rows(store: ArtifactStore, record: dict) -> list[dict]:
                          "notes": ", ".join(f"{k}={v}" for k, v in notes.items()),
                          "on_rerun": "skip" if committed else (f"resume ({len(markers)} shards kept)"
                                                                if markers else "compute"),
-                         "error": info.get("error") or ""})
+                         "error": info.get("error") or "", "intermediate": bool(m.get("intermediate"))})
     return rows
 
 
 def stage_rows(store: ArtifactStore, record: dict) -> list[dict]:
-    """The report's table: committed artifacts (the intermediate `parsed` tables left out)."""
-    return [r for r in artifact_rows(store, record) if r["committed"] and r["output"] != "parsed"]
+    """The report's table: committed artifacts (intermediates, e.g. ingest's `parsed` and dedup tables, left out)."""
+    return [r for r in artifact_rows(store, record) if r["committed"] and not r["intermediate"]]
 
 
 def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:

@@ -1,10 +1,12 @@
 """Stage `ingest`: JSONL (plain/.gz/.zst), Parquet and .txt corpora -> validated, de-duplicated documents.
 
 Two sharded passes, both resumable per shard:
-  1. parse: one shard per input file; every record is validated; bad ones go to the `rejects`
+  1. parse: one shard per input split (`tasks/splits.py`: a file, or a byte range / run of row groups of a
+     file larger than `ingest.shard_mb`); every record is validated; bad ones go to the `rejects`
      artifact with file, line and reason (nothing is dropped silently);
   2. dedup: exact duplicates (sha256 of the text) are removed across all files, first occurrence
-     wins in (file, line) order, so the result does not depend on scheduling.
+     wins in (file, line) order, so the result does not depend on scheduling; hash-partitioned on the
+     cluster (`ingest.dedup_buckets`), so no process holds every hash.
 """
 
 from __future__ import annotations
@@ -82,12 +84,21 @@ def _lines(fh) -> Iterator[bytes]:
         yield tail
 
 
-def _iter_jsonl(uri: str) -> Iterator[tuple[int, Any, str | None, bytes]]:
+def _range_lines(fh, start: int, end: int) -> Iterator[bytes]:
+    """The lines of bytes [start, end) of an uncompressed file (a split: at most ~shard_mb in memory)."""
+    fh.seek(start)
+    yield from fh.read(end - start).splitlines(keepends=True)
+
+
+def _iter_jsonl(uri: str, split: dict | None = None) -> Iterator[tuple[int, Any, str | None, bytes]]:
     """Yield (line, record, reject_reason, raw) for each non-blank line; stream errors become a reject."""
-    line_no = 0
+    split = split or {}
+    first = split.get("first_line", 1)
+    line_no = first - 1
     try:
-        with fsspec.open(uri, "rb", compression="infer") as fh:
-            for line_no, raw in enumerate(_lines(fh), start=1):
+        with fsspec.open(uri, "rb", compression=None if "start" in split else "infer") as fh:
+            lines = _range_lines(fh, split["start"], split["end"]) if "start" in split else _lines(fh)
+            for line_no, raw in enumerate(lines, start=first):
                 raw = raw.rstrip(b"\r\n")
                 if not raw.strip():
                     continue
@@ -101,17 +112,19 @@ def _iter_jsonl(uri: str) -> Iterator[tuple[int, Any, str | None, bytes]]:
         yield line_no + 1, None, f"unreadable stream after line {line_no}: {type(exc).__name__}: {exc}", b""
 
 
-def _iter_parquet(uri: str, cfg: IngestConfig) -> Iterator[tuple[int, Any, str | None, bytes]]:
+def _iter_parquet(uri: str, cfg: IngestConfig, split: dict | None = None) -> Iterator[tuple[int, Any, str | None, bytes]]:
+    split = split or {}
     try:
         with fsspec.open(uri, "rb") as fh:
-            table = pq.read_table(fh)
+            table = (pq.ParquetFile(fh).read_row_groups(split["row_groups"]) if "row_groups" in split
+                     else pq.read_table(fh))
     except (OSError, ValueError, pa.ArrowException) as exc:  # damaged or not Parquet at all
         yield 0, None, f"unreadable Parquet file: {exc}", b""
         return
     if cfg.text_field not in table.column_names:
         yield 0, None, f"Parquet file has no {cfg.text_field!r} column (columns: {table.column_names})", b""
         return
-    for row_no, row in enumerate(table.to_pylist(), start=1):
+    for row_no, row in enumerate(table.to_pylist(), start=split.get("first_line", 1)):
         yield row_no, row, None, b""
 
 
@@ -124,14 +137,16 @@ def _iter_text(uri: str) -> Iterator[tuple[int, Any, str | None, bytes]]:
         yield 1, None, f"non-UTF-8 bytes at byte {exc.start}", raw[:200]
 
 
-def iter_records(uri: str, cfg: IngestConfig) -> Iterator[tuple[int, Any, str | None, bytes]]:
+def iter_records(split: dict, cfg: IngestConfig) -> Iterator[tuple[int, Any, str | None, bytes]]:
+    """The records of one split (`tasks/splits.py`: a whole file, a byte range or a run of row groups)."""
+    uri = split["uri"]
     name = PurePosixPath(uri).name.lower()
     for comp in (".gz", ".zst", ".bz2", ".xz"):
         name = name.removesuffix(comp)
     if name.endswith(JSONL_SUFFIXES):
-        return _iter_jsonl(uri)
+        return _iter_jsonl(uri, split)
     if name.endswith(".parquet"):
-        return _iter_parquet(uri, cfg)
+        return _iter_parquet(uri, cfg, split)
     if name.endswith(".txt"):
         return _iter_text(uri)
     reason = (f"unsupported file type {PurePosixPath(uri).name!r} "
@@ -139,12 +154,12 @@ def iter_records(uri: str, cfg: IngestConfig) -> Iterator[tuple[int, Any, str | 
     return iter([(0, None, reason, b"")])
 
 
-def parse_file(store_uri: str, ref: str, shard: int, uri: str, cfg: IngestConfig, rejects_ref: str) -> dict:
-    """Parse + validate one input file into a documents shard and a rejects shard (same index)."""
-    store = ArtifactStore(store_uri)
+def parse_file(store_uri: str, ref: str, shard: int, split: dict, cfg: IngestConfig, rejects_ref: str) -> dict:
+    """Parse + validate one split of an input file into a documents shard and a rejects shard (same index)."""
+    store, uri = ArtifactStore(store_uri), split["uri"]
     docs: list[dict] = []
     rejects: list[dict] = []
-    for line, obj, reason, raw in iter_records(uri, cfg):
+    for line, obj, reason, raw in iter_records(split, cfg):
         reason = reason or validate_record(obj, cfg)
         if reason:
             rejects.append({"file": uri, "line": line, "reason": reason,
@@ -160,25 +175,67 @@ def parse_file(store_uri: str, ref: str, shard: int, uri: str, cfg: IngestConfig
     return store.write_shard(ref, shard, pa.Table.from_pylist(docs, schema=DOC_SCHEMA), rejects=len(rejects))
 
 
-def duplicate_mask(hash_columns: list[list[str]]) -> list[list[bool]]:
-    """keep[s][i] is False for a document whose text already appeared earlier (shard, row order)."""
-    seen: set[str] = set()
-    keep = []
-    for hashes in hash_columns:
-        shard_keep = []
-        for h in hashes:
-            shard_keep.append(h not in seen)
-            seen.add(h)
-        keep.append(shard_keep)
-    return keep
+# ---- exact dedup, partitioned by hash on the cluster ----------------------------------------------------
+# No process holds every hash: (1) each parsed shard's hashes go to `buckets` partitions (one small file per
+# shard x bucket); (2) one task per bucket finds, for each hash, its first occurrence in (shard, row) order
+# and lists the later ones; (3) each shard drops its listed rows. The flow process holds only the duplicates.
+HASH_SCHEMA = pa.schema([("doc_hash", pa.string()), ("shard", pa.int32()), ("row", pa.int64())])
 
 
-def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[bool]]) -> dict:
+def bucket_of(doc_hash: str, buckets: int) -> int:
+    return int(doc_hash[:8], 16) % buckets
+
+
+def partition_hashes(store_uri: str, ref: str, shard: int, item: tuple[str, int, int]) -> dict:
+    """Shard `shard` of the hashes artifact = (parsed shard s, bucket b) with shard = s * buckets + b."""
     store = ArtifactStore(store_uri)
-    parsed_ref, keep = item
+    parsed_ref, buckets, bucket = item
+    source = shard // buckets
+    hashes = store.read_shard(parsed_ref, source, columns=["doc_hash"]).column(0).to_pylist()
+    rows = [(h, source, i) for i, h in enumerate(hashes) if bucket_of(h, buckets) == bucket]
+    table = pa.table({"doc_hash": [r[0] for r in rows], "shard": [r[1] for r in rows], "row": [r[2] for r in rows]},
+                     schema=HASH_SCHEMA)
+    return store.write_shard(ref, shard, table)
+
+
+def bucket_duplicates(store_uri: str, ref: str, bucket: int, item: tuple[str, int, int]) -> dict:
+    """(shard, row) of every document whose text occurred earlier in (shard, row) order, within one bucket."""
+    store = ArtifactStore(store_uri)
+    hashes_ref, buckets, n_shards = item
+    table = pa.concat_tables([store.read_shard(hashes_ref, s * buckets + bucket) for s in range(n_shards)])
+    table = table.sort_by([("shard", "ascending"), ("row", "ascending")])
+    seen, drops = set(), []
+    for h, s, r in zip(*(table.column(c).to_pylist() for c in ("doc_hash", "shard", "row"))):
+        if h in seen:
+            drops.append((s, r))
+        seen.add(h)
+    out = pa.table({"shard": [d[0] for d in drops], "row": [d[1] for d in drops]},
+                   schema=pa.schema([("shard", pa.int32()), ("row", pa.int64())]))
+    return store.write_shard(ref, bucket, out)
+
+
+def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[int]]) -> dict:
+    store = ArtifactStore(store_uri)
+    parsed_ref, drop_rows = item
     table = store.read_shard(parsed_ref, shard)
-    kept = table.filter(pa.array(keep, type=pa.bool_()))
+    drop = set(drop_rows)
+    kept = table.filter(pa.array([i not in drop for i in range(table.num_rows)], type=pa.bool_()))
     return store.write_shard(ref, shard, kept, duplicates=table.num_rows - kept.num_rows)
+
+
+def duplicate_rows(run: StageRun, n_shards: int) -> dict[int, list[int]]:
+    """shard -> rows to drop, from the partitioned passes (each resumable per shard / per bucket)."""
+    store, buckets, refs = run.store, run.cfg.dedup_buckets, run.plan.refs
+    parts = [(refs["parsed"], buckets, i % buckets) for i in range(n_shards * buckets)]
+    map_shards("dedup-hash", store, refs["hashes"], partition_hashes, parts, run.address)
+    run.commit("hashes", {"intermediate": True, "buckets": buckets}, expected_shards=len(parts))
+    map_shards("dedup-bucket", store, refs["drops"], bucket_duplicates, [(refs["hashes"], buckets, n_shards)] * buckets,
+               run.address)
+    run.commit("drops", {"intermediate": True}, expected_shards=buckets)
+    out: dict[int, list[int]] = {}
+    for s, r in zip(*(store.read_table(refs["drops"]).column(c).to_pylist() for c in ("shard", "row"))):
+        out.setdefault(s, []).append(r)
+    return out
 
 
 def check_reject_fraction(parsed_markers: list[dict], rejects_uri: str, cfg: IngestConfig) -> dict:
@@ -205,29 +262,48 @@ def user_files(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> 
     return {"files": input_fingerprint(files)}, {"files": files}
 
 
+def input_splits(files: list[str], cfg: IngestConfig, log) -> list[dict]:
+    """Every file's shards (`tasks/splits.py`), in file order (dedup's first occurrence stays (file, line))."""
+    from tracecore.tasks.splits import COMPRESSED, plan_splits
+
+    bound, splits = cfg.shard_mb << 20, []
+    for uri in files:
+        parts = plan_splits(uri, bound)
+        if len(parts) == 1 and uri.lower().endswith(COMPRESSED):
+            with fsspec.open(uri, "rb") as fh:
+                if fh.fs.size(fh.path) > bound:
+                    log.info("ingest: %s is compressed and larger than ingest.shard_mb=%d; it is one shard (its "
+                             "memory grows with it): split it, or store it uncompressed or as Parquet", uri,
+                             cfg.shard_mb)
+        splits += parts
+    if len(splits) > len(files):
+        log.info("ingest: %d input files -> %d shards of <= ~%d MB", len(files), len(splits), cfg.shard_mb)
+    return splits
+
+
 def run_ingest(run: StageRun) -> None:
     """Parse every file, enforce the reject budget, de-duplicate, commit `documents` + `rejects`."""
     from tracecore.tasks.sample import sample_corpus_glob
 
     store, cfg = run.store, run.cfg
     files = run.args.get("files") or list_input_files([sample_corpus_glob(store.uri, run.inputs["sample"])])
-    parsed = map_shards("ingest", store, run.ref("parsed"), parse_file, files, run.address, cfg=cfg,
+    splits = input_splits(files, cfg, run.log)
+    parsed = map_shards("ingest", store, run.ref("parsed"), parse_file, splits, run.address, cfg=cfg,
                         rejects_ref=run.ref("rejects"))
-    run.commit("rejects", expected_shards=len(files))
-    run.commit("parsed", expected_shards=len(files))
+    run.commit("rejects", expected_shards=len(splits))
+    run.commit("parsed", {"intermediate": True}, expected_shards=len(splits))
     stats = check_reject_fraction(parsed.markers, store.display_path(run.ref("rejects")), cfg)
-    hashes = [store.read_shard(run.ref("parsed"), i, columns=["doc_hash"]).column(0).to_pylist()
-              for i in range(len(files))]
-    keep = duplicate_mask(hashes) if cfg.dedup else [[True] * len(h) for h in hashes]
+    drops = duplicate_rows(run, len(splits)) if cfg.dedup else {}
     deduped = map_shards("dedup", store, run.ref("documents"), dedup_shard,
-                         [(run.ref("parsed"), k) for k in keep], run.address)
+                         [(run.ref("parsed"), drops.get(i, [])) for i in range(len(splits))], run.address)
     stats["duplicates"] = sum(m.get("duplicates", 0) for m in deduped.markers)
     run.commit("documents", {**stats, "input_files": files, "seconds": parsed.seconds + deduped.seconds,
-                             "skipped_shards": parsed.skipped + deduped.skipped}, expected_shards=len(files))
+                             "skipped_shards": parsed.skipped + deduped.skipped}, expected_shards=len(splits))
     run.log.info("ingest: %d documents, %d rejects, %d duplicates -> %s", stats["documents_read"] -
                  stats["rejected"] - stats["duplicates"], stats["rejected"], stats["duplicates"], run.ref("documents"))
 
 
-STAGE = Stage("ingest", IngestConfig, {"documents": "documents", "rejects": "rejects", "parsed": "parsed"},
+STAGE = Stage("ingest", IngestConfig, {"documents": "documents", "rejects": "rejects", "parsed": "parsed",
+                                       "hashes": "dedup_hashes", "drops": "dedup_drops"},
               run_ingest, needs=input_files, external=user_files,
               description="corpora -> validated, de-duplicated document shards (+ rejects)")

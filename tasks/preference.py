@@ -336,7 +336,8 @@ def run_preference(run: StageRun) -> None:
     parsed = map_shards("preference", store, refs["parsed"], parse_input,
                         [(path, fmt, refs["rejects"]) for path, fmt in inputs], address, cfg=cfg)
     run.commit("rejects", expected_shards=len(inputs))
-    run.commit("parsed", {"seconds": parsed.seconds, "skipped_shards": parsed.skipped}, expected_shards=len(inputs))
+    run.commit("parsed", {"intermediate": True, "seconds": parsed.seconds, "skipped_shards": parsed.skipped},
+               expected_shards=len(inputs))
     rejected = sum(m.get("rejects", 0) for m in parsed.markers)
     parsed_pairs = store.read_table(refs["parsed"]).to_pylist()
     pairs, exact, near = dedup_pairs(parsed_pairs, cfg.near_duplicate_threshold)

@@ -151,3 +151,86 @@ def test_memory_store_and_memory_inputs(tmp_path):
     refs = ingest_refs(cfg)
     run_stages(cfg, ["ingest"])
     assert ArtifactStore("memory://store-t").read_table(refs["documents"]).num_rows == 5
+
+
+# ---- large inputs are split: memory per shard bounded by ingest.shard_mb -------------------------------------
+@pytest.mark.parametrize("shard_bytes", [1, 7, 40, 41, 100, 10_000])
+def test_line_splits_cover_the_file_on_line_boundaries_with_their_first_line(tmp_path, shard_bytes):
+    from tracecore.tasks.splits import line_splits
+
+    data = b"".join(b'{"i": %d}\n' % i if i % 7 else b"\n" for i in range(60)) + b'{"last": "no newline"}'
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(data)
+    splits = line_splits(str(path), shard_bytes)
+    assert [s["start"] for s in splits] == [0] + [s["end"] for s in splits[:-1]] and splits[-1]["end"] == len(data)
+    for s in splits:
+        chunk = data[s["start"]:s["end"]]
+        assert s["start"] == 0 or data[s["start"] - 1:s["start"]] == b"\n"
+        assert s["first_line"] == data[:s["start"]].count(b"\n") + 1
+        assert len(chunk) <= shard_bytes + max(len(line) + 1 for line in data.split(b"\n")) or len(splits) == 1
+
+
+def big_jsonl(path, n: int, bad_every: int) -> list[int]:
+    """~n lines of ~150 bytes (> 1 MB for n >= 8,000); a malformed line every `bad_every`; their line numbers."""
+    bad, lines = [], []
+    for i in range(1, n + 1):
+        if i % bad_every == 0:
+            lines.append(b'{"id": "broken", "text": ')
+            bad.append(i)
+        else:
+            lines.append(json.dumps({"id": f"d{i}", "text": f"document {i} " + "x" * 120}).encode())
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return bad
+
+
+def test_one_large_jsonl_file_becomes_several_shards_with_the_same_documents_and_lines(tmp_path):
+    path = tmp_path / "in" / "one.jsonl"
+    path.parent.mkdir()
+    bad = big_jsonl(path, 20_000, 997)
+    assert path.stat().st_size > 2 << 20
+    split_store, split_refs = ingest(tmp_path / "split", [str(path)], shard_mb=1)
+    whole_store, whole_refs = ingest(tmp_path / "whole", [str(path)], shard_mb=64)
+    assert split_store.manifest(split_refs["documents"])["shards"] >= 3
+    assert whole_store.manifest(whole_refs["documents"])["shards"] == 1
+    columns = ["id", "text", "line"]
+    assert split_store.read_table(split_refs["documents"], columns=columns).equals(
+        whole_store.read_table(whole_refs["documents"], columns=columns))  # same rows, same order, same lines
+    rejects = split_store.read_table(split_refs["rejects"]).to_pylist()
+    assert [r["line"] for r in rejects] == bad and all("bad JSON" in r["reason"] for r in rejects)
+
+
+def test_a_parquet_file_is_split_by_row_groups_keeping_row_numbers(tmp_path):
+    path = tmp_path / "in" / "big.parquet"
+    path.parent.mkdir()
+    n = 30_000
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "text": [f"row {i} " + "y" * 100 for i in range(n)]})
+    pq.write_table(table, path, row_group_size=2_000, compression="none")
+    store, refs = ingest(tmp_path, [str(path)], shard_mb=1)
+    assert store.manifest(refs["documents"])["shards"] >= 2
+    docs = store.read_table(refs["documents"], columns=["id", "line"]).to_pylist()
+    assert [d["id"] for d in docs] == table.column("id").to_pylist()
+    assert [d["line"] for d in docs] == list(range(1, n + 1))
+
+
+def test_dedup_is_partitioned_by_hash_and_equals_one_global_pass(tmp_path):
+    """Documents repeated within and across files: the hash-partitioned dedup keeps exactly the first
+    occurrences in (file, line) order, as one global set would, and no bucket task sees every hash."""
+    d = tmp_path / "in"
+    d.mkdir()
+    texts = [[f"text {(7 * f + i) % 23}" for i in range(40)] for f in range(4)]  # 23 distinct texts, 160 rows
+    for f, rows in enumerate(texts):
+        (d / f"f{f}.jsonl").write_text("".join(json.dumps({"id": f"{f}-{i}", "text": t}) + "\n"
+                                               for i, t in enumerate(rows)))
+    files = sorted(str(p) for p in d.glob("*.jsonl"))
+    seen, expected = set(), []
+    for f, rows in enumerate(texts):
+        for i, t in enumerate(rows):
+            if t not in seen:
+                expected.append(f"{f}-{i}")
+            seen.add(t)
+    for buckets in (1, 7):
+        store, refs = ingest(tmp_path / f"b{buckets}", files, dedup_buckets=buckets)
+        assert store.read_table(refs["documents"]).column("id").to_pylist() == expected
+        per_bucket = [sum(m["rows"] for m in store.markers(refs["hashes"]) if m["shard"] % buckets == b)
+                      for b in range(buckets)]
+        assert sum(per_bucket) == 160 and (buckets == 1 or max(per_bucket) < 160 / 2)
