@@ -65,6 +65,9 @@ class IngestConfig(Strict):
         "files larger than this are split into shards of about this size (plain JSONL by byte ranges on line "
         "boundaries, Parquet by row groups), so memory per shard is bounded by it; compressed files stay whole"))
     dedup: bool = True
+    keep_intermediates: bool = Field(False, description=(
+        "keep the parsed (pre-dedup) copy of the corpus and the dedup partitions after documents are committed; "
+        "false: their shards are deleted (manifests kept, flagged cleaned)"))
     dedup_buckets: int = Field(16, ge=1, le=4096, description=(
         "hash partitions of exact dedup, one task each: a task holds ~1/buckets of the corpus's hashes"))
 

@@ -166,6 +166,17 @@ class ArtifactStore:
             if self.fs.exists(path):
                 self.fs.rm(path)
 
+    def clean(self, ref: str) -> None:
+        """Drop a committed intermediate's shards (an ingest `parsed` table doubles the corpus on disk), keeping
+        its manifest, flagged `cleaned`: its lineage stays readable, its rows are gone. The flag is written first,
+        so an interrupted clean leaves no artifact that claims shards it lacks."""
+        manifest = self.manifest(ref)
+        write_json(self.fs, self.manifest_path(ref), {**manifest, "cleaned": True})
+        for m in self.markers(ref):
+            for path in (self.shard_path(ref, m["shard"]), self._marker_path(ref, m["shard"])):
+                if self.fs.exists(path):
+                    self.fs.rm(path)
+
     # ---- artifacts -----------------------------------------------------------------------
     def manifest_path(self, ref: str) -> str:
         return f"{self.artifact_dir(ref)}/_MANIFEST.json"

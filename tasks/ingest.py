@@ -299,6 +299,10 @@ def run_ingest(run: StageRun) -> None:
     stats["duplicates"] = sum(m.get("duplicates", 0) for m in deduped.markers)
     run.commit("documents", {**stats, "input_files": files, "seconds": parsed.seconds + deduped.seconds,
                              "skipped_shards": parsed.skipped + deduped.skipped}, expected_shards=len(splits))
+    if not cfg.keep_intermediates:  # documents are committed: the parsed copy and the hash partitions are spent
+        for name in ("parsed", "hashes", "drops"):
+            if store.is_committed(run.ref(name)):
+                store.clean(run.ref(name))
     run.log.info("ingest: %d documents, %d rejects, %d duplicates -> %s", stats["documents_read"] -
                  stats["rejected"] - stats["duplicates"], stats["rejected"], stats["duplicates"], run.ref("documents"))
 

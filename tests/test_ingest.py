@@ -229,8 +229,21 @@ def test_dedup_is_partitioned_by_hash_and_equals_one_global_pass(tmp_path):
                 expected.append(f"{f}-{i}")
             seen.add(t)
     for buckets in (1, 7):
-        store, refs = ingest(tmp_path / f"b{buckets}", files, dedup_buckets=buckets)
+        store, refs = ingest(tmp_path / f"b{buckets}", files, dedup_buckets=buckets, keep_intermediates=True)
         assert store.read_table(refs["documents"]).column("id").to_pylist() == expected
         per_bucket = [sum(m["rows"] for m in store.markers(refs["hashes"]) if m["shard"] % buckets == b)
                       for b in range(buckets)]
         assert sum(per_bucket) == 160 and (buckets == 1 or max(per_bucket) < 160 / 2)
+
+
+def test_the_parsed_copy_is_cleaned_once_documents_are_committed(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps({"id": f"a{i}", "text": f"text {i}"}) + "\n" for i in range(50)))
+    store, refs = ingest(tmp_path, [str(d / "a.jsonl")])
+    for name in ("parsed", "hashes", "drops"):
+        assert store.manifest(refs[name])["cleaned"] and not store.markers(refs[name])
+        assert not store.fs.glob(f"{store.artifact_dir(refs[name])}/part-*.parquet")
+    assert store.read_table(refs["documents"]).num_rows == 50
+    kept, kept_refs = ingest(tmp_path / "kept", [str(d / "a.jsonl")], keep_intermediates=True)
+    assert kept.read_table(kept_refs["parsed"]).num_rows == 50
