@@ -49,8 +49,6 @@ KERNEL_TESTS=(tests/test_kernels.py tests/test_long_context_kernels.py)
 if [ "$MODE" = "--smoke" ]; then
   step pytest_gpu 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${KERNEL_TESTS[@]}"
   step mini_sequence 240 "$PY" bench/mini_sequence.py --smoke
-  step mini_sequence_neox 120 "$PY" bench/mini_sequence.py --smoke --step-model toy-neox --step-lengths 16 32 \
-    --head-lengths 64
   step gradients 120 "$PY" bench/gradients.py --synthetic --hidden 64 --layers 2 --vocab 1000 --lora-r 4 --seq 32 \
     --records 16 --batch 8
   step long_context 180 "$PY" bench/long_context.py --smoke

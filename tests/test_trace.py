@@ -19,7 +19,7 @@ def traced(tmp_path_factory):
     from tracecore.flows.pipeline import run_stages
     from tracecore.tasks.registry import load_config
 
-    cfg = load_config(str(TEST_PROFILE), [f"sample.planted_contamination={PLANTED}", "trace.decontaminate=true"],
+    cfg = load_config(str(TEST_PROFILE), [f"sample.planted_contamination={PLANTED}", "trace.decontaminate=true", "trace.max_items=0"],
                       store=str(tmp_path_factory.mktemp("trace") / "store"))
     refs = run_stages(cfg, ["trace"])
     store = ArtifactStore(cfg.store)
