@@ -282,7 +282,23 @@ def input_splits(files: list[str], cfg: IngestConfig, log) -> list[dict]:
 
 
 def run_ingest(run: StageRun) -> None:
-    """Parse every file, enforce the reject budget, de-duplicate, commit `documents` + `rejects`."""
+    """Parse every file, enforce the reject budget, de-duplicate, commit `documents` + `rejects`.
+
+    Object stores have no lock across hosts, so a second run of the same config may be mid-way when the first
+    commits `documents` and cleans the intermediates this one reads: it then finds `documents` committed
+    (identical bytes, content-addressed) and stops there instead of failing."""
+    from tracecore.storage.store import MissingArtifactError
+
+    try:
+        ingest_documents(run)
+    except (FileNotFoundError, MissingArtifactError):
+        if not run.store.is_committed(run.ref("documents")):
+            raise
+        run.log.info("ingest: %s was committed by another run of the same config meanwhile; using it",
+                     run.ref("documents"))
+
+
+def ingest_documents(run: StageRun) -> None:
     from tracecore.tasks.sample import sample_corpus_glob
 
     store, cfg = run.store, run.cfg
