@@ -56,17 +56,31 @@ def cnf(engine, tok, clauses: list[list[str]], window: int) -> dict:
     return {"clauses": clauses, "window": window, "count": result["count"], "approx": result["approx"]}
 
 
-def docs(store: ArtifactStore, index_ref: str, engine, tok, text: str, limit: int, context: int = 80) -> dict:
-    """Up to `limit` documents containing the phrase (any tokenization): id, file, line and a snippet."""
+def raw_engine(engine) -> tuple:
+    """(raw engine, encode): suffix-array ranks and documents live on the raw engine, which a u32 index
+    queries in paired symbols."""
     from tracecore.tasks.ngram import PairedEngine
 
-    # suffix-array ranks and documents live on the raw engine, which a u32 index queries in paired symbols
-    raw, encode = (engine.engine, engine.encode) if isinstance(engine, PairedEngine) else (engine, list)
-    ranks = []
-    for ids in forms(tok, text):
-        query = encode(ids)
-        found = raw.find(query)
-        ranks += [(s, r, len(query), 0) for s, (lo, hi) in enumerate(found["segment_by_shard"]) for r in range(lo, hi)]
+    return (engine.engine, engine.encode) if isinstance(engine, PairedEngine) else (engine, list)
+
+
+def phrase_ranks(engine, ids: list[int], limit: int | None = None) -> tuple[int, list[tuple]]:
+    """(count, suffix-array ranks as `get_docs_by_ranks_2` takes them) of a token sequence; at most `limit`
+    ranks are listed (a frequent phrase has millions)."""
+    raw, encode = raw_engine(engine)
+    query = encode(ids)
+    found = raw.find(query)
+    ranks: list[tuple] = []
+    for shard, (lo, hi) in enumerate(found["segment_by_shard"]):
+        stop = hi if limit is None else min(hi, lo + limit - len(ranks))
+        ranks += [(shard, r, len(query), 0) for r in range(lo, stop)]
+    return found["cnt"], ranks
+
+
+def docs(store: ArtifactStore, index_ref: str, engine, tok, text: str, limit: int, context: int = 80) -> dict:
+    """Up to `limit` documents containing the phrase (any tokenization): id, file, line and a snippet."""
+    raw, _ = raw_engine(engine)
+    ranks = [r for ids in forms(tok, text) for r in phrase_ranks(engine, ids)[1]]
     doc_ixs: list[int] = []
     for start in range(0, len(ranks), 4 * limit):  # batched engine calls until `limit` distinct documents
         # the `_2` call: infini-gram 2.6's get_docs_by_ranks calls a method its C++ engine lacks

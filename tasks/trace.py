@@ -29,7 +29,7 @@ import re
 import pyarrow as pa
 from tracecore.configs.schema import TraceConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import figure_png, map_shards, subplots
+from tracecore.tasks.common import figure_png, log_dropped, map_shards, subplots
 from tracecore.tasks.stage import Planned, Stage, StageRun, plan_artifact
 from tracecore.tasks.taskfiles import load_task
 
@@ -116,17 +116,6 @@ def longest_span(engine, ids: list[int]) -> tuple[int, int]:
     return best
 
 
-def span_ranks(engine, ids: list[int], limit: int) -> tuple[int, list[tuple]]:
-    """(count, up to `limit` suffix-array ranks) of a span, in the raw engine's symbols."""
-    from tracecore.tasks.ngram import PairedEngine
-
-    raw, encode = (engine.engine, engine.encode) if isinstance(engine, PairedEngine) else (engine, list)
-    query = encode(ids)
-    found = raw.find(query)
-    ranks = [(s, r, len(query), 0) for s, (lo, hi) in enumerate(found["segment_by_shard"]) for r in range(lo, hi)]
-    return found["cnt"], ranks[:limit]
-
-
 RANKS_PER_CALL = 256  # the engine starts a thread per rank: one call for 70k ranks aborted the process
 
 
@@ -138,12 +127,11 @@ def docs_by_ranks(raw, ranks: list[tuple]) -> list[dict]:
 
 def trace_spans(store: ArtifactStore, index_ref: str, items: list[dict], max_docs: int) -> list[dict]:
     """Per item: the longest question span and answer span, their counts and documents."""
-    from tracecore.tasks.index_query import document_rows, opened
-    from tracecore.tasks.ngram import PairedEngine
+    from tracecore.tasks.index_query import document_rows, opened, phrase_ranks, raw_engine
 
     out = []
     with opened(store, index_ref) as (engine, tok):
-        raw = engine.engine if isinstance(engine, PairedEngine) else engine
+        raw, _ = raw_engine(engine)
         pending: list[tuple[dict, str, list[tuple]]] = []
         for item in items:
             row = {"key": item["key"]}
@@ -151,7 +139,7 @@ def trace_spans(store: ArtifactStore, index_ref: str, items: list[dict], max_doc
                 ids = tok.encode(" " + text.strip(), add_special_tokens=False).ids
                 start, end = longest_span(engine, ids)
                 span = ids[start:end]
-                count, ranks = span_ranks(engine, span, 4 * max_docs) if span else (0, [])
+                count, ranks = phrase_ranks(engine, span, 4 * max_docs) if span else (0, [])
                 row |= {f"{field}_span": tok.decode(span).strip(), f"{field}_span_tokens": len(span),
                         f"{field}_tokens": len(ids), f"{field}_span_words": len(words(tok.decode(span))),
                         f"{field}_span_count": int(count)}
@@ -273,10 +261,8 @@ def run_trace(run: StageRun) -> None:
     for h in hits:
         by_item.setdefault((h["task"], h["item"]), []).append(h)
     rows = [item_row(i, spans[i["key"]], by_item.get((i["task"], i["id"]), []), cfg) for i in items]
-    too_short = sum(not r["judged"] for r in rows)
-    if too_short:
-        log.info("trace: %d of %d items have fewer than %d words and are not judged for contamination "
-                 "(trace.min_words)", too_short, len(rows), cfg.min_words)
+    log_dropped("trace", "items", len(rows), {f"shorter than trace.min_words={cfg.min_words}, not judged for "
+                                              "contamination": sum(not r["judged"] for r in rows)})
     tasks = task_table(rows, cfg.max_docs)
     if not store.is_committed(refs["tasks"]):
         store.write_shard(refs["tasks"], 0, pa.Table.from_pylist(tasks))
