@@ -29,7 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tracecore.storage.fs import (
     atomic_write_bytes,
@@ -51,6 +53,18 @@ class CorruptShardError(RuntimeError):
 
 class MissingArtifactError(FileNotFoundError):
     pass
+
+
+def write_row_groups(table: pa.Table, column: str, sink) -> None:
+    """One Parquet row group per run of equal values of `column` (the table is ordered by it)."""
+    values = table[column].to_numpy()
+    cuts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), len(values)]
+    with pq.ParquetWriter(sink, table.schema, compression="zstd") as writer:
+        if len(values) == 0:
+            writer.write_table(table)
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            if hi > lo:
+                writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
 
 
 def shard_name(shard: int) -> str:
@@ -89,11 +103,16 @@ class ArtifactStore:
     def shard_done(self, ref: str, shard: int) -> bool:
         return self.fs.exists(self._marker_path(ref, shard)) and self.fs.exists(self.shard_path(ref, shard))
 
-    def write_shard(self, ref: str, shard: int, table: pa.Table, **stats: Any) -> dict:
-        """Write one shard atomically, then its marker. Returns the marker."""
+    def write_shard(self, ref: str, shard: int, table: pa.Table, row_groups_by: str | None = None,
+                    **stats: Any) -> dict:
+        """Write one shard atomically, then its marker. Returns the marker. `row_groups_by`: the table is
+        ordered by that column and each of its values becomes its own row group (see `read_shard_rows`)."""
         start = time.perf_counter()
         sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
+        if row_groups_by is None:
+            pq.write_table(table, sink, compression="zstd")
+        else:
+            write_row_groups(table, row_groups_by, sink)
         data = sink.getvalue()
         atomic_write_bytes(self.fs, self.shard_path(ref, shard), data)
         marker = {
@@ -124,6 +143,19 @@ class ArtifactStore:
             self.verify_shard(ref, shard)
         with self.fs.open(path, "rb") as fh:
             return pq.read_table(fh, columns=columns)
+
+    def read_shard_rows(self, ref: str, shard: int, column: str, value: Any) -> pa.Table:
+        """The rows of a `row_groups_by=column` shard whose `column` equals `value`, reading only the row
+        groups whose statistics allow it. Unverified: the caller has checked the shard (see `map_shards`)."""
+        with self.fs.open(self.shard_path(ref, shard), "rb") as fh:
+            parquet = pq.ParquetFile(fh)
+            index = parquet.schema_arrow.get_field_index(column)
+            meta = parquet.metadata
+            groups = [i for i in range(meta.num_row_groups)
+                      if (st := meta.row_group(i).column(index).statistics) is None or not st.has_min_max
+                      or st.min <= value <= st.max]
+            table = parquet.read_row_groups(groups) if groups else parquet.schema_arrow.empty_table()
+        return table.filter(pc.equal(table[column], value))
 
     def verify_shard(self, ref: str, shard: int) -> None:
         marker = read_json(self.fs, self._marker_path(ref, shard))
@@ -260,15 +292,20 @@ class ArtifactStore:
         with self.fs.open(safe_join(self.files_dir(ref), relpath), "rb") as fh:
             return fh.read()
 
-    def put_file(self, ref: str, relpath: str, local_path: str | os.PathLike) -> None:
+    def put_file(self, ref: str, relpath: str, local_path: str | os.PathLike, move: bool = False) -> None:
         """Stream a local file into the artifact's files (never whole in memory: index tables and model
         weights are GBs): on a local disk a copy to a temporary sibling, then rename; on an object store one
-        (multipart) upload, which appears only when complete."""
+        (multipart) upload, which appears only when complete. `move`: the local file is scratch, so on the
+        same local disk it is renamed into place instead of copied (GBs of index written once, not twice)."""
         target = safe_join(self.files_dir(ref), relpath)
         if not is_local(self.fs):
             self.fs.put_file(str(local_path), target)
             return
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        if move:
+            with contextlib.suppress(OSError):  # another filesystem: copy below
+                os.replace(local_path, target)
+                return
         tmp = f"{posixpath.dirname(target)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}"
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, target)

@@ -50,7 +50,6 @@ def id_bits(store: ArtifactStore, tokens_ref: str) -> int:
     return 16 if "uint16" in store.markers(tokens_ref)[0]["schema"] else 32
 
 
-SEPARATOR = b"\xff\xff"  # infini-gram's u16 document separator (the all-ones id)
 HALF = 32_767  # paired symbols: lo = id % HALF in [0, HALF), hi = HALF + id // HALF in [HALF, 65535)
 MAX_PAIRED_ID = HALF * (0xFFFF - HALF) - 1
 
@@ -123,20 +122,28 @@ def group_shards(n_shards: int, groups: int) -> list[list[int]]:
 
 def write_infinigram_files(store: ArtifactStore, tokens_ref: str, shards: list[int], vocab_size: int,
                            out: Path, bits: int = 16) -> tuple[int, int]:
-    """Write `tokenized.0` / `offset.0` for these shards; returns (documents, tokens)."""
-    docs = tokens = 0
+    """Write `tokenized.0` / `offset.0` for these shards, one shard at a time and vectorized (a separator
+    before each document's symbols); returns (documents, tokens)."""
+    docs = tokens = written = 0
     with open(out / "tokenized.0", "wb") as data, open(out / "offset.0", "wb") as offsets:
         for shard in shards:
-            column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0)
-            for ids in column.to_numpy(zero_copy_only=False):
-                ids = np.asarray(ids, dtype=np.uint16 if bits == 16 else np.uint32)
-                if ids.size and int(ids.max()) >= vocab_size:
-                    raise VocabMismatchError(f"ngram: token id {int(ids.max())} in shard {shard} of {tokens_ref} "
-                                             f">= tokenizer vocab {vocab_size}")
-                offsets.write(np.uint64(data.tell()).tobytes())
-                symbols = ids if bits == 16 else to_symbols(ids)
-                data.write(SEPARATOR + symbols.astype("<u2").tobytes())
-                docs, tokens = docs + 1, tokens + ids.size
+            column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0).combine_chunks()
+            ids = column.values.to_numpy(zero_copy_only=False)
+            if ids.size and int(ids.max()) >= vocab_size:
+                raise VocabMismatchError(f"ngram: token id {int(ids.max())} in shard {shard} of {tokens_ref} "
+                                         f">= tokenizer vocab {vocab_size}")
+            bounds = column.offsets.to_numpy().astype(np.int64) - column.offsets[0].as_py()
+            symbols = (ids.astype(np.uint16) if bits == 16 else to_symbols(ids)).astype("<u2")
+            width = 1 if bits == 16 else 2  # symbols per id
+            starts = bounds[:-1] * width + np.arange(len(column))  # where each document's separator goes
+            buffer = np.empty(symbols.size + len(column), "<u2")
+            is_separator = np.zeros(buffer.size, bool)
+            is_separator[starts] = True
+            buffer[is_separator], buffer[~is_separator] = 0xFFFF, symbols
+            offsets.write((written + 2 * starts).astype("<u8").tobytes())
+            data.write(buffer.tobytes())
+            written += 2 * buffer.size
+            docs, tokens = docs + len(column), tokens + ids.size
     return docs, tokens
 
 
@@ -162,7 +169,7 @@ def build_index_group(store_uri: str, ref: str, group: int, item: tuple, mem_gib
         # The indexer splits the work in `cpus` parts only when the group is large enough.
         run_indexer(folder, mem_gib, cpus if tokens * 2 >= cpus * 200_000 else 1)
         for name in ("tokenized.0", "offset.0", "table.0"):
-            store.put_file(ref, f"group-{group:03d}/{name}", folder / name)  # streamed: index files are GBs
+            store.put_file(ref, f"group-{group:03d}/{name}", folder / name, move=True)  # streamed: GBs
     summary = pa.table({"group": [group], "folder": [f"{FILES_DIR}/group-{group:03d}"], "token_shards": [shards],
                         "documents": [docs], "tokens": [tokens], "tokenizer": [tokenizer_ref],
                         "vocab_size": [vocab_size], "token_dtype": [token_dtype(bits)]})
@@ -203,22 +210,34 @@ def packed_ngrams(docs: list[np.ndarray], n: int, bits: int = 16) -> np.ndarray:
     """[m, KEY_WORDS] uint64 keys of every n-gram that lies inside one document: id k sits at bit bits*k of
     the 128-bit key (64 is a multiple of bits, so no id straddles two words)."""
     flat = np.concatenate(docs).astype(np.uint64) if docs else np.zeros(0, np.uint64)
-    doc_of = np.repeat(np.arange(len(docs)), [len(d) for d in docs])
+    return packed_flat(flat, np.cumsum([len(d) for d in docs]), n, bits)
+
+
+def packed_flat(flat: np.ndarray, ends: np.ndarray, n: int, bits: int = 16) -> np.ndarray:
+    """`packed_ngrams` over the concatenated ids and each document's end offset (an Arrow list column's)."""
     if len(flat) < n:
         return np.zeros((0, KEY_WORDS), np.uint64)
     m = len(flat) - n + 1
     keys = np.zeros((m, KEY_WORDS), np.uint64)
     for k in range(n):
         word, shift = divmod(bits * k, 64)
-        keys[:, word] |= flat[k:k + m] << np.uint64(shift)
-    return keys[doc_of[:m] == doc_of[n - 1:n - 1 + m]]
+        keys[:, word] |= flat[k:k + m].astype(np.uint64) << np.uint64(shift)
+    crosses = np.zeros(m, bool)  # an n-gram starting at e - j (0 < j < n) spans the end e of a document
+    for j in range(1, n):
+        starts = np.asarray(ends, np.int64) - j
+        crosses[starts[(starts >= 0) & (starts < m)]] = True
+    return keys[~crosses]
+
+
+def unpacked_ids(keys: np.ndarray, n: int, bits: int = 16) -> np.ndarray:
+    """[m, n] ids of [m, KEY_WORDS] keys (the inverse of `packed_ngrams`), vectorized."""
+    mask = np.uint64((1 << bits) - 1)
+    cols = [(keys[:, (bits * k) // 64] >> np.uint64((bits * k) % 64)) & mask for k in range(n)]
+    return np.stack(cols, axis=1) if len(keys) else np.zeros((0, n), np.uint64)
 
 
 def unpack(keys: np.ndarray, n: int, bits: int = 16) -> list[list[int]]:
-    """Id lists of [m, KEY_WORDS] keys (the inverse of `packed_ngrams`)."""
-    mask = np.uint64((1 << bits) - 1)
-    cols = [((keys[:, (bits * k) // 64] >> np.uint64((bits * k) % 64)) & mask).astype(np.int64) for k in range(n)]
-    return np.stack(cols, axis=1).tolist() if len(keys) else []
+    return unpacked_ids(keys, n, bits).astype(np.int64).tolist()
 
 
 def bucket_of(keys: np.ndarray, n: int, buckets: int) -> np.ndarray:
@@ -227,50 +246,93 @@ def bucket_of(keys: np.ndarray, n: int, buckets: int) -> np.ndarray:
     return (mix64(mixed ^ keys[:, 1]) % np.uint64(buckets)).astype(np.uint16)
 
 
+def bucket_count(cfg: NgramConfig, tokens: int) -> int:
+    """At least `buckets`, one more per `bucket_tokens`: a reduce task holds ~1/buckets of the distinct n-grams,
+    so its memory does not grow with the corpus (uint16 bucket ids: at most 65,535)."""
+    return min(65_535, max(cfg.buckets, -(-tokens // cfg.bucket_tokens)))
+
+
+def one_word(keys: np.ndarray) -> bool:
+    """Every key fits the first word (n-grams of u16 ids with n <= 4): 1-D sorts suffice."""
+    return not keys[:, 1:].any()
+
+
+def distinct_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct [m, KEY_WORDS] keys in key order, uint64 occurrence counts): np.unique's sort, in place."""
+    if one_word(keys):
+        first, counts = np.unique(keys[:, 0], return_counts=True)
+        out = np.zeros((len(first), keys.shape[1]), np.uint64)
+        out[:, 0] = first
+        return out, counts.astype(np.uint64)
+    distinct, counts = np.unique(keys, axis=0, return_counts=True)
+    return distinct, counts.astype(np.uint64)
+
+
+def sum_by_key(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct keys in key order, summed uint64 counts): one sort, then exact integer sums per run."""
+    if not len(keys):
+        return keys, counts.astype(np.uint64)
+    order = np.argsort(keys[:, 0]) if one_word(keys) else np.lexsort(keys.T[::-1])
+    keys, counts = keys[order], counts[order].astype(np.uint64)
+    starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
+    return keys[starts], np.add.reduceat(counts, starts)
+
+
 def count_partition(store_uri: str, ref: str, shard: int, item: tuple, max_n: int, buckets: int) -> dict:
-    """Map: distinct n-grams of one token shard with their counts, tagged with their bucket."""
+    """Map: distinct n-grams of one token shard with their counts, rows ordered by bucket, one Parquet row
+    group per bucket (a reduce task then reads only its own)."""
     store = ArtifactStore(store_uri)
     tokens_ref = item
-    column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0)
+    column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0).combine_chunks()
     bits = id_bits(store, tokens_ref)
-    docs = [np.asarray(d, dtype=np.uint64) for d in column.to_numpy(zero_copy_only=False)]
+    flat = column.values.to_numpy(zero_copy_only=False)
+    ends = column.offsets.to_numpy()[1:].astype(np.int64) - column.offsets[0].as_py()
     parts = []
     for n in range(1, max_n + 1):
-        keys, counts = np.unique(packed_ngrams(docs, n, bits), axis=0, return_counts=True)
-        parts.append(pa.table({"bucket": bucket_of(keys, n, buckets), "n": np.full(len(keys), n, np.uint8),
-                               "key0": keys[:, 0], "key1": keys[:, 1], "count": counts.astype(np.uint64)}))
-    order = [("bucket", "ascending"), ("n", "ascending"), ("key0", "ascending"), ("key1", "ascending")]
-    table = pa.concat_tables(parts).sort_by(order)
-    return store.write_shard(ref, shard, table)
+        keys, counts = distinct_keys(packed_flat(flat, ends, n, bits))
+        parts.append((bucket_of(keys, n, buckets), np.full(len(keys), n, np.uint8), keys, counts))
+    bucket, n_col, keys, counts = (np.concatenate(c) for c in zip(*parts))
+    order = np.argsort(bucket, kind="stable")  # radix sort of uint16; keeps (n, key) order within a bucket
+    table = pa.table({"bucket": bucket[order], "n": n_col[order], "key0": keys[order, 0], "key1": keys[order, 1],
+                      "count": counts[order]})
+    return store.write_shard(ref, shard, table, row_groups_by="bucket")
 
 
 def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:
-    """Reduce: sum one bucket's counts over all partitions; decode keys back to id lists."""
+    """Reduce: sum one bucket's counts over all partitions, each n ordered by count; keys decoded to ids.
+    Map partitions are read unverified: `map_shards` verified every reused one just before (fresh ones were
+    written by this run), and checksumming a whole partition per bucket would read it `buckets` times."""
     store = ArtifactStore(store_uri)
     map_ref, n_partitions, bits = item
-    pieces = []
-    for shard in range(n_partitions):
-        table = store.read_shard(map_ref, shard)
-        pieces.append(table.filter(pc.equal(table["bucket"], bucket)))
-    summed = pa.concat_tables(pieces).group_by(["n", "key0", "key1"]).aggregate([("count", "sum")])
+    pieces = [store.read_shard_rows(map_ref, shard, "bucket", bucket) for shard in range(n_partitions)]
+    merged = pa.concat_tables(pieces)
     id_type = pa.uint16() if bits == 16 else pa.uint32()
-    out = []
-    for n in sorted(set(summed["n"].to_pylist())):
-        part = summed.filter(pc.equal(summed["n"], n)).sort_by([("count_sum", "descending"), ("key0", "ascending"),
-                                                                ("key1", "ascending")])
-        keys = np.stack([part["key0"].to_numpy(), part["key1"].to_numpy()], axis=1)
-        out.append(pa.table({"ngram": pa.array(unpack(keys, n, bits), type=pa.list_(id_type)),
-                             "n": part["n"].cast(pa.uint8()), "count": part["count_sum"].cast(pa.uint64())}))
+    n_all, out = merged["n"].to_numpy(), []
+    for n in sorted(set(n_all.tolist())):
+        rows = merged.filter(pc.equal(merged["n"], n))
+        keys = np.stack([rows["key0"].to_numpy(), rows["key1"].to_numpy()], axis=1)
+        keys, counts = sum_by_key(keys, rows["count"].to_numpy())
+        order = np.lexsort((keys[:, 1], keys[:, 0], ~counts))  # count descending, then key
+        ids = unpacked_ids(keys[order], n, bits).astype(np.uint16 if bits == 16 else np.uint32).ravel()
+        offsets = pa.array(np.arange(0, len(ids) + 1, n, dtype=np.int32))
+        out.append(pa.table({"ngram": pa.ListArray.from_arrays(offsets, pa.array(ids, type=id_type)),
+                             "n": pa.array(np.full(len(order), n, np.uint8)), "count": pa.array(counts[order])}))
     schema = pa.schema([("ngram", pa.list_(id_type)), ("n", pa.uint8()), ("count", pa.uint64())])
     table = pa.concat_tables(out) if out else schema.empty_table()
     return store.write_shard(ref, bucket, table)
 
 
 def top_k_table(store: ArtifactStore, counts_ref: str, buckets: int, k: int, tokenizer) -> pa.Table:
+    """Top k per n: each bucket is ordered by count within n, so only its first k rows per n can qualify;
+    the flow process holds k x buckets rows per n, never the whole table."""
+    best = []
+    for b in range(buckets):
+        table = store.read_shard(counts_ref, b)
+        for n in sorted(set(table["n"].to_pylist())):
+            best.append(table.filter(pc.equal(table["n"], n)).slice(0, k))
+    table = pa.concat_tables(best) if best else None
     rows = []
-    tables = [store.read_shard(counts_ref, b) for b in range(buckets)]
-    table = pa.concat_tables(tables)
-    for n in sorted(set(table["n"].to_pylist())):
+    for n in sorted(set(table["n"].to_pylist())) if table is not None else []:
         part = table.filter(pc.equal(table["n"], n)).sort_by([("count", "descending")]).slice(0, k)
         for rank, row in enumerate(part.to_pylist(), start=1):
             rows.append({**row, "rank": rank, "text": tokenizer.decode(row["ngram"])})
@@ -298,17 +360,18 @@ def run_ngram(run: StageRun) -> None:
                          "seconds": index.seconds, "skipped_shards": index.skipped,
                          "tokens_per_second": round(index_tokens / index.seconds, 1) if index.computed else None},
                expected_shards=len(groups))
+    buckets = bucket_count(cfg, store.manifest(tokens_ref)["tokens"])
     mapped = map_shards("ngram-map", store, run.ref("counts_map"), count_partition, [tokens_ref] * n_shards,
-                        run.address, max_n=cfg.max_n, buckets=cfg.buckets)
-    run.commit("counts_map", expected_shards=n_shards)
+                        run.address, max_n=cfg.max_n, buckets=buckets)
+    run.commit("counts_map", {"buckets": buckets}, expected_shards=n_shards)
     reduced = map_shards("ngram-reduce", store, run.ref("counts"), reduce_bucket,
-                         [(run.ref("counts_map"), n_shards, bits)] * cfg.buckets, run.address)
-    run.commit("counts", {"max_n": cfg.max_n, "buckets": cfg.buckets, "seconds": mapped.seconds + reduced.seconds,
-                          "skipped_shards": mapped.skipped + reduced.skipped}, expected_shards=cfg.buckets)
-    store.write_shard(run.ref("topk"), 0, top_k_table(store, run.ref("counts"), cfg.buckets, cfg.top_k, tokenizer))
+                         [(run.ref("counts_map"), n_shards, bits)] * buckets, run.address)
+    run.commit("counts", {"max_n": cfg.max_n, "buckets": buckets, "seconds": mapped.seconds + reduced.seconds,
+                          "skipped_shards": mapped.skipped + reduced.skipped}, expected_shards=buckets)
+    store.write_shard(run.ref("topk"), 0, top_k_table(store, run.ref("counts"), buckets, cfg.top_k, tokenizer))
     run.commit("topk", {"top_k": cfg.top_k}, expected_shards=1)
     log.info("ngram: index of %d tokens in %d groups; exact table n<=%d in %d buckets", index_tokens,
-             len(groups), cfg.max_n, cfg.buckets)
+             len(groups), cfg.max_n, buckets)
 
 
 STAGE = Stage("ngram", NgramConfig, {"topk": "ngram_topk", "index": "ngram_index", "counts_map": "ngram_map",

@@ -7,11 +7,14 @@ for infini-gram's document separator) and `list<uint32>` otherwise, one shard pe
 from __future__ import annotations
 
 import hashlib
+import itertools
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tracecore.configs.schema import TokenizeConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.common import map_shards
@@ -60,6 +63,23 @@ def token_type(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= 65_535 else pa.uint32()
 
 
+def encode_column(tok, texts: list[str], batch_size: int, dtype: pa.DataType) -> pa.ListArray:
+    """Token ids as one Arrow list column, built from flat numpy chunks per batch: the shard's ids never
+    exist as Python lists of ints (~36 bytes per token), so memory stays ~the Arrow column's."""
+    values, lengths = [], []
+    for i in range(0, len(texts), batch_size):
+        encodings = tok.encode_batch(texts[i:i + batch_size], add_special_tokens=False)
+        sizes = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+        values.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype.to_pandas_dtype(),
+                                  int(sizes.sum())))
+        lengths.append(sizes)
+    sizes = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    flat = np.concatenate(values) if values else np.zeros(0, dtype.to_pandas_dtype())
+    return pa.LargeListArray.from_arrays(offsets, flat).cast(pa.list_(dtype))
+
+
 def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str], batch_size: int) -> dict:
     """Encode one documents shard into a token shard."""
     from tokenizers import Tokenizer
@@ -70,16 +90,11 @@ def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str], 
         tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
     table = store.read_shard(documents_ref, shard, columns=["id", "text"])
     start = time.perf_counter()
-    texts = table.column("text").to_pylist()
-    ids: list[list[int]] = []
-    for i in range(0, len(texts), batch_size):
-        ids += [enc.ids for enc in tok.encode_batch(texts[i:i + batch_size], add_special_tokens=False)]
+    tokens = encode_column(tok, table.column("text").to_pylist(), batch_size, token_type(tok.get_vocab_size()))
     seconds = time.perf_counter() - start
-    dtype = token_type(tok.get_vocab_size())
-    out = pa.table({"doc_id": table.column("id"), "tokens": pa.array(ids, type=pa.list_(dtype)),
-                    "n_tokens": pa.array([len(x) for x in ids], type=pa.int32())})
-    n_tokens = sum(len(x) for x in ids)
-    return store.write_shard(ref, shard, out, tokens=n_tokens, encode_seconds=round(seconds, 4))
+    out = pa.table({"doc_id": table.column("id"), "tokens": tokens,
+                    "n_tokens": pc.list_value_length(tokens).cast(pa.int32())})
+    return store.write_shard(ref, shard, out, tokens=len(tokens.values), encode_seconds=round(seconds, 4))
 
 
 def user_tokenizer(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:

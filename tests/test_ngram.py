@@ -285,3 +285,32 @@ def test_ngram_cli_count_docs_and_cnf(indexed):
     assert text.returncode == 0 and f": {expected}" in text.stdout
     bad = run_cli("ngram", "cnf", "a", "AND", "--store", store.uri, "--index", refs["ngram.index"])
     assert bad.returncode == 2 and "empty clause" in bad.stderr
+
+
+def test_more_buckets_for_a_larger_corpus_give_the_same_exact_table(indexed, tmp_path):
+    """Bounded reduce memory: `ngram.bucket_tokens` adds buckets as the corpus grows (a reduce task holds
+    ~1/buckets of the distinct n-grams); the table and top-k are the same as with the configured minimum."""
+    store, cfg, refs = indexed
+    tokens = store.manifest(refs["tokenize.tokens"])["tokens"]
+    small = cfg.model_copy(update={"ngram": cfg.ngram.model_copy(update={"bucket_tokens": tokens // 40})})
+    refs_small = run_stages(small, ["ngram"])
+    manifest = store.manifest(refs_small["ngram.counts"])
+    assert manifest["buckets"] >= 40 > cfg.ngram.buckets and manifest["shards"] == manifest["buckets"]
+
+    def rows(ref):
+        table = store.read_table(ref)
+        return sorted(zip(table["n"].to_pylist(), map(tuple, table["ngram"].to_pylist()), table["count"].to_pylist()))
+
+    assert rows(refs_small["ngram.counts"]) == rows(refs["ngram.counts"])
+    topk = [(r["n"], r["count"]) for r in store.read_table(refs_small["ngram.topk"]).to_pylist()]
+    assert topk == [(r["n"], r["count"]) for r in store.read_table(refs["ngram.topk"]).to_pylist()]
+
+
+def test_a_map_partition_is_read_one_bucket_at_a_time(indexed):
+    """Each bucket is its own row group of a map partition, so a reduce task reads 1/buckets of it."""
+    store, cfg, refs = indexed
+    path = store.shard_path(refs["ngram.counts_map"], 0)
+    with store.fs.open(path, "rb") as fh:
+        meta = pq.ParquetFile(fh).metadata
+    buckets = [meta.row_group(i).column(0).statistics for i in range(meta.num_row_groups)]
+    assert meta.num_row_groups > 1 and all(s.min == s.max for s in buckets)

@@ -1,0 +1,444 @@
+"""Benchmark: the n-gram pipeline (ingest -> tokenize -> ngram) at 10^6, 10^7, 10^8 tokens and on one large
+file; wall time and peak RSS per stage and per process, and throughput against the raw peers on the same data.
+
+    .venv/bin/python bench/scale.py [--sizes 1e6 1e7 1e8] [--big-file-gb 2] [--work DIR]
+
+Corpus: generated text (pseudo-words drawn Zipf-like from a 50 k-word vocabulary, sentences of ~12 words,
+120-360 words per document, every document distinct), gzip JSONL files of `--file-tokens` tokens each (real
+corpora ship as fixed-size shards), plus one plain JSONL file of `--big-file-gb` GB (split by byte ranges into
+`--shard-mb` shards). One 32,000-token BPE trained on 20 k documents serves every run.
+
+Every measured run is its own process (ours: a 2-worker LocalCluster started inside it, cluster start-up shown
+apart; workers restarted between stages so each stage's worker peak is its own); this process polls the RSS of
+that process tree every 0.1 s. Roles: `main` (the flow process, with the scheduler), `worker` (the largest Dask
+worker), `indexer` (infini-gram's indexer, a child of a worker), `sum` (peak of the sum over all processes).
+
+Peers, each on the same data in one process using both cores where the library can:
+- e2e: read the input files, parse, validate, exact-dedup (one set), `tokenizers` `encode_batch`, write Parquet;
+- tokenize: our committed documents shards -> `encode_batch` (rayon, all cores) -> Parquet;
+- index: infini-gram's own indexer (`python -m infini_gram.indexing`, --cpus = cores) on the whole corpus's
+  tokenized.0/offset.0 (writing those files is timed apart and not counted);
+- numpy n-gram: every n-gram (n = 1..max_n) packed into uint64 and counted with `np.unique`, one process whose
+  address space is capped at the machine's memory, so running out of memory is a MemoryError, not the OOM killer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+STAGES = ("ingest", "tokenize", "ngram")
+VOCAB = 32_000
+
+
+# ---- corpus -----------------------------------------------------------------------------------
+def lexicon(rng: np.random.Generator, n: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    """(words, Zipf weights): words of 1-4 syllables, sentence-final variants ("word.") after them."""
+    syllables = np.array([c + v for c in "bdfgklmnprstvz" for v in ("a", "e", "i", "o", "u", "ai", "ou")])
+    lengths = rng.integers(1, 5, n)
+    words = sorted({"".join(rng.choice(syllables, k)) for k in lengths})
+    rng.shuffle(words)
+    weights = 1.0 / np.arange(1, len(words) + 1) ** 1.05
+    return np.array(words + [w + "." for w in words], dtype=object), weights / weights.sum()
+
+
+def documents(rng: np.random.Generator, words: np.ndarray, weights: np.ndarray, n_docs: int) -> list[str]:
+    """n_docs distinct texts; every ~12th word ends a sentence."""
+    lengths = rng.integers(120, 361, n_docs)
+    idx = rng.choice(len(weights), size=int(lengths.sum()), p=weights)
+    idx[rng.random(idx.size) < 1 / 12] += len(weights)
+    picked, out, at = words[idx], [], 0
+    for length in lengths:
+        out.append(" ".join(picked[at:at + length]))
+        at += length
+    return out
+
+
+def write_jsonl(path: Path, texts: list[str], prefix: str, compress: bool) -> int:
+    """JSONL by hand: the texts are [a-z .] only, so no escaping is needed (json.dumps would dominate)."""
+    opener = (lambda p: gzip.open(p, "wt", compresslevel=1)) if compress else (lambda p: open(p, "w"))
+    with opener(path) as fh:
+        fh.writelines(f'{{"id": "{prefix}-{i}", "text": "{t}"}}\n' for i, t in enumerate(texts))
+    return path.stat().st_size
+
+
+def make_tokenizer(work: Path, rng: np.random.Generator, words, weights) -> tuple[Path, float]:
+    """Train the BPE once; returns its folder and the measured tokens per document."""
+    from tokenizers import Tokenizer
+    from tracecore.tasks.tokenize import train_bpe
+
+    folder = work / "tokenizer"
+    texts = documents(rng, words, weights, 20_000)
+    if not (folder / "tokenizer.json").exists():
+        train_bpe(texts, VOCAB, 2, folder)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    per_doc = np.mean([len(e.ids) for e in tok.encode_batch(texts[:2000], add_special_tokens=False)])
+    return folder, float(per_doc)
+
+
+def make_corpus(folder: Path, tokens: int, file_tokens: int, tokens_per_doc: float, seed: int, words, weights,
+                big_gb: float = 0.0) -> list[str]:
+    """gzip JSONL files of ~file_tokens tokens each, or (big_gb > 0) one plain JSONL file of big_gb GB."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    if big_gb:
+        path, size, part = folder / "corpus.jsonl", 0, 0
+        with open(path, "w") as fh:
+            while size < big_gb * 1e9:
+                texts = documents(rng, words, weights, 20_000)
+                fh.writelines(f'{{"id": "big-{part}-{i}", "text": "{t}"}}\n' for i, t in enumerate(texts))
+                size, part = fh.tell(), part + 1
+        return [str(path)]
+    paths, left, k = [], tokens, 0
+    while left > 0:
+        n_docs = max(1, round(min(left, file_tokens) / tokens_per_doc))
+        path = folder / f"part-{k:05d}.jsonl.gz"
+        write_jsonl(path, documents(rng, words, weights, n_docs), f"{seed}-{k}", compress=True)
+        paths.append(str(path))
+        left, k = left - file_tokens, k + 1
+    return paths
+
+
+# ---- RSS sampling -----------------------------------------------------------------------------
+def role(proc, root_pid: int) -> str:
+    cmd = " ".join(proc.cmdline())
+    if proc.pid == root_pid:
+        return "main"
+    if "infini_gram" in cmd or "rust_indexing" in cmd:
+        return "indexer"
+    if "multiprocessing" in cmd and ("spawn_main" in cmd or "forkserver" in cmd):
+        return "worker"
+    return "other"
+
+
+def sample_tree(proc, stop: threading.Event, samples: list, period: float = 0.1) -> None:
+    """Append (time, role, pid, rss) for every live process of the tree until `stop`."""
+    import psutil
+
+    while not stop.is_set():
+        now, total = time.time(), 0
+        with contextlib.suppress(psutil.Error):
+            for p in [proc, *proc.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    rss = p.memory_info().rss
+                    samples.append((now, role(p, proc.pid), p.pid, rss))
+                    total += rss
+        samples.append((now, "sum", 0, total))
+        stop.wait(period)
+
+
+def measured(cmd: list[str], timeout: float = 7200) -> tuple[dict, list]:
+    """Run a child that prints one JSON line last; returns (its result, RSS samples of its tree)."""
+    import psutil
+
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples: list = []
+    stop = threading.Event()
+    thread = threading.Thread(target=sample_tree, args=(psutil.Process(child.pid), stop, samples), daemon=True)
+    thread.start()
+    out, err = child.communicate(timeout=timeout)
+    stop.set()
+    thread.join()
+    lines = [x for x in out.splitlines() if x.startswith("{")]
+    if child.returncode != 0 or not lines:
+        return {"error": (err or out)[-1500:], "returncode": child.returncode}, samples
+    return json.loads(lines[-1]), samples
+
+
+def peaks(samples: list, start: float = 0.0, end: float = float("inf")) -> dict[str, float]:
+    """Peak RSS in MiB per role within [start, end] (the largest single process of that role)."""
+    out: dict[str, float] = {}
+    for t, name, _, rss in samples:
+        if start <= t <= end:
+            out[name] = max(out.get(name, 0.0), rss / 2**20)
+    return out
+
+
+# ---- our pipeline, in its own process ---------------------------------------------------------
+def ours(args) -> dict:
+    """ingest, tokenize, ngram one after another on a fresh 2-worker LocalCluster; stage windows in wall time."""
+    from distributed import Client, LocalCluster
+    from tracecore.flows.pipeline import run_stages
+    from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks.registry import validate_config
+
+    cfg = validate_config({"store": args.store, "ingest": {"paths": args.paths, "shard_mb": args.shard_mb},
+                           "tokenize": {"tokenizer_path": args.tokenizer}, "ngram": {"index_mem_gib": 2}})
+    start = time.perf_counter()
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster, Client(cluster) as client:
+        result = {"cluster_start_s": round(time.perf_counter() - start, 2), "stages": {}}
+        for stage in STAGES:
+            client.restart()
+            t0 = time.time()
+            refs = run_stages(cfg, [stage], cluster.scheduler_address)
+            result["stages"][stage] = {"start": t0, "end": time.time(), "seconds": round(time.time() - t0, 2)}
+    store = ArtifactStore(args.store)
+    tokens = store.manifest(refs["tokenize.tokens"])
+    result.update(tokens=tokens["tokens"], documents_ref=refs["ingest.documents"], tokens_ref=refs["tokenize.tokens"],
+                  index_seconds=store.manifest(refs["ngram.index"])["seconds"],
+                  table_seconds=store.manifest(refs["ngram.counts"])["seconds"],
+                  shards=store.manifest(refs["tokenize.tokens"])["shards"])
+    return result
+
+
+# ---- peers, each in its own process -----------------------------------------------------------
+def peer_e2e(args) -> dict:
+    """What a user would write first: stream each file, parse, validate, dedup, encode (all cores), write."""
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+    from tracecore.configs.schema import IngestConfig
+    from tracecore.tasks.ingest import validate_record
+
+    tok, cfg, seen, total, part = Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json"), IngestConfig(), set(), 0, 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def flush(texts: list[str]) -> int:
+        nonlocal part
+        ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16()))}), out / f"{part}.parquet")
+        part += 1
+        return sum(map(len, ids))
+
+    start = time.perf_counter()
+    for path in args.paths:
+        texts: list[str] = []
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as fh:
+            for line in fh:
+                obj = json.loads(line)
+                if validate_record(obj, cfg) is None:
+                    digest = hashlib.sha256(obj["text"].encode()).digest()
+                    if digest not in seen:
+                        seen.add(digest)
+                        texts.append(obj["text"])
+                if len(texts) >= 50_000:
+                    total, texts = total + flush(texts), []
+        if texts:
+            total += flush(texts)
+    return {"seconds": time.perf_counter() - start, "tokens": total}
+
+
+def peer_tokenize(args) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+    from tracecore.storage.store import ArtifactStore
+
+    store, tok, total = ArtifactStore(args.store), Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json"), 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for m in store.markers(args.ref):
+        texts = store.read_shard(args.ref, m["shard"], columns=["text"], verify=False).column(0).to_pylist()
+        ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16()))}), out / f"{m['shard']}.parquet")
+        total += sum(map(len, ids))
+    return {"seconds": time.perf_counter() - start, "tokens": total}
+
+
+def peer_index(args) -> dict:
+    from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks.ngram import run_indexer, write_infinigram_files
+
+    store, folder = ArtifactStore(args.store), Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = [m["shard"] for m in store.markers(args.ref)]
+    start = time.perf_counter()
+    _, tokens = write_infinigram_files(store, args.ref, shards, VOCAB, folder)
+    prepare = time.perf_counter() - start
+    start = time.perf_counter()
+    run_indexer(folder, 2 * args.workers, args.workers)
+    return {"seconds": time.perf_counter() - start, "prepare_seconds": prepare, "tokens": tokens}
+
+
+def peer_numpy(args) -> dict:
+    """pack + np.unique per n over the whole corpus in one process; address space capped at physical memory."""
+    import psutil
+    from tracecore.storage.store import ArtifactStore
+
+    cap = psutil.virtual_memory().total
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    store = ArtifactStore(args.store)
+    start = time.perf_counter()
+    try:
+        docs = [np.asarray(d, np.uint64) for m in store.markers(args.ref)
+                for d in store.read_shard(args.ref, m["shard"], columns=["tokens"], verify=False)
+                .column(0).to_numpy(zero_copy_only=False)]
+        flat = np.concatenate(docs)
+        doc_of = np.repeat(np.arange(len(docs), dtype=np.uint32), [len(d) for d in docs])
+        del docs
+        distinct = 0
+        for n in range(1, args.max_n + 1):
+            m = len(flat) - n + 1
+            keys = flat[:m].copy()
+            for k in range(1, n):
+                keys |= flat[k:k + m] << np.uint64(16 * k)
+            keys = keys[doc_of[:m] == doc_of[n - 1:n - 1 + m]]
+            distinct += len(np.unique(keys, return_counts=True)[0])
+            del keys
+    except MemoryError:
+        return {"seconds": time.perf_counter() - start, "tokens": int(store.manifest(args.ref)["tokens"]),
+                "oom": True, "cap_gib": round(cap / 2**30, 1)}
+    return {"seconds": time.perf_counter() - start, "tokens": len(flat), "distinct": distinct, "oom": False,
+            "cap_gib": round(cap / 2**30, 1)}
+
+
+CHILDREN = {"ours": ours, "peer-e2e": peer_e2e, "peer-tokenize": peer_tokenize, "peer-index": peer_index,
+            "peer-numpy": peer_numpy}
+
+
+def child_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=sorted(CHILDREN))
+    parser.add_argument("--paths", nargs="*", default=[])
+    for flag in ("--store", "--tokenizer", "--out", "--ref"):
+        parser.add_argument(flag)
+    parser.add_argument("--shard-mb", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-n", type=int, default=3)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRACECORE_NO_PROGRESS", "1")
+    if args.what == "ours":
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per Dask worker, as tracecore runs it
+    print(json.dumps(CHILDREN[args.what](args)))
+
+
+# ---- the driver -------------------------------------------------------------------------------
+def child(what: str, **flags) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "child", what]
+    for key, value in flags.items():
+        cmd += [f"--{key.replace('_', '-')}", *(value if isinstance(value, list) else [str(value)])]
+    return cmd
+
+
+def run_case(name: str, paths: list[str], case_dir: Path, tokenizer: Path, args) -> dict:
+    """Ours, then each peer on the same data; every figure of one case comes from one run of this function."""
+    store = case_dir / "store"
+    result, samples = measured(child("ours", paths=paths, store=store, tokenizer=tokenizer, shard_mb=args.shard_mb,
+                                     workers=args.workers))
+    if "error" in result:
+        raise SystemExit(f"{name}: our pipeline failed: {result['error']}")
+    result["rss"] = {s: peaks(samples, w["start"], w["end"]) for s, w in result["stages"].items()}
+    result["rss_all"] = peaks(samples)
+    result["peers"] = {}
+    peers = {"e2e": dict(paths=paths, tokenizer=tokenizer, out=case_dir / "peer-e2e"),
+             "tokenize": dict(store=store, tokenizer=tokenizer, ref=result["documents_ref"], out=case_dir / "peer-tok"),
+             "index": dict(store=store, ref=result["tokens_ref"], out=case_dir / "peer-index", workers=args.workers),
+             "numpy": dict(store=store, ref=result["tokens_ref"])}
+    for peer, flags in peers.items():
+        if peer in args.skip_peers:
+            continue
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the peers use every core the library can
+        out, peer_samples = measured(child(f"peer-{peer}", **flags))
+        out["rss"] = peaks(peer_samples)
+        result["peers"][peer] = out
+        subprocess.run(["rm", "-rf", str(flags.get("out", case_dir / "none"))], check=False)
+    print(f"{name}: done ({result['tokens']:,} tokens)", file=sys.stderr, flush=True)
+    return result
+
+
+def rate(tokens: int, seconds: float) -> str:
+    return f"{tokens / seconds / 1e6:.2f} M/s"
+
+
+def report(results: dict[str, dict]) -> str:
+    """Markdown: growth of time and RSS per stage, then ours vs the peers."""
+    lines = ["| corpus | tokens | shards | stage | seconds | tokens/s | time vs linear | main MiB | worker MiB | "
+             "indexer MiB | sum MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    previous: dict | None = None
+    for name, r in results.items():
+        for stage, w in r["stages"].items():
+            grow = "-"
+            if previous and not name.startswith("single"):
+                expected = w["seconds"] / previous["stages"][stage]["seconds"] / (r["tokens"] / previous["tokens"])
+                grow = f"{expected:.2f}x"
+            rss = r["rss"][stage]
+            lines.append(f"| {name} | {r['tokens']:,} | {r['shards']} | {stage} | {w['seconds']:.1f} | "
+                         f"{rate(r['tokens'], w['seconds'])} | {grow} | {rss.get('main', 0):.0f} | "
+                         f"{rss.get('worker', 0):.0f} | {rss.get('indexer', 0):.0f} | {rss.get('sum', 0):.0f} |")
+        if not name.startswith("single"):
+            previous = r
+    lines += ["", "| corpus | what | ours | peer | ours / peer | peer peak MiB |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        st, p = r["stages"], r["peers"]
+        pairs = {"e2e": ("ingest + tokenize vs e2e loop", st["ingest"]["seconds"] + st["tokenize"]["seconds"]),
+                 "tokenize": ("tokenize vs encode_batch", st["tokenize"]["seconds"]),
+                 "index": ("index vs infini-gram indexer", r["index_seconds"]),
+                 "numpy": ("exact table vs numpy unique", r["table_seconds"])}
+        for peer, (what, ours_s) in pairs.items():
+            if peer not in p:
+                continue
+            if "error" in p[peer] or p[peer].get("oom"):
+                why = "out of memory" if p[peer].get("oom") else "failed"
+                lines.append(f"| {name} | {what} | {rate(r['tokens'], ours_s)} | {why} | - | "
+                             f"{p[peer]['rss'].get('sum', 0):.0f} |")
+                continue
+            peer_rate = p[peer]["tokens"] / p[peer]["seconds"]
+            ours_rate = r["tokens"] / ours_s
+            lines.append(f"| {name} | {what} | {rate(r['tokens'], ours_s)} | {peer_rate / 1e6:.2f} M/s | "
+                         f"{ours_rate / peer_rate:.2f} | {p[peer]['rss'].get('sum', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="*", type=float, default=[1e6, 1e7, 1e8], help="corpus sizes in tokens")
+    parser.add_argument("--big-file-gb", type=float, default=2.0, help="one plain JSONL file of this size; 0 = none")
+    parser.add_argument("--file-tokens", type=float, default=8e6, help="tokens per gzip JSONL file")
+    parser.add_argument("--shard-mb", type=int, default=32, help="ingest.shard_mb (splits the large file)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-peers", nargs="*", default=[], choices=["e2e", "tokenize", "index", "numpy"])
+    parser.add_argument("--work", default=None, help="working folder (default: a temporary one, deleted)")
+    parser.add_argument("--json", default=None, help="also write every measurement here")
+    args = parser.parse_args()
+    from tracecore.flows.calibrate import calibration_line
+
+    print(calibration_line(), flush=True)
+    with contextlib.ExitStack() as stack:
+        work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        rng = np.random.default_rng(0)
+        words, weights = lexicon(rng)
+        tokenizer, per_doc = make_tokenizer(work, rng, words, weights)
+        cases = [(f"{int(s):.0e}".replace("+0", ""), s, 0.0) for s in args.sizes]
+        if args.big_file_gb:
+            cases.append((f"single {args.big_file_gb:g} GB file", 0, args.big_file_gb))
+        results = {}
+        for k, (name, size, big) in enumerate(cases):
+            case_dir = work / f"case-{k}"
+            subprocess.run(["rm", "-rf", str(case_dir)], check=False)
+            start = time.perf_counter()
+            paths = make_corpus(case_dir / "corpus", int(size), int(args.file_tokens), per_doc, 100 + k, words, weights,
+                                big)
+            print(f"{name}: corpus of {len(paths)} file(s) written in {time.perf_counter() - start:.0f} s",
+                  file=sys.stderr, flush=True)
+            results[name] = run_case(name, paths, case_dir, tokenizer, args)
+            subprocess.run(["rm", "-rf", str(case_dir)], check=False)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    print(report(results))
+    print(calibration_line())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        child_main(sys.argv[2:])
+    else:
+        main()
