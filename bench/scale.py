@@ -70,8 +70,7 @@ def documents(rng: np.random.Generator, words: np.ndarray, weights: np.ndarray, 
 
 def write_jsonl(path: Path, texts: list[str], prefix: str, compress: bool) -> int:
     """JSONL by hand: the texts are [a-z .] only, so no escaping is needed (json.dumps would dominate)."""
-    opener = (lambda p: gzip.open(p, "wt", compresslevel=1)) if compress else (lambda p: open(p, "w"))
-    with opener(path) as fh:
+    with gzip.open(path, "wt", compresslevel=1) if compress else open(path, "w") as fh:
         fh.writelines(f'{{"id": "{prefix}-{i}", "text": "{t}"}}\n' for i, t in enumerate(texts))
     return path.stat().st_size
 
@@ -339,10 +338,12 @@ def run_case(name: str, paths: list[str], case_dir: Path, tokenizer: Path, args)
     result["rss"] = {s: peaks(samples, w["start"], w["end"]) for s, w in result["stages"].items()}
     result["rss_all"] = peaks(samples)
     result["peers"] = {}
-    peers = {"e2e": dict(paths=paths, tokenizer=tokenizer, out=case_dir / "peer-e2e"),
-             "tokenize": dict(store=store, tokenizer=tokenizer, ref=result["documents_ref"], out=case_dir / "peer-tok"),
-             "index": dict(store=store, ref=result["tokens_ref"], out=case_dir / "peer-index", workers=args.workers),
-             "numpy": dict(store=store, ref=result["tokens_ref"])}
+    peers = {"e2e": {"paths": paths, "tokenizer": tokenizer, "out": case_dir / "peer-e2e"},
+             "tokenize": {"store": store, "tokenizer": tokenizer, "ref": result["documents_ref"],
+                          "out": case_dir / "peer-tok"},
+             "index": {"store": store, "ref": result["tokens_ref"], "out": case_dir / "peer-index",
+                       "workers": args.workers},
+             "numpy": {"store": store, "ref": result["tokens_ref"]}}
     for peer, flags in peers.items():
         if peer in args.skip_peers:
             continue
@@ -361,8 +362,8 @@ def rate(tokens: int, seconds: float) -> str:
 
 def report(results: dict[str, dict]) -> str:
     """Markdown: growth of time and RSS per stage, then ours vs the peers."""
-    lines = ["| corpus | tokens | shards | stage | seconds | tokens/s | time vs linear | main MiB | worker MiB | "
-             "indexer MiB | sum MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| corpus | tokens | shards | stage | seconds | tokens/s | time vs linear | main MiB | worker MiB | "
+              "indexer MiB | sum MiB |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     previous: dict | None = None
     for name, r in results.items():
         for stage, w in r["stages"].items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import posixpath
 import shutil
@@ -62,7 +63,7 @@ def write_row_groups(table: pa.Table, column: str, sink) -> None:
     with pq.ParquetWriter(sink, table.schema, compression="zstd") as writer:
         if len(values) == 0:
             writer.write_table(table)
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
+        for lo, hi in itertools.pairwise(cuts):
             if hi > lo:
                 writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
 

@@ -308,7 +308,7 @@ def test_more_buckets_for_a_larger_corpus_give_the_same_exact_table(indexed, tmp
 
 def test_a_map_partition_is_read_one_bucket_at_a_time(indexed):
     """Each bucket is its own row group of a map partition, so a reduce task reads 1/buckets of it."""
-    store, cfg, refs = indexed
+    store, _, refs = indexed
     path = store.shard_path(refs["ngram.counts_map"], 0)
     with store.fs.open(path, "rb") as fh:
         meta = pq.ParquetFile(fh).metadata
