@@ -117,7 +117,10 @@ class PretrainConfig(Strict):
 class NgramConfig(Strict):
     """Corpus n-gram counting: infini-gram index + exact small-n table."""
 
-    shard_groups: int = Field(2, ge=1, le=4096, description="infini-gram indexes built in parallel")
+    shard_groups: int = Field(2, ge=1, le=4096, description="infini-gram indexes built in parallel, at least")
+    group_tokens: int = Field(10_000_000, ge=1_000, description=(
+        "at most this many tokens per index group (unless one token shard is larger): the indexer's memory "
+        "(~20 bytes per token of its group) stays bounded as the corpus grows"))
     index_mem_gib: int = Field(2, ge=1, le=4096)
     index_cpus: int = Field(1, ge=1, le=256, description="cpus per indexer process")
     max_n: int = Field(3, ge=1, le=4, description="exact table holds n-grams for n = 1..max_n")

@@ -114,10 +114,20 @@ def check_inputs(store: ArtifactStore, cfg: NgramConfig, tokens_ref: str, vocab_
 
 
 # ---- infini-gram index ------------------------------------------------------------------------
-def group_shards(n_shards: int, groups: int) -> list[list[int]]:
-    """Contiguous token shards per index group (document order is kept)."""
-    groups = max(1, min(groups, n_shards))
-    return [list(part) for part in np.array_split(np.arange(n_shards), groups) if len(part)]
+def group_shards(shard_tokens: list[int], groups: int, group_tokens: int) -> list[list[int]]:
+    """Contiguous token shards per index group (document order is kept): at least `groups` groups when there
+    are enough shards, and at most `group_tokens` tokens per group unless one shard is larger, so the
+    indexer's memory (~20 bytes per token of its group, measured) does not grow with the corpus."""
+    target = min(-(-sum(shard_tokens) // max(1, groups)), group_tokens)
+    out: list[list[int]] = []
+    size = 0
+    for shard, tokens in enumerate(shard_tokens):
+        if not out or (size + tokens > target and out[-1]):
+            out.append([])
+            size = 0
+        out[-1].append(shard)
+        size += tokens
+    return out
 
 
 def write_infinigram_files(store: ArtifactStore, tokens_ref: str, shards: list[int], vocab_size: int,
@@ -328,8 +338,9 @@ def top_k_table(store: ArtifactStore, counts_ref: str, buckets: int, k: int, tok
     best = []
     for b in range(buckets):
         table = store.read_shard(counts_ref, b)
-        for n in sorted(set(table["n"].to_pylist())):
-            best.append(table.filter(pc.equal(table["n"], n)).slice(0, k))
+        n_col = table["n"].to_numpy()
+        for n in np.unique(n_col):  # `take` copies the k rows: a slice would keep the whole bucket alive
+            best.append(table.take(np.flatnonzero(n_col == n)[:k]))
     table = pa.concat_tables(best) if best else None
     rows = []
     for n in sorted(set(table["n"].to_pylist())) if table is not None else []:
@@ -348,7 +359,8 @@ def run_ngram(run: StageRun) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     bits = check_inputs(store, cfg, tokens_ref, len(tokenizer))
     n_shards = store.manifest(tokens_ref)["shards"]
-    groups = group_shards(n_shards, cfg.shard_groups)
+    shard_tokens = [m["tokens"] for m in sorted(store.markers(tokens_ref), key=lambda m: m["shard"])]
+    groups = group_shards(shard_tokens, cfg.shard_groups, cfg.group_tokens)
     index = map_shards("ngram-index", store, run.ref("index"), build_index_group,
                        [(tokens_ref, tokenizer_ref, g, len(tokenizer)) for g in groups], run.address,
                        mem_gib=cfg.index_mem_gib, cpus=cfg.index_cpus)

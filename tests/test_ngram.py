@@ -314,3 +314,24 @@ def test_a_map_partition_is_read_one_bucket_at_a_time(indexed):
         meta = pq.ParquetFile(fh).metadata
     buckets = [meta.row_group(i).column(0).statistics for i in range(meta.num_row_groups)]
     assert meta.num_row_groups > 1 and all(s.min == s.max for s in buckets)
+
+
+def test_index_groups_are_bounded_by_tokens():
+    from tracecore.tasks.ngram import group_shards
+
+    assert group_shards([8, 2], 2, 10) == [[0], [1]]
+    assert group_shards([8] * 13, 2, 10) == [[i] for i in range(13)]  # a group never grows with the corpus
+    assert group_shards([3] * 12, 2, 10) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert group_shards([3] * 4, 2, 100) == [[0, 1], [2, 3]]  # small corpora: `shard_groups` in parallel
+    assert group_shards([30], 2, 10) == [[0]]  # one shard larger than the bound is a group of its own
+
+
+def test_smaller_index_groups_answer_the_same_counts(indexed):
+    store, cfg, refs = indexed
+    tokens = store.manifest(refs["tokenize.tokens"])["tokens"]
+    small = cfg.model_copy(update={"ngram": cfg.ngram.model_copy(update={"group_tokens": tokens // 6})})
+    refs_small = run_stages(small, ["ngram"])
+    assert store.manifest(refs_small["ngram.index"])["shards"] > store.manifest(refs["ngram.index"])["shards"]
+    rows = store.read_table(refs["ngram.topk"]).to_pylist()
+    with open_engine(store, refs_small["ngram.index"]) as engine:
+        assert [engine.count(r["ngram"])["count"] for r in rows] == [r["count"] for r in rows]
