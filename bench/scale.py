@@ -280,7 +280,7 @@ def peer_numpy(args) -> dict:
     try:
         docs = [np.asarray(d, np.uint64) for m in store.markers(args.ref)
                 for d in store.read_shard(args.ref, m["shard"], columns=["tokens"], verify=False)
-                .column(0).to_numpy(zero_copy_only=False)]
+                .column(0).to_numpy(zero_copy_only=False)] * args.repeat  # --repeat: where it runs out
         flat = np.concatenate(docs)
         doc_of = np.repeat(np.arange(len(docs), dtype=np.uint32), [len(d) for d in docs])
         del docs
@@ -294,8 +294,8 @@ def peer_numpy(args) -> dict:
             distinct += len(np.unique(keys, return_counts=True)[0])
             del keys
     except MemoryError:
-        return {"seconds": time.perf_counter() - start, "tokens": int(store.manifest(args.ref)["tokens"]),
-                "oom": True, "cap_gib": round(cap / 2**30, 1)}
+        return {"seconds": time.perf_counter() - start, "oom": True, "cap_gib": round(cap / 2**30, 1),
+                "tokens": int(store.manifest(args.ref)["tokens"]) * args.repeat}
     return {"seconds": time.perf_counter() - start, "tokens": len(flat), "distinct": distinct, "oom": False,
             "cap_gib": round(cap / 2**30, 1)}
 
@@ -313,6 +313,7 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--shard-mb", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-n", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=1, help="peer-numpy: count the corpus this many times over")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRACECORE_NO_PROGRESS", "1")
     if args.what == "ours":
@@ -343,12 +344,13 @@ def run_case(name: str, paths: list[str], case_dir: Path, tokenizer: Path, args)
                           "out": case_dir / "peer-tok"},
              "index": {"store": store, "ref": result["tokens_ref"], "out": case_dir / "peer-index",
                        "workers": args.workers},
-             "numpy": {"store": store, "ref": result["tokens_ref"]}}
+             **{("numpy" if r == 1 else f"numpy x{r}"): {"store": store, "ref": result["tokens_ref"], "repeat": r}
+                for r in args.numpy_repeats}}
     for peer, flags in peers.items():
-        if peer in args.skip_peers:
+        if peer.split()[0] in args.skip_peers:
             continue
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the peers use every core the library can
-        out, peer_samples = measured(child(f"peer-{peer}", **flags))
+        out, peer_samples = measured(child(f"peer-{peer.split()[0]}", **flags))
         out["rss"] = peaks(peer_samples)
         result["peers"][peer] = out
         subprocess.run(["rm", "-rf", str(flags.get("out", case_dir / "none"))], check=False)
@@ -383,13 +385,19 @@ def report(results: dict[str, dict]) -> str:
         pairs = {"e2e": ("ingest + tokenize vs e2e loop", st["ingest"]["seconds"] + st["tokenize"]["seconds"]),
                  "tokenize": ("tokenize vs encode_batch", st["tokenize"]["seconds"]),
                  "index": ("index vs infini-gram indexer", r["index_seconds"]),
-                 "numpy": ("exact table vs numpy unique", r["table_seconds"])}
+                 "numpy": ("exact table vs numpy unique", r["table_seconds"]),
+                 **{k: (f"exact table vs numpy unique, corpus counted {k.split('x')[1]} times", r["table_seconds"])
+                    for k in p if k.startswith("numpy x")}}
         for peer, (what, ours_s) in pairs.items():
             if peer not in p:
                 continue
             if "error" in p[peer] or p[peer].get("oom"):
                 why = "out of memory" if p[peer].get("oom") else "failed"
                 lines.append(f"| {name} | {what} | {rate(r['tokens'], ours_s)} | {why} | - | "
+                             f"{p[peer]['rss'].get('sum', 0):.0f} |")
+                continue
+            if peer.startswith("numpy x"):
+                lines.append(f"| {name} | {what} | - | {p[peer]['tokens'] / p[peer]['seconds'] / 1e6:.2f} M/s | - | "
                              f"{p[peer]['rss'].get('sum', 0):.0f} |")
                 continue
             peer_rate = p[peer]["tokens"] / p[peer]["seconds"]
@@ -407,6 +415,8 @@ def main() -> None:
     parser.add_argument("--shard-mb", type=int, default=32, help="ingest.shard_mb (splits the large file)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-peers", nargs="*", default=[], choices=["e2e", "tokenize", "index", "numpy"])
+    parser.add_argument("--numpy-repeats", nargs="*", type=int, default=[1],
+                        help="also run the numpy peer on the corpus counted r times (finds where it runs out of memory)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, deleted)")
     parser.add_argument("--json", default=None, help="also write every measurement here")
     args = parser.parse_args()

@@ -125,7 +125,7 @@ class NgramConfig(Strict):
     index_cpus: int = Field(1, ge=1, le=256, description="cpus per indexer process")
     max_n: int = Field(3, ge=1, le=4, description="exact table holds n-grams for n = 1..max_n")
     buckets: int = Field(16, ge=1, le=65_535, description="exact-table reduce partitions, at least")
-    bucket_tokens: int = Field(500_000, ge=1_000, description=(
+    bucket_tokens: int = Field(2_000_000, ge=1_000, description=(
         "one more bucket per this many corpus tokens (beyond `buckets`), so a reduce task's memory stays "
         "bounded as the corpus grows"))
     top_k: int = Field(100, ge=1)
