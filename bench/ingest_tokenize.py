@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import sys
@@ -27,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from scale import new_valid_texts
 from tracecore.configs.schema import IngestConfig, SampleConfig
 from tracecore.flows.pipeline import run_stages
-from tracecore.tasks.ingest import list_input_files, validate_record
+from tracecore.tasks.ingest import list_input_files
 from tracecore.tasks.registry import validate_config
 from tracecore.tasks.sample import write_sample
 from tracecore.tasks.tokenize import train_bpe
@@ -42,14 +42,7 @@ def plain_loop(files: list[Path], tokenizer_json: Path, out_dir: Path) -> int:
     tok, seen, total = Tokenizer.from_file(str(tokenizer_json)), set(), 0
     cfg = IngestConfig()
     for k, path in enumerate(files):
-        texts = []
-        for line in gzip.decompress(path.read_bytes()).splitlines():
-            obj = json.loads(line)
-            if validate_record(obj, cfg) is None:
-                digest = hashlib.sha256(obj["text"].encode()).hexdigest()
-                if digest not in seen:
-                    seen.add(digest)
-                    texts.append(obj["text"])
+        texts = list(new_valid_texts(gzip.decompress(path.read_bytes()).splitlines(), cfg, seen))
         ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         total += sum(map(len, ids))
         pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16()))}), out_dir / f"{k}.parquet")

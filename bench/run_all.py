@@ -26,6 +26,7 @@ QUICK = {  # script -> arguments for the ~10-minute umbrella run
     "select_coreset.py": [],
     "mini_sequence.py": ["--quick", "--repeats", "1"],
     "long_context.py": ["--lengths", "1024", "2048", "4096"],
+    "scale.py": ["--sizes", "1e6", "1e7", "--big-file-gb", "0.05"],  # the full 10^8 + 2 GB run: ~36 min
     "orchestration.py": ["--profile", "tests/profile_test.yaml"],  # the tiny profile itself takes ~11 min
 }
 

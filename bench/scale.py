@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,21 @@ def peaks(samples: list, start: float = 0.0, end: float = float("inf")) -> dict[
     return out
 
 
+def new_valid_texts(lines, cfg, seen: set) -> Iterator[str]:
+    """The naive ingest a peer loop runs: parse, validate, drop exact duplicates with one in-memory hash set."""
+    import hashlib
+
+    from tracecore.tasks.ingest import validate_record
+
+    for line in lines:
+        obj = json.loads(line)
+        if validate_record(obj, cfg) is None:
+            digest = hashlib.sha256(obj["text"].encode()).digest()
+            if digest not in seen:
+                seen.add(digest)
+                yield obj["text"]
+
+
 # ---- our pipeline, in its own process ---------------------------------------------------------
 def ours(args) -> dict:
     """ingest, tokenize, ngram one after another on a fresh 2-worker LocalCluster; stage windows in wall time."""
@@ -198,13 +214,10 @@ def ours(args) -> dict:
 # ---- peers, each in its own process -----------------------------------------------------------
 def peer_e2e(args) -> dict:
     """What a user would write first: stream each file, parse, validate, dedup, encode (all cores), write."""
-    import hashlib
-
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tokenizers import Tokenizer
     from tracecore.configs.schema import IngestConfig
-    from tracecore.tasks.ingest import validate_record
 
     tok, cfg, seen, total, part = Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json"), IngestConfig(), set(), 0, 0
     out = Path(args.out)
@@ -221,13 +234,8 @@ def peer_e2e(args) -> dict:
     for path in args.paths:
         texts: list[str] = []
         with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as fh:
-            for line in fh:
-                obj = json.loads(line)
-                if validate_record(obj, cfg) is None:
-                    digest = hashlib.sha256(obj["text"].encode()).digest()
-                    if digest not in seen:
-                        seen.add(digest)
-                        texts.append(obj["text"])
+            for text in new_valid_texts(fh, cfg, seen):
+                texts.append(text)
                 if len(texts) >= 50_000:
                     total, texts = total + flush(texts), []
         if texts:
