@@ -98,6 +98,13 @@ class PairedEngine:
                 "suffix_len": lo}
 
 
+def flat_ids(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(every id of the column in order, document bounds [0, end_0, end_1, ...]) without per-document copies;
+    `flatten` honours a sliced column, whose offsets need not start at 0."""
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
 def check_inputs(store: ArtifactStore, cfg: NgramConfig, tokens_ref: str, vocab_size: int) -> int:
     """Fail before any work: empty corpus, ids that do not fit, n too large to pack."""
     manifest = store.manifest(tokens_ref)
@@ -138,11 +145,10 @@ def write_infinigram_files(store: ArtifactStore, tokens_ref: str, shards: list[i
     with open(out / "tokenized.0", "wb") as data, open(out / "offset.0", "wb") as offsets:
         for shard in shards:
             column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0).combine_chunks()
-            ids = column.values.to_numpy(zero_copy_only=False)
+            ids, bounds = flat_ids(column)
             if ids.size and int(ids.max()) >= vocab_size:
                 raise VocabMismatchError(f"ngram: token id {int(ids.max())} in shard {shard} of {tokens_ref} "
                                          f">= tokenizer vocab {vocab_size}")
-            bounds = column.offsets.to_numpy().astype(np.int64) - column.offsets[0].as_py()
             symbols = (ids.astype(np.uint16) if bits == 16 else to_symbols(ids)).astype("<u2")
             width = 1 if bits == 16 else 2  # symbols per id
             starts = bounds[:-1] * width + np.arange(len(column))  # where each document's separator goes
@@ -295,11 +301,10 @@ def count_partition(store_uri: str, ref: str, shard: int, item: tuple, max_n: in
     tokens_ref = item
     column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0).combine_chunks()
     bits = id_bits(store, tokens_ref)
-    flat = column.values.to_numpy(zero_copy_only=False)
-    ends = column.offsets.to_numpy()[1:].astype(np.int64) - column.offsets[0].as_py()
+    flat, bounds = flat_ids(column)
     parts = []
     for n in range(1, max_n + 1):
-        keys, counts = distinct_keys(packed_flat(flat, ends, n, bits))
+        keys, counts = distinct_keys(packed_flat(flat, bounds[1:], n, bits))
         parts.append((bucket_of(keys, n, buckets), np.full(len(keys), n, np.uint8), keys, counts))
     bucket, n_col, keys, counts = (np.concatenate(c) for c in zip(*parts))
     order = np.argsort(bucket, kind="stable")  # radix sort of uint16; keeps (n, key) order within a bucket
@@ -341,9 +346,10 @@ def top_k_table(store: ArtifactStore, counts_ref: str, buckets: int, k: int, tok
         n_col = table["n"].to_numpy()
         for n in np.unique(n_col):  # `take` copies the k rows: a slice would keep the whole bucket alive
             best.append(table.take(np.flatnonzero(n_col == n)[:k]))
-    table = pa.concat_tables(best) if best else None
-    rows = []
-    for n in sorted(set(table["n"].to_pylist())) if table is not None else []:
+    if not best:
+        return pa.Table.from_pylist([])
+    table, rows = pa.concat_tables(best), []
+    for n in sorted(set(table["n"].to_pylist())):
         part = table.filter(pc.equal(table["n"], n)).sort_by([("count", "descending")]).slice(0, k)
         for rank, row in enumerate(part.to_pylist(), start=1):
             rows.append({**row, "rank": rank, "text": tokenizer.decode(row["ngram"])})
@@ -358,7 +364,8 @@ def run_ngram(run: StageRun) -> None:
     with store.local_dir(tokenizer_ref) as folder:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     bits = check_inputs(store, cfg, tokens_ref, len(tokenizer))
-    n_shards = store.manifest(tokens_ref)["shards"]
+    tokens_manifest = store.manifest(tokens_ref)
+    n_shards = tokens_manifest["shards"]
     shard_tokens = [m["tokens"] for m in sorted(store.markers(tokens_ref), key=lambda m: m["shard"])]
     groups = group_shards(shard_tokens, cfg.shard_groups, cfg.group_tokens)
     index = map_shards("ngram-index", store, run.ref("index"), build_index_group,
@@ -372,7 +379,7 @@ def run_ngram(run: StageRun) -> None:
                          "seconds": index.seconds, "skipped_shards": index.skipped,
                          "tokens_per_second": round(index_tokens / index.seconds, 1) if index.computed else None},
                expected_shards=len(groups))
-    buckets = bucket_count(cfg, store.manifest(tokens_ref)["tokens"])
+    buckets = bucket_count(cfg, tokens_manifest["tokens"])
     mapped = map_shards("ngram-map", store, run.ref("counts_map"), count_partition, [tokens_ref] * n_shards,
                         run.address, max_n=cfg.max_n, buckets=buckets)
     run.commit("counts_map", {"buckets": buckets}, expected_shards=n_shards)
