@@ -426,6 +426,7 @@ def main() -> None:
     parser.add_argument("--numpy-repeats", nargs="*", type=int, default=[1],
                         help="also run the numpy peer on the corpus counted r times (finds where it runs out of memory)")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, deleted)")
+    parser.add_argument("--keep", action="store_true", help="keep each case's corpus and store under --work")
     parser.add_argument("--json", default=None, help="also write every measurement here")
     args = parser.parse_args()
     from tracecore.flows.calibrate import calibration_line
@@ -449,7 +450,8 @@ def main() -> None:
             print(f"{name}: corpus of {len(paths)} file(s) written in {time.perf_counter() - start:.0f} s",
                   file=sys.stderr, flush=True)
             results[name] = run_case(name, paths, case_dir, tokenizer, args)
-            subprocess.run(["rm", "-rf", str(case_dir)], check=False)
+            if not args.keep:
+                subprocess.run(["rm", "-rf", str(case_dir)], check=False)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     print(report(results))

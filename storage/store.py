@@ -56,11 +56,11 @@ class MissingArtifactError(FileNotFoundError):
     pass
 
 
-def write_row_groups(table: pa.Table, column: str, sink) -> None:
+def write_row_groups(table: pa.Table, column: str, sink, compression: str = "zstd") -> None:
     """One Parquet row group per run of equal values of `column` (the table is ordered by it)."""
     values = table[column].to_numpy()
     cuts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), len(values)]
-    with pq.ParquetWriter(sink, table.schema, compression="zstd") as writer:
+    with pq.ParquetWriter(sink, table.schema, compression=compression) as writer:
         if len(values) == 0:
             writer.write_table(table)
         for lo, hi in itertools.pairwise(cuts):
@@ -105,15 +105,16 @@ class ArtifactStore:
         return self.fs.exists(self._marker_path(ref, shard)) and self.fs.exists(self.shard_path(ref, shard))
 
     def write_shard(self, ref: str, shard: int, table: pa.Table, row_groups_by: str | None = None,
-                    **stats: Any) -> dict:
+                    compression: str = "zstd", **stats: Any) -> dict:
         """Write one shard atomically, then its marker. Returns the marker. `row_groups_by`: the table is
-        ordered by that column and each of its values becomes its own row group (see `read_shard_rows`)."""
+        ordered by that column and each of its values becomes its own row group (see `read_shard_rows`).
+        `compression`: a Parquet codec (zstd by default; an intermediate read once may prefer the faster lz4)."""
         start = time.perf_counter()
         sink = io.BytesIO()
         if row_groups_by is None:
-            pq.write_table(table, sink, compression="zstd")
+            pq.write_table(table, sink, compression=compression)
         else:
-            write_row_groups(table, row_groups_by, sink)
+            write_row_groups(table, row_groups_by, sink, compression)
         data = sink.getvalue()
         atomic_write_bytes(self.fs, self.shard_path(ref, shard), data)
         marker = {

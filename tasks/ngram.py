@@ -5,10 +5,9 @@
   byte offset of each document) and run the package's indexer (`python -m infini_gram.indexing`),
   which then only builds the suffix array. One index per shard group, groups built in parallel on
   Dask, queried together through one `InfiniGramEngine`.
-* exact table: map-reduce over token shards. An n-gram packs losslessly into a two-word key (`key0`,
-  `key1`: 128 bits, so n <= 8 with u16 ids and n <= 4 with u32 ids), so "hashing" is exact; keys are
-  bucketed by a mixed hash, counted per partition (map), summed per bucket (reduce), and written as
-  Parquet (`ngram`, `n`, `count`) plus a top-k table.
+* exact table (`tasks/ngram_table.py`): map-reduce over token shards, n-grams packed losslessly into
+  integer keys, counted per partition (map), summed per hash bucket (reduce), and written as Parquet
+  (`ngram`, `n`, `count`) plus a top-k table.
 * ids: u16 when the tokenizer has <= 65,535 tokens, else u32 (Llama 3, Qwen 2, Gemma): token shards and the
   exact table hold u32 ids; the index holds each id as two u16 symbols (`PairedEngine`), because
   infini-gram 2.6's own u32 suffix-array builder allocates 2^32 x 8 bytes (32 GiB) per job (measured:
@@ -28,10 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from tracecore.configs.schema import NgramConfig
 from tracecore.storage.store import FILES_DIR, ArtifactStore
 from tracecore.tasks.common import map_shards
+from tracecore.tasks.ngram_table import (
+    KEY_WORDS,
+    bucket_count,
+    count_partition,
+    flat_ids,
+    id_bits,
+    reduce_bucket,
+    top_k_table,
+)
 from tracecore.tasks.stage import Stage, StageRun
 
 
@@ -41,13 +48,6 @@ class EmptyCorpusError(ValueError):
 
 class VocabMismatchError(ValueError):
     pass
-
-
-KEY_WORDS = 2  # 64-bit words per packed n-gram key
-
-
-def id_bits(store: ArtifactStore, tokens_ref: str) -> int:
-    return 16 if "uint16" in store.markers(tokens_ref)[0]["schema"] else 32
 
 
 HALF = 32_767  # paired symbols: lo = id % HALF in [0, HALF), hi = HALF + id // HALF in [HALF, 65535)
@@ -96,13 +96,6 @@ class PairedEngine:
         cont_cnt = self.count(suffix + [cont_id])["count"]
         return {"prompt_cnt": prompt_cnt, "cont_cnt": cont_cnt, "prob": cont_cnt / max(prompt_cnt, 1),
                 "suffix_len": lo}
-
-
-def flat_ids(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
-    """(every id of the column in order, document bounds [0, end_0, end_1, ...]) without per-document copies;
-    `flatten` honours a sliced column, whose offsets need not start at 0."""
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
 
 
 def check_inputs(store: ArtifactStore, cfg: NgramConfig, tokens_ref: str, vocab_size: int) -> int:
@@ -207,153 +200,6 @@ def open_engine(store: ArtifactStore, index_ref: str, max_clause_freq: int = 50_
                                   vocab_size=65535, version=4, token_dtype="u16", max_clause_freq=max_clause_freq,
                                   max_diff_tokens=2 * max_diff_tokens if paired else max_diff_tokens)
         yield PairedEngine(engine) if paired else engine
-
-
-# ---- exact n-gram table ------------------------------------------------------------------------
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer: spreads packed keys evenly over buckets."""
-    x = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
-
-
-def packed_ngrams(docs: list[np.ndarray], n: int, bits: int = 16) -> np.ndarray:
-    """[m, KEY_WORDS] uint64 keys of every n-gram that lies inside one document: id k sits at bit bits*k of
-    the 128-bit key (64 is a multiple of bits, so no id straddles two words)."""
-    flat = np.concatenate(docs).astype(np.uint64) if docs else np.zeros(0, np.uint64)
-    return packed_flat(flat, np.cumsum([len(d) for d in docs]), n, bits)
-
-
-def packed_flat(flat: np.ndarray, ends: np.ndarray, n: int, bits: int = 16) -> np.ndarray:
-    """`packed_ngrams` over the concatenated ids and each document's end offset (an Arrow list column's)."""
-    if len(flat) < n:
-        return np.zeros((0, KEY_WORDS), np.uint64)
-    m = len(flat) - n + 1
-    keys = np.zeros((m, KEY_WORDS), np.uint64)
-    for k in range(n):
-        word, shift = divmod(bits * k, 64)
-        keys[:, word] |= flat[k:k + m].astype(np.uint64) << np.uint64(shift)
-    crosses = np.zeros(m, bool)  # an n-gram starting at e - j (0 < j < n) spans the end e of a document
-    for j in range(1, n):
-        starts = np.asarray(ends, np.int64) - j
-        crosses[starts[(starts >= 0) & (starts < m)]] = True
-    return keys[~crosses]
-
-
-def unpacked_ids(keys: np.ndarray, n: int, bits: int = 16) -> np.ndarray:
-    """[m, n] ids of [m, KEY_WORDS] keys (the inverse of `packed_ngrams`), vectorized."""
-    mask = np.uint64((1 << bits) - 1)
-    cols = [(keys[:, (bits * k) // 64] >> np.uint64((bits * k) % 64)) & mask for k in range(n)]
-    return np.stack(cols, axis=1) if len(keys) else np.zeros((0, n), np.uint64)
-
-
-def unpack(keys: np.ndarray, n: int, bits: int = 16) -> list[list[int]]:
-    return unpacked_ids(keys, n, bits).astype(np.int64).tolist()
-
-
-def bucket_of(keys: np.ndarray, n: int, buckets: int) -> np.ndarray:
-    """A mixed hash of both key words and n, so buckets get even shares; exact grouping uses the keys."""
-    mixed = mix64(keys[:, 0] ^ np.uint64(n * 0x9E3779B97F4A7C15 % (1 << 64)))
-    return (mix64(mixed ^ keys[:, 1]) % np.uint64(buckets)).astype(np.uint16)
-
-
-def bucket_count(cfg: NgramConfig, tokens: int) -> int:
-    """At least `buckets`, one more per `bucket_tokens`: a reduce task holds ~1/buckets of the distinct n-grams,
-    so its memory does not grow with the corpus (uint16 bucket ids: at most 65,535)."""
-    return min(65_535, max(cfg.buckets, -(-tokens // cfg.bucket_tokens)))
-
-
-def one_word(keys: np.ndarray) -> bool:
-    """Every key fits the first word (n-grams of u16 ids with n <= 4): 1-D sorts suffice."""
-    return not keys[:, 1:].any()
-
-
-def distinct_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct [m, KEY_WORDS] keys in key order, uint64 occurrence counts): np.unique's sort, in place."""
-    if one_word(keys):
-        first, counts = np.unique(keys[:, 0], return_counts=True)
-        out = np.zeros((len(first), keys.shape[1]), np.uint64)
-        out[:, 0] = first
-        return out, counts.astype(np.uint64)
-    distinct, counts = np.unique(keys, axis=0, return_counts=True)
-    return distinct, counts.astype(np.uint64)
-
-
-def sum_by_key(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct keys in key order, summed uint64 counts): one sort, then exact integer sums per run."""
-    if not len(keys):
-        return keys, counts.astype(np.uint64)
-    order = np.argsort(keys[:, 0]) if one_word(keys) else np.lexsort(keys.T[::-1])
-    keys, counts = keys[order], counts[order].astype(np.uint64)
-    starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
-    return keys[starts], np.add.reduceat(counts, starts)
-
-
-def count_partition(store_uri: str, ref: str, shard: int, item: tuple, max_n: int, buckets: int) -> dict:
-    """Map: distinct n-grams of one token shard with their counts, rows ordered by bucket, one Parquet row
-    group per bucket (a reduce task then reads only its own)."""
-    store = ArtifactStore(store_uri)
-    tokens_ref = item
-    column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0).combine_chunks()
-    bits = id_bits(store, tokens_ref)
-    flat, bounds = flat_ids(column)
-    parts = []
-    for n in range(1, max_n + 1):
-        keys, counts = distinct_keys(packed_flat(flat, bounds[1:], n, bits))
-        parts.append((bucket_of(keys, n, buckets), np.full(len(keys), n, np.uint8), keys, counts))
-    bucket, n_col, keys, counts = (np.concatenate(c) for c in zip(*parts))
-    order = np.argsort(bucket, kind="stable")  # radix sort of uint16; keeps (n, key) order within a bucket
-    table = pa.table({"bucket": bucket[order], "n": n_col[order], "key0": keys[order, 0], "key1": keys[order, 1],
-                      "count": counts[order]})
-    return store.write_shard(ref, shard, table, row_groups_by="bucket")
-
-
-def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:
-    """Reduce: sum one bucket's counts over all partitions, each n ordered by count; keys decoded to ids.
-    Map partitions are read unverified: `map_shards` verified every reused one just before (fresh ones were
-    written by this run), and checksumming a whole partition per bucket would read it `buckets` times."""
-    store = ArtifactStore(store_uri)
-    map_ref, n_partitions, bits = item
-    pieces = [store.read_shard_rows(map_ref, shard, "bucket", bucket) for shard in range(n_partitions)]
-    merged = pa.concat_tables(pieces)
-    id_type = pa.uint16() if bits == 16 else pa.uint32()
-    n_all, out = merged["n"].to_numpy(), []
-    for n in sorted(set(n_all.tolist())):
-        rows = merged.filter(pc.equal(merged["n"], n))
-        keys = np.stack([rows["key0"].to_numpy(), rows["key1"].to_numpy()], axis=1)
-        keys, counts = sum_by_key(keys, rows["count"].to_numpy())
-        order = np.lexsort((keys[:, 1], keys[:, 0], ~counts))  # count descending, then key
-        ids = unpacked_ids(keys[order], n, bits).astype(np.uint16 if bits == 16 else np.uint32).ravel()
-        offsets = pa.array(np.arange(0, len(ids) + 1, n, dtype=np.int32))
-        out.append(pa.table({"ngram": pa.ListArray.from_arrays(offsets, pa.array(ids, type=id_type)),
-                             "n": pa.array(np.full(len(order), n, np.uint8)), "count": pa.array(counts[order])}))
-    schema = pa.schema([("ngram", pa.list_(id_type)), ("n", pa.uint8()), ("count", pa.uint64())])
-    table = pa.concat_tables(out) if out else schema.empty_table()
-    return store.write_shard(ref, bucket, table)
-
-
-def top_k_table(store: ArtifactStore, counts_ref: str, buckets: int, k: int, tokenizer) -> pa.Table:
-    """Top k per n: each bucket is ordered by count within n, so only its first k rows per n can qualify;
-    the flow process holds k x buckets rows per n, never the whole table."""
-    best = []
-    for b in range(buckets):
-        table = store.read_shard(counts_ref, b)
-        n_col = table["n"].to_numpy()
-        for n in np.unique(n_col):  # `take` copies the k rows: a slice would keep the whole bucket alive
-            best.append(table.take(np.flatnonzero(n_col == n)[:k]))
-    if not best:
-        return pa.Table.from_pylist([])
-    table, rows = pa.concat_tables(best), []
-    for n in sorted(set(table["n"].to_pylist())):
-        part = table.filter(pc.equal(table["n"], n)).sort_by([("count", "descending")]).slice(0, k)
-        for rank, row in enumerate(part.to_pylist(), start=1):
-            rows.append({**row, "rank": rank, "text": tokenizer.decode(row["ngram"])})
-    return pa.Table.from_pylist(rows)
 
 
 def run_ngram(run: StageRun) -> None:

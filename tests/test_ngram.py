@@ -11,12 +11,8 @@ from tracecore.configs.schema import MemorizationConfig, NgramConfig, TaskSpec
 from tracecore.flows.pipeline import run_stages
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.memorization import candidate_pairs, load_task, phrase_variants, threshold, word_ngrams
-from tracecore.tasks.ngram import (
-    EmptyCorpusError,
-    VocabMismatchError,
-    open_engine,
-    packed_ngrams,
-)
+from tracecore.tasks.ngram import EmptyCorpusError, VocabMismatchError, open_engine
+from tracecore.tasks.ngram_table import packed_ngrams
 from tracecore.tasks.registry import load_config
 
 
@@ -92,9 +88,45 @@ def test_ngrams_never_cross_documents():
 
 
 @pytest.mark.parametrize("bits", [16, 32])
+def test_every_counting_path_equals_an_independent_count(bits):
+    """Unigrams by bincount, keys of <= 32 and <= 64 bits as machine words, 128-bit keys row-wise; then the
+    reduce's merge of sorted runs and its count order: all equal a Counter over in-document n-grams."""
+    from collections import Counter
+
+    import pyarrow as pa
+    from tracecore.tasks.ngram_table import (
+        by_count_descending,
+        flat_ids,
+        ngram_counts,
+        sum_sorted_runs,
+        unpack,
+    )
+
+    rng = np.random.default_rng(bits)
+    top = (1 << bits) - 2
+    docs = [rng.choice([0, 1, 2, 7, top, top - 1], size=int(rng.integers(0, 9))).tolist() for _ in range(60)]
+    column = pa.array(docs, type=pa.list_(pa.uint16() if bits == 16 else pa.uint32()))
+    half = len(docs) // 2
+    for n in (1, 2, 3, 4):
+        truth = Counter(tuple(d[i:i + n]) for d in docs for i in range(len(d) - n + 1))
+        runs = []
+        for part in (column.slice(0, half), column.slice(half)):  # two map partitions, one a sliced column
+            flat, bounds = flat_ids(part)
+            runs.append(ngram_counts(flat, bounds[1:], n, bits))
+        keys = np.concatenate([k for k, _ in runs])
+        key0, key1, counts = sum_sorted_runs(keys[:, 0], keys[:, 1], np.concatenate([c for _, c in runs]))
+        keys, order = np.stack([key0, key1], axis=1), by_count_descending(counts)
+        got = [(tuple(ids), int(c)) for ids, c in zip(unpack(keys[order], n, bits), counts[order])]
+        assert dict(got) == truth, (n, bits)
+        assert [c for _, c in got] == sorted(truth.values(), reverse=True)
+        ranked = [(-int(c), int(k[0]), int(k[1])) for k, c in zip(keys[order], counts[order])]
+        assert ranked == sorted(ranked)  # count descending, then packed key (the reduce's documented order)
+
+
+@pytest.mark.parametrize("bits", [16, 32])
 def test_packing_is_exact_for_wide_ids(bits):
     """u32 ids (vocab > 65,535) of a 4-gram need 128 bits: two key words, unpacked to the same ids."""
-    from tracecore.tasks.ngram import unpack
+    from tracecore.tasks.ngram_table import unpack
 
     top = (1 << bits) - 2
     docs = [np.array([top, 70_000 % top, 3, top - 1, 5], np.uint64)]

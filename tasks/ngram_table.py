@@ -1,0 +1,223 @@
+"""The `ngram` stage's exact n-gram table: a Dask map-reduce over token shards (a helper of `tasks/ngram.py`).
+
+An n-gram packs losslessly into a two-word key (`key0`, `key1`: 128 bits, so n <= 8 with u16 ids and n <= 4
+with u32 ids), so "hashing" is exact. Map: every n-gram inside a document of one token shard, counted; rows
+bucketed by a mixed hash and written one Parquet row group per bucket. Reduce: one bucket's rows from every
+partition summed by key, ordered by count, keys decoded to ids. Memory per task is bounded by the shard size
+and the bucket count (`bucket_count`), not by the corpus.
+
+Where the time goes (measured on 8 M-token partitions): sorting. A key that fits a machine word is sorted as
+one (uint32 when it fits 32 bits: the vectorized sort handles twice as many per instruction), unigrams are
+counted with `bincount` (no sort), and the reduce merges the partitions' already sorted runs with a stable
+sort (timsort finds the runs) instead of sorting again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tracecore.storage.store import ArtifactStore
+
+KEY_WORDS = 2  # 64-bit words per packed n-gram key
+BINCOUNT_MAX_ID = 1 << 24  # unigrams by bincount below this id (a 128 MiB count array at most)
+
+
+def flat_ids(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(every id of the column in order, document bounds [0, end_0, end_1, ...]) without per-document copies;
+    `flatten` honours a sliced column, whose offsets need not start at 0."""
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer: spreads packed keys evenly over buckets."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+# ---- packing ----------------------------------------------------------------------------------------
+def inside_documents(ends: np.ndarray, m: int, n: int) -> np.ndarray:
+    """Boolean [m]: the n-gram starting at i ends inside its document (one starting at e - j, 0 < j < n,
+    spans the end e of a document)."""
+    keep = np.ones(m, bool)
+    for j in range(1, n):
+        starts = np.asarray(ends, np.int64) - j
+        keep[starts[(starts >= 0) & (starts < m)]] = False
+    return keep
+
+
+def packed_word(flat: np.ndarray, ends: np.ndarray, n: int, bits: int, word: int = 0) -> np.ndarray:
+    """One 64-bit word of every in-document n-gram's key: id k sits at bit bits*k of the 128-bit key (64 is a
+    multiple of bits, so no id straddles two words)."""
+    m = max(0, len(flat) - n + 1)
+    out = np.zeros(m, np.uint64)
+    for k in range(n):
+        w, shift = divmod(bits * k, 64)
+        if w == word:
+            out |= flat[k:k + m].astype(np.uint64) << np.uint64(shift)
+    return out[inside_documents(ends, m, n)]
+
+
+def packed_flat(flat: np.ndarray, ends: np.ndarray, n: int, bits: int = 16) -> np.ndarray:
+    """[m, KEY_WORDS] uint64 keys of every n-gram inside a document, over the concatenated ids and each
+    document's end offset (an Arrow list column's)."""
+    return np.stack([packed_word(flat, ends, n, bits, w) for w in range(KEY_WORDS)], axis=1)
+
+
+def packed_ngrams(docs: list[np.ndarray], n: int, bits: int = 16) -> np.ndarray:
+    """`packed_flat` of a list of documents."""
+    flat = np.concatenate(docs).astype(np.uint64) if docs else np.zeros(0, np.uint64)
+    return packed_flat(flat, np.cumsum([len(d) for d in docs]), n, bits)
+
+
+def unpacked_ids(keys: np.ndarray, n: int, bits: int = 16) -> np.ndarray:
+    """[m, n] ids of [m, KEY_WORDS] keys (the inverse of `packed_flat`), vectorized."""
+    return unpacked_words([keys[:, w] for w in range(KEY_WORDS)], n, bits)
+
+
+def unpacked_words(words: list[np.ndarray], n: int, bits: int = 16) -> np.ndarray:
+    """`unpacked_ids` of the key words as separate arrays."""
+    mask = np.uint64((1 << bits) - 1)
+    cols = [(words[(bits * k) // 64] >> np.uint64((bits * k) % 64)) & mask for k in range(n)]
+    return np.stack(cols, axis=1) if len(words[0]) else np.zeros((0, n), np.uint64)
+
+
+def unpack(keys: np.ndarray, n: int, bits: int = 16) -> list[list[int]]:
+    return unpacked_ids(keys, n, bits).astype(np.int64).tolist()
+
+
+# ---- counting -----------------------------------------------------------------------------------------
+def two_word_keys(key0: np.ndarray, key1: np.ndarray | None = None) -> np.ndarray:
+    out = np.zeros((len(key0), KEY_WORDS), np.uint64)
+    out[:, 0] = key0
+    if key1 is not None:
+        out[:, 1] = key1
+    return out
+
+
+def ngram_counts(flat: np.ndarray, ends: np.ndarray, n: int, bits: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct [m, KEY_WORDS] keys in key order, uint64 counts) of the n-grams inside documents. Unigrams of
+    ids below 2^24 by `bincount`; a key of <= 32 bits sorted as uint32, of <= 64 bits as uint64 (np.unique's
+    vectorized sort); wider keys row-wise."""
+    if n == 1 and len(flat) and int(flat.max()) < BINCOUNT_MAX_ID:
+        counts = np.bincount(flat.astype(np.int64, copy=False))
+        ids = np.flatnonzero(counts)
+        return two_word_keys(ids.astype(np.uint64)), counts[ids].astype(np.uint64)
+    if n * bits <= 64:
+        word = packed_word(flat, ends, n, bits)
+        distinct, counts = np.unique(word.astype(np.uint32) if n * bits <= 32 else word, return_counts=True)
+        return two_word_keys(distinct.astype(np.uint64)), counts.astype(np.uint64)
+    distinct, counts = np.unique(packed_flat(flat, ends, n, bits), axis=0, return_counts=True)
+    return distinct, counts.astype(np.uint64)
+
+
+def sum_sorted_runs(key0: np.ndarray, key1: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(key0, key1, summed uint64 counts) of the distinct keys in key order, from concatenated runs that are
+    each in key order (one per map partition): a stable sort merges the runs (timsort finds them)."""
+    if not len(key0):
+        return key0, key1, counts.astype(np.uint64)
+    wide = bool(key1.any())
+    order = np.lexsort((key1, key0)) if wide else np.argsort(key0, kind="stable")
+    key0, key1, counts = key0[order], key1[order], counts[order]
+    change = key0[1:] != key0[:-1]
+    if wide:
+        change |= key1[1:] != key1[:-1]
+    starts = np.flatnonzero(np.r_[True, change])
+    return key0[starts], key1[starts], np.add.reduceat(counts.astype(np.uint64), starts)
+
+
+def by_count_descending(counts: np.ndarray) -> np.ndarray:
+    """Order of rows by count descending, ties in their current order (a stable sort of max - count in the
+    narrowest unsigned type: radix sort for 16 bits)."""
+    top = int(counts.max()) if len(counts) else 0
+    dtype = np.uint16 if top < 1 << 16 else np.uint32 if top < 1 << 32 else np.uint64
+    return np.argsort((np.uint64(top) - counts.astype(np.uint64)).astype(dtype), kind="stable")
+
+
+# ---- map, reduce, top k ---------------------------------------------------------------------------------
+def bucket_of(keys: np.ndarray, n: int, buckets: int) -> np.ndarray:
+    """A mixed hash of both key words and n, so buckets get even shares; exact grouping uses the keys."""
+    mixed = mix64(keys[:, 0] ^ np.uint64(n * 0x9E3779B97F4A7C15 % (1 << 64)))
+    return (mix64(mixed ^ keys[:, 1]) % np.uint64(buckets)).astype(np.uint16)
+
+
+def bucket_count(cfg, tokens: int) -> int:
+    """At least `ngram.buckets`, one more per `ngram.bucket_tokens`: a reduce task holds ~1/buckets of the
+    distinct n-grams, so its memory does not grow with the corpus (uint16 bucket ids: at most 65,535)."""
+    return min(65_535, max(cfg.buckets, -(-tokens // cfg.bucket_tokens)))
+
+
+def id_bits(store: ArtifactStore, tokens_ref: str) -> int:
+    """16 or 32: the width of the token shards' ids (tokenize stores uint32 above 65,535 tokens)."""
+    return 16 if "uint16" in store.markers(tokens_ref)[0]["schema"] else 32
+
+
+def count_partition(store_uri: str, ref: str, shard: int, item: tuple, max_n: int, buckets: int) -> dict:
+    """Map: distinct n-grams of one token shard with their counts, rows ordered by bucket (and by n and key
+    within it), one Parquet row group per bucket (a reduce task then reads only its own)."""
+    store = ArtifactStore(store_uri)
+    tokens_ref = item
+    column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0).combine_chunks()
+    bits = id_bits(store, tokens_ref)
+    flat, bounds = flat_ids(column)
+    parts = []
+    for n in range(1, max_n + 1):
+        keys, counts = ngram_counts(flat, bounds[1:], n, bits)
+        parts.append((bucket_of(keys, n, buckets), np.full(len(keys), n, np.uint8), keys[:, 0].copy(), keys[:, 1].copy(),
+                       counts))
+    bucket, n_col, key0, key1, counts = (np.concatenate(c) for c in zip(*parts))
+    order = np.argsort(bucket, kind="stable")  # radix sort of uint16; keeps (n, key) order within a bucket
+    sorted_buckets = np.repeat(np.arange(buckets, dtype=np.uint16), np.bincount(bucket, minlength=buckets))
+    table = pa.table({"bucket": sorted_buckets, "n": n_col[order], "key0": key0[order],
+                      "key1": key1[order] if key1.any() else np.zeros(len(order), np.uint64), "count": counts[order]})
+    return store.write_shard(ref, shard, table, row_groups_by="bucket", compression="lz4")  # lz4: read once by the reduce
+
+
+def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:
+    """Reduce: sum one bucket's counts over all partitions, each n ordered by count (then key); keys decoded
+    to ids. Map partitions are read unverified: `map_shards` verified every reused one just before (fresh ones
+    were written by this run), and checksumming a whole partition per bucket would read it `buckets` times."""
+    store = ArtifactStore(store_uri)
+    map_ref, n_partitions, bits = item
+    pieces = [store.read_shard_rows(map_ref, shard, "bucket", bucket) for shard in range(n_partitions)]
+    merged = pa.concat_tables(pieces)
+    id_type = pa.uint16() if bits == 16 else pa.uint32()
+    n_all, out = merged["n"].to_numpy(), []
+    for n in sorted(set(n_all.tolist())):
+        rows = merged.filter(pc.equal(merged["n"], n))
+        key0, key1, counts = sum_sorted_runs(*(rows[c].to_numpy() for c in ("key0", "key1", "count")))
+        order = by_count_descending(counts)
+        ids = unpacked_words([key0[order], key1[order]], n, bits).astype(np.uint16 if bits == 16 else np.uint32)
+        ids = ids.ravel()
+        offsets = pa.array(np.arange(0, len(ids) + 1, n, dtype=np.int32))
+        out.append(pa.table({"ngram": pa.ListArray.from_arrays(offsets, pa.array(ids, type=id_type)),
+                             "n": pa.array(np.full(len(order), n, np.uint8)), "count": pa.array(counts[order])}))
+    schema = pa.schema([("ngram", pa.list_(id_type)), ("n", pa.uint8()), ("count", pa.uint64())])
+    table = pa.concat_tables(out) if out else schema.empty_table()
+    return store.write_shard(ref, bucket, table)
+
+
+def top_k_table(store: ArtifactStore, counts_ref: str, buckets: int, k: int, tokenizer) -> pa.Table:
+    """Top k per n: each bucket is ordered by count within n, so only its first k rows per n can qualify;
+    the flow process holds k x buckets rows per n, never the whole table."""
+    best = []
+    for b in range(buckets):
+        table = store.read_shard(counts_ref, b)
+        n_col = table["n"].to_numpy()
+        for n in np.unique(n_col):  # `take` copies the k rows: a slice would keep the whole bucket alive
+            best.append(table.take(np.flatnonzero(n_col == n)[:k]))
+    if not best:
+        return pa.Table.from_pylist([])
+    table, rows = pa.concat_tables(best), []
+    for n in sorted(set(table["n"].to_pylist())):
+        part = table.filter(pc.equal(table["n"], n)).sort_by([("count", "descending")]).slice(0, k)
+        for rank, row in enumerate(part.to_pylist(), start=1):
+            rows.append({**row, "rank": rank, "text": tokenizer.decode(row["ngram"])})
+    return pa.Table.from_pylist(rows)
