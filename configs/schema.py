@@ -82,6 +82,9 @@ class TokenizeConfig(Strict):
     split_digits: bool = Field(False, description="one token per digit (as in Llama): numbers can be copied "
                                "digit by digit; needed for the needle task on a tiny model")
     batch_size: int = Field(512, ge=1)
+    parallel_encode: bool = Field(True, description="each task encodes with the tokenizers library's own thread "
+                                  "pool (every core of its machine): a worker whose peers have finished uses their "
+                                  "idle cores; False = one core per task")
 
 
 class PretrainConfig(Strict):

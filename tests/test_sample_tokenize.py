@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -113,6 +114,23 @@ def test_tokenize_trains_bpe_and_roundtrips(documents):
     assert len(tok) <= 500 and tok.eos_token == "<|endoftext|>"
     texts = store.read_table(docs_ref).column("text").to_pylist()
     assert tok.decode(tokens.column("tokens")[0].as_py()) == texts[0]
+
+
+def test_parallel_encoding_gives_the_same_tokens_and_restores_the_environment(documents, monkeypatch):
+    """`tokenize.parallel_encode` (the library's thread pool inside a task) changes speed only."""
+    from tracecore.flows.pipeline import run_stages
+    from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks.tokenize import tokenize_shard
+
+    cfg, docs_ref = documents
+    refs = run_stages(cfg, ["tokenize"])
+    store = ArtifactStore(cfg.store)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    for parallel in (True, False):
+        tokenize_shard(cfg.store, f"check_{parallel}/x", 0, (docs_ref, refs["tokenize.tokenizer"]), 64, parallel)
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+        got = store.read_shard(f"check_{parallel}/x", 0)
+        assert got.equals(store.read_shard(refs["tokenize.tokens"], 0)), parallel
 
 
 def test_user_tokenizer_path_is_checked(tmp_path):
