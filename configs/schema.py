@@ -131,6 +131,9 @@ class NgramConfig(Strict):
     bucket_tokens: int = Field(2_000_000, ge=1_000, description=(
         "one more bucket per this many corpus tokens (beyond `buckets`), so a reduce task's memory stays "
         "bounded as the corpus grows"))
+    map_tokens: int = Field(4_000_000, ge=1_000, description=(
+        "exact-table map tasks hold about this many tokens: a larger token shard is cut into row ranges (a "
+        "document is never cut), so a map task's memory (~120 bytes per token) is bounded by this setting"))
     top_k: int = Field(100, ge=1)
 
 

@@ -36,6 +36,7 @@ from tracecore.tasks.ngram_table import (
     count_partition,
     flat_ids,
     id_bits,
+    map_partitions,
     reduce_bucket,
     top_k_table,
 )
@@ -211,7 +212,6 @@ def run_ngram(run: StageRun) -> None:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     bits = check_inputs(store, cfg, tokens_ref, len(tokenizer))
     tokens_manifest = store.manifest(tokens_ref)
-    n_shards = tokens_manifest["shards"]
     shard_tokens = [m["tokens"] for m in sorted(store.markers(tokens_ref), key=lambda m: m["shard"])]
     groups = group_shards(shard_tokens, cfg.shard_groups, cfg.group_tokens)
     index = map_shards("ngram-index", store, run.ref("index"), build_index_group,
@@ -226,11 +226,13 @@ def run_ngram(run: StageRun) -> None:
                          "tokens_per_second": round(index_tokens / index.seconds, 1) if index.computed else None},
                expected_shards=len(groups))
     buckets = bucket_count(cfg, tokens_manifest["tokens"])
-    mapped = map_shards("ngram-map", store, run.ref("counts_map"), count_partition, [tokens_ref] * n_shards,
-                        run.address, max_n=cfg.max_n, buckets=buckets)
-    run.commit("counts_map", {"buckets": buckets}, expected_shards=n_shards)
+    parts = map_partitions(store, tokens_ref, cfg.map_tokens)
+    mapped = map_shards("ngram-map", store, run.ref("counts_map"), count_partition, parts, run.address,
+                        max_n=cfg.max_n, buckets=buckets)
+    run.commit("counts_map", {"buckets": buckets, "partitions": [list(p[1:]) for p in parts]},
+               expected_shards=len(parts))
     reduced = map_shards("ngram-reduce", store, run.ref("counts"), reduce_bucket,
-                         [(run.ref("counts_map"), n_shards, bits)] * buckets, run.address)
+                         [(run.ref("counts_map"), len(parts), bits)] * buckets, run.address)
     run.commit("counts", {"max_n": cfg.max_n, "buckets": buckets, "seconds": mapped.seconds + reduced.seconds,
                           "skipped_shards": mapped.skipped + reduced.skipped}, expected_shards=buckets)
     store.write_shard(run.ref("topk"), 0, top_k_table(store, run.ref("counts"), buckets, cfg.top_k, tokenizer))

@@ -14,6 +14,8 @@ sort (timsort finds the runs) instead of sorting again.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -159,12 +161,28 @@ def id_bits(store: ArtifactStore, tokens_ref: str) -> int:
     return 16 if "uint16" in store.markers(tokens_ref)[0]["schema"] else 32
 
 
-def count_partition(store_uri: str, ref: str, shard: int, item: tuple, max_n: int, buckets: int) -> dict:
-    """Map: distinct n-grams of one token shard with their counts, rows ordered by bucket (and by n and key
-    within it), one Parquet row group per bucket (a reduce task then reads only its own)."""
+def map_partitions(store: ArtifactStore, tokens_ref: str, map_tokens: int) -> list[tuple[str, int, int, int]]:
+    """(tokens ref, token shard, first row, end row) per map task: a shard of more than `map_tokens` tokens is
+    cut into row ranges of about that many (a document is never cut), so shards as large as an input file
+    neither bound a task's memory nor leave one worker counting alone."""
+    parts = []
+    for marker in sorted(store.markers(tokens_ref), key=lambda m: m["shard"]):
+        shard, rows = marker["shard"], marker["rows"]
+        cuts = []
+        if marker["tokens"] > map_tokens:
+            ends = np.cumsum(store.read_shard(tokens_ref, shard, columns=["n_tokens"]).column(0).to_numpy())
+            cuts = np.unique(np.searchsorted(ends, np.arange(map_tokens, ends[-1], map_tokens)) + 1).tolist()
+        bounds = [0, *(c for c in cuts if 0 < c < rows), rows]
+        parts += [(tokens_ref, shard, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+    return parts
+
+
+def count_partition(store_uri: str, ref: str, part: int, item: tuple, max_n: int, buckets: int) -> dict:
+    """Map: distinct n-grams of one row range of a token shard with their counts, rows ordered by bucket (and
+    by n and key within it), one Parquet row group per bucket (a reduce task then reads only its own)."""
     store = ArtifactStore(store_uri)
-    tokens_ref = item
-    column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0).combine_chunks()
+    tokens_ref, shard, lo, hi = item
+    column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0).slice(lo, hi - lo).combine_chunks()
     bits = id_bits(store, tokens_ref)
     flat, bounds = flat_ids(column)
     parts = []
@@ -177,7 +195,7 @@ def count_partition(store_uri: str, ref: str, shard: int, item: tuple, max_n: in
     sorted_buckets = np.repeat(np.arange(buckets, dtype=np.uint16), np.bincount(bucket, minlength=buckets))
     table = pa.table({"bucket": sorted_buckets, "n": n_col[order], "key0": key0[order],
                       "key1": key1[order] if key1.any() else np.zeros(len(order), np.uint64), "count": counts[order]})
-    return store.write_shard(ref, shard, table, row_groups_by="bucket", compression="lz4")  # lz4: read once by the reduce
+    return store.write_shard(ref, part, table, row_groups_by="bucket", compression="lz4")  # lz4: read once by the reduce
 
 
 def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:

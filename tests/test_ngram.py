@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -336,6 +337,29 @@ def test_more_buckets_for_a_larger_corpus_give_the_same_exact_table(indexed, tmp
     assert rows(refs_small["ngram.counts"]) == rows(refs["ngram.counts"])
     topk = [(r["n"], r["count"]) for r in store.read_table(refs_small["ngram.topk"]).to_pylist()]
     assert topk == [(r["n"], r["count"]) for r in store.read_table(refs["ngram.topk"]).to_pylist()]
+
+
+def test_token_shards_larger_than_map_tokens_are_cut_into_row_ranges(indexed):
+    """Bounded map memory: a token shard of more than `ngram.map_tokens` tokens is counted as several row
+    ranges (no document cut, every row once), and the exact table is the same as with whole shards."""
+    store, cfg, refs = indexed
+    tokens_ref = refs["tokenize.tokens"]
+    largest = max(m["tokens"] for m in store.markers(tokens_ref))
+    small = cfg.model_copy(update={"ngram": cfg.ngram.model_copy(update={"map_tokens": max(1_000, largest // 5)})})
+    refs_small = run_stages(small, ["ngram"])
+    parts = store.manifest(refs_small["ngram.counts_map"])["partitions"]
+    shards = store.markers(tokens_ref)
+    assert len(parts) > len(shards)
+    for marker in shards:  # each shard's ranges tile its rows exactly
+        ranges = [(lo, hi) for s, lo, hi in parts if s == marker["shard"]]
+        assert ranges[0][0] == 0 and ranges[-1][1] == marker["rows"]
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in itertools.pairwise(ranges))
+
+    def rows(ref):
+        table = store.read_table(ref)
+        return sorted(zip(table["n"].to_pylist(), map(tuple, table["ngram"].to_pylist()), table["count"].to_pylist()))
+
+    assert rows(refs_small["ngram.counts"]) == rows(refs["ngram.counts"])
 
 
 def test_a_map_partition_is_read_one_bucket_at_a_time(indexed):
