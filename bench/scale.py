@@ -325,7 +325,7 @@ def child_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("TRACECORE_NO_PROGRESS", "1")
     if args.what == "ours":
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per Dask worker, as tracecore runs it
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as the tracecore CLI sets it (tokenize turns it on per task)
     print(json.dumps(CHILDREN[args.what](args)))
 
 
