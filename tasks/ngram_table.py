@@ -169,9 +169,11 @@ def map_partitions(store: ArtifactStore, tokens_ref: str, map_tokens: int) -> li
     for marker in sorted(store.markers(tokens_ref), key=lambda m: m["shard"]):
         shard, rows = marker["shard"], marker["rows"]
         cuts = []
-        if marker["tokens"] > map_tokens:
+        pieces = -(-marker["tokens"] // map_tokens)
+        if pieces > 1:  # equal pieces: 8.1 M tokens at 4 M is three of 2.7 M, not two of 4 M and a sliver
             ends = np.cumsum(store.read_shard(tokens_ref, shard, columns=["n_tokens"]).column(0).to_numpy())
-            cuts = np.unique(np.searchsorted(ends, np.arange(map_tokens, ends[-1], map_tokens)) + 1).tolist()
+            targets = np.arange(1, pieces) * (int(ends[-1]) / pieces)
+            cuts = np.unique(np.searchsorted(ends, targets) + 1).tolist()
         bounds = [0, *(c for c in cuts if 0 < c < rows), rows]
         parts += [(tokens_ref, shard, lo, hi) for lo, hi in itertools.pairwise(bounds)]
     return parts
