@@ -148,6 +148,12 @@ def dask_client(address: str | None) -> Iterator[Any]:
         yield client
 
 
+def worker_threads(address: str | None) -> int:
+    """Task slots of the run's cluster (1 when shards run in this process)."""
+    with dask_client(address) as client:
+        return sum(client.nthreads().values()) if client is not None else 1
+
+
 def _usable_shard(store: ArtifactStore, ref: str, shard: int) -> bool:
     """A finished shard whose bytes match its marker; a corrupt one is dropped (and logged) for recompute."""
     if not store.shard_done(ref, shard):

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tracecore.configs.schema import TokenizeConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import map_shards
+from tracecore.tasks.common import map_shards, worker_threads
 from tracecore.tasks.stage import Stage, StageRun
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -148,13 +148,20 @@ def build_tokenizer(run: StageRun) -> None:
     run.commit("tokenizer")
 
 
+def encode_in_parallel(setting: str | bool, shards: int, threads: int) -> bool:
+    """`tokenize.parallel_encode`: auto = on when shards are too few to keep every worker thread busy to the end."""
+    return shards < 2 * threads if setting == "auto" else bool(setting)
+
+
 def run_tokenize(run: StageRun) -> None:
     store, documents_ref = run.store, run.inputs["documents"]
     build_tokenizer(run)
     n_shards = store.manifest(documents_ref)["shards"]
+    setting = run.cfg.parallel_encode
+    parallel = encode_in_parallel(setting, n_shards, worker_threads(run.address) if setting == "auto" else 1)
     report = map_shards("tokenize", store, run.ref("tokens"), tokenize_shard,
                         [(documents_ref, run.ref("tokenizer"))] * n_shards, run.address, batch_size=run.cfg.batch_size,
-                        parallel=run.cfg.parallel_encode)
+                        parallel=parallel)
     tokens = sum(m["tokens"] for m in report.markers)
     computed_tokens = report.sum_computed("tokens")
     stats = {"tokens": tokens, "seconds": report.seconds, "skipped_shards": report.skipped,

@@ -116,6 +116,14 @@ def test_tokenize_trains_bpe_and_roundtrips(documents):
     assert tok.decode(tokens.column("tokens")[0].as_py()) == texts[0]
 
 
+def test_parallel_encoding_is_on_only_when_shards_are_too_few_to_keep_every_worker_busy():
+    from tracecore.tasks.tokenize import encode_in_parallel
+
+    assert encode_in_parallel("auto", shards=2, threads=2) and encode_in_parallel("auto", shards=1, threads=2)
+    assert not encode_in_parallel("auto", shards=13, threads=2) and not encode_in_parallel("auto", shards=1, threads=0)
+    assert encode_in_parallel(True, shards=60, threads=2) and not encode_in_parallel(False, shards=1, threads=2)
+
+
 def test_parallel_encoding_gives_the_same_tokens_and_restores_the_environment(documents, monkeypatch):
     """`tokenize.parallel_encode` (the library's thread pool inside a task) changes speed only."""
     from tracecore.flows.pipeline import run_stages
