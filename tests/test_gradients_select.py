@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import pytest
 import torch
 from conftest import planned_args, with_section
 from tracecore.flows.pipeline import run_stages
@@ -97,25 +96,6 @@ def test_select_budgets_residuals_and_baselines(pretrained):
     tagcos_families = [r["family"] for r in records if r["id"] in {c["record_id"] for c in coreset}]
     assert {f["family"]: f["tagcos_records"] for f in families} == {f: tagcos_families.count(f) for f in
                                                                    {f["family"] for f in families}}
-
-
-@pytest.mark.slow
-def test_killed_feature_extraction_recomputes_only_unfinished_shards(tmp_path):
-    import json
-
-    from conftest import TEST_PROFILE, run_cli
-
-    args = ["run", "--profile", str(TEST_PROFILE), "--stages", "gradients", "--store", str(tmp_path / "s"),
-            "--set", "gradients.shards=4", "--set", "dask.processes=true"]
-    killed = run_cli(*args, env={"TRACECORE_KILL_AT": "gradients:2"})
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    status = json.loads(run_cli("status", "--store", str(tmp_path / "s"), "--json").stdout)
-    row = next(r for r in status["rows"] if r["artifact"].startswith("features/"))
-    assert not row["committed"] and 2 <= row["shards_done"] < 4
-    resumed = run_cli("run", "--resume", status["run_id"], "--store", str(tmp_path / "s"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"skipping {row['shards_done']}/4 completed shards" in resumed.stdout + resumed.stderr
-    assert ArtifactStore(tmp_path / "s").manifest(row["artifact"])["skipped_shards"] == row["shards_done"]
 
 
 def test_adam_direction_is_the_papers_formula_by_hand():

@@ -35,9 +35,12 @@ MEASURED_COLUMNS = {"seconds", "tokens_per_second", "peak_memory_mb", "resumed_f
 
 
 def status(store: str) -> dict:
-    proc = run_cli("status", "--store", store, "--json")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout)
+    """What `tracecore status --json` prints, computed in this process (the CLI's own `status_rows`; a CLI
+    process per kill cost ~3 s each; the command itself is tested in test_pipeline)."""
+    from tracecore.flows.cli import status_rows
+
+    record, rows = status_rows(store, None)
+    return {"run_id": record["run_id"], "state": record["state"], "rows": rows}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def uninterrupted(tmp_path_factory, server) -> str:
 def chain(tmp_path_factory, server) -> dict:
     """The shared store; `run_id` is set by the first kill and resumed by every later case."""
     return {"store": str(tmp_path_factory.mktemp("killed") / "store"), "run_id": None, "killed_mid": [],
-            "env": server}
+            "kept": {}, "env": server}
 
 
 def run_until(chain: dict, fault: str | None):
@@ -85,6 +88,7 @@ def test_sigkill_lands_and_keeps_finished_work(chain, fault):
         assert not all(r["committed"] for r in rows), rows
         assert any(r["shards_done"] >= 1 and r["on_rerun"].startswith("resume") for r in rows), rows
         chain["killed_mid"].append(stage)
+        chain["kept"].update({r["artifact"]: r["shards_done"] for r in rows if r["shards_done"] and not r["committed"]})
 
 
 def comparable(store: ArtifactStore, ref: str):
@@ -127,3 +131,8 @@ def test_resume_after_every_kill_matches_uninterrupted(chain, uninterrupted):
     for stage in chain["killed_mid"]:  # the shards finished before a mid-stage kill were reused, not recomputed
         skipped = [ours.manifest(r["artifact"]).get("skipped_shards") for r in killed["rows"] if r["stage"] == stage]
         assert any(n for n in skipped if n), f"{stage}: no shard kept across the kill (skipped_shards {skipped})"
+    # exactly, where the artifact records it (the primary output of a shard loop: features, tokens, the index,
+    # fine-tune variants...): every shard a kill left behind was skipped on resume, and only those recomputed
+    skipped = {ref: n for ref in chain["kept"] if (n := ours.manifest(ref).get("skipped_shards")) is not None}
+    assert skipped == {ref: chain["kept"][ref] for ref in skipped}, (chain["kept"], skipped)
+    assert any(ref.startswith("features/") for ref in skipped), skipped  # the feature-extraction kill, exactly
