@@ -70,7 +70,7 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         return
     parent = posixpath.dirname(path)
     fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
+    tmp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}"
     with fs.open(tmp, "wb") as fh:
         fh.write(data)
     try:
@@ -78,6 +78,14 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     except Exception:
         fs.rm(tmp)
         raise
+
+
+TEMP_PREFIX = ".tmp-"  # `atomic_write_bytes` writes here first; a writer killed before its rename leaves one
+
+
+def is_temporary(path: str) -> bool:
+    """A file an interrupted write left behind: listings must never read it as data or a marker."""
+    return posixpath.basename(path).startswith(TEMP_PREFIX)
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:

@@ -35,9 +35,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tracecore.storage.fs import (
+    TEMP_PREFIX,
     atomic_write_bytes,
     file_checksum,
     is_local,
+    is_temporary,
     open_root,
     read_json,
     safe_join,
@@ -134,7 +136,7 @@ class ArtifactStore:
         folder = f"{self.artifact_dir(ref)}/_markers"
         if not self.fs.exists(folder):
             return []
-        paths = sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".json"))
+        paths = sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".json") and not is_temporary(p))
         return [read_json(self.fs, p) for p in paths]
 
     def read_shard(self, ref: str, shard: int, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
@@ -281,7 +283,7 @@ class ArtifactStore:
             return []
         entries = []
         for path in sorted(self.fs.find(base)):
-            if posixpath.basename(path).startswith(".tmp-"):
+            if is_temporary(path):
                 continue
             entries.append({"file": path[len(base) + 1 :], "bytes": self.fs.size(path),
                             "checksum": file_checksum(self.fs, path)})
@@ -308,7 +310,7 @@ class ArtifactStore:
             with contextlib.suppress(OSError):  # another filesystem: copy below
                 os.replace(local_path, target)
                 return
-        tmp = f"{posixpath.dirname(target)}/.tmp-{uuid.uuid4().hex}-{posixpath.basename(target)}"
+        tmp = f"{posixpath.dirname(target)}/{TEMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(target)}"
         shutil.copyfile(local_path, tmp)
         os.replace(tmp, target)
 
@@ -327,7 +329,7 @@ class ArtifactStore:
             return
         with tempfile.TemporaryDirectory(prefix="tracecore-") as tmp:
             for path in sorted(self.fs.find(base)):
-                if posixpath.basename(path).startswith(".tmp-"):
+                if is_temporary(path):
                     continue
                 target = Path(tmp) / path[len(base) + 1:]
                 target.parent.mkdir(parents=True, exist_ok=True)

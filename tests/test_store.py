@@ -94,6 +94,20 @@ def test_writer_killed_mid_shard_leaves_no_visible_shard(tmp_path):
     assert store.commit("docs/fp", {}, expected_shards=1)["rows"] == 3
 
 
+def test_a_marker_write_killed_before_its_rename_is_not_read_as_a_marker(tmp_path):
+    """SIGKILL while a marker is being written leaves `.tmp-<uuid>-00001.json` in `_markers`: listing the
+    markers (status, resume, the report, commit) must skip it, not fail on its partial JSON (seen in the kill
+    chain: an empty temporary marker broke the resumed run's report)."""
+    store = ArtifactStore(tmp_path)
+    store.write_shard("docs/fp", 0, TABLE)
+    debris = tmp_path / "artifacts/docs/fp/_markers/.tmp-0123abcd-00001.json"
+    debris.write_text("")  # what a kill between open() and the rename leaves
+    assert [m["shard"] for m in store.markers("docs/fp")] == [0]
+    assert not store.shard_done("docs/fp", 1)
+    store.write_shard("docs/fp", 1, TABLE)
+    assert store.commit("docs/fp", {}, expected_shards=2)["rows"] == 6
+
+
 def test_tensors_roundtrip_as_safetensors(store):
     tensors = {"w": torch.arange(6, dtype=torch.float16).reshape(2, 3)}
     store.write_tensors("feat/fp", "shard0.safetensors", tensors)
