@@ -57,6 +57,14 @@ def file_checksum(fs: fsspec.AbstractFileSystem, path: str, block: int = 1 << 22
     return digest.hexdigest()
 
 
+TEMP_PREFIX = ".tmp-"  # `atomic_write_bytes` writes here first; a writer killed before its rename leaves one
+
+
+def is_temporary(path: str) -> bool:
+    """A file an interrupted write left behind: listings must never read it as data or a marker."""
+    return posixpath.basename(path).startswith(TEMP_PREFIX)
+
+
 def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write to a unique temporary sibling, then rename: readers never see a partial file.
 
@@ -78,14 +86,6 @@ def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     except Exception:
         fs.rm(tmp)
         raise
-
-
-TEMP_PREFIX = ".tmp-"  # `atomic_write_bytes` writes here first; a writer killed before its rename leaves one
-
-
-def is_temporary(path: str) -> bool:
-    """A file an interrupted write left behind: listings must never read it as data or a marker."""
-    return posixpath.basename(path).startswith(TEMP_PREFIX)
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:

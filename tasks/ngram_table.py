@@ -96,11 +96,10 @@ def unpack(keys: np.ndarray, n: int, bits: int = 16) -> list[list[int]]:
 
 
 # ---- counting -----------------------------------------------------------------------------------------
-def two_word_keys(key0: np.ndarray, key1: np.ndarray | None = None) -> np.ndarray:
+def two_word_keys(key0: np.ndarray) -> np.ndarray:
+    """[m, KEY_WORDS] keys of one-word keys (the second word zero)."""
     out = np.zeros((len(key0), KEY_WORDS), np.uint64)
     out[:, 0] = key0
-    if key1 is not None:
-        out[:, 1] = key1
     return out
 
 

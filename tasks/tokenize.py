@@ -87,7 +87,8 @@ def encoder_parallelism(enabled: bool):
     """TOKENIZERS_PARALLELISM for one task (the runtime sets it false for the process; the library reads it at
     every call). On: shards are uneven (a file is a shard), so without it the last worker encodes alone on one
     core while the others idle (measured: 0.6 of raw encode_batch on 2 workers at 10^7 tokens)."""
-    key, before = "TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM")
+    key = "TOKENIZERS_PARALLELISM"
+    before = os.environ.get(key)
     os.environ[key] = "true" if enabled else "false"
     try:
         yield
