@@ -8,8 +8,9 @@ Corpus: generated text (pseudo-words drawn Zipf-like from a 50 k-word vocabulary
 corpora ship as fixed-size shards), plus one plain JSONL file of `--big-file-gb` GB (split by byte ranges into
 `--shard-mb` shards). One 32,000-token BPE trained on 20 k documents serves every run.
 
-Every measured run is its own process (ours: a 2-worker LocalCluster started inside it, cluster start-up shown
-apart; a fresh cluster per stage so each stage's worker peak is its own); this process polls the RSS of
+Every measured run is its own process (ours: a 2-worker LocalCluster started inside it, cluster start-up and the
+stage module's import on the workers shown apart, as the peers' imports are not timed; a fresh cluster per
+stage so each stage's worker peak is its own); this process polls the RSS of
 that process tree every 0.1 s. Roles: `main` (the flow process, with the scheduler), `worker` (the largest Dask
 worker), `indexer` (infini-gram's indexer, a child of a worker), `sum` (peak of the sum over all processes).
 
@@ -198,6 +199,7 @@ def ours(args) -> dict:
         start = time.perf_counter()  # instead hung at times here: the nannies never respawned their workers)
         with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
                           host="127.0.0.1") as cluster:
+            warm_workers(cluster, stage)
             result.setdefault("cluster_start_s", round(time.perf_counter() - start, 2))
             t0 = time.time()
             refs = run_stages(cfg, [stage], cluster.scheduler_address)
@@ -209,6 +211,17 @@ def ours(args) -> dict:
                   table_seconds=store.manifest(refs["ngram.counts"])["seconds"],
                   shards=store.manifest(refs["tokenize.tokens"])["shards"])
     return result
+
+
+def warm_workers(cluster, stage: str) -> None:
+    """Import the stage's module on every worker before the clock starts: the peers' imports and tokenizer
+    loading are not timed either, and in a pipeline run the workers serve every stage (imported once)."""
+    import importlib
+
+    from distributed import Client
+
+    with Client(cluster) as client:
+        client.run(importlib.import_module, f"tracecore.tasks.{stage}")
 
 
 # ---- peers, each in its own process -----------------------------------------------------------

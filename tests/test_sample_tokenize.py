@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -144,6 +146,60 @@ def test_parallel_encoding_gives_the_same_tokens_and_restores_the_environment(do
 def test_user_tokenizer_path_is_checked(tmp_path):
     with pytest.raises(TokenizerError, match="tokenize.tokenizer_path: .* has no tokenizer.json"):
         check_user_tokenizer(str(tmp_path))
+
+
+def user_tokenizer_folder(folder, config: dict | None, special: dict | None = None):
+    """A fast-tokenizer folder as Hugging Face writes it, with the given tokenizer_config / special_tokens_map."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([f"the cat {n} sat" for n in range(200)],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"], show_progress=False))
+    folder.mkdir(exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        if content is not None:
+            (folder / name).write_text(json.dumps(content))
+    return folder
+
+
+@pytest.mark.parametrize("config, special", [
+    ({"eos_token": "</s>"}, None),
+    ({"eos_token": {"content": "</s>", "__type": "AddedToken"}}, None),
+    ({}, {"eos_token": "</s>"}),
+])
+def test_user_tokenizer_with_an_eos_token_is_accepted(tmp_path, config, special):
+    folder = user_tokenizer_folder(tmp_path / "tok", config, special)
+    assert check_user_tokenizer(str(folder)) == folder
+
+
+@pytest.mark.parametrize("config, special, message", [
+    ({}, None, "defines no eos_token"),
+    (None, None, "defines no eos_token"),
+    ({"eos_token": "<eos>"}, None, "eos_token '<eos>' is not in its vocabulary"),
+])
+def test_user_tokenizer_without_a_usable_eos_token_is_refused(tmp_path, config, special, message):
+    folder = user_tokenizer_folder(tmp_path / "tok", config, special)
+    with pytest.raises(TokenizerError, match=f"tokenize.tokenizer_path: .*{message}"):
+        check_user_tokenizer(str(folder))
+
+
+def test_a_corrupt_tokenizer_json_is_named(tmp_path):
+    folder = user_tokenizer_folder(tmp_path / "tok", {"eos_token": "</s>"})
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(TokenizerError, match="tokenize.tokenizer_path: .*tokenizer.json cannot be loaded"):
+        check_user_tokenizer(str(folder))
+
+
+def test_checking_a_user_tokenizer_does_not_import_transformers(tmp_path):
+    """The check runs in the flow process before the tokenize stage's work: importing transformers there cost
+    1.4 s (measured), more than the whole stage's encoding at 10^6 tokens."""
+    folder = user_tokenizer_folder(tmp_path / "tok", {"eos_token": "</s>"})
+    code = ("import sys; from tracecore.tasks.tokenize import check_user_tokenizer; "
+            f"check_user_tokenizer({str(folder)!r}); print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("split_digits", [False, True])
