@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tracecore.kernels.settings import LongCacheConfig, RazorConfig
@@ -128,7 +128,9 @@ class NgramConfig(Strict):
         "at most this many tokens per index group (unless one token shard is larger): the indexer's memory "
         "(~20 bytes per token of its group) stays bounded as the corpus grows"))
     index_mem_gib: int = Field(2, ge=1, le=4096)
-    index_cpus: int = Field(1, ge=1, le=256, description="cpus per indexer process")
+    index_cpus: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field("auto", description=(
+        "cpus per indexer process; auto = the cluster's threads shared by the index groups by their tokens (at "
+        "most one host's), so one or two groups do not index on one core while the rest idle"))
     max_n: int = Field(3, ge=1, le=4, description="exact table holds n-grams for n = 1..max_n")
     buckets: int = Field(16, ge=1, le=65_535, description="exact-table reduce partitions, at least")
     bucket_tokens: int = Field(2_000_000, ge=1_000, description=(

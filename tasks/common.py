@@ -154,6 +154,18 @@ def worker_threads(address: str | None) -> int:
         return sum(client.nthreads().values()) if client is not None else 1
 
 
+def host_threads(address: str | None) -> tuple[int, int]:
+    """(the most task slots on one host, all task slots) of the run's cluster; this machine's cores when shards
+    run in this process (a subprocess such as the infini-gram indexer may use them all)."""
+    with dask_client(address) as client:
+        if client is None:
+            return (os.cpu_count() or 1,) * 2
+        per_host: dict[str, int] = {}
+        for worker in client.scheduler_info(n_workers=-1)["workers"].values():
+            per_host[worker["host"]] = per_host.get(worker["host"], 0) + worker["nthreads"]
+        return max(per_host.values(), default=1), sum(per_host.values()) or 1
+
+
 def _usable_shard(store: ArtifactStore, ref: str, shard: int) -> bool:
     """A finished shard whose bytes match its marker; a corrupt one is dropped (and logged) for recompute."""
     if not store.shard_done(ref, shard):

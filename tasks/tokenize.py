@@ -62,7 +62,7 @@ def check_user_tokenizer(path: str) -> Path:
 
     try:
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    except Exception as err:  # the library raises a bare Exception for malformed files
+    except Exception as err:  # noqa: BLE001 (tokenizers raises a bare Exception for a malformed file)
         raise TokenizerError(f"tokenize.tokenizer_path: {path!r}: tokenizer.json cannot be loaded ({err})") from None
     eos = declared_eos_token(folder)
     if eos is None:

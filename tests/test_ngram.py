@@ -391,3 +391,32 @@ def test_smaller_index_groups_answer_the_same_counts(indexed):
     rows = store.read_table(refs["ngram.topk"]).to_pylist()
     with open_engine(store, refs_small["ngram.index"]) as engine:
         assert [engine.count(r["ngram"])["count"] for r in rows] == [r["count"] for r in rows]
+
+
+def test_indexer_cpus_share_the_cluster_by_group_size():
+    """`ngram.index_cpus: auto`: one group gets every thread of a host (measured 3.3 -> 1.5 s for 8 M tokens on
+    2 cores), unequal groups get shares by their tokens, never 0, never more than one host has."""
+    from tracecore.tasks.ngram import indexer_cpus
+
+    assert indexer_cpus("auto", [8_000_000], host_threads=2) == [2]
+    assert indexer_cpus("auto", [8_000_000, 2_000_000], host_threads=2) == [2, 1]
+    assert indexer_cpus("auto", [10] * 30, host_threads=2) == [1] * 30
+    assert indexer_cpus("auto", [1_000_000], host_threads=64, total_threads=512) == [64]
+    assert indexer_cpus(3, [5, 5], host_threads=2) == [3, 3]
+
+
+def test_the_index_is_the_same_whatever_cpus_the_indexer_gets(tmp_path):
+    from tracecore.tasks.ngram import run_indexer
+
+    rng = np.random.default_rng(0)
+    docs = [np.r_[0xFFFF, rng.integers(0, 500, 300)].astype("<u2") for _ in range(1_000)]  # 301 k symbols
+    offsets = (np.cumsum([0] + [len(d) for d in docs[:-1]]) * 2).astype("<u8")
+    tables = []
+    for cpus in (1, 2):
+        folder = tmp_path / f"cpus{cpus}"
+        folder.mkdir()
+        (folder / "tokenized.0").write_bytes(np.concatenate(docs).tobytes())
+        (folder / "offset.0").write_bytes(offsets.tobytes())
+        run_indexer(folder, 1, cpus)
+        tables.append((folder / "table.0").read_bytes())
+    assert tables[0] == tables[1] and len(tables[0]) > 0
