@@ -58,11 +58,12 @@ class MissingArtifactError(FileNotFoundError):
     pass
 
 
-def write_row_groups(table: pa.Table, column: str, sink, compression: str = "zstd") -> None:
+def write_row_groups(table: pa.Table, column: str, sink, compression: str = "zstd",
+                     use_dictionary: bool | list[str] = True) -> None:
     """One Parquet row group per run of equal values of `column` (the table is ordered by it)."""
     values = table[column].to_numpy()
     cuts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), len(values)]
-    with pq.ParquetWriter(sink, table.schema, compression=compression) as writer:
+    with pq.ParquetWriter(sink, table.schema, compression=compression, use_dictionary=use_dictionary) as writer:
         if len(values) == 0:
             writer.write_table(table)
         for lo, hi in itertools.pairwise(cuts):
@@ -107,16 +108,18 @@ class ArtifactStore:
         return self.fs.exists(self._marker_path(ref, shard)) and self.fs.exists(self.shard_path(ref, shard))
 
     def write_shard(self, ref: str, shard: int, table: pa.Table, row_groups_by: str | None = None,
-                    compression: str = "zstd", **stats: Any) -> dict:
+                    compression: str = "zstd", use_dictionary: bool | list[str] = True, **stats: Any) -> dict:
         """Write one shard atomically, then its marker. Returns the marker. `row_groups_by`: the table is
         ordered by that column and each of its values becomes its own row group (see `read_shard_rows`).
-        `compression`: a Parquet codec (zstd by default; an intermediate read once may prefer the faster lz4)."""
+        `compression`: a Parquet codec (zstd by default; an intermediate read once may prefer the faster lz4).
+        `use_dictionary`: the columns to dictionary-encode (all by default); a column of mostly distinct values
+        (packed n-gram keys) is cheaper to write and read without."""
         start = time.perf_counter()
         sink = io.BytesIO()
         if row_groups_by is None:
-            pq.write_table(table, sink, compression=compression)
+            pq.write_table(table, sink, compression=compression, use_dictionary=use_dictionary)
         else:
-            write_row_groups(table, row_groups_by, sink, compression)
+            write_row_groups(table, row_groups_by, sink, compression, use_dictionary)
         data = sink.getvalue()
         atomic_write_bytes(self.fs, self.shard_path(ref, shard), data)
         marker = {

@@ -114,8 +114,7 @@ def test_every_counting_path_equals_an_independent_count(bits):
         for part in (column.slice(0, half), column.slice(half)):  # two map partitions, one a sliced column
             flat, bounds = flat_ids(part)
             runs.append(ngram_counts(flat, bounds[1:], n, bits))
-        keys = np.concatenate([k for k, _ in runs])
-        key0, key1, counts = sum_sorted_runs(keys[:, 0], keys[:, 1], np.concatenate([c for _, c in runs]))
+        key0, key1, counts = sum_sorted_runs(*(np.concatenate(words) for words in zip(*runs)))
         keys, order = np.stack([key0, key1], axis=1), by_count_descending(counts)
         got = [(tuple(ids), int(c)) for ids, c in zip(unpack(keys[order], n, bits), counts[order])]
         assert dict(got) == truth, (n, bits)
@@ -420,3 +419,32 @@ def test_the_index_is_the_same_whatever_cpus_the_indexer_gets(tmp_path):
         run_indexer(folder, 1, cpus)
         tables.append((folder / "table.0").read_bytes())
     assert tables[0] == tables[1] and len(tables[0]) > 0
+
+
+def test_map_partitions_with_and_without_a_second_key_word_reduce_together(tmp_path):
+    """A map partition writes key1 only when one of its n-grams needs 64+ bits, and narrow counts: the reduce
+    reads partitions of both shapes and still equals a Counter (u32 ids, n = 3: key1 holds the third id)."""
+    from collections import Counter
+
+    import pyarrow as pa
+    from tracecore.tasks.ngram_table import count_partition, reduce_bucket
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    rng = np.random.default_rng(1)
+    shards = [[[5, 7, 0, 0, 0]] * 3,  # the third id of every trigram is 0: no second word
+              [rng.integers(0, 70_000, 12).tolist() for _ in range(5)]]
+    for i, docs in enumerate(shards):
+        tokens = pa.array(docs, type=pa.list_(pa.uint32()))
+        store.write_shard("tokens/t", i, pa.table({"doc_id": [str(k) for k in range(len(docs))], "tokens": tokens,
+                                                  "n_tokens": pa.array([len(d) for d in docs], pa.int32())}))
+    for i, docs in enumerate(shards):
+        count_partition(store.uri, "map/m", i, ("tokens/t", i, 0, len(docs)), 3, 4)
+    assert "key1" not in pq.read_schema(store.shard_path("map/m", 0)).names
+    assert "key1" in pq.read_schema(store.shard_path("map/m", 1)).names
+    got = Counter()
+    for bucket in range(4):
+        reduce_bucket(store.uri, "counts/c", bucket, ("map/m", 2, 32))
+        for row in store.read_shard("counts/c", bucket).to_pylist():
+            got[tuple(row["ngram"])] += row["count"]
+    truth = Counter(tuple(d[i:i + n]) for docs in shards for d in docs for n in (1, 2, 3) for i in range(len(d) - n + 1))
+    assert got == truth
