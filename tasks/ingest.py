@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tracecore.configs.schema import IngestConfig
 from tracecore.storage.fs import NoInputError, input_fingerprint, list_input_files  # noqa: F401 (re-exported)
-from tracecore.storage.store import ArtifactStore
+from tracecore.storage.store import ARROW_THREADS, ArtifactStore
 from tracecore.tasks.common import map_shards
 from tracecore.tasks.stage import Stage, StageRun
 
@@ -116,8 +116,8 @@ def _iter_parquet(uri: str, cfg: IngestConfig, split: dict | None = None) -> Ite
     split = split or {}
     try:
         with fsspec.open(uri, "rb") as fh:
-            table = (pq.ParquetFile(fh).read_row_groups(split["row_groups"]) if "row_groups" in split
-                     else pq.read_table(fh))
+            table = (pq.ParquetFile(fh).read_row_groups(split["row_groups"], use_threads=ARROW_THREADS)
+                     if "row_groups" in split else pq.read_table(fh, use_threads=ARROW_THREADS))
     except (OSError, ValueError, pa.ArrowException) as exc:  # damaged or not Parquet at all
         yield 0, None, f"unreadable Parquet file: {exc}", b""
         return

@@ -5,6 +5,7 @@ read tasks (memorization; tracing)."""
 from __future__ import annotations
 
 from tracecore.configs.schema import TaskSpec
+from tracecore.storage.store import ARROW_THREADS
 from tracecore.tasks.common import get_logger
 
 
@@ -18,7 +19,7 @@ def read_task_rows(path: str) -> list[tuple[int, object]]:
         import pyarrow.parquet as pq
 
         with fsspec.open(path, "rb") as fh:
-            return list(enumerate(pq.read_table(fh).to_pylist(), start=1))
+            return list(enumerate(pq.read_table(fh, use_threads=ARROW_THREADS).to_pylist(), start=1))
     rows = []
     with fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace") as fh:
         for line_no, line in enumerate(fh, start=1):
