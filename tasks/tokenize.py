@@ -129,13 +129,12 @@ def encoder_parallelism(enabled: bool):
             os.environ[key] = before
 
 
-def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str], batch_size: int,
-                   parallel: bool = False) -> dict:
-    """Encode one documents shard into a token shard."""
+def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str, bool], batch_size: int) -> dict:
+    """Encode one documents shard into a token shard (item: documents ref, tokenizer ref, parallel encoding)."""
     from tokenizers import Tokenizer
 
     store = ArtifactStore(store_uri)
-    documents_ref, tokenizer_ref = item
+    documents_ref, tokenizer_ref, parallel = item
     with store.local_dir(tokenizer_ref) as folder:
         tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
     table = store.read_shard(documents_ref, shard, columns=["id", "text"])
@@ -179,9 +178,18 @@ def build_tokenizer(run: StageRun) -> None:
     run.commit("tokenizer")
 
 
-def encode_in_parallel(setting: str | bool, shards: int, threads: int) -> bool:
-    """`tokenize.parallel_encode`: auto = on when shards are too few to keep every worker thread busy to the end."""
-    return shards < 2 * threads if setting == "auto" else bool(setting)
+def parallel_shards(setting: str | bool, shards: int, threads: int) -> list[bool]:
+    """`tokenize.parallel_encode` per shard. auto: every shard when there are fewer than 2 per worker thread;
+    otherwise the last `threads - 1` of the queue (Dask starts tasks in submission order), which would
+    otherwise run while the finished workers idle (measured at 10^8 tokens, 13 shards on 2 workers: all off
+    0.83 of raw encode_batch, all on 0.79)."""
+    if setting != "auto":
+        return [bool(setting)] * shards
+    if threads <= 0:
+        return [False] * shards
+    if shards < 2 * threads:
+        return [True] * shards
+    return [False] * (shards - threads + 1) + [True] * (threads - 1)
 
 
 def run_tokenize(run: StageRun) -> None:
@@ -189,10 +197,10 @@ def run_tokenize(run: StageRun) -> None:
     build_tokenizer(run)
     n_shards = store.manifest(documents_ref)["shards"]
     setting = run.cfg.parallel_encode
-    parallel = encode_in_parallel(setting, n_shards, worker_threads(run.address) if setting == "auto" else 1)
+    parallel = parallel_shards(setting, n_shards, worker_threads(run.address) if setting == "auto" else 1)
     report = map_shards("tokenize", store, run.ref("tokens"), tokenize_shard,
-                        [(documents_ref, run.ref("tokenizer"))] * n_shards, run.address, batch_size=run.cfg.batch_size,
-                        parallel=parallel)
+                        [(documents_ref, run.ref("tokenizer"), p) for p in parallel], run.address,
+                        batch_size=run.cfg.batch_size)
     tokens = sum(m["tokens"] for m in report.markers)
     computed_tokens = report.sum_computed("tokens")
     stats = {"tokens": tokens, "seconds": report.seconds, "skipped_shards": report.skipped,

@@ -118,12 +118,18 @@ def test_tokenize_trains_bpe_and_roundtrips(documents):
     assert tok.decode(tokens.column("tokens")[0].as_py()) == texts[0]
 
 
-def test_parallel_encoding_is_on_only_when_shards_are_too_few_to_keep_every_worker_busy():
-    from tracecore.tasks.tokenize import encode_in_parallel
+def test_parallel_encoding_is_on_where_a_worker_would_otherwise_idle():
+    """auto: every shard when there are too few to keep each worker thread busy; otherwise the last shards of
+    the queue (one fewer than the threads), which run while other workers have nothing left to take."""
+    from tracecore.tasks.tokenize import parallel_shards
 
-    assert encode_in_parallel("auto", shards=2, threads=2) and encode_in_parallel("auto", shards=1, threads=2)
-    assert not encode_in_parallel("auto", shards=13, threads=2) and not encode_in_parallel("auto", shards=1, threads=0)
-    assert encode_in_parallel(True, shards=60, threads=2) and not encode_in_parallel(False, shards=1, threads=2)
+    assert parallel_shards("auto", shards=2, threads=2) == [True, True]
+    assert parallel_shards("auto", shards=1, threads=2) == [True]
+    assert parallel_shards("auto", shards=13, threads=2) == [False] * 12 + [True]
+    assert parallel_shards("auto", shards=13, threads=4) == [False] * 10 + [True] * 3
+    assert parallel_shards("auto", shards=1, threads=0) == [False]
+    assert parallel_shards(True, shards=3, threads=2) == [True] * 3
+    assert parallel_shards(False, shards=1, threads=2) == [False]
 
 
 def test_parallel_encoding_gives_the_same_tokens_and_restores_the_environment(documents, monkeypatch):
@@ -137,7 +143,7 @@ def test_parallel_encoding_gives_the_same_tokens_and_restores_the_environment(do
     store = ArtifactStore(cfg.store)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     for parallel in (True, False):
-        tokenize_shard(cfg.store, f"check_{parallel}/x", 0, (docs_ref, refs["tokenize.tokenizer"]), 64, parallel)
+        tokenize_shard(cfg.store, f"check_{parallel}/x", 0, (docs_ref, refs["tokenize.tokenizer"], parallel), 64)
         assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
         got = store.read_shard(f"check_{parallel}/x", 0)
         assert got.equals(store.read_shard(refs["tokenize.tokens"], 0)), parallel

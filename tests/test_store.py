@@ -189,5 +189,5 @@ def test_a_process_that_read_shards_exits_cleanly(tmp_path):
     script = ("import sys; from tracecore.storage.store import ArtifactStore; s = ArtifactStore(sys.argv[1]); "
               "s.read_shard('big/x', 0)")  # exiting right after a read: the abort needs the pool just used
     codes = [subprocess.run([sys.executable, "-c", script, store.uri], capture_output=True, check=False).returncode
-             for _ in range(12)]
-    assert codes == [0] * 12, codes
+             for _ in range(8)]
+    assert codes == [0] * 8, codes  # the old code passed 8 runs with probability (7/12)^8 ~ 1 %
