@@ -155,8 +155,8 @@ class ArtifactStore:
             raise MissingArtifactError(f"shard {shard} of {ref} is not complete (no marker): {path}")
         if verify:
             self.verify_shard(ref, shard)
-        with self.fs.open(path, "rb") as fh:
-            return pq.read_table(fh, columns=columns, use_threads=ARROW_THREADS)
+        with self.fs.open(path, "rb") as fh:  # ParquetFile, not read_table: no pyarrow.dataset/pandas import
+            return pq.ParquetFile(fh).read(columns=columns, use_threads=ARROW_THREADS)
 
     def read_shard_rows(self, ref: str, shard: int, column: str, value: Any) -> pa.Table:
         """The rows of a `row_groups_by=column` shard whose `column` equals `value`, reading only the row

@@ -19,7 +19,7 @@ def read_task_rows(path: str) -> list[tuple[int, object]]:
         import pyarrow.parquet as pq
 
         with fsspec.open(path, "rb") as fh:
-            return list(enumerate(pq.read_table(fh, use_threads=ARROW_THREADS).to_pylist(), start=1))
+            return list(enumerate(pq.ParquetFile(fh).read(use_threads=ARROW_THREADS).to_pylist(), start=1))
     rows = []
     with fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace") as fh:
         for line_no, line in enumerate(fh, start=1):

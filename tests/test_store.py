@@ -191,3 +191,15 @@ def test_a_process_that_read_shards_exits_cleanly(tmp_path):
     codes = [subprocess.run([sys.executable, "-c", script, store.uri], capture_output=True, check=False).returncode
              for _ in range(8)]
     assert codes == [0] * 8, codes  # the old code passed 8 runs with probability (7/12)^8 ~ 1 %
+
+
+def test_reading_a_shard_does_not_import_pandas(tmp_path):
+    """`pq.read_table` goes through pyarrow.dataset, which imports pandas: ~0.3 s of every process's first read
+    (the flow process, each Dask worker), more than some stages' work at 10^6 tokens (measured)."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    store.write_shard("small/x", 0, pa.table({"key": np.arange(10, dtype=np.uint64)}))
+    script = ("import sys; from tracecore.storage.store import ArtifactStore; "
+              "t = ArtifactStore(sys.argv[1]).read_shard('small/x', 0, columns=['key']); "
+              "print(t.num_rows, 'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script, store.uri], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["10", "False"]
