@@ -71,11 +71,19 @@ def write_row_groups(table: pa.Table, column: str, sink, compression: str = "zst
                 writer.write_table(table.slice(lo, hi - lo), row_group_size=hi - lo)
 
 
-# Parquet reads without Arrow's thread pool: a process that exits right after a threaded read through a Python
-# file object aborts at teardown ("terminate called without an active exception", exit 134; apache/arrow#34314;
-# measured here in 5 of 12 runs with pyarrow 25 and 26), after its work is done. Tasks read one shard per
-# single-threaded Dask worker, so the pool bought little.
-ARROW_THREADS = False
+def read_parquet(source, columns: list[str] | None = None, row_groups: list[int] | None = None) -> pa.Table:
+    """Every Parquet read of tracecore (shards, Parquet inputs, task files), from an open file object or an
+    already opened `pq.ParquetFile`.
+
+    Without Arrow's thread pool: a process that exits right after a threaded read through a Python file object
+    aborts at teardown ("terminate called without an active exception", exit 134; apache/arrow#34314; measured
+    here in 5 of 12 runs with pyarrow 25 and 26), after its work is done; tasks read one shard per
+    single-threaded Dask worker, so the pool bought little. Through `ParquetFile`, not `pq.read_table`, which
+    imports pyarrow.dataset and pandas (~0.3 s of each process's first read)."""
+    parquet = source if isinstance(source, pq.ParquetFile) else pq.ParquetFile(source)
+    if row_groups is None:
+        return parquet.read(columns=columns, use_threads=False)
+    return parquet.read_row_groups(row_groups, columns=columns, use_threads=False)
 
 
 def shard_name(shard: int) -> str:
@@ -155,21 +163,20 @@ class ArtifactStore:
             raise MissingArtifactError(f"shard {shard} of {ref} is not complete (no marker): {path}")
         if verify:
             self.verify_shard(ref, shard)
-        with self.fs.open(path, "rb") as fh:  # ParquetFile, not read_table: no pyarrow.dataset/pandas import
-            return pq.ParquetFile(fh).read(columns=columns, use_threads=ARROW_THREADS)
+        with self.fs.open(path, "rb") as fh:
+            return read_parquet(fh, columns)
 
     def read_shard_rows(self, ref: str, shard: int, column: str, value: Any) -> pa.Table:
         """The rows of a `row_groups_by=column` shard whose `column` equals `value`, reading only the row
         groups whose statistics allow it. Unverified: the caller has checked the shard (see `map_shards`)."""
         with self.fs.open(self.shard_path(ref, shard), "rb") as fh:
-            parquet = pq.ParquetFile(fh)  # read_row_groups below: without Arrow's pool (ARROW_THREADS)
+            parquet = pq.ParquetFile(fh)
             index = parquet.schema_arrow.get_field_index(column)
             meta = parquet.metadata
             groups = [i for i in range(meta.num_row_groups)
                       if (st := meta.row_group(i).column(index).statistics) is None or not st.has_min_max
                       or st.min <= value <= st.max]
-            table = (parquet.read_row_groups(groups, use_threads=ARROW_THREADS) if groups
-                     else parquet.schema_arrow.empty_table())
+            table = read_parquet(parquet, row_groups=groups) if groups else parquet.schema_arrow.empty_table()
         return table.filter(pc.equal(table[column], value))
 
     def verify_shard(self, ref: str, shard: int) -> None:

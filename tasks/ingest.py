@@ -20,10 +20,9 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tracecore.configs.schema import IngestConfig
 from tracecore.storage.fs import NoInputError, input_fingerprint, list_input_files  # noqa: F401 (re-exported)
-from tracecore.storage.store import ARROW_THREADS, ArtifactStore
+from tracecore.storage.store import ArtifactStore, read_parquet
 from tracecore.tasks.common import map_shards
 from tracecore.tasks.stage import Stage, StageRun
 
@@ -116,9 +115,7 @@ def _iter_parquet(uri: str, cfg: IngestConfig, split: dict | None = None) -> Ite
     split = split or {}
     try:
         with fsspec.open(uri, "rb") as fh:
-            parquet = pq.ParquetFile(fh)  # not read_table: it imports pyarrow.dataset and pandas (~0.3 s)
-            table = (parquet.read_row_groups(split["row_groups"], use_threads=ARROW_THREADS)
-                     if "row_groups" in split else parquet.read(use_threads=ARROW_THREADS))
+            table = read_parquet(fh, row_groups=split.get("row_groups"))
     except (OSError, ValueError, pa.ArrowException) as exc:  # damaged or not Parquet at all
         yield 0, None, f"unreadable Parquet file: {exc}", b""
         return

@@ -5,7 +5,7 @@ read tasks (memorization; tracing)."""
 from __future__ import annotations
 
 from tracecore.configs.schema import TaskSpec
-from tracecore.storage.store import ARROW_THREADS
+from tracecore.storage.store import read_parquet
 from tracecore.tasks.common import get_logger
 
 
@@ -16,10 +16,8 @@ def read_task_rows(path: str) -> list[tuple[int, object]]:
     import fsspec
 
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         with fsspec.open(path, "rb") as fh:
-            return list(enumerate(pq.ParquetFile(fh).read(use_threads=ARROW_THREADS).to_pylist(), start=1))
+            return list(enumerate(read_parquet(fh).to_pylist(), start=1))
     rows = []
     with fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace") as fh:
         for line_no, line in enumerate(fh, start=1):
