@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU proof in one prepared run (issue #20): compiled Triton kernels against their PyTorch references, and the
-# GPU goals of Mini-Sequence (LM head + loss at Llama-3-8B shapes, Liger-Kernel beside it when installed),
-# TAGCOS's batched per-sample gradients and the long-context decoders. Needs only PyTorch, Triton,
+# GPU goals of Mini-Sequence (LM head + loss at Llama-3-8B shapes, Liger-Kernel beside it when installed, and
+# the fused CE kernel's launch shapes), TAGCOS's batched per-sample gradients and the long-context decoders
+# (one sequence, and 16 decoded together). Needs only PyTorch, Triton,
 # transformers and peft (no Prefect, no Dask: the scripts read kernels/ directly). Each step has its own time
 # limit, so the whole run stays under 8 minutes on one H100; every table and a log land in OUT_DIR.
 #
@@ -52,17 +53,23 @@ if [ "$MODE" = "--smoke" ]; then
   step gradients 120 "$PY" bench/gradients.py --synthetic --hidden 64 --layers 2 --vocab 1000 --lora-r 4 --seq 32 \
     --records 16 --batch 8
   step long_context 180 "$PY" bench/long_context.py --smoke
+  step long_context_batch 120 "$PY" bench/long_context.py --smoke --batch 2 --methods full razor
 else
-  step pytest_gpu 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${KERNEL_TESTS[@]}"
+  step pytest_gpu 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${KERNEL_TESTS[@]}"
+  # the fused CE kernel alone over tile widths / warp counts, at the chunk a 32k-token Llama-3 head runs
+  step ce_sweep 45 "$PY" bench/mini_sequence.py --ce-sweep 1046 128256
   # Llama-3-8B LM head (4096 x 128,256, bf16) at 4k / 32k / 64k tokens; a ~1.2 B Llama training step
-  step mini_sequence 240 "$PY" bench/mini_sequence.py --hidden 4096 --vocabs 128256 --head-lengths 4096 32768 65536 \
+  step mini_sequence 210 "$PY" bench/mini_sequence.py --hidden 4096 --vocabs 128256 --head-lengths 4096 32768 65536 \
     --step-model 1b --step-lengths 4096 16384 32768 --mst-lengths 65536 131072 --repeats 2 --cell-timeout 45 --budget-mb 40000
   # ~110 M-parameter Llama, LoRA r 128 on q/k/v/o: batched hooks vs. the batch-size-1 loop
-  step gradients 90 "$PY" bench/gradients.py --synthetic --hidden 768 --layers 12 --vocab 32000 --lora-r 128 --seq 256 \
+  step gradients 45 "$PY" bench/gradients.py --synthetic --hidden 768 --layers 12 --vocab 32000 --lora-r 128 --seq 256 \
     --records 256 --batch 32 --loop-records 64
   # a random Llama with 8 KV heads at 8k-64k tokens: full vs. RazorAttention (Triton biased attention) vs. LongCache
-  step long_context 90 "$PY" bench/long_context.py --hidden 1024 --layers 4 --heads 16 --kv-heads 8 \
+  step long_context 60 "$PY" bench/long_context.py --hidden 1024 --layers 4 --heads 16 --kv-heads 8 \
     --lengths 8192 32768 65536 --decode 32
+  # the same with 16 sequences decoded together: the step reads the KV cache instead of waiting on launches
+  step long_context_batch 60 "$PY" bench/long_context.py --hidden 1024 --layers 4 --heads 16 --kv-heads 8 \
+    --lengths 32768 65536 --decode 16 --batch 16 --methods full razor
 fi
 echo "gpu_check: $([ $failed -eq 0 ] && echo 'every step finished' || echo 'a step failed or ran out of time; see log.txt') ($OUT)" \
   | tee -a "$OUT/log.txt"

@@ -6,7 +6,7 @@
 Model: a random Llama (default hidden 256, 4 layers, 8 query / 4 KV heads, vocab 8k) in fp32 (bf16 on CUDA);
 speed does not depend on the weights. Per length: prefill the context with the policy (LongCache in
 512-token chunks), then decode `--decode` tokens one at a time. Reported: decode tokens/s, the KV cache
-bytes the policy holds after decoding, and both as ratios to full attention. RazorAttention uses the
+bytes the policy holds after decoding (all `--batch` sequences), and both as ratios to full attention. RazorAttention uses the
 heads with the top 14 % induction / 1 % echo scores from the probe, S0 = 256, C = 8, 4 sinks; LongCache
 uses 32 sinks, a 1024-token local window, top-1 spans of 32, recall clip 16 (scope 1568 tokens).
 All three run through `kernels.decoding.forward`, so the comparison isolates the cache policy.
@@ -65,6 +65,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="sequences decoded together: at batch 1 a small model's decode step is bound by kernel "
+                             "launches, with more sequences by reading the KV cache, the cost Razor cuts")
+    parser.add_argument("--methods", nargs="+", default=["full", "razor", "longcache"],
+                        choices=["full", "razor", "longcache"])
     parser.add_argument("--smoke", action="store_true", help="toy sizes that finish in seconds on a CPU (CI)")
     args = parser.parse_args()
     if args.smoke:
@@ -80,16 +85,19 @@ def main() -> None:
     lc_cfg = LongCacheConfig(global_size=32, local_size=1024, mid_size=1, span_size=32, recall_clip=16)
     makers = {"full": lambda: FullAttention(model), "razor": lambda: RazorCache(model, heads, razor_cfg),
               "longcache": lambda: LongCache(model, lc_cfg)}
+    makers = {m: makers[m] for m in ["full"] + [m for m in args.methods if m != "full"]}  # full first: the base
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"device: {name}; model d={args.hidden}, {args.layers} layers, {args.heads} query / {args.kv_heads} KV heads; "
-          f"retrieval heads {int(heads.sum())}/{heads.numel()}; decode {args.decode} tokens; Razor attention: "
+          f"retrieval heads {int(heads.sum())}/{heads.numel()}; batch {args.batch}; decode {args.decode} tokens; "
+          "Razor attention: "
           f"{'Triton biased attention' if device == 'cuda' else 'PyTorch reference'}\n")
     print(f"{'context':>8} | {'method':9} | {'tokens/s':>9} | {'KV MB':>8} | {'speed vs full':>13} | {'KV vs full':>10}")
     for length in args.lengths:
-        context = torch.randint(10, 8192, (1, length), device=device)
+        context = torch.randint(10, 8192, (args.batch, length), device=device)
         base = None
         for name, make in makers.items():
             rate, kv = decode_rate(model, make(), context, args.decode, 512)
+            rate *= args.batch  # tokens/s over all sequences
             base = base or (rate, kv)
             print(f"{length:>8} | {name:9} | {rate:9.1f} | {kv / 2**20:8.1f} | {rate / base[0]:12.2f}x | "
                   f"{kv / base[1]:9.2f}x", flush=True)

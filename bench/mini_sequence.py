@@ -95,6 +95,37 @@ def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int, d: i
     return timed(lambda: fn(hidden, weight, labels).backward(), device, repeats, seq)
 
 
+def ce_sweep(rows: int, vocab: int, repeats: int = 20) -> None:
+    """Time the fused CE kernel alone on bf16 logits over tile widths and warp counts (CUDA), beside the
+    default `launch_shape` picks and the PyTorch reference step: evidence for that heuristic."""
+    from tracecore.kernels.reference import torch_ce_grad_
+    from tracecore.kernels.triton_ce import launch_shape, triton_ce_grad_
+
+    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (rows,), device="cuda")
+
+    def ms(fn) -> float:
+        fn()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        stop.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(stop) / repeats
+
+    gbytes = 3 * rows * vocab * 2 / 1e9  # two reads and one write of bf16 logits
+    default = launch_shape(vocab)
+    print(f"fused CE kernel alone, {rows} rows x {vocab} bf16 logits (default BLOCK {default[0]}, {default[1]} warps)")
+    print(f"{'BLOCK':>6} {'warps':>5} | {'ms':>7} | {'GB/s':>6}")
+    for block in (4096, 8192, 16384, 32768):
+        for warps in (4, 8, 16, 32):
+            t = ms(lambda: triton_ce_grad_(logits, labels, 1.0, block, warps))
+            print(f"{block:>6} {warps:>5} | {t:7.3f} | {gbytes / t * 1e3:6.0f}" + ("  <- default" if (block, warps) == default else ""))
+    fp32 = logits.float()
+    print(f"PyTorch reference step on fp32 logits: {ms(lambda: torch_ce_grad_(fp32, labels, 1.0)):.3f} ms\n", flush=True)
+
+
 def step_cell(method: str, seq: int, device: str, repeats: int, size: str = "small") -> dict:
     from tracecore.kernels import apply_mini_sequence
     from tracecore.kernels.mini_sequence import _enable_checkpointing
@@ -199,8 +230,16 @@ def main() -> None:
                         help="extra step lengths for the MsT column only (where plain no longer fits)")
     parser.add_argument("--cell-timeout", type=int, default=900, help="seconds per measurement")
     parser.add_argument("--budget-mb", type=float, default=None, help="memory budget for the max-length estimate")
+    parser.add_argument("--ce-sweep", type=int, nargs=2, metavar=("ROWS", "VOCAB"),
+                        help="CUDA: time the fused CE kernel alone over tile widths / warp counts, then exit")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.ce_sweep:
+        if device != "cuda":
+            print("--ce-sweep needs CUDA: skipped")
+        else:
+            ce_sweep(*args.ce_sweep)
+        return
     if args.cell:
         kind, method, *sizes = args.cell
         cell = (head_cell(method, int(sizes[0]), int(sizes[1]), device, args.repeats, int(sizes[2])) if kind == "head"

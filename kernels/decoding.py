@@ -69,21 +69,64 @@ class Rope:
         return rotate(x, positions, self.inv_freq.to(x.device), self.scaling)
 
 
+class Growing:
+    """A tensor appended to along `dim` without copying it on every step (`torch.cat` per decoded token reads
+    and writes the whole cache again: 3x the traffic of attention's own read): storage grows by at least an
+    eighth when full, and `view` is the filled part (strided; SDPA reads it in place)."""
+
+    def __init__(self, x: torch.Tensor, dim: int):
+        self.dim, self.n, self.buf = dim, x.shape[dim], x
+
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        need = self.n + x.shape[self.dim]
+        if need > self.buf.shape[self.dim]:
+            shape = list(self.buf.shape)
+            shape[self.dim] = max(need, shape[self.dim] + shape[self.dim] // 8 + 256)
+            grown = self.buf.new_empty(shape)
+            grown.narrow(self.dim, 0, self.n).copy_(self.view())
+            self.buf = grown
+        self.buf.narrow(self.dim, self.n, x.shape[self.dim]).copy_(x)
+        self.n = need
+        return self.view()
+
+    def view(self) -> torch.Tensor:
+        return self.buf.narrow(self.dim, 0, self.n)
+
+    def nbytes(self) -> int:
+        """Bytes of the filled part (what the policy keeps; spare capacity is at most an eighth more)."""
+        return self.view().numel() * self.buf.element_size()
+
+
 class FullAttention:
     """Plain causal attention; keeps rotated keys (positions never change)."""
 
     def __init__(self, model):
-        self.rope, self.k, self.v, self.pos = Rope(model), {}, {}, {}
+        self.rope, self.cache = Rope(model), {}  # layer -> Growing k, v, positions
 
     def attend(self, layer: int, q, k, v, positions):
         k = self.rope(k, positions)
-        self.k[layer] = torch.cat([self.k[layer], k], 2) if layer in self.k else k
-        self.v[layer] = torch.cat([self.v[layer], v], 2) if layer in self.v else v
-        self.pos[layer] = torch.cat([self.pos[layer], positions]) if layer in self.pos else positions
-        return fast_attention(self.rope(q, positions), self.k[layer], self.v[layer], positions, self.pos[layer])
+        if layer not in self.cache:
+            self.cache[layer] = (Growing(k, 2), Growing(v, 2), Growing(positions, 0))
+            keys, values, pos = k, v, positions
+        else:
+            keys, values, pos = (g.append(x) for g, x in zip(self.cache[layer], (k, v, positions)))
+        return fast_attention(self.rope(q, positions), keys, values, positions, pos)
+
+    @property
+    def k(self) -> dict[int, torch.Tensor]:
+        """Each layer's rotated keys [B, Hkv, T, D] (inspection, tests)."""
+        return {layer: cache[0].view() for layer, cache in self.cache.items()}
+
+    @property
+    def v(self) -> dict[int, torch.Tensor]:
+        return {layer: cache[1].view() for layer, cache in self.cache.items()}
+
+    def pop(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, positions) of one layer, removed from this cache (RazorAttention takes it over)."""
+        return tuple(g.view() for g in self.cache.pop(layer))
 
     def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
+        return sum(g.nbytes() for k, v, _ in self.cache.values() for g in (k, v))
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tracecore.kernels.decoding import FullAttention, Rope, attention, fast_attention
+from tracecore.kernels.decoding import FullAttention, Growing, Rope, attention, fast_attention
 from tracecore.kernels.settings import RazorConfig
 
 
@@ -111,7 +111,7 @@ class RazorCache:
         retrieval, compressed = self.compressed[layer].get("retrieval"), self.compressed[layer].get("compressed")
         if retrieval is not None:
             for key, new in (("k", k[:, retrieval["kv"]]), ("v", v[:, retrieval["kv"]]), ("pos", position)):
-                retrieval[key] = torch.cat([retrieval[key], new], -2 if key != "pos" else 0)
+                retrieval[key] = retrieval["growing"][key].append(new)
             out[:, retrieval["q"]] = fast_attention(q[:, retrieval["q"]], retrieval["k"], retrieval["v"])
         if compressed is not None:
             self._push(compressed, k[:, compressed["kv"]], v[:, compressed["kv"]], position)
@@ -150,8 +150,8 @@ class RazorCache:
         """Split every layer's cache into its retrieval and compressed heads and compress the latter (called
         once, after the prompt)."""
         full = self.prefill
-        for layer in list(full.k):
-            k, v, pos = full.k.pop(layer), full.v.pop(layer), full.pos.pop(layer)
+        for layer in list(full.cache):
+            k, v, pos = full.pop(layer)
             retrieval = self.heads[layer].tolist()
             members = {"retrieval": [h for h, r in enumerate(retrieval) if r],
                        "compressed": [h for h, r in enumerate(retrieval) if not r]}
@@ -164,7 +164,8 @@ class RazorCache:
 
     def _full(self, k, v, pos, members: list[int]) -> dict:
         group = self._heads(members, k.device)
-        return group | {"k": k[:, group["kv"]], "v": v[:, group["kv"]], "pos": pos, "n_dropped": 0}
+        group |= {"k": k[:, group["kv"]], "v": v[:, group["kv"]], "pos": pos.clone(), "n_dropped": 0}
+        return group | {"growing": {"k": Growing(group["k"], 2), "v": Growing(group["v"], 2), "pos": Growing(group["pos"], 0)}}
 
     def _compress(self, k, v, pos, members: list[int]) -> dict:
         """Slot 0 compensation, then sinks + the most recent buffer tokens (the prompt's, in order)."""

@@ -45,7 +45,7 @@ class ChunkedLMHeadCE(torch.autograd.Function):
     """sum_rows CE(hidden @ weight.T, labels) / denominator, chunk by chunk (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunks: int, denominator: float, ce_grad: CeGrad):
+    def forward(ctx, hidden, weight, labels, chunks: int, denominator: float, ce_grad: CeGrad, fp32_logits: bool):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         scale = 1.0 / denominator
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -56,7 +56,8 @@ class ChunkedLMHeadCE(torch.autograd.Function):
                 continue
             start, stop = int(rows[0]), int(rows[-1]) + 1
             h = hidden[start:stop]
-            logits = (h @ weight.T).float()
+            logits = h @ weight.T
+            logits = logits.float() if fp32_logits else logits
             total += ce_grad(logits, labels[start:stop], scale).sum()
             grad_logits = logits.to(weight.dtype)
             if need_h:
@@ -71,19 +72,26 @@ class ChunkedLMHeadCE(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors  # used once: scaled in place, no second copy of the weight's size
         dh = grad_h.mul_(grad_out) if grad_h is not None else None
         dw = grad_w.mul_(grad_out) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def lm_head_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunks: int,
-               denominator: float | None = None, ce_grad: CeGrad = torch_ce_grad_) -> torch.Tensor:
+               denominator: float | None = None, ce_grad: CeGrad = torch_ce_grad_,
+               fp32_logits: bool = True) -> torch.Tensor:
     """Mean CE over non-ignored rows of `hidden` [rows, d] (or sum / `denominator`, for grad accumulation).
+
+    `fp32_logits=False` hands `ce_grad` the matmul's own output (bf16 on a GPU) to work on in place: the
+    Triton kernel computes in fp32 in registers, so an fp32 copy of the chunk's logits and the cast of the
+    gradient back would only cost memory and two passes (the values equal the fp32 path's: upcasting bf16
+    logits is exact, and the gradient is rounded to bf16 before its matmuls either way).
 
     With no valid label at all the loss is 0 with zero gradients (plain CE's mean would be NaN)."""
     if hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"lm_head_ce: {hidden.shape[0]} hidden rows but {labels.shape[0]} labels")
     if denominator is None:
         denominator = float((labels != IGNORE_INDEX).sum())
-    return ChunkedLMHeadCE.apply(hidden, weight, labels, max(1, chunks), max(float(denominator), 1.0), ce_grad)
+    return ChunkedLMHeadCE.apply(hidden, weight, labels, max(1, chunks), max(float(denominator), 1.0), ce_grad,
+                                  fp32_logits)
 
 
 def plain_lm_head_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

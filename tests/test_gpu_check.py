@@ -21,10 +21,12 @@ def test_gpu_check_smoke_writes_every_table(tmp_path):
                           env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + (tmp_path / "log.txt").read_text()[-3000:]
     assert "torch" in (tmp_path / "environment.txt").read_text()
-    tables = {name: (tmp_path / f"{name}.md").read_text() for name in ("mini_sequence", "gradients", "long_context")}
+    tables = {name: (tmp_path / f"{name}.md").read_text()
+              for name in ("mini_sequence", "gradients", "long_context", "long_context_batch")}
     assert "LM head + cross-entropy" in tables["mini_sequence"] and "Longest trainable" in tables["mini_sequence"]
     assert "failed/OOM" not in tables["mini_sequence"]
     assert "batch-size-1 loop" in tables["gradients"] and "records/s" in tables["gradients"]
     for method in ("full", "razor", "longcache"):
         assert f"| {method}" in tables["long_context"]
+    assert "batch 2" in tables["long_context_batch"] and "| razor" in tables["long_context_batch"]
     assert "every step finished" in (tmp_path / "log.txt").read_text()

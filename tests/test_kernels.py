@@ -83,6 +83,34 @@ def test_triton_ce_kernel_matches_reference_in_interpreter():
     assert a[0].abs().max() == 0 and loss_t[7] == 0
 
 
+def test_triton_ce_kernel_works_in_place_on_bf16_logits():
+    """The kernel reads the matmul's bf16 logits and writes the bf16 gradient in place (no fp32 copy of the
+    chunk's logits: that copy and the cast back were most of the memory the head held above Liger-Kernel's,
+    issue 20); the loss and gradient equal the fp32 reference on the same (bf16-rounded) logits."""
+    gen = torch.Generator().manual_seed(2)
+    logits = (torch.randn(13, 700, generator=gen) * 4).to(torch.bfloat16)
+    labels = torch.randint(0, 700, (13,), generator=gen)
+    labels[3] = -100
+    a, b = logits.clone(), logits.float()
+    loss_t, loss_r = triton_ce_grad_(a, labels, 0.5), torch_ce_grad_(b, labels, 0.5)
+    assert a.dtype == torch.bfloat16
+    torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, b.to(torch.bfloat16), rtol=1e-2, atol=1e-3)
+    assert a[3].abs().max() == 0
+
+
+def test_triton_lm_head_hands_the_kernel_logits_in_the_weight_dtype(monkeypatch):
+    import tracecore.kernels.triton_ce as triton_ce
+
+    seen, kernel = [], triton_ce.triton_ce_grad_
+    monkeypatch.setattr(triton_ce, "triton_ce_grad_", lambda logits, *a: seen.append(logits.dtype) or kernel(logits, *a))
+    hidden, weight, labels = head_inputs(rows=45, d=32, vocab=300, dtype=torch.bfloat16)
+    loss = triton_ce.triton_lm_head_ce(hidden, weight, labels, 4)
+    ref = lm_head_ce(hidden, weight, labels, 4)
+    assert seen and set(seen) == {torch.bfloat16}
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_lm_head_matches_plain():
     hidden, weight, labels = head_inputs(rows=45, d=32, vocab=300)
     plain = plain_lm_head_ce(hidden, weight, labels)

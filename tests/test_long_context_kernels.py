@@ -212,6 +212,24 @@ def test_razor_decoding_a_chunk_equals_decoding_token_by_token(model):
     torch.testing.assert_close(forward(model, x[:, 100:], chunk, 100), stepwise, rtol=1e-4, atol=1e-5)
 
 
+def test_razor_and_full_decode_a_batch_as_each_sequence_alone(model):
+    """bench/long_context.py --batch decodes several sequences at once: each row's logits equal decoding that
+    sequence alone, so the batched speed measures the same computation."""
+    cfg, heads = RazorConfig(sinks=2, min_buffer=8, compression=8), torch.tensor([[False, True], [False, False]])
+    rows = torch.cat([ids(106, seed=1), ids(106, seed=2)])
+
+    def decode(x, make):
+        policy = make()
+        forward(model, x[:, :100], policy, 0)
+        policy.after_prefill() if hasattr(policy, "after_prefill") else None
+        return torch.cat([forward(model, x[:, t:t + 1], policy, t) for t in range(100, 106)], 1)
+
+    for make in (lambda: RazorCache(model, heads, cfg), lambda: FullAttention(model)):
+        together = decode(rows, make)
+        alone = torch.cat([decode(rows[i:i + 1], make) for i in range(2)])
+        torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
 class _ScriptedAttention:
     """A stand-in model whose attention maps are scripted: head 0 echoes (attends to the earlier copy of the
     current token), head 1 induces (attends to the token after that copy). Both heads share one KV head each."""
