@@ -120,7 +120,7 @@ def ce_sweep(rows: int, vocab: int, repeats: int = 20) -> None:
     print(f"{'BLOCK':>6} {'warps':>5} | {'ms':>7} | {'GB/s':>6}")
     for block in (4096, 8192, 16384, 32768):
         for warps in (4, 8, 16, 32):
-            t = ms(lambda: triton_ce_grad_(logits, labels, 1.0, block, warps))
+            t = ms(lambda b=block, w=warps: triton_ce_grad_(logits, labels, 1.0, b, w))
             print(f"{block:>6} {warps:>5} | {t:7.3f} | {gbytes / t * 1e3:6.0f}" + ("  <- default" if (block, warps) == default else ""))
     fp32 = logits.float()
     print(f"PyTorch reference step on fp32 logits: {ms(lambda: torch_ce_grad_(fp32, labels, 1.0)):.3f} ms\n", flush=True)

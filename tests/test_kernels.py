@@ -100,7 +100,7 @@ def test_triton_ce_kernel_works_in_place_on_bf16_logits():
 
 
 def test_triton_lm_head_hands_the_kernel_logits_in_the_weight_dtype(monkeypatch):
-    import tracecore.kernels.triton_ce as triton_ce
+    from tracecore.kernels import triton_ce
 
     seen, kernel = [], triton_ce.triton_ce_grad_
     monkeypatch.setattr(triton_ce, "triton_ce_grad_", lambda logits, *a: seen.append(logits.dtype) or kernel(logits, *a))
