@@ -67,9 +67,10 @@ else
   # a random Llama with 8 KV heads at 8k-64k tokens: full vs. RazorAttention (Triton biased attention) vs. LongCache
   step long_context 60 "$PY" bench/long_context.py --hidden 1024 --layers 4 --heads 16 --kv-heads 8 \
     --lengths 8192 32768 65536 --decode 32
-  # the same with 16 sequences decoded together: the step reads the KV cache instead of waiting on launches
+  # 1, 16 and 64 sequences decoded together over random caches (no prefill): past some batch the step reads the
+  # KV cache instead of waiting on kernel launches
   step long_context_batch 60 "$PY" bench/long_context.py --hidden 1024 --layers 4 --heads 16 --kv-heads 8 \
-    --lengths 32768 65536 --decode 16 --batch 16 --methods full razor
+    --lengths 32768 65536 --decode 16 --batch 1 16 64 --methods full razor --synthetic-cache
 fi
 echo "gpu_check: $([ $failed -eq 0 ] && echo 'every step finished' || echo 'a step failed or ran out of time; see log.txt') ($OUT)" \
   | tee -a "$OUT/log.txt"

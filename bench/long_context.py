@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from tracecore.kernels.decoding import FullAttention, forward, prefill
+from tracecore.kernels.decoding import FullAttention, Growing, forward, prefill
 from tracecore.kernels.longcache import LongCache, LongCacheConfig
 from tracecore.kernels.razor import RazorCache, RazorConfig, head_scores, retrieval_heads
 
@@ -39,12 +39,30 @@ def build_model(device: str, hidden: int = 256, layers: int = 4, heads: int = 8,
     return model.to(torch.bfloat16) if device == "cuda" else model
 
 
-def decode_rate(model, policy, context: torch.Tensor, steps: int, chunk: int, warmup: int = 2) -> tuple[float, int]:
+def fill_cache(model, policy, batch: int, length: int) -> torch.Tensor:
+    """`--synthetic-cache`: random rotated keys/values in place of a prefill (decode speed does not depend on
+    the cache's values, and a real prefill of 64 x 64k tokens costs minutes); full attention and Razor only.
+    Returns the next input token."""
+    cfg, device, dtype = model.config, model.device, model.dtype
+    full = policy.prefill if isinstance(policy, RazorCache) else policy
+    if not isinstance(full, FullAttention):
+        raise SystemExit("--synthetic-cache: full attention and RazorAttention only (LongCache re-positions its keys)")
+    shape = (batch, cfg.num_key_value_heads, length, cfg.hidden_size // cfg.num_attention_heads)
+    for layer in range(cfg.num_hidden_layers):
+        k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
+        full.cache[layer] = (Growing(k, 2), Growing(v, 2), Growing(torch.arange(length, device=device), 0))
+    return torch.randint(10, cfg.vocab_size, (batch, 1), device=device)
+
+
+def decode_rate(model, policy, context: torch.Tensor, steps: int, chunk: int, warmup: int = 2,
+                synthetic: bool = False) -> tuple[float, int]:
     """Decode tokens/s after `warmup` untimed tokens (Triton compiles its kernels on the first call)."""
-    logits = prefill(model, context, policy, chunk)
+    if synthetic:
+        token = fill_cache(model, policy, *context.shape)
+    else:
+        token = prefill(model, context, policy, chunk)[:, -1:].argmax(-1)
     if hasattr(policy, "after_prefill"):
         policy.after_prefill()
-    token = logits[:, -1:].argmax(-1)
     for i in range(warmup):
         token = forward(model, token, policy, context.shape[1] + i)[:, -1:].argmax(-1)
     if context.is_cuda:
@@ -57,6 +75,15 @@ def decode_rate(model, policy, context: torch.Tensor, steps: int, chunk: int, wa
     return steps / (time.perf_counter() - start), policy.cache_bytes()
 
 
+def release(device: str) -> None:
+    """Free the last policy's cache before the next one is built (a 64 x 64k cache is 32 GB)."""
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
@@ -65,9 +92,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=1,
-                        help="sequences decoded together: at batch 1 a small model's decode step is bound by kernel "
-                             "launches, with more sequences by reading the KV cache, the cost Razor cuts")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1],
+                        help="sequences decoded together (one table row per value): at batch 1 a small model's "
+                             "decode step is bound by kernel launches, with many sequences by reading the KV cache, "
+                             "the cost Razor cuts")
+    parser.add_argument("--synthetic-cache", action="store_true",
+                        help="random KV caches instead of prefilling the context (speed only; full and razor)")
     parser.add_argument("--methods", nargs="+", default=["full", "razor", "longcache"],
                         choices=["full", "razor", "longcache"])
     parser.add_argument("--smoke", action="store_true", help="toy sizes that finish in seconds on a CPU (CI)")
@@ -88,19 +118,23 @@ def main() -> None:
     makers = {m: makers[m] for m in ["full"] + [m for m in args.methods if m != "full"]}  # full first: the base
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"device: {name}; model d={args.hidden}, {args.layers} layers, {args.heads} query / {args.kv_heads} KV heads; "
-          f"retrieval heads {int(heads.sum())}/{heads.numel()}; batch {args.batch}; decode {args.decode} tokens; "
+          f"retrieval heads {int(heads.sum())}/{heads.numel()}; decode {args.decode} tokens; "
+          f"{'synthetic (random) caches' if args.synthetic_cache else 'prefilled caches'}; "
           "Razor attention: "
           f"{'Triton biased attention' if device == 'cuda' else 'PyTorch reference'}\n")
-    print(f"{'context':>8} | {'method':9} | {'tokens/s':>9} | {'KV MB':>8} | {'speed vs full':>13} | {'KV vs full':>10}")
+    print(f"{'context':>8} | {'batch':>5} | {'method':9} | {'tokens/s':>9} | {'KV MB':>8} | {'speed vs full':>13} | "
+          f"{'KV vs full':>10}")
     for length in args.lengths:
-        context = torch.randint(10, 8192, (args.batch, length), device=device)
-        base = None
-        for name, make in makers.items():
-            rate, kv = decode_rate(model, make(), context, args.decode, 512)
-            rate *= args.batch  # tokens/s over all sequences
-            base = base or (rate, kv)
-            print(f"{length:>8} | {name:9} | {rate:9.1f} | {kv / 2**20:8.1f} | {rate / base[0]:12.2f}x | "
-                  f"{kv / base[1]:9.2f}x", flush=True)
+        for batch in args.batch:
+            context = torch.randint(10, 8192, (batch, length), device=device)
+            base = None
+            for name, make in makers.items():
+                rate, kv = decode_rate(model, make(), context, args.decode, 512, synthetic=args.synthetic_cache)
+                rate *= batch  # tokens/s over all sequences
+                base = base or (rate, kv)
+                print(f"{length:>8} | {batch:>5} | {name:9} | {rate:9.1f} | {kv / 2**20:8.1f} | {rate / base[0]:12.2f}x | "
+                      f"{kv / base[1]:9.2f}x", flush=True)
+                release(device)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,7 @@ def main() -> None:
                         help="extra step lengths for the MsT column only (where plain no longer fits)")
     parser.add_argument("--cell-timeout", type=int, default=900, help="seconds per measurement")
     parser.add_argument("--budget-mb", type=float, default=None, help="memory budget for the max-length estimate")
+    parser.add_argument("--no-step", action="store_true", help="the LM-head table only")
     parser.add_argument("--ce-sweep", type=int, nargs=2, metavar=("ROWS", "VOCAB"),
                         help="CUDA: time the fused CE kernel alone over tile widths / warp counts, then exit")
     args = parser.parse_args()
@@ -269,6 +270,8 @@ def main() -> None:
                                  args.cell_timeout, in_process) for m in head_methods}
             print(f"{vocab:>7} {seq:>6} | " + " | ".join(fmt(cells[m], cells["plain"] if m != "plain" else None)
                                                          for m in head_methods), flush=True)
+    if args.no_step:
+        return
     step_methods = ["plain", "checkpointing", "chunked"] + (["triton"] if gpu else [])
     shape = STEP_MODELS[args.step_model]
     print(f"\nTraining step ({shape.get('model_type', 'llama')} {args.step_model}: d={shape['hidden_size']}, {shape['num_hidden_layers']} layers, "

@@ -64,6 +64,7 @@ class ChunkedLMHeadCE(torch.autograd.Function):
                 grad_h[start:stop] = grad_logits @ weight
             if need_w:
                 grad_w.addmm_(grad_logits.T, h.to(weight.dtype))
+            del logits, grad_logits  # else the next chunk's matmul runs while this chunk's logits still live
         ctx.save_for_backward(grad_h, grad_w)
         return total * scale
 
