@@ -47,10 +47,12 @@ def fill_cache(model, policy, batch: int, length: int) -> torch.Tensor:
     full = policy.prefill if isinstance(policy, RazorCache) else policy
     if not isinstance(full, FullAttention):
         raise SystemExit("--synthetic-cache: full attention and RazorAttention only (LongCache re-positions its keys)")
-    shape = (batch, cfg.num_key_value_heads, length, cfg.hidden_size // cfg.num_attention_heads)
+    room = length + 256  # the decoded tokens fit: no regrowth (a 2x transient at 32 GB) while decoding
+    shape = (batch, cfg.num_key_value_heads, room, cfg.hidden_size // cfg.num_attention_heads)
     for layer in range(cfg.num_hidden_layers):
         k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(2))
-        full.cache[layer] = (Growing(k, 2), Growing(v, 2), Growing(torch.arange(length, device=device), 0))
+        full.cache[layer] = (Growing(k, 2, length), Growing(v, 2, length),
+                             Growing(torch.arange(room, device=device), 0, length))
     return torch.randint(10, cfg.vocab_size, (batch, 1), device=device)
 
 

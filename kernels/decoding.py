@@ -74,8 +74,9 @@ class Growing:
     and writes the whole cache again: 3x the traffic of attention's own read): storage grows by at least an
     eighth when full, and `view` is the filled part (strided; SDPA reads it in place)."""
 
-    def __init__(self, x: torch.Tensor, dim: int):
-        self.dim, self.n, self.buf = dim, x.shape[dim], x
+    def __init__(self, x: torch.Tensor, dim: int, filled: int | None = None):
+        """`x` is the storage; its first `filled` entries along `dim` are in use (default: all)."""
+        self.dim, self.n, self.buf = dim, x.shape[dim] if filled is None else filled, x
 
     def append(self, x: torch.Tensor) -> torch.Tensor:
         need = self.n + x.shape[self.dim]
