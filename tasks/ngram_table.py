@@ -1,15 +1,18 @@
 """The `ngram` stage's exact n-gram table: a Dask map-reduce over token shards (a helper of `tasks/ngram.py`).
 
 An n-gram packs losslessly into a two-word key (`key0`, `key1`: 128 bits, so n <= 8 with u16 ids and n <= 4
-with u32 ids), so "hashing" is exact. Map: every n-gram inside a document of one token shard, counted; rows
-bucketed by a mixed hash and written one Parquet row group per bucket. Reduce: one bucket's rows from every
-partition summed by key, ordered by count, keys decoded to ids. Memory per task is bounded by the shard size
-and the bucket count (`bucket_count`), not by the corpus.
+with u32 ids), so "hashing" is exact. Map: every n-gram inside a document of one token shard, counted, in the
+order of its *mixed* key (a bijective integer hash of the packed key, `mix32`/`mix64`); a bucket is a range of
+mixed keys, so each n's sorted rows already fall into buckets as contiguous slices and are written as they
+are, one Parquet row group per (n, bucket). Reduce: one bucket's rows from every partition summed by key,
+unmixed, ordered by count, keys decoded to ids. Memory per task is bounded by the shard size and the bucket
+count (`bucket_count`), not by the corpus.
 
-Where the time goes (measured on 8 M-token partitions): sorting. A key that fits a machine word is sorted as
+Where the time goes (measured on 4 M-token partitions): sorting. A key that fits a machine word is sorted as
 one (uint32 when it fits 32 bits: the vectorized sort handles twice as many per instruction), unigrams are
 counted with `bincount` (no sort), and the reduce merges the partitions' already sorted runs with a stable
-sort (timsort finds the runs) instead of sorting again.
+sort (timsort finds the runs) instead of sorting again. Hash buckets instead of ranges cost a bucket sort and
+a gather of every column per partition (0.54 of 1.6 s per 4 M tokens, measured).
 """
 
 from __future__ import annotations
@@ -32,16 +35,85 @@ def flat_ids(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
     return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
 
 
+def _inverse(c: int, width: int) -> np.ndarray:
+    """Multiplicative inverse of an odd constant modulo 2^width, as that width's numpy scalar."""
+    return (np.uint32 if width == 32 else np.uint64)(pow(c, -1, 1 << width))
+
+
+def _unshift(x: np.ndarray, shift: int, width: int) -> np.ndarray:
+    """Inverse of `x ^= x >> shift` on `width`-bit integers."""
+    out, step = x.copy(), shift
+    while step < width:
+        out ^= x >> x.dtype.type(step)
+        step += shift
+    return out
+
+
+_M64 = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64's finalizer
+_M32 = (0x85EBCA6B, 0xC2B2AE35)  # murmur3's fmix32
+
+
 def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer: spreads packed keys evenly over buckets."""
+    """splitmix64 finalizer: a bijection of uint64 that spreads packed keys evenly over ranges."""
     x = x.astype(np.uint64, copy=True)
     with np.errstate(over="ignore"):
         x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x *= np.uint64(_M64[0])
         x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
+        x *= np.uint64(_M64[1])
         x ^= x >> np.uint64(31)
     return x
+
+
+def unmix64(x: np.ndarray) -> np.ndarray:
+    x = _unshift(x.astype(np.uint64), 31, 64)
+    with np.errstate(over="ignore"):
+        x *= _inverse(_M64[1], 64)
+        x = _unshift(x, 27, 64)
+        x *= _inverse(_M64[0], 64)
+    return _unshift(x, 30, 64)
+
+
+def mix32(x: np.ndarray) -> np.ndarray:
+    """murmur3 fmix32: the same for keys of <= 32 bits, which then still sort as uint32."""
+    x = x.astype(np.uint32, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(_M32[0])
+        x ^= x >> np.uint32(13)
+        x *= np.uint32(_M32[1])
+        x ^= x >> np.uint32(16)
+    return x
+
+
+def unmix32(x: np.ndarray) -> np.ndarray:
+    x = _unshift(x.astype(np.uint32), 16, 32)
+    with np.errstate(over="ignore"):
+        x *= _inverse(_M32[1], 32)
+        x = _unshift(x, 13, 32)
+        x *= _inverse(_M32[0], 32)
+    return _unshift(x, 16, 32)
+
+
+def key_width(n: int, bits: int) -> int:
+    """Bits of an n-gram's packed key as sorted: 32, 64, or 128 (two words)."""
+    return 32 if n * bits <= 32 else 64 if n * bits <= 64 else 128
+
+
+def mixed_words(key0: np.ndarray, key1: np.ndarray, width: int) -> np.ndarray:
+    """The first sort word of packed keys; a two-word key mixes its second word in, so (mixed, key1) is still
+    a bijection of (key0, key1)."""
+    if width == 32:
+        return mix32(key0)
+    return mix64(key0 if width == 64 else key0 ^ mix64(key1))
+
+
+def unmixed_words(mixed: np.ndarray, key1: np.ndarray, width: int) -> np.ndarray:
+    """key0 back from `mixed_words` (uint64)."""
+    if width == 32:
+        return unmix32(mixed).astype(np.uint64)
+    key0 = unmix64(mixed)
+    return key0 if width == 64 else key0 ^ mix64(key1)
 
 
 # ---- packing ----------------------------------------------------------------------------------------
@@ -97,20 +169,34 @@ def unpack(keys: np.ndarray, n: int, bits: int = 16) -> list[list[int]]:
 
 # ---- counting -----------------------------------------------------------------------------------------
 def ngram_counts(flat: np.ndarray, ends: np.ndarray, n: int, bits: int = 16) -> tuple[np.ndarray, ...]:
-    """(key0, key1, uint64 counts) of the distinct n-grams inside documents, in key order; key1 is zeros unless
-    the key needs two words. Unigrams of ids below 2^24 by `bincount`; a key of <= 32 bits sorted as uint32, of
-    <= 64 bits as uint64 (np.unique's vectorized sort); wider keys row-wise. Words come back as separate 1-D
-    arrays: an [m, 2] key array cost a strided copy per word (measured 0.24 s per 8 M tokens)."""
+    """(mixed key0, key1, uint64 counts) of the distinct n-grams inside documents, in mixed-key order (see
+    `mixed_words`; `unmixed_words` gives key0 back); key1 is zeros unless the key needs two words. Unigrams of
+    ids below 2^24 by `bincount`; a key of <= 32 bits sorted as uint32, of <= 64 bits as uint64 (np.unique's
+    vectorized sort); wider keys row-wise. Words come back as separate 1-D arrays: an [m, 2] key array cost a
+    strided copy per word (measured 0.24 s per 8 M tokens)."""
+    width = key_width(n, bits)
     if n == 1 and len(flat) and int(flat.max()) < BINCOUNT_MAX_ID:
         counts = np.bincount(flat.astype(np.int64, copy=False))
         ids = np.flatnonzero(counts)
-        return ids.astype(np.uint64), np.zeros(len(ids), np.uint64), counts[ids].astype(np.uint64)
-    if n * bits <= 64:
+        mixed = mix32(ids)
+        order = np.argsort(mixed)
+        return mixed[order].astype(np.uint64), np.zeros(len(ids), np.uint64), counts[ids][order].astype(np.uint64)
+    if width <= 64:
         word = packed_word(flat, ends, n, bits)
-        distinct, counts = np.unique(word.astype(np.uint32) if n * bits <= 32 else word, return_counts=True)
+        distinct, counts = np.unique(mixed_words(word, None, width), return_counts=True)
         return distinct.astype(np.uint64), np.zeros(len(distinct), np.uint64), counts.astype(np.uint64)
-    distinct, counts = np.unique(packed_flat(flat, ends, n, bits), axis=0, return_counts=True)
+    keys = packed_flat(flat, ends, n, bits)
+    keys[:, 0] = mixed_words(keys[:, 0], keys[:, 1], width)
+    distinct, counts = np.unique(keys, axis=0, return_counts=True)
     return np.ascontiguousarray(distinct[:, 0]), np.ascontiguousarray(distinct[:, 1]), counts.astype(np.uint64)
+
+
+def bucket_bounds(mixed: np.ndarray, width: int, buckets: int) -> np.ndarray:
+    """[buckets + 1] row bounds of each bucket in sorted mixed keys: bucket b holds the mixed first words in
+    [b, b + 1) * 2^w / buckets (w = 32 or 64), the same ranges in every partition."""
+    w = 32 if width == 32 else 64
+    splitters = np.array([-(-(b << w) // buckets) for b in range(1, buckets)], np.uint64)
+    return np.r_[0, np.searchsorted(mixed, splitters), len(mixed)].astype(np.int64)
 
 
 def sum_sorted_runs(key0: np.ndarray, key1: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -137,12 +223,6 @@ def by_count_descending(counts: np.ndarray) -> np.ndarray:
 
 
 # ---- map, reduce, top k ---------------------------------------------------------------------------------
-def bucket_of(key0: np.ndarray, key1: np.ndarray, n: int, buckets: int) -> np.ndarray:
-    """A mixed hash of both key words and n, so buckets get even shares; exact grouping uses the keys."""
-    mixed = mix64(key0 ^ np.uint64(n * 0x9E3779B97F4A7C15 % (1 << 64)))
-    return (mix64(mixed ^ key1) % np.uint64(buckets)).astype(np.uint16)
-
-
 def bucket_count(cfg, tokens: int) -> int:
     """At least `ngram.buckets`, one more per `ngram.bucket_tokens`: a reduce task holds ~1/buckets of the
     distinct n-grams, so its memory does not grow with the corpus (uint16 bucket ids: at most 65,535)."""
@@ -173,8 +253,9 @@ def map_partitions(store: ArtifactStore, tokens_ref: str, map_tokens: int) -> li
 
 
 def count_partition(store_uri: str, ref: str, part: int, item: tuple, max_n: int, buckets: int) -> dict:
-    """Map: distinct n-grams of one row range of a token shard with their counts, rows ordered by bucket (and
-    by n and key within it), one Parquet row group per bucket (a reduce task then reads only its own)."""
+    """Map: distinct n-grams of one row range of a token shard with their counts, by n and then mixed key, so
+    each (n, bucket) is a contiguous run written as its own Parquet row group (a reduce then reads only its
+    bucket's). No sort or gather beyond the count's own."""
     store = ArtifactStore(store_uri)
     tokens_ref, shard, lo, hi = item
     column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0).slice(lo, hi - lo).combine_chunks()
@@ -183,16 +264,16 @@ def count_partition(store_uri: str, ref: str, part: int, item: tuple, max_n: int
     parts = []
     for n in range(1, max_n + 1):
         key0, key1, counts = ngram_counts(flat, bounds[1:], n, bits)
-        parts.append((bucket_of(key0, key1, n, buckets), np.full(len(key0), n, np.uint8), key0, key1, counts))
+        sizes = np.diff(bucket_bounds(key0, key_width(n, bits), buckets))
+        parts.append((np.repeat(np.arange(buckets, dtype=np.uint16), sizes), np.full(len(key0), n, np.uint8),
+                      key0, key1, counts))
     bucket, n_col, key0, key1, counts = (np.concatenate(c) for c in zip(*parts))
-    order = np.argsort(bucket, kind="stable")  # radix sort of uint16; keeps (n, key) order within a bucket
-    sorted_buckets = np.repeat(np.arange(buckets, dtype=np.uint16), np.bincount(bucket, minlength=buckets))
     # a second key word and 64-bit counts only when needed: less to write and to read back (key1 is zero
     # unless an n-gram needs more than 64 bits; a partition's counts fit 32 bits below 2^32 tokens)
-    columns = {"bucket": sorted_buckets, "n": n_col[order], "key0": key0[order]}
+    columns = {"bucket": bucket, "n": n_col, "key0": key0}
     if key1.any():
-        columns["key1"] = key1[order]
-    columns["count"] = counts[order].astype(np.uint32 if len(flat) < 1 << 32 else np.uint64, copy=False)
+        columns["key1"] = key1
+    columns["count"] = counts.astype(np.uint32 if len(flat) < 1 << 32 else np.uint64, copy=False)
     # lz4: read once by the reduce; no dictionary for the keys (measured on 5 M rows: write 0.24 -> 0.15 s,
     # read 0.07 -> 0.02 s, smaller)
     return store.write_shard(ref, part, pa.table(columns), row_groups_by="bucket", compression="lz4",
@@ -209,8 +290,8 @@ def uniform_map_rows(table: pa.Table) -> pa.Table:
 
 
 def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:
-    """Reduce: sum one bucket's counts over all partitions, each n ordered by count (then key); keys decoded
-    to ids. Map partitions are read unverified: `map_shards` verified every reused one just before (fresh ones
+    """Reduce: sum one bucket's counts over all partitions, each n ordered by count (ties in mixed-key order:
+    fixed, not lexicographic); keys unmixed and decoded to ids. Map partitions are read unverified: `map_shards` verified every reused one just before (fresh ones
     were written by this run), and checksumming a whole partition per bucket would read it `buckets` times."""
     store = ArtifactStore(store_uri)
     map_ref, n_partitions, bits = item
@@ -220,9 +301,10 @@ def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:
     n_all, out = merged["n"].to_numpy(), []
     for n in sorted(set(n_all.tolist())):
         rows = merged.filter(pc.equal(merged["n"], n))
-        key0, key1, counts = sum_sorted_runs(*(rows[c].to_numpy() for c in ("key0", "key1", "count")))
-        order = by_count_descending(counts)
-        ids = unpacked_words([key0[order], key1[order]], n, bits).astype(np.uint16 if bits == 16 else np.uint32)
+        mixed, key1, counts = sum_sorted_runs(*(rows[c].to_numpy() for c in ("key0", "key1", "count")))
+        order = by_count_descending(counts)  # ties in mixed-key order
+        key1 = key1[order]
+        ids = unpacked_words([unmixed_words(mixed[order], key1, key_width(n, bits)), key1], n, bits).astype(np.uint16 if bits == 16 else np.uint32)
         ids = ids.ravel()
         offsets = pa.array(np.arange(0, len(ids) + 1, n, dtype=np.int32))
         out.append(pa.table({"ngram": pa.ListArray.from_arrays(offsets, pa.array(ids, type=id_type)),

@@ -98,8 +98,10 @@ def test_every_counting_path_equals_an_independent_count(bits):
     from tracecore.tasks.ngram_table import (
         by_count_descending,
         flat_ids,
+        key_width,
         ngram_counts,
         sum_sorted_runs,
+        unmixed_words,
         unpack,
     )
 
@@ -114,13 +116,30 @@ def test_every_counting_path_equals_an_independent_count(bits):
         for part in (column.slice(0, half), column.slice(half)):  # two map partitions, one a sliced column
             flat, bounds = flat_ids(part)
             runs.append(ngram_counts(flat, bounds[1:], n, bits))
-        key0, key1, counts = sum_sorted_runs(*(np.concatenate(words) for words in zip(*runs)))
+        mixed, key1, counts = sum_sorted_runs(*(np.concatenate(words) for words in zip(*runs)))
+        key0 = unmixed_words(mixed, key1, key_width(n, bits))
         keys, order = np.stack([key0, key1], axis=1), by_count_descending(counts)
         got = [(tuple(ids), int(c)) for ids, c in zip(unpack(keys[order], n, bits), counts[order])]
         assert dict(got) == truth, (n, bits)
         assert [c for _, c in got] == sorted(truth.values(), reverse=True)
-        ranked = [(-int(c), int(k[0]), int(k[1])) for k, c in zip(keys[order], counts[order])]
-        assert ranked == sorted(ranked)  # count descending, then packed key (the reduce's documented order)
+        ranked = [(-int(c), int(m), int(k)) for m, k, c in zip(mixed[order], key1[order], counts[order])]
+        assert ranked == sorted(ranked)  # count descending, then mixed key (the reduce's documented order)
+
+
+def test_key_mixing_is_a_bijection_and_fills_bucket_ranges_evenly():
+    """The map orders keys by a mixed (hashed) key whose ranges are the reduce buckets: unmixing must give every
+    key back (one, two and 32-bit words, edge values included), and buckets of a skewed key set must be even."""
+    from tracecore.tasks.ngram_table import bucket_bounds, mixed_words, unmixed_words
+
+    rng = np.random.default_rng(0)
+    for width, top in ((32, (1 << 32) - 1), (64, (1 << 64) - 1), (128, (1 << 64) - 1)):
+        key0 = np.r_[np.array([0, 1, top], np.uint64), rng.integers(0, top, 10_000, dtype=np.uint64, endpoint=True)]
+        key1 = rng.integers(0, 1 << 40, len(key0), dtype=np.uint64) if width == 128 else np.zeros(len(key0), np.uint64)
+        mixed = mixed_words(key0, key1, width).astype(np.uint64)
+        assert np.array_equal(unmixed_words(mixed, key1, width), key0), width
+    skewed = np.arange(50_000, dtype=np.uint64) << np.uint64(16)  # packed bigrams sharing a low word
+    sizes = np.diff(bucket_bounds(np.sort(mixed_words(skewed, None, 32).astype(np.uint64)), 32, 16))
+    assert sizes.sum() == 50_000 and sizes.min() > 0.8 * 50_000 / 16
 
 
 @pytest.mark.parametrize("bits", [16, 32])
