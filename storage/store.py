@@ -150,6 +150,22 @@ class ArtifactStore:
         write_json(self.fs, self._marker_path(ref, shard), marker)
         return marker
 
+    def copy_shard(self, src_ref: str, shard: int, ref: str, **stats: Any) -> dict:
+        """Shard `shard` of `src_ref` as shard `shard` of `ref`, byte for byte (a step that passes a shard through
+        unchanged need not decode and re-encode it), checked against the source's checksum, written atomically,
+        then its marker: the source's file facts plus `stats`. Returns the marker."""
+        source = read_json(self.fs, self._marker_path(src_ref, shard))
+        start = time.perf_counter()
+        data = self.fs.cat_file(self.shard_path(src_ref, shard))
+        if sha256_bytes(data) != source["checksum"]:
+            raise CorruptShardError(f"checksum mismatch for {self.shard_path(src_ref, shard)}: the shard is corrupt; "
+                                    "delete it or re-run")
+        atomic_write_bytes(self.fs, self.shard_path(ref, shard), data)
+        marker = {**{k: source[k] for k in ("shard", "file", "rows", "bytes", "checksum", "schema")},
+                  "write_seconds": round(time.perf_counter() - start, 4), **stats}
+        write_json(self.fs, self._marker_path(ref, shard), marker)
+        return marker
+
     def markers(self, ref: str) -> list[dict]:
         folder = f"{self.artifact_dir(ref)}/_markers"
         if not self.fs.exists(folder):

@@ -19,6 +19,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import IngestConfig
 from tracecore.storage.fs import NoInputError, input_fingerprint, list_input_files  # noqa: F401 (re-exported)
@@ -174,33 +175,39 @@ def parse_file(store_uri: str, ref: str, shard: int, split: dict, cfg: IngestCon
 
 
 # ---- exact dedup, partitioned by hash on the cluster ----------------------------------------------------
-# No process holds every hash: (1) each parsed shard's hashes go to `buckets` partitions (one small file per
-# shard x bucket); (2) one task per bucket finds, for each hash, its first occurrence in (shard, row) order
-# and lists the later ones; (3) each shard drops its listed rows. The flow process holds only the duplicates.
-HASH_SCHEMA = pa.schema([("doc_hash", pa.string()), ("shard", pa.int32()), ("row", pa.int64())])
+# No process holds every hash: (1) each parsed shard's hashes are split into `buckets` partitions, written as
+# one file per parsed shard with one row group per bucket (one read and one checksum of the parsed shard, not one
+# per bucket); (2) one task per bucket reads its row group of every such file, finds for each hash its first
+# occurrence in (shard, row) order and lists the later ones; (3) each shard drops its listed rows. The flow
+# process holds only the duplicates.
+HASH_SCHEMA = pa.schema([("bucket", pa.uint16()), ("doc_hash", pa.string()), ("shard", pa.int32()),
+                         ("row", pa.int64())])
 
 
 def bucket_of(doc_hash: str, buckets: int) -> int:
     return int(doc_hash[:8], 16) % buckets
 
 
-def partition_hashes(store_uri: str, ref: str, shard: int, item: tuple[str, int, int]) -> dict:
-    """Shard `shard` of the hashes artifact = (parsed shard s, bucket b) with shard = s * buckets + b."""
+def partition_hashes(store_uri: str, ref: str, shard: int, item: tuple[str, int]) -> dict:
+    """The hashes of parsed shard `shard`, ordered by bucket (then row), one Parquet row group per bucket."""
     store = ArtifactStore(store_uri)
-    parsed_ref, buckets, bucket = item
-    source = shard // buckets
-    hashes = store.read_shard(parsed_ref, source, columns=["doc_hash"]).column(0).to_pylist()
-    rows = [(h, source, i) for i, h in enumerate(hashes) if bucket_of(h, buckets) == bucket]
-    table = pa.table({"doc_hash": [r[0] for r in rows], "shard": [r[1] for r in rows], "row": [r[2] for r in rows]},
+    parsed_ref, buckets = item
+    hashes = store.read_shard(parsed_ref, shard, columns=["doc_hash"]).column(0).to_pylist()
+    bucket = np.fromiter((bucket_of(h, buckets) for h in hashes), np.uint16, len(hashes))
+    order = np.argsort(bucket, kind="stable")
+    table = pa.table({"bucket": bucket[order], "doc_hash": pa.array(hashes).take(order),
+                      "shard": np.full(len(hashes), shard, np.int32), "row": order.astype(np.int64)},
                      schema=HASH_SCHEMA)
-    return store.write_shard(ref, shard, table)
+    return store.write_shard(ref, shard, table, row_groups_by="bucket")
 
 
-def bucket_duplicates(store_uri: str, ref: str, bucket: int, item: tuple[str, int, int]) -> dict:
-    """(shard, row) of every document whose text occurred earlier in (shard, row) order, within one bucket."""
+def bucket_duplicates(store_uri: str, ref: str, bucket: int, item: tuple[str, int]) -> dict:
+    """(shard, row) of every document whose text occurred earlier in (shard, row) order, within one bucket.
+    The hash files are read unverified: `map_shards` verified every reused one before (fresh ones were written
+    by this run), and checksumming a whole file per bucket would read it `buckets` times."""
     store = ArtifactStore(store_uri)
-    hashes_ref, buckets, n_shards = item
-    table = pa.concat_tables([store.read_shard(hashes_ref, s * buckets + bucket) for s in range(n_shards)])
+    hashes_ref, n_shards = item
+    table = pa.concat_tables([store.read_shard_rows(hashes_ref, s, "bucket", bucket) for s in range(n_shards)])
     table = table.sort_by([("shard", "ascending"), ("row", "ascending")])
     seen, drops = set(), []
     for h, s, r in zip(*(table.column(c).to_pylist() for c in ("doc_hash", "shard", "row"))):
@@ -213,8 +220,12 @@ def bucket_duplicates(store_uri: str, ref: str, bucket: int, item: tuple[str, in
 
 
 def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[int]]) -> dict:
+    """A parsed shard without its duplicate rows; one with none to drop is copied as its bytes (no decode and
+    re-encode: with a unique corpus this pass was a full Parquet round trip of every document)."""
     store = ArtifactStore(store_uri)
     parsed_ref, drop_rows = item
+    if not drop_rows:
+        return store.copy_shard(parsed_ref, shard, ref, duplicates=0)
     table = store.read_shard(parsed_ref, shard)
     drop = set(drop_rows)
     kept = table.filter(pa.array([i not in drop for i in range(table.num_rows)], type=pa.bool_()))
@@ -224,10 +235,10 @@ def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[int]
 def duplicate_rows(run: StageRun, n_shards: int) -> dict[int, list[int]]:
     """shard -> rows to drop, from the partitioned passes (each resumable per shard / per bucket)."""
     store, buckets, refs = run.store, run.cfg.dedup_buckets, run.plan.refs
-    parts = [(refs["parsed"], buckets, i % buckets) for i in range(n_shards * buckets)]
-    map_shards("dedup-hash", store, refs["hashes"], partition_hashes, parts, run.address)
-    run.commit("hashes", {"intermediate": True, "buckets": buckets}, expected_shards=len(parts))
-    map_shards("dedup-bucket", store, refs["drops"], bucket_duplicates, [(refs["hashes"], buckets, n_shards)] * buckets,
+    map_shards("dedup-hash", store, refs["hashes"], partition_hashes, [(refs["parsed"], buckets)] * n_shards,
+               run.address)
+    run.commit("hashes", {"intermediate": True, "buckets": buckets}, expected_shards=n_shards)
+    map_shards("dedup-bucket", store, refs["drops"], bucket_duplicates, [(refs["hashes"], n_shards)] * buckets,
                run.address)
     run.commit("drops", {"intermediate": True}, expected_shards=buckets)
     out: dict[int, list[int]] = {}
