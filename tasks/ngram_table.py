@@ -2,7 +2,7 @@
 
 An n-gram packs losslessly into a two-word key (`key0`, `key1`: 128 bits, so n <= 8 with u16 ids and n <= 4
 with u32 ids), so "hashing" is exact. Map: every n-gram inside a document of one token shard, counted, in the
-order of its *mixed* key (a bijective integer hash of the packed key, `mix32`/`mix64`); a bucket is a range of
+order of its *mixed* key (a bijective integer hash of the packed key, `mix`); a bucket is a range of
 mixed keys, so each n's sorted rows already fall into buckets as contiguous slices and are written as they
 are, one Parquet row group per (n, bucket). Reduce: one bucket's rows from every partition summed by key,
 unmixed, ordered by count, keys decoded to ids. Memory per task is bounded by the shard size and the bucket
@@ -49,50 +49,34 @@ def _unshift(x: np.ndarray, shift: int, width: int) -> np.ndarray:
     return out
 
 
-_M64 = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)  # splitmix64's finalizer
-_M32 = (0x85EBCA6B, 0xC2B2AE35)  # murmur3's fmix32
+# (dtype, xor-shifts, odd multipliers): splitmix64's finalizer, and murmur3's fmix32 for keys of <= 32 bits,
+# which then still sort as uint32
+_MIXERS = {64: (np.uint64, (30, 27, 31), (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)),
+           32: (np.uint32, (16, 13, 16), (0x85EBCA6B, 0xC2B2AE35))}
 
 
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finalizer: a bijection of uint64 that spreads packed keys evenly over ranges."""
-    x = x.astype(np.uint64, copy=True)
+def mix(x: np.ndarray, width: int) -> np.ndarray:
+    """A bijection of `width`-bit integers that spreads packed keys evenly over ranges."""
+    kind, (a, b, c), (m1, m2) = _MIXERS[width]
+    x = x.astype(kind, copy=True)
     with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(_M64[0])
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(_M64[1])
-        x ^= x >> np.uint64(31)
+        x ^= x >> kind(a)
+        x *= kind(m1)
+        x ^= x >> kind(b)
+        x *= kind(m2)
+        x ^= x >> kind(c)
     return x
 
 
-def unmix64(x: np.ndarray) -> np.ndarray:
-    x = _unshift(x.astype(np.uint64), 31, 64)
+def unmix(x: np.ndarray, width: int) -> np.ndarray:
+    """The inverse of `mix`."""
+    kind, (a, b, c), (m1, m2) = _MIXERS[width]
+    x = _unshift(x.astype(kind), c, width)
     with np.errstate(over="ignore"):
-        x *= _inverse(_M64[1], 64)
-        x = _unshift(x, 27, 64)
-        x *= _inverse(_M64[0], 64)
-    return _unshift(x, 30, 64)
-
-
-def mix32(x: np.ndarray) -> np.ndarray:
-    """murmur3 fmix32: the same for keys of <= 32 bits, which then still sort as uint32."""
-    x = x.astype(np.uint32, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint32(16)
-        x *= np.uint32(_M32[0])
-        x ^= x >> np.uint32(13)
-        x *= np.uint32(_M32[1])
-        x ^= x >> np.uint32(16)
-    return x
-
-
-def unmix32(x: np.ndarray) -> np.ndarray:
-    x = _unshift(x.astype(np.uint32), 16, 32)
-    with np.errstate(over="ignore"):
-        x *= _inverse(_M32[1], 32)
-        x = _unshift(x, 13, 32)
-        x *= _inverse(_M32[0], 32)
-    return _unshift(x, 16, 32)
+        x *= _inverse(m2, width)
+        x = _unshift(x, b, width)
+        x *= _inverse(m1, width)
+    return _unshift(x, a, width)
 
 
 def key_width(n: int, bits: int) -> int:
@@ -104,16 +88,16 @@ def mixed_words(key0: np.ndarray, key1: np.ndarray, width: int) -> np.ndarray:
     """The first sort word of packed keys; a two-word key mixes its second word in, so (mixed, key1) is still
     a bijection of (key0, key1)."""
     if width == 32:
-        return mix32(key0)
-    return mix64(key0 if width == 64 else key0 ^ mix64(key1))
+        return mix(key0, 32)
+    return mix(key0 if width == 64 else key0 ^ mix(key1, 64), 64)
 
 
 def unmixed_words(mixed: np.ndarray, key1: np.ndarray, width: int) -> np.ndarray:
     """key0 back from `mixed_words` (uint64)."""
     if width == 32:
-        return unmix32(mixed).astype(np.uint64)
-    key0 = unmix64(mixed)
-    return key0 if width == 64 else key0 ^ mix64(key1)
+        return unmix(mixed, 32).astype(np.uint64)
+    key0 = unmix(mixed, 64)
+    return key0 if width == 64 else key0 ^ mix(key1, 64)
 
 
 # ---- packing ----------------------------------------------------------------------------------------
@@ -178,7 +162,7 @@ def ngram_counts(flat: np.ndarray, ends: np.ndarray, n: int, bits: int = 16) -> 
     if n == 1 and len(flat) and int(flat.max()) < BINCOUNT_MAX_ID:
         counts = np.bincount(flat.astype(np.int64, copy=False))
         ids = np.flatnonzero(counts)
-        mixed = mix32(ids)
+        mixed = mix(ids, 32)
         order = np.argsort(mixed)
         return mixed[order].astype(np.uint64), np.zeros(len(ids), np.uint64), counts[ids][order].astype(np.uint64)
     if width <= 64:
