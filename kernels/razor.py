@@ -165,7 +165,8 @@ class RazorCache:
     def _full(self, k, v, pos, members: list[int]) -> dict:
         group = self._heads(members, k.device)
         group |= {"k": k[:, group["kv"]], "v": v[:, group["kv"]], "pos": pos.clone(), "n_dropped": 0}
-        return group | {"growing": {"k": Growing(group["k"], 2), "v": Growing(group["v"], 2), "pos": Growing(group["pos"], 0)}}
+        growing = {"k": Growing(group["k"], 2), "v": Growing(group["v"], 2), "pos": Growing(group["pos"], 0)}
+        return group | {"growing": growing}  # decoded tokens are appended in place, not concatenated
 
     def _compress(self, k, v, pos, members: list[int]) -> dict:
         """Slot 0 compensation, then sinks + the most recent buffer tokens (the prompt's, in order)."""
