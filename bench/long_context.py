@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/long_context.py [--lengths 1024 2048 4096 8192] [--decode 32]
     python bench/long_context.py --hidden 1024 --layers 4 --heads 16 --kv-heads 8 --lengths 8192 32768 65536  # GPU
+    python bench/long_context.py --hidden 1024 --layers 4 --heads 16 --kv-heads 8 --lengths 32768 65536 \
+        --batch 1 16 64 --methods full razor --synthetic-cache  # GPU: decode speed where the cache read dominates
 
 Model: a random Llama (default hidden 256, 4 layers, 8 query / 4 KV heads, vocab 8k) in fp32 (bf16 on CUDA);
 speed does not depend on the weights. Per length: prefill the context with the policy (LongCache in
