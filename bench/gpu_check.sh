@@ -2,7 +2,7 @@
 # GPU proof in one prepared run (issue #20): compiled Triton kernels against their PyTorch references, and the
 # GPU goals of Mini-Sequence (LM head + loss at Llama-3-8B shapes, Liger-Kernel beside it when installed, and
 # the fused CE kernel's launch shapes), TAGCOS's batched per-sample gradients and the long-context decoders
-# (one sequence, and 16 decoded together). Needs only PyTorch, Triton,
+# (one sequence prefilled; 1, 16 and 64 decoded together over random caches). Needs only PyTorch, Triton,
 # transformers and peft (no Prefect, no Dask: the scripts read kernels/ directly). Each step has its own time
 # limit, so the whole run stays under 8 minutes on one H100; every table and a log land in OUT_DIR.
 #

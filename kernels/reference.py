@@ -61,10 +61,7 @@ class ChunkedLMHeadCE(torch.autograd.Function):
             total += ce_grad(logits, labels[start:stop], scale).sum()
             grad_logits = logits.to(weight.dtype)
             if need_h:
-                if grad_h.dtype == weight.dtype:  # no [rows, d] temporary (16 MB at 64k)
-                    torch.mm(grad_logits, weight, out=grad_h[start:stop])
-                else:
-                    grad_h[start:stop] = grad_logits @ weight
+                torch.mm(grad_logits, weight, out=grad_h[start:stop])  # no [rows, d] temporary (16 MB at 64k)
             if need_w:
                 grad_w.addmm_(grad_logits.T, h.to(weight.dtype))
             del logits, grad_logits  # else the next chunk's matmul runs while this chunk's logits still live

@@ -54,6 +54,11 @@ class CorruptShardError(RuntimeError):
     """A shard whose bytes no longer match the checksum recorded when it was written."""
 
 
+def corrupt_shard(path: str) -> CorruptShardError:
+    """The one-line error for a shard whose bytes do not match its marker (read, verified or copied)."""
+    return CorruptShardError(f"checksum mismatch for {path}: the shard is corrupt; delete it or re-run")
+
+
 class MissingArtifactError(FileNotFoundError):
     pass
 
@@ -158,8 +163,7 @@ class ArtifactStore:
         start = time.perf_counter()
         data = self.fs.cat_file(self.shard_path(src_ref, shard))
         if sha256_bytes(data) != source["checksum"]:
-            raise CorruptShardError(f"checksum mismatch for {self.shard_path(src_ref, shard)}: the shard is corrupt; "
-                                    "delete it or re-run")
+            raise corrupt_shard(self.shard_path(src_ref, shard))
         atomic_write_bytes(self.fs, self.shard_path(ref, shard), data)
         marker = {**{k: source[k] for k in ("shard", "file", "rows", "bytes", "checksum", "schema")},
                   "write_seconds": round(time.perf_counter() - start, 4), **stats}
@@ -199,7 +203,7 @@ class ArtifactStore:
         marker = read_json(self.fs, self._marker_path(ref, shard))
         path = self.shard_path(ref, shard)
         if not self.fs.exists(path) or file_checksum(self.fs, path) != marker["checksum"]:
-            raise CorruptShardError(f"checksum mismatch for {path}: the shard is corrupt; delete it or re-run")
+            raise corrupt_shard(path)
 
     def shard_intact(self, ref: str, shard: int) -> bool:
         try:

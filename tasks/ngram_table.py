@@ -35,7 +35,7 @@ def flat_ids(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
     return column.flatten().to_numpy(zero_copy_only=False), offsets - offsets[0]
 
 
-def _inverse(c: int, width: int) -> np.ndarray:
+def _inverse(c: int, width: int) -> np.unsignedinteger:
     """Multiplicative inverse of an odd constant modulo 2^width, as that width's numpy scalar."""
     return (np.uint32 if width == 32 else np.uint64)(pow(c, -1, 1 << width))
 
@@ -162,7 +162,7 @@ def ngram_counts(flat: np.ndarray, ends: np.ndarray, n: int, bits: int = 16) -> 
     if n == 1 and len(flat) and int(flat.max()) < BINCOUNT_MAX_ID:
         counts = np.bincount(flat.astype(np.int64, copy=False))
         ids = np.flatnonzero(counts)
-        mixed = mix(ids, 32)
+        mixed = mixed_words(ids, None, width)
         order = np.argsort(mixed)
         return mixed[order].astype(np.uint64), np.zeros(len(ids), np.uint64), counts[ids][order].astype(np.uint64)
     if width <= 64:
@@ -275,8 +275,9 @@ def uniform_map_rows(table: pa.Table) -> pa.Table:
 
 def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:
     """Reduce: sum one bucket's counts over all partitions, each n ordered by count (ties in mixed-key order:
-    fixed, not lexicographic); keys unmixed and decoded to ids. Map partitions are read unverified: `map_shards` verified every reused one just before (fresh ones
-    were written by this run), and checksumming a whole partition per bucket would read it `buckets` times."""
+    fixed, not lexicographic); keys unmixed and decoded to ids. Map partitions are read unverified: `map_shards`
+    verified every reused one just before (fresh ones were written by this run), and checksumming a whole
+    partition per bucket would read it `buckets` times."""
     store = ArtifactStore(store_uri)
     map_ref, n_partitions, bits = item
     pieces = [store.read_shard_rows(map_ref, shard, "bucket", bucket) for shard in range(n_partitions)]
@@ -288,8 +289,8 @@ def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:
         mixed, key1, counts = sum_sorted_runs(*(rows[c].to_numpy() for c in ("key0", "key1", "count")))
         order = by_count_descending(counts)  # ties in mixed-key order
         key1 = key1[order]
-        ids = unpacked_words([unmixed_words(mixed[order], key1, key_width(n, bits)), key1], n, bits).astype(np.uint16 if bits == 16 else np.uint32)
-        ids = ids.ravel()
+        key0 = unmixed_words(mixed[order], key1, key_width(n, bits))
+        ids = unpacked_words([key0, key1], n, bits).astype(np.uint16 if bits == 16 else np.uint32).ravel()
         offsets = pa.array(np.arange(0, len(ids) + 1, n, dtype=np.int32))
         out.append(pa.table({"ngram": pa.ListArray.from_arrays(offsets, pa.array(ids, type=id_type)),
                              "n": pa.array(np.full(len(order), n, np.uint8)), "count": pa.array(counts[order])}))
