@@ -8,7 +8,8 @@ Corpus: generated text (pseudo-words drawn Zipf-like from a 50 k-word vocabulary
 corpora ship as fixed-size shards), plus one plain JSONL file of `--big-file-gb` GB (split by byte ranges into
 `--shard-mb` shards). One 32,000-token BPE trained on 20 k documents serves every run.
 
-Every measured run is its own process (ours: a 2-worker LocalCluster started inside it, cluster start-up and the
+Every measured run is its own process (ours: a 2-worker LocalCluster started inside it as a run starts its own,
+`flows.runtime.dask_cluster` with the default `dask` config section, cluster start-up and the
 stage module's import on the workers shown apart, as the peers' imports are not timed; a fresh cluster per
 stage so each stage's worker peak is its own); this process polls the RSS of
 that process tree every 0.1 s. Roles: `main` (the flow process, with the scheduler), `worker` (the largest Dask
@@ -187,8 +188,9 @@ def new_valid_texts(lines, cfg, seen: set) -> Iterator[str]:
 # ---- our pipeline, in its own process ---------------------------------------------------------
 def ours(args) -> dict:
     """ingest, tokenize, ngram one after another on a fresh 2-worker LocalCluster; stage windows in wall time."""
-    from distributed import LocalCluster
+    from tracecore.configs.schema import DaskConfig
     from tracecore.flows.pipeline import run_stages
+    from tracecore.flows.runtime import dask_cluster
     from tracecore.storage.store import ArtifactStore
     from tracecore.tasks.registry import validate_config
 
@@ -197,12 +199,11 @@ def ours(args) -> dict:
     result = {"stages": {}}
     for stage in STAGES:  # a fresh cluster per stage: each stage's worker peak is its own (`client.restart()`
         start = time.perf_counter()  # instead hung at times here: the nannies never respawned their workers)
-        with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                          host="127.0.0.1") as cluster:
-            warm_workers(cluster, stage)
+        with dask_cluster(DaskConfig(n_workers=args.workers, threads_per_worker=1)) as address:  # as a run's own
+            warm_workers(address, stage)
             result.setdefault("cluster_start_s", round(time.perf_counter() - start, 2))
             t0 = time.time()
-            refs = run_stages(cfg, [stage], cluster.scheduler_address)
+            refs = run_stages(cfg, [stage], address)
             result["stages"][stage] = {"start": t0, "end": time.time(), "seconds": round(time.time() - t0, 2)}
     store = ArtifactStore(args.store)
     tokens = store.manifest(refs["tokenize.tokens"])
@@ -213,14 +214,14 @@ def ours(args) -> dict:
     return result
 
 
-def warm_workers(cluster, stage: str) -> None:
+def warm_workers(address: str, stage: str) -> None:
     """Import the stage's module on every worker before the clock starts: the peers' imports and tokenizer
     loading are not timed either, and in a pipeline run the workers serve every stage (imported once)."""
     import importlib
 
     from distributed import Client
 
-    with Client(cluster) as client:
+    with Client(address) as client:
         client.run(importlib.import_module, f"tracecore.tasks.{stage}")
 
 

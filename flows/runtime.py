@@ -32,6 +32,10 @@ def configure_environment(store_uri: str | None = None) -> None:
         os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", os.path.join(os.path.abspath(store_uri), "prefect-results"))
 
 
+# the variables a Nanny sets before spawning its worker; a None value unsets one (distributed.nanny)
+MALLOC_TRIM_KEY = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+
+
 @contextmanager
 def dask_cluster(cfg: DaskConfig, address: str | None = None) -> Iterator[str]:
     """Yield a scheduler address: the user's cluster, or a LocalCluster bound to loopback for this run."""
@@ -43,11 +47,13 @@ def dask_cluster(cfg: DaskConfig, address: str | None = None) -> Iterator[str]:
             pass
         yield address
         return
+    import dask
     from distributed import LocalCluster
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # after Prefect's logging set-up
-    with LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=cfg.processes,
-                      memory_limit=cfg.memory_limit, dashboard_address=None,
-                      host="127.0.0.1" if cfg.processes else None,  # threads use in-process comms
-                      silence_logs=logging.WARNING) as cluster:
+    with dask.config.set({MALLOC_TRIM_KEY: cfg.malloc_trim_threshold}), \
+            LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=cfg.processes,
+                         memory_limit=cfg.memory_limit, dashboard_address=None,
+                         host="127.0.0.1" if cfg.processes else None,  # threads use in-process comms
+                         silence_logs=logging.WARNING) as cluster:
         yield cluster.scheduler_address

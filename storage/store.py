@@ -193,11 +193,12 @@ class ArtifactStore:
             parquet = pq.ParquetFile(fh)
             index = parquet.schema_arrow.get_field_index(column)
             meta = parquet.metadata
-            groups = [i for i in range(meta.num_row_groups)
-                      if (st := meta.row_group(i).column(index).statistics) is None or not st.has_min_max
-                      or st.min <= value <= st.max]
+            stats = [meta.row_group(i).column(index).statistics for i in range(meta.num_row_groups)]
+            groups = [i for i, st in enumerate(stats)
+                      if st is None or not st.has_min_max or st.min <= value <= st.max]
             table = read_parquet(parquet, row_groups=groups) if groups else parquet.schema_arrow.empty_table()
-        return table.filter(pc.equal(table[column], value))
+        exact = all(stats[i] is not None and stats[i].has_min_max and stats[i].min == stats[i].max for i in groups)
+        return table if exact else table.filter(pc.equal(table[column], value))  # the filter copies every row
 
     def verify_shard(self, ref: str, shard: int) -> None:
         marker = read_json(self.fs, self._marker_path(ref, shard))

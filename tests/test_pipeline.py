@@ -114,3 +114,18 @@ def test_pretrain_epochs_and_schedule(schedule):
         assert after_warmup[-1] < 0.001 and after_warmup[0] > 0.009
     assert len(train(build_model(cfg, 32, 0, 1), blocks, cfg.model_copy(update={"max_tokens": 160}), "cpu",
                      logging.getLogger("test"))) == 5  # max_tokens caps the epochs
+
+
+def test_local_cluster_workers_keep_glibc_malloc_defaults(monkeypatch):
+    """Dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to its workers, which made numpy-heavy stages ~25 %
+    slower (every large temporary page-faulted afresh); our LocalCluster leaves glibc's default unless the
+    config names a value."""
+    import os
+
+    from distributed import Client
+    from tracecore.configs.schema import DaskConfig
+    from tracecore.flows.runtime import dask_cluster
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with dask_cluster(DaskConfig(n_workers=1)) as address, Client(address) as client:
+        assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [None]
