@@ -46,11 +46,12 @@ def main() -> None:
     parser.add_argument("--filler-documents", type=int, default=10000)
     parser.add_argument("--queries", type=int, default=2000)
     args = parser.parse_args()
-    from distributed import LocalCluster
+    from tracecore.configs.schema import DaskConfig
+    from tracecore.flows.runtime import dask_cluster
 
     with tempfile.TemporaryDirectory(prefix="tracecore-bench-") as tmp, \
-            LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
-        address, store_uri = cluster.scheduler_address, f"{tmp}/store"
+            dask_cluster(DaskConfig(n_workers=2, threads_per_worker=1)) as address:  # as a run starts its own
+        store_uri = f"{tmp}/store"
         write_sample(SampleConfig(filler_documents=args.filler_documents), f"{tmp}/world")
         pipeline_cfg = validate_config({"store": store_uri, "ingest": {"paths": [f"{tmp}/world/corpus/*.jsonl.gz"]}})
         all_refs, cfg = run_stages(pipeline_cfg, ["ngram"], address), pipeline_cfg.ngram

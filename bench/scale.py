@@ -215,14 +215,25 @@ def ours(args) -> dict:
 
 
 def warm_workers(address: str, stage: str) -> None:
-    """Import the stage's module on every worker before the clock starts: the peers' imports and tokenizer
-    loading are not timed either, and in a pipeline run the workers serve every stage (imported once)."""
+    """Import the stage's module on every worker before the clock starts, and pandas (`warm_pyarrow`): the
+    peers' imports and tokenizer loading are not timed either, and in a pipeline run the workers serve every
+    stage (imported once)."""
     import importlib
 
     from distributed import Client
 
     with Client(address) as client:
         client.run(importlib.import_module, f"tracecore.tasks.{stage}")
+        client.run(warm_pyarrow)
+
+
+def warm_pyarrow() -> None:
+    """pyarrow imports pandas on its first `pa.array` of a process (0.3 s here, measured: ours paid it once per
+    stage and worker, on a fresh cluster per stage, and each peer once, inside their clocks); every measured
+    process does it before its clock, as a run's warm workers have."""
+    import pyarrow as pa
+
+    pa.array([0])
 
 
 # ---- peers, each in its own process -----------------------------------------------------------
@@ -340,6 +351,7 @@ def child_main(argv: list[str]) -> None:
     os.environ.setdefault("TRACECORE_NO_PROGRESS", "1")
     if args.what == "ours":
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as the tracecore CLI sets it (tokenize turns it on per task)
+    warm_pyarrow()
     print(json.dumps(CHILDREN[args.what](args)))
 
 

@@ -33,7 +33,8 @@ def main() -> None:
     import os
 
     os.environ["TRACECORE_NO_PROGRESS"] = "1"
-    from distributed import LocalCluster
+    from tracecore.configs.schema import DaskConfig
+    from tracecore.flows.runtime import dask_cluster
     from tracecore.storage.store import ArtifactStore
 
     rng = np.random.default_rng(0)
@@ -55,9 +56,9 @@ def main() -> None:
         start = time.perf_counter()
         map_shards("select", store, "bench/serial", select_cluster, items, None, lam=1.0, tol=1e-4, seed=0)
         timings["serial"] = time.perf_counter() - start
-        with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
+        with dask_cluster(DaskConfig(n_workers=2, threads_per_worker=1)) as address:  # as a run starts its own
             start = time.perf_counter()
-            map_shards("select", store, "bench/dask", select_cluster, items, cluster.scheduler_address,
+            map_shards("select", store, "bench/dask", select_cluster, items, address,
                        lam=1.0, tol=1e-4, seed=0)
             timings["dask"] = time.perf_counter() - start
     kind = "MiniBatchKMeans" if args.rows > cfg.minibatch_above else "KMeans"
