@@ -4,15 +4,17 @@ An n-gram packs losslessly into a two-word key (`key0`, `key1`: 128 bits, so n <
 with u32 ids), so "hashing" is exact. Map: every n-gram inside a document of one token shard, counted, in the
 order of its *mixed* key (a bijective integer hash of the packed key, `mix`); a bucket is a range of
 mixed keys, so each n's sorted rows already fall into buckets as contiguous slices and are written as they
-are, one Parquet row group per (n, bucket). Reduce: one bucket's rows from every partition summed by key,
-unmixed, ordered by count, keys decoded to ids. Memory per task is bounded by the shard size and the bucket
-count (`bucket_count`), not by the corpus.
+are (zero-copy slices), one Parquet row group per bucket holding each n's slice. Reduce: one bucket's rows from
+every partition summed by key, unmixed, ordered by count, keys decoded to ids. Memory per task is bounded by
+the shard size and the bucket count (`bucket_count`), not by the corpus.
 
 Where the time goes (measured on 4 M-token partitions): sorting. A key that fits a machine word is sorted as
 one (uint32 when it fits 32 bits: the vectorized sort handles twice as many per instruction), unigrams are
 counted with `bincount` (no sort), and the reduce merges the partitions' already sorted runs with a stable
 sort (timsort finds the runs) instead of sorting again. Hash buckets instead of ranges cost a bucket sort and
-a gather of every column per partition (0.54 of 1.6 s per 4 M tokens, measured).
+a gather of every column per partition (0.54 of 1.6 s per 4 M tokens, measured). At 10^8 tokens (serial, 34
+partitions, 51 buckets) the map is ~45 % sorting; the reduce ~30 % writing the output's list column.
+On Dask, the workers' malloc setting matters as much as any of this (see `DaskConfig.malloc_trim_threshold`).
 """
 
 from __future__ import annotations
@@ -49,10 +51,19 @@ def _unshift(x: np.ndarray, shift: int, width: int) -> np.ndarray:
     return out
 
 
-# (dtype, xor-shifts, odd multipliers): splitmix64's finalizer, and murmur3's fmix32 for keys of <= 32 bits,
-# which then still sort as uint32
+# (dtype, xor-shifts, odd multipliers): splitmix64's finalizer; murmur3's fmix32 for keys of <= 32 bits, which
+# then still sort as uint32; for keys of 33-48 bits (trigrams of 16-bit ids) splitmix64's multipliers cut to 48
+# bits, so the mixed key stays below 2^48 and a reduce can merge it with a 16-bit count as one word
 _MIXERS = {64: (np.uint64, (30, 27, 31), (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)),
+           48: (np.uint64, (24, 23, 24), (0x476D1CE4E5B9, 0x49BB133111EB)),
            32: (np.uint32, (16, 13, 16), (0x85EBCA6B, 0xC2B2AE35))}
+
+
+def _wrap(x: np.ndarray, width: int) -> np.ndarray:
+    """x modulo 2^width in place (a no-op at the dtype's own width)."""
+    if width == 48:
+        x &= np.uint64((1 << 48) - 1)
+    return x
 
 
 def mix(x: np.ndarray, width: int) -> np.ndarray:
@@ -61,9 +72,9 @@ def mix(x: np.ndarray, width: int) -> np.ndarray:
     x = x.astype(kind, copy=True)
     with np.errstate(over="ignore"):
         x ^= x >> kind(a)
-        x *= kind(m1)
+        x = _wrap(x * kind(m1), width)
         x ^= x >> kind(b)
-        x *= kind(m2)
+        x = _wrap(x * kind(m2), width)
         x ^= x >> kind(c)
     return x
 
@@ -73,31 +84,30 @@ def unmix(x: np.ndarray, width: int) -> np.ndarray:
     kind, (a, b, c), (m1, m2) = _MIXERS[width]
     x = _unshift(x.astype(kind), c, width)
     with np.errstate(over="ignore"):
-        x *= _inverse(m2, width)
+        x = _wrap(x * _inverse(m2, width), width)
         x = _unshift(x, b, width)
-        x *= _inverse(m1, width)
+        x = _wrap(x * _inverse(m1, width), width)
     return _unshift(x, a, width)
 
 
 def key_width(n: int, bits: int) -> int:
-    """Bits of an n-gram's packed key as sorted: 32, 64, or 128 (two words)."""
-    return 32 if n * bits <= 32 else 64 if n * bits <= 64 else 128
+    """Bits of an n-gram's packed key as sorted and mixed: 32, 48, 64, or 128 (two words)."""
+    return next(w for w in (32, 48, 64, 128) if n * bits <= w)
 
 
 def mixed_words(key0: np.ndarray, key1: np.ndarray, width: int) -> np.ndarray:
     """The first sort word of packed keys; a two-word key mixes its second word in, so (mixed, key1) is still
     a bijection of (key0, key1)."""
-    if width == 32:
-        return mix(key0, 32)
-    return mix(key0 if width == 64 else key0 ^ mix(key1, 64), 64)
+    if width <= 64:
+        return mix(key0, width)
+    return mix(key0 ^ mix(key1, 64), 64)
 
 
 def unmixed_words(mixed: np.ndarray, key1: np.ndarray, width: int) -> np.ndarray:
     """key0 back from `mixed_words` (uint64)."""
-    if width == 32:
-        return unmix(mixed, 32).astype(np.uint64)
-    key0 = unmix(mixed, 64)
-    return key0 if width == 64 else key0 ^ mix(key1, 64)
+    if width <= 64:
+        return unmix(mixed, width).astype(np.uint64, copy=False)
+    return unmix(mixed, 64) ^ mix(key1, 64)
 
 
 # ---- packing ----------------------------------------------------------------------------------------
@@ -180,8 +190,8 @@ def ngram_counts(flat: np.ndarray, ends: np.ndarray, n: int, bits: int = 16) -> 
 
 def bucket_bounds(mixed: np.ndarray, width: int, buckets: int) -> np.ndarray:
     """[buckets + 1] row bounds of each bucket in sorted mixed keys: bucket b holds the mixed first words in
-    [b, b + 1) * 2^w / buckets (w = 32 or 64), the same ranges in every partition."""
-    w = 32 if width == 32 else 64
+    [b, b + 1) * 2^w / buckets (w: the mixed word's width, 32, 48 or 64), the same ranges in every partition."""
+    w = min(width, 64)
     splitters = np.array([-(-(b << w) // buckets) for b in range(1, buckets)], np.uint64)
     return np.r_[0, np.searchsorted(mixed, splitters), len(mixed)].astype(np.int64)
 
@@ -189,14 +199,16 @@ def bucket_bounds(mixed: np.ndarray, width: int, buckets: int) -> np.ndarray:
 def sum_sorted_runs(key0: np.ndarray, key1: np.ndarray | None, counts: np.ndarray) -> tuple[np.ndarray, ...]:
     """(key0, key1, summed uint64 counts) of the distinct keys in key order, from concatenated runs that are
     each in key order (one per map partition): a stable sort merges the runs (timsort finds them). `key1`
-    None: one-word keys. Keys and counts that both fit 32 bits are merged as one packed word by value, which
-    skips the argsort's gathers (0.25 -> 0.12 s per 5 M bigram rows, measured)."""
+    None: one-word keys. A key and its count that fit one 64-bit word together (bigrams; trigrams of 16-bit ids,
+    mixed within 48 bits, whose count is below 2^16) are merged as that word by value, which skips the
+    argsort's gathers (0.25 -> 0.12 s per 5 M bigram rows, measured)."""
     wide = key1 is not None and bool(key1.any())
     if not len(key0):
         return key0, np.zeros(0, np.uint64), counts.astype(np.uint64)
-    if not wide and int(key0.max()) < 1 << 32 and int(counts.max()) < 1 << 32:
-        packed = np.sort((key0.astype(np.uint64) << np.uint64(32)) | counts, kind="stable")
-        key0, counts = packed >> np.uint64(32), packed & np.uint64(0xFFFFFFFF)
+    shift = 64 - max(int(key0.max()).bit_length(), 1)
+    if not wide and shift and int(counts.max()) < 1 << shift:
+        packed = np.sort((key0.astype(np.uint64) << np.uint64(shift)) | counts, kind="stable")
+        key0, counts = packed >> np.uint64(shift), packed & np.uint64((1 << shift) - 1)
     elif wide:
         order = np.lexsort((key1, key0))
         key0, key1, counts = key0[order], key1[order], counts[order]

@@ -128,18 +128,22 @@ def test_every_counting_path_equals_an_independent_count(bits):
 
 def test_key_mixing_is_a_bijection_and_fills_bucket_ranges_evenly():
     """The map orders keys by a mixed (hashed) key whose ranges are the reduce buckets: unmixing must give every
-    key back (one, two and 32-bit words, edge values included), and buckets of a skewed key set must be even."""
+    key back (32-, 48-, 64-bit and two-word keys, edge values included), and buckets of a skewed key set must be
+    even."""
     from tracecore.tasks.ngram_table import bucket_bounds, mixed_words, unmixed_words
 
     rng = np.random.default_rng(0)
-    for width, top in ((32, (1 << 32) - 1), (64, (1 << 64) - 1), (128, (1 << 64) - 1)):
+    for width, top in ((32, (1 << 32) - 1), (48, (1 << 48) - 1), (64, (1 << 64) - 1), (128, (1 << 64) - 1)):
         key0 = np.r_[np.array([0, 1, top], np.uint64), rng.integers(0, top, 10_000, dtype=np.uint64, endpoint=True)]
         key1 = rng.integers(0, 1 << 40, len(key0), dtype=np.uint64) if width == 128 else np.zeros(len(key0), np.uint64)
         mixed = mixed_words(key0, key1, width).astype(np.uint64)
         assert np.array_equal(unmixed_words(mixed, key1, width), key0), width
-    skewed = np.arange(50_000, dtype=np.uint64) << np.uint64(16)  # packed bigrams sharing a low word
-    sizes = np.diff(bucket_bounds(np.sort(mixed_words(skewed, None, 32).astype(np.uint64)), 32, 16))
-    assert sizes.sum() == 50_000 and sizes.min() > 0.8 * 50_000 / 16
+        if width == 48:  # a 48-bit key stays within 48 bits, so a reduce can pack a 16-bit count beside it
+            assert int(mixed.max()) < 1 << 48
+    skewed = np.arange(50_000, dtype=np.uint64) << np.uint64(16)  # packed n-grams sharing a low word
+    for width in (32, 48):
+        sizes = np.diff(bucket_bounds(np.sort(mixed_words(skewed, None, width).astype(np.uint64)), width, 16))
+        assert sizes.sum() == 50_000 and sizes.min() > 0.8 * 50_000 / 16, width
 
 
 @pytest.mark.parametrize("bits", [16, 32])
