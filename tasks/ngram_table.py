@@ -61,8 +61,8 @@ _MIXERS = {64: (np.uint64, (30, 27, 31), (0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 def _wrap(x: np.ndarray, width: int) -> np.ndarray:
     """x modulo 2^width in place (a no-op at the dtype's own width)."""
-    if width == 48:
-        x &= np.uint64((1 << 48) - 1)
+    if width < 8 * x.dtype.itemsize:
+        x &= x.dtype.type((1 << width) - 1)
     return x
 
 
@@ -274,12 +274,12 @@ def count_partition(store_uri: str, ref: str, part: int, item: tuple, max_n: int
     count_type = np.uint32 if len(flat) < 1 << 32 else np.uint64
     for n in range(1, max_n + 1):
         key0, key1, counts = ngram_counts(flat, bounds[1:], n, bits)
-        sizes = np.diff(bucket_bounds(key0, key_width(n, bits), buckets))
+        rows = bucket_bounds(key0, key_width(n, bits), buckets)
         wide |= bool(key1.any())
-        batches.append({"bucket": np.repeat(np.arange(buckets, dtype=np.uint16), sizes),
+        batches.append({"bucket": np.repeat(np.arange(buckets, dtype=np.uint16), np.diff(rows)),
                         "n": np.full(len(key0), n, np.uint8), "key0": key0, "key1": key1,
                         "count": counts.astype(count_type, copy=False)})
-        bounds_by_n.append(np.r_[0, np.cumsum(sizes)])
+        bounds_by_n.append(rows)
     # a second key word only when some n-gram needs more than 64 bits, and 32-bit counts below 2^32 tokens:
     # less to write and to read back
     names = ["bucket", "n", "key0", *(["key1"] if wide else []), "count"]
