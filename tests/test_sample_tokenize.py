@@ -119,17 +119,24 @@ def test_tokenize_trains_bpe_and_roundtrips(documents):
 
 
 def test_parallel_encoding_is_on_where_a_worker_would_otherwise_idle():
-    """auto: every shard when there are too few to keep each worker thread busy; otherwise the last shards of
-    the queue (one fewer than the threads), which run while other workers have nothing left to take."""
+    """auto, with fewer shards than 2 per worker thread: on for a shard larger than an even share of the work
+    (it alone outlasts the others, whose workers then idle), off for the rest, so the cores are not
+    oversubscribed while every worker still has a shard (measured: a 7.7 M- and a 2 M-token shard on 2
+    workers, 0.86-0.91 M tokens/s with both on, 0.90-0.95 with only the large one). With more shards: the last
+    shards of the queue (one fewer than the threads), which run while other workers have nothing left to take."""
     from tracecore.tasks.tokenize import parallel_shards
 
-    assert parallel_shards("auto", shards=2, threads=2) == [True, True]
-    assert parallel_shards("auto", shards=1, threads=2) == [True]
-    assert parallel_shards("auto", shards=13, threads=2) == [False] * 12 + [True]
-    assert parallel_shards("auto", shards=13, threads=4) == [False] * 10 + [True] * 3
-    assert parallel_shards("auto", shards=1, threads=0) == [False]
-    assert parallel_shards(True, shards=3, threads=2) == [True] * 3
-    assert parallel_shards(False, shards=1, threads=2) == [False]
+    assert parallel_shards("auto", [80, 20], threads=2) == [True, False]
+    assert parallel_shards("auto", [20, 80], threads=2) == [False, True]
+    assert parallel_shards("auto", [50, 50], threads=2) == [False, False]
+    assert parallel_shards("auto", [10, 10, 30], threads=2) == [False, False, True]
+    assert parallel_shards("auto", [5], threads=2) == [True]
+    assert parallel_shards("auto", [5], threads=1) == [True]
+    assert parallel_shards("auto", [1] * 13, threads=2) == [False] * 12 + [True]
+    assert parallel_shards("auto", [1] * 13, threads=4) == [False] * 10 + [True] * 3
+    assert parallel_shards("auto", [5], threads=0) == [False]
+    assert parallel_shards(True, [1] * 3, threads=2) == [True] * 3
+    assert parallel_shards(False, [5], threads=2) == [False]
 
 
 def test_parallel_encoding_gives_the_same_tokens_and_restores_the_environment(documents, monkeypatch):
