@@ -9,6 +9,7 @@ from (`Planned`), so a manifest always says exactly what its artifact was comput
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
 import inspect
@@ -51,8 +52,15 @@ def module_source(name: str) -> str:
 
 def imported_modules(name: str) -> set[str]:
     """tracecore task/kernel modules `name` imports anywhere in its source (lazy imports included)."""
+    return set(_imported_modules(name, module_source(name)))
+
+
+@functools.lru_cache(maxsize=512)
+def _imported_modules(name: str, source: str) -> frozenset[str]:
+    """Keyed by the source text, so an edited module is parsed again: parsing a stage's modules took ~25 ms,
+    and every plan of a stage re-plans its upstream (measured: 23-26 ms per `code_modules` of the ngram stage)."""
     found = set()
-    for node in ast.walk(ast.parse(module_source(name))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module in ("tracecore.tasks", "tracecore.kernels"):
@@ -60,7 +68,7 @@ def imported_modules(name: str) -> set[str]:
         else:
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
         found |= {n for n in names if n.startswith(("tracecore.tasks.", "tracecore.kernels"))}
-    return {n for n in found if n not in INFRASTRUCTURE}
+    return frozenset(n for n in found if n not in INFRASTRUCTURE)
 
 
 def _submodule(package: str, name: str) -> str:
