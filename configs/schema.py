@@ -368,8 +368,8 @@ class DaskConfig(Strict):
         "the LocalCluster's own bookkeeping. light: each process's event-loop tick every 1 s (Dask: 20 ms), no "
         "worker profiler (Dask: a stack sample of the task thread every 10 ms), system monitor every 5 s (500 ms), "
         "worker memory monitor every 1 s (100 ms). Measured on 2 cores, 4 tokenize shards of 8 M tokens: "
-        "0.87-0.89 M tokens/s with Dask's settings, 0.98 with light, as fast as a plain process pool; the tick "
-        "is most of it. dask: Dask's defaults (its dashboard's profile and system pages need them). An existing "
+        "0.83-0.89 M tokens/s with Dask's settings (7 runs), 0.98 with light, as fast as a plain process pool; the "
+        "tick is most of it. dask: Dask's defaults (its dashboard's profile and system pages need them). An existing "
         "cluster's processes take these from their own Dask config (see README, 'Running on a cluster')"))
 
 
