@@ -72,9 +72,11 @@ def mix(x: np.ndarray, width: int) -> np.ndarray:
     x = x.astype(kind, copy=True)
     with np.errstate(over="ignore"):
         x ^= x >> kind(a)
-        x = _wrap(x * kind(m1), width)
+        x *= kind(m1)
+        _wrap(x, width)
         x ^= x >> kind(b)
-        x = _wrap(x * kind(m2), width)
+        x *= kind(m2)
+        _wrap(x, width)
         x ^= x >> kind(c)
     return x
 
@@ -84,9 +86,11 @@ def unmix(x: np.ndarray, width: int) -> np.ndarray:
     kind, (a, b, c), (m1, m2) = _MIXERS[width]
     x = _unshift(x.astype(kind), c, width)
     with np.errstate(over="ignore"):
-        x = _wrap(x * _inverse(m2, width), width)
+        x *= _inverse(m2, width)
+        _wrap(x, width)
         x = _unshift(x, b, width)
-        x = _wrap(x * _inverse(m1, width), width)
+        x *= _inverse(m1, width)
+        _wrap(x, width)
     return _unshift(x, a, width)
 
 
