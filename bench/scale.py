@@ -15,7 +15,9 @@ stage so each stage's worker peak is its own); this process polls the RSS of
 that process tree every 0.1 s. Roles: `main` (the flow process, with the scheduler), `worker` (the largest Dask
 worker), `indexer` (infini-gram's indexer, a child of a worker), `sum` (peak of the sum over all processes).
 
-Peers, each on the same data in one process using both cores where the library can:
+Peers, each on the same data in one process using both cores where the library can; the tokenizing peers load
+the tokenizer inside their clock, as ours does in every task (the tenth and earlier runs in RESULTS.md left it out; the report
+gives the ratio both ways):
 - e2e: read the input files, parse, validate, exact-dedup (one set), `tokenizers` `encode_batch`, write Parquet;
 - tokenize: our committed documents shards -> `encode_batch` (rayon, all cores) -> Parquet;
 - index: infini-gram's own indexer (`python -m infini_gram.indexing`, --cpus = cores) on the whole corpus's
@@ -216,8 +218,7 @@ def ours(args) -> dict:
 
 def warm_workers(address: str, stage: str) -> None:
     """Import the stage's module on every worker before the clock starts, and pandas (`warm_pyarrow`): the
-    peers' imports and tokenizer loading are not timed either, and in a pipeline run the workers serve every
-    stage (imported once)."""
+    peers' imports are not timed either, and in a pipeline run the workers serve every stage (imported once)."""
     import importlib
 
     from distributed import Client
@@ -244,7 +245,9 @@ def peer_e2e(args) -> dict:
     from tokenizers import Tokenizer
     from tracecore.configs.schema import IngestConfig
 
+    start = time.perf_counter()
     tok, cfg, seen, total, part = Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json"), IngestConfig(), set(), 0, 0
+    load = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -255,7 +258,6 @@ def peer_e2e(args) -> dict:
         part += 1
         return sum(map(len, ids))
 
-    start = time.perf_counter()
     for path in args.paths:
         texts: list[str] = []
         with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as fh:
@@ -265,7 +267,7 @@ def peer_e2e(args) -> dict:
                     total, texts = total + flush(texts), []
         if texts:
             total += flush(texts)
-    return {"seconds": time.perf_counter() - start, "tokens": total}
+    return {"seconds": time.perf_counter() - start, "load_seconds": load, "tokens": total}
 
 
 def peer_tokenize(args) -> dict:
@@ -274,16 +276,17 @@ def peer_tokenize(args) -> dict:
     from tokenizers import Tokenizer
     from tracecore.storage.store import ArtifactStore
 
-    store, tok, total = ArtifactStore(args.store), Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json"), 0
-    out = Path(args.out)
+    store, total, out = ArtifactStore(args.store), 0, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    tok = Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json")
+    load = time.perf_counter() - start
     for m in store.markers(args.ref):
         texts = store.read_shard(args.ref, m["shard"], columns=["text"], verify=False).column(0).to_pylist()
         ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16()))}), out / f"{m['shard']}.parquet")
         total += sum(map(len, ids))
-    return {"seconds": time.perf_counter() - start, "tokens": total}
+    return {"seconds": time.perf_counter() - start, "load_seconds": load, "tokens": total}
 
 
 def peer_index(args) -> dict:
@@ -366,6 +369,7 @@ def child(what: str, **flags) -> list[str]:
 def run_case(name: str, paths: list[str], case_dir: Path, tokenizer: Path, args) -> dict:
     """Ours, then each peer on the same data; every figure of one case comes from one run of this function."""
     store = case_dir / "store"
+    subprocess.run(["rm", "-rf", str(store)], check=False)  # a repeat computes everything again
     result, samples = measured(child("ours", paths=paths, store=store, tokenizer=tokenizer, shard_mb=args.shard_mb,
                                      workers=args.workers))
     if "error" in result:
@@ -392,6 +396,50 @@ def run_case(name: str, paths: list[str], case_dir: Path, tokenizer: Path, args)
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One result of `--repeats` runs of a case: the median of every time, the largest of every peak, and each
+    ours/peer ratio's range over the runs (`ratio_range`). A shared machine moves single-run ratios by 0.1-0.2."""
+    def median(values):
+        return float(np.median(values))
+
+    first = runs[0]
+    out = {**first, "repeats": len(runs), "index_seconds": median([r["index_seconds"] for r in runs]),
+           "table_seconds": median([r["table_seconds"] for r in runs]),
+           "stages": {s: {**w, "seconds": median([r["stages"][s]["seconds"] for r in runs])}
+                      for s, w in first["stages"].items()},
+           "rss": {s: {k: max(r["rss"][s].get(k, 0) for r in runs) for k in first["rss"][s]} for s in first["rss"]}}
+    out["peers"] = {}
+    for peer, result in first["peers"].items():
+        done = [r["peers"][peer] for r in runs if "error" not in r["peers"][peer] and not r["peers"][peer].get("oom")]
+        out["peers"][peer] = {**result, **{k: median([d[k] for d in done]) for k in ("seconds", "load_seconds")
+                                           if done and k in result},
+                              "rss": {k: max(r["peers"][peer]["rss"].get(k, 0) for r in runs) for k in result["rss"]}}
+    out["ratio_range"] = {peer: (min(v), max(v)) for peer, v in per_run_ratios(runs).items()}
+    out["runs"] = runs if len(runs) > 1 else []  # every repeat's own figures, for the --json file
+    return out
+
+
+def per_run_ratios(runs: list[dict]) -> dict[str, list[float]]:
+    ratios: dict[str, list[float]] = {}
+    for r in runs:
+        for peer, (_, ours_s) in compared_seconds(r).items():
+            result = r["peers"].get(peer, {})
+            if "seconds" in result and "error" not in result and not result.get("oom") and not peer.startswith("numpy x"):
+                ratios.setdefault(peer, []).append(result["seconds"] / ours_s)
+    return ratios
+
+
+def compared_seconds(r: dict) -> dict[str, tuple[str, float]]:
+    """peer -> (what is compared, our seconds for it)."""
+    st = r["stages"]
+    return {"e2e": ("ingest + tokenize vs e2e loop", st["ingest"]["seconds"] + st["tokenize"]["seconds"]),
+            "tokenize": ("tokenize vs encode_batch", st["tokenize"]["seconds"]),
+            "index": ("index vs infini-gram indexer", r["index_seconds"]),
+            "numpy": ("exact table vs numpy unique", r["table_seconds"]),
+            **{k: (f"exact table vs numpy unique, corpus counted {k.split('x')[1]} times", r["table_seconds"])
+               for k in r["peers"] if k.startswith("numpy x")}}
+
+
 def rate(tokens: int, seconds: float) -> str:
     return f"{tokens / seconds / 1e6:.2f} M/s"
 
@@ -413,16 +461,11 @@ def report(results: dict[str, dict]) -> str:
                          f"{rss.get('worker', 0):.0f} | {rss.get('indexer', 0):.0f} | {rss.get('sum', 0):.0f} |")
         if not name.startswith("single"):
             previous = r
-    lines += ["", "| corpus | what | ours | peer | ours / peer | peer peak MiB |", "|---|---|---|---|---|---|"]
+    lines += ["", "| corpus | what | ours | peer | ours / peer (range over repeats) | peer peak MiB |",
+              "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        st, p = r["stages"], r["peers"]
-        pairs = {"e2e": ("ingest + tokenize vs e2e loop", st["ingest"]["seconds"] + st["tokenize"]["seconds"]),
-                 "tokenize": ("tokenize vs encode_batch", st["tokenize"]["seconds"]),
-                 "index": ("index vs infini-gram indexer", r["index_seconds"]),
-                 "numpy": ("exact table vs numpy unique", r["table_seconds"]),
-                 **{k: (f"exact table vs numpy unique, corpus counted {k.split('x')[1]} times", r["table_seconds"])
-                    for k in p if k.startswith("numpy x")}}
-        for peer, (what, ours_s) in pairs.items():
+        p = r["peers"]
+        for peer, (what, ours_s) in compared_seconds(r).items():
             if peer not in p:
                 continue
             if "error" in p[peer] or p[peer].get("oom"):
@@ -436,8 +479,14 @@ def report(results: dict[str, dict]) -> str:
                 continue
             peer_rate = p[peer]["tokens"] / p[peer]["seconds"]
             ours_rate = r["tokens"] / ours_s
+            spread = r.get("ratio_range", {}).get(peer)
+            spread = f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread and r.get("repeats", 1) > 1 else ""
             lines.append(f"| {name} | {what} | {rate(r['tokens'], ours_s)} | {peer_rate / 1e6:.2f} M/s | "
-                         f"{ours_rate / peer_rate:.2f} | {p[peer]['rss'].get('sum', 0):.0f} |")
+                         f"{ours_rate / peer_rate:.2f}{spread} | {p[peer]['rss'].get('sum', 0):.0f} |")
+            if "load_seconds" in p[peer]:  # the tenth and earlier runs did not count it
+                bare = p[peer]["tokens"] / (p[peer]["seconds"] - p[peer]["load_seconds"])
+                lines.append(f"| {name} | {what}, peer's tokenizer load ({p[peer]['load_seconds']:.2f} s) not "
+                             f"counted | {rate(r['tokens'], ours_s)} | {bare / 1e6:.2f} M/s | {ours_rate / bare:.2f} | - |")
     return "\n".join(lines)
 
 
@@ -451,6 +500,9 @@ def main() -> None:
     parser.add_argument("--skip-peers", nargs="*", default=[], choices=["e2e", "tokenize", "index", "numpy"])
     parser.add_argument("--numpy-repeats", nargs="*", type=int, default=[1],
                         help="also run the numpy peer on the corpus counted r times (finds where it runs out of memory)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="run each case up to --repeat-below tokens this many times: medians, ratio ranges")
+    parser.add_argument("--repeat-below", type=float, default=1e6, help="largest corpus size that is repeated")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, deleted)")
     parser.add_argument("--keep", action="store_true", help="keep each case's corpus and store under --work")
     parser.add_argument("--json", default=None, help="also write every measurement here")
@@ -475,7 +527,8 @@ def main() -> None:
                                 big)
             print(f"{name}: corpus of {len(paths)} file(s) written in {time.perf_counter() - start:.0f} s",
                   file=sys.stderr, flush=True)
-            results[name] = run_case(name, paths, case_dir, tokenizer, args)
+            results[name] = median_run([run_case(name, paths, case_dir, tokenizer, args)
+                                        for _ in range(args.repeats if size and size <= args.repeat_below else 1)])
             if not args.keep:
                 subprocess.run(["rm", "-rf", str(case_dir)], check=False)
             if args.json:

@@ -69,7 +69,11 @@ class IngestConfig(Strict):
         "keep the parsed (pre-dedup) copy of the corpus and the dedup partitions after documents are committed; "
         "false: their shards are deleted (manifests kept, flagged cleaned)"))
     dedup_buckets: int = Field(16, ge=1, le=4096, description=(
-        "hash partitions of exact dedup, one task each: a task holds ~1/buckets of the corpus's hashes"))
+        "hash partitions of exact dedup: no task holds more than max(dedup_task_rows, 1/buckets of the corpus's) "
+        "hashes"))
+    dedup_task_rows: int = Field(250_000, ge=1, description=(
+        "hashes one dedup task takes on: consecutive buckets are grouped up to about this many rows (a task per "
+        "bucket was a cluster round trip each, a third of ingest on a 10^6-token corpus)"))
 
 
 class TokenizeConfig(Strict):

@@ -186,19 +186,23 @@ class ArtifactStore:
         with self.fs.open(path, "rb") as fh:
             return read_parquet(fh, columns)
 
-    def read_shard_rows(self, ref: str, shard: int, column: str, value: Any) -> pa.Table:
-        """The rows of a `row_groups_by=column` shard whose `column` equals `value`, reading only the row
-        groups whose statistics allow it. Unverified: the caller has checked the shard (see `map_shards`)."""
+    def read_shard_rows(self, ref: str, shard: int, column: str, low: Any, high: Any = None) -> pa.Table:
+        """The rows of a `row_groups_by=column` shard whose `column` is in [low, high] (high: low by default),
+        reading only the row groups whose statistics allow it. Unverified: the caller has checked the shard (see
+        `map_shards`)."""
+        high = low if high is None else high
         with self.fs.open(self.shard_path(ref, shard), "rb") as fh:
             parquet = pq.ParquetFile(fh)
             index = parquet.schema_arrow.get_field_index(column)
             meta = parquet.metadata
             stats = [meta.row_group(i).column(index).statistics for i in range(meta.num_row_groups)]
-            groups = [i for i, st in enumerate(stats)
-                      if st is None or not st.has_min_max or st.min <= value <= st.max]
+            known = [st is not None and st.has_min_max for st in stats]
+            groups = [i for i, st in enumerate(stats) if not known[i] or (st.max >= low and st.min <= high)]
             table = read_parquet(parquet, row_groups=groups) if groups else parquet.schema_arrow.empty_table()
-        exact = all(stats[i] is not None and stats[i].has_min_max and stats[i].min == stats[i].max for i in groups)
-        return table if exact else table.filter(pc.equal(table[column], value))  # the filter copies every row
+        if all(known[i] and low <= stats[i].min and stats[i].max <= high for i in groups):
+            return table
+        inside = pc.and_(pc.greater_equal(table[column], low), pc.less_equal(table[column], high))
+        return table.filter(inside)  # the filter copies every row
 
     def verify_shard(self, ref: str, shard: int) -> None:
         marker = read_json(self.fs, self._marker_path(ref, shard))

@@ -189,7 +189,7 @@ def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dic
     progress = Progress(stage, len(items), skipped)
     computed: list[int] = []
     try:
-        with dask_client(address) as client:
+        with dask_client(address if todo else None) as client:  # nothing to do: no cluster round trip
             if client is None:
                 results = (run_shard(fn, store.uri, ref, i, item, **kwargs) for i, item in todo)
             else:

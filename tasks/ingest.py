@@ -3,10 +3,12 @@
 Two sharded passes, both resumable per shard:
   1. parse: one shard per input split (`tasks/splits.py`: a file, or a byte range / run of row groups of a
      file larger than `ingest.shard_mb`); every record is validated; bad ones go to the `rejects`
-     artifact with file, line and reason (nothing is dropped silently);
+     artifact with file, line and reason (nothing is dropped silently); each shard's hashes are written
+     partitioned by bucket beside it;
   2. dedup: exact duplicates (sha256 of the text) are removed across all files, first occurrence
      wins in (file, line) order, so the result does not depend on scheduling; hash-partitioned on the
-     cluster (`ingest.dedup_buckets`), so no process holds every hash.
+     cluster (`ingest.dedup_buckets`, grouped into tasks of ~`ingest.dedup_task_rows` hashes), so no process
+     holds every hash of a large corpus.
 """
 
 from __future__ import annotations
@@ -153,10 +155,13 @@ def iter_records(split: dict, cfg: IngestConfig) -> Iterator[tuple[int, Any, str
     return iter([(0, None, reason, b"")])
 
 
-def parse_file(store_uri: str, ref: str, shard: int, split: dict, cfg: IngestConfig, rejects_ref: str) -> dict:
-    """Parse + validate one split of an input file into a documents shard and a rejects shard (same index)."""
-    store, uri = ArtifactStore(store_uri), split["uri"]
-    docs: list[dict] = []
+def parse_file(store_uri: str, ref: str, shard: int, split: dict, cfg: IngestConfig, rejects_ref: str,
+               hashes: tuple[str, int]) -> dict:
+    """Parse + validate one split of an input file into a documents shard, a rejects shard and the shard's dedup
+    hash partitions (`hashes`: ref, buckets), all with the same index; the documents shard is written last, so
+    its marker means all three are there."""
+    store, uri, name = ArtifactStore(store_uri), split["uri"], PurePosixPath(split["uri"]).name
+    columns: dict[str, list] = {field: [] for field in DOC_SCHEMA.names}
     rejects: list[dict] = []
     for line, obj, reason, raw in iter_records(split, cfg):
         reason = reason or validate_record(obj, cfg)
@@ -164,20 +169,22 @@ def parse_file(store_uri: str, ref: str, shard: int, split: dict, cfg: IngestCon
             rejects.append({"file": uri, "line": line, "reason": reason,
                             "snippet": _snippet(raw or (json.dumps(obj, default=str) if obj is not None else ""))})
             continue
-        text = obj[cfg.text_field]
-        doc_id = obj.get(cfg.id_field)
-        source = obj.get("source")
-        docs.append({"id": str(doc_id) if doc_id is not None else f"{PurePosixPath(uri).name}:{line}",
-                     "text": text, "source": source if isinstance(source, str) else PurePosixPath(uri).name,
-                     "file": uri, "line": line, "doc_hash": hashlib.sha256(text.encode()).hexdigest()[:32]})
+        text, doc_id, source = obj[cfg.text_field], obj.get(cfg.id_field), obj.get("source")
+        for field, value in (("id", str(doc_id) if doc_id is not None else f"{name}:{line}"), ("text", text),
+                             ("source", source if isinstance(source, str) else name), ("file", uri), ("line", line),
+                             ("doc_hash", hashlib.sha256(text.encode()).hexdigest()[:32])):
+            columns[field].append(value)
     store.write_shard(rejects_ref, shard, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
-    return store.write_shard(ref, shard, pa.Table.from_pylist(docs, schema=DOC_SCHEMA), rejects=len(rejects))
+    hashes_ref, buckets = hashes
+    store.write_shard(hashes_ref, shard, hash_partitions(columns["doc_hash"], shard, buckets), row_groups_by="bucket")
+    docs = pa.Table.from_pydict(columns, schema=DOC_SCHEMA)
+    return store.write_shard(ref, shard, docs, rejects=len(rejects))
 
 
 # ---- exact dedup, partitioned by hash on the cluster ----------------------------------------------------
-# No process holds every hash: (1) each parsed shard's hashes are split into `buckets` partitions, written as
-# one file per parsed shard with one row group per bucket (one read and one checksum of the parsed shard, not one
-# per bucket); (2) one task per bucket reads its row group of every such file, finds for each hash its first
+# No process holds every hash: (1) each parse task splits its shard's hashes into `buckets` partitions, written
+# as one file per parsed shard with one row group per bucket; (2) one task per group of consecutive buckets
+# (~`dedup_task_rows` hashes) reads those row groups of every such file, finds for each hash its first
 # occurrence in (shard, row) order and lists the later ones; (3) each shard drops its listed rows. The flow
 # process holds only the duplicates.
 HASH_SCHEMA = pa.schema([("bucket", pa.uint16()), ("doc_hash", pa.string()), ("shard", pa.int32()),
@@ -188,26 +195,41 @@ def bucket_of(doc_hash: str, buckets: int) -> int:
     return int(doc_hash[:8], 16) % buckets
 
 
+def hash_partitions(hashes: list[str], shard: int, buckets: int) -> pa.Table:
+    """A shard's hashes with their rows, ordered by bucket (then row): one Parquet row group per bucket."""
+    bucket = np.fromiter((bucket_of(h, buckets) for h in hashes), np.uint16, len(hashes))
+    order = np.argsort(bucket, kind="stable")
+    return pa.table({"bucket": bucket[order], "doc_hash": pa.array(hashes, pa.string()).take(order),
+                     "shard": np.full(len(hashes), shard, np.int32), "row": order.astype(np.int64)},
+                    schema=HASH_SCHEMA)
+
+
 def partition_hashes(store_uri: str, ref: str, shard: int, item: tuple[str, int]) -> dict:
-    """The hashes of parsed shard `shard`, ordered by bucket (then row), one Parquet row group per bucket."""
+    """Re-create the hash partitions of parsed shard `shard` (parse writes them; this only repairs a missing or
+    corrupt one)."""
     store = ArtifactStore(store_uri)
     parsed_ref, buckets = item
     hashes = store.read_shard(parsed_ref, shard, columns=["doc_hash"]).column(0).to_pylist()
-    bucket = np.fromiter((bucket_of(h, buckets) for h in hashes), np.uint16, len(hashes))
-    order = np.argsort(bucket, kind="stable")
-    table = pa.table({"bucket": bucket[order], "doc_hash": pa.array(hashes).take(order),
-                      "shard": np.full(len(hashes), shard, np.int32), "row": order.astype(np.int64)},
-                     schema=HASH_SCHEMA)
-    return store.write_shard(ref, shard, table, row_groups_by="bucket")
+    return store.write_shard(ref, shard, hash_partitions(hashes, shard, buckets), row_groups_by="bucket")
 
 
-def bucket_duplicates(store_uri: str, ref: str, bucket: int, item: tuple[str, int]) -> dict:
-    """(shard, row) of every document whose text occurred earlier in (shard, row) order, within one bucket.
-    The hash files are read unverified: `map_shards` verified every reused one before (fresh ones were written
-    by this run), and checksumming a whole file per bucket would read it `buckets` times."""
+def bucket_groups(rows: int, buckets: int, task_rows: int) -> list[tuple[int, int]]:
+    """Consecutive bucket ranges [first, last], one dedup task each: as many as keep a task near `task_rows`
+    hashes (at least 1, at most one per bucket). Depends only on the corpus and config, so a resumed run maps
+    the same groups."""
+    groups = max(1, min(buckets, -(-rows // task_rows)))
+    cuts = [round(g * buckets / groups) for g in range(groups + 1)]
+    return [(cuts[g], cuts[g + 1] - 1) for g in range(groups)]
+
+
+def bucket_duplicates(store_uri: str, ref: str, group: int, item: tuple[str, int, tuple[int, int]]) -> dict:
+    """(shard, row) of every document whose text occurred earlier in (shard, row) order, within one group of
+    buckets (a hash lives in one bucket, so a group is deduplicated on its own). The hash files are read
+    unverified: `map_shards` verified every reused one before (fresh ones were written by this run), and
+    checksumming a whole file per group would read it once per group."""
     store = ArtifactStore(store_uri)
-    hashes_ref, n_shards = item
-    table = pa.concat_tables([store.read_shard_rows(hashes_ref, s, "bucket", bucket) for s in range(n_shards)])
+    hashes_ref, n_shards, (first, last) = item
+    table = pa.concat_tables([store.read_shard_rows(hashes_ref, s, "bucket", first, last) for s in range(n_shards)])
     table = table.sort_by([("shard", "ascending"), ("row", "ascending")])
     seen, drops = set(), []
     for h, s, r in zip(*(table.column(c).to_pylist() for c in ("doc_hash", "shard", "row"))):
@@ -216,7 +238,7 @@ def bucket_duplicates(store_uri: str, ref: str, bucket: int, item: tuple[str, in
         seen.add(h)
     out = pa.table({"shard": [d[0] for d in drops], "row": [d[1] for d in drops]},
                    schema=pa.schema([("shard", pa.int32()), ("row", pa.int64())]))
-    return store.write_shard(ref, bucket, out)
+    return store.write_shard(ref, group, out)
 
 
 def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[int]]) -> dict:
@@ -232,15 +254,16 @@ def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[int]
     return store.write_shard(ref, shard, kept, duplicates=table.num_rows - kept.num_rows)
 
 
-def duplicate_rows(run: StageRun, n_shards: int) -> dict[int, list[int]]:
-    """shard -> rows to drop, from the partitioned passes (each resumable per shard / per bucket)."""
-    store, buckets, refs = run.store, run.cfg.dedup_buckets, run.plan.refs
+def duplicate_rows(run: StageRun, parsed_markers: list[dict]) -> dict[int, list[int]]:
+    """shard -> rows to drop, from the partitioned passes (each resumable per shard / per group of buckets)."""
+    store, buckets, refs, n_shards = run.store, run.cfg.dedup_buckets, run.plan.refs, len(parsed_markers)
     map_shards("dedup-hash", store, refs["hashes"], partition_hashes, [(refs["parsed"], buckets)] * n_shards,
-               run.address)
+               run.address)  # verifies the partitions parse wrote; re-creates only a missing or corrupt one
     run.commit("hashes", {"intermediate": True, "buckets": buckets}, expected_shards=n_shards)
-    map_shards("dedup-bucket", store, refs["drops"], bucket_duplicates, [(refs["hashes"], n_shards)] * buckets,
-               run.address)
-    run.commit("drops", {"intermediate": True}, expected_shards=buckets)
+    groups = bucket_groups(sum(m["rows"] for m in parsed_markers), buckets, run.cfg.dedup_task_rows)
+    map_shards("dedup-bucket", store, refs["drops"], bucket_duplicates,
+               [(refs["hashes"], n_shards, group) for group in groups], run.address)
+    run.commit("drops", {"intermediate": True, "bucket_groups": len(groups)}, expected_shards=len(groups))
     out: dict[int, list[int]] = {}
     for s, r in zip(*(store.read_table(refs["drops"]).column(c).to_pylist() for c in ("shard", "row"))):
         out.setdefault(s, []).append(r)
@@ -314,11 +337,11 @@ def ingest_documents(run: StageRun) -> None:
     files = run.args.get("files") or list_input_files([sample_corpus_glob(store.uri, run.inputs["sample"])])
     splits = input_splits(files, cfg, run.log)
     parsed = map_shards("ingest", store, run.ref("parsed"), parse_file, splits, run.address, cfg=cfg,
-                        rejects_ref=run.ref("rejects"))
+                        rejects_ref=run.ref("rejects"), hashes=(run.ref("hashes"), cfg.dedup_buckets))
     run.commit("rejects", expected_shards=len(splits))
     run.commit("parsed", {"intermediate": True}, expected_shards=len(splits))
     stats = check_reject_fraction(parsed.markers, store.display_path(run.ref("rejects")), cfg)
-    drops = duplicate_rows(run, len(splits)) if cfg.dedup else {}
+    drops = duplicate_rows(run, parsed.markers) if cfg.dedup else {}
     deduped = map_shards("dedup", store, run.ref("documents"), dedup_shard,
                          [(run.ref("parsed"), drops.get(i, [])) for i in range(len(splits))], run.address)
     stats["duplicates"] = sum(m.get("duplicates", 0) for m in deduped.markers)

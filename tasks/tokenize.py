@@ -13,6 +13,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,12 +97,32 @@ def token_type(vocab_size: int) -> pa.DataType:
     return pa.uint16() if vocab_size <= 65_535 else pa.uint32()
 
 
-def encode_column(tok, texts: list[str], batch_size: int, dtype: pa.DataType) -> pa.ListArray:
+def encoded_batches(tok, texts: list[str], batch_size: int, overlap: bool) -> Iterator[list]:
+    """The encodings of `texts`, one list per batch, in order. `overlap`: the next batch encodes in a helper thread
+    while the caller converts this one (`encode_batch` releases the GIL). With the tokenizers pool on, the pool
+    otherwise idles while one thread turns a batch into arrays (measured on 2 cores, 10^6 tokens in batches of
+    512: 1.05-1.32 s without, 1.03-1.13 s with, `encode_batch` on the whole shard 0.97-1.20 s). Without the pool
+    a worker's own thread is the only encoder and its cores are shared with other workers: nothing idles."""
+    batches = (texts[i:i + batch_size] for i in range(0, len(texts), batch_size))
+    if not overlap:
+        yield from (tok.encode_batch(batch, add_special_tokens=False) for batch in batches)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="tracecore-encode") as pool:
+        pending = None
+        for batch in batches:
+            queued = pool.submit(tok.encode_batch, batch, add_special_tokens=False)  # starts when `pending` ends
+            if pending is not None:
+                yield pending.result()
+            pending = queued
+        if pending is not None:
+            yield pending.result()
+
+
+def encode_column(tok, texts: list[str], batch_size: int, dtype: pa.DataType, overlap: bool = False) -> pa.ListArray:
     """Token ids as one Arrow list column, built from flat numpy chunks per batch: the shard's ids never
     exist as Python lists of ints (~36 bytes per token), so memory stays ~the Arrow column's."""
     values, lengths = [], []
-    for i in range(0, len(texts), batch_size):
-        encodings = tok.encode_batch(texts[i:i + batch_size], add_special_tokens=False)
+    for encodings in encoded_batches(tok, texts, batch_size, overlap):
         sizes = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
         values.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype.to_pandas_dtype(),
                                   int(sizes.sum())))
@@ -140,7 +162,8 @@ def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str, b
     table = store.read_shard(documents_ref, shard, columns=["id", "text"])
     start = time.perf_counter()
     with encoder_parallelism(parallel):
-        tokens = encode_column(tok, table.column("text").to_pylist(), batch_size, token_type(tok.get_vocab_size()))
+        tokens = encode_column(tok, table.column("text").to_pylist(), batch_size, token_type(tok.get_vocab_size()),
+                               overlap=parallel)
     seconds = time.perf_counter() - start
     out = pa.table({"doc_id": table.column("id"), "tokens": tokens,
                     "n_tokens": pc.list_value_length(tokens).cast(pa.int32())})

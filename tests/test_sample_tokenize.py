@@ -156,6 +156,28 @@ def test_parallel_encoding_gives_the_same_tokens_and_restores_the_environment(do
         assert got.equals(store.read_shard(refs["tokenize.tokens"], 0)), parallel
 
 
+def test_overlapped_encoding_gives_the_batches_in_order_with_the_same_ids(documents):
+    """With the tokenizers pool on, the next batch encodes in a helper thread while this one is converted (the
+    pool idled meanwhile): same ids, same order, at every batch boundary, also for no texts at all."""
+    import pyarrow as pa
+    from tokenizers import Tokenizer
+    from tracecore.flows.pipeline import run_stages
+    from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks.tokenize import encode_column
+
+    cfg, docs_ref = documents
+    refs = run_stages(cfg, ["tokenize"])
+    store = ArtifactStore(cfg.store)
+    with store.local_dir(refs["tokenize.tokenizer"]) as folder:
+        tok = Tokenizer.from_file(f"{folder}/tokenizer.json")
+    texts = store.read_shard(docs_ref, 0, columns=["text"]).column(0).to_pylist()[:50]
+    expected = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    for batch_size in (1, 7, 50, 64):
+        got = encode_column(tok, texts, batch_size, pa.uint16(), overlap=True).to_pylist()
+        assert got == expected == encode_column(tok, texts, batch_size, pa.uint16(), overlap=False).to_pylist()
+    assert encode_column(tok, [], 8, pa.uint16(), overlap=True).to_pylist() == []
+
+
 def test_user_tokenizer_path_is_checked(tmp_path):
     with pytest.raises(TokenizerError, match="tokenize.tokenizer_path: .* has no tokenizer.json"):
         check_user_tokenizer(str(tmp_path))
