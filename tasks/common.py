@@ -137,27 +137,29 @@ def run_shard(fn: Callable[..., dict], *args: Any, **kwargs: Any) -> dict:
 
 
 @contextmanager
-def dask_client(address: str | None) -> Iterator[Any]:
-    """A client on the run's cluster; None = run shards in this process (tests, debugging)."""
-    if address is None:
-        yield None
+def dask_client(cluster: Any) -> Iterator[Any]:
+    """A client on the run's cluster. `cluster`: a connected `distributed.Client` (the stage's own, used as it
+    is), a scheduler address (a client for this block: opening and closing one took ~17 ms), or None (run
+    shards in this process: tests, debugging)."""
+    if cluster is None or not isinstance(cluster, str):
+        yield cluster
         return
     from distributed import Client
 
-    with Client(address, set_as_default=False) as client:
+    with Client(cluster, set_as_default=False) as client:
         yield client
 
 
-def worker_threads(address: str | None) -> int:
+def worker_threads(cluster: Any) -> int:
     """Task slots of the run's cluster (1 when shards run in this process)."""
-    with dask_client(address) as client:
+    with dask_client(cluster) as client:
         return sum(client.nthreads().values()) if client is not None else 1
 
 
-def host_threads(address: str | None) -> tuple[int, int]:
+def host_threads(cluster: Any) -> tuple[int, int]:
     """(the most task slots on one host, all task slots) of the run's cluster; this machine's cores when shards
     run in this process (a subprocess such as the infini-gram indexer may use them all)."""
-    with dask_client(address) as client:
+    with dask_client(cluster) as client:
         if client is None:
             return (os.cpu_count() or 1,) * 2
         per_host: dict[str, int] = {}
@@ -178,8 +180,9 @@ def _usable_shard(store: ArtifactStore, ref: str, shard: int) -> bool:
 
 
 def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dict], items: list[Any],
-               address: str | None, **kwargs: Any) -> ShardReport:
-    """Run `fn(store_uri, ref, shard, item, **kwargs) -> marker` for every shard not yet complete."""
+               cluster: Any, **kwargs: Any) -> ShardReport:
+    """Run `fn(store_uri, ref, shard, item, **kwargs) -> marker` for every shard not yet complete, on `cluster`
+    (see `dask_client`)."""
     start = time.perf_counter()
     todo = [(i, item) for i, item in enumerate(items) if not _usable_shard(store, ref, i)]
     skipped = len(items) - len(todo)
@@ -189,7 +192,7 @@ def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dic
     progress = Progress(stage, len(items), skipped)
     computed: list[int] = []
     try:
-        with dask_client(address if todo else None) as client:  # nothing to do: no cluster round trip
+        with dask_client(cluster if todo else None) as client:  # nothing to do: no cluster round trip
             if client is None:
                 results = (run_shard(fn, store.uri, ref, i, item, **kwargs) for i, item in todo)
             else:

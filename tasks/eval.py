@@ -337,7 +337,7 @@ def run_eval(run: StageRun) -> None:
     items = [{**c, "sample_ref": run.inputs["sample"], "tokens_ref": run.inputs["tokens"], "pool_path": pool_path,
               "seq_len": trained_len, "eval_fraction": run.args["eval_fraction"]}
              for c in checkpoints(store, model_ref, finetune_ref)]
-    report = map_shards("eval", store, refs["quality"], evaluate_checkpoint, items, run.address, cfg=cfg)
+    report = map_shards("eval", store, refs["quality"], evaluate_checkpoint, items, run.cluster, cfg=cfg)
     run.commit("quality", {"seconds": report.seconds, "skipped_shards": report.skipped,
                            "report_columns": ["model", *METRICS]}, expected_shards=len(items))
     rows = store.read_table(refs["quality"]).to_pylist()

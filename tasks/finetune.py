@@ -401,7 +401,7 @@ def run_finetune(run: StageRun) -> None:
               "pool_path": run.args["pool_path"], "eval_path": run.args["eval_path"]}
              for subset, seed in variants(cfg)]
     summary = run.ref("finetune")
-    report = map_shards("finetune", store, summary, train_variant, items, run.address, cfg=cfg)
+    report = map_shards("finetune", store, summary, train_variant, items, run.cluster, cfg=cfg)
     rows = [row for m in store.markers(summary) for row in store.read_shard(summary, m["shard"]).to_pylist()]
     store.write_file(summary, "plots/finetune_loss.png", loss_curves_png(store, rows))
     run.commit("finetune", {"seconds": report.seconds, "skipped_shards": report.skipped,

@@ -238,7 +238,7 @@ def run_gradients(run: StageRun) -> None:
         run.commit("warmup", {**pool, "warmup_records": len(subset)}, expected_shards=1)
     shards = [records[i::cfg.shards] for i in range(cfg.shards)]
     report = map_shards("gradients", store, run.ref("features"), shard_features,
-                        [(model_ref, run.ref("warmup"), s) for s in shards], run.address, cfg=cfg)
+                        [(model_ref, run.ref("warmup"), s) for s in shards], run.cluster, cfg=cfg)
     run.commit("features", {**pool, "seconds": report.seconds, "skipped_shards": report.skipped,
                             "records_per_second": round(report.sum_computed("records") / report.seconds, 2)
                             if report.computed else None, "proj_dim": cfg.proj_dim}, expected_shards=cfg.shards)

@@ -288,7 +288,7 @@ def run_memorization(run: StageRun) -> None:
             if not cfg.align or s >= threshold(cfg, specs[p["task"]])]
     chunks = _chunks_by_item(kept, cfg.items_per_chunk)
     counted = map_shards("memorization", store, run.ref("pairs"), count_chunk,
-                         [(index_ref, tokenizer_ref, c) for c in chunks], run.address,
+                         [(index_ref, tokenizer_ref, c) for c in chunks], run.cluster,
                          max_diff_tokens=cfg.max_diff_tokens, max_clause_freq=cfg.max_clause_freq)
     run.commit("pairs", {"candidate_pairs": len(pairs), "aligned_pairs": len(kept)}, expected_shards=len(chunks))
     base = item_scores(store.read_table(run.ref("pairs")).to_pylist()) if chunks else []

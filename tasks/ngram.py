@@ -226,10 +226,10 @@ def run_ngram(run: StageRun) -> None:
     tokens_manifest = store.manifest(tokens_ref)
     shard_tokens = [m["tokens"] for m in sorted(store.markers(tokens_ref), key=lambda m: m["shard"])]
     groups = group_shards(shard_tokens, cfg.shard_groups, cfg.group_tokens)
-    host, total = host_threads(run.address) if cfg.index_cpus == "auto" else (1, 1)
+    host, total = host_threads(run.cluster) if cfg.index_cpus == "auto" else (1, 1)
     cpus = indexer_cpus(cfg.index_cpus, [sum(shard_tokens[s] for s in g) for g in groups], host, total)
     index = map_shards("ngram-index", store, run.ref("index"), build_index_group,
-                       [(tokens_ref, tokenizer_ref, g, len(tokenizer), c) for g, c in zip(groups, cpus)], run.address,
+                       [(tokens_ref, tokenizer_ref, g, len(tokenizer), c) for g, c in zip(groups, cpus)], run.cluster,
                        mem_gib=cfg.index_mem_gib)
     index_tokens = index.sum_computed("tokens")
     run.commit("index", {"tokenizer": tokenizer_ref, "vocab_size": len(tokenizer),
@@ -241,12 +241,12 @@ def run_ngram(run: StageRun) -> None:
                expected_shards=len(groups))
     buckets = bucket_count(cfg, tokens_manifest["tokens"])
     parts = map_partitions(store, tokens_ref, cfg.map_tokens)
-    mapped = map_shards("ngram-map", store, run.ref("counts_map"), count_partition, parts, run.address,
+    mapped = map_shards("ngram-map", store, run.ref("counts_map"), count_partition, parts, run.cluster,
                         max_n=cfg.max_n, buckets=buckets)
     run.commit("counts_map", {"buckets": buckets, "partitions": [list(p[1:]) for p in parts]},
                expected_shards=len(parts))
     reduced = map_shards("ngram-reduce", store, run.ref("counts"), reduce_bucket,
-                         [(run.ref("counts_map"), len(parts), bits)] * buckets, run.address)
+                         [(run.ref("counts_map"), len(parts), bits)] * buckets, run.cluster)
     run.commit("counts", {"max_n": cfg.max_n, "buckets": buckets, "seconds": mapped.seconds + reduced.seconds,
                           "skipped_shards": mapped.skipped + reduced.skipped}, expected_shards=buckets)
     store.write_shard(run.ref("topk"), 0, top_k_table(store, run.ref("counts"), buckets, cfg.top_k, tokenizer))

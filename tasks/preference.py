@@ -331,10 +331,10 @@ def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactSto
 
 
 def run_preference(run: StageRun) -> None:
-    store, cfg, log, address = run.store, run.cfg, run.log, run.address
+    store, cfg, log, cluster = run.store, run.cfg, run.log, run.cluster
     refs, model_ref, inputs = run.plan.refs, run.inputs["model"], run.args["pairs_files"]
     parsed = map_shards("preference", store, refs["parsed"], parse_input,
-                        [(path, fmt, refs["rejects"]) for path, fmt in inputs], address, cfg=cfg)
+                        [(path, fmt, refs["rejects"]) for path, fmt in inputs], cluster, cfg=cfg)
     run.commit("rejects", expected_shards=len(inputs))
     run.commit("parsed", {"intermediate": True, "seconds": parsed.seconds, "skipped_shards": parsed.skipped},
                expected_shards=len(inputs))
@@ -358,7 +358,7 @@ def run_preference(run: StageRun) -> None:
             store.drop_shard(refs["rm_scores"], shard)
     trained = map_shards("preference", store, refs["rm_scores"], train_and_score,
                          [{"kind": kind, "model_ref": model_ref, "data_ref": refs["data"],
-                           "rm_ref": refs["reward_model"]} for kind in RM_KINDS], address, cfg=cfg)
+                           "rm_ref": refs["reward_model"]} for kind in RM_KINDS], cluster, cfg=cfg)
     run.commit("reward_model", expected_shards=len(RM_KINDS))
     run.commit("rm_scores", {"seconds": trained.seconds}, expected_shards=len(RM_KINDS))
     aware, blind_score = (scorer(store.read_table(refs["rm_scores"]).to_pylist(), kind) for kind in RM_KINDS)

@@ -171,7 +171,7 @@ def cluster_size_png(sizes: list[int], budgets: list[int]) -> bytes:
 def run_select(run: StageRun) -> None:
     from tracecore.tasks.gradients import read_features
 
-    store, cfg, log, address, features_ref = run.store, run.cfg, run.log, run.address, run.inputs["features"]
+    store, cfg, log, cluster, features_ref = run.store, run.cfg, run.log, run.cluster, run.inputs["features"]
     refs = run.plan.refs
     ids, X = read_features(store, features_ref)
     bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
@@ -184,7 +184,7 @@ def run_select(run: StageRun) -> None:
         members = np.flatnonzero(labels == c)
         items.append(([ids[i] for i in members], X[members], centroids[c], int(cfg.rate * len(members))))
     work = refs["selection"]
-    report = map_shards("select", store, work, select_cluster, items, address, lam=cfg.omp_lambda,
+    report = map_shards("select", store, work, select_cluster, items, cluster, lam=cfg.omp_lambda,
                         tol=cfg.omp_tolerance, seed=cfg.seed, draws=cfg.baseline_draws)
     run.commit("selection", expected_shards=len(items))
     both = store.read_table(work)

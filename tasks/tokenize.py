@@ -52,28 +52,49 @@ def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, out_dir: Pa
 
 
 def check_user_tokenizer(path: str) -> Path:
-    """A fast HF tokenizer folder whose declared eos_token is in its vocabulary. Read with `tokenizers` and the
-    folder's JSON, not `transformers`: importing it cost the flow process 1.4 s (measured at 10^6 tokens, more
-    than the stage's encoding), and AutoTokenizer silently *adds* an eos_token missing from the vocabulary,
-    an id the model's embedding does not have."""
+    """A fast HF tokenizer folder whose declared eos_token is in its vocabulary, checked when the run is planned
+    (before any stage works). Read from the folder's JSON, not built: building it took the flow process 0.05-0.1 s
+    of a 1.3 s tokenize stage at 10^6 tokens, and every task builds it anyway (`load_tokenizer`, which names a
+    file the library cannot build). Not `transformers` either: importing it cost 1.4 s, and AutoTokenizer
+    silently *adds* an eos_token missing from the vocabulary, an id the model's embedding does not have."""
     folder = Path(path)
-    if not (folder / "tokenizer.json").is_file():
+    file = folder / "tokenizer.json"
+    if not file.is_file():
         raise TokenizerError(f"tokenize.tokenizer_path: {path!r} has no tokenizer.json (a fast HF tokenizer "
                              "folder is required)")
-    from tokenizers import Tokenizer
-
     try:
-        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    except Exception as err:  # noqa: BLE001 (tokenizers raises a bare Exception for a malformed file)
-        raise TokenizerError(f"tokenize.tokenizer_path: {path!r}: tokenizer.json cannot be loaded ({err})") from None
+        vocabulary = tokenizer_vocabulary(json.loads(file.read_bytes()))
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise TokenizerError(f"tokenize.tokenizer_path: {path!r}: tokenizer.json cannot be loaded "
+                             f"({type(err).__name__}: {err})") from None
     eos = declared_eos_token(folder)
     if eos is None:
         raise TokenizerError(f"tokenize.tokenizer_path: tokenizer at {path!r} defines no eos_token "
                              "(tokenizer_config.json / special_tokens_map.json)")
-    if tok.token_to_id(eos) is None:
+    if eos not in vocabulary:
         raise TokenizerError(f"tokenize.tokenizer_path: tokenizer at {path!r}: eos_token {eos!r} is not in its "
                              "vocabulary")
     return folder
+
+
+def tokenizer_vocabulary(spec: dict) -> set[str]:
+    """The tokens a tokenizer.json defines: its added tokens and its model's vocabulary (a mapping for BPE,
+    WordPiece and WordLevel; [piece, score] pairs for Unigram)."""
+    vocab = spec["model"]["vocab"]
+    pieces = vocab.keys() if isinstance(vocab, dict) else (entry[0] for entry in vocab)
+    return {t["content"] for t in spec.get("added_tokens") or []} | set(pieces)
+
+
+def load_tokenizer(folder: str | Path, source: str):
+    """`tokenizers.Tokenizer` of a tokenizer folder; one that the library cannot build (valid JSON, unknown
+    model type, a newer format) is named in one line, not a library traceback (`source`: where it is stored)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    except Exception as err:  # noqa: BLE001 (tokenizers raises a bare Exception for a malformed file)
+        raise TokenizerError(f"tokenize.tokenizer_path: {source!r}: tokenizer.json cannot be loaded "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def declared_eos_token(folder: Path) -> str | None:
@@ -153,12 +174,10 @@ def encoder_parallelism(enabled: bool):
 
 def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str, bool], batch_size: int) -> dict:
     """Encode one documents shard into a token shard (item: documents ref, tokenizer ref, parallel encoding)."""
-    from tokenizers import Tokenizer
-
     store = ArtifactStore(store_uri)
     documents_ref, tokenizer_ref, parallel = item
     with store.local_dir(tokenizer_ref) as folder:
-        tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+        tok = load_tokenizer(folder, store.display_path(tokenizer_ref))
     table = store.read_shard(documents_ref, shard, columns=["id", "text"])
     start = time.perf_counter()
     with encoder_parallelism(parallel):
@@ -171,14 +190,12 @@ def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str, b
 
 
 def user_tokenizer(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
-    """A user's tokenizer is an input: its tokenizer.json's hash is fingerprinted (and so in the lineage)."""
+    """A user's tokenizer is an input: checked (`check_user_tokenizer`) and its tokenizer.json's hash
+    fingerprinted (and so in the lineage), when the run is planned."""
     path = pipeline_cfg.tokenize.tokenizer_path
     if not path:
         return {}, {}
-    tokenizer_json = Path(path) / "tokenizer.json"
-    if not tokenizer_json.is_file():
-        raise TokenizerError(f"tokenize.tokenizer_path: {path!r} has no tokenizer.json (a fast HF tokenizer "
-                             "folder is required)")
+    tokenizer_json = check_user_tokenizer(path) / "tokenizer.json"
     return {"user_tokenizer": hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()}, {}
 
 
@@ -189,7 +206,7 @@ def build_tokenizer(run: StageRun) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="tracecore-tok-") as tmp:
         if cfg.tokenizer_path:
-            store.put_dir(run.ref("tokenizer"), check_user_tokenizer(cfg.tokenizer_path))
+            store.put_dir(run.ref("tokenizer"), cfg.tokenizer_path)  # checked when the run was planned
         else:
             texts: list[str] = []
             for m in store.markers(documents_ref):
@@ -226,9 +243,9 @@ def run_tokenize(run: StageRun) -> None:
     n_shards = store.manifest(documents_ref)["shards"]
     sizes = [m["bytes"] for m in sorted(store.markers(documents_ref), key=lambda m: m["shard"])]
     setting = run.cfg.parallel_encode
-    parallel = parallel_shards(setting, sizes, worker_threads(run.address) if setting == "auto" else 1)
+    parallel = parallel_shards(setting, sizes, worker_threads(run.cluster) if setting == "auto" else 1)
     report = map_shards("tokenize", store, run.ref("tokens"), tokenize_shard,
-                        [(documents_ref, run.ref("tokenizer"), p) for p in parallel], run.address,
+                        [(documents_ref, run.ref("tokenizer"), p) for p in parallel], run.cluster,
                         batch_size=run.cfg.batch_size)
     tokens = sum(m["tokens"] for m in report.markers)
     computed_tokens = report.sum_computed("tokens")

@@ -251,7 +251,7 @@ def run_trace(run: StageRun) -> None:
     grams = gram_index(items, cfg.contamination_n, cfg.min_words)
     documents_ref, by_key = run.inputs["documents"], {i["key"]: i for i in items}
     n_shards = store.manifest(documents_ref)["shards"]
-    report = map_shards("trace", store, refs["hits"], scan_shard, [documents_ref] * n_shards, run.address,
+    report = map_shards("trace", store, refs["hits"], scan_shard, [documents_ref] * n_shards, run.cluster,
                         grams=grams, owners={k: {"id": i["id"], "task": i["task"]} for k, i in by_key.items()})
     if not store.is_committed(refs["hits"]):
         run.commit("hits", {"seconds": report.seconds, "skipped_shards": report.skipped}, expected_shards=n_shards)
@@ -293,7 +293,7 @@ def decontaminate(run: StageRun, drop: set[str]) -> None:
     """The documents without every contaminating one (same shards, same schema)."""
     documents_ref, ref = run.inputs["documents"], run.plan.refs["documents_decontaminated"]
     n_shards = run.store.manifest(documents_ref)["shards"]
-    map_shards("trace", run.store, ref, decontaminate_shard, [documents_ref] * n_shards, run.address, drop=drop)
+    map_shards("trace", run.store, ref, decontaminate_shard, [documents_ref] * n_shards, run.cluster, drop=drop)
     run.commit("documents_decontaminated", {"dropped_documents": len(drop)}, expected_shards=n_shards)
     run.log.info("trace: %d contaminating documents removed in %s", len(drop), ref)
 

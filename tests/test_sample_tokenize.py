@@ -227,6 +227,44 @@ def test_a_corrupt_tokenizer_json_is_named(tmp_path):
         check_user_tokenizer(str(folder))
 
 
+def test_a_user_tokenizer_is_checked_when_the_run_is_planned_before_any_stage_works(documents, tmp_path):
+    """A tokenizer without a usable eos_token fails the plan, before ingest spends anything, and the check does
+    not build the tokenizer (the flow process built it in the tokenize stage: 0.05-0.1 s of a 1.3 s stage at
+    10^6 tokens, and every task builds it again anyway)."""
+    from tokenizers import Tokenizer
+    from tracecore.flows.plan import plan_pipeline
+    from tracecore.storage.store import ArtifactStore
+
+    cfg, _ = documents
+    folder = user_tokenizer_folder(tmp_path / "tok", {"eos_token": "<eos>"})
+    bad = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"tokenizer_path": str(folder)})})
+    with pytest.raises(TokenizerError, match="eos_token '<eos>' is not in its vocabulary"):
+        plan_pipeline(bad, ArtifactStore(bad.store), ["ingest", "tokenize"])
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    built = []
+    original = Tokenizer.from_file
+    try:
+        Tokenizer.from_file = staticmethod(lambda *a, **k: built.append(a) or original(*a, **k))
+        check_user_tokenizer(str(folder))
+    finally:
+        Tokenizer.from_file = original
+    assert not built
+
+
+def test_a_tokenizer_json_the_library_cannot_build_fails_the_stage_in_one_line(documents, tmp_path):
+    from tracecore.flows.pipeline import run_stages
+
+    cfg, _ = documents
+    folder = user_tokenizer_folder(tmp_path / "tok", {"eos_token": "</s>"})
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    spec["model"]["type"] = "NoSuchModel"
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    bad = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"tokenizer_path": str(folder)})})
+    with pytest.raises(TokenizerError, match=r"^tokenize.tokenizer_path: .*tokenizer.json cannot be loaded \(") as err:
+        run_stages(bad, ["tokenize"])
+    assert "\n" not in str(err.value)
+
+
 def test_checking_a_user_tokenizer_does_not_import_transformers(tmp_path):
     """The check runs in the flow process before the tokenize stage's work: importing transformers there cost
     1.4 s (measured), more than the whole stage's encoding at 10^6 tokens."""
