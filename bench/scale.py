@@ -11,7 +11,9 @@ corpora ship as fixed-size shards), plus one plain JSONL file of `--big-file-gb`
 Every measured run is its own process (ours: a 2-worker LocalCluster started inside it as a run starts its own,
 `flows.runtime.dask_cluster` with the default `dask` config section, cluster start-up and the
 stage module's import on the workers shown apart, as the peers' imports are not timed; a fresh cluster per
-stage so each stage's worker peak is its own); this process polls the RSS of
+stage so each stage's worker peak is its own; every stage planned once before any runs, as a pipeline run
+does, the planning shown apart: the tenth and earlier runs re-planned each stage and its upstream inside the
+stage's window); this process polls the RSS of
 that process tree every 0.1 s. Roles: `main` (the flow process, with the scheduler), `worker` (the largest Dask
 worker), `indexer` (infini-gram's indexer, a child of a worker), `sum` (peak of the sum over all processes).
 
@@ -189,25 +191,30 @@ def new_valid_texts(lines, cfg, seen: set) -> Iterator[str]:
 
 # ---- our pipeline, in its own process ---------------------------------------------------------
 def ours(args) -> dict:
-    """ingest, tokenize, ngram one after another on a fresh 2-worker LocalCluster; stage windows in wall time."""
+    """ingest, tokenize, ngram one after another on a fresh 2-worker LocalCluster each; planned once first, as a
+    pipeline run plans every stage before any works (`flows.pipeline.run_graph`); stage windows in wall time."""
+    import tracecore.flows.pipeline  # noqa: F401 (a run's flow process has Prefect imported before any stage)
     from tracecore.configs.schema import DaskConfig
-    from tracecore.flows.pipeline import run_stages
+    from tracecore.flows.plan import pipeline_refs, plan_pipeline
     from tracecore.flows.runtime import dask_cluster
     from tracecore.storage.store import ArtifactStore
-    from tracecore.tasks.registry import validate_config
+    from tracecore.tasks.registry import stages_of, validate_config
+    from tracecore.tasks.stage import run_stage
 
     cfg = validate_config({"store": args.store, "ingest": {"paths": args.paths, "shard_mb": args.shard_mb},
                            "tokenize": {"tokenizer_path": args.tokenizer}, "ngram": {"index_mem_gib": 2}})
-    result = {"stages": {}}
+    store, start = ArtifactStore(cfg.store), time.perf_counter()
+    plans = plan_pipeline(cfg, store, list(STAGES))
+    result = {"stages": {}, "plan_seconds": round(time.perf_counter() - start, 3)}
     for stage in STAGES:  # a fresh cluster per stage: each stage's worker peak is its own (`client.restart()`
         start = time.perf_counter()  # instead hung at times here: the nannies never respawned their workers)
         with dask_cluster(DaskConfig(n_workers=args.workers, threads_per_worker=1)) as address:  # as a run's own
             warm_workers(address, stage)
             result.setdefault("cluster_start_s", round(time.perf_counter() - start, 2))
             t0 = time.time()
-            refs = run_stages(cfg, [stage], address)
+            run_stage(stages_of(cfg)[stage], getattr(cfg, stage), plans[stage], store.uri, address)
             result["stages"][stage] = {"start": t0, "end": time.time(), "seconds": round(time.time() - t0, 2)}
-    store = ArtifactStore(args.store)
+    refs = pipeline_refs(plans)
     tokens = store.manifest(refs["tokenize.tokens"])
     result.update(tokens=tokens["tokens"], documents_ref=refs["ingest.documents"], tokens_ref=refs["tokenize.tokens"],
                   index_seconds=store.manifest(refs["ngram.index"])["seconds"],
@@ -404,6 +411,7 @@ def median_run(runs: list[dict]) -> dict:
 
     first = runs[0]
     out = {**first, "repeats": len(runs), "index_seconds": median([r["index_seconds"] for r in runs]),
+           "plan_seconds": median([r.get("plan_seconds", 0) for r in runs]),
            "table_seconds": median([r["table_seconds"] for r in runs]),
            "stages": {s: {**w, "seconds": median([r["stages"][s]["seconds"] for r in runs])}
                       for s, w in first["stages"].items()},
@@ -414,7 +422,9 @@ def median_run(runs: list[dict]) -> dict:
         out["peers"][peer] = {**result, **{k: median([d[k] for d in done]) for k in ("seconds", "load_seconds")
                                            if done and k in result},
                               "rss": {k: max(r["peers"][peer]["rss"].get(k, 0) for r in runs) for k in result["rss"]}}
-    out["ratio_range"] = {peer: (min(v), max(v)) for peer, v in per_run_ratios(runs).items()}
+    ratios = per_run_ratios(runs)
+    out["ratio_range"] = {peer: (min(v), max(v)) for peer, v in ratios.items()}
+    out["ratio_median"] = {peer: median(v) for peer, v in ratios.items()}  # pairs of one repeat, not of medians
     out["runs"] = runs if len(runs) > 1 else []  # every repeat's own figures, for the --json file
     return out
 
@@ -426,6 +436,8 @@ def per_run_ratios(runs: list[dict]) -> dict[str, list[float]]:
             result = r["peers"].get(peer, {})
             if "seconds" in result and "error" not in result and not result.get("oom") and not peer.startswith("numpy x"):
                 ratios.setdefault(peer, []).append(result["seconds"] / ours_s)
+                if "load_seconds" in result:
+                    ratios.setdefault(f"{peer} bare", []).append((result["seconds"] - result["load_seconds"]) / ours_s)
     return ratios
 
 
@@ -459,9 +471,13 @@ def report(results: dict[str, dict]) -> str:
             lines.append(f"| {name} | {r['tokens']:,} | {r['shards']} | {stage} | {w['seconds']:.1f} | "
                          f"{rate(r['tokens'], w['seconds'])} | {grow} | {rss.get('main', 0):.0f} | "
                          f"{rss.get('worker', 0):.0f} | {rss.get('indexer', 0):.0f} | {rss.get('sum', 0):.0f} |")
+        if "plan_seconds" in r:
+            lines.append(f"| {name} | {r['tokens']:,} | {r['shards']} | plan (once per run) | {r['plan_seconds']:.2f} "
+                         "| - | - | - | - | - | - |")
         if not name.startswith("single"):
             previous = r
-    lines += ["", "| corpus | what | ours | peer | ours / peer (range over repeats) | peer peak MiB |",
+    lines += ["", ("| corpus | what | ours (median) | peer (median) | ours / peer (repeats: median of each repeat's "
+                   "ratio, range) | peer peak MiB |"),
               "|---|---|---|---|---|---|"]
     for name, r in results.items():
         p = r["peers"]
@@ -479,14 +495,17 @@ def report(results: dict[str, dict]) -> str:
                 continue
             peer_rate = p[peer]["tokens"] / p[peer]["seconds"]
             ours_rate = r["tokens"] / ours_s
-            spread = r.get("ratio_range", {}).get(peer)
-            spread = f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread and r.get("repeats", 1) > 1 else ""
+            repeated, ratio, spread = r.get("repeats", 1) > 1, ours_rate / peer_rate, ""
+            if repeated:
+                low, high = r["ratio_range"][peer]
+                ratio, spread = r["ratio_median"][peer], f" ({low:.2f}-{high:.2f})"
             lines.append(f"| {name} | {what} | {rate(r['tokens'], ours_s)} | {peer_rate / 1e6:.2f} M/s | "
-                         f"{ours_rate / peer_rate:.2f}{spread} | {p[peer]['rss'].get('sum', 0):.0f} |")
+                         f"{ratio:.2f}{spread} | {p[peer]['rss'].get('sum', 0):.0f} |")
             if "load_seconds" in p[peer]:  # the tenth and earlier runs did not count it
                 bare = p[peer]["tokens"] / (p[peer]["seconds"] - p[peer]["load_seconds"])
+                ratio = r["ratio_median"][f"{peer} bare"] if repeated else ours_rate / bare
                 lines.append(f"| {name} | {what}, peer's tokenizer load ({p[peer]['load_seconds']:.2f} s) not "
-                             f"counted | {rate(r['tokens'], ours_s)} | {bare / 1e6:.2f} M/s | {ours_rate / bare:.2f} | - |")
+                             f"counted | {rate(r['tokens'], ours_s)} | {bare / 1e6:.2f} M/s | {ratio:.2f} | - |")
     return "\n".join(lines)
 
 
