@@ -141,7 +141,7 @@ def dask_client(cluster: Any) -> Iterator[Any]:
     """A client on the run's cluster. `cluster`: a connected `distributed.Client` (the stage's own, used as it
     is), a scheduler address (a client for this block: opening and closing one took ~17 ms), or None (run
     shards in this process: tests, debugging)."""
-    if cluster is None or not isinstance(cluster, str):
+    if not isinstance(cluster, str):
         yield cluster
         return
     from distributed import Client
