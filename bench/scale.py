@@ -1,7 +1,7 @@
 """Benchmark: the n-gram pipeline (ingest -> tokenize -> ngram) at 10^6, 10^7, 10^8 tokens and on one large
 file; wall time and peak RSS per stage and per process, and throughput against the raw peers on the same data.
 
-    .venv/bin/python bench/scale.py [--sizes 1e6 1e7 1e8] [--big-file-gb 2] [--work DIR]
+    .venv/bin/python bench/scale.py [--sizes 1e6 1e7 1e8] [--big-file-gb 2] [--repeats 5 --repeat-below 1e6] [--work DIR]
 
 Corpus: generated text (pseudo-words drawn Zipf-like from a 50 k-word vocabulary, sentences of ~12 words,
 120-360 words per document, every document distinct), gzip JSONL files of `--file-tokens` tokens each (real

@@ -196,6 +196,11 @@ class StageRun:
         return self.plan.inputs
 
     @property
+    def address(self) -> Any:
+        """`cluster` under its earlier name, for stages written against it (`map_shards` takes either)."""
+        return self.cluster
+
+    @property
     def args(self) -> dict[str, Any]:
         return self.plan.args
 

@@ -64,9 +64,12 @@ def test_every_artifact_manifest_reproduces_its_fingerprint(pipeline_run):
 
 def test_user_inputs_are_in_the_lineage(test_config, tmp_path):
     """The drifts the issue measured: a user tokenizer, a user model, preference's library."""
+    from tokenizers import Tokenizer, models
+
     folder = tmp_path / "tok"
-    folder.mkdir()
-    (folder / "tokenizer.json").write_text("{}")
+    folder.mkdir()  # a tokenizer the plan's check accepts: its eos_token is in its vocabulary
+    Tokenizer(models.WordLevel({"</s>": 0, "a": 1}, unk_token="</s>")).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
     model = tmp_path / "model"
     model.mkdir()
     from transformers import LlamaConfig
