@@ -57,13 +57,21 @@ def check_user_tokenizer(path: str) -> Path:
     of a 1.3 s tokenize stage at 10^6 tokens, and every task builds it anyway (`load_tokenizer`, which names a
     file the library cannot build). Not `transformers` either: importing it cost 1.4 s, and AutoTokenizer
     silently *adds* an eos_token missing from the vocabulary, an id the model's embedding does not have."""
+    checked_tokenizer_json(path)
+    return Path(path)
+
+
+def checked_tokenizer_json(path: str) -> bytes:
+    """The bytes of a user tokenizer folder's tokenizer.json, after `check_user_tokenizer`'s checks (read once:
+    planning hashes the same bytes)."""
     folder = Path(path)
     file = folder / "tokenizer.json"
     if not file.is_file():
         raise TokenizerError(f"tokenize.tokenizer_path: {path!r} has no tokenizer.json (a fast HF tokenizer "
                              "folder is required)")
+    data = file.read_bytes()
     try:
-        vocabulary = tokenizer_vocabulary(json.loads(file.read_bytes()))
+        vocabulary = tokenizer_vocabulary(json.loads(data))
     except (ValueError, TypeError, AttributeError, KeyError) as err:
         raise TokenizerError(f"tokenize.tokenizer_path: {path!r}: tokenizer.json cannot be loaded "
                              f"({type(err).__name__}: {err})") from None
@@ -74,7 +82,7 @@ def check_user_tokenizer(path: str) -> Path:
     if eos not in vocabulary:
         raise TokenizerError(f"tokenize.tokenizer_path: tokenizer at {path!r}: eos_token {eos!r} is not in its "
                              "vocabulary")
-    return folder
+    return data
 
 
 def tokenizer_vocabulary(spec: dict) -> set[str]:
@@ -196,8 +204,7 @@ def user_tokenizer(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore)
     path = pipeline_cfg.tokenize.tokenizer_path
     if not path:
         return {}, {}
-    tokenizer_json = check_user_tokenizer(path) / "tokenizer.json"
-    return {"user_tokenizer": hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()}, {}
+    return {"user_tokenizer": hashlib.sha256(checked_tokenizer_json(path)).hexdigest()}, {}
 
 
 def build_tokenizer(run: StageRun) -> None:
