@@ -298,7 +298,7 @@ def peer_tokenize(args) -> dict:
 
 def peer_index(args) -> dict:
     from tracecore.storage.store import ArtifactStore
-    from tracecore.tasks.ngram import run_indexer, write_infinigram_files
+    from tracecore.tasks.ngram import run_package_indexer, write_infinigram_files
 
     store, folder = ArtifactStore(args.store), Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -307,7 +307,7 @@ def peer_index(args) -> dict:
     _, tokens = write_infinigram_files(store, args.ref, shards, VOCAB, folder)
     prepare = time.perf_counter() - start
     start = time.perf_counter()
-    run_indexer(folder, 2 * args.workers, args.workers)
+    run_package_indexer(folder, 2 * args.workers, args.workers)
     return {"seconds": time.perf_counter() - start, "prepare_seconds": prepare, "tokens": tokens}
 
 

@@ -427,21 +427,41 @@ def test_indexer_cpus_share_the_cluster_by_group_size():
     assert indexer_cpus(3, [5, 5], host_threads=2) == [3, 3]
 
 
-def test_the_index_is_the_same_whatever_cpus_the_indexer_gets(tmp_path):
-    from tracecore.tasks.ngram import run_indexer
+def test_our_suffix_array_driver_builds_the_packages_index_byte_for_byte(tmp_path):
+    """`build_suffix_array` runs infini-gram's binary steps itself (no interpreter per group): its table must be
+    the package driver's (`python -m infini_gram.indexing`), on 1 or 2 cpus and when memory forces 2 batches."""
+    from tracecore.tasks.ngram import build_suffix_array, run_package_indexer, suffix_array_jobs
 
     rng = np.random.default_rng(0)
     docs = [np.r_[0xFFFF, rng.integers(0, 500, 300)].astype("<u2") for _ in range(1_000)]  # 301 k symbols
     offsets = (np.cumsum([0] + [len(d) for d in docs[:-1]]) * 2).astype("<u8")
-    tables = []
-    for cpus in (1, 2):
-        folder = tmp_path / f"cpus{cpus}"
+    data = np.concatenate(docs).tobytes()
+    assert len(suffix_array_jobs(len(data), 8 * len(data) // 2 + 8, 2)) == 2  # memory for half: two batches
+
+    def table(name: str, build) -> bytes:
+        folder = tmp_path / name
         folder.mkdir()
-        (folder / "tokenized.0").write_bytes(np.concatenate(docs).tobytes())
+        (folder / "tokenized.0").write_bytes(data)
         (folder / "offset.0").write_bytes(offsets.tobytes())
-        run_indexer(folder, 1, cpus)
-        tables.append((folder / "table.0").read_bytes())
-    assert tables[0] == tables[1] and len(tables[0]) > 0
+        build(folder)
+        if name.startswith("ours"):  # temporary parts removed (the package's driver leaves an empty tmp/)
+            assert sorted(p.name for p in folder.iterdir()) == ["offset.0", "table.0", "tokenized.0"]
+        return (folder / "table.0").read_bytes()
+
+    reference = table("package", lambda f: run_package_indexer(f, 1, 2))
+    assert len(reference) > 0
+    assert table("ours-1", lambda f: build_suffix_array(f, 2**30, 1)) == reference
+    assert table("ours-2", lambda f: build_suffix_array(f, 2**30, 2)) == reference
+    assert table("ours-2-batches", lambda f: build_suffix_array(f, 8 * len(data) // 2 + 8, 2)) == reference
+
+
+def test_a_failing_indexer_step_names_the_step_and_folder(tmp_path):
+    from tracecore.tasks.ngram import build_suffix_array
+
+    (tmp_path / "tokenized.0").write_bytes(b"\xff\xff\x01")  # not a whole number of u16 tokens
+    (tmp_path / "offset.0").write_bytes(np.zeros(1, "<u8").tobytes())
+    with pytest.raises(RuntimeError, match=f"infini-gram indexer step .* failed in {tmp_path}"):
+        build_suffix_array(tmp_path, 2**30, 1)
 
 
 def test_map_partitions_with_and_without_a_second_key_word_reduce_together(tmp_path):
