@@ -22,8 +22,9 @@ the tokenizer inside their clock, as ours does in every task (the tenth and earl
 gives the ratio both ways):
 - e2e: read the input files, parse, validate, exact-dedup (one set), `tokenizers` `encode_batch`, write Parquet;
 - tokenize: our committed documents shards -> `encode_batch` (rayon, all cores) -> Parquet;
-- index: infini-gram's own indexer (`python -m infini_gram.indexing`, --cpus = cores) on the whole corpus's
-  tokenized.0/offset.0 (writing those files is timed apart and not counted);
+- index: infini-gram's own indexer as a user runs it (`python -m infini_gram.indexing`, --cpus = cores) on the
+  whole corpus's tokenized.0/offset.0 (writing those files is timed apart and not counted); ours runs the same
+  package's `rust_indexing` binary steps without that Python driver (`tasks.ngram.build_suffix_array`);
 - numpy n-gram: every n-gram (n = 1..max_n) packed into uint64 and counted with `np.unique`, one process whose
   address space is capped at the machine's memory, so running out of memory is a MemoryError, not the OOM killer.
 """
