@@ -193,10 +193,18 @@ def rust_indexing(*args: object) -> subprocess.Popen:
 
 
 def wait_all(procs: list[subprocess.Popen], step: str, folder: Path) -> None:
+    """Wait for every process of a step; the first failure in one line."""
     errors = [(p.returncode, err) for p in procs for _, err in [p.communicate()] if p.returncode != 0]
     if errors:
         raise RuntimeError(f"infini-gram indexer step {step} failed in {folder} (exit {errors[0][0]}): "
-                           f"{errors[0][1][-1000:]}")
+                           f"{panic_message(errors[0][1])}")
+
+
+def panic_message(stderr: str) -> str:
+    """The binary's own message: the line after Rust's "thread 'main' panicked at ...", not the backtrace."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()] or ["no message on stderr"]
+    at = next((i for i, line in enumerate(lines) if "panicked at" in line), None)
+    return (lines[at + 1] if at is not None and at + 1 < len(lines) else lines[-1])[-300:]
 
 
 def build_suffix_array(folder: Path, mem_bytes: int, cpus: int) -> None:
