@@ -29,7 +29,6 @@ from pathlib import Path
 import infini_gram.indexing
 import numpy as np
 import pyarrow as pa
-from infini_gram.indexing import HACK
 from tracecore.configs.schema import NgramConfig
 from tracecore.storage.store import FILES_DIR, ArtifactStore
 from tracecore.tasks.common import host_threads, map_shards
@@ -182,7 +181,7 @@ def suffix_array_jobs(size: int, mem_bytes: int, cpus: int, width: int = 2) -> l
         batches *= 2
     total = batches * cpus
     step = size // total + (-(size // total) % width)
-    ranges = [(i * step, min((i + 1) * step + HACK, size)) for i in range(total)]
+    ranges = [(i * step, min((i + 1) * step + infini_gram.indexing.HACK, size)) for i in range(total)]
     return [ranges[b:b + cpus] for b in range(0, total, cpus)]
 
 
@@ -225,7 +224,8 @@ def build_suffix_array(folder: Path, mem_bytes: int, cpus: int) -> None:
                                 "--end-byte", end, "--ratio", ratio, "--token-width", 2) for start, end in batch],
                  "make-part", folder)
     wait_all([rust_indexing("merge", "--data-file", data, "--parts-dir", parts, "--merged-dir", merged,
-                            "--num-threads", cpus, "--hacksize", HACK, "--ratio", ratio, "--token-width", 2)],
+                            "--num-threads", cpus, "--hacksize", infini_gram.indexing.HACK, "--ratio", ratio,
+                            "--token-width", 2)],
              "merge", folder)
     wait_all([rust_indexing("concat", "--data-file", data, "--merged-dir", merged, "--merged-file",
                             folder / "table.0", "--num-threads", cpus, "--ratio", ratio, "--token-width", 2)],
