@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tracecore-installed
+LOCK_VENV := .venv-lock
+LATEST_VENV := .venv-latest
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -11,16 +13,35 @@ export DO_NOT_TRACK := 1
 PROFILE ?= tiny
 STORE ?=  # empty: the profile's own store (tiny: .tracecore/store)
 
-.PHONY: setup run test test-accept test-long test-cluster lint bench readme clean
+.PHONY: setup lock test-latest run test test-accept test-long test-cluster lint bench readme clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs exactly the hashed versions in requirements.lock (no resolver, no newer release), then the project
+# itself without dependencies; `pip check` proves the lock is complete and consistent.
+$(STAMP): pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "python3.11 not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install "torch==2.13.0"
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# Regenerate requirements.lock from pyproject.toml's ranges (newest releases the registry serves today); run it
+# when you change a dependency or bump versions, then `make test` and `make test-latest`, and commit the lock.
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q "pip-tools>=7.5,<8"
+	$(LOCK_VENV)/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --extra dev \
+	  --no-emit-index-url --no-emit-find-links --custom-compile-command "make lock" \
+	  -c .ci/lock-constraints.txt -o requirements.lock pyproject.toml
+	sed -i 's|-c .*lock-constraints.txt|-c .ci/lock-constraints.txt|' requirements.lock
+	rm -rf $(LOCK_VENV)
+
+# A throw-away venv resolved from pyproject.toml alone (newest releases within its ranges) runs the fast suite,
+# so a new release that breaks us is seen before users see it; run before every release and when bumping the lock.
+test-latest:
+	$(PYTHON) .ci/test_latest.py --venv $(LATEST_VENV)
 
 run: setup  # the run measures and prints the machine's calibration itself (`calibrate: true`)
 	$(BIN)/tracecore run --profile $(PROFILE) $(if $(strip $(STORE)),--store $(STORE))
