@@ -121,7 +121,7 @@ def variant_models(cfg: FinetuneConfig, inputs: dict[str, str], code: str) -> di
 def load_model(folder: str, cfg: FinetuneConfig, device: str, dtype, config=None):
     """Tokenizer + causal LM (LoRA-wrapped if configured, MsT-wrapped if configured), seeded init."""
     import torch
-    from tracecore.kernels import apply_mini_sequence
+    from tracecore.kernels.mini_sequence import apply_mini_sequence
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with MODEL_LOAD_LOCK:

@@ -36,7 +36,7 @@ def test_bad_profile_fails_when_the_deployment_is_built():
 
 
 def test_prefect_yaml_deployments_point_at_real_flows_and_valid_profiles():
-    import importlib
+    from prefect.flows import load_flow_from_entrypoint
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {d["name"]: d for d in spec["deployments"]}
@@ -44,8 +44,7 @@ def test_prefect_yaml_deployments_point_at_real_flows_and_valid_profiles():
     assert names["tracecore-finetune-gpu"]["work_pool"]["name"] == names["tracecore-eval-gpu"]["work_pool"]["name"]
     assert names["tracecore-nightly"]["schedules"][0]["cron"] == "0 3 * * *"
     for d in spec["deployments"]:
-        module, func = d["entrypoint"].split(":")
-        flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), func)
+        flow = load_flow_from_entrypoint(str(REPO / d["entrypoint"]))  # as a Prefect worker loads it
         assert flow.name == "tracecore-profile"
         params = d["parameters"]
         load_config(params["profile"], params.get("overrides", []), stages=params.get("stages"))

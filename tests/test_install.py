@@ -22,6 +22,10 @@ LOCK = REPO / "requirements.lock"
 EXTRA_MODULES = ["transformers.activations", "transformers.integrations.hub_kernels"]
 
 
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def project_requirements() -> list[Requirement]:
     """pyproject's runtime and `dev` requirements: what `make setup` must provide."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -30,8 +34,8 @@ def project_requirements() -> list[Requirement]:
 
 def import_names(dist: str) -> list[str]:
     """Top-level import names a distribution installs (from its RECORD), skipping private and test modules."""
-    names = {name for name, dists in md.packages_distributions().items() if dist.lower().replace("_", "-") in
-             {d.lower().replace("_", "-") for d in dists}}
+    names = {name for name, dists in md.packages_distributions().items()
+             if canonical(dist) in {canonical(d) for d in dists}}
     return sorted(n for n in names if n.isidentifier() and not n.startswith("_") and n not in {"tests", "test"})
 
 
@@ -73,10 +77,6 @@ def test_no_repo_name_shadows_any_installed_module():
     results = import_from_repo_root(clashes)
     bad = {m: f for m, f in results.items() if str(REPO) in f and ".venv" not in f}
     assert not bad, f"repository entries shadow installed modules: {bad}"
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def locked_versions() -> dict[str, str]:

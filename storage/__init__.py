@@ -1,1 +1,0 @@
-"""tracecore storage."""
