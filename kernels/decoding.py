@@ -161,11 +161,29 @@ def prefill(model, ids: torch.Tensor, policy, chunk: int = 512) -> torch.Tensor:
     return logits
 
 
-def answer_accuracy(model, context: torch.Tensor, answer: torch.Tensor, policy, chunk: int = 512) -> bool:
-    """Greedy exact match of `answer` after `context`, teacher-forced (= greedy decoding when all match)."""
+def start_decoding(model, context: torch.Tensor, policy, chunk: int = 512) -> None:
+    """Prefill all but the context's last token; decoding then feeds that token as its first step."""
     prefill(model, context[:, :-1], policy, chunk)
     if hasattr(policy, "after_prefill"):
         policy.after_prefill()
-    tail = torch.cat([context[:, -1:], answer[:, :-1]], dim=1)
-    logits = forward(model, tail, policy, context.shape[1] - 1)
-    return bool((logits.argmax(-1) == answer).all())
+
+
+def greedy_decode(model, context: torch.Tensor, steps: int, policy, chunk: int = 512,
+                  stop_unless: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy tokens after `context`, one token per forward call, so a policy's cache selection only ever sees
+    tokens the model itself produced; with `stop_unless`, stops at the first token that differs from it."""
+    start_decoding(model, context, policy, chunk)
+    token, out = context[:, -1:], []
+    for step in range(steps):
+        token = forward(model, token, policy, context.shape[1] - 1 + step)[:, -1:].argmax(-1)
+        out.append(token)
+        if stop_unless is not None and not torch.equal(token, stop_unless[:, step:step + 1]):
+            break
+    return torch.cat(out, dim=1)
+
+
+def answer_accuracy(model, context: torch.Tensor, answer: torch.Tensor, policy, chunk: int = 512) -> bool:
+    """Exact match of greedy decoding with `answer`, token by token: a teacher-forced answer chunk would let
+    the gold tokens steer a selecting policy (LongCache picks spans from every query of a call)."""
+    decoded = greedy_decode(model, context, answer.shape[1], policy, chunk, stop_unless=answer)
+    return decoded.shape == answer.shape and bool(torch.equal(decoded, answer))

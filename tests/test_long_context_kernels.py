@@ -329,3 +329,36 @@ def test_razor_decoding_on_cuda_matches_cpu(model):
         razor.after_prefill()
         logits.append(torch.cat([forward(m, x[:, t:t + 1].to(device), razor, t) for t in range(100, 130)], 1).cpu())
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-4)
+
+
+class QuerySpy(FullAttention):
+    """Full attention that records how many query tokens each call after the prefill carries."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.prefilled, self.decode_queries = False, []
+
+    def after_prefill(self):
+        self.prefilled = True
+
+    def attend(self, layer, q, k, v, positions):
+        if self.prefilled and layer == 0:
+            self.decode_queries.append(q.shape[2])
+        return super().attend(layer, q, k, v, positions)
+
+
+def test_answer_accuracy_decodes_one_token_per_call_so_no_selection_sees_the_answer(model):
+    """A cache policy that selects from all of a call's queries (LongCache) would let the gold answer's own
+    tokens choose what its first token attends to if the answer were fed as one teacher-forced chunk."""
+    from tracecore.kernels.decoding import answer_accuracy, greedy_decode
+
+    x = ids(60)
+    with torch.no_grad():
+        reference = model.generate(x, max_new_tokens=4, do_sample=False, pad_token_id=0)[:, 60:]
+    assert torch.equal(greedy_decode(model, x, 4, FullAttention(model)), reference)
+    spy = QuerySpy(model)
+    assert answer_accuracy(model, x, reference, spy)
+    assert spy.decode_queries and set(spy.decode_queries) == {1}, spy.decode_queries
+    wrong = reference.clone()
+    wrong[0, 2] = (wrong[0, 2] + 1) % 500
+    assert not answer_accuracy(model, x, wrong, FullAttention(model))
