@@ -71,8 +71,10 @@ def render_verdict(store: ArtifactStore, record: dict) -> str:
         loss, acc = by[(subset, "instruction_loss")], by[(subset, "mc_accuracy")]
         name = SUBSET_NAMES[subset] + (f" ({loss['seeds']} seed{'s' * (loss['seeds'] > 1)})" if subset != "tagcos-random"
                                        else "")
-        rows.append({"subset": name, "held-out loss": _with_interval(loss, 3), "MC accuracy": _with_interval(acc, 3)})
-    return markdown_table(rows, ["subset", "held-out loss", "MC accuracy"])
+        chance = f"{acc['chance']:.3f}" if acc.get("chance") is not None else ""
+        rows.append({"subset": name, "held-out loss": _with_interval(loss, 3), "MC accuracy": _with_interval(acc, 3),
+                     "MC chance": chance, "note": acc.get("note") or ""})
+    return markdown_table(rows, ["subset", "held-out loss", "MC accuracy", "MC chance", "note"])
 
 
 def render_families(store: ArtifactStore, record: dict) -> str:

@@ -1,8 +1,8 @@
 """Stage `eval`: model quality per checkpoint, the data-selection verdict, long-context evaluation.
 
 * Quality, one Dask task per checkpoint (base model, every fine-tuned variant): held-out corpus
-  perplexity (the pre-training split), QA exact match and multiple-choice accuracy (highest summed
-  log-prob of a choice) on the sample world's tasks, translation chrF (sacrebleu) with greedy decoding,
+  perplexity (the pre-training split), QA exact match and multiple-choice accuracy (highest mean per-token
+  log-prob of a choice, lm-eval's length-normalised convention, beside its chance line) on the sample world's tasks, translation chrF (sacrebleu) with greedy decoding,
   held-out instruction loss and exact match per family. Prompts use the fine-tuning template.
 * Verdict: per subset (TAGCOS, random, cluster-random, full pool), a t-interval over seeds of every quality
   metric within its support (log scale and geometric mean for perplexity and loss; clipped to [0, 1] or
@@ -54,6 +54,11 @@ def continuation_logprobs(model, tok, pairs: list[tuple[list[int], list[int]]], 
     return out
 
 
+def mc_pick(scored: list[tuple[float, bool, int]]) -> int:
+    """The choice with the highest mean per-token log-prob: a summed log-prob favours the shortest choice."""
+    return int(np.argmax([logp / max(tokens, 1) for logp, _, tokens in scored]))
+
+
 def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
     """(prompt, response) of an encoded record: the prompt is where labels are -100."""
     n = labels.count(-100)
@@ -85,7 +90,7 @@ def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dic
         p = prompt_ids(tok, "Answer the question.", r["question"])
         scores = continuation_logprobs(model, tok, [(p, tok(c, add_special_tokens=False)["input_ids"] + eos)
                                                     for c in r["choices"]], cfg.batch_size)
-        mc_hits.append(int(np.argmax([s[0] for s in scores])) == r["answer"])
+        mc_hits.append(mc_pick(scores) == r["answer"])
     translations = generate(model, tok, [prompt_ids(tok, "Translate the phrase from English to Zelan.", r["source"])
                                          for r in tasks["translation"]], 16)
     per = continuation_logprobs(model, tok, [split_prompt(*encode(tok, r, 256)) for r in held_out], cfg.batch_size)
@@ -94,6 +99,7 @@ def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dic
         families.setdefault(r.get("family", "all"), []).append(scored)
     return {"perplexity": math.exp(min(eval_loss(model, blocks, cfg.batch_size, "cpu"), 50)),
             "qa_accuracy": float(np.mean([h for _, h, _ in qa])), "mc_accuracy": float(np.mean(mc_hits)),
+            "mc_chance": float(np.mean([1 / len(r["choices"]) for r in tasks["multiple_choice"]])),
             "translation_chrf": sacrebleu.corpus_chrf(translations, [[r["target"] for r in tasks["translation"]]]).score,
             "instruction_loss": -sum(lp for lp, _, _ in per) / max(sum(n for _, _, n in per), 1),
             "instruction_accuracy": float(np.mean([h for _, h, _ in per])),
@@ -180,19 +186,32 @@ def verdict(rows: list[dict], confidence: float) -> list[dict]:
     for r in rows:
         if r["subset"] != "base":
             by_subset.setdefault(r["subset"], []).append(r)
+    below: dict[str, bool] = {}
     for subset, group in sorted(by_subset.items()):
         for metric in METRICS:
             mean, lo, hi = metric_interval(metric, [g[metric] for g in group], confidence)
+            chance = chance_of(metric, group)
+            below[f"{subset}|{metric}"] = chance is not None and hi < chance
             out.append({"subset": subset, "metric": metric, "seeds": len(group), "mean": mean, "lo": lo, "hi": hi,
-                        "scale": "log" if metric in POSITIVE else "linear"})
+                        "scale": "log" if metric in POSITIVE else "linear", "chance": chance,
+                        "note": "below chance" if below[f"{subset}|{metric}"] else ""})
     tagcos = {r["seed"]: r for r in by_subset.get("tagcos", [])}
     rand = {r["seed"]: r for r in by_subset.get("random", [])}
     seeds = sorted(set(tagcos) & set(rand))
     for metric in METRICS if seeds else []:
         mean, lo, hi = interval([tagcos[s][metric] - rand[s][metric] for s in seeds], confidence)
+        flagged = below.get(f"tagcos|{metric}") or below.get(f"random|{metric}")
         out.append({"subset": "tagcos-random", "metric": metric, "seeds": len(seeds), "mean": mean, "lo": lo, "hi": hi,
-                    "scale": "difference"})
+                    "scale": "difference", "chance": None,
+                    "note": "a subset is below chance: the difference is not evidence" if flagged else ""})
     return out
+
+
+def chance_of(metric: str, group: list[dict]) -> float | None:
+    """The metric's chance line (multiple choice: the mean of 1 / choices), so accuracy is read against it."""
+    if metric == "mc_accuracy" and all("mc_chance" in g for g in group):
+        return float(np.mean([g["mc_chance"] for g in group]))
+    return None
 
 
 FAMILY_COLUMNS = ["family", "pool_share", "subset", "seeds", "loss", "loss_lo", "loss_hi", "accuracy", "accuracy_lo",
@@ -339,10 +358,11 @@ def run_eval(run: StageRun) -> None:
              for c in checkpoints(store, model_ref, finetune_ref)]
     report = map_shards("eval", store, refs["quality"], evaluate_checkpoint, items, run.cluster, cfg=cfg)
     run.commit("quality", {"seconds": report.seconds, "skipped_shards": report.skipped,
-                           "report_columns": ["model", *METRICS]}, expected_shards=len(items))
+                           "report_columns": ["model", *METRICS, "mc_chance"]}, expected_shards=len(items))
     rows = store.read_table(refs["quality"]).to_pylist()
     store.write_shard(refs["verdict"], 0, pa.Table.from_pylist(verdict(rows, cfg.confidence)))
-    run.commit("verdict", {"report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale"]},
+    run.commit("verdict", {"report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale", "chance",
+                                             "note"]},
                expected_shards=1)
     shares = family_shares(load_pool(pool_path)[0])
     store.write_shard(refs["families"], 0, pa.Table.from_pylist(family_verdict(rows, cfg.confidence, shares)))

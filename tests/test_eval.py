@@ -149,3 +149,25 @@ def test_needle_heatmaps_carry_a_colour_bar_the_values_and_integer_ticks():
     texts = [t.get_text() for ax in panels for t in ax.texts]
     assert sorted(texts) == sorted(["0.25", "1.00", "0.00"] * 4)
     assert [t.get_text() for t in panels[0].get_xticklabels()] == ["256", "1024"]
+
+
+def test_multiple_choice_is_scored_by_mean_token_logprob_not_the_length_biased_sum():
+    """Summed log-prob favours the shortest choice (fewer negative terms): the verdict's MC accuracy was below
+    chance for every checkpoint. lm-eval's acc_norm normalises by length; we normalise by tokens."""
+    from tracecore.tasks.eval import mc_pick
+
+    short_wrong, long_right = (-6.0, False, 2), (-9.0, False, 6)  # (summed log-prob, greedy hit, tokens)
+    assert mc_pick([short_wrong, long_right]) == 1
+    assert mc_pick([(-1.0, True, 1), (-9.0, False, 3)]) == 0
+
+
+def test_verdict_shows_the_chance_line_and_flags_accuracy_below_it():
+    rows = [{"subset": s, "seed": k, "mc_chance": 0.25,
+             **dict.fromkeys(["perplexity", "qa_accuracy", "translation_chrf", "instruction_loss",
+                              "instruction_accuracy"], 1.0 + k), "mc_accuracy": 0.15 + 0.01 * k}
+            for s in ("tagcos", "random") for k in (0, 1, 2)]
+    mc = {r["subset"]: r for r in verdict(rows, 0.95) if r["metric"] == "mc_accuracy"}
+    assert mc["tagcos"]["chance"] == 0.25 and "below chance" in mc["tagcos"]["note"]
+    assert "below chance" in mc["tagcos-random"]["note"]
+    other = [r for r in verdict(rows, 0.95) if r["metric"] == "qa_accuracy"]
+    assert all(r["note"] == "" for r in other)
