@@ -3,14 +3,16 @@
 K-means (k-means++) over the features; in every cluster, with budget B_c = floor(rate * n_c), a
 non-negative ridge-regularized orthogonal matching pursuit greedily approximates the cluster centroid:
 add the member with the largest positive correlation with the residual, refit the coefficients by
-ridge least squares (lambda = 1), drop members whose coefficient turns negative, stop when the relative
+ridge least squares (lambda = 1), drop members whose coefficient turns negative (repeated until none is),
+stop when the relative
 residual < 1e-4, a member repeats, or B_c members are chosen; if it stops early, the chosen members are
 set aside and OMP reruns on the remainder until B_c are chosen (the official "fill-up"). Clusters run in
 parallel on Dask. Baselines with the same sizes are written the same way: `random` and `cluster_random`
 (same per-cluster budgets, random members).
 
-Deviation: the official code writes the ridge system as (A_S A_S^T + lambda I) x = A_S b, which only
-type-checks with A_S as rows; we solve the equivalent normal equations (A_S^T A_S + lambda I) x = A_S^T b.
+The ridge system is the official one, written for A_S with members as columns: (A_S^T A_S + lambda I) x =
+A_S^T b. Deviations: a dropped member never re-enters the same pass (the fill-up pass may pick it again), and
+non-negativity is enforced by repeated drop-and-refit, so every `omp_weight` is >= 0.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ def ridge_fit(A: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
     return np.linalg.lstsq(A.T @ A + lam * np.eye(A.shape[1]), A.T @ b, rcond=None)[0]
 
 
+def nonnegative_refit(A: np.ndarray, b: np.ndarray, chosen: list[int], lam: float) -> tuple[list[int], np.ndarray]:
+    """Ridge refit on `chosen`, dropping negative coefficients until none is left: one drop-and-refit can turn
+    another coefficient negative, so a single check let negative `omp_weight`s through."""
+    coef = ridge_fit(A[:, chosen], b, lam) if chosen else np.zeros(0)
+    while len(coef) and (coef < 0).any():
+        chosen = [c for c, w in zip(chosen, coef) if w >= 0]
+        coef = ridge_fit(A[:, chosen], b, lam) if chosen else np.zeros(0)
+    return chosen, coef
+
+
 def omp(A: np.ndarray, b: np.ndarray, budget: int, lam: float, tol: float) -> tuple[list[int], list[float]]:
     """One non-negative ridge OMP pass over the columns of A; returns (chosen columns, coefficients)."""
     chosen: list[int] = []
@@ -55,11 +67,7 @@ def omp(A: np.ndarray, b: np.ndarray, budget: int, lam: float, tol: float) -> tu
             break
         chosen.append(j)
         excluded[j] = True
-        coef = ridge_fit(A[:, chosen], b, lam)
-        keep = coef >= 0
-        chosen, coef = [c for c, k in zip(chosen, keep) if k], coef[keep]
-        if not keep.all():
-            coef = ridge_fit(A[:, chosen], b, lam) if chosen else np.zeros(0)
+        chosen, coef = nonnegative_refit(A, b, chosen, lam)
         residual = b - (A[:, chosen] @ coef if chosen else 0)
         if np.linalg.norm(residual) / max(np.linalg.norm(b), 1e-12) < tol:
             break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 import torch
 from conftest import planned_args, with_section
 from tracecore.flows.pipeline import run_stages
@@ -67,6 +68,17 @@ def test_omp_is_nonnegative_and_respects_the_budget():
     assert 0 < len(cols) <= 5 and min(coefs) >= 0 and len(set(cols)) == len(cols)
     picks = omp_fill(A, b, 12, lam=1.0, tol=1e-4)
     assert len(picks) == 12 and len({c for c, _ in picks}) == 12 and min(w for _, w in picks) >= 0
+
+
+@pytest.mark.parametrize("seed", [4499, 13397])
+def test_omp_weights_stay_nonnegative_when_a_refit_after_a_drop_turns_another_negative(seed):
+    """Dropping the negative coefficients and refitting once can leave a new negative one (these random
+    systems do, at a small ridge lambda): the drop-and-refit repeats until every weight is >= 0."""
+    rng = np.random.default_rng(seed)
+    n, d = rng.integers(4, 12), rng.integers(2, 6)
+    A, b = rng.normal(size=(d, n)), rng.normal(size=d)
+    picks = omp_fill(A, b, max(1, n // 2), 0.001, 1e-4)
+    assert len(picks) == max(1, n // 2) and min(w for _, w in picks) >= 0, picks
 
 
 def test_select_budgets_residuals_and_baselines(pretrained):
