@@ -31,7 +31,7 @@ def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def locked_versions() -> dict[str, str]:
-    pins = re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s\\]+)", (REPO / "requirements.lock").read_text(), flags=re.M)
+    pins = re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s\\]+)", (REPO / "requirements.lock").read_text(), flags=re.MULTILINE)
     return {canonical(n): v for n, v in pins}
 
 

@@ -127,8 +127,7 @@ def ce_sweep(rows: int, vocab: int, repeats: int = 20) -> None:
 
 
 def step_cell(method: str, seq: int, device: str, repeats: int, size: str = "small") -> dict:
-    from tracecore.kernels.mini_sequence import apply_mini_sequence
-    from tracecore.kernels.mini_sequence import _enable_checkpointing
+    from tracecore.kernels.mini_sequence import _enable_checkpointing, apply_mini_sequence
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = dict(STEP_MODELS[size])

@@ -93,11 +93,20 @@ def render_selection_quality(store: ArtifactStore, record: dict) -> str:
     names = {"pool": "pool", "tagcos": "TAGCOS", "cluster_random": "cluster-random (same budgets; all draws)",
              "random": "random (all draws)"}
     rows = [{"selection": names[k], "size": manifest["records"] if k == "pool" else n,
-             "low-quality rate": f"{100 * rates[k]['low_quality_rate']:.1f} %",
-             "near-duplicate rate": f"{100 * rates[k]['near_duplicate_rate']:.1f} %",
-             "centroid residual (mean)": f"{residual[k]:.3f}" if k in residual else "–"} for k in names]
+             "low-quality rate": _rate(rates[k], "low_quality"), "near-duplicate rate": _rate(rates[k], "near_duplicate"),
+             "centroid residual (what OMP minimises)": f"{residual[k]:.3f}" if k in residual else "–"} for k in names]
     return markdown_table(rows, ["selection", "size", "low-quality rate", "near-duplicate rate",
-                                 "centroid residual (mean)"])
+                                 "centroid residual (what OMP minimises)"])
+
+
+def _rate(r: dict, flag: str) -> str:
+    """`3.1 % [1.1, 8.8] (p 0.27)`: the rate, its Wilson interval and the one-sided p against the pool's rate."""
+    text = f"{100 * r[f'{flag}_rate']:.1f} %"
+    if f"{flag}_lo" in r:
+        text += f" [{100 * r[f'{flag}_lo']:.1f}, {100 * r[f'{flag}_hi']:.1f}]"
+    if f"{flag}_p_below_pool" in r:
+        text += f" (p {r[f'{flag}_p_below_pool']:.2f})"
+    return text
 
 
 def render_memorization(store: ArtifactStore, record: dict) -> str:

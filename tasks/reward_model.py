@@ -9,6 +9,7 @@ import pyarrow as pa
 from tracecore.configs.schema import PreferenceConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.common import MODEL_LOAD_LOCK, figure_png, get_logger, subplots
+from tracecore.tasks.intervals import wilson
 
 
 def rm_ids(tok, context: str, prompt: str, response: str, max_len: int) -> list[int]:
@@ -103,15 +104,6 @@ def train_reward_model(model, tok, rows: list[dict], cfg: PreferenceConfig, log,
 def is_correct(diff: float, preferred: str) -> bool:
     """r(a) - r(b) agrees with the label; a tie is not a preference, so it is never correct."""
     return diff > 0 if preferred == "a" else diff < 0
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for k of n: stays inside [0, 1], unlike a normal interval at 0 or 1."""
-    if n == 0:
-        return 0.0, 1.0
-    p, d = k / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / d, z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))  # rounding never excludes p
 
 
 def rm_item(r: dict, side: str, with_context: bool) -> tuple[str, str, str]:

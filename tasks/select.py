@@ -28,6 +28,7 @@ from tracecore.configs.schema import SelectConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.common import figure_png, map_shards, subplots
 from tracecore.tasks.instructions import load_pool, pool_inputs, pool_needs
+from tracecore.tasks.intervals import below_rate_p, wilson
 from tracecore.tasks.stage import Stage, StageRun
 
 # `draw`: which random draw a baseline row belongs to (one per fine-tuning seed, modulo baseline_draws);
@@ -142,13 +143,32 @@ def cluster_features(X: np.ndarray, cfg: SelectConfig) -> tuple[np.ndarray, np.n
     return model.labels_, model.cluster_centers_
 
 
+FLAGS = {"low_quality": lambda r: r.get("quality") == "low", "near_duplicate": lambda r: bool(r.get("near_duplicate_of"))}
+
+
 def flag_rates(pool: list[dict], ids: list[str]) -> dict[str, float]:
-    """Share of deliberately low-quality and near-duplicate records (sample-world flags) in a selection."""
+    """Share, count and Wilson interval of deliberately low-quality and near-duplicate records (sample-world
+    flags) in a selection."""
     meta = {r["id"]: r for r in pool}
     chosen = [meta[i] for i in ids if i in meta]
-    n = max(len(chosen), 1)
-    return {"low_quality_rate": sum(r.get("quality") == "low" for r in chosen) / n,
-            "near_duplicate_rate": sum(bool(r.get("near_duplicate_of")) for r in chosen) / n}
+    out: dict[str, float] = {}
+    for flag, is_flagged in FLAGS.items():
+        k = sum(map(is_flagged, chosen))
+        lo, hi = wilson(k, len(chosen))
+        out |= {f"{flag}_rate": k / max(len(chosen), 1), f"{flag}_k": k, f"{flag}_n": len(chosen),
+                f"{flag}_lo": lo, f"{flag}_hi": hi}
+    return out
+
+
+def selection_rates(pool: list[dict], selections: dict[str, list[str]]) -> dict[str, dict]:
+    """`flag_rates` per selection, each (but the pool) with a one-sided binomial p-value against the pool's
+    rate: only a small p says a selection under-selects the flag."""
+    rates = {name: flag_rates(pool, ids) for name, ids in selections.items()}
+    for name, r in rates.items():
+        if name != "pool":
+            for flag in FLAGS:
+                r[f"{flag}_p_below_pool"] = below_rate_p(r[f"{flag}_k"], r[f"{flag}_n"], rates["pool"][f"{flag}_rate"])
+    return rates
 
 
 FAMILY_COLUMNS = ["family", "pool", "tagcos", "cluster_random", "random", "tagcos_records"]
@@ -204,7 +224,7 @@ def run_select(run: StageRun) -> None:
     selections = {name: t.column("record_id").to_pylist()
                   for name, t in (("pool", pa.table({"record_id": ids})), ("tagcos", tagcos),
                                   ("cluster_random", cluster_random), ("random", random))}
-    rates = {name: flag_rates(pool, chosen) for name, chosen in selections.items()}
+    rates = selection_rates(pool, selections)
     clusters = pa.Table.from_pylist([{"cluster": m["shard"], "size": m["size"], "budget": m["budget"],
                                       "centroid_norm": m["centroid_norm"], "residual_tagcos": m["residual_tagcos"],
                                       "residual_cluster_random": m["residual_cluster_random"]} for m in markers])
@@ -222,10 +242,11 @@ def run_select(run: StageRun) -> None:
     store.write_file(refs["coreset"], "rates.json", json.dumps(rates, indent=2).encode())
     store.write_shard(refs["coreset"], 0, tagcos)
     run.commit("coreset", {**stats, "plots": ["plots/cluster_sizes.png"]}, expected_shards=1)
-    log.info("select: %d of %d records in %d clusters; residual TAGCOS %.3f vs cluster-random %.3f; "
-             "low-quality rate %.3f (pool %.3f)", tagcos.num_rows, len(ids), len(items),
-             stats["mean_residual_tagcos"], stats["mean_residual_cluster_random"],
-             rates["tagcos"]["low_quality_rate"], rates["pool"]["low_quality_rate"])
+    log.info("select: %d of %d records in %d clusters; centroid residual (what OMP minimises) TAGCOS %.3f vs "
+             "cluster-random %.3f; low-quality rate %.3f (pool %.3f, one-sided p %.2f)", tagcos.num_rows, len(ids),
+             len(items), stats["mean_residual_tagcos"], stats["mean_residual_cluster_random"],
+             rates["tagcos"]["low_quality_rate"], rates["pool"]["low_quality_rate"],
+             rates["tagcos"]["low_quality_p_below_pool"])
 
 
 STAGE = Stage("select", SelectConfig, {"coreset": "coreset", "clusters": "clusters", "random": "coreset_random",

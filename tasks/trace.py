@@ -23,13 +23,13 @@ ones, for a later training run (`ingest.paths` can read its Parquet shards).
 
 from __future__ import annotations
 
-import math
 import re
 
 import pyarrow as pa
 from tracecore.configs.schema import TraceConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.common import figure_png, log_dropped, map_shards, subplots
+from tracecore.tasks.intervals import wilson
 from tracecore.tasks.stage import Planned, Stage, StageRun, plan_artifact
 from tracecore.tasks.taskfiles import load_task
 
@@ -157,15 +157,6 @@ def trace_spans(store: ArtifactStore, index_ref: str, items: list[dict], max_doc
 
 
 # ---- summaries --------------------------------------------------------------------------------------------
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion: stays inside [0, 1], sensible at 0 of n."""
-    if n == 0:
-        return 0.0, 1.0
-    p, denom = k / n, 1 + z * z / n
-    centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def task_table(items: list[dict], max_docs: int) -> list[dict]:
     out = []
     for task in dict.fromkeys(i["task"] for i in items):

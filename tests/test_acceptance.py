@@ -46,14 +46,26 @@ def test_bootstrap_model_memorizes_factual_qa(tiny_run):
     assert "memorization_scores" in report and "rho_by_task.png" in report
 
 
-def test_tagcos_coreset_under_selects_low_quality_and_near_duplicates(tiny_run):
+def test_tagcos_selection_rates_are_reported_with_intervals_and_a_test_against_the_pool(tiny_run):
+    """The default run's TAGCOS flag rates are not significantly below the pool's (3 of 96 low-quality vs 4.9
+    expected, p ~ 0.27), so no under-selection is asserted: the table carries each rate's Wilson interval
+    and its one-sided binomial p against the pool rate, and an under-selection claim needs p < 0.05. The
+    centroid residual is what OMP minimises, so TAGCOS beating cluster-random there is the method working,
+    not evidence of quality; it is checked as such."""
+    from scipy.stats import binomtest
+
     store, result = tiny_run
     rates = store.manifest(result["refs"]["select.coreset"])["rates"]
-    assert rates["tagcos"]["low_quality_rate"] < rates["pool"]["low_quality_rate"], rates
-    assert rates["tagcos"]["near_duplicate_rate"] < rates["pool"]["near_duplicate_rate"], rates
+    for name in ("tagcos", "cluster_random", "random"):
+        for flag in ("low_quality", "near_duplicate"):
+            r, pool = rates[name], rates["pool"][f"{flag}_rate"]
+            assert 0 <= r[f"{flag}_lo"] <= r[f"{flag}_rate"] <= r[f"{flag}_hi"] <= 1, r
+            expected = binomtest(r[f"{flag}_k"], r[f"{flag}_n"], pool, alternative="less").pvalue
+            assert abs(r[f"{flag}_p_below_pool"] - expected) < 1e-9, r
     clusters = store.read_table(result["refs"]["select.clusters"]).to_pylist()
     assert sum(c["residual_tagcos"] for c in clusters) < sum(c["residual_cluster_random"] for c in clusters)
-    assert "select_cluster_sizes.png" in store.fs.cat(result["report"]).decode()
+    report = store.fs.cat(result["report"]).decode()
+    assert "select_cluster_sizes.png" in report
 
 
 def test_context_aware_reward_model_reads_the_context(tiny_run):

@@ -208,3 +208,20 @@ def test_family_coverage_rows_do_not_depend_on_the_hash_seed():
                for seed in range(6)}
     assert len(outputs) == 1
     assert [r["family"] for r in json.loads(outputs.pop())] == ["a", "b", "c", "d"]
+
+
+def test_flag_rates_carry_wilson_intervals_and_a_test_against_the_pool_rate():
+    """3 low-quality rows of 96 against a pool rate of 5.1 % (4.9 expected) is p ~ 0.27: a lower rate alone
+    is not evidence that TAGCOS selects against noise, so the table carries the interval and the p-value."""
+    from scipy.stats import binomtest
+    from tracecore.tasks.select import selection_rates
+
+    pool = [{"id": f"r{i}", "quality": "low" if i < 51 else "ok"} for i in range(1000)]
+    chosen = [f"r{i}" for i in range(3)] + [f"r{i}" for i in range(100, 193)]
+    rates = selection_rates(pool, {"pool": [r["id"] for r in pool], "tagcos": chosen})
+    low = rates["tagcos"]
+    assert low["low_quality_rate"] == 3 / 96 and low["low_quality_n"] == 96
+    assert 0 <= low["low_quality_lo"] < 3 / 96 < low["low_quality_hi"] <= 1
+    assert abs(low["low_quality_p_below_pool"] - binomtest(3, 96, 0.051, alternative="less").pvalue) < 1e-12
+    assert low["low_quality_p_below_pool"] > 0.05
+    assert "low_quality_p_below_pool" not in rates["pool"]

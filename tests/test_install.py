@@ -80,7 +80,7 @@ def test_no_repo_name_shadows_any_installed_module():
 
 
 def locked_versions() -> dict[str, str]:
-    pins = re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s\\]+)", LOCK.read_text(), flags=re.M)
+    pins = re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s\\]+)", LOCK.read_text(), flags=re.MULTILINE)
     return {canonical(name): version for name, version in pins}
 
 

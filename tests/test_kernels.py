@@ -14,8 +14,7 @@ import pytest
 import torch
 from conftest import gpu
 from tracecore.kernels.mini_sequence import apply_mini_sequence, default_chunks
-from tracecore.kernels.reference import lm_head_ce, plain_lm_head_ce
-from tracecore.kernels.reference import torch_ce_grad_
+from tracecore.kernels.reference import lm_head_ce, plain_lm_head_ce, torch_ce_grad_
 from tracecore.kernels.triton_ce import triton_ce_grad_, triton_lm_head_ce
 from transformers import (
     GPT2Config,

@@ -237,7 +237,7 @@ def test_every_sample_axis_pole_has_training_and_held_out_phrasings():
 
 
 def test_wilson_interval_keeps_the_estimate_inside_and_the_range():
-    from tracecore.tasks.reward_model import wilson
+    from tracecore.tasks.intervals import wilson
 
     for k, n in ((0, 10), (10, 10), (28, 28), (5, 10), (0, 1), (1, 3)):
         lo, hi = wilson(k, n)
