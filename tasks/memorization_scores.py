@@ -10,24 +10,43 @@ import numpy as np
 from tracecore.configs.schema import MemorizationConfig
 
 
-def correlations(lm: np.ndarray, ref: np.ndarray, n_boot: int, seed: int) -> dict:
+def correlations(lm: np.ndarray, ref: np.ndarray, n_boot: int, seed: int, groups: np.ndarray | None = None) -> dict:
     """Spearman and Pearson with percentile bootstrap CIs, Kendall tau distance = (1 - tau) / 2 (a point value,
-    as the paper reports it). All resamples are drawn and ranked at once (one at a time took ~12 s of the
-    default run); a resample where either side is constant has no correlation and is skipped."""
+    as the paper reports it). With `groups` (an item id per row), whole items are resampled: rows of one item
+    (translation's five targets) are not independent, and resampling rows made intervals too narrow. Resamples
+    are drawn and ranked as one array where they have one width (one at a time was slow); a resample where
+    either side is constant has no correlation and is skipped."""
     from scipy import stats
 
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(lm), (n_boot, len(lm)))  # the same draws as n_boot sequential calls
-    a, b = lm[idx], ref[idx]
-    varied = (np.ptp(a, axis=1) > 0) & (np.ptp(b, axis=1) > 0)
-    a, b = a[varied], b[varied]
-    boots = {"spearman": _rowwise_pearson(stats.rankdata(a, axis=1), stats.rankdata(b, axis=1)),
-             "pearson": _rowwise_pearson(a, b)}
     result = {"kendall_tau_distance": (1 - stats.kendalltau(lm, ref).statistic) / 2,
-              "spearman": stats.spearmanr(lm, ref).statistic, "pearson": stats.pearsonr(lm, ref).statistic}
+              "spearman": stats.spearmanr(lm, ref).statistic, "pearson": stats.pearsonr(lm, ref).statistic,
+              "bootstrap_units": int(len(np.unique(groups)) if groups is not None else len(lm))}
+    boots: dict[str, list] = {"spearman": [], "pearson": []}
+    for idx in resample_index(len(lm), n_boot, rng, groups):
+        a, b = lm[idx], ref[idx]
+        varied = (np.ptp(a, axis=1) > 0) & (np.ptp(b, axis=1) > 0)
+        a, b = a[varied], b[varied]
+        boots["spearman"] += list(_rowwise_pearson(stats.rankdata(a, axis=1), stats.rankdata(b, axis=1)))
+        boots["pearson"] += list(_rowwise_pearson(a, b))
     for name, values in boots.items():
-        result |= {f"{name}_lo": np.nanpercentile(values, 2.5), f"{name}_hi": np.nanpercentile(values, 97.5)}
+        ok = np.array(values)[np.isfinite(values)] if values else np.array([])
+        result |= {f"{name}_lo": float(np.percentile(ok, 2.5)) if len(ok) else float("nan"),
+                   f"{name}_hi": float(np.percentile(ok, 97.5)) if len(ok) else float("nan")}
     return result
+
+
+def resample_index(n: int, n_boot: int, rng, groups: np.ndarray | None) -> list[np.ndarray]:
+    """Row indices of the bootstrap resamples as [resamples, rows] arrays: by row, or by whole group (one
+    array when every group has the same size, else one array per resample)."""
+    if groups is None:
+        return [rng.integers(0, n, (n_boot, n))]  # the same draws as n_boot sequential calls
+    keys, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(keys))]
+    drawn = rng.integers(0, len(keys), (n_boot, len(keys)))
+    if len({len(m) for m in members}) == 1:
+        return [np.stack(members)[drawn].reshape(n_boot, -1)]
+    return [np.concatenate([members[g] for g in row])[None, :] for row in drawn]
 
 
 def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -70,16 +89,20 @@ def score_table(rows: list[dict], cfg: MemorizationConfig) -> list[dict]:
         group = list(group)
         seen = [r for r in group if math.isfinite(r["log_p_t"])]
         row = {"model": model, "task": task, "parameters": group[0]["parameters"], "n_all": len(group),
-               "n_cooccurring": len(seen)}
+               "n_cooccurring": len(seen), "items_all": len({r["item_id"] for r in group}),
+               "items_cooccurring": len({r["item_id"] for r in seen})}
         lm_all = np.array([r["log_p_lm"] for r in group])
+        items_all = np.array([str(r["item_id"]) for r in group])
         if len(group) >= 3:
-            every = correlations(lm_all, np.array([r["log_p_t_smoothed"] for r in group]), cfg.bootstrap, cfg.seed)
+            every = correlations(lm_all, np.array([r["log_p_t_smoothed"] for r in group]), cfg.bootstrap, cfg.seed,
+                                 items_all)
             row |= {"spearman_all": every["spearman"], "spearman_all_lo": every["spearman_lo"],
                     "spearman_all_hi": every["spearman_hi"]}
         if len(seen) >= 3:
             lm = np.array([r["log_p_lm"] for r in seen])
-            scores = correlations(lm, np.array([r["log_p_t"] for r in seen]), cfg.bootstrap, cfg.seed)
-            baseline = correlations(lm, np.array([r["log_p_inf"] for r in seen]), cfg.bootstrap, cfg.seed)
+            items = np.array([str(r["item_id"]) for r in seen])
+            scores = correlations(lm, np.array([r["log_p_t"] for r in seen]), cfg.bootstrap, cfg.seed, items)
+            baseline = correlations(lm, np.array([r["log_p_inf"] for r in seen]), cfg.bootstrap, cfg.seed, items)
             row |= {**scores, "infgram_spearman": baseline["spearman"], "infgram_spearman_lo": baseline["spearman_lo"],
                     "infgram_spearman_hi": baseline["spearman_hi"]}
         out.append(row)

@@ -492,3 +492,25 @@ def test_map_partitions_with_and_without_a_second_key_word_reduce_together(tmp_p
             got[tuple(row["ngram"])] += row["count"]
     truth = Counter(tuple(d[i:i + n]) for docs in shards for d in docs for n in (1, 2, 3) for i in range(len(d) - n + 1))
     assert got == truth
+
+
+def test_bootstrap_resamples_items_so_repeated_targets_do_not_narrow_the_interval():
+    """Translation scores five targets per item: rows of one item are not independent. An item repeated five
+    times carries no more evidence than the item once, so its interval must be about as wide as the
+    one-row-per-item interval, not sqrt(5) narrower as a row bootstrap makes it."""
+    from tracecore.tasks.memorization_scores import correlations
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=30)
+    lm = ref + rng.normal(0, 1.5, 30)
+    once = correlations(lm, ref, 2000, seed=1)
+    items = np.repeat(np.arange(30), 5)
+    by_item = correlations(np.repeat(lm, 5), np.repeat(ref, 5), 2000, seed=1, groups=items)
+    by_row = correlations(np.repeat(lm, 5), np.repeat(ref, 5), 2000, seed=1)
+    width = {name: r["spearman_hi"] - r["spearman_lo"] for name, r in
+             (("once", once), ("by_item", by_item), ("by_row", by_row))}
+    assert width["by_item"] > 1.6 * width["by_row"], width
+    assert abs(width["by_item"] - width["once"]) < 0.25 * width["once"], width
+    assert by_item["bootstrap_units"] == 30
+    uneven = correlations(lm[:12], ref[:12], 200, seed=2, groups=np.array([0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 7]))
+    assert -1 <= uneven["spearman_lo"] <= uneven["spearman_hi"] <= 1
