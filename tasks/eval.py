@@ -254,9 +254,21 @@ def _columns(loss: tuple, acc: tuple) -> dict:
 
 
 # ---- long context -------------------------------------------------------------------------------------
+def long_context_model(store: ArtifactStore, model_ref: str, finetune_ref: str, trained_len: int) -> tuple[str, int]:
+    """The model the long-context part evaluates, with its trained length: the context-extended `model_long`
+    when fine-tuning made one (the variants' base; ChatQA 2 evaluates the extended model), else the base."""
+    bases = {store.manifest(r["model_ref"])["inputs"]["model"] for r in store.read_table(finetune_ref).to_pylist()}
+    extended = sorted(bases - {model_ref})
+    if len(extended) == 1:
+        return extended[0], int(store.manifest(extended[0]).get("seq_len") or trained_len)
+    return model_ref, trained_len
+
+
 def long_context(run: StageRun, trained_len: int) -> None:
     """Retrieval warm-up -> retrieval heads -> needle grid (full, Razor, LongCache, RAG); commits 4 artifacts."""
-    store, cfg, log, model_ref, refs = run.store, run.cfg, run.log, run.inputs["model"], run.plan.refs
+    store, cfg, log, refs = run.store, run.cfg, run.log, run.plan.refs
+    model_ref, trained_len = long_context_model(store, run.inputs["model"], run.inputs["finetune"], trained_len)
+    log.info("eval: long-context methods on %s (trained length %d)", model_ref, trained_len)
     import tempfile
 
     import torch
@@ -304,8 +316,8 @@ def long_context(run: StageRun, trained_len: int) -> None:
     run.commit("needle", {"plots": ["plots/needle_heatmaps.png"], "trained_length": trained_len}, expected_shards=1)
     table = summarize(grid)
     store.write_shard(refs["long_context"], 0, pa.Table.from_pylist(table))
-    run.commit("long_context", {"trained_length": trained_len, "report_columns": ["method", "length", "accuracy",
-                                                                           "kv_vs_full", "tokens_in_context"]},
+    columns = ["method", "length", "accuracy", "kv_vs_full", "tokens_in_context"]
+    run.commit("long_context", {"trained_length": trained_len, "evaluated_model": model_ref, "report_columns": columns},
                expected_shards=1)
 
 

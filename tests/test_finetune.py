@@ -142,6 +142,11 @@ def test_long_context_extension_raises_rope_base(pretrained, tmp_path):
     assert theta == 1e6 and long_cfg.max_position_embeddings >= 256
     row = store.read_table(new["finetune.finetune"]).to_pylist()[0]
     assert store.manifest(row["model_ref"])["inputs"]["model"] == new["finetune.long_model"]
+    # ChatQA 2's point is the context-extended model: eval's long-context part must evaluate it, not the base
+    from tracecore.tasks.eval import long_context_model
+
+    assert long_context_model(store, refs["pretrain.model"], new["finetune.finetune"], 128) == \
+        (new["finetune.long_model"], 256)
 
 
 def test_eval_split_defaults_to_sample_world(pretrained):
