@@ -270,8 +270,16 @@ class TraceConfig(Strict):
         "an item shorter than contamination_n words counts as contaminated only when it occurs whole; "
         "items shorter than this are not judged (counted and logged)"))
     max_docs: int = Field(3, ge=1, le=1000, description="documents listed per span and per contaminated item")
-    decontaminate: bool = Field(False, description="also write documents_decontaminated (documents minus the "
-                                "contaminating ones) for a later training run")
+    rule: Literal["question_answer", "question"] = Field("question_answer", description=(
+        "the text an item's n-grams come from: question + answer, or the question alone (NeMo Curator)"))
+    max_matches: int | None = Field(None, ge=1, description=(
+        "ignore an n-gram found in more documents than this (NeMo Curator's max_matches: boilerplate); None = no cap"))
+    decontaminate: bool = Field(False, description="also write documents_decontaminated for a later training run")
+    decontaminate_mode: Literal["drop_document", "remove_span"] = Field("drop_document", description=(
+        "drop each contaminating document, or cut the matched n-grams +- remove_margin characters and split it"))
+    remove_margin: int = Field(200, ge=0, description="characters removed each side of a match (GPT-3: 200)")
+    min_piece_chars: int = Field(200, ge=0, description="pieces of a split document shorter than this are dropped")
+    max_splits: int = Field(10, ge=0, description="a document split more often than this is dropped whole")
 
 
 class LongContextConfig(Strict):

@@ -8,17 +8,21 @@ DataTrove's and NeMo Curator's task decontamination):
   count and up to `max_docs` documents holding it (id, file, line). Occurrence is closed under
   sub-spans, so a two-pointer walk finds the longest span in O(tokens) `count` calls.
 * **Contamination** (a corpus scan on Dask, one task per documents shard): the item's text is its question
-  followed by its answer, normalized as in GPT-3 / NeMo Curator (lower case, words = runs of letters and
+  followed by its answer (`rule: question_answer`) or the question alone (`rule: question`, NeMo Curator's),
+  normalized as in GPT-3 / NeMo Curator (lower case, words = runs of letters and
   digits, punctuation dropped); it is contaminated when one of its n-grams of `contamination_n` words
   (13) occurs in a document. Deviation, for short items (most sample-world items have 5-8 words): an
   item shorter than `contamination_n` words counts as one n-gram, the whole item (as DataTrove does
   for short tasks); items shorter than `min_words` are not judged, and are counted and logged as such.
-  The scan is exact (n-grams compared as strings), not a Bloom filter.
+  The scan is exact (n-grams compared as strings), not a Bloom filter. An n-gram found in more than
+  `max_matches` documents is ignored (NeMo Curator's cap on boilerplate n-grams).
 
 Outputs: `items` (one row per item), `tasks` (share contaminated per task, with a Wilson interval and
 the documents), `hits` (one row per item x document), `rejects` (unusable task rows), a plot, and with
-`decontaminate: true` a `documents_decontaminated` artifact: the documents without the contaminating
-ones, for a later training run (`ingest.paths` can read its Parquet shards).
+`decontaminate: true` a `documents_decontaminated` artifact for a later training run (`ingest.paths` can
+read its Parquet shards): the contaminating documents dropped (`decontaminate_mode: drop_document`), or the
+matched n-grams cut with `remove_margin` characters each side and the documents split there (`remove_span`,
+GPT-3 / NeMo Curator: pieces under `min_piece_chars` go, a document split over `max_splits` times goes).
 """
 
 from __future__ import annotations
@@ -50,23 +54,60 @@ def task_specs(pipeline_cfg) -> list:
     return list(pipeline_cfg.trace.tasks if pipeline_cfg.trace.tasks is not None else pipeline_cfg.memorization.tasks)
 
 
-def item_ngrams(item: dict, n: int, min_words: int) -> list[str]:
-    """The item's word n-grams (question then answer); the whole item when it is shorter than n; none
-    when it is shorter than `min_words` (not judged)."""
-    w = words(item["input"]) + words(item["output"])
+def item_ngrams(item: dict, n: int, min_words: int, rule: str = "question_answer") -> list[str]:
+    """The item's word n-grams (rule `question_answer`: question then answer; `question`: the question alone,
+    as NeMo Curator); the whole item when it is shorter than n; none when it is shorter than `min_words`."""
+    w = words(item["input"]) + (words(item["output"]) if rule == "question_answer" else [])
     if len(w) < min_words:
         return []
     size = min(n, len(w))
     return list(dict.fromkeys(" ".join(w[i:i + size]) for i in range(len(w) - size + 1)))
 
 
-def gram_index(items: list[dict], n: int, min_words: int) -> dict[int, dict[str, list[str]]]:
+def gram_index(items: list[dict], n: int, min_words: int, rule: str = "question_answer") -> dict[int, dict[str, list[str]]]:
     """n-gram size -> n-gram -> item keys (several items may share one)."""
     index: dict[int, dict[str, list[str]]] = {}
     for item in items:
-        for gram in item_ngrams(item, n, min_words):
+        for gram in item_ngrams(item, n, min_words, rule):
             index.setdefault(gram.count(" ") + 1, {}).setdefault(gram, []).append(item["key"])
     return index
+
+
+def frequent_filter(hits: list[dict], max_matches: int | None) -> tuple[list[dict], dict[str, int]]:
+    """Hits without the n-grams found in more than `max_matches` documents (NeMo Curator's cap: such an n-gram
+    is boilerplate, not a leak), and those n-grams with their document counts."""
+    if max_matches is None:
+        return hits, {}
+    docs: dict[str, set] = {}
+    for h in hits:
+        docs.setdefault(h["ngram"], set()).add(h["doc_id"])
+    ignored = {g: len(d) for g, d in docs.items() if len(d) > max_matches}
+    return [h for h in hits if h["ngram"] not in ignored], ignored
+
+
+def remove_spans(text: str, grams: list[str], margin: int, min_chars: int, max_splits: int) -> list[str] | None:
+    """The document's pieces after cutting every occurrence of `grams` (word n-grams as `words` makes them)
+    plus `margin` characters each side (GPT-3 / NeMo Curator); pieces under `min_chars` are dropped; None
+    when it would split more than `max_splits` times (the whole document goes)."""
+    found = [(m.start(), m.end(), m.group().lower()) for m in WORD.finditer(text)]
+    tokens = [w for _, _, w in found]
+    cuts = []
+    for gram in grams:
+        g = gram.split(" ")
+        for i in range(len(tokens) - len(g) + 1):
+            if tokens[i:i + len(g)] == g:
+                cuts.append((max(0, found[i][0] - margin), min(len(text), found[i + len(g) - 1][1] + margin)))
+    merged: list[list[int]] = []
+    for start, end in sorted(cuts):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    if len(merged) > max_splits:
+        return None
+    bounds = [0] + [x for cut in merged for x in cut] + [len(text)]
+    pieces = [text[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2)]
+    return [p for p in pieces if len(p) >= min_chars]
 
 
 # ---- the corpus scan (one Dask task per documents shard) ------------------------------------------------
@@ -94,12 +135,25 @@ def scan_shard(store_uri: str, ref: str, shard: int, documents_ref: str, grams: 
     return store.write_shard(ref, shard, pa.Table.from_pylist(rows, schema=HIT_SCHEMA), records=table.num_rows)
 
 
-def decontaminate_shard(store_uri: str, ref: str, shard: int, documents_ref: str, drop: set[str]) -> dict:
+def decontaminate_shard(store_uri: str, ref: str, shard: int, documents_ref: str, matches: dict[str, list[str]],
+                        cfg: TraceConfig) -> dict:
+    """The shard without contamination: mode `drop_document` drops every matching document; `remove_span`
+    cuts the matched n-grams with `remove_margin` characters each side and keeps the pieces as documents
+    `<id>-<k>` (a document split more than `max_splits` times, or with nothing left, is dropped)."""
     store = ArtifactStore(store_uri)
-    table = store.read_shard(documents_ref, shard)
-    keep = pa.array([i not in drop for i in table.column("id").to_pylist()], pa.bool_())
-    kept = table.filter(keep)
-    return store.write_shard(ref, shard, kept, records=kept.num_rows, dropped=table.num_rows - kept.num_rows)
+    rows, dropped, split = [], 0, 0
+    for doc in store.read_shard(documents_ref, shard).to_pylist():
+        if doc["id"] not in matches:
+            rows.append(doc)
+            continue
+        pieces = (None if cfg.decontaminate_mode == "drop_document" else
+                  remove_spans(doc["text"], matches[doc["id"]], cfg.remove_margin, cfg.min_piece_chars, cfg.max_splits))
+        dropped += not pieces
+        split += bool(pieces)
+        rows += [{**doc, "id": f"{doc['id']}-{k}", "text": piece} for k, piece in enumerate(pieces or [])]
+    schema = store.read_shard(documents_ref, shard).schema
+    kept = pa.Table.from_pylist(rows, schema=schema)
+    return store.write_shard(ref, shard, kept, records=kept.num_rows, dropped=dropped, split=split)
 
 
 # ---- longest spans (infini-gram) -------------------------------------------------------------------------
@@ -239,14 +293,17 @@ def run_trace(run: StageRun) -> None:
     if rejects:
         log.info("trace: %d task rows rejected (first: %s line %d: %s); see %s", len(rejects), rejects[0]["file"],
                  rejects[0]["line"], rejects[0]["reason"], refs["rejects"])
-    grams = gram_index(items, cfg.contamination_n, cfg.min_words)
+    grams = gram_index(items, cfg.contamination_n, cfg.min_words, cfg.rule)
     documents_ref, by_key = run.inputs["documents"], {i["key"]: i for i in items}
     n_shards = store.manifest(documents_ref)["shards"]
     report = map_shards("trace", store, refs["hits"], scan_shard, [documents_ref] * n_shards, run.cluster,
                         grams=grams, owners={k: {"id": i["id"], "task": i["task"]} for k, i in by_key.items()})
     if not store.is_committed(refs["hits"]):
         run.commit("hits", {"seconds": report.seconds, "skipped_shards": report.skipped}, expected_shards=n_shards)
-    hits = store.read_table(refs["hits"]).to_pylist()
+    hits, frequent = frequent_filter(store.read_table(refs["hits"]).to_pylist(), cfg.max_matches)
+    if frequent:
+        log.info("trace: %d n-grams found in more than trace.max_matches=%d documents ignored (e.g. %r)",
+                 len(frequent), cfg.max_matches, next(iter(frequent)))
     spans = {r["key"]: r for r in trace_spans(store, run.inputs["index"], items, cfg.max_docs)}
     by_item: dict[tuple, list[dict]] = {}
     for h in hits:
@@ -259,9 +316,13 @@ def run_trace(run: StageRun) -> None:
         store.write_shard(refs["tasks"], 0, pa.Table.from_pylist(tasks))
         store.write_file(refs["tasks"], "plots/trace_contamination.png", trace_png(rows, tasks))
         run.commit("tasks", {"report_columns": TASK_COLUMNS, "plots": ["plots/trace_contamination.png"],
-                             "contamination_n": cfg.contamination_n}, expected_shards=1)
+                             "contamination_n": cfg.contamination_n, "rule": cfg.rule,
+                             "ngrams_over_max_matches": len(frequent)}, expected_shards=1)
     if cfg.decontaminate and not store.is_committed(refs["documents_decontaminated"]):
-        decontaminate(run, {h["doc_id"] for h in hits})
+        matches: dict[str, list[str]] = {}
+        for h in hits:
+            matches.setdefault(h["doc_id"], []).append(h["ngram"])
+        decontaminate(run, matches)
     store.write_shard(refs["items"], 0, pa.Table.from_pylist(rows))
     run.commit("items", {"items": len(rows), "contaminated": sum(r["contaminated"] for r in rows)},
                expected_shards=1)
@@ -274,19 +335,23 @@ def item_row(item: dict, spans: dict, own: list[dict], cfg: TraceConfig) -> dict
     """One item's row: its spans, whether it could be judged, the documents it shares an n-gram with."""
     docs = list({h["doc_id"]: {"doc_id": h["doc_id"], "file": h["file"], "line": h["line"], "ngram": h["ngram"]}
                  for h in own}.values())
-    judged = bool(item_ngrams(item, cfg.contamination_n, cfg.min_words))
+    judged = bool(item_ngrams(item, cfg.contamination_n, cfg.min_words, cfg.rule))
     return {"task": item["task"], "id": item["id"], "input": item["input"], "output": item["output"],
             **{k: v for k, v in spans.items() if k != "key"}, "judged": judged, "contaminated": bool(docs),
             "contaminating_docs": docs[: cfg.max_docs], "contaminating_count": len(docs)}
 
 
-def decontaminate(run: StageRun, drop: set[str]) -> None:
-    """The documents without every contaminating one (same shards, same schema)."""
+def decontaminate(run: StageRun, matches: dict[str, list[str]]) -> None:
+    """The documents without contamination (same shards, same schema), by `trace.decontaminate_mode`."""
     documents_ref, ref = run.inputs["documents"], run.plan.refs["documents_decontaminated"]
     n_shards = run.store.manifest(documents_ref)["shards"]
-    map_shards("trace", run.store, ref, decontaminate_shard, [documents_ref] * n_shards, run.cluster, drop=drop)
-    run.commit("documents_decontaminated", {"dropped_documents": len(drop)}, expected_shards=n_shards)
-    run.log.info("trace: %d contaminating documents removed in %s", len(drop), ref)
+    report = map_shards("trace", run.store, ref, decontaminate_shard, [documents_ref] * n_shards, run.cluster,
+                        matches=matches, cfg=run.cfg)
+    dropped, split = (sum(m.get(k, 0) for m in report.markers) for k in ("dropped", "split"))
+    run.commit("documents_decontaminated", {"mode": run.cfg.decontaminate_mode, "dropped_documents": dropped,
+                                            "split_documents": split}, expected_shards=n_shards)
+    run.log.info("trace: %d contaminating documents dropped, %d split (%s) in %s", dropped, split,
+                 run.cfg.decontaminate_mode, ref)
 
 
 STAGE = Stage("trace", TraceConfig, {"items": "trace_items", "tasks": "trace_tasks", "hits": "trace_hits",
