@@ -2,7 +2,8 @@
 
 * Quality, one Dask task per checkpoint (base model, every fine-tuned variant): held-out corpus
   perplexity (the pre-training split), QA exact match and multiple-choice accuracy (highest mean per-token
-  log-prob of a choice, lm-eval's length-normalised convention, beside its chance line) on the sample world's tasks, translation chrF (sacrebleu) with greedy decoding,
+  log-prob of a choice, lm-eval's length-normalised convention, beside its chance line) on the sample
+  world's tasks, translation chrF (sacrebleu) with greedy decoding,
   held-out instruction loss and exact match per family. Prompts use the fine-tuning template.
 * Verdict: per subset (TAGCOS, random, cluster-random, full pool), a t-interval over seeds of every quality
   metric within its support (log scale and geometric mean for perplexity and loss; clipped to [0, 1] or
@@ -186,21 +187,21 @@ def verdict(rows: list[dict], confidence: float) -> list[dict]:
     for r in rows:
         if r["subset"] != "base":
             by_subset.setdefault(r["subset"], []).append(r)
-    below: dict[str, bool] = {}
+    below: dict[tuple[str, str], bool] = {}
     for subset, group in sorted(by_subset.items()):
         for metric in METRICS:
             mean, lo, hi = metric_interval(metric, [g[metric] for g in group], confidence)
             chance = chance_of(metric, group)
-            below[f"{subset}|{metric}"] = chance is not None and hi < chance
+            below[subset, metric] = chance is not None and hi < chance
             out.append({"subset": subset, "metric": metric, "seeds": len(group), "mean": mean, "lo": lo, "hi": hi,
                         "scale": "log" if metric in POSITIVE else "linear", "chance": chance,
-                        "note": "below chance" if below[f"{subset}|{metric}"] else ""})
+                        "note": "below chance" if below[subset, metric] else ""})
     tagcos = {r["seed"]: r for r in by_subset.get("tagcos", [])}
     rand = {r["seed"]: r for r in by_subset.get("random", [])}
     seeds = sorted(set(tagcos) & set(rand))
     for metric in METRICS if seeds else []:
         mean, lo, hi = interval([tagcos[s][metric] - rand[s][metric] for s in seeds], confidence)
-        flagged = below.get(f"tagcos|{metric}") or below.get(f"random|{metric}")
+        flagged = below.get(("tagcos", metric)) or below.get(("random", metric))
         out.append({"subset": "tagcos-random", "metric": metric, "seeds": len(seeds), "mean": mean, "lo": lo, "hi": hi,
                     "scale": "difference", "chance": None,
                     "note": "a subset is below chance: the difference is not evidence" if flagged else ""})

@@ -35,8 +35,8 @@ from tracecore.tasks.stage import Stage, StageRun
 from tracecore.tasks.taskfiles import load_task
 
 WORD = re.compile(r"\w+", re.UNICODE)  # words; punctuation is filtered as in the paper
-REPORT_COLUMNS = ["model", "task", "items_cooccurring", "n_cooccurring", "spearman", "spearman_lo", "spearman_hi", "n_all", "spearman_all",
-                  "spearman_all_lo", "spearman_all_hi", "kendall_tau_distance", "infgram_spearman"]
+REPORT_COLUMNS = ["model", "task", "items_cooccurring", "n_cooccurring", "spearman", "spearman_lo", "spearman_hi",
+                  "n_all", "spearman_all", "spearman_all_lo", "spearman_all_hi", "kendall_tau_distance", "infgram_spearman"]
 REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 
 

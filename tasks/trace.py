@@ -141,8 +141,8 @@ def decontaminate_shard(store_uri: str, ref: str, shard: int, documents_ref: str
     cuts the matched n-grams with `remove_margin` characters each side and keeps the pieces as documents
     `<id>-<k>` (a document split more than `max_splits` times, or with nothing left, is dropped)."""
     store = ArtifactStore(store_uri)
-    rows, dropped, split = [], 0, 0
-    for doc in store.read_shard(documents_ref, shard).to_pylist():
+    table, rows, dropped, split = store.read_shard(documents_ref, shard), [], 0, 0
+    for doc in table.to_pylist():
         if doc["id"] not in matches:
             rows.append(doc)
             continue
@@ -151,8 +151,7 @@ def decontaminate_shard(store_uri: str, ref: str, shard: int, documents_ref: str
         dropped += not pieces
         split += bool(pieces)
         rows += [{**doc, "id": f"{doc['id']}-{k}", "text": piece} for k, piece in enumerate(pieces or [])]
-    schema = store.read_shard(documents_ref, shard).schema
-    kept = pa.Table.from_pylist(rows, schema=schema)
+    kept = pa.Table.from_pylist(rows, schema=table.schema)
     return store.write_shard(ref, shard, kept, records=kept.num_rows, dropped=dropped, split=split)
 
 

@@ -22,8 +22,18 @@ LOCK = REPO / "requirements.lock"
 EXTRA_MODULES = ["transformers.activations", "transformers.integrations.hub_kernels"]
 
 
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+def _lock_tools():
+    """`.ci/test_latest.py`, the one place that reads requirements.lock (it is a script, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tracecore_test_latest", REPO / ".ci" / "test_latest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LOCK_TOOLS = _lock_tools()
+canonical, locked_versions = LOCK_TOOLS.canonical, LOCK_TOOLS.locked_versions
 
 
 def project_requirements() -> list[Requirement]:
@@ -77,11 +87,6 @@ def test_no_repo_name_shadows_any_installed_module():
     results = import_from_repo_root(clashes)
     bad = {m: f for m, f in results.items() if str(REPO) in f and ".venv" not in f}
     assert not bad, f"repository entries shadow installed modules: {bad}"
-
-
-def locked_versions() -> dict[str, str]:
-    pins = re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s\\]+)", LOCK.read_text(), flags=re.MULTILINE)
-    return {canonical(name): version for name, version in pins}
 
 
 def test_lock_covers_pyproject_within_its_ranges():
