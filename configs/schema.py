@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tracecore.kernels.settings import LongCacheConfig, RazorConfig
 
 PROFILE_DIR = Path(__file__).parent
@@ -155,11 +155,30 @@ class TaskSpec(Strict):
     kind: Literal["translation", "qa", "multiple_choice"]
     path: str | None = Field(None, description="JSONL/Parquet file or glob; None = the sample world's task")
     align_threshold: float | None = Field(None, ge=-1, le=1, description="overrides the n-based default")
+    prompt: str | None = Field(None, description=(
+        "what the LM is conditioned on, '{input}' replaced by x; None = the kind's template in PROMPTS "
+        "(lm-eval's: 'Question: {input}\\nAnswer:' for qa and multiple_choice)"))
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_input(cls, value: str | None) -> str | None:
+        if value is not None and "{input}" not in value:
+            raise ValueError(f"prompt {value!r} must contain '{{input}}' (where the task's x goes)")
+        return value
+
+    def lm_prompt(self, x: str) -> str:
+        """x in the task's prompt template: a model is scored on the prompt it is evaluated with, not raw x."""
+        return (self.prompt or PROMPTS[self.kind]).replace("{input}", x)
+
+
+# lm-eval-harness' zero-shot templates (TriviaQA / MMLU-style questions; GPT-3's translation phrase format)
+PROMPTS = {"qa": "Question: {input}\nAnswer:", "multiple_choice": "Question: {input}\nAnswer:",
+           "translation": "Source phrase: {input}\nTarget phrase:"}
 
 
 def _sample_tasks() -> list[TaskSpec]:
-    return [TaskSpec(name="translation", kind="translation"), TaskSpec(name="qa", kind="qa"),
-            TaskSpec(name="multiple_choice", kind="multiple_choice")]
+    return [TaskSpec(name="translation", kind="translation", prompt="English phrase: {input}\nZelan phrase:"),
+            TaskSpec(name="qa", kind="qa"), TaskSpec(name="multiple_choice", kind="multiple_choice")]
 
 
 class MemorizationConfig(Strict):

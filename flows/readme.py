@@ -63,8 +63,12 @@ def render_timings(store: ArtifactStore, record: dict) -> str:
 
 
 def render_verdict(store: ArtifactStore, record: dict) -> str:
-    """Held-out instruction loss and MC accuracy per subset, with intervals, and TAGCOS − random."""
+    """Held-out instruction loss and MC accuracy per subset, with intervals, and TAGCOS − random; each subset's
+    training steps beside it, because the full pool trains longer than the coresets (unequal compute)."""
     by = {(r["subset"], r["metric"]): r for r in _rows(store, record, "eval", "verdict")}
+    steps: dict[str, set[int]] = {}
+    for r in _rows(store, record, "finetune", "finetune"):
+        steps.setdefault(r["subset"], set()).add(int(r["steps"]))
     order = [s for s in SUBSET_NAMES if (s, "instruction_loss") in by]
     rows = []
     for subset in order:
@@ -72,9 +76,10 @@ def render_verdict(store: ArtifactStore, record: dict) -> str:
         name = SUBSET_NAMES[subset] + (f" ({loss['seeds']} seed{'s' * (loss['seeds'] > 1)})" if subset != "tagcos-random"
                                        else "")
         chance = f"{acc['chance']:.3f}" if acc.get("chance") is not None else ""
-        rows.append({"subset": name, "held-out loss": _with_interval(loss, 3), "MC accuracy": _with_interval(acc, 3),
+        rows.append({"subset": name, "training steps": "–".join(map(str, sorted(steps.get(subset, ())))),
+                     "held-out loss": _with_interval(loss, 3), "MC accuracy": _with_interval(acc, 3),
                      "MC chance": chance, "note": acc.get("note") or ""})
-    return markdown_table(rows, ["subset", "held-out loss", "MC accuracy", "MC chance", "note"])
+    return markdown_table(rows, ["subset", "training steps", "held-out loss", "MC accuracy", "MC chance", "note"])
 
 
 def render_families(store: ArtifactStore, record: dict) -> str:
@@ -110,22 +115,33 @@ def _rate(r: dict, flag: str) -> str:
 
 
 def render_memorization(store: ArtifactStore, record: dict) -> str:
-    """Spearman ρ of model log-prob vs. task-gram counts per task, with bootstrap intervals."""
-    rows = [{"task": r["task"], "items with co-occurring targets": r["n_cooccurring"],
+    """Spearman ρ of model log-prob vs. task-gram counts per task, with bootstrap intervals over items, and the
+    share of the indexed corpus the model saw."""
+    def share(value) -> str:
+        return "–" if value is None else f"{100 * value:.0f} %"
+
+    rows = [{"task": r["task"], "items (co-occurring)": r["items_cooccurring"],
+             "targets with co-occurring pairs": r["n_cooccurring"],
              "ρ (task-gram)": f"{r['spearman']:.2f} [{r['spearman_lo']:.2f}, {r['spearman_hi']:.2f}]",
              "all targets": r["n_all"],
              "ρ all (smoothed)": f"{r['spearman_all']:.2f} [{r['spearman_all_lo']:.2f}, {r['spearman_all_hi']:.2f}]",
-             "Kendall-τ distance": f"{r['kendall_tau_distance']:.2f}", "ρ (∞-gram)": f"{r['infgram_spearman']:.2f}"}
+             "Kendall-τ distance": f"{r['kendall_tau_distance']:.2f}", "ρ (∞-gram)": f"{r['infgram_spearman']:.2f}",
+             "index seen in training": share(r.get("corpus_share_seen"))}
             for r in _rows(store, record, "memorization", "scores")]
     return markdown_table(rows, list(rows[0]) if rows else ["task"])
 
 
 def render_reward_model(store: ArtifactStore, record: dict) -> str:
-    """Held-out reward-model accuracies with Wilson intervals."""
+    """Held-out reward-model accuracies with Wilson intervals, joint reversal first, each beside its chance line
+    (a coin per record) and the best a context-ignoring scorer could reach on the same records."""
+    def line(value) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
     rows = [{"metric": r["metric"], "contexts": r["context_type"], "model": r["model"], "n": r["n"],
-             "accuracy": f"{r['accuracy']:.3f}", "95 % CI": f"[{r['lo']:.3f}, {r['hi']:.3f}]"}
+             "accuracy": f"{r['accuracy']:.3f}", "95 % CI": f"[{r['lo']:.3f}, {r['hi']:.3f}]",
+             "chance": line(r.get("chance")), "blind ceiling": line(r.get("blind_ceiling"))}
             for r in _rows(store, record, "preference", "accuracy") if r.get("n")]
-    return markdown_table(rows, ["metric", "contexts", "model", "n", "accuracy", "95 % CI"])
+    return markdown_table(rows, ["metric", "contexts", "model", "n", "accuracy", "95 % CI", "chance", "blind ceiling"])
 
 
 def render_long_context(store: ArtifactStore, record: dict) -> str:

@@ -6,7 +6,7 @@ occurs in x dropped (paper's rule; a multiple-choice x is the question only), pa
 100x the cosine as in the official code). Counts come from infini-gram: C(s_x) by `count`, C(s_x, s_y)
 by `count_cnf` within `max_diff_tokens`. Task-gram LM: P_T(s_y | s_x) = C(s_x, s_y) / C(s_x).
 Per (item, s_y): log P_T averaged over its pairs (official code), the ∞-gram log-prob of s_y given x,
-and the summed LM log-prob of s_y given x for every model.
+and the summed LM log-prob of s_y given x in the task's prompt template ("Question: x\nAnswer:") for every model.
 
 Deviations, on purpose: an n-gram side shorter than n words counts as one gram (short answers such as
 "Paris" would otherwise yield no pairs; the overlap rule still checks it against x); pairs with
@@ -157,7 +157,8 @@ def count_chunk(store_uri: str, ref: str, shard: int, item: tuple, max_diff_toke
 
 # ---- LM side and scores -----------------------------------------------------------------------
 def lm_logprobs(model_dir: str, rows: list[dict], batch_size: int) -> list[float]:
-    """Summed log P_LM(s_y | x) under a causal LM, in batches (right-padded, masked)."""
+    """Summed log P_LM(s_y | x) under a causal LM, x in its task's prompt template (`prompt`), in batches
+    (right-padded, masked)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -167,7 +168,7 @@ def lm_logprobs(model_dir: str, rows: list[dict], batch_size: int) -> list[float
     out = []
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
-        ctx = [tok(r["input"], add_special_tokens=False)["input_ids"] for r in batch]
+        ctx = [tok(r["prompt"], add_special_tokens=False)["input_ids"] for r in batch]
         tgt = [tok(" " + r["s_y"], add_special_tokens=False)["input_ids"] for r in batch]
         seqs = [c + t for c, t in zip(ctx, tgt)]
         width = max(map(len, seqs))
@@ -226,6 +227,12 @@ def resolve_models(store: ArtifactStore, models: list[str]) -> dict[str, str]:
     return resolved
 
 
+def corpus_share_seen(store: ArtifactStore, label: str) -> float | None:
+    """The share of the indexed corpus a model trained in this store saw (pretrain records it); None for a
+    folder model, whose pretraining corpus is not the indexed one."""
+    return store.manifest(label).get("corpus_share_seen") if store.is_committed(label) else None
+
+
 def memorization_needs(pipeline_cfg) -> dict[str, str]:
     """The index and its tokenizer; the bootstrap model unless `models` are given; the sample world only
     for tasks without a `path`."""
@@ -280,8 +287,8 @@ def run_memorization(run: StageRun) -> None:
     if not items:
         raise ValueError(f"memorization: no usable task items ({len(rejects)} rejected); see {run.ref('rejects')}")
     specs = {s.name: s for s in cfg.tasks}
-    pairs = [{"task": it["task"], "item_id": it["id"], "input": it["input"], "frequency": it["frequency"],
-              "s_x": sx, "s_y": sy} for it in items for sx, sy in candidate_pairs(it, cfg.n)]
+    pairs = [{"task": it["task"], "item_id": it["id"], "input": it["input"], "prompt": it["prompt"],
+              "frequency": it["frequency"], "s_x": sx, "s_y": sy} for it in items for sx, sy in candidate_pairs(it, cfg.n)]
     sims = alignment_scores([(p["s_x"], p["s_y"]) for p in pairs], cfg.embedder_path, cfg.batch_size) \
         if cfg.align and pairs else np.ones(len(pairs))
     kept = [{**p, "similarity": float(s)} for p, s in zip(pairs, sims)
@@ -305,7 +312,8 @@ def run_memorization(run: StageRun) -> None:
             "with no pair above the alignment threshold": c["items_unaligned"]})
     log_dropped("memorization", "task rows", len(items) + len(rejects), {"rejected": len(rejects)},
                 f"reasons in {run.ref('rejects')}")
-    scores = [{**s, **counts.get(s["task"], {})} for s in score_table(rows, cfg)]
+    scores = [{**s, **counts.get(s["task"], {}), "corpus_share_seen": corpus_share_seen(store, s["model"])}
+              for s in score_table(rows, cfg)]
     store.write_shard(run.ref("scores"), 0, pa.Table.from_pylist(scores))
     images = plots(scores, rows) if rows else {}
     for name, data in images.items():

@@ -73,6 +73,7 @@ def item_scores(pairs: list[dict]) -> list[dict]:
         prior = 1 / len(targets[task])
         smoothed = [min(0.0, math.log((p["c_xy"] + prior) / (p["c_x"] + 1))) for p in group]
         rows.append({"task": task, "item_id": item_id, "s_y": s_y, "input": group[0]["input"],
+                     "prompt": group[0]["prompt"],
                      "frequency": group[0]["frequency"], "pairs": len(group), "pairs_zero": len(group) - len(logs),
                      "pair_count": sum(p["c_xy"] for p in group), "approx": any(p["approx"] for p in group),
                      "cooccurring": bool(logs), "log_p_t": float(np.mean(logs)) if logs else float("nan"),

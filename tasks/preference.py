@@ -113,15 +113,40 @@ def to_pair(rec: object, fmt: str) -> tuple[dict | None, str | None]:
     return {"prompt": prompt, "a": a, "b": b, "default": default, "contexts": contexts}, None
 
 
+def feature_side(entry: dict, pair: dict) -> str | None:
+    """The response a library entry prefers on this pair, or None when its feature does not tell them apart."""
+    diff = FEATURES[entry["feature"]](pair["a"]) - FEATURES[entry["feature"]](pair["b"])
+    if abs(diff) < MARGINS[entry["feature"]]:
+        return None
+    higher = "a" if diff > 0 else "b"
+    return higher if entry["prefers"] == "higher" else ("b" if higher == "a" else "a")
+
+
 def library_contexts(pair: dict, library: list[dict]) -> list[tuple]:
-    """Library criteria whose feature tells the two responses apart, with the side each one prefers."""
-    out = []
-    for entry in library:
-        diff = FEATURES[entry["feature"]](pair["a"]) - FEATURES[entry["feature"]](pair["b"])
-        if abs(diff) >= MARGINS[entry["feature"]]:
-            higher = "a" if diff > 0 else "b"
-            out.append((entry["context"], entry["type"], higher if entry["prefers"] == "higher" else
-                        ("b" if higher == "a" else "a"), "library"))
+    """Library criteria for a pair, with the side each prefers. A pair with labeled contexts of its own gets only
+    the features those contexts name (a library entry with the same words) and only where the feature picks the
+    side they labeled, because a feature proxy applied across axes contradicts the pair (the `english` share made
+    'the reader only understands Zelan' prefer a bulleted list); a pair without contexts gets every feature
+    that separates its responses, the scorer being its only labeler."""
+    sides = [feature_side(e, pair) for e in library]
+    own = {normalize_text(c): side for c, _, side, _ in pair["contexts"]}
+    features = {e["feature"] for e in library}
+    if own:
+        named = [(e["feature"], side == own[normalize_text(e["context"])]) for e, side in zip(library, sides)
+                 if normalize_text(e["context"]) in own]
+        features = {f for f, _ in named} - {f for f, agrees in named if not agrees}
+    return [(e["context"], e["type"], side, "library") for e, side in zip(library, sides)
+            if side and e["feature"] in features]
+
+
+def unique_contexts(contexts: list[tuple]) -> list[tuple]:
+    """One context per normalised text, the first kept (the pair's own before the library's): the same words
+    entering twice were scored twice."""
+    seen, out = set(), []
+    for c in contexts:
+        if (key := normalize_text(c[0])) not in seen:
+            seen.add(key)
+            out.append(c)
     return out
 
 
@@ -189,7 +214,8 @@ def parse_input(store_uri: str, ref: str, shard: int, item: tuple, cfg: Preferen
         if lm is not None:
             contexts += lm_contexts(pair, lm, cfg.context_lm_template)
         pairs.append({"prompt": pair["prompt"], "a": pair["a"], "b": pair["b"], "default": pair["default"],
-                      "contexts": json.dumps(sorted(set(contexts))), "source": f"{Path(path).name}:{line}"})
+                      "contexts": json.dumps(sorted(unique_contexts(contexts))),
+                      "source": f"{Path(path).name}:{line}"})
     store.write_shard(rejects_ref, shard, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
     schema = pa.schema([(k, pa.string()) for k in ("prompt", "a", "b", "default", "contexts", "source")])
     return store.write_shard(ref, shard, pa.Table.from_pylist(pairs, schema=schema), rejects=len(rejects))
@@ -230,19 +256,77 @@ def split_of(prompt: str, test_fraction: float, seed: int) -> str:
     return hash_split(f"{seed}|{prompt}", test_fraction)
 
 
-def context_split(context: str, test_fraction: float) -> str:
-    """Held-out phrasings: a context text is a test phrasing by a hash of its normalized words alone, so the
-    same wording lands on the same side for every pair and no test context was seen in training."""
-    return hash_split(f"context|{normalize_text(context)}", test_fraction)
+def context_poles(pairs: list[dict], library: list[dict]) -> tuple[dict[str, tuple[str, int]], int]:
+    """Each context's (axis, pole), keyed by its normalised text: a pair's own contexts that prefer the same
+    response share a pole and opposite ones are the two poles of one axis (union-find with parity); library
+    entries of one feature are one axis, poled by `prefers`, and are linked by that alone (on a pair without
+    own contexts several features meet, and their relative sides vary from pair to pair). Returns the map and
+    the number of links that contradicted earlier ones (skipped)."""
+    parent: dict[str, tuple[str, int]] = {}
+
+    def find(x: str) -> tuple[str, int]:
+        root, parity = x, 0
+        while parent.setdefault(root, (root, 0))[0] != root:
+            root, step = parent[root]
+            parity ^= step
+        parent[x] = (root, parity)
+        return root, parity
+
+    def link(x: str, y: str, opposite: bool) -> bool:
+        (rx, px), (ry, py) = find(x), find(y)
+        if rx == ry:
+            return px ^ py == opposite
+        parent[rx] = (ry, px ^ py ^ opposite)
+        return True
+
+    conflicts = 0
+    for feature in {e["feature"] for e in library}:
+        entries = [e for e in library if e["feature"] == feature]
+        for e in entries[1:]:
+            link(normalize_text(e["context"]), normalize_text(entries[0]["context"]), e["prefers"] != entries[0]["prefers"])
+    used = set()
+    for pair in pairs:
+        contexts = [(normalize_text(c), side, src) for c, _, side, src in json.loads(pair["contexts"])]
+        used.update(t for t, _, _ in contexts)
+        own = [(t, side) for t, side, src in contexts if src != "library"]
+        conflicts += sum(not link(t, own[0][0], side != own[0][1]) for t, side in own[1:])
+    return {t: find(t) for t in sorted(used)}, conflicts
 
 
-def expand(pair: dict, split: str, context_test_fraction: float | None = None) -> list[dict]:
+def heldout_phrasings(pairs: list[dict], library: list[dict], fraction: float) -> tuple[set[str], dict[str, int]]:
+    """Normalised texts of the held-out phrasings, as many from each pole of every (axis, context type): then
+    every context-blind scorer scores chance on them (a hash of the wording alone held out one pole's phrasings
+    more often than the other's, and the blind model's training-side bias set its score). Per stratum
+    k = round(fraction x the smaller pole), at least 1 when both poles have two phrasings or more; with one on a
+    pole, the stratum is held out whole (one per pole) or kept by a hash of its phrasings; a one-pole stratum
+    (no reversal: e.g., "correct facts matter") is never held out. Within a pole, the first k by a hash."""
+    poles, conflicts = context_poles(pairs, library)
+    types = {normalize_text(c): t for p in pairs for c, t, _, _ in json.loads(p["contexts"])}
+    strata: dict[tuple, list[list[str]]] = {}
+    for text, (axis, pole) in poles.items():
+        strata.setdefault((axis, types[text]), [[], []])[pole].append(text)
+
+    def by_hash(texts: list[str]) -> list[str]:
+        return sorted(texts, key=lambda t: hashlib.sha256(f"context|{t}".encode()).hexdigest())
+
+    held = set()
+    for sides in strata.values():
+        smaller = min(map(len, sides))
+        k = max(1, round(fraction * smaller)) if smaller >= 2 else (
+            smaller if hash_split("|".join(by_hash(sides[0] + sides[1])), fraction) == "test" else 0)
+        held.update(t for side in sides for t in by_hash(side)[:k])
+    return held, {"context_axes": len({a for a, _ in strata}), "context_pole_conflicts": conflicts,
+                  "heldout_phrasings": len(held)}
+
+
+def expand(pair: dict, split: str, heldout: set[str] | None = None) -> list[dict]:
     """Records for every (context, order), plus the no-context record in both orders where the pair has a
-    context-free winner. With `context_test_fraction`, only the contexts phrased for `split` are kept."""
+    context-free winner. With `heldout` (normalised texts), a train pair keeps only the other phrasings, and
+    a test pair's other phrasings become the `test_seen_phrasing` diagnostic."""
     pair_id = hashlib.sha256(json.dumps([pair["prompt"], sorted((pair["a"], pair["b"]))]).encode()).hexdigest()[:16]
     contexts = []
     for c, t, pref, src in json.loads(pair["contexts"]):
-        phrasing = split if context_test_fraction is None else context_split(c, context_test_fraction)
+        phrasing = split if heldout is None else ("test" if normalize_text(c) in heldout else "train")
         if phrasing == split:
             contexts.append((c, t, pref, src, split))
         elif split == "test":  # a held-out prompt under a training phrasing: the in-distribution diagnostic
@@ -260,6 +344,14 @@ def expand(pair: dict, split: str, context_test_fraction: float | None = None) -
     return rows
 
 
+def records(pairs: list[dict], cfg: PreferenceConfig) -> tuple[list[dict], dict[str, int]]:
+    """The dataset (every pair expanded under its prompt's split, held-out phrasings balanced per pole) and
+    the held-out phrasings' statistics."""
+    heldout, stats = heldout_phrasings(pairs, load_library(cfg.criteria_library), cfg.context_test_fraction)
+    rows = [row for p in pairs for row in expand(p, split_of(p["prompt"], cfg.test_fraction, cfg.seed), heldout)]
+    return rows, stats
+
+
 def reversal_pairs(rows: list[dict]) -> set[str]:
     """Pairs with contexts that prefer different responses (in the original order)."""
     sides: dict[str, set[str]] = {}
@@ -270,7 +362,8 @@ def reversal_pairs(rows: list[dict]) -> set[str]:
     return {p for p, s in sides.items() if len(s) == 2}
 
 
-def statistics(rows: list[dict], pairs: int, exact: int, near: int, rejected: int) -> list[dict]:
+def statistics(rows: list[dict], pairs: int, exact: int, near: int, rejected: int,
+               heldout: dict[str, int]) -> list[dict]:
     import numpy as np
 
     lengths = np.array([len(r["response_a"].split()) for r in rows]) if rows else np.zeros(1)
@@ -284,6 +377,7 @@ def statistics(rows: list[dict], pairs: int, exact: int, near: int, rejected: in
               {"metric": "near_duplicates_removed", "value": float(near)},
               {"metric": "rejected", "value": float(rejected)}]
     stats += [{"metric": f"response_words_p{q}", "value": float(np.percentile(lengths, q))} for q in (10, 50, 90)]
+    stats += [{"metric": name, "value": float(value)} for name, value in heldout.items()]
     stats += [{"metric": name, "value": float(value)} for name, value in guarantee_violations(rows).items()]
     return stats
 
@@ -344,13 +438,13 @@ def run_preference(run: StageRun) -> None:
     log_dropped("preference", "input rows", len(parsed_pairs) + rejected, {
         f"rejected (reasons in {refs['rejects']})": rejected, "exact duplicate pairs": exact,
         f"near-duplicate pairs (Jaccard >= {cfg.near_duplicate_threshold})": near})
-    rows = [row for p in pairs
-            for row in expand(p, split_of(p["prompt"], cfg.test_fraction, cfg.seed), cfg.context_test_fraction)]
+    rows, heldout_stats = records(pairs, cfg)
     for shard, split in enumerate(SPLITS):
         store.write_shard(refs["data"], shard, pa.Table.from_pylist([r for r in rows if r["split"] == split],
                                                                     schema=RECORD_SCHEMA))
     run.commit("data", {"pairs": len(pairs), "splits": list(SPLITS)}, expected_shards=len(SPLITS))
-    store.write_shard(refs["stats"], 0, pa.Table.from_pylist(statistics(rows, len(pairs), exact, near, rejected)))
+    store.write_shard(refs["stats"], 0, pa.Table.from_pylist(statistics(rows, len(pairs), exact, near, rejected,
+                                                                             heldout_stats)))
     run.commit("stats", {"report_columns": ["metric", "value"]}, expected_shards=1)
 
     for shard in range(len(RM_KINDS)):  # a model's curve and its scores are one unit of work
@@ -369,7 +463,8 @@ def run_preference(run: StageRun) -> None:
     store.write_shard(refs["accuracy"], 0, pa.Table.from_pylist(table))
     store.write_file(refs["accuracy"], "plots/accuracy.png", accuracy_png(table))
     run.commit("accuracy", {"plots": ["plots/accuracy.png"],
-                            "report_columns": ["metric", "model", "context_type", "n", "accuracy", "lo", "hi"]},
+                            "report_columns": ["metric", "model", "context_type", "n", "accuracy", "lo", "hi",
+                                               "chance", "blind_ceiling"]},
                expected_shards=1)
     for r in table:
         if r["context_type"] == "all":

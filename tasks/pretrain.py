@@ -98,6 +98,15 @@ def eval_loss(model, blocks: np.ndarray, batch_size: int, device: str) -> float:
     return sum(losses) / len(blocks)
 
 
+def corpus_coverage(train_tokens: int, train_block_tokens: int, corpus_tokens: int) -> dict:
+    """How much of the tokenized (= indexed) corpus the model saw: the memorization stage correlates the model
+    with counts over the whole index, so a model trained on part of it is named as such. Blocks are drawn
+    without repetition until an epoch ends; the eval split is never trained on."""
+    seen = min(train_tokens, train_block_tokens)
+    return {"corpus_tokens": int(corpus_tokens), "corpus_tokens_seen": int(seen),
+            "corpus_share_seen": round(seen / max(corpus_tokens, 1), 4)}
+
+
 def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log, name: str = "pretrain") -> list[dict]:
     """AdamW, warm-up then cosine (or constant) rate, `epochs` passes capped at `max_tokens`; returns the curve.
 
@@ -155,8 +164,8 @@ def run_pretrain(run: StageRun) -> None:
     device = resolve_device(cfg.device)
     with store.local_dir(run.inputs["tokenizer"]) as tok_dir:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
-    train_blocks, eval_blocks = split_blocks(token_stream(store, run.inputs["tokens"], [tokenizer.eos_token_id]),
-                                             cfg.seq_len, cfg.eval_fraction)
+    stream = token_stream(store, run.inputs["tokens"], [tokenizer.eos_token_id])
+    train_blocks, eval_blocks = split_blocks(stream, cfg.seq_len, cfg.eval_fraction)
     with MODEL_LOAD_LOCK:  # construction too: another thread's from_pretrained patches module init process-wide
         model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id).to(device)
     if cfg.dtype == "bfloat16":
@@ -173,7 +182,8 @@ def run_pretrain(run: StageRun) -> None:
     stats = {"parameters": sum(p.numel() for p in model.parameters()), "steps": len(curve),
              "train_tokens": curve[-1]["tokens"], "tokens_per_second": round(curve[-1]["tokens"] / seconds, 1),
              "eval_loss_initial": round(initial, 4), "eval_loss": round(final, 4),
-             "eval_perplexity": round(math.exp(min(final, 50)), 3), "seconds": round(seconds, 2), "device": device}
+             "eval_perplexity": round(math.exp(min(final, 50)), 3), "seconds": round(seconds, 2), "device": device,
+             **corpus_coverage(curve[-1]["tokens"], train_blocks.size, len(stream))}
     run.commit("model", stats, expected_shards=1)
     log.info("pretrain: %d params, eval loss %.3f -> %.3f in %.0fs", stats["parameters"], initial, final, seconds)
 

@@ -122,8 +122,9 @@ def evaluate(score_aware, score_blind, rows: list[dict]) -> list[dict]:
     context_conditioned: every held-out context record (contexts phrased unlike any training context), the
       context-aware model with the context vs. the context-blind baseline without it; the paper's claim is
       the gap between the two;
-    joint_reversal: per reversal pair, every (context preferring a, context preferring b) combination,
-      right under both at once (a model that ignores context scores 0 here, so the blind one is not listed);
+    joint_reversal (first): per reversal pair, every (context preferring a, context preferring b) combination,
+      right under both at once (a model that ignores context scores 0 here, so the blind one is not listed;
+      a coin per record scores 0.25);
     no_context_unconditional: pairs with a context-free winner (e.g. factual errors), no context given."""
     context_rows = [r for r in rows if r["context_type"] != "none"]
     plain_rows = [r for r in rows if r["context_type"] == "none"]
@@ -134,16 +135,31 @@ def evaluate(score_aware, score_blind, rows: list[dict]) -> list[dict]:
         diffs[name] = {id(r): table[rm_item(r, "response_a", with_context)] - table[rm_item(r, "response_b", with_context)]
                        for r in rows}
     out = []
+    for ctype in ("all", "criteria", "scenario", "profile"):  # joint first: the one a blind model cannot reach
+        sel = [r for r in context_rows if ctype == "all" or r["context_type"] == ctype]
+        out.append(_accuracy_row("joint_reversal", "context_aware", ctype, joint_outcomes(sel, diffs["context_aware"]),
+                                 chance=0.25, ceiling=0.0))
     for ctype in ("all", "criteria", "scenario", "profile"):
         sel = [r for r in context_rows if ctype == "all" or r["context_type"] == ctype]
         for model in ("context_aware", "context_blind"):
             out.append(_accuracy_row("context_conditioned", model, ctype,
-                                     [is_correct(diffs[model][id(r)], r["preferred"]) for r in sel]))
-        out.append(_accuracy_row("joint_reversal", "context_aware", ctype, joint_outcomes(sel, diffs["context_aware"])))
+                                     [is_correct(diffs[model][id(r)], r["preferred"]) for r in sel],
+                                     chance=0.5, ceiling=blind_ceiling(sel)))
     for model in ("context_aware", "context_blind"):
         out.append(_accuracy_row("no_context_unconditional", model, "all",
-                                 [is_correct(diffs[model][id(r)], r["preferred"]) for r in plain_rows]))
+                                 [is_correct(diffs[model][id(r)], r["preferred"]) for r in plain_rows], chance=0.5))
     return [r for r in out if r["n"]]
+
+
+def blind_ceiling(rows: list[dict]) -> float:
+    """The best accuracy any context-ignoring scorer reaches on `rows`: per pair, it can only pick the response
+    more of the records favour. On a side-balanced set this is 0.5, the chance line a context-aware model must
+    clear; above 0.5 the set itself rewards a side preference."""
+    favoured: dict[str, dict[str, int]] = {}
+    for r in rows:
+        counts = favoured.setdefault(r["pair_id"], {})
+        counts[r[f"response_{r['preferred']}"]] = counts.get(r[f"response_{r['preferred']}"], 0) + 1
+    return sum(max(c.values()) for c in favoured.values()) / len(rows) if rows else float("nan")
 
 
 def joint_outcomes(rows: list[dict], diffs: dict[int, float]) -> list[bool]:
@@ -155,10 +171,14 @@ def joint_outcomes(rows: list[dict], diffs: dict[int, float]) -> list[bool]:
             for sides in by_key.values() for ra in sides.get("a", []) for rb in sides.get("b", [])]
 
 
-def _accuracy_row(metric: str, model: str, ctype: str, outcomes: list[bool]) -> dict:
+def _accuracy_row(metric: str, model: str, ctype: str, outcomes: list[bool], chance: float,
+                  ceiling: float | None = None) -> dict:
+    """`chance`: a scorer flipping a fair coin per record (per record pair for joint); `blind_ceiling`: the best
+    context-ignoring scorer (None where a context-free label exists)."""
     lo, hi = wilson(sum(outcomes), len(outcomes))
     return {"metric": metric, "model": model, "context_type": ctype, "n": len(outcomes),
-            "accuracy": sum(outcomes) / len(outcomes) if outcomes else float("nan"), "lo": lo, "hi": hi}
+            "accuracy": sum(outcomes) / len(outcomes) if outcomes else float("nan"), "lo": lo, "hi": hi,
+            "chance": chance, "blind_ceiling": ceiling}
 
 
 def accuracy_png(table: list[dict]) -> bytes:

@@ -36,6 +36,11 @@ VERBS = ["watches", "finds", "carries", "follows", "paints", "builds", "opens", 
 PLACES = ["harbor", "valley", "square", "mountain", "village", "station", "lake", "castle", "coast"]
 QUESTIONS = {"city": "Where was {name} born?", "occupation": "What does {name} work as?",
              "year": "In which year was {name} born?"}
+# Multiple-choice questions are worded unlike the QA questions: with the same words and answer, an MC item
+# was the QA item again in the memorization readout (which scores question -> answer).
+MC_QUESTIONS = {"city": "Which of these towns is the birthplace of {name}?",
+                "occupation": "Which of these trades does {name} follow?",
+                "year": "Which of these years is the birth year of {name}?"}
 # Paraphrases of each fact; the last is trivia/FAQ style, the way QA-shaped text occurs in real corpora.
 FACT_TEMPLATES = {
     "city": ["{name} was born in {value}.", "The birthplace of {name} is {value}.",
@@ -180,7 +185,7 @@ def build_tasks(facts: list[dict], phrases: list[dict], rng: random.Random) -> d
         wrong = sorted({v for v in by_attr[f["attribute"]] if v != f["value"]})
         choices = rng.sample(wrong, 3) + [f["value"]]
         rng.shuffle(choices)
-        mc.append({"id": f"mc-{i:05d}", "question": QUESTIONS[f["attribute"]].format(name=f["entity"]),
+        mc.append({"id": f"mc-{i:05d}", "question": MC_QUESTIONS[f["attribute"]].format(name=f["entity"]),
                    "choices": choices, "answer": choices.index(f["value"]), "frequency": f["frequency"]})
     translation = [{"id": f"tr-{i:05d}", "source": p["source"], "target": p["target"], "src_lang": "en",
                     "tgt_lang": "zelan", "frequency": p["frequency"]} for i, p in enumerate(phrases)]

@@ -58,7 +58,8 @@ def load_task(spec: TaskSpec, path: str, max_items: int, stage: str = "memorizat
         if reason:
             rejects.append({"file": path, "line": line, "reason": f"{spec.name}: {reason}"})
         else:
-            items.append({**item, "id": item["id"] or f"{spec.name}-{line}", "task": spec.name})
+            items.append({**item, "id": item["id"] or f"{spec.name}-{line}", "task": spec.name,
+                          "prompt": spec.lm_prompt(item["input"])})
     if max_items and len(items) > max_items:
         get_logger().info("%s: task %s uses the first %d of its %d items (%s.max_items)",
                           stage, spec.name, max_items, len(items), stage)

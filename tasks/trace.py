@@ -169,6 +169,29 @@ def longest_span(engine, ids: list[int]) -> tuple[int, int]:
     return best
 
 
+def longest_form_span(engine, tok, text: str) -> list[int]:
+    """The longest run of the text's tokens that the corpus holds, over both tokenizations (mid-text with a
+    leading space, bare at a document start): the spaced form alone missed a question that opens a document."""
+    from tracecore.tasks.index_query import forms
+
+    best: list[int] = []
+    for ids in forms(tok, text.strip()):
+        start, end = longest_span(engine, ids)
+        best = ids[start:end] if end - start > len(best) else best
+    return best
+
+
+def span_ranks(engine, tok, span: list[int], limit: int) -> tuple[int, list[tuple]]:
+    """(count, ranks) of a span's text in every tokenization, as `tracecore ngram count` counts a phrase."""
+    from tracecore.tasks.index_query import forms, phrase_ranks
+
+    count, ranks = 0, []
+    for ids in forms(tok, tok.decode(span).strip()):
+        n, found = phrase_ranks(engine, ids, limit - len(ranks))
+        count, ranks = count + n, ranks + found
+    return count, ranks
+
+
 RANKS_PER_CALL = 256  # the engine starts a thread per rank: one call for 70k ranks aborted the process
 
 
@@ -180,7 +203,7 @@ def docs_by_ranks(raw, ranks: list[tuple]) -> list[dict]:
 
 def trace_spans(store: ArtifactStore, index_ref: str, items: list[dict], max_docs: int) -> list[dict]:
     """Per item: the longest question span and answer span, their counts and documents."""
-    from tracecore.tasks.index_query import document_rows, opened, phrase_ranks, raw_engine
+    from tracecore.tasks.index_query import document_rows, opened, raw_engine
 
     out = []
     with opened(store, index_ref) as (engine, tok):
@@ -190,9 +213,8 @@ def trace_spans(store: ArtifactStore, index_ref: str, items: list[dict], max_doc
             row = {"key": item["key"]}
             for field, text in (("question", item["input"]), ("answer", item["output"])):
                 ids = tok.encode(" " + text.strip(), add_special_tokens=False).ids
-                start, end = longest_span(engine, ids)
-                span = ids[start:end]
-                count, ranks = phrase_ranks(engine, span, 4 * max_docs) if span else (0, [])
+                span = longest_form_span(engine, tok, text)
+                count, ranks = span_ranks(engine, tok, span, 4 * max_docs) if span else (0, [])
                 row |= {f"{field}_span": tok.decode(span).strip(), f"{field}_span_tokens": len(span),
                         f"{field}_tokens": len(ids), f"{field}_span_words": len(words(tok.decode(span))),
                         f"{field}_span_count": int(count)}

@@ -225,6 +225,23 @@ def test_overlap_rule_checks_short_answers_and_multiple_choice_input_is_the_ques
     assert reason is None and item["input"] == "Which city?" and item["output"] == "Mivel"
 
 
+def test_the_lm_is_scored_on_the_tasks_prompt_template_not_raw_x(tmp_path):
+    """The paper scores P_LM(s_y | x) with x in the evaluation prompt ("Question: ... Answer:"); raw x asks a
+    model for a continuation it is never evaluated on (failed on the old code: items had no prompt)."""
+    from tracecore.tasks.taskfiles import load_task
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "Where was Mivel born?", "answer": "Daro"}\n')
+    (item,), _ = load_task(TaskSpec(name="qa", kind="qa"), str(path), 0)
+    assert item["prompt"] == "Question: Where was Mivel born?\nAnswer:" and item["input"] == "Where was Mivel born?"
+    (own,), _ = load_task(TaskSpec(name="qa", kind="qa", prompt="Q: {input} A:"), str(path), 0)
+    assert own["prompt"] == "Q: Where was Mivel born? A:"
+    translation = {t.name: t for t in MemorizationConfig().tasks}["translation"]
+    assert translation.lm_prompt("the red house") == "English phrase: the red house\nZelan phrase:"
+    with pytest.raises(ValueError, match="must contain '{input}'"):
+        TaskSpec(name="qa", kind="qa", prompt="Question:")
+
+
 def test_scores_cover_every_item_smoothed_and_the_cooccurring_subset_labelled():
     """Items whose pairs never co-occur keep a (smoothed) task-gram probability in rho over all items; the
     paper's rho over co-occurring items is reported beside it with its own count."""
@@ -233,7 +250,7 @@ def test_scores_cover_every_item_smoothed_and_the_cooccurring_subset_labelled():
     pairs = []
     for i in range(12):
         c_xy = 0 if i < 4 else i
-        pairs.append({"task": "qa", "item_id": f"q{i}", "input": "x", "frequency": None, "s_x": "a b",
+        pairs.append({"task": "qa", "item_id": f"q{i}", "input": "x", "prompt": "x", "frequency": None, "s_x": "a b",
                       "s_y": f"y{i}", "c_x": 50, "c_y": 5, "c_xy": c_xy, "approx": False, "log_p_inf": -1.0})
     rows = item_scores(pairs)
     assert all(np.isfinite(r["log_p_t_smoothed"]) for r in rows)
@@ -258,8 +275,8 @@ def test_constructed_agreement_gives_positive_rho(indexed):
     spec = TaskSpec(name="qa", kind="qa")
     with store.local_dir(refs["sample.sample"]) as folder:
         items, _ = load_task(spec, f"{folder}/tasks/qa.jsonl", 0)
-    pairs = [{"task": "qa", "item_id": it["id"], "input": it["input"], "frequency": it["frequency"], "s_x": sx,
-              "s_y": sy} for it in items for sx, sy in candidate_pairs(it, 2)]
+    pairs = [{"task": "qa", "item_id": it["id"], "input": it["input"], "prompt": it["prompt"],
+              "frequency": it["frequency"], "s_x": sx, "s_y": sy} for it in items for sx, sy in candidate_pairs(it, 2)]
     count_chunk(store.uri, "test/constructed", 0, (refs["ngram.index"], refs["tokenize.tokenizer"], pairs), 100, 50_000)
     rows = item_scores(store.read_shard("test/constructed", 0).to_pylist())
     designed = [{**r, "model": "planted", "parameters": 1, "log_p_lm": float(np.log(r["frequency"]))} for r in rows]

@@ -53,8 +53,8 @@ def test_malformed_inputs_become_rejects_and_good_rows_survive(tmp_path):
 
 
 def test_dataset_guarantees():
-    pair, _ = to_pair({**GOOD, "criteria_chosen": "Prefer short answers.", "criteria_rejected": "Prefer detail."},
-                      "sample")
+    pair, _ = to_pair({**GOOD, "criteria_chosen": "Prefer a concise answer of one sentence.",
+                       "criteria_rejected": "Prefer a detailed answer with several sentences."}, "sample")
     from tracecore.tasks.preference import library_contexts
 
     contexts = pair["contexts"] + library_contexts(pair, load_library("builtin"))
@@ -226,14 +226,18 @@ def test_preference_metrics_can_fail():
         assert 0.0 <= r["lo"] <= r["accuracy"] <= r["hi"] <= 1.0
 
 
-def test_every_sample_axis_pole_has_training_and_held_out_phrasings():
-    from tracecore.tasks.preference import context_split
+def test_every_sample_axis_pole_has_training_and_held_out_phrasings(tmp_path):
+    """Each reversible axis holds out one wording per pole and trains on the rest; the factual criteria, which
+    never reverse, stay in training (held out, they let a blind model score above chance)."""
+    from tracecore.tasks.common import normalize_text
+    from tracecore.tasks.preference import heldout_phrasings
     from tracecore.tasks.sample import AXES, FACTUAL
 
-    for poles in [*AXES.values(), (FACTUAL,)]:
+    held, _ = heldout_phrasings(_sample_pairs(tmp_path), load_library("builtin"), 0.3)
+    for poles in AXES.values():
         for phrasings in poles:
-            splits = {context_split(c, PreferenceConfig().context_test_fraction) for c in phrasings}
-            assert splits == {"train", "test"}, phrasings
+            assert sum(normalize_text(c) in held for c in phrasings) == 1, phrasings
+    assert not held & {normalize_text(c) for c in FACTUAL}
 
 
 def test_wilson_interval_keeps_the_estimate_inside_and_the_range():
@@ -263,3 +267,76 @@ def test_reward_model_trains_once_per_comparison_not_per_response_order():
     assert sorted(blind) == sorted([("", "p", "short", "long answer"), ("", "p", "short", "long answer"),
                                     ("", "p", "long answer", "short")])
 
+
+
+def _sample_pairs(tmp_path, n: int = 120) -> list[dict]:
+    """The sample world's preference pairs, parsed as the stage parses them (own contexts + library)."""
+    import random
+
+    from tracecore.configs.schema import SampleConfig
+    from tracecore.tasks.sample import build_knowledge_base, build_preferences
+
+    cfg = SampleConfig(preference_pairs=n)
+    rng = random.Random(cfg.seed)
+    facts, lexicon = build_knowledge_base(cfg, rng)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in build_preferences(cfg, facts, lexicon, rng)))
+    store = ArtifactStore(tmp_path / "store")
+    parse_input(store.uri, "parsed/x", 0, (str(path), "sample", "rejects/x"), cfg=PreferenceConfig())
+    return store.read_shard("parsed/x", 0).to_pylist()
+
+
+def test_each_context_text_enters_a_pair_once_and_only_on_the_pairs_own_features(tmp_path):
+    """The library's criteria repeat the sample world's wordings: one copy per normalised text, or that context
+    is scored twice. A library feature applies only where the pair's own contexts name it and it picks the side
+    they labeled: the `english` proxy on a bulleted-list pair made 'the reader only understands Zelan' prefer
+    the list (failed on the old code)."""
+    from tracecore.tasks.common import normalize_text
+
+    library = {e["context"]: e for e in load_library("builtin")}
+    for pair in _sample_pairs(tmp_path):
+        contexts = json.loads(pair["contexts"])
+        texts = [normalize_text(c) for c, *_ in contexts]
+        assert len(texts) == len(set(texts)), contexts
+        own = {normalize_text(c) for c, _, _, src in contexts if src == "input"}
+        features = {e["feature"] for t, e in library.items() if normalize_text(t) in own}
+        for c, _, side, src in contexts:
+            if src == "library":
+                assert library[c]["feature"] in features, (c, pair["a"], pair["b"])
+
+
+def test_held_out_phrasings_favour_each_pole_equally_per_axis(tmp_path):
+    """A context-blind scorer must score chance on the held-out contexts: per pair, as many held-out contexts
+    favour each response (old code: the wording's hash alone held out, e.g., two concise phrasings and no
+    detailed one, so the blind model's training-side bias decided its score)."""
+    from tracecore.tasks.preference import records, reversal_pairs
+    from tracecore.tasks.reward_model import blind_ceiling
+
+    rows, stats = records(_sample_pairs(tmp_path), PreferenceConfig())
+    test = [r for r in rows if r["split"] == "test" and r["context_type"] != "none"]
+    assert test and blind_ceiling(test) == 0.5
+    for ctype in ("criteria", "scenario"):
+        sel = [r for r in test if r["context_type"] == ctype]
+        assert sel and blind_ceiling(sel) == 0.5, ctype
+    assert reversal_pairs(test) and stats["context_pole_conflicts"] == 0
+    train_ctx = {r["context"] for r in rows if r["split"] == "train"}
+    assert not train_ctx & {r["context"] for r in test}  # still phrasings no training record has
+
+
+def test_an_unbalanced_held_out_set_shows_in_the_blind_ceiling():
+    """The chance line is measured from the records: a context-ignoring scorer's best accuracy."""
+    from tracecore.tasks.reward_model import blind_ceiling, evaluate
+
+    pair = {"prompt": "p", "a": "short.", "b": "a long detailed answer.", "default": None, "source": "t",
+            "contexts": json.dumps([["Prefer detail.", "criteria", "b", "input"], ["More detail.", "criteria", "b",
+                                                                                  "input"],
+                                    ["Prefer brevity.", "criteria", "a", "input"]])}
+    rows = expand(pair, "test")
+    assert blind_ceiling(rows) == 2 / 3
+    table = evaluate(_scorer(True), _scorer(False), rows)
+    assert table[0]["metric"] == "joint_reversal"  # the table leads with what a blind model cannot reach
+    by = {(r["metric"], r["model"], r["context_type"]): r for r in table}
+    assert by[("context_conditioned", "context_blind", "all")]["blind_ceiling"] == 2 / 3
+    assert by[("context_conditioned", "context_blind", "all")]["chance"] == 0.5
+    assert by[("joint_reversal", "context_aware", "all")]["chance"] == 0.25
+    assert by[("joint_reversal", "context_aware", "all")]["blind_ceiling"] == 0.0

@@ -330,3 +330,18 @@ def test_instruction_families_are_zipf_sized_and_the_held_out_set_is_balanced(tm
                  tmp_path / "flat")
     flat = Counter(json.loads(x)["family"] for x in (tmp_path / "flat/instructions/train.jsonl").read_text().splitlines())
     assert max(flat.values()) / min(flat.values()) < 1.3  # near-duplicates copy their source's family
+
+
+def test_multiple_choice_items_are_not_the_qa_items_again(tmp_path):
+    """The memorization readout scores (input, answer) pairs per task: a multiple-choice item with the QA item's
+    question and answer is the same measurement reported twice (failed on the old code: every MC item was a
+    QA item). The MC questions are worded apart, as MMLU-style items are."""
+    from tracecore.tasks.taskfiles import to_item
+
+    write_sample(SampleConfig(), tmp_path)
+    rows = {kind: [json.loads(line) for line in (tmp_path / "tasks" / f"{kind}.jsonl").read_text().splitlines()]
+            for kind in ("qa", "multiple_choice")}
+    items = {kind: {(i["input"], i["output"]) for i in (to_item(kind, r)[0] for r in rs)} for kind, rs in rows.items()}
+    assert items["qa"] and items["multiple_choice"] and not items["qa"] & items["multiple_choice"]
+    qa_inputs = {x.lower() for x, _ in items["qa"]}
+    assert not any(x.lower() in qa_inputs for x, _ in items["multiple_choice"])

@@ -177,3 +177,29 @@ def test_remove_span_mode_keeps_the_planted_documents_pieces_without_the_item(tr
                 if r["task"] == "qa"}
     for p in traced.planted:
         assert not any(question[p["id"]] in t.lower() for i, t in out.items() if i.startswith(f"{p['doc_id']}-")), p
+
+
+class ListEngine:
+    """An engine over a few token lists: `count` of a token sequence, as infini-gram answers it."""
+
+    def __init__(self, docs: list[list[int]]):
+        self.docs = docs
+
+    def count(self, ids: list[int]) -> dict:
+        n = len(ids)
+        return {"count": sum(doc[i:i + n] == ids for doc in self.docs for i in range(len(doc) - n + 1))}
+
+
+def test_a_question_that_opens_a_document_is_found_whole(traced):
+    """At a document start a phrase is tokenized without its leading space; searching only the spaced form
+    lost the first word (failed on the old code: the span missed 'Where')."""
+    from tokenizers import Tokenizer
+    from tracecore.tasks.trace import longest_form_span
+
+    with traced.store.local_dir(traced.refs["tokenize.tokenizer"]) as folder:
+        tok = Tokenizer.from_file(f"{folder}/tokenizer.json")
+    question = "Where was Mivelo Darsk born?"
+    engine = ListEngine([tok.encode(question + " In Tarn.", add_special_tokens=False).ids])
+    assert tok.decode(longest_form_span(engine, tok, question)).strip() == question
+    mid = ListEngine([tok.encode("We asked: " + question, add_special_tokens=False).ids])
+    assert tok.decode(longest_form_span(mid, tok, question)).strip() == question
