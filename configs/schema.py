@@ -98,7 +98,9 @@ class TokenizeConfig(Strict):
 class PretrainConfig(Strict):
     """The bootstrap Llama-architecture model, or a user's model by path."""
 
-    model_path: str | None = Field(None, description="local HF causal-LM folder; None = pretrain a tiny Llama")
+    model_path: str | None = Field(None, description=(
+        "local HF causal-LM folder, a .gguf file, or a packaged model (smollm2-135m-instruct); None = pretrain a "
+        "tiny Llama"))
     hidden_size: int = Field(128, ge=16, le=8192)
     layers: int = Field(2, ge=1, le=128)
     heads: int = Field(4, ge=1, le=128)

@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cnf":
             q.add_argument("--window", type=int, default=100, help="max tokens between the clauses (default: 100)")
 
+    model = sub.add_parser("model", help="model files as store artifacts: import a GGUF once",
+                           description="Convert a GGUF file (or a packaged model: smollm2-135m-instruct) into a "
+                           "Hugging Face safetensors folder in the store, once; stages taking a model path do "
+                           "the same on their own.")
+    model_sub = model.add_subparsers(dest="action", required=True)
+    imp = model_sub.add_parser("import", help="convert FILE.gguf into model_import/<fp> and print its folder")
+    imp.add_argument("file", help="a .gguf file or a packaged model's name")
+    imp.add_argument("--profile", default="tiny", help="profile whose store to use (default: tiny)")
+    imp.add_argument("--store", default=None, help="artifact store root (default: the profile's store)")
+
     status_help = "stages of a run: state, artifacts, shards done, rows, rejects, and what a re-run would skip"
     for name, text in (("status", status_help),
                        ("artifacts", "artifacts of a run with their paths, rows and checksums"),
@@ -231,6 +241,19 @@ def cmd_ngram(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks.common import get_logger
+    from tracecore.tasks.gguf_models import import_gguf
+
+    store = ArtifactStore(args.store or load_config(args.profile).store)  # importing may start a store
+    ref = import_gguf(store, args.file, "model import", get_logger())
+    manifest = store.manifest(ref)
+    print(f"{ref}: {manifest['model_type']}, {manifest['parameters']:,} parameters, from {manifest['source']} "
+          f"(sha256 {manifest['source_sha256'][:16]})\nfolder: {store.display_path(ref)}")
+    return 0
+
+
 def status_rows(store_uri: str, run_id: str | None) -> tuple[dict, list[dict]]:
     """Per artifact: what the run recorded, and what the store holds now (= what a re-run skips)."""
     from tracecore.flows.report import artifact_rows
@@ -292,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_readme(args)
         if args.command == "ngram":
             return cmd_ngram(args)
+        if args.command == "model":
+            return cmd_model(args)
         return cmd_status(args, artifacts=args.command == "artifacts")
     except (ConfigError, FileNotFoundError) as exc:
         print(f"tracecore: error: {exc}", file=sys.stderr)

@@ -25,9 +25,12 @@ def device_and_dtype(device: str):
 
 
 def model_dir(store: ArtifactStore, model_ref: str):
-    """Context manager yielding a local HF folder for a model artifact (trained here or registered by path)."""
-    external = store.manifest(model_ref).get("external_path")
-    return contextlib.nullcontext(external) if external else store.local_dir(model_ref)
+    """Context manager yielding a local HF folder for a model artifact (trained here, registered by path, or
+    imported from a GGUF file: then the import artifact's folder)."""
+    manifest = store.manifest(model_ref)
+    if manifest.get("external_path"):
+        return contextlib.nullcontext(manifest["external_path"])
+    return store.local_dir(manifest.get("imported") or model_ref)
 
 
 def user_model_config(pipeline_cfg):
@@ -38,12 +41,19 @@ def user_model_config(pipeline_cfg):
 
 
 def causal_lm_config(path: str, field: str):
-    """The config of a local model folder that must be a causal LM transformers knows (no remote code)."""
+    """The config of a local model folder or GGUF file that must be a causal LM transformers knows (no remote
+    code); a GGUF file's header is checked first (architecture, tensor types)."""
     from tracecore.configs.schema import ConfigError
+    from tracecore.tasks.gguf_models import gguf_header, gguf_path, is_gguf
     from transformers import AutoConfig
 
+    location = {"pretrained_model_name_or_path": path}
+    if is_gguf(path):
+        file = gguf_path(path, field)
+        gguf_header(file, field)
+        location = {"pretrained_model_name_or_path": str(file.parent), "gguf_file": file.name}
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(**location, local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as exc:
         raise ConfigError(f"{field}: {path!r} is not a model folder transformers reads without remote code "
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None

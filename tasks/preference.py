@@ -4,16 +4,18 @@
 Builder (Dask-parallel over input files): pairwise exports (`prompt`, `chosen`, `rejected`), RPR-style
 rows (`prompt`, `response_a`, `response_b`, `criteria_x|y`, `scenario_x|y`), and the sample world. Each
 pair gets contexts from (a) its own context columns, (b) the criteria library (`configs/libraries/criteria.yaml`)
-matched by a feature scorer, (c) optionally a local instruct LM by path. Every (pair, context) becomes two
+matched by a feature scorer on the pair's own features, (c) optionally a local instruct LM by path; one
+context per normalised text. Every (pair, context) becomes two
 records, one per response order, so labels are balanced and position carries no signal; every pair also
 gets a no-context record. Exact and near-duplicate pairs are removed, splits are by prompt.
 
 Reward model: `AutoModelForSequenceClassification` (one scalar) from the bootstrap model, Bradley-Terry
 loss on `[context] [prompt] [response]` (truncated so the response is never cut), and a context-blind
 baseline trained the same way on the same records without contexts. Splits are by prompt and, for contexts,
-by phrasing (a hash of the wording): test records use only wordings no training record has. Metrics, each
-with a Wilson interval: context-conditioned accuracy (aware vs. blind: the paper's claim is the gap), joint
-accuracy on reversal pairs (right under both contexts at once), no-context accuracy on pairs with a
+by phrasing: test records use only wordings no training record has, as many per pole of every axis
+(`heldout_phrasings`), so a context-blind model scores chance on them. Metrics, each with a Wilson interval
+and its chance line: joint accuracy on reversal pairs (right under both contexts at once), context-
+conditioned accuracy (aware vs. blind: the paper's claim is the gap), no-context accuracy on pairs with a
 context-free winner only; an in-distribution diagnostic (held-out prompts under training phrasings) beside
 them. Ties count as wrong. Deviation: RPR's `profile_*` columns carry no label of which response they
 favour, so they are not used as contexts; RPR pairs get no no-context record (no context-free label).

@@ -35,9 +35,15 @@ def user_model(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> 
     """A user's model folder is an input: its path and its files' identity (size, mtime) are fingerprinted."""
     from tracecore.storage.fs import folder_fingerprint
 
+    from tracecore.tasks.gguf_models import file_sha256, gguf_path, is_gguf
+
     path = pipeline_cfg.pretrain.model_path
     if not path:
         return {}, {}
+    if is_gguf(path):  # converted when the stage runs; the file's checksum is the input's identity
+        user_model_config(pipeline_cfg)
+        file = gguf_path(path, "pretrain.model_path")
+        return {"model_path": str(file), "model_sha256": file_sha256(file)}, {}
     folder = check_model_folder(path)
     user_model_config(pipeline_cfg)  # a causal LM transformers knows, checked before any work
     return {"model_path": str(folder), "model_files": folder_fingerprint(folder)}, {}
@@ -143,9 +149,15 @@ def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log
 
 
 def register_user_model(run: StageRun) -> None:
-    """Record the user's model folder by path (not copied); later stages load it from there."""
+    """Record the user's model folder by path (not copied); later stages load it from there. A GGUF file is
+    imported into the store once (`model_import/<fp>`) and the model artifact points at the import."""
+    from tracecore.tasks.gguf_models import import_gguf, is_gguf
     from transformers import AutoConfig
 
+    if is_gguf(run.cfg.model_path):
+        ref = import_gguf(run.store, run.cfg.model_path, "pretrain.model_path", run.log)
+        run.commit("model", {"imported": ref, "model_type": run.store.manifest(ref)["model_type"]})
+        return
     folder = check_model_folder(run.cfg.model_path)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     run.commit("model", {"external_path": str(folder.resolve()), "model_type": config.model_type})

@@ -72,10 +72,9 @@ def test_tagcos_selection_rates_are_reported_with_intervals_and_a_test_against_t
 def test_context_aware_reward_model_reads_the_context(tiny_run):
     """Held-out prompts under the training phrasings: the context-aware model follows the context where the
     context-blind one cannot; factual pairs are right without context. The held-out phrasings are balanced
-    per pole, so the blind model's chance line is 0.5 and joint reversal's 0.25 (a coin per record). On tiny,
-    the criteria contexts (reworded in training) transfer: a significant gap over the blind model and joint
-    reversal above its chance line. Held-out scenarios share no words with the training ones and the 0.8 M
-    model does not transfer them (README), so the all-contexts gap is reported, not asserted."""
+    per pole, so the blind model's chance line is 0.5 and joint reversal's 0.25 (a coin per record). On tiny
+    (the default run), new wordings too: a significant gap over the blind model and joint reversal above its
+    chance line. Which context type transfers varies with the base model (README), so none is asserted."""
     store, result = tiny_run
     acc = {(r["metric"], r["model"], r["context_type"]): r
            for r in store.read_table(result["refs"]["preference.accuracy"]).to_pylist()}
@@ -88,8 +87,8 @@ def test_context_aware_reward_model_reads_the_context(tiny_run):
         assert acc[key]["n"] >= 50 and 0 <= acc[key]["lo"] <= acc[key]["accuracy"] <= acc[key]["hi"] <= 1, acc[key]
         assert acc[key]["blind_ceiling"] == (0.0 if key[0] == "joint_reversal" else 0.5), acc[key]
     if FULL:
-        aware = acc[("context_conditioned", "context_aware", "criteria")]
-        blind = acc[("context_conditioned", "context_blind", "criteria")]
+        aware = acc[("context_conditioned", "context_aware", "all")]
+        blind = acc[("context_conditioned", "context_blind", "all")]
         assert aware["lo"] > blind["hi"] and aware["accuracy"] >= blind["accuracy"] + 0.1, acc
         joint = acc[("joint_reversal", "context_aware", "all")]
         assert joint["lo"] > joint["chance"], joint
