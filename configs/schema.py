@@ -360,6 +360,27 @@ class RagSettings(Strict):
     top_k: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
 
 
+class LongContextModel(Strict):
+    """A pretrained model the long-context methods are evaluated on beside the run's own (which, tiny, cannot
+    retrieve): Razor's head probe, the needle grid, RAG vs. long context, KV bytes; one Dask task."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$", description="label in tables and plot names")
+    path: str = Field(description="HF causal-LM folder, .gguf file, or packaged model (smollm2-135m-instruct)")
+    lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096], min_length=1,
+                               description="prompt tokens (SmolLM2 was trained to 8,192)")
+    depths: list[float] = Field(default_factory=lambda: [0.1, 0.35, 0.65, 0.9], min_length=1)
+    needles_per_cell: int = Field(1, ge=1, description="needles per (length, depth); per length: x len(depths)")
+    rag_top_k: list[int] = Field(default_factory=lambda: [1, 3])
+    rag_chunk_tokens: int = Field(128, ge=8)
+    prefill_chunk: int = Field(512, ge=16)
+    longcache: bool = Field(False, description="also LongCache (meant past the trained length: 16k-32k, opt-in)")
+    longcache_settings: LongCacheConfig = Field(default_factory=LongCacheConfig, description="official defaults")
+    razor: RazorConfig = Field(  # paper: S0 in the thousands; 64 keeps the 1-4k prompts compressed
+        default_factory=lambda: RazorConfig(min_buffer=64, compression=8.0, probe_block=64))
+    threads: int = Field(0, ge=0, description="torch threads for this task; 0 = torch default")
+    seed: int = 0
+
+
 class EvalConfig(Strict):
     """Model quality per checkpoint, the data-selection verdict, and long-context evaluation."""
 
@@ -381,6 +402,8 @@ class EvalConfig(Strict):
                                                 chunk_size=64),
         description="LongCache/ReAttention (arXiv 2407.15176), the kernel's own settings type")
     rag: RagSettings = Field(default_factory=RagSettings)
+    long_context_models: list[LongContextModel] = Field(default_factory=list, description=(
+        "pretrained models evaluated on the long-context methods too (tiny: SmolLM2-135M-Instruct)"))
     threads: int = Field(1, ge=0)
     seed: int = 0
 

@@ -159,6 +159,25 @@ def render_long_context(store: ArtifactStore, record: dict) -> str:
     return markdown_table(rows, ["method", *map(str, lengths), f"KV vs. full at {lengths[-1]}"])
 
 
+def render_long_context_models(store: ArtifactStore, record: dict) -> str:
+    """Per extra model and method: needle accuracy per length with its Wilson interval and needle count, and the
+    KV bytes held (measured from the caches) relative to full attention at the longest length."""
+    table = _rows(store, record, "eval", "long_context_models")
+    lengths = sorted({r["length"] for r in table})
+    cell = {(r["model"], r["method"], r["length"]): r for r in table}
+    rows = []
+    for model, method in dict.fromkeys((r["model"], r["method"]) for r in table):
+        row = {"model": model, "method": method}
+        for n in lengths:
+            r = cell.get((model, method, n))
+            row[str(n)] = f"{r['accuracy']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] ({r['needles']})" if r else ""
+        last = cell.get((model, method, lengths[-1]))
+        row[f"KV vs. full at {lengths[-1]}"] = f"{last['kv_vs_full']:.3f}" if last and last["kv_vs_full"] else ""
+        rows.append(row)
+    heads = [f"KV vs. full at {lengths[-1]}"] if lengths else []
+    return markdown_table(rows, ["model", "method", *map(str, lengths), *heads])
+
+
 def render_contamination(store: ArtifactStore, record: dict) -> str:
     """Per task: items contaminated (13-word n-grams, Wilson interval), how much of a question the corpus holds."""
     rows = [{"task": r["task"], "items": r["items"], "judged": r["judged"], "contaminated": r["contaminated"],
@@ -172,7 +191,8 @@ def render_contamination(store: ArtifactStore, record: dict) -> str:
 
 RENDERERS = {"contamination": render_contamination, "timings": render_timings, "verdict": render_verdict, "families": render_families,
              "selection_quality": render_selection_quality, "memorization": render_memorization,
-             "reward_model": render_reward_model, "long_context": render_long_context}
+             "reward_model": render_reward_model, "long_context": render_long_context,
+             "long_context_models": render_long_context_models}
 
 
 def update_readme(text: str, store: ArtifactStore, record: dict) -> tuple[str, list[str]]:

