@@ -325,8 +325,13 @@ def long_context(run: StageRun, trained_len: int) -> None:
 def long_context_models(run: StageRun) -> None:
     """The long-context methods on each `eval.long_context_models` entry, one Dask task (shard) per model, so a
     resumed run keeps the models already evaluated; the summary's manifest holds Razor's checks."""
-    from tracecore.tasks.eval_models import (HEAD_COLUMNS, NEEDLE_COLUMNS, evaluate_model, razor_checks,
-                                             summarize_models)
+    from tracecore.tasks.eval_models import (
+        HEAD_COLUMNS,
+        NEEDLE_COLUMNS,
+        evaluate_model,
+        razor_checks,
+        summarize_models,
+    )
 
     store, cfg, refs = run.store, run.cfg, run.plan.refs
     specs = cfg.long_context_models

@@ -126,12 +126,12 @@ def summarize_models(rows: list[dict]) -> list[dict]:
 
 def load_eval_model(store: ArtifactStore, path: str, field: str):
     """(tokenizer, eager model) of a folder, GGUF file or packaged model (imported into the store once)."""
+    import contextlib
+
     import torch
     from tracecore.tasks.common import MODEL_LOAD_LOCK, get_logger
     from tracecore.tasks.gguf_models import import_gguf, is_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import contextlib
 
     ref = import_gguf(store, path, field, get_logger()) if is_gguf(path) else None
     with (store.local_dir(ref) if ref else contextlib.nullcontext(path)) as folder, MODEL_LOAD_LOCK:

@@ -34,7 +34,6 @@ def pretrain_needs(pipeline_cfg) -> dict[str, str]:
 def user_model(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
     """A user's model folder is an input: its path and its files' identity (size, mtime) are fingerprinted."""
     from tracecore.storage.fs import folder_fingerprint
-
     from tracecore.tasks.gguf_models import file_sha256, gguf_path, is_gguf
 
     path = pipeline_cfg.pretrain.model_path

@@ -3,7 +3,6 @@ bytes measured from the caches, the summary's intervals and Razor's checks."""
 
 from __future__ import annotations
 
-import pytest
 from tracecore.configs.schema import EvalConfig, LongContextModel
 from tracecore.storage.store import ArtifactStore
 

@@ -230,7 +230,7 @@ def test_every_sample_axis_pole_has_training_and_held_out_phrasings(tmp_path):
     """Each reversible axis holds out one wording per pole and trains on the rest; the factual criteria, which
     never reverse, stay in training (held out, they let a blind model score above chance)."""
     from tracecore.tasks.common import normalize_text
-    from tracecore.tasks.preference import heldout_phrasings
+    from tracecore.tasks.preference_splits import heldout_phrasings
     from tracecore.tasks.sample import AXES, FACTUAL
 
     held, _ = heldout_phrasings(_sample_pairs(tmp_path), load_library("builtin"), 0.3)
