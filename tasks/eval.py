@@ -343,7 +343,8 @@ def long_context_models(run: StageRun) -> None:
     for name, columns in (("heads_models", HEAD_COLUMNS), ("needle_models", NEEDLE_COLUMNS)):
         if not specs:
             store.write_shard(refs[name], 0, pa.table({c: pa.array([], t) for c, t in columns.items()}))
-        plots = [f"plots/{'retrieval_heads' if name == 'heads_models' else 'needle'}_{s.name}.png" for s in specs]
+        kinds = ["retrieval_heads"] if name == "heads_models" else ["needle", "needle_heatmaps"]
+        plots = [f"plots/{kind}_{s.name}.png" for s in specs for kind in kinds]
         run.commit(name, {"plots": plots, "seconds": graded.seconds}, expected_shards=max(1, len(specs)))
     summary = summarize_models(store.read_table(refs["needle_models"]).to_pylist())
     store.write_shard(refs["long_context_models"], 0, pa.Table.from_pylist(summary, schema=pa.schema(

