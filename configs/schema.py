@@ -377,7 +377,9 @@ class LongContextModel(Strict):
     longcache_settings: LongCacheConfig = Field(default_factory=LongCacheConfig, description="official defaults")
     razor: RazorConfig = Field(  # paper: S0 in the thousands; 64 keeps the 1-4k prompts compressed
         default_factory=lambda: RazorConfig(min_buffer=64, compression=8.0, probe_block=64))
-    threads: int = Field(0, ge=0, description="torch threads for this task; 0 = torch default")
+    threads: int = Field(2, ge=0, description=(
+        "torch threads for this task (it runs alone at the end of eval); 0 = torch default, which is 1 in a "
+        "Dask worker (Dask pins its workers' math libraries to one thread)"))
     seed: int = 0
 
 

@@ -50,7 +50,7 @@ def test_overrides_parse_yaml_values():
 def test_bad_override_syntax_and_profile():
     with pytest.raises(ConfigError, match="key=value"):
         load_config("tiny", ["tokenize.vocab_size"])
-    with pytest.raises(ConfigError, match=r"profile 'nope' not found: use one of \['gpu', 'tiny', 'tiny-retrieval'\]"):
+    with pytest.raises(ConfigError, match=r"profile 'nope' not found: use one of \['gpu', 'smollm2-long', 'tiny', 'tiny-retrieval'\]"):
         load_config("nope")
 
 
