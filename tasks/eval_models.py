@@ -88,7 +88,8 @@ def needle_rows(model, tok, heads, control, embedder, spec, log) -> list[dict]:
             for _ in range(spec.needles_per_cell):
                 text, key, secret = needle_text(tok, rng, length, depth)
                 answer = torch.tensor([tok(" " + secret, add_special_tokens=False)["input_ids"]])
-                prompts = {name: prompt_ids(tok, text, key) for name in makers}
+                long_prompt = prompt_ids(tok, text, key)  # every cache policy reads the same prompt
+                prompts = dict.fromkeys(makers, long_prompt)
                 prompts |= {f"rag_top{k}": prompt_ids(tok, rag_text(tok, embedder, text, key, spec.rag_chunk_tokens, k),
                                                       key) for k in spec.rag_top_k}
                 for name, ids in prompts.items():

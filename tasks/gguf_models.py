@@ -68,9 +68,10 @@ def gguf_header(path: Path, field: str) -> dict:
                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     field_arch = reader.fields.get("general.architecture")
     arch = field_arch.contents() if field_arch is not None else None
-    if arch not in GGUF_SUPPORTED_ARCHITECTURES or arch in ("general", "tokenizer"):
+    readable = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]  # metadata sections
+    if arch not in readable:
         raise ConfigError(f"{field}: {path.name} has GGUF architecture {arch!r}, which transformers does not "
-                          f"read (supported: {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))})")
+                          f"read (supported: {', '.join(readable)})")
     types = sorted({t.tensor_type.name for t in reader.tensors})
     unsupported = [t for t in types if t not in supported_types()]
     if unsupported:
@@ -97,16 +98,16 @@ def conversion_code() -> str:
     return hashlib.sha256(source + versions.encode()).hexdigest()[:16]
 
 
-def import_ref(path: Path) -> str:
-    return f"model_import/{hashlib.sha256((file_sha256(path) + conversion_code()).encode()).hexdigest()[:16]}"
+def import_ref(source_sha256: str) -> str:
+    return f"model_import/{hashlib.sha256((source_sha256 + conversion_code()).encode()).hexdigest()[:16]}"
 
 
 def import_gguf(store: ArtifactStore, spec: str, field: str = "model", log=None) -> str:
     """The store artifact of a GGUF model, converted on first use (under the artifact's lock, so two runs
     convert once); returns its ref."""
     path = gguf_path(spec, field)
-    header = gguf_header(path, field)
-    ref = import_ref(path)
+    header, sha256 = gguf_header(path, field), file_sha256(path)  # one pass over the file (~100 MB)
+    ref = import_ref(sha256)
     with store.lock(ref):
         if store.is_committed(ref):
             return ref
@@ -116,7 +117,7 @@ def import_gguf(store: ArtifactStore, spec: str, field: str = "model", log=None)
         with tempfile.TemporaryDirectory(prefix="tracecore-gguf-") as tmp:
             stats = convert_gguf(path, tmp)
             store.put_dir(ref, tmp)
-        store.commit(ref, {"stage": "model_import", "source": str(path), "source_sha256": file_sha256(path),
+        store.commit(ref, {"stage": "model_import", "source": str(path), "source_sha256": sha256,
                            "code_version": conversion_code(), **header, **stats})
     return ref
 

@@ -134,13 +134,12 @@ def evaluate(score_aware, score_blind, rows: list[dict]) -> list[dict]:
         table = dict(zip(items, [float(x) for x in score(items)]))
         diffs[name] = {id(r): table[rm_item(r, "response_a", with_context)] - table[rm_item(r, "response_b", with_context)]
                        for r in rows}
-    out = []
-    for ctype in ("all", "criteria", "scenario", "profile"):  # joint first: the one a blind model cannot reach
-        sel = [r for r in context_rows if ctype == "all" or r["context_type"] == ctype]
-        out.append(_accuracy_row("joint_reversal", "context_aware", ctype, joint_outcomes(sel, diffs["context_aware"]),
-                                 chance=0.25, ceiling=0.0))
-    for ctype in ("all", "criteria", "scenario", "profile"):
-        sel = [r for r in context_rows if ctype == "all" or r["context_type"] == ctype]
+    by_type = {ctype: [r for r in context_rows if ctype == "all" or r["context_type"] == ctype]
+               for ctype in ("all", "criteria", "scenario", "profile")}
+    out = [_accuracy_row("joint_reversal", "context_aware", ctype, joint_outcomes(sel, diffs["context_aware"]),
+                         chance=0.25, ceiling=0.0)
+           for ctype, sel in by_type.items()]  # joint first: the one a blind model cannot reach
+    for ctype, sel in by_type.items():
         for model in ("context_aware", "context_blind"):
             out.append(_accuracy_row("context_conditioned", model, ctype,
                                      [is_correct(diffs[model][id(r)], r["preferred"]) for r in sel],
