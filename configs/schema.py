@@ -195,7 +195,10 @@ class MemorizationConfig(Strict):
     embedder_path: str | None = Field(None, description="sentence-transformers folder; None = packaged MiniLM")
     max_diff_tokens: int = Field(1000, ge=1, description="co-occurrence window for count_cnf")
     max_clause_freq: int = Field(50_000, ge=1)
-    models: list[str] = Field(default_factory=list, description="HF causal-LM folders; empty = bootstrap model")
+    models: list[str] = Field(default_factory=list, description=(
+        "models to score: `pretrain.model` (this run's), HF causal-LM folders, .gguf files or packaged models "
+        "(smollm2-135m-instruct); empty = this run's model. A model pretrained elsewhere is labelled: its rho "
+        "measures overlap with the indexed corpus, not memorization of it"))
     bootstrap: int = Field(1000, ge=10, le=100_000)
     items_per_chunk: int = Field(50, ge=1, description="items per Dask counting task")
     batch_size: int = Field(32, ge=1)
@@ -260,7 +263,12 @@ class PreferenceConfig(Strict):
     inputs: list[PreferenceInput] = Field(default_factory=list, description="empty = the sample world's pairs")
     criteria_library: str | None = Field(
         "builtin", description="YAML path; builtin = configs/libraries/criteria.yaml; null = none")
-    context_lm_path: str | None = Field(None, description="local instruct LM that proposes criteria")
+    context_lm_path: str | None = Field(None, description=(
+        "local instruct LM that proposes criteria (folder, .gguf or packaged model, e.g. smollm2-135m-instruct); "
+        "its contexts are tagged `lm`"))
+    context_lm_max_pairs: int | None = Field(None, ge=1, description=(
+        "pairs per input file that get LM contexts, the first ones (two greedy generations each: seconds per "
+        "pair on a CPU); None = all"))
     context_lm_template: str = ("Prompt: {prompt}\nResponse A: {a}\nResponse B: {b}\n"
                                 "One criterion that tells these responses apart:")
     near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
@@ -369,14 +377,15 @@ class LongContextModel(Strict):
     lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096], min_length=1,
                                description="prompt tokens (SmolLM2 was trained to 8,192)")
     depths: list[float] = Field(default_factory=lambda: [0.1, 0.35, 0.65, 0.9], min_length=1)
-    needles_per_cell: int = Field(1, ge=1, description="needles per (length, depth); per length: x len(depths)")
+    needles_per_cell: int = Field(2, ge=1, description="needles per (length, depth); per length: x len(depths)")
     rag_top_k: list[int] = Field(default_factory=lambda: [1, 3])
     rag_chunk_tokens: int = Field(128, ge=8)
     prefill_chunk: int = Field(512, ge=16)
     longcache: bool = Field(False, description="also LongCache (meant past the trained length: 16k-32k, opt-in)")
     longcache_settings: LongCacheConfig = Field(default_factory=LongCacheConfig, description="official defaults")
-    razor: RazorConfig = Field(  # paper: S0 in the thousands; 64 keeps the 1-4k prompts compressed
-        default_factory=lambda: RazorConfig(min_buffer=64, compression=8.0, probe_block=64))
+    razor: RazorConfig = Field(  # paper: S0 in the thousands (no compression below it); S0 64 compresses 1-4k
+        # prompts; 18 % of heads and a 256-token probe: the best of a sweep under 30 % KV (bench/RESULTS.md)
+        default_factory=lambda: RazorConfig(induction_fraction=0.18, min_buffer=64, compression=8.0, probe_block=256))
     threads: int = Field(2, ge=0, description=(
         "torch threads for this task (it runs alone at the end of eval); 0 = torch default, which is 1 in a "
         "Dask worker (Dask pins its workers' math libraries to one thread)"))

@@ -115,12 +115,12 @@ def _rate(r: dict, flag: str) -> str:
 
 
 def render_memorization(store: ArtifactStore, record: dict) -> str:
-    """Spearman ρ of model log-prob vs. task-gram counts per task, with bootstrap intervals over items, and the
-    share of the indexed corpus the model saw."""
-    def share(value) -> str:
-        return "–" if value is None else f"{100 * value:.0f} %"
+    """Spearman ρ of model log-prob vs. task-gram counts per model and task, with bootstrap intervals over
+    items, and the share of the indexed corpus the model saw (none for a model pretrained elsewhere)."""
+    def share(value) -> str:  # a model pretrained elsewhere: its ρ measures overlap with this corpus only
+        return "not its pretraining corpus" if value is None else f"{100 * value:.0f} %"
 
-    rows = [{"task": r["task"], "items (co-occurring)": r["items_cooccurring"],
+    rows = [{"model": r["model"], "task": r["task"], "items (co-occurring)": r["items_cooccurring"],
              "targets with co-occurring pairs": r["n_cooccurring"],
              "ρ (task-gram)": f"{r['spearman']:.2f} [{r['spearman_lo']:.2f}, {r['spearman_hi']:.2f}]",
              "all targets": r["n_all"],

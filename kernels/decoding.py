@@ -129,6 +129,15 @@ class FullAttention:
     def cache_bytes(self) -> int:
         return sum(g.nbytes() for k, v, _ in self.cache.values() for g in (k, v))
 
+    def clone(self) -> FullAttention:
+        """An independent copy of this cache, so one prefill serves every policy that starts from full
+        attention (full, RazorAttention with any heads): the long prompt runs once per needle, not per policy."""
+        twin = FullAttention.__new__(FullAttention)
+        twin.rope = self.rope
+        twin.cache = {layer: tuple(Growing(g.view().clone(), g.dim) for g in cache)
+                      for layer, cache in self.cache.items()}
+        return twin
+
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, t, _ = x.shape
@@ -164,8 +173,6 @@ def prefill(model, ids: torch.Tensor, policy, chunk: int = 512) -> torch.Tensor:
 def start_decoding(model, context: torch.Tensor, policy, chunk: int = 512) -> None:
     """Prefill all but the context's last token; decoding then feeds that token as its first step."""
     prefill(model, context[:, :-1], policy, chunk)
-    if hasattr(policy, "after_prefill"):
-        policy.after_prefill()
 
 
 def greedy_decode(model, context: torch.Tensor, steps: int, policy, chunk: int = 512,
@@ -173,6 +180,13 @@ def greedy_decode(model, context: torch.Tensor, steps: int, policy, chunk: int =
     """Greedy tokens after `context`, one token per forward call, so a policy's cache selection only ever sees
     tokens the model itself produced; with `stop_unless`, stops at the first token that differs from it."""
     start_decoding(model, context, policy, chunk)
+    return decode_steps(model, context, steps, policy, stop_unless)
+
+
+def decode_steps(model, context: torch.Tensor, steps: int, policy, stop_unless: torch.Tensor | None = None):
+    """Greedy decoding from a policy that already holds all of `context` but its last token."""
+    if hasattr(policy, "after_prefill"):
+        policy.after_prefill()
     token, out = context[:, -1:], []
     for step in range(steps):
         token = forward(model, token, policy, context.shape[1] - 1 + step)[:, -1:].argmax(-1)
@@ -187,3 +201,18 @@ def answer_accuracy(model, context: torch.Tensor, answer: torch.Tensor, policy, 
     the gold tokens steer a selecting policy (LongCache picks spans from every query of a call)."""
     decoded = greedy_decode(model, context, answer.shape[1], policy, chunk, stop_unless=answer)
     return decoded.shape == answer.shape and bool(torch.equal(decoded, answer))
+
+
+def answers_after_one_prefill(model, context: torch.Tensor, answer: torch.Tensor, starts: dict,
+                              chunk: int = 512) -> dict:
+    """{name: (hit, policy)} for policies that all begin from full attention over the prompt: the prompt is
+    prefilled once and each policy gets its own copy of that cache (`starts[name](full_copy) -> policy`), so
+    the result equals `answer_accuracy` per policy at a third of the cost for three policies (tested)."""
+    full = FullAttention(model)
+    prefill(model, context[:, :-1], full, chunk)
+    out = {}
+    for name, start in starts.items():
+        policy = start(full.clone())
+        decoded = decode_steps(model, context, answer.shape[1], policy, stop_unless=answer)
+        out[name] = (decoded.shape == answer.shape and bool(torch.equal(decoded, answer)), policy)
+    return out

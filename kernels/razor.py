@@ -92,10 +92,11 @@ class RazorCache:
     stored after RoPE and a decoded query sees every kept key, so slot order does not matter, and a step
     costs two attention calls per layer and no copy of the cache."""
 
-    def __init__(self, model, heads: torch.Tensor, cfg: RazorConfig):
+    def __init__(self, model, heads: torch.Tensor, cfg: RazorConfig, prefilled: FullAttention | None = None):
+        """`prefilled`: a full-attention cache that already holds the prompt (shared prefill), else a new one."""
         self.rope, self.heads, self.cfg = Rope(model), heads, cfg
         self.groups = model.config.num_attention_heads // model.config.num_key_value_heads
-        self.prefill = FullAttention(model)  # the prompt runs with full attention and a full cache
+        self.prefill = prefilled or FullAttention(model)  # the prompt runs with full attention and a full cache
         self.compressed: dict[int, dict[str, dict]] = {}  # layer -> {"retrieval": group, "compressed": group}
 
     def attend(self, layer: int, q, k, v, positions):

@@ -399,23 +399,22 @@ def eval_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) ->
     each extra long-context model's identity (checked now: a causal LM the functional forward covers)."""
     inputs, args = pool_inputs(pipeline_cfg, upstream, store)
     trained = {"trained_len": pipeline_cfg.pretrain.seq_len, "eval_fraction": pipeline_cfg.pretrain.eval_fraction}
-    models = {f"long_context_model.{spec.name}": model_identity(spec.path, f"eval.long_context_models[{i}].path")
-              for i, spec in enumerate(pipeline_cfg.eval.long_context_models)}
+    models = {f"long_context_model.{spec.name}.{key}": value
+              for i, spec in enumerate(pipeline_cfg.eval.long_context_models)
+              for key, value in model_identity(spec.path, f"eval.long_context_models[{i}].path").items()}
     return {**inputs, **models, **{k: str(v) for k, v in trained.items()}}, {**args, **trained}
 
 
-def model_identity(path: str, field: str) -> str:
-    """A model input's fingerprint (a GGUF file's sha256, a folder's files), after checking it is a causal LM
-    the long-context kernels cover, so an unsupported model fails before any work."""
+def model_identity(path: str, field: str) -> dict:
+    """A model input's fingerprint (`model_fingerprint`), after checking it is a causal LM the long-context
+    kernels cover, so an unsupported model fails before any work."""
     from tracecore.configs.schema import ConfigError
-    from tracecore.storage.fs import folder_fingerprint
-    from tracecore.tasks.gguf_models import file_sha256, gguf_path, is_gguf
-    from tracecore.tasks.models import causal_lm_config
+    from tracecore.tasks.models import causal_lm_config, model_fingerprint
 
     obstacle = decoding_obstacle(causal_lm_config(path, field))
     if obstacle:
         raise ConfigError(f"{field}: {path!r}: {obstacle}")
-    return file_sha256(gguf_path(path, field)) if is_gguf(path) else folder_fingerprint(path)
+    return model_fingerprint(path, field)
 
 
 def run_eval(run: StageRun) -> None:

@@ -64,42 +64,50 @@ def rag_text(tok, embedder, text: str, key: str, chunk_tokens: int, k: int) -> s
     return " ".join(chunks[i] for i in best)
 
 
-def policies(model, heads, control, spec) -> dict:
-    """name -> factory of a fresh cache policy for one needle."""
-    from tracecore.kernels.decoding import FullAttention
-    from tracecore.kernels.longcache import LongCache
+def shared_starts(model, heads, control, spec) -> dict:
+    """name -> policy from a copy of the prompt's full-attention cache: full attention and RazorAttention with
+    the probe's or random heads all prefill with full attention, so one prefill serves all three."""
     from tracecore.kernels.razor import RazorCache
 
-    made = {"full": lambda: FullAttention(model), "razor": lambda: RazorCache(model, heads, spec.razor),
-            "razor_random_heads": lambda: RazorCache(model, control, spec.razor)}
-    if spec.longcache:
-        made["longcache"] = lambda: LongCache(model, spec.longcache_settings)
-    return made
+    return {"full": lambda full: full, "razor": lambda full: RazorCache(model, heads, spec.razor, full),
+            "razor_random_heads": lambda full: RazorCache(model, control, spec.razor, full)}
 
 
 def needle_rows(model, tok, heads, control, embedder, spec, log) -> list[dict]:
     """One row per (method, length, depth, needle): hit, KV bytes held after decoding, prompt tokens."""
-    import torch
-    from tracecore.kernels.decoding import answer_accuracy
-
-    makers, rng, rows = policies(model, heads, control, spec), random.Random(spec.seed), []
+    starts, rng, rows = shared_starts(model, heads, control, spec), random.Random(spec.seed), []
     for length in spec.lengths:
         for depth in spec.depths:
             for _ in range(spec.needles_per_cell):
                 text, key, secret = needle_text(tok, rng, length, depth)
-                answer = torch.tensor([tok(" " + secret, add_special_tokens=False)["input_ids"]])
-                long_prompt = prompt_ids(tok, text, key)  # every cache policy reads the same prompt
-                prompts = dict.fromkeys(makers, long_prompt)
-                prompts |= {f"rag_top{k}": prompt_ids(tok, rag_text(tok, embedder, text, key, spec.rag_chunk_tokens, k),
-                                                      key) for k in spec.rag_top_k}
-                for name, ids in prompts.items():
-                    policy = makers.get(name, makers["full"])()
-                    with torch.no_grad():
-                        hit = answer_accuracy(model, torch.tensor([ids]), answer, policy, spec.prefill_chunk)
-                    rows.append({"model": spec.name, "method": name, "length": length, "depth": depth, "hit": hit,
-                                 "kv_bytes": policy.cache_bytes(), "tokens": len(ids)})
+                for name, result in one_needle(model, tok, embedder, text, key, secret, starts, spec).items():
+                    rows.append({"model": spec.name, "method": name, "length": length, "depth": depth} | result)
         log.info("eval: %s needle grid at %d tokens done", spec.name, length)
     return rows
+
+
+def one_needle(model, tok, embedder, text: str, key: str, secret: str, starts: dict, spec) -> dict:
+    """method -> {hit, kv_bytes, tokens} for one needle: the cache policies on the whole prompt (one shared
+    prefill), then RAG's top-k chunks with full attention."""
+    import torch
+    from tracecore.kernels.decoding import FullAttention, answer_accuracy, answers_after_one_prefill
+    from tracecore.kernels.longcache import LongCache
+
+    answer = torch.tensor([tok(" " + secret, add_special_tokens=False)["input_ids"]])
+    prompt = torch.tensor([prompt_ids(tok, text, key)])  # every cache policy reads this prompt
+    with torch.no_grad():
+        results = {name: (hit, policy, prompt.shape[1]) for name, (hit, policy) in
+                   answers_after_one_prefill(model, prompt, answer, starts, spec.prefill_chunk).items()}
+        if spec.longcache:
+            policy = LongCache(model, spec.longcache_settings)
+            results["longcache"] = (answer_accuracy(model, prompt, answer, policy, spec.prefill_chunk), policy,
+                                    prompt.shape[1])
+        for k in spec.rag_top_k:
+            short = torch.tensor([prompt_ids(tok, rag_text(tok, embedder, text, key, spec.rag_chunk_tokens, k), key)])
+            policy = FullAttention(model)
+            results[f"rag_top{k}"] = (answer_accuracy(model, short, answer, policy), policy, short.shape[1])
+    return {name: {"hit": hit, "kv_bytes": policy.cache_bytes(), "tokens": n}
+            for name, (hit, policy, n) in results.items()}
 
 
 def summarize_models(rows: list[dict]) -> list[dict]:

@@ -213,13 +213,21 @@ def plots(scores: list[dict], rows: list[dict]) -> dict[str, bytes]:
     return out
 
 
-def resolve_models(store: ArtifactStore, models: list[str]) -> dict[str, str]:
-    """label -> local HF folder; a label is a store ref (`model/<fp>`) or a folder path."""
+RUN_MODEL = "pretrain.model"  # a `models` entry meaning this run's own model (trained or registered here)
+
+
+def resolve_models(store: ArtifactStore, models: list[str], log=None) -> dict[str, str]:
+    """label -> local HF folder; an entry is a store ref (`model/<fp>`), a folder, or a GGUF file / packaged
+    model (imported into the store once, labelled by its name)."""
+    from tracecore.tasks.gguf_models import import_gguf, is_gguf
     from tracecore.tasks.models import model_dir
 
     resolved = {}
-    for m in models:
-        if Path(m).is_dir():
+    for i, m in enumerate(models):
+        if is_gguf(m):
+            with model_dir(store, import_gguf(store, m, f"memorization.models[{i}]", log)) as folder:
+                resolved[Path(m).stem] = folder
+        elif Path(m).is_dir():
             resolved[Path(m).name] = str(Path(m).resolve())
         else:
             with model_dir(store, m) as folder:  # local stores: a stable folder inside the store
@@ -234,26 +242,29 @@ def corpus_share_seen(store: ArtifactStore, label: str) -> float | None:
 
 
 def memorization_needs(pipeline_cfg) -> dict[str, str]:
-    """The index and its tokenizer; the bootstrap model unless `models` are given; the sample world only
-    for tasks without a `path`."""
+    """The index and its tokenizer; this run's model when `models` is empty or names it (`pretrain.model`);
+    the sample world only for tasks without a `path`."""
     cfg = pipeline_cfg.memorization
     needs = {"index": "ngram.index", "tokenizer": "tokenize.tokenizer"}
-    needs |= {} if cfg.models else {"model": "pretrain.model"}
+    needs |= {"model": "pretrain.model"} if not cfg.models or RUN_MODEL in cfg.models else {}
     return needs | ({"sample": "sample.sample"} if any(not s.path for s in cfg.tasks) else {})
 
 
 def user_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
-    """User task files and model folders, fingerprinted by their files' identity."""
-    from tracecore.storage.fs import folder_fingerprint, input_fingerprint, list_input_files
-    from tracecore.tasks.models import causal_lm_config
+    """User task files and models (folders, GGUF files, packaged models), each model checked to be a causal
+    LM before any work and fingerprinted by its files."""
+    from tracecore.storage.fs import input_fingerprint, list_input_files
+    from tracecore.tasks.models import causal_lm_config, model_fingerprint
 
     cfg = pipeline_cfg.memorization
     inputs = {f"task_{s.name}": input_fingerprint(list_input_files([s.path], f"memorization.tasks.{s.name}.path"))
               for s in cfg.tasks if s.path}
-    for i, folder in enumerate(cfg.models):  # each a causal LM, checked before any work
-        causal_lm_config(folder, f"memorization.models[{i}]")
-    inputs |= {f"model{i}": folder_fingerprint(folder) for i, folder in enumerate(cfg.models)}
-    return inputs, {"models": list(cfg.models) or [upstream["model"]]}
+    for i, model in enumerate(cfg.models):
+        if model != RUN_MODEL:
+            causal_lm_config(model, f"memorization.models[{i}]")
+            inputs |= {f"model{i}.{k}": v for k, v in model_fingerprint(model, f"memorization.models[{i}]").items()}
+    models = [upstream["model"] if m == RUN_MODEL else m for m in cfg.models] or [upstream["model"]]
+    return inputs, {"models": models}
 
 
 def task_items(run: StageRun) -> tuple[list[dict], list[dict]]:
@@ -279,7 +290,7 @@ def run_memorization(run: StageRun) -> None:
                                  f"{index_ref} was built with {index['vocab_size']}")
     for warning in threshold_warnings(cfg):
         log.warning(warning)
-    models = resolve_models(store, run.args["models"])
+    models = resolve_models(store, run.args["models"], log)
     params = {m: _parameters(AutoConfig.from_pretrained(d, local_files_only=True)) for m, d in models.items()}
     items, rejects = task_items(run)
     store.write_shard(run.ref("rejects"), 0, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))

@@ -5,6 +5,7 @@ Its own module so stages do not import each other for them (no cycle, one `resol
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 from tracecore.storage.store import ArtifactStore
 
@@ -62,6 +63,18 @@ def causal_lm_config(path: str, field: str):
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"{field}: {path!r} is model type {config.model_type!r}, not a causal LM")
     return config
+
+
+def model_fingerprint(path: str, field: str) -> dict:
+    """A model input's identity, one rule for every stage: a GGUF file (or packaged model) by its sha256, a
+    folder by its files' identity; the path itself is part of it (`model_path`)."""
+    from tracecore.storage.fs import folder_fingerprint
+    from tracecore.tasks.gguf_models import file_sha256, gguf_path, is_gguf
+
+    if is_gguf(path):
+        file = gguf_path(path, field)
+        return {"model_path": str(file), "model_sha256": file_sha256(file)}
+    return {"model_path": str(Path(path).resolve()), "model_files": folder_fingerprint(path)}
 
 
 def resolve_lora_targets(config, configured: list[str] | None, field: str, model=None) -> list[str]:

@@ -160,11 +160,15 @@ def parse_judgement(text: str) -> str | None:
 
 
 def lm_contexts(pair: dict, lm, template: str) -> list[tuple]:
-    """A criterion proposed by a local instruct LM, and the side the same LM says it favours."""
+    """A criterion proposed by a local instruct LM, and the side the same LM says it favours (tagged `lm`)."""
     tok, model = lm
 
     def generate(prompt: str) -> str:
-        ids = tok(prompt, return_tensors="pt")
+        if getattr(tok, "chat_template", None):  # an instruct model answers in its own format
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+        else:
+            ids = tok(prompt, return_tensors="pt")
         out = model.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
         return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
@@ -176,12 +180,19 @@ def lm_contexts(pair: dict, lm, template: str) -> list[tuple]:
     return [(criterion, "criteria", verdict, "lm")] if verdict else []
 
 
-def load_context_lm(path: str):
+def load_context_lm(path: str, store: ArtifactStore | None = None):
+    """(tokenizer, model) of a folder, or of a GGUF file / packaged model imported into `store` once."""
+    import contextlib
+
+    from tracecore.tasks.gguf_models import import_gguf, is_gguf
+    from tracecore.tasks.models import model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with MODEL_LOAD_LOCK:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        return tok, AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False).eval()
+    where = model_dir(store, import_gguf(store, path, "preference.context_lm_path")) if is_gguf(path) else \
+        contextlib.nullcontext(path)
+    with where as folder, MODEL_LOAD_LOCK:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        return tok, AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
 
 
 def read_lines(path: str) -> list[tuple[int, object]]:
@@ -206,7 +217,7 @@ def parse_input(store_uri: str, ref: str, shard: int, item: tuple, cfg: Preferen
     store = ArtifactStore(store_uri)
     path, fmt, rejects_ref = item
     library = load_library(cfg.criteria_library)
-    lm = load_context_lm(cfg.context_lm_path) if cfg.context_lm_path else None
+    lm = load_context_lm(cfg.context_lm_path, store) if cfg.context_lm_path else None
     pairs, rejects = [], []
     for line, rec in read_lines(path):
         pair, reason = (None, rec) if isinstance(rec, str) else to_pair(rec, fmt)
@@ -214,7 +225,7 @@ def parse_input(store_uri: str, ref: str, shard: int, item: tuple, cfg: Preferen
             rejects.append({"file": path, "line": line, "reason": reason})
             continue
         contexts = pair["contexts"] + library_contexts(pair, library)
-        if lm is not None:
+        if lm is not None and (cfg.context_lm_max_pairs is None or len(pairs) < cfg.context_lm_max_pairs):
             contexts += lm_contexts(pair, lm, cfg.context_lm_template)
         pairs.append({"prompt": pair["prompt"], "a": pair["a"], "b": pair["b"], "default": pair["default"],
                       "contexts": json.dumps(sorted(unique_contexts(contexts))),
@@ -335,7 +346,7 @@ def preference_needs(pipeline_cfg) -> dict[str, str]:
 
 def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
     """Fingerprinted: the criteria library's content, the user's input files and context LM (file identity)."""
-    from tracecore.storage.fs import folder_fingerprint, input_fingerprint, list_input_files
+    from tracecore.storage.fs import input_fingerprint, list_input_files
 
     cfg = pipeline_cfg.preference
     if cfg.rm_lora:
@@ -349,8 +360,12 @@ def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactSto
         pairs = [[i.path, i.format] for i in cfg.inputs]
     else:
         pairs = [[f"{store.files_path(upstream['sample'])}/preferences/pairs.jsonl", "sample"]]
-    if cfg.context_lm_path:
-        inputs["context_lm"] = folder_fingerprint(cfg.context_lm_path)
+    if cfg.context_lm_path:  # a causal LM transformers knows, checked before any work
+        from tracecore.tasks.models import causal_lm_config, model_fingerprint
+
+        causal_lm_config(cfg.context_lm_path, "preference.context_lm_path")
+        inputs |= {f"context_lm.{k}": v for k, v in model_fingerprint(cfg.context_lm_path,
+                                                                      "preference.context_lm_path").items()}
     return inputs, {"pairs_files": pairs}
 
 

@@ -32,20 +32,18 @@ def pretrain_needs(pipeline_cfg) -> dict[str, str]:
 
 
 def user_model(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
-    """A user's model folder is an input: its path and its files' identity (size, mtime) are fingerprinted."""
-    from tracecore.storage.fs import folder_fingerprint
-    from tracecore.tasks.gguf_models import file_sha256, gguf_path, is_gguf
+    """A user's model (folder, GGUF file or packaged model) is an input: checked to be a causal LM transformers
+    knows before any work, fingerprinted by `model_fingerprint` (a GGUF is converted when the stage runs)."""
+    from tracecore.tasks.gguf_models import is_gguf
+    from tracecore.tasks.models import model_fingerprint
 
     path = pipeline_cfg.pretrain.model_path
     if not path:
         return {}, {}
-    if is_gguf(path):  # converted when the stage runs; the file's checksum is the input's identity
-        user_model_config(pipeline_cfg)
-        file = gguf_path(path, "pretrain.model_path")
-        return {"model_path": str(file), "model_sha256": file_sha256(file)}, {}
-    folder = check_model_folder(path)
-    user_model_config(pipeline_cfg)  # a causal LM transformers knows, checked before any work
-    return {"model_path": str(folder), "model_files": folder_fingerprint(folder)}, {}
+    if not is_gguf(path):
+        check_model_folder(path)
+    user_model_config(pipeline_cfg)
+    return model_fingerprint(path, "pretrain.model_path"), {}
 
 
 def check_model_folder(path: str) -> Path:

@@ -178,3 +178,54 @@ def test_cli_model_import_prints_the_artifact_and_refuses_a_bad_file_in_one_line
     assert main(["model", "import", str(garbage), "--store", str(store)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tracecore: error: model import: ") and "not a readable GGUF file" in err and "\n" not in err
+
+
+def test_memorization_scores_a_second_model_from_gguf_beside_the_runs_own(tiny_gguf, test_config, tmp_path):
+    """`memorization.models` may name this run's model (`pretrain.model`) beside a GGUF file: both are scored,
+    the file is checked at planning and fingerprinted by its sha256, and a model pretrained elsewhere records
+    no share of the indexed corpus, so the report labels its rho as overlap only (failed on the old code:
+    `pretrain.model` was read as a folder path, a GGUF file was refused)."""
+    from tracecore.flows.pipeline import run_stages
+    from tracecore.flows.plan import plan_pipeline
+
+    other = tmp_path / "other.gguf"
+    write_tiny_llama(other, seed=1)
+    cfg = test_config(f"pretrain.model_path={tiny_gguf}", f"memorization.models=[pretrain.model, {other}]",
+                      "memorization.max_items=20", "memorization.bootstrap=20")
+    plans = plan_pipeline(cfg, ArtifactStore(cfg.store))
+    assert "model" in plans["memorization"].inputs and plans["memorization"].inputs["model1.model_sha256"]
+    run_model = plans["memorization"].inputs["model"]
+    assert plans["memorization"].args["models"] == [run_model, str(other)]
+    refs = run_stages(cfg, ["memorization"])
+    store = ArtifactStore(cfg.store)
+    scores = store.read_table(refs["memorization.scores"]).to_pylist()
+    assert {r["model"] for r in scores} == {run_model, "other"}
+    assert all(r["corpus_share_seen"] is None for r in scores if r["model"] == "other")
+    lm = {(r["model"], r["item_id"], r["s_y"]): r["log_p_lm"] for r in store.read_table(refs["memorization.items"]).to_pylist()}
+    assert any(lm[("other", i, y)] != p for (m, i, y), p in lm.items() if m == run_model)  # two models, two scores
+    bad = test_config(f"memorization.models=[{tmp_path / 'missing.gguf'}]")
+    with pytest.raises(ConfigError, match=r"^memorization.models\[0\]: GGUF file .* does not exist"):
+        plan_pipeline(bad, ArtifactStore(bad.store))
+
+
+def test_preference_context_lm_may_be_a_gguf_model_checked_at_planning(tiny_gguf, test_config, tmp_path):
+    """`preference.context_lm_path` takes a GGUF file like every model path: checked and fingerprinted (sha256)
+    when the run is planned, imported into the store once, its contexts tagged `lm` (failed on the old code:
+    the path was fingerprinted as a folder and loaded with from_pretrained)."""
+    from tracecore.configs.schema import PreferenceConfig
+    from tracecore.flows.plan import plan_pipeline
+    from tracecore.tasks.preference import lm_contexts, load_context_lm
+
+    cfg = test_config(f"preference.context_lm_path={tiny_gguf}", "preference.context_lm_max_pairs=3")
+    plans = plan_pipeline(cfg, ArtifactStore(cfg.store))
+    assert len(plans["preference"].inputs["context_lm.model_sha256"]) == 64
+    store = ArtifactStore(tmp_path / "store")
+    tok, model = load_context_lm(str(tiny_gguf), store)
+    assert any(a.startswith("model_import/") for a in store.list_artifacts()) and model.config.model_type == "llama"
+    contexts = lm_contexts({"prompt": "p", "a": "x", "b": "y"}, (tok, model), PreferenceConfig().context_lm_template)
+    assert all(c[1] == "criteria" and c[2] in ("a", "b") and c[3] == "lm" for c in contexts)
+    rwkv = tmp_path / "rwkv.gguf"
+    write_tiny_llama(rwkv, architecture="rwkv6")
+    bad = test_config(f"preference.context_lm_path={rwkv}")
+    with pytest.raises(ConfigError, match="^preference.context_lm_path: rwkv.gguf has GGUF architecture 'rwkv6'"):
+        plan_pipeline(bad, ArtifactStore(bad.store))

@@ -362,3 +362,27 @@ def test_answer_accuracy_decodes_one_token_per_call_so_no_selection_sees_the_ans
     wrong = reference.clone()
     wrong[0, 2] = (wrong[0, 2] + 1) % 500
     assert not answer_accuracy(model, x, wrong, FullAttention(model))
+
+
+def test_one_shared_prefill_decodes_exactly_as_a_prefill_per_policy(model):
+    """The needle grid prefills each long prompt once and copies the cache to full attention and to Razor
+    with either head set; decoded tokens and KV bytes must equal separate prefills, and one policy's
+    decoding must not touch another's copy."""
+    from tracecore.kernels.decoding import answers_after_one_prefill, greedy_decode
+
+    x, cfg = ids(150), RazorConfig(induction_fraction=0.25, echo_fraction=0.01, sinks=2, min_buffer=8, compression=8)
+    heads = torch.tensor([[True, False], [False, False]])
+    other = torch.tensor([[False, False], [False, True]])
+    with torch.no_grad():
+        separate = {name: (greedy_decode(model, x, 5, make()), make) for name, make in
+                    {"full": lambda: FullAttention(model), "razor": lambda: RazorCache(model, heads, cfg),
+                     "razor_other": lambda: RazorCache(model, other, cfg)}.items()}
+        answers = {name: tokens for name, (tokens, _) in separate.items()}
+        for name, answer in answers.items():
+            starts = {"full": lambda full: full, "razor": lambda full: RazorCache(model, heads, cfg, full),
+                      "razor_other": lambda full: RazorCache(model, other, cfg, full)}
+            shared = answers_after_one_prefill(model, x, answer, starts)
+            assert shared[name][0], name  # each policy reproduces its own separately decoded tokens
+            reference = separate[name][1]()
+            greedy_decode(model, x, 5, reference)
+            assert shared[name][1].cache_bytes() == reference.cache_bytes(), name
