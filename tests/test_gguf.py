@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TEST_PROFILE
 from tracecore.configs.schema import ConfigError
 from tracecore.storage.store import ArtifactStore
 
@@ -180,30 +181,32 @@ def test_cli_model_import_prints_the_artifact_and_refuses_a_bad_file_in_one_line
     assert err.startswith("tracecore: error: model import: ") and "not a readable GGUF file" in err and "\n" not in err
 
 
-def test_memorization_scores_a_second_model_from_gguf_beside_the_runs_own(tiny_gguf, test_config, tmp_path):
+def test_memorization_scores_a_second_model_from_gguf_beside_the_runs_own(tiny_gguf, pipeline_run, tmp_path):
     """`memorization.models` may name this run's model (`pretrain.model`) beside a GGUF file: both are scored,
     the file is checked at planning and fingerprinted by its sha256, and a model pretrained elsewhere records
     no share of the indexed corpus, so the report labels its rho as overlap only (failed on the old code:
-    `pretrain.model` was read as a folder path, a GGUF file was refused)."""
+    `pretrain.model` was read as a folder path, a GGUF file was refused). Runs on the shared pipeline run's
+    store: only memorization recomputes."""
     from tracecore.flows.pipeline import run_stages
     from tracecore.flows.plan import plan_pipeline
+    from tracecore.tasks.registry import load_config
 
-    other = tmp_path / "other.gguf"
-    write_tiny_llama(other, seed=1)
-    cfg = test_config(f"pretrain.model_path={tiny_gguf}", f"memorization.models=[pretrain.model, {other}]",
-                      "memorization.max_items=20", "memorization.bootstrap=20")
+    cfg = load_config(str(TEST_PROFILE), [f"memorization.models=[pretrain.model, {tiny_gguf}]",
+                      "memorization.max_items=15", "memorization.bootstrap=20"], store=pipeline_run.cfg.store)
     plans = plan_pipeline(cfg, ArtifactStore(cfg.store))
     assert "model" in plans["memorization"].inputs and plans["memorization"].inputs["model1.model_sha256"]
     run_model = plans["memorization"].inputs["model"]
-    assert plans["memorization"].args["models"] == [run_model, str(other)]
+    assert plans["memorization"].args["models"] == [run_model, str(tiny_gguf)]
     refs = run_stages(cfg, ["memorization"])
     store = ArtifactStore(cfg.store)
     scores = store.read_table(refs["memorization.scores"]).to_pylist()
-    assert {r["model"] for r in scores} == {run_model, "other"}
-    assert all(r["corpus_share_seen"] is None for r in scores if r["model"] == "other")
+    other = tiny_gguf.stem
+    assert {r["model"] for r in scores} == {run_model, other}
+    assert all((r["corpus_share_seen"] is None) == (r["model"] == other) for r in scores), scores
     lm = {(r["model"], r["item_id"], r["s_y"]): r["log_p_lm"] for r in store.read_table(refs["memorization.items"]).to_pylist()}
-    assert any(lm[("other", i, y)] != p for (m, i, y), p in lm.items() if m == run_model)  # two models, two scores
-    bad = test_config(f"memorization.models=[{tmp_path / 'missing.gguf'}]")
+    assert any(lm[(other, i, y)] != p for (m, i, y), p in lm.items() if m == run_model)  # two models, two scores
+    bad = load_config(str(TEST_PROFILE), [f"memorization.models=[{tmp_path / 'missing.gguf'}]"],
+                      store=str(tmp_path / "store"))
     with pytest.raises(ConfigError, match=r"^memorization.models\[0\]: GGUF file .* does not exist"):
         plan_pipeline(bad, ArtifactStore(bad.store))
 

@@ -1,0 +1,92 @@
+"""Module boundaries are cache keys (a stage's code version is the tracecore code it reaches), so they are
+checked like behaviour: AST only, no stage runs.
+
+- no stage module reaches another stage's module (stages never import each other; shared code lives in
+  library modules, fingerprinted like any code a stage calls);
+- the infrastructure package (`tracecore.tasks.runtime`: runner, shard mapping, logging, fault injection) is
+  the only code left out of code versions, by package, and defines bookkeeping only;
+- editing a library helper changes the code version of exactly the stages that reach it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+
+import pytest
+from tracecore.tasks.registry import BUILTIN, registry
+from tracecore.tasks.stage import INFRASTRUCTURE_PACKAGE, code_modules, code_version
+
+# What the infrastructure package may define: bookkeeping a stage calls, never a computation's logic.
+BOOKKEEPING = {
+    "common": {"MODEL_LOAD_LOCK", "FAULT_ENV", "RAISE_ENV", "DELAY_ENV", "InjectedFailure", "ShardReport",
+               "in_prefect_run", "get_logger", "log_dropped", "Progress", "inject_fault", "run_shard", "dask_client",
+               "worker_threads", "host_threads", "map_shards"},
+}
+
+
+def stage_modules() -> dict[str, str]:
+    return {stage.name: stage.compute.__module__ for stage in registry().values()}
+
+
+def reached(module: str) -> set[str]:
+    """Every tracecore task/kernel module `module` reaches, infrastructure included."""
+    from tracecore.tasks import stage as stage_mod
+
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += sorted(stage_mod._imported_modules(name, stage_mod.module_source(name)) - seen)
+    return seen
+
+
+def test_no_stage_module_reaches_another_stage_module():
+    modules = stage_modules()
+    crossings = {name: sorted(set(code_modules(module)) & (set(modules.values()) - {module}))
+                 for name, module in modules.items()}
+    assert not {k: v for k, v in crossings.items() if v}, crossings
+
+
+def test_only_the_infrastructure_package_is_left_out_of_a_code_version():
+    """Exclusion is by package: a domain helper moved into the runner's modules would silently leave every
+    stage's fingerprint (failed on the old code: `tasks/common.py`'s `normalize_text` was excluded)."""
+    for name, module in stage_modules().items():
+        left_out = reached(module) - set(code_modules(module))
+        assert all(m.startswith(INFRASTRUCTURE_PACKAGE + ".") for m in left_out), (name, sorted(left_out))
+
+
+def test_the_infrastructure_package_defines_bookkeeping_only():
+    package = importlib.import_module(INFRASTRUCTURE_PACKAGE)
+    for short in sorted(BOOKKEEPING):
+        module = importlib.import_module(f"{package.__name__}.{short}")
+        tree = ast.parse(inspect.getsource(module))
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        extra = {d for d in defined if not d.startswith("_")} - BOOKKEEPING[short]
+        assert not extra, f"{module.__name__} defines {sorted(extra)}: domain code belongs in a library module"
+
+
+def test_every_stage_module_is_registered():
+    assert set(stage_modules().values()) == set(BUILTIN)
+
+
+@pytest.mark.parametrize("helper, reaching, not_reaching", [
+    ("tracecore.tasks.text", {"eval", "preference", "sample"}, set()),
+    ("tracecore.tasks.memorization_scores", {"memorization"}, {"trace", "ngram"}),
+])
+def test_editing_a_library_helper_changes_exactly_the_stages_that_reach_it(monkeypatch, helper, reaching,
+                                                                           not_reaching):
+    """Simulated edit: the source a code version hashes is changed for one module (failed on the old code:
+    editing `normalize_text` changed no fingerprint, editing memorization's statistics changed trace's)."""
+    from tracecore.tasks import stage as stage_mod
+
+    stages = registry()
+    before = {name: code_version(stages[name].code_modules()) for name in reaching | not_reaching}
+    original = stage_mod.module_source
+    monkeypatch.setattr(stage_mod, "module_source",
+                        lambda name: original(name) + ("\n# edited" if name == helper else ""))
+    after = {name: code_version(stages[name].code_modules()) for name in before}
+    assert {n for n in before if before[n] != after[n]} == reaching
