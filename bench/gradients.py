@@ -36,9 +36,9 @@ def sample_world_batches(args) -> tuple[object, list, int]:
     from tracecore.configs.schema import GradientsConfig, PretrainConfig, SampleConfig
     from tracecore.tasks.gradients import lora_model
     from tracecore.tasks.instructions import collate, encode, load_pool
-    from tracecore.tasks.pretrain import build_model
-    from tracecore.tasks.sample import write_sample
+    from tracecore.tasks.lm_training import build_model
     from tracecore.tasks.tokenize import train_bpe
+    from tracecore.tasks.world import write_sample
 
     with tempfile.TemporaryDirectory() as tmp:
         write_sample(SampleConfig(filler_documents=500, corpus_files=1), f"{tmp}/world")

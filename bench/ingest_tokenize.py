@@ -30,9 +30,9 @@ from scale import new_valid_texts
 from tracecore.configs.schema import IngestConfig, SampleConfig
 from tracecore.flows.pipeline import run_stages
 from tracecore.tasks.ingest import list_input_files
-from tracecore.tasks.registry import validate_config
-from tracecore.tasks.sample import write_sample
+from tracecore.tasks.runtime.registry import validate_config
 from tracecore.tasks.tokenize import train_bpe
+from tracecore.tasks.world import write_sample
 
 
 def plain_loop(files: list[Path], tokenizer_json: Path, out_dir: Path) -> int:

@@ -27,9 +27,9 @@ import numpy as np
 from tracecore.configs.schema import SampleConfig
 from tracecore.flows.pipeline import run_stages
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.ngram import open_engine
-from tracecore.tasks.registry import validate_config
-from tracecore.tasks.sample import write_sample
+from tracecore.tasks.ngram_engine import open_engine
+from tracecore.tasks.runtime.registry import validate_config
+from tracecore.tasks.world import write_sample
 
 
 def counter_baseline(docs: list[list[int]], max_n: int) -> float:

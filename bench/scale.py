@@ -199,8 +199,8 @@ def ours(args) -> dict:
     from tracecore.flows.plan import pipeline_refs, plan_pipeline
     from tracecore.flows.runtime import dask_cluster
     from tracecore.storage.store import ArtifactStore
-    from tracecore.tasks.registry import stages_of, validate_config
-    from tracecore.tasks.stage import run_stage
+    from tracecore.tasks.runtime.registry import stages_of, validate_config
+    from tracecore.tasks.runtime.stage import run_stage
 
     cfg = validate_config({"store": args.store, "ingest": {"paths": args.paths, "shard_mb": args.shard_mb},
                            "tokenize": {"tokenizer_path": args.tokenizer}, "ngram": {"index_mem_gib": 2}})

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 from tracecore.configs.schema import SelectConfig
-from tracecore.tasks.common import map_shards
+from tracecore.tasks.runtime.common import map_shards
 from tracecore.tasks.select import cluster_features, select_cluster
 
 

@@ -1,6 +1,6 @@
 """Profiles: read a YAML profile (with `extends:`), apply `--set a.b=c` overrides, and turn pydantic's errors
 into one readable message that names the field and what it accepts. Validation against the pipeline config
-(whose stage sections come from the registry) is `tracecore.tasks.registry.load_config`."""
+(whose stage sections come from the registry) is `tracecore.tasks.runtime.registry.load_config`."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _extended(data: dict, path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 def read_profile(profile: str = "tiny", overrides: list[str] | None = None, **top: Any) -> tuple[dict, str]:
     """Profile YAML (with `extends:`) + `--set` overrides + explicit top-level values (None = keep);
-    returns the raw mapping and its source, for `tracecore.tasks.registry.load_config` to validate."""
+    returns the raw mapping and its source, for `tracecore.tasks.runtime.registry.load_config` to validate."""
     path = resolve_profile(profile)
     try:
         data = yaml.safe_load(path.read_text()) or {}

@@ -441,7 +441,7 @@ class DaskConfig(Strict):
 
 
 class PipelineBase(Strict):
-    """Run-wide settings; `tracecore.tasks.registry` adds one section per registered stage and `stages`."""
+    """Run-wide settings; `tracecore.tasks.runtime.registry` adds one section per registered stage and `stages`."""
 
     profile: str = "tiny"
     store: str = ".tracecore/store"
@@ -449,7 +449,7 @@ class PipelineBase(Strict):
                             "start of a run and record it beside the stage timings, which differ ~2x between "
                             "same-size machines")
     extra_stages: list[str] = Field(default_factory=list, description=(
-        "modules of your own stages (each defines STAGE = tracecore.tasks.stage.Stage(...)), run after the "
+        "modules of your own stages (each defines STAGE = tracecore.tasks.runtime.stage.Stage(...)), run after the "
         "built-in ones"))
     parallel_stages: int | None = Field(None, ge=1, description=(
         "stages running at once; None = auto: unbounded when Dask runs in worker processes or on a cluster, 1 "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tracecore.configs.schema import ConfigError
 from tracecore.flows.runtime import configure_environment
-from tracecore.tasks.registry import STAGES, load_config
+from tracecore.tasks.runtime.registry import STAGES, load_config
 
 EPILOG = """examples:
   tracecore run                                   # tiny profile, embedded sample world, local store
@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dask-address", default=None, help="existing Dask scheduler, e.g. tcp://host:8786 "
                      "(default: start a LocalCluster for this run)")
     run.add_argument("--resume", default=None, metavar="RUN_ID", help="re-run RUN_ID with its saved config: "
-                     "committed stages and shards are skipped")
+                     "committed stages and shards are skipped; the run is looked up in --store, else the "
+                     "profile's store, else the built-in profiles' stores")
 
     sample = sub.add_parser("make-sample", help="write the sample world (corpus, tasks, instructions, "
                             "preferences, long-context) to a local folder")
@@ -121,12 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from tracecore.storage.runs import new_run_id, read_run
+def profile_store(profile: str) -> str:
+    """The store a profile names (`store:`), else the default, without validating the rest of it."""
+    from tracecore.configs.profiles import read_profile
+    from tracecore.configs.schema import PipelineBase
+
+    return read_profile(profile)[0].get("store") or PipelineBase.model_fields["store"].default
+
+
+def resume_store(run_id: str, profile: str, store: str | None):
+    """The store that holds `run_id`: `--store`, else the profile's store, else the first built-in profile's
+    store that has it (a run of `configs/gpu.yaml` lives in that profile's store, not in tiny's)."""
+    from tracecore.configs.schema import PROFILE_DIR
+    from tracecore.storage.runs import run_path
     from tracecore.storage.store import ArtifactStore
 
+    if store:
+        return ArtifactStore(store)
+    candidates = dict.fromkeys([profile_store(profile)] + [profile_store(p.stem) for p in sorted(PROFILE_DIR.glob("*.yaml"))])
+    for uri in candidates:
+        found = ArtifactStore(uri)
+        if found.fs.exists(run_path(found, run_id)):
+            return found
+    raise ConfigError(f"--resume {run_id}: no such run in the stores of profile {profile!r} or the built-in profiles "
+                      f"({', '.join(candidates)}); pass --store")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tracecore.storage.runs import new_run_id, read_run
+
     if args.resume:
-        store = ArtifactStore(args.store or ".tracecore/store")
+        store = resume_store(args.resume, args.profile, args.store)
         saved = read_run(store, args.resume)["config"]
         cfg = load_config(args.profile, args.overrides) if args.overrides else None
         config = {**saved, **({} if cfg is None else cfg.model_dump(mode="json"))}
@@ -147,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
-    from tracecore.tasks.sample import write_sample
+    from tracecore.tasks.world import write_sample
 
     cfg = load_config(args.profile, args.overrides)
     counts = write_sample(cfg.sample, args.out)
@@ -243,8 +269,8 @@ def cmd_ngram(args: argparse.Namespace) -> int:
 
 def cmd_model(args: argparse.Namespace) -> int:
     from tracecore.storage.store import ArtifactStore
-    from tracecore.tasks.common import get_logger
     from tracecore.tasks.gguf_models import import_gguf
+    from tracecore.tasks.runtime.common import get_logger
 
     store = ArtifactStore(args.store or load_config(args.profile).store)  # importing may start a store
     ref = import_gguf(store, args.file, "model import", get_logger())

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from tracecore.tasks.registry import load_config
+from tracecore.tasks.runtime.registry import load_config
 
 DEPLOYMENT = "tracecore-scheduled"
 UI_HOST, UI_PORT = "127.0.0.1", 4200

@@ -3,7 +3,7 @@
 Flows only wire: plan every needed stage up front (refs are fingerprints), submit each stage's Prefect
 task as soon as the stages it reads from have finished (`wait_for`), so independent branches overlap
 (`ngram` beside `pretrain`; `memorization`, `gradients` and `preference` beside each other), and
-record each stage's outcome in the run record. The runner (`tasks.stage.run_stage`) skips a stage
+record each stage's outcome in the run record. The runner (`tasks.runtime.stage.run_stage`) skips a stage
 whose artifact is committed; Prefect's cache (keyed on the same refs) marks it Cached in the UI, and
 `refresh_cache` is forced when the store lacks the artifact so the cache never points at missing data.
 """
@@ -23,9 +23,9 @@ from tracecore.flows.report import write_report
 from tracecore.flows.runtime import dask_cluster
 from tracecore.storage.runs import RunRecorder, new_run_id, start_run, write_run
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import inject_fault
-from tracecore.tasks.registry import STAGES, dependencies, load_config, stages_of, validate_config
-from tracecore.tasks.stage import StagePlan, run_stage
+from tracecore.tasks.runtime.common import inject_fault
+from tracecore.tasks.runtime.registry import STAGES, dependencies, load_config, stages_of, validate_config
+from tracecore.tasks.runtime.stage import StagePlan, run_stage
 
 
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -115,7 +115,11 @@ def run_graph(cfg: Any, config: dict, address: str | None, selected: list[str] |
     return pipeline_refs(plans)
 
 
-def _stage_flow(stage: str):
+@functools.lru_cache(maxsize=None)
+def stage_flow(stage: str):
+    """The Prefect flow that runs one stage (built-in or a profile's `extra_stages`) and whatever upstream
+    artifacts it needs that are not in the store yet; one flow object per stage name."""
+
     @flow(name=f"tracecore-{stage}", log_prints=True)
     def stage_flow(config: dict, address: str | None = None) -> dict[str, str]:
         """Run one stage (and whatever upstream artifacts it needs that are not in the store yet)."""
@@ -126,7 +130,7 @@ def _stage_flow(stage: str):
     return stage_flow
 
 
-STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
+STAGE_FLOWS = {stage: stage_flow(stage) for stage in STAGES}  # the built-ins, for deployments
 
 
 @flow(name="tracecore-pipeline", log_prints=True)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.registry import needed_stages, stages_of
-from tracecore.tasks.stage import StagePlan, plan_stage
+from tracecore.tasks.runtime.registry import needed_stages, stages_of
+from tracecore.tasks.runtime.stage import StagePlan, plan_stage
 
 
 def qualified(stage: str, refs: dict[str, str]) -> dict[str, str]:

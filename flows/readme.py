@@ -51,7 +51,7 @@ def calibration_text(record: dict) -> str:
 
 def render_timings(store: ArtifactStore, record: dict) -> str:
     """Stage wall-clock seconds of the run, the total, and the calibration measured at its start."""
-    from tracecore.tasks.registry import STAGES
+    from tracecore.tasks.runtime.registry import STAGES
 
     stages = {s: record["stages"][s] for s in STAGES
               if isinstance(record["stages"].get(s, {}).get("seconds"), (int, float))}

@@ -46,7 +46,7 @@ def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
 def loss_curve_png(store: ArtifactStore, model_ref: str) -> bytes | None:
     if not store.is_committed(model_ref) or not store.markers(model_ref):
         return None
-    from tracecore.tasks.common import figure_png, subplots
+    from tracecore.tasks.plots import figure_png, subplots
 
     curve = store.read_table(model_ref).to_pandas()
     fig, ax = subplots(figsize=(6, 3.5))
@@ -126,7 +126,7 @@ def write_report(store: ArtifactStore, record: dict) -> str:
 def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str,
             plots: list[tuple[str, str, bytes]]) -> None:
     """Keyed Prefect artifacts (visible on the UI's Artifacts page) when inside a flow run."""
-    from tracecore.tasks.common import in_prefect_run
+    from tracecore.tasks.runtime.common import in_prefect_run
 
     if not in_prefect_run():
         return

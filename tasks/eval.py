@@ -25,9 +25,10 @@ import pyarrow as pa
 from tracecore.configs.schema import EvalConfig
 from tracecore.kernels.families import decoding_obstacle
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import MODEL_LOAD_LOCK, instruction_key, log_dropped, map_shards, normalize_text
 from tracecore.tasks.instructions import TEMPLATE, collate, encode, load_pool, pool_inputs, pool_needs
-from tracecore.tasks.stage import Stage, StageRun
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards
+from tracecore.tasks.runtime.stage import Stage, StageRun
+from tracecore.tasks.text import instruction_key, normalize_text
 
 METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"]
 
@@ -80,7 +81,7 @@ def generate(model, tok, prompts: list[list[int]], max_new: int) -> list[str]:
 
 def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dict], blocks, cfg: EvalConfig) -> dict:
     import sacrebleu
-    from tracecore.tasks.pretrain import eval_loss
+    from tracecore.tasks.lm_training import eval_loss
 
     eos = [tok.eos_token_id]
     qa = continuation_logprobs(model, tok, [(prompt_ids(tok, "Answer the question.", r["question"]),
@@ -127,8 +128,8 @@ def load_tasks(sample_dir: str, max_items: int, pool: list[dict]) -> dict[str, l
 
 def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig) -> dict:
     import torch
+    from tracecore.tasks.lm_training import split_blocks, token_stream
     from tracecore.tasks.models import model_dir
-    from tracecore.tasks.pretrain import split_blocks, token_stream
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(cfg.threads) if cfg.threads else None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from tracecore.tasks.sample import filler_sentence, repeated_list_document, word
+from tracecore.tasks.world import filler_sentence, repeated_list_document, word
 
 
 def haystack(tok, rng: random.Random, n_tokens: int, depth: float) -> tuple[list[int], list[int], str, str]:
@@ -70,7 +70,7 @@ def train_retrieval(model, tok, cfg, max_len: int, log) -> list[float]:
     trained length, with the pretraining loop at a constant rate after warm-up (a decaying rate stalled
     before the induction heads formed in our runs); returns the loss per step."""
     from tracecore.configs.schema import PretrainConfig
-    from tracecore.tasks.pretrain import train
+    from tracecore.tasks.lm_training import train
 
     steps, batch = cfg.retrieval_train_steps, cfg.retrieval_batch_size
     blocks = curriculum_blocks(tok, random.Random(cfg.seed), steps * batch, max_len, cfg.retrieval_recall_share)
@@ -150,7 +150,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def heatmaps_png(rows: list[dict]) -> bytes:
-    from tracecore.tasks.common import figure_png
+    from tracecore.tasks.plots import figure_png
 
     return figure_png(heatmaps_figure(rows))
 
@@ -158,7 +158,7 @@ def heatmaps_png(rows: list[dict]) -> bytes:
 def heatmaps_figure(rows: list[dict]):
     """Accuracy heatmap (depth x length) per method, one panel each, every cell's value written in it and one
     shared colour bar (0-1), so a reader needs no colour guessing."""
-    from tracecore.tasks.common import subplots
+    from tracecore.tasks.plots import subplots
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
@@ -179,7 +179,7 @@ def heatmaps_figure(rows: list[dict]):
 
 
 def heads_png(induction, echo, heads) -> bytes:
-    from tracecore.tasks.common import figure_png, subplots
+    from tracecore.tasks.plots import figure_png, subplots
 
     fig, axes = subplots(nrows=1, ncols=2, figsize=(7, 2.8), squeeze=False)
     for ax, (title, m) in zip(axes[0], (("induction score", induction), ("echo score", echo))):

@@ -20,7 +20,7 @@ import pyarrow as pa
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.eval_longctx import plant_needle
 from tracecore.tasks.intervals import wilson
-from tracecore.tasks.sample import word
+from tracecore.tasks.world import word
 
 NEEDLE_COLUMNS = {"model": pa.string(), "method": pa.string(), "length": pa.int64(), "depth": pa.float64(),
                   "hit": pa.bool_(), "kv_bytes": pa.int64(), "tokens": pa.int64()}
@@ -132,8 +132,8 @@ def load_eval_model(store: ArtifactStore, path: str, field: str):
     import contextlib
 
     import torch
-    from tracecore.tasks.common import MODEL_LOAD_LOCK, get_logger
     from tracecore.tasks.gguf_models import import_gguf, is_gguf
+    from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ref = import_gguf(store, path, field, get_logger()) if is_gguf(path) else None
@@ -149,8 +149,8 @@ def evaluate_model(store_uri: str, ref: str, shard: int, item: dict, cfg) -> dic
     rows (shard of the heads artifact) and both plots."""
     import torch
     from tracecore.kernels.razor import head_scores, retrieval_heads
-    from tracecore.tasks.common import MODEL_LOAD_LOCK, get_logger
     from tracecore.tasks.eval_longctx import heads_png, heatmaps_png
+    from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger
 
     store, log = ArtifactStore(store_uri), get_logger()
     spec = next(s for s in cfg.long_context_models if s.name == item["name"])
@@ -188,7 +188,7 @@ def depth_cells(rows: list[dict]) -> list[dict]:
 
 def accuracy_png(summary: list[dict], name: str) -> bytes:
     """Accuracy per length for every method, with Wilson intervals: one line per method."""
-    from tracecore.tasks.common import figure_png, subplots
+    from tracecore.tasks.plots import figure_png, subplots
 
     fig, ax = subplots(figsize=(6, 3.5))
     for method in dict.fromkeys(r["method"] for r in summary):

@@ -23,14 +23,6 @@ import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import ConfigError, FinetuneConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import (
-    MODEL_LOAD_LOCK,
-    figure_png,
-    get_logger,
-    integer_ticks,
-    map_shards,
-    subplots,
-)
 from tracecore.tasks.instructions import collate, encode, load_pool, pool_inputs, pool_needs
 from tracecore.tasks.models import (
     buildable,
@@ -40,7 +32,9 @@ from tracecore.tasks.models import (
     resolve_lora_targets,
     user_model_config,
 )
-from tracecore.tasks.stage import Planned, Stage, StageRun, plan_artifact
+from tracecore.tasks.plots import figure_png, integer_ticks, subplots
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger, map_shards
+from tracecore.tasks.runtime.stage import Planned, Stage, StageRun, plan_artifact
 
 SUMMARY_COLUMNS = ["variant", "subset", "seed", "records", "steps", "train_loss", "eval_loss_base", "eval_loss",
                    "tokens_per_second", "peak_memory_mb", "seconds", "resumed_from_step", "device"]
@@ -329,7 +323,7 @@ def train_variant(store_uri: str, summary_ref: str, shard: int, item: dict, cfg:
 # ---- ChatQA 2 context extension ------------------------------------------------------------------------
 def packed_long_blocks(store: ArtifactStore, tokens_ref: str, separator: list[int], seq_len: int) -> np.ndarray:
     """Corpus documents joined with the separator tokens, cut into `seq_len` blocks."""
-    from tracecore.tasks.pretrain import token_stream
+    from tracecore.tasks.lm_training import token_stream
 
     stream = token_stream(store, tokens_ref, separator)
     n = len(stream) // seq_len

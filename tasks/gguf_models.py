@@ -125,7 +125,7 @@ def import_gguf(store: ArtifactStore, spec: str, field: str = "model", log=None)
 def convert_gguf(path: Path, out_dir: str) -> dict:
     """De-quantise into a model built from the same config and save it as safetensors with its tokenizer."""
     import torch
-    from tracecore.tasks.common import MODEL_LOAD_LOCK
+    from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with MODEL_LOAD_LOCK:

@@ -26,10 +26,10 @@ import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import GradientsConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import MODEL_LOAD_LOCK, log_dropped, map_shards
 from tracecore.tasks.instructions import collate, encode, load_pool, pool_inputs, pool_needs
 from tracecore.tasks.models import check_user_lora_targets, lora_kwargs, model_dir, resolve_device
-from tracecore.tasks.stage import Stage, StageRun
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards
+from tracecore.tasks.runtime.stage import Stage, StageRun
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
@@ -209,13 +209,6 @@ def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: Gradi
 def _fsl(t) -> pa.FixedSizeListArray:
     values = pa.array(t.numpy().astype(np.float16).ravel(), type=pa.float16())
     return pa.FixedSizeListArray.from_arrays(values, t.shape[1])
-
-
-def read_features(store: ArtifactStore, features_ref: str, column: str = "feature") -> tuple[list[str], np.ndarray]:
-    table = store.read_table(features_ref, columns=["record_id", column])
-    dim = table.schema.field(column).type.list_size
-    flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return table.column("record_id").to_pylist(), flat.astype(np.float32).reshape(-1, dim)
 
 
 def run_gradients(run: StageRun) -> None:

@@ -15,6 +15,16 @@ from collections.abc import Iterator
 from tracecore.storage.store import ArtifactStore
 
 
+def phrase_variants(tok, text: str) -> list[list[int]]:
+    """Token ids of a phrase mid-text (leading space) and at document start (no space).
+
+    When the space is a token of its own (small vocabularies), the no-space ids already match
+    both forms, and counting both would double count."""
+    spaced = tok.encode(" " + text, add_special_tokens=False).ids
+    bare = tok.encode(text, add_special_tokens=False).ids
+    return [bare] if spaced[-len(bare):] == bare else [spaced, bare]
+
+
 def latest_index(store: ArtifactStore) -> str:
     """The most recently committed n-gram index of the store."""
     refs = [r for r in store.list_artifacts() if r.startswith("ngram_index/") and store.is_committed(r)]
@@ -27,7 +37,7 @@ def latest_index(store: ArtifactStore) -> str:
 def opened(store: ArtifactStore, index_ref: str) -> Iterator[tuple]:
     """(engine, tokenizer) of an index: the tokenizer it was built with, so query ids match its ids."""
     from tokenizers import Tokenizer
-    from tracecore.tasks.ngram import open_engine
+    from tracecore.tasks.ngram_engine import open_engine
 
     with store.local_dir(store.manifest(index_ref)["tokenizer"]) as folder:
         tok = Tokenizer.from_file(f"{folder}/tokenizer.json")
@@ -37,8 +47,7 @@ def opened(store: ArtifactStore, index_ref: str) -> Iterator[tuple]:
 
 def forms(tok, text: str) -> list[list[int]]:
     """The token ids of a phrase mid-text and at a document start (one form when they coincide)."""
-    from tracecore.tasks.memorization import phrase_variants
-
+    
     return phrase_variants(tok, text)
 
 
@@ -59,7 +68,7 @@ def cnf(engine, tok, clauses: list[list[str]], window: int) -> dict:
 def raw_engine(engine) -> tuple:
     """(raw engine, encode): suffix-array ranks and documents live on the raw engine, which a u32 index
     queries in paired symbols."""
-    from tracecore.tasks.ngram import PairedEngine
+    from tracecore.tasks.ngram_engine import PairedEngine
 
     return (engine.engine, engine.encode) if isinstance(engine, PairedEngine) else (engine, list)
 

@@ -26,8 +26,8 @@ import pyarrow as pa
 from tracecore.configs.schema import IngestConfig
 from tracecore.storage.fs import NoInputError, input_fingerprint, list_input_files  # noqa: F401 (re-exported)
 from tracecore.storage.store import ArtifactStore, read_parquet
-from tracecore.tasks.common import map_shards
-from tracecore.tasks.stage import Stage, StageRun
+from tracecore.tasks.runtime.common import map_shards
+from tracecore.tasks.runtime.stage import Stage, StageRun
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
                         ("file", pa.string()), ("line", pa.int64()), ("doc_hash", pa.string())])
@@ -331,7 +331,7 @@ def run_ingest(run: StageRun) -> None:
 
 
 def ingest_documents(run: StageRun) -> None:
-    from tracecore.tasks.sample import sample_corpus_glob
+    from tracecore.tasks.world import sample_corpus_glob
 
     store, cfg = run.store, run.cfg
     files = run.args.get("files") or list_input_files([sample_corpus_glob(store.uri, run.inputs["sample"])])

@@ -28,10 +28,12 @@ import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import MemorizationConfig, TaskSpec
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import MODEL_LOAD_LOCK, figure_png, log_dropped, map_shards, subplots
+from tracecore.tasks.index_query import phrase_variants
 from tracecore.tasks.memorization_scores import item_scores, score_table
-from tracecore.tasks.ngram import VocabMismatchError, open_engine
-from tracecore.tasks.stage import Stage, StageRun
+from tracecore.tasks.ngram_engine import VocabMismatchError, open_engine
+from tracecore.tasks.plots import figure_png, subplots
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards
+from tracecore.tasks.runtime.stage import Stage, StageRun
 from tracecore.tasks.taskfiles import load_task
 
 WORD = re.compile(r"\w+", re.UNICODE)  # words; punctuation is filtered as in the paper
@@ -111,16 +113,6 @@ def rule_counts(items: list[dict], pairs: list[dict], kept: list[dict]) -> dict[
 
 
 # ---- counting (Dask workers) ------------------------------------------------------------------
-def phrase_variants(tok, text: str) -> list[list[int]]:
-    """Token ids of a phrase mid-text (leading space) and at document start (no space).
-
-    When the space is a token of its own (small vocabularies), the no-space ids already match
-    both forms, and counting both would double count."""
-    spaced = tok.encode(" " + text, add_special_tokens=False).ids
-    bare = tok.encode(text, add_special_tokens=False).ids
-    return [bare] if spaced[-len(bare):] == bare else [spaced, bare]
-
-
 def infgram_logprob(engine, tok, context: str, target: str) -> float:
     """∞-gram log-prob of the target's tokens given up to 500 chars of context (official setting)."""
     prompt = tok.encode(context[-500:], add_special_tokens=False).ids

@@ -32,15 +32,11 @@ import pyarrow as pa
 import yaml
 from tracecore.configs.schema import PreferenceConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import (
-    MODEL_LOAD_LOCK,
-    log_dropped,
-    map_shards,
-    normalize_text,
-)
 from tracecore.tasks.preference_splits import heldout_phrasings, split_of
 from tracecore.tasks.reward_model import RM_KINDS, accuracy_png, evaluate, scorer, train_and_score
-from tracecore.tasks.stage import Stage, StageRun
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards
+from tracecore.tasks.runtime.stage import Stage, StageRun
+from tracecore.tasks.text import normalize_text
 
 CONTEXT_TYPES = ("criteria", "scenario", "profile", "none")
 RECORD_SCHEMA = pa.schema([(c, pa.string()) for c in ("prompt", "context", "context_type", "response_a",

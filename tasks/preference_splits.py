@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from tracecore.tasks.common import normalize_text
+from tracecore.tasks.text import normalize_text
 
 
 def hash_split(key: str, test_fraction: float) -> str:

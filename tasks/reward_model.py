@@ -8,8 +8,9 @@ from __future__ import annotations
 import pyarrow as pa
 from tracecore.configs.schema import PreferenceConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import MODEL_LOAD_LOCK, figure_png, get_logger, subplots
 from tracecore.tasks.intervals import wilson
+from tracecore.tasks.plots import figure_png, subplots
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger
 
 
 def rm_ids(tok, context: str, prompt: str, response: str, max_len: int) -> list[int]:

@@ -26,10 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tracecore.configs.schema import SelectConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import figure_png, map_shards, subplots
 from tracecore.tasks.instructions import load_pool, pool_inputs, pool_needs
 from tracecore.tasks.intervals import below_rate_p, wilson
-from tracecore.tasks.stage import Stage, StageRun
+from tracecore.tasks.plots import figure_png, subplots
+from tracecore.tasks.runtime.common import map_shards
+from tracecore.tasks.runtime.stage import Stage, StageRun
 
 # `draw`: which random draw a baseline row belongs to (one per fine-tuning seed, modulo baseline_draws);
 # TAGCOS rows are deterministic and all carry draw 0
@@ -197,7 +198,7 @@ def cluster_size_png(sizes: list[int], budgets: list[int]) -> bytes:
 
 
 def run_select(run: StageRun) -> None:
-    from tracecore.tasks.gradients import read_features
+    from tracecore.tasks.features import read_features
 
     store, cfg, log, cluster, features_ref = run.store, run.cfg, run.log, run.cluster, run.inputs["features"]
     refs = run.plan.refs

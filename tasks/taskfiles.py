@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tracecore.configs.schema import TaskSpec
 from tracecore.storage.store import read_parquet
-from tracecore.tasks.common import get_logger
+from tracecore.tasks.runtime.common import get_logger
 
 
 def read_task_rows(path: str) -> list[tuple[int, object]]:

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tracecore.configs.schema import TokenizeConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import map_shards, worker_threads
-from tracecore.tasks.stage import Stage, StageRun
+from tracecore.tasks.runtime.common import map_shards, worker_threads
+from tracecore.tasks.runtime.stage import Stage, StageRun
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 

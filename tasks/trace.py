@@ -32,9 +32,10 @@ import re
 import pyarrow as pa
 from tracecore.configs.schema import TraceConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import figure_png, log_dropped, map_shards, subplots
 from tracecore.tasks.intervals import wilson
-from tracecore.tasks.stage import Planned, Stage, StageRun, plan_artifact
+from tracecore.tasks.plots import figure_png, subplots
+from tracecore.tasks.runtime.common import log_dropped, map_shards
+from tracecore.tasks.runtime.stage import Planned, Stage, StageRun, plan_artifact
 from tracecore.tasks.taskfiles import load_task
 
 WORD = re.compile(r"\w+")

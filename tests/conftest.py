@@ -42,7 +42,7 @@ def prefect_harness():
 @pytest.fixture
 def test_config(tmp_path):
     """The reduced profile with a fresh store and in-process (threaded) Dask."""
-    from tracecore.tasks.registry import load_config
+    from tracecore.tasks.runtime.registry import load_config
 
     def make(*overrides: str, store: Path | None = None):
         return load_config(str(TEST_PROFILE), list(overrides), store=str(store or tmp_path / "store"))
@@ -75,7 +75,7 @@ def reduced_sets() -> list[str]:
 def pretrained(tmp_path_factory):
     """The reduced sample world through pretrain (a tiny Llama), shared by the stage tests."""
     from tracecore.flows.pipeline import execute_stage
-    from tracecore.tasks.registry import load_config
+    from tracecore.tasks.runtime.registry import load_config
 
     store = str(tmp_path_factory.mktemp("pretrained") / "store")
     cfg = load_config(str(TEST_PROFILE), [], store=store)
@@ -108,8 +108,8 @@ def stage_plan(cfg, stage: str):
 
 def run_planned(cfg, stage: str, plan=None, store_uri: str | None = None) -> dict[str, str]:
     """Run one stage through the runner (no upstream, no Prefect); returns its refs by output name."""
-    from tracecore.tasks.registry import stages_of
-    from tracecore.tasks.stage import run_stage
+    from tracecore.tasks.runtime.registry import stages_of
+    from tracecore.tasks.runtime.stage import run_stage
 
     plan = plan or stage_plan(cfg, stage)
     return run_stage(stages_of(cfg)[stage], getattr(cfg, stage), plan, store_uri or cfg.store)
@@ -122,7 +122,7 @@ def pipeline_run(prefect_harness, tmp_path_factory):
 
     from tracecore.flows.pipeline import pipeline
     from tracecore.storage.store import ArtifactStore
-    from tracecore.tasks.registry import load_config
+    from tracecore.tasks.runtime.registry import load_config
 
     # stages overlap (in-process Dask would otherwise run them one at a time: see `parallel_stages`)
     cfg = load_config(str(TEST_PROFILE), ["parallel_stages=4"], store=str(tmp_path_factory.mktemp("pipeline") / "store"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.registry import load_config
+from tracecore.tasks.runtime.registry import load_config
 
 FULL = os.environ.get("TRACECORE_ACCEPT") == "full"
 PROFILE = "tiny" if FULL else str(Path(__file__).parent / "profile_accept.yaml")
@@ -183,7 +183,7 @@ def test_prefect_artifacts_of_every_stage_read_back_from_the_server(tiny_run):
     plots, and the summary markdown naming the artifact store."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-    from tracecore.tasks.registry import STAGES
+    from tracecore.tasks.runtime.registry import STAGES
 
     store, result = tiny_run
     with get_client(sync_client=True) as client:

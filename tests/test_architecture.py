@@ -15,8 +15,8 @@ import importlib
 import inspect
 
 import pytest
-from tracecore.tasks.registry import BUILTIN, registry
-from tracecore.tasks.stage import INFRASTRUCTURE_PACKAGE, code_modules, code_version
+from tracecore.tasks.runtime.registry import BUILTIN, registry
+from tracecore.tasks.runtime.stage import INFRASTRUCTURE_PACKAGE, code_modules, code_version
 
 # What the infrastructure package may define: bookkeeping a stage calls, never a computation's logic.
 BOOKKEEPING = {
@@ -90,3 +90,22 @@ def test_editing_a_library_helper_changes_exactly_the_stages_that_reach_it(monke
                         lambda name: original(name) + ("\n# edited" if name == helper else ""))
     after = {name: code_version(stages[name].code_modules()) for name in before}
     assert {n for n in before if before[n] != after[n]} == reaching
+
+
+def test_resume_finds_a_run_in_the_store_its_profile_names(tmp_path, monkeypatch):
+    """`tracecore run --resume RUN_ID --profile P` looks in P's store, and a run of a built-in profile is found
+    without --profile (failed on the old code: it opened `--store` or `.tracecore/store` only)."""
+    from tracecore.configs.schema import ConfigError
+    from tracecore.flows.cli import resume_store
+    from tracecore.storage.runs import start_run, write_run
+    from tracecore.storage.store import ArtifactStore
+
+    monkeypatch.chdir(tmp_path)  # the default store (.tracecore/store) is empty here
+    other = tmp_path / "elsewhere" / "store"
+    profile = tmp_path / "mine.yaml"
+    profile.write_text(f"extends: tiny\nstore: {other}\n")
+    write_run(ArtifactStore(other), start_run(ArtifactStore(other), "20261207-000000-abcdef", {"store": str(other)}))
+    assert resume_store("20261207-000000-abcdef", str(profile), None).uri.endswith("elsewhere/store")
+    with pytest.raises(ConfigError, match="^--resume 20261207-000000-abcdef: no such run"):
+        resume_store("20261207-000000-abcdef", "tiny", None)
+

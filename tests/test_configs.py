@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from tracecore.configs.schema import ConfigError
-from tracecore.tasks.registry import PipelineConfig, load_config, validate_config
+from tracecore.tasks.runtime.registry import PipelineConfig, load_config, validate_config
 
 
 @pytest.mark.parametrize("profile", ["tiny", "gpu", "tiny-retrieval"])

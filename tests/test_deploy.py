@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tracecore.flows.cli import build_parser
-from tracecore.tasks.registry import load_config
+from tracecore.tasks.runtime.registry import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -189,7 +189,7 @@ def test_memorization_scores_a_second_model_from_gguf_beside_the_runs_own(tiny_g
     store: only memorization recomputes."""
     from tracecore.flows.pipeline import run_stages
     from tracecore.flows.plan import plan_pipeline
-    from tracecore.tasks.registry import load_config
+    from tracecore.tasks.runtime.registry import load_config
 
     cfg = load_config(str(TEST_PROFILE), [f"memorization.models=[pretrain.model, {tiny_gguf}]",
                       "memorization.max_items=15", "memorization.bootstrap=20"], store=pipeline_run.cfg.store)

@@ -11,7 +11,8 @@ from conftest import planned_args, with_section
 from tracecore.flows.pipeline import run_stages
 from tracecore.kernels.per_sample import batched_grads, loop_grads
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.gradients import lora_model, read_features
+from tracecore.tasks.features import read_features
+from tracecore.tasks.gradients import lora_model
 from tracecore.tasks.instructions import collate, encode, load_pool
 from tracecore.tasks.models import model_dir
 from tracecore.tasks.select import omp, omp_fill

@@ -17,7 +17,7 @@ from tracecore.tasks.ingest import (
     TooManyRejectsError,
     list_input_files,
 )
-from tracecore.tasks.registry import validate_config
+from tracecore.tasks.runtime.registry import validate_config
 
 
 def good(i: int) -> bytes:

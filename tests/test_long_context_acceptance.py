@@ -12,7 +12,7 @@ import os
 
 import pytest
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.registry import load_config
+from tracecore.tasks.runtime.registry import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(4 * 3600), pytest.mark.skipif(os.environ.get("TRACECORE_LONG") != "1",
                                                    reason="opt-in (~26 min): make test-long")]

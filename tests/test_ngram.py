@@ -11,10 +11,12 @@ import pytest
 from tracecore.configs.schema import MemorizationConfig, NgramConfig, TaskSpec
 from tracecore.flows.pipeline import run_stages
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.memorization import candidate_pairs, load_task, phrase_variants, threshold, word_ngrams
-from tracecore.tasks.ngram import EmptyCorpusError, VocabMismatchError, open_engine
+from tracecore.tasks.index_query import phrase_variants
+from tracecore.tasks.memorization import candidate_pairs, load_task, threshold, word_ngrams
+from tracecore.tasks.ngram import EmptyCorpusError
+from tracecore.tasks.ngram_engine import VocabMismatchError, open_engine
 from tracecore.tasks.ngram_table import packed_ngrams
-from tracecore.tasks.registry import load_config
+from tracecore.tasks.runtime.registry import load_config
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def tokenizer(store, refs):
 
 
 def test_planted_phrase_counts_equal_ground_truth(indexed):
-    from tracecore.tasks.memorization import phrase_variants
+    from tracecore.tasks.index_query import phrase_variants
 
     store, _, refs = indexed
     tok = tokenizer(store, refs)
@@ -198,7 +200,7 @@ def test_empty_corpus_and_vocab_mismatch_fail_before_work(indexed, tmp_path):
 
         check_inputs(empty, NgramConfig(), "tokens/e", 400)
     from tracecore.tasks.memorization import STAGE
-    from tracecore.tasks.stage import plan_stage, run_stage
+    from tracecore.tasks.runtime.stage import plan_stage, run_stage
 
     other = store.manifest(refs["ngram.index"])
     manifest_path = store.manifest_path(refs["ngram.index"])
@@ -331,7 +333,7 @@ def test_ngram_cli_count_docs_and_cnf(indexed):
     import re
 
     from conftest import run_cli
-    from tracecore.tasks.ngram import open_engine
+    from tracecore.tasks.ngram_engine import open_engine
 
     store, _, refs = indexed
     phrase = "was born in the year"

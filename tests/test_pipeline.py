@@ -18,7 +18,7 @@ def test_pipeline_end_to_end_then_fully_cached(pipeline_run):
 
     cfg, store, first, record = pipeline_run.cfg, pipeline_run.store, pipeline_run.result, pipeline_run.record
     assert record["state"] == "completed"
-    from tracecore.tasks.registry import STAGES
+    from tracecore.tasks.runtime.registry import STAGES
 
     assert {s: i["status"] for s, i in record["stages"].items()} == dict.fromkeys(STAGES, "computed")
     report = (store.fs.open(first["report"]).read()).decode()
@@ -100,7 +100,7 @@ def test_pretrain_epochs_and_schedule(schedule):
 
     import numpy as np
     from tracecore.configs.schema import PretrainConfig
-    from tracecore.tasks.pretrain import build_model, train
+    from tracecore.tasks.lm_training import build_model, train
 
     cfg = PretrainConfig(hidden_size=16, layers=1, heads=1, kv_heads=1, intermediate_size=16, seq_len=16,
                          batch_size=2, warmup_steps=20, epochs=2, lr=0.01, schedule=schedule)

@@ -229,9 +229,9 @@ def test_preference_metrics_can_fail():
 def test_every_sample_axis_pole_has_training_and_held_out_phrasings(tmp_path):
     """Each reversible axis holds out one wording per pole and trains on the rest; the factual criteria, which
     never reverse, stay in training (held out, they let a blind model score above chance)."""
-    from tracecore.tasks.common import normalize_text
     from tracecore.tasks.preference_splits import heldout_phrasings
-    from tracecore.tasks.sample import AXES, FACTUAL
+    from tracecore.tasks.text import normalize_text
+    from tracecore.tasks.world import AXES, FACTUAL
 
     held, _ = heldout_phrasings(_sample_pairs(tmp_path), load_library("builtin"), 0.3)
     for poles in AXES.values():
@@ -274,7 +274,7 @@ def _sample_pairs(tmp_path, n: int = 120) -> list[dict]:
     import random
 
     from tracecore.configs.schema import SampleConfig
-    from tracecore.tasks.sample import build_knowledge_base, build_preferences
+    from tracecore.tasks.world import build_knowledge_base, build_preferences
 
     cfg = SampleConfig(preference_pairs=n)
     rng = random.Random(cfg.seed)
@@ -291,7 +291,7 @@ def test_each_context_text_enters_a_pair_once_and_only_on_the_pairs_own_features
     is scored twice. A library feature applies only where the pair's own contexts name it and it picks the side
     they labeled: the `english` proxy on a bulleted-list pair made 'the reader only understands Zelan' prefer
     the list (failed on the old code)."""
-    from tracecore.tasks.common import normalize_text
+    from tracecore.tasks.text import normalize_text
 
     library = {e["context"]: e for e in load_library("builtin")}
     for pair in _sample_pairs(tmp_path):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from tracecore.configs.schema import SampleConfig
-from tracecore.tasks.sample import FACT_TEMPLATES, write_sample
 from tracecore.tasks.tokenize import TokenizerError, check_user_tokenizer
+from tracecore.tasks.world import FACT_TEMPLATES, write_sample
 
 SMALL = SampleConfig(n_entities=30, max_fact_frequency=40, n_parallel_phrases=15, filler_documents=200,
                      instructions=160, preference_pairs=20, haystacks=5, haystack_sentences=20, corpus_files=3)
@@ -90,7 +90,7 @@ def documents(tmp_path):
     write_sample(SMALL, tmp_path / "world")
 
     from tracecore.flows.pipeline import run_stages
-    from tracecore.tasks.registry import validate_config
+    from tracecore.tasks.runtime.registry import validate_config
 
     cfg = validate_config({"store": str(tmp_path / "store"),
                            "ingest": {"paths": [str(tmp_path / "world/corpus/*.jsonl.gz")]},
@@ -297,10 +297,10 @@ def test_split_digits_gives_one_token_per_digit(tmp_path, split_digits):
 def test_held_out_and_evaluation_items_are_disjoint_from_the_pool(tmp_path):
     """No held-out instruction and no QA / multiple-choice evaluation question is in the training pool, compared
     after lower-casing and stripping punctuation (the tiny profile's world: 3,000 pool records)."""
-    from tracecore.tasks.common import instruction_key, normalize_text
     from tracecore.tasks.eval import load_tasks
     from tracecore.tasks.instructions import load_pool
-    from tracecore.tasks.registry import load_config
+    from tracecore.tasks.runtime.registry import load_config
+    from tracecore.tasks.text import instruction_key, normalize_text
 
     write_sample(load_config("tiny").sample, tmp_path)
     pool, _ = load_pool(str(tmp_path / "instructions" / "train.jsonl"))

@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO
 from tracecore.flows.plan import plan_pipeline
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.registry import STAGES, dependencies, registry, stages_of
-from tracecore.tasks.stage import fingerprint_of
+from tracecore.tasks.runtime.registry import STAGES, dependencies, registry, stages_of
+from tracecore.tasks.runtime.stage import fingerprint_of
 
 
 @pytest.mark.slow
@@ -38,7 +38,7 @@ def test_the_installed_wheel_exposes_one_tracecore_namespace(tmp_path):
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
                                 str(wheel)], check=False, capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr[-2000:]
-    probe = ("import tracecore.tasks.registry as r, tracecore.flows.cli, tracecore.kernels;"
+    probe = ("import tracecore.tasks.runtime.registry as r, tracecore.flows.cli, tracecore.kernels;"
              "print(r.__file__); print(len(r.STAGES)); print(r.load_config('tiny').profile)")
     out = subprocess.run([sys.executable, "-c", probe], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
@@ -85,7 +85,7 @@ def test_user_inputs_are_in_the_lineage(test_config, tmp_path):
 
 
 def test_editing_a_helper_changes_the_fingerprint_of_the_stages_that_use_it(test_config, monkeypatch):
-    import tracecore.tasks.stage as stage_mod
+    import tracecore.tasks.runtime.stage as stage_mod
 
     cfg = test_config()
     store = ArtifactStore(cfg.store)
@@ -134,6 +134,9 @@ def test_a_toy_stage_registers_and_runs_in_the_pipeline(prefect_harness, test_co
     record = json.loads(store.fs.open(f"{store.run_dir('toy')}/run.json").read())
     assert set(record["stages"]) == {"sample", "ingest", "tokenize", "toy"}
     assert record["stages"]["toy"]["status"] == "computed"
+    from tracecore.flows.pipeline import stage_flow  # an extra stage has its own flow too (old code: built-ins only)
+
+    assert stage_flow("toy")(config=cfg.model_dump(mode="json"))["toy.lengths"] == ref
 
 
 def test_independent_stages_overlap_in_time(pipeline_run):

@@ -17,7 +17,7 @@ PLANTED = 6
 def traced(tmp_path_factory):
     from conftest import TEST_PROFILE
     from tracecore.flows.pipeline import run_stages
-    from tracecore.tasks.registry import load_config
+    from tracecore.tasks.runtime.registry import load_config
 
     cfg = load_config(str(TEST_PROFILE), [f"sample.planted_contamination={PLANTED}", "trace.decontaminate=true", "trace.max_items=0"],
                       store=str(tmp_path_factory.mktemp("trace") / "store"))
@@ -84,7 +84,7 @@ def test_task_table_intervals_and_decontaminated_documents(traced):
 def test_a_later_run_reads_the_decontaminated_documents(traced, tmp_path):
     from conftest import TEST_PROFILE
     from tracecore.flows.pipeline import run_stages
-    from tracecore.tasks.registry import load_config
+    from tracecore.tasks.runtime.registry import load_config
 
     folder = traced.store.artifact_dir(traced.refs["trace.documents_decontaminated"])
     cfg = load_config(str(TEST_PROFILE), [f"ingest.paths=[{folder}/*.parquet]"],

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.registry import load_config
+from tracecore.tasks.runtime.registry import load_config
 
 FILLER = 66_000  # placeholder tokens first, so every real word has an id above 65,535
 pytestmark = pytest.mark.timeout(600)
@@ -73,7 +73,7 @@ def test_exact_table_equals_an_independent_scan(wide):
 
 
 def test_index_counts_equal_an_independent_scan(wide):
-    from tracecore.tasks.ngram import open_engine
+    from tracecore.tasks.ngram_engine import open_engine
 
     store, refs, _ = wide
     docs = token_docs(store, refs)

@@ -8,7 +8,7 @@ import json
 import pytest
 from tracecore.configs.schema import ConfigError
 from tracecore.tasks.instructions import load_pool
-from tracecore.tasks.registry import load_config
+from tracecore.tasks.runtime.registry import load_config
 
 BAD_INSTRUCTIONS = [  # (line, reason fragment)
     ('{"instruction": "x", "output": ', "bad JSON"),
@@ -64,7 +64,7 @@ def test_model_paths_that_are_not_safe_hf_folders_are_refused(tmp_path):
     """Refused when the run is planned, before any stage runs."""
     from conftest import TEST_PROFILE, stage_plan
     from tracecore.tasks.pretrain import ModelPathError
-    from tracecore.tasks.registry import load_config
+    from tracecore.tasks.runtime.registry import load_config
 
     cfg = load_config(str(TEST_PROFILE), [f"pretrain.model_path={tmp_path}"], store=str(tmp_path / "store"))
     with pytest.raises(ModelPathError, match="config.json missing"):

@@ -9,7 +9,7 @@ import json
 import pytest
 from conftest import TEST_PROFILE
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.registry import load_config
+from tracecore.tasks.runtime.registry import load_config
 
 
 @pytest.mark.parametrize(("fault", "failed_stage", "stages", "overrides"), [

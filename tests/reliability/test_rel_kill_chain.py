@@ -16,7 +16,7 @@ import json
 import pytest
 from conftest import TEST_PROFILE, run_cli
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.registry import STAGES
+from tracecore.tasks.runtime.registry import STAGES
 
 pytestmark = pytest.mark.slow
 # Sharded stages -> the name their shard loop reports to the fault hook (ngram's first loop is its index).

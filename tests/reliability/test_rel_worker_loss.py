@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import map_shards
+from tracecore.tasks.runtime.common import map_shards
 
 
 def shard_that_kills_its_worker_once(store_uri: str, ref: str, shard: int, item: str, flags: str) -> dict:

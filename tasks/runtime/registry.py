@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, create_model
 from tracecore.configs.profiles import format_errors, read_profile
 from tracecore.configs.schema import ConfigError, PipelineBase
-from tracecore.tasks.stage import Stage
+from tracecore.tasks.runtime.stage import Stage
 
 BUILTIN = ("tracecore.tasks.sample", "tracecore.tasks.ingest", "tracecore.tasks.tokenize",
            "tracecore.tasks.pretrain", "tracecore.tasks.ngram", "tracecore.tasks.trace", "tracecore.tasks.memorization",
@@ -29,7 +29,7 @@ def load_stage(module: str) -> Stage:
         stage = importlib.import_module(module).STAGE
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"extra_stages: cannot load a stage from module {module!r} ({exc}); the module must "
-                          "define STAGE = tracecore.tasks.stage.Stage(...)") from None
+                          "define STAGE = tracecore.tasks.runtime.stage.Stage(...)") from None
     if not isinstance(stage, Stage):
         raise ConfigError(f"extra_stages: {module}.STAGE is a {type(stage).__name__}, not a Stage")
     return stage

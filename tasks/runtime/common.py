@@ -56,18 +56,6 @@ def in_prefect_run() -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
-def normalize_text(text: str) -> str:
-    """Lower-cased words without punctuation: the key for train/test disjointness checks."""
-    import re
-
-    return " ".join(re.findall(r"\w+", text.lower()))
-
-
-def instruction_key(rec: dict) -> str:
-    """An Alpaca-style record's identity for disjointness: its instruction and input, normalized."""
-    return normalize_text(f"{rec['instruction']} {rec.get('input', '')}")
-
-
 def get_logger() -> logging.Logger:
     """Prefect's run logger inside a flow/task run (shows in the UI), else a plain logger."""
     if in_prefect_run():
@@ -211,33 +199,3 @@ def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dic
     return ShardReport(total=len(items), skipped=skipped, computed=len(computed),
                        seconds=round(time.perf_counter() - start, 3), markers=store.markers(ref),
                        computed_shards=sorted(computed))
-
-
-def subplots(**kwargs: Any):
-    """matplotlib `subplots` on the non-interactive Agg backend (workers and CI have no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(**kwargs)
-
-
-def integer_ticks(axis) -> None:
-    """Ticks only at integers, for an axis that counts (steps, indices)."""
-    from matplotlib.ticker import MaxNLocator
-
-    axis.set_major_locator(MaxNLocator(integer=True))
-
-
-def figure_png(fig) -> bytes:
-    """Render and close a figure; PNG bytes go into the store and the run report."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()

@@ -19,10 +19,11 @@ from typing import Any
 
 from tracecore.storage.lineage import fingerprint, lineage
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.common import dask_client, get_logger
+from tracecore.tasks.runtime.common import dask_client, get_logger
 
-# Modules every stage uses for bookkeeping; their code does not change what a stage computes.
-INFRASTRUCTURE = ("tracecore.tasks.common", "tracecore.tasks.stage", "tracecore.tasks.registry")
+# The runner's own package: left out of every code version, by package (it holds no domain logic;
+# tests/test_architecture.py checks that), so a runner change does not recompute results.
+INFRASTRUCTURE_PACKAGE = "tracecore.tasks.runtime"
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def _imported_modules(name: str, source: str) -> frozenset[str]:
         else:
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
         found |= {n for n in names if n.startswith(("tracecore.tasks.", "tracecore.kernels"))}
-    return frozenset(n for n in found if n not in INFRASTRUCTURE)
+    return frozenset(n for n in found if not n.startswith(INFRASTRUCTURE_PACKAGE))
 
 
 def _submodule(package: str, name: str) -> str:
