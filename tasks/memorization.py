@@ -169,11 +169,27 @@ def lm_logprobs(model_dir: str, rows: list[dict], batch_size: int) -> list[float
         for j, s in enumerate(seqs):
             ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s), 1
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-        for j, (c, t) in enumerate(zip(ctx, tgt)):
-            positions = torch.arange(len(c) - 1, len(c) + len(t) - 1)
-            out.append(float(logp[j, positions, torch.tensor(t)].sum()))
+            out += target_logprobs(model, ids, mask, ctx, tgt)
     return out
+
+
+def target_logprobs(model, ids, mask, ctx: list[list[int]], tgt: list[list[int]]) -> list[float]:
+    """Summed log-probs of each row's target tokens. The LM head and softmax run only at the positions that
+    predict a target (a 49k-token vocabulary over every prompt position cost more than the body on SmolLM2);
+    a model whose head does more than a linear map (logit soft-capping) takes the full forward."""
+    import torch
+
+    head = model.get_output_embeddings()
+    plain = isinstance(head, torch.nn.Linear) and not getattr(model.config, "final_logit_softcapping", None)
+    if not plain:
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        return [float(logp[j, torch.arange(len(c) - 1, len(c) + len(t) - 1), torch.tensor(t)].sum())
+                for j, (c, t) in enumerate(zip(ctx, tgt))]
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    rows = [hidden[j, len(c) - 1:len(c) + len(t) - 1] for j, (c, t) in enumerate(zip(ctx, tgt))]
+    logp = torch.log_softmax(head(torch.cat(rows)).float(), -1)
+    picked = logp[torch.arange(logp.shape[0]), torch.tensor([i for t in tgt for i in t])]
+    return [float(x.sum()) for x in picked.split([len(t) for t in tgt])]
 
 
 def plots(scores: list[dict], rows: list[dict]) -> dict[str, bytes]:

@@ -533,3 +533,28 @@ def test_bootstrap_resamples_items_so_repeated_targets_do_not_narrow_the_interva
     assert by_item["bootstrap_units"] == 30
     uneven = correlations(lm[:12], ref[:12], 200, seed=2, groups=np.array([0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 7]))
     assert -1 <= uneven["spearman_lo"] <= uneven["spearman_hi"] <= 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_target_logprobs_equal_the_full_forward(family):
+    """The LM head runs only where a target is predicted; the sums must equal log-softmax over the full
+    logits (right-padded batch, targets of different lengths)."""
+    import torch
+    from tracecore.tasks.memorization import target_logprobs
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = (LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2)) if family == "llama" else
+             GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4))).eval()
+    ctx, tgt = [[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]]
+    seqs = [c + t for c, t in zip(ctx, tgt)]
+    ids, mask = torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s), 1
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        expected = [float(logp[j, torch.arange(len(c) - 1, len(c) + len(t) - 1), torch.tensor(t)].sum())
+                    for j, (c, t) in enumerate(zip(ctx, tgt))]
+        got = target_logprobs(model, ids, mask, ctx, tgt)
+    assert got == pytest.approx(expected, abs=1e-5)
