@@ -115,7 +115,7 @@ def run_graph(cfg: Any, config: dict, address: str | None, selected: list[str] |
     return pipeline_refs(plans)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stage_flow(stage: str):
     """The Prefect flow that runs one stage (built-in or a profile's `extra_stages`) and whatever upstream
     artifacts it needs that are not in the store yet; one flow object per stage name."""

@@ -26,7 +26,7 @@ from tracecore.configs.schema import EvalConfig
 from tracecore.kernels.families import decoding_obstacle
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.instructions import TEMPLATE, collate, encode, load_pool, pool_inputs, pool_needs
-from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards, set_torch_threads
 from tracecore.tasks.runtime.stage import Stage, StageRun
 from tracecore.tasks.text import instruction_key, normalize_text
 
@@ -127,12 +127,11 @@ def load_tasks(sample_dir: str, max_items: int, pool: list[dict]) -> dict[str, l
 
 
 def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig) -> dict:
-    import torch
     from tracecore.tasks.lm_training import split_blocks, token_stream
     from tracecore.tasks.models import model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(cfg.threads) if cfg.threads else None
+    set_torch_threads(cfg.threads)
     store = ArtifactStore(store_uri)
     with model_dir(store, item["model_ref"]) as folder, MODEL_LOAD_LOCK:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)

@@ -147,15 +147,13 @@ def load_eval_model(store: ArtifactStore, path: str, field: str):
 def evaluate_model(store_uri: str, ref: str, shard: int, item: dict, cfg) -> dict:
     """One model (a Dask shard): probe heads, run the grid, write its needle rows (shard of `ref`), its head
     rows (shard of the heads artifact) and both plots."""
-    import torch
     from tracecore.kernels.razor import head_scores, retrieval_heads
     from tracecore.tasks.eval_longctx import heads_png, heatmaps_png
-    from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger
+    from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger, set_torch_threads
 
     store, log = ArtifactStore(store_uri), get_logger()
     spec = next(s for s in cfg.long_context_models if s.name == item["name"])
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
+    set_torch_threads(spec.threads)
     tok, model = load_eval_model(store, spec.path, f"eval.long_context_models[{shard}].path")
     rz = spec.razor
     induction, echo = head_scores(model, rz.probe_block, rz.probe_repeats, low=min(1000, len(tok) // 2),

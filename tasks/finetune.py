@@ -33,7 +33,7 @@ from tracecore.tasks.models import (
     user_model_config,
 )
 from tracecore.tasks.plots import figure_png, integer_ticks, subplots
-from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger, map_shards
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger, map_shards, set_torch_threads
 from tracecore.tasks.runtime.stage import Planned, Stage, StageRun, plan_artifact
 
 SUMMARY_COLUMNS = ["variant", "subset", "seed", "records", "steps", "train_loss", "eval_loss_base", "eval_loss",
@@ -288,9 +288,8 @@ def subset_records(store: ArtifactStore, pool: list[dict], subset_ref: str | Non
 
 
 def train_variant(store_uri: str, summary_ref: str, shard: int, item: dict, cfg: FinetuneConfig) -> dict:
-    import torch
 
-    torch.set_num_threads(cfg.threads) if cfg.threads else None
+    set_torch_threads(cfg.threads)
     store, log, ref = ArtifactStore(store_uri), get_logger(), item["ref"]
     if not store.is_committed(ref):
         device, dtype = device_and_dtype(cfg.device)

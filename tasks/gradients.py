@@ -28,7 +28,7 @@ from tracecore.configs.schema import GradientsConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.instructions import collate, encode, load_pool, pool_inputs, pool_needs
 from tracecore.tasks.models import check_user_lora_targets, lora_kwargs, model_dir, resolve_device
-from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards, set_torch_threads
 from tracecore.tasks.runtime.stage import Stage, StageRun
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -171,8 +171,7 @@ def shard_features(store_uri: str, ref: str, shard: int, item: tuple, cfg: Gradi
     learning-rate-weighted mean over checkpoints. Written as fp16 fixed-size lists."""
     import torch
     from tracecore.kernels.per_sample import batched_grads
-
-    torch.set_num_threads(cfg.threads) if cfg.threads else None
+    set_torch_threads(cfg.threads)
     store = ArtifactStore(store_uri)
     model_ref, warmup_ref, records = item
     with model_dir(store, model_ref) as folder:

@@ -23,7 +23,7 @@ from tracecore.tasks.lm_training import (
     train,
 )
 from tracecore.tasks.models import resolve_device, user_model_config
-from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, set_torch_threads
 from tracecore.tasks.runtime.stage import Stage, StageRun
 
 
@@ -87,8 +87,7 @@ def run_pretrain(run: StageRun) -> None:
     if cfg.model_path:
         register_user_model(run)
         return
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_torch_threads(cfg.threads)
     device = resolve_device(cfg.device)
     with store.local_dir(run.inputs["tokenizer"]) as tok_dir:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)

@@ -10,7 +10,7 @@ from tracecore.configs.schema import PreferenceConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.intervals import wilson
 from tracecore.tasks.plots import figure_png, subplots
-from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger, set_torch_threads
 
 
 def rm_ids(tok, context: str, prompt: str, response: str, max_len: int) -> list[int]:
@@ -218,10 +218,8 @@ def train_and_score(store_uri: str, ref: str, shard: int, item: dict, cfg: Prefe
     response) that `evaluate` asks it for; the blind model sees no context, in training or in scoring."""
     import tempfile
 
-    import torch
     from tracecore.tasks.models import model_dir
-
-    torch.set_num_threads(cfg.threads) if cfg.threads else None
+    set_torch_threads(cfg.threads)
     store, log, aware = ArtifactStore(store_uri), get_logger(), item["kind"] == "context_aware"
     rows = store.read_table(item["data_ref"]).to_pylist()
     with model_dir(store, item["model_ref"]) as folder:

@@ -22,7 +22,7 @@ from tracecore.tasks.runtime.stage import INFRASTRUCTURE_PACKAGE, code_modules, 
 BOOKKEEPING = {
     "common": {"MODEL_LOAD_LOCK", "FAULT_ENV", "RAISE_ENV", "DELAY_ENV", "InjectedFailure", "ShardReport",
                "in_prefect_run", "get_logger", "log_dropped", "Progress", "inject_fault", "run_shard", "dask_client",
-               "worker_threads", "host_threads", "map_shards"},
+               "worker_threads", "host_threads", "map_shards", "set_torch_threads"},
 }
 
 
@@ -32,7 +32,7 @@ def stage_modules() -> dict[str, str]:
 
 def reached(module: str) -> set[str]:
     """Every tracecore task/kernel module `module` reaches, infrastructure included."""
-    from tracecore.tasks import stage as stage_mod
+    from tracecore.tasks.runtime import stage as stage_mod
 
     seen, todo = set(), [module]
     while todo:
@@ -81,7 +81,7 @@ def test_editing_a_library_helper_changes_exactly_the_stages_that_reach_it(monke
                                                                            not_reaching):
     """Simulated edit: the source a code version hashes is changed for one module (failed on the old code:
     editing `normalize_text` changed no fingerprint, editing memorization's statistics changed trace's)."""
-    from tracecore.tasks import stage as stage_mod
+    from tracecore.tasks.runtime import stage as stage_mod
 
     stages = registry()
     before = {name: code_version(stages[name].code_modules()) for name in reaching | not_reaching}

@@ -549,7 +549,7 @@ def test_target_logprobs_equal_the_full_forward(family):
              GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4))).eval()
     ctx, tgt = [[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]]
     seqs = [c + t for c, t in zip(ctx, tgt)]
-    ids, mask = torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)
+    ids, mask = torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)
     for j, s in enumerate(seqs):
         ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s), 1
     with torch.no_grad():

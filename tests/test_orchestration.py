@@ -74,3 +74,15 @@ def test_cli_rejects_bad_config_before_work(tmp_path):
     assert proc.returncode == 2
     assert "pretrain.device: must be one of 'auto', 'cpu' or 'cuda'" in proc.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_torch_threads_are_capped_at_the_cpus_the_process_may_use():
+    """`threads: 2` on a one-CPU machine (taskset, a 1-CPU container) would put two threads on one core."""
+    import subprocess
+    import sys
+
+    code = ("import os, torch; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from tracecore.tasks.runtime.common import set_torch_threads; set_torch_threads(2); "
+            "print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == "1", out

@@ -134,7 +134,9 @@ def test_a_toy_stage_registers_and_runs_in_the_pipeline(prefect_harness, test_co
     record = json.loads(store.fs.open(f"{store.run_dir('toy')}/run.json").read())
     assert set(record["stages"]) == {"sample", "ingest", "tokenize", "toy"}
     assert record["stages"]["toy"]["status"] == "computed"
-    from tracecore.flows.pipeline import stage_flow  # an extra stage has its own flow too (old code: built-ins only)
+    from tracecore.flows.pipeline import (
+        stage_flow,  # an extra stage has its own flow too (old code: built-ins only)
+    )
 
     assert stage_flow("toy")(config=cfg.model_dump(mode="json"))["toy.lengths"] == ref
 

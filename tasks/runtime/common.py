@@ -199,3 +199,13 @@ def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dic
     return ShardReport(total=len(items), skipped=skipped, computed=len(computed),
                        seconds=round(time.perf_counter() - start, 3), markers=store.markers(ref),
                        computed_shards=sorted(computed))
+
+
+def set_torch_threads(requested: int | None) -> None:
+    """Set torch's threads to `requested`, capped at the CPUs this process may run on: two threads pinned to
+    one core (`taskset -c 0`, a 1-CPU container) contend for it and run slower than one. 0/None: leave as is
+    (in a Dask worker that is 1: Dask pins its workers' math libraries to one thread)."""
+    if requested:
+        import torch
+
+        torch.set_num_threads(max(1, min(requested, len(os.sched_getaffinity(0)))))
