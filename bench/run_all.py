@@ -25,6 +25,7 @@ QUICK = {  # script -> arguments for the ~10-minute umbrella run
     "gradients.py": ["--records", "128"],
     "select_coreset.py": [],
     "mini_sequence.py": ["--quick", "--repeats", "1"],
+    "razor_settings.py": ["--lengths", "1024", "--needles", "1", "--probe-blocks", "64", "--fractions", "0.14", "--s0", "64"],
     "long_context.py": ["--lengths", "1024", "2048", "4096"],
     "scale.py": ["--sizes", "1e6", "1e7", "--big-file-gb", "0.05"],  # the full 10^8 + 2 GB run: ~36 min
     "orchestration.py": ["--profile", "tests/profile_test.yaml"],  # the tiny profile itself takes ~11 min

@@ -50,7 +50,8 @@ def test_the_installed_wheel_exposes_one_tracecore_namespace(tmp_path):
 def test_every_artifact_manifest_reproduces_its_fingerprint(pipeline_run):
     """Lineage == fingerprint inputs, for every artifact of every stage (and the finetune sub-artifacts)."""
     cfg, store = pipeline_run.cfg, pipeline_run.store
-    artifacts = [a for a in store.list_artifacts() if store.is_committed(a)]
+    # a GGUF import (model_import/<sha>) is keyed by its file, not by a stage plan (tests/test_gguf.py)
+    artifacts = [a for a in store.list_artifacts() if store.is_committed(a) and not a.startswith("model_import/")]
     stages = {store.manifest(a)["stage"] for a in artifacts}
     assert stages == set(STAGES)
     for ref in artifacts:
