@@ -1,4 +1,4 @@
-"""Typed pipeline configuration: one pydantic model per stage, and the run-wide `PipelineBase`.
+"""Typed pipeline configuration: one pydantic model per stage (the run-wide `PipelineBase` is in `base.py`).
 
 Every model forbids unknown keys, so a typo fails before any work starts. The registry composes them into
 `PipelineConfig` (one section per registered stage); `configs/profiles.py` reads YAML profiles and overrides.
@@ -6,27 +6,14 @@ Every model forbids unknown keys, so a typo fails before any work starts. The re
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+from tracecore.configs.base import ConfigError, DaskConfig, PipelineBase, Strict  # noqa: F401 (re-exported)
 from tracecore.kernels.settings import LongCacheConfig, RazorConfig
 
 PROFILE_DIR = Path(__file__).parent
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names the field(s)."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def fingerprint(self) -> str:
-        """Stable hash of the settings; part of every artifact fingerprint."""
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class SampleConfig(Strict):
@@ -417,51 +404,3 @@ class EvalConfig(Strict):
         "pretrained models evaluated on the long-context methods too (tiny: SmolLM2-135M-Instruct)"))
     threads: int = Field(1, ge=0)
     seed: int = 0
-
-
-class DaskConfig(Strict):
-    address: str | None = Field(None, description="existing scheduler, e.g. tcp://host:8786")
-    n_workers: int = Field(2, ge=1, le=1024)
-    threads_per_worker: int = Field(1, ge=1, le=256)
-    processes: bool = True
-    memory_limit: str = "auto"
-    malloc_trim_threshold: int | None = Field(None, ge=0, description=(
-        "glibc's MALLOC_TRIM_THRESHOLD_ in the LocalCluster's worker processes; None = glibc's own, as in any "
-        "Python process. Dask sets 65536 so that workers hand freed memory back at once, which also fixes glibc's "
-        "mmap threshold at 128 KiB: every numpy/Arrow buffer above it is then fresh pages faulted in on each use "
-        "(measured: the exact n-gram table at 10^8 tokens 28.6 s with 65536, 22.8 s without). An existing "
-        "cluster's workers take it from their own Dask config (see README, 'Running on a cluster')"))
-    monitoring: Literal["light", "dask"] = Field("light", description=(
-        "the LocalCluster's own bookkeeping. light: each process's event-loop tick every 1 s (Dask: 20 ms), no "
-        "worker profiler (Dask: a stack sample of the task thread every 10 ms), system monitor every 5 s (500 ms), "
-        "worker memory monitor every 1 s (100 ms). Measured on 2 cores, 4 tokenize shards of 8 M tokens: "
-        "0.83-0.89 M tokens/s with Dask's settings (7 runs), 0.98 with light, as fast as a plain process pool; the "
-        "tick is most of it. dask: Dask's defaults (its dashboard's profile and system pages need them). An existing "
-        "cluster's processes take these from their own Dask config (see README, 'Running on a cluster')"))
-
-
-class PipelineBase(Strict):
-    """Run-wide settings; `tracecore.tasks.runtime.registry` adds one section per registered stage and `stages`."""
-
-    profile: str = "tiny"
-    store: str = ".tracecore/store"
-    calibrate: bool = Field(True, description="measure the machine (fp32 matmul GFLOP/s, BPE tokens/s; ~3 s) at the "
-                            "start of a run and record it beside the stage timings, which differ ~2x between "
-                            "same-size machines")
-    extra_stages: list[str] = Field(default_factory=list, description=(
-        "modules of your own stages (each defines STAGE = tracecore.tasks.runtime.stage.Stage(...)), run after the "
-        "built-in ones"))
-    parallel_stages: int | None = Field(None, ge=1, description=(
-        "stages running at once; None = auto: unbounded when Dask runs in worker processes or on a cluster, 1 "
-        "when it runs as threads in this process (dask.processes: false), where concurrent stages would share "
-        "torch's process-global RNG and thread count and their results would depend on scheduling"))
-    dask: DaskConfig = Field(default_factory=DaskConfig)
-
-    def max_parallel_stages(self) -> int | None:
-        """The effective bound (None = unbounded)."""
-        if self.parallel_stages is not None:
-            return self.parallel_stages
-        return None if (self.dask.processes or self.dask.address) else 1
-
-    def stage_config(self, stage: str) -> Strict:
-        return getattr(self, stage)

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "change (the timings block is machine-dependent and not checked)")
         else:
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name == "status":
+            p.add_argument("--checksums", action="store_true", help="hash every shard and file against its "
+                           "record (a run trusts matching sizes and modification stamps, reading no data)")
     return parser
 
 
@@ -280,7 +283,7 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_rows(store_uri: str, run_id: str | None) -> tuple[dict, list[dict]]:
+def status_rows(store_uri: str, run_id: str | None, checksums: bool = False) -> tuple[dict, list[dict]]:
     """Per artifact: what the run recorded, and what the store holds now (= what a re-run skips)."""
     from tracecore.flows.report import artifact_rows
     from tracecore.storage.runs import read_run
@@ -290,7 +293,7 @@ def status_rows(store_uri: str, run_id: str | None) -> tuple[dict, list[dict]]:
     record = read_run(store, run_id)
     columns = ("stage", "output", "artifact", "run_status", "committed", "shards_done", "shards", "rows", "rejects",
                "on_rerun", "error")
-    rows = [{c: r[c] for c in columns} for r in ({**r, "run_status": r["status"]} for r in artifact_rows(store, record))]
+    rows = [{c: r[c] for c in columns} for r in ({**r, "run_status": r["status"]} for r in artifact_rows(store, record, checksums))]
     return record, rows
 
 
@@ -299,7 +302,7 @@ def cmd_status(args: argparse.Namespace, artifacts: bool = False) -> int:
     from rich.table import Table
 
     uri = store_of(args)
-    record, rows = status_rows(uri, args.run_id)
+    record, rows = status_rows(uri, args.run_id, getattr(args, "checksums", False))
     if artifacts:
         from tracecore.storage.store import ArtifactStore
 

@@ -50,14 +50,15 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def execute(config: dict, plan: dict, store_uri: str, address: str | None = None,
-            recorder: RunRecorder | None = None) -> dict[str, str]:
-    """One planned stage through the runner, its start/end/failure recorded in the run record."""
+            recorder: RunRecorder | None = None, reusable: bool = False) -> dict[str, str]:
+    """One planned stage through the runner, its start/end/failure recorded in the run record. `reusable`: the
+    flow found the stage's primary artifact committed and intact (the runner does not ask the store again)."""
     cfg = validate_config(config)
     stage = stages_of(cfg)[plan["stage"]]
     if recorder:
         recorder.started(stage.name)
     try:
-        refs = run_stage(stage, getattr(cfg, stage.name), StagePlan.from_json(plan), store_uri, address)
+        refs = run_stage(stage, getattr(cfg, stage.name), StagePlan.from_json(plan), store_uri, address, reusable)
     except BaseException as exc:
         if recorder:
             recorder.failed(stage.name, exc)
@@ -98,14 +99,14 @@ def run_graph(cfg: Any, config: dict, address: str | None, selected: list[str] |
     futures: dict[str, Any] = {}
     for name, plan in plans.items():
         primary = plan.primary.ref
-        done_before = store.is_committed(primary) and not store.corrupt_parts(primary)  # else: run, repair
+        done_before = store.status(primary).reusable  # the run's one answer for it; else the runner repairs
         if recorder:
             recorder.planned(name, plan.refs, reused=done_before)
         wait_for = [futures[u] for u in graph[name]]
         if limit and len(futures) >= limit:  # at most `limit` at once: wait for the stage `limit` places earlier
             wait_for.append(list(futures.values())[-limit])
         futures[name] = stage_task(name).with_options(refresh_cache=not done_before).submit(
-            config, plan.to_json(), store.uri, address, recorder, wait_for=wait_for)
+            config, plan.to_json(), store.uri, address, recorder, done_before, wait_for=wait_for)
     wait(list(futures.values()))
     for name, future in futures.items():
         if future.state.is_failed() or future.state.is_crashed() or future.state.is_cancelled():

@@ -10,14 +10,15 @@ from tracecore.storage.store import ArtifactStore
 COLUMNS = ["stage", "artifact", "status", "shards", "skipped_shards", "rows", "rejects", "seconds", "notes"]
 
 
-def artifact_rows(store: ArtifactStore, record: dict) -> list[dict]:
+def artifact_rows(store: ArtifactStore, record: dict, checksums: bool = False) -> list[dict]:
     """One row per artifact a run planned: what the run recorded and what the store holds now (= what a
-    re-run skips). `tracecore status` shows all of it; the report the committed part."""
+    re-run skips), from one `store.status` per artifact (`checksums`: hash every part, not only stamps).
+    `tracecore status` shows all of it; the report the committed part."""
     rows = []
     for stage, info in record["stages"].items():
         for name, ref in info.get("refs", {}).items():
-            markers = store.markers(ref)
-            committed = store.is_committed(ref)
+            status = store.status(ref, checksums)
+            markers, committed = status.markers, status.committed
             m = store.manifest(ref) if committed else {}
             notes = {k: m[k] for k in ("skipped", "tokens", "tokens_per_second", "duplicates", "reject_fraction",
                                        "eval_loss_initial", "eval_loss", "parameters", "external_path") if k in m}
@@ -26,8 +27,9 @@ def artifact_rows(store: ArtifactStore, record: dict) -> list[dict]:
                          "skipped_shards": m.get("skipped_shards", 0), "rows": sum(x["rows"] for x in markers),
                          "rejects": m.get("rejected", ""), "seconds": m.get("seconds", ""),
                          "notes": ", ".join(f"{k}={v}" for k, v in notes.items()),
-                         "on_rerun": "skip" if committed else (f"resume ({len(markers)} shards kept)"
-                                                               if markers else "compute"),
+                         "on_rerun": (f"repair ({len(status.corrupt)} corrupt parts recomputed)" if status.corrupt
+                                      else "skip" if committed
+                                      else f"resume ({len(markers)} shards kept)" if markers else "compute"),
                          "error": info.get("error") or "", "intermediate": bool(m.get("intermediate"))})
     return rows
 
@@ -43,25 +45,9 @@ def markdown_table(rows: list[dict], columns: list[str] = COLUMNS) -> str:
     return "\n".join(lines)
 
 
-def loss_curve_png(store: ArtifactStore, model_ref: str) -> bytes | None:
-    if not store.is_committed(model_ref) or not store.markers(model_ref):
-        return None
-    from tracecore.tasks.plots import figure_png, subplots
-
-    curve = store.read_table(model_ref).to_pandas()
-    fig, ax = subplots(figsize=(6, 3.5))
-    ax.plot(curve["tokens"], curve["loss"], lw=1)
-    ax.set(xlabel="training tokens", ylabel="loss", title=f"pretrain loss ({model_ref})")
-    return figure_png(fig)
-
-
 def collect_plots(store: ArtifactStore, record: dict) -> list[tuple[str, str, bytes]]:
-    """(title, file name, PNG bytes): the pretrain loss curve plus every plot a stage listed in its manifest."""
+    """(title, file name, PNG bytes): every plot a stage listed in its manifest (drawn when it computed)."""
     plots = []
-    model_ref = record["stages"].get("pretrain", {}).get("refs", {}).get("model")
-    png = loss_curve_png(store, model_ref) if model_ref else None
-    if png:
-        plots.append(("pretrain loss", "pretrain_loss.png", png))
     for stage, info in record["stages"].items():
         for ref in info.get("refs", {}).values():
             if store.is_committed(ref):
@@ -69,6 +55,16 @@ def collect_plots(store: ArtifactStore, record: dict) -> list[tuple[str, str, by
                     name = rel.rsplit("/", 1)[-1]
                     plots.append((f"{stage}: {name[:-4]}", f"{stage}_{name}", store.read_file(ref, rel)))
     return plots
+
+
+def report_rows(store: ArtifactStore, ref: str, manifest: dict) -> list[dict]:
+    """The table a manifest names `report_columns` for: its preview rows, kept in the manifest at commit so a
+    report reads no artifact data (an artifact committed before previews: its first rows, read)."""
+    if "report_rows" in manifest:
+        return manifest["report_rows"]
+    from tracecore.tasks.runtime.stage import preview_rows
+
+    return preview_rows(store.read_table(ref).to_pylist(), manifest["report_columns"])
 
 
 def stage_tables(store: ArtifactStore, record: dict) -> list[str]:
@@ -83,7 +79,7 @@ def stage_tables(store: ArtifactStore, record: dict) -> list[str]:
             columns = manifest.get("report_columns")
             if columns:
                 rows = [{c: (round(v, 3) if isinstance(v, float) else v) for c, v in r.items()}
-                        for r in store.read_table(ref).to_pylist()[:50]]
+                        for r in report_rows(store, ref, manifest)[:50]]
                 parts += [f"## {stage}: {ref}", "", markdown_table(rows, columns), ""]
     return parts
 
@@ -138,9 +134,10 @@ def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str,
     create_markdown_artifact(markdown, key="tracecore-pipeline-summary", description=f"run {record['run_id']}")
     for stage, info in record["stages"].items():
         for ref in info.get("refs", {}).values():
-            columns = store.manifest(ref).get("report_columns") if store.is_committed(ref) else None
+            manifest = store.manifest(ref) if store.is_committed(ref) else {}
+            columns = manifest.get("report_columns")
             if columns:
-                table = [{c: r.get(c) for c in columns} for r in store.read_table(ref).to_pylist()]
+                table = [{c: r.get(c) for c in columns} for r in report_rows(store, ref, manifest)]
                 create_table_artifact(table, key="tracecore-" + ref.split("/")[0].replace("_", "-"), description=ref)
     for title, name, png in plots:  # inline PNG: the UI cannot reach files in the artifact store
         key = "tracecore-" + re.sub(r"[^a-z0-9]+", "-", name.lower().removesuffix(".png")).strip("-")

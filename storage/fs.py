@@ -115,13 +115,29 @@ def list_input_files(patterns: list[str], field: str = "ingest.paths") -> list[s
     return sorted(dict.fromkeys(files))
 
 
+def modified(info: dict) -> str | None:
+    """A listing's modification stamp, whatever the filesystem calls it (local mtime, S3 LastModified/ETag)."""
+    stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag")
+    return None if stamp is None else str(stamp)
+
+
+def file_stamp(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str | None] | None:
+    """(size, modification stamp) from the listing alone, None when the file is gone: rsync's quick check,
+    so deciding that a committed shard is still the one written reads none of its bytes."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return int(info["size"]), modified(info)
+
+
 def input_fingerprint(files: list[str]) -> str:
     """Identity of the inputs (path, size, modification info): changed files invalidate the stage."""
     digest = hashlib.sha256()
     for uri in files:
         fs, path = fsspec.core.url_to_fs(uri)
         info = fs.info(path)
-        digest.update(f"{uri}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('ETag')}".encode())
+        digest.update(f"{uri}|{info.get('size')}|{modified(info)}".encode())
     return digest.hexdigest()[:16]
 
 

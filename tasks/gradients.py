@@ -28,7 +28,7 @@ from tracecore.configs.schema import GradientsConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.instructions import collate, encode, load_pool, pool_inputs, pool_needs
 from tracecore.tasks.models import check_user_lora_targets, lora_kwargs, model_dir, resolve_device
-from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards, set_torch_threads
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, set_torch_threads
 from tracecore.tasks.runtime.stage import Stage, StageRun
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
@@ -229,8 +229,7 @@ def run_gradients(run: StageRun) -> None:
         save_checkpoints(store, run.ref("warmup"), [n for n, _ in lora_params(model)], checkpoints)
         run.commit("warmup", {**pool, "warmup_records": len(subset)}, expected_shards=1)
     shards = [records[i::cfg.shards] for i in range(cfg.shards)]
-    report = map_shards("gradients", store, run.ref("features"), shard_features,
-                        [(model_ref, run.ref("warmup"), s) for s in shards], run.cluster, cfg=cfg)
+    report = run.map("features", shard_features, [(model_ref, run.ref("warmup"), s) for s in shards], cfg=cfg)
     run.commit("features", {**pool, "seconds": report.seconds, "skipped_shards": report.skipped,
                             "records_per_second": round(report.sum_computed("records") / report.seconds, 2)
                             if report.computed else None, "proj_dim": cfg.proj_dim}, expected_shards=cfg.shards)

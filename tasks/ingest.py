@@ -26,7 +26,6 @@ import pyarrow as pa
 from tracecore.configs.schema import IngestConfig
 from tracecore.storage.fs import NoInputError, input_fingerprint, list_input_files  # noqa: F401 (re-exported)
 from tracecore.storage.store import ArtifactStore, read_parquet
-from tracecore.tasks.runtime.common import map_shards
 from tracecore.tasks.runtime.stage import Stage, StageRun
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
@@ -257,12 +256,10 @@ def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[int]
 def duplicate_rows(run: StageRun, parsed_markers: list[dict]) -> dict[int, list[int]]:
     """shard -> rows to drop, from the partitioned passes (each resumable per shard / per group of buckets)."""
     store, buckets, refs, n_shards = run.store, run.cfg.dedup_buckets, run.plan.refs, len(parsed_markers)
-    map_shards("dedup-hash", store, refs["hashes"], partition_hashes, [(refs["parsed"], buckets)] * n_shards,
-               run.cluster)  # verifies the partitions parse wrote; re-creates only a missing or corrupt one
+    run.map("hashes", partition_hashes, [(refs["parsed"], buckets)] * n_shards)  # re-creates only a missing one
     run.commit("hashes", {"intermediate": True, "buckets": buckets}, expected_shards=n_shards)
     groups = bucket_groups(sum(m["rows"] for m in parsed_markers), buckets, run.cfg.dedup_task_rows)
-    map_shards("dedup-bucket", store, refs["drops"], bucket_duplicates,
-               [(refs["hashes"], n_shards, group) for group in groups], run.cluster)
+    run.map("drops", bucket_duplicates, [(refs["hashes"], n_shards, group) for group in groups])
     run.commit("drops", {"intermediate": True, "bucket_groups": len(groups)}, expected_shards=len(groups))
     out: dict[int, list[int]] = {}
     for s, r in zip(*(store.read_table(refs["drops"]).column(c).to_pylist() for c in ("shard", "row"))):
@@ -336,14 +333,14 @@ def ingest_documents(run: StageRun) -> None:
     store, cfg = run.store, run.cfg
     files = run.args.get("files") or list_input_files([sample_corpus_glob(store.uri, run.inputs["sample"])])
     splits = input_splits(files, cfg, run.log)
-    parsed = map_shards("ingest", store, run.ref("parsed"), parse_file, splits, run.cluster, cfg=cfg,
-                        rejects_ref=run.ref("rejects"), hashes=(run.ref("hashes"), cfg.dedup_buckets))
+    parsed = run.map("parsed", parse_file, splits, cfg=cfg, rejects_ref=run.ref("rejects"),
+                     hashes=(run.ref("hashes"), cfg.dedup_buckets))
     run.commit("rejects", expected_shards=len(splits))
     run.commit("parsed", {"intermediate": True}, expected_shards=len(splits))
     stats = check_reject_fraction(parsed.markers, store.display_path(run.ref("rejects")), cfg)
     drops = duplicate_rows(run, parsed.markers) if cfg.dedup else {}
-    deduped = map_shards("dedup", store, run.ref("documents"), dedup_shard,
-                         [(run.ref("parsed"), drops.get(i, [])) for i in range(len(splits))], run.cluster)
+    deduped = run.map("documents", dedup_shard,
+                      [(run.ref("parsed"), drops.get(i, [])) for i in range(len(splits))])
     stats["duplicates"] = sum(m.get("duplicates", 0) for m in deduped.markers)
     run.commit("documents", {**stats, "input_files": files, "seconds": parsed.seconds + deduped.seconds,
                              "skipped_shards": parsed.skipped + deduped.skipped}, expected_shards=len(splits))

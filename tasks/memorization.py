@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -32,22 +31,21 @@ from tracecore.tasks.index_query import phrase_variants
 from tracecore.tasks.memorization_scores import item_scores, score_table
 from tracecore.tasks.ngram_engine import VocabMismatchError, open_engine
 from tracecore.tasks.plots import figure_png, subplots
-from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards
+from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped
 from tracecore.tasks.runtime.stage import Stage, StageRun
 from tracecore.tasks.taskfiles import load_task
+from tracecore.tasks.text import word_ngrams, words
 
-WORD = re.compile(r"\w+", re.UNICODE)  # words; punctuation is filtered as in the paper
 REPORT_COLUMNS = ["model", "task", "items_cooccurring", "n_cooccurring", "spearman", "spearman_lo", "spearman_hi",
                   "n_all", "spearman_all", "spearman_all_lo", "spearman_all_hi", "kendall_tau_distance", "infgram_spearman"]
 REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 
 
 # ---- task-gram pairs --------------------------------------------------------------------------
-def word_ngrams(text: str, n: int) -> list[str]:
-    words = WORD.findall(text)
-    if 0 < len(words) < n:
-        return [" ".join(words)]
-    return list(dict.fromkeys(" ".join(words[i:i + n]) for i in range(len(words) - n + 1)))
+def task_grams(text: str, n: int) -> list[str]:
+    """A task field's word n-grams, case kept (they are counted in the case-sensitive corpus index); punctuation
+    is filtered, as in the paper."""
+    return word_ngrams(words(text, lower=False), n)
 
 
 def occurs_in(gram: str, words: list[str]) -> bool:
@@ -59,8 +57,8 @@ def occurs_in(gram: str, words: list[str]) -> bool:
 def candidate_pairs(item: dict, n: int) -> list[tuple[str, str]]:
     """Cartesian pairs input x output; none at all when any y-gram occurs in x (the paper's rule, applied to
     every y-gram, including a y shorter than n words, so no answer is copyable from its input)."""
-    xs, ys = word_ngrams(item["input"], n), word_ngrams(item["output"], n)
-    x_words = [w.lower() for w in WORD.findall(item["input"])]
+    xs, ys = task_grams(item["input"], n), task_grams(item["output"], n)
+    x_words = words(item["input"])
     if any(occurs_in(sy, x_words) for sy in ys):
         return []
     return [(sx, sy) for sx, sy in itertools.product(xs, ys) if sx != sy]
@@ -301,8 +299,7 @@ def run_memorization(run: StageRun) -> None:
     models = resolve_models(store, run.args["models"], log)
     params = {m: _parameters(AutoConfig.from_pretrained(d, local_files_only=True)) for m, d in models.items()}
     items, rejects = task_items(run)
-    store.write_shard(run.ref("rejects"), 0, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
-    run.commit("rejects", expected_shards=1)
+    run.write("rejects", pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
     if not items:
         raise ValueError(f"memorization: no usable task items ({len(rejects)} rejected); see {run.ref('rejects')}")
     specs = {s.name: s for s in cfg.tasks}
@@ -313,17 +310,15 @@ def run_memorization(run: StageRun) -> None:
     kept = [{**p, "similarity": float(s)} for p, s in zip(pairs, sims)
             if not cfg.align or s >= threshold(cfg, specs[p["task"]])]
     chunks = _chunks_by_item(kept, cfg.items_per_chunk)
-    counted = map_shards("memorization", store, run.ref("pairs"), count_chunk,
-                         [(index_ref, tokenizer_ref, c) for c in chunks], run.cluster,
-                         max_diff_tokens=cfg.max_diff_tokens, max_clause_freq=cfg.max_clause_freq)
+    counted = run.map("pairs", count_chunk, [(index_ref, tokenizer_ref, c) for c in chunks],
+                      max_diff_tokens=cfg.max_diff_tokens, max_clause_freq=cfg.max_clause_freq)
     run.commit("pairs", {"candidate_pairs": len(pairs), "aligned_pairs": len(kept)}, expected_shards=len(chunks))
     base = item_scores(store.read_table(run.ref("pairs")).to_pylist()) if chunks else []
     rows = []
     for label, folder in models.items():
         for r, lp in zip(base, lm_logprobs(folder, base, cfg.batch_size)):
             rows.append({**r, "model": label, "parameters": params[label], "log_p_lm": lp})
-    store.write_shard(run.ref("items"), 0, pa.Table.from_pylist(rows))
-    run.commit("items", expected_shards=1)
+    run.write("items", pa.Table.from_pylist(rows))
     counts = rule_counts(items, pairs, kept)
     for task, c in counts.items():
         log_dropped("memorization", f"{task} items", c["items"], {

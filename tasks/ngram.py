@@ -29,7 +29,8 @@ import infini_gram.indexing
 import numpy as np
 import pyarrow as pa
 from tracecore.configs.schema import NgramConfig
-from tracecore.storage.store import FILES_DIR, ArtifactStore
+from tracecore.storage.files import FILES_DIR
+from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.ngram_engine import MAX_PAIRED_ID, VocabMismatchError, to_symbols, token_dtype
 from tracecore.tasks.ngram_table import (
     KEY_WORDS,
@@ -41,7 +42,7 @@ from tracecore.tasks.ngram_table import (
     reduce_bucket,
     top_k_table,
 )
-from tracecore.tasks.runtime.common import host_threads, map_shards
+from tracecore.tasks.runtime.common import host_threads
 from tracecore.tasks.runtime.stage import Stage, StageRun
 
 
@@ -229,9 +230,9 @@ def run_ngram(run: StageRun) -> None:
     groups = group_shards(shard_tokens, cfg.shard_groups, cfg.group_tokens)
     host, total = host_threads(run.cluster) if cfg.index_cpus == "auto" else (1, 1)
     cpus = indexer_cpus(cfg.index_cpus, [sum(shard_tokens[s] for s in g) for g in groups], host, total)
-    index = map_shards("ngram-index", store, run.ref("index"), build_index_group,
-                       [(tokens_ref, tokenizer_ref, g, len(tokenizer), c) for g, c in zip(groups, cpus)], run.cluster,
-                       mem_gib=cfg.index_mem_gib)
+    index = run.map("index", build_index_group,
+                    [(tokens_ref, tokenizer_ref, g, len(tokenizer), c) for g, c in zip(groups, cpus)],
+                    mem_gib=cfg.index_mem_gib)
     index_tokens = index.sum_computed("tokens")
     run.commit("index", {"tokenizer": tokenizer_ref, "vocab_size": len(tokenizer),
                          "eos_token_id": tokenizer.eos_token_id, "token_dtype": token_dtype(bits),
@@ -242,16 +243,14 @@ def run_ngram(run: StageRun) -> None:
                expected_shards=len(groups))
     buckets = bucket_count(cfg, tokens_manifest["tokens"])
     parts = map_partitions(store, tokens_ref, cfg.map_tokens)
-    mapped = map_shards("ngram-map", store, run.ref("counts_map"), count_partition, parts, run.cluster,
-                        max_n=cfg.max_n, buckets=buckets)
+    mapped = run.map("counts_map", count_partition, parts, max_n=cfg.max_n, buckets=buckets)
     run.commit("counts_map", {"buckets": buckets, "partitions": [list(p[1:]) for p in parts]},
                expected_shards=len(parts))
-    reduced = map_shards("ngram-reduce", store, run.ref("counts"), reduce_bucket,
-                         [(run.ref("counts_map"), len(parts), bits)] * buckets, run.cluster)
+    reduced = run.map("counts", reduce_bucket, [(run.ref("counts_map"), len(parts), bits)] * buckets)
     run.commit("counts", {"max_n": cfg.max_n, "buckets": buckets, "seconds": mapped.seconds + reduced.seconds,
                           "skipped_shards": mapped.skipped + reduced.skipped}, expected_shards=buckets)
-    store.write_shard(run.ref("topk"), 0, top_k_table(store, run.ref("counts"), buckets, cfg.top_k, tokenizer))
-    run.commit("topk", {"top_k": cfg.top_k}, expected_shards=1)
+    run.write("topk", top_k_table(store, run.ref("counts"), buckets, cfg.top_k, tokenizer),
+              {"top_k": cfg.top_k})
     log.info("ngram: index of %d tokens in %d groups; exact table n<=%d in %d buckets", index_tokens,
              len(groups), cfg.max_n, buckets)
 

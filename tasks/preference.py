@@ -25,53 +25,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import pyarrow as pa
-import yaml
 from tracecore.configs.schema import PreferenceConfig
 from tracecore.storage.store import ArtifactStore
+from tracecore.tasks.preference_contexts import (
+    CONTEXT_TYPES,
+    library_contexts,
+    lm_contexts,
+    load_context_lm,
+    load_library,
+    unique_contexts,
+)
 from tracecore.tasks.preference_splits import heldout_phrasings, split_of
 from tracecore.tasks.reward_model import RM_KINDS, accuracy_png, evaluate, scorer, train_and_score
-from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, map_shards
+from tracecore.tasks.runtime.common import log_dropped
 from tracecore.tasks.runtime.stage import Stage, StageRun
-from tracecore.tasks.text import normalize_text
+from tracecore.tasks.text import jaccard, normalize_text, word_ngrams, words
 
-CONTEXT_TYPES = ("criteria", "scenario", "profile", "none")
 RECORD_SCHEMA = pa.schema([(c, pa.string()) for c in ("prompt", "context", "context_type", "response_a",
                                                         "response_b", "preferred", "pair_id", "source", "split")])
 REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 # test: held-out prompts under held-out phrasings (the metrics); test_seen_phrasing: held-out prompts under
 # training phrasings, an in-distribution diagnostic reported beside them (`*_seen_phrasing` rows)
 SPLITS = ("train", "test", "test_seen_phrasing")
-ENGLISH = {"the", "is", "a", "to", "of", "and", "in", "was", "connected", "i", "hope", "this", "cool", "right",
-           "certainly", "sure", "near", "answer", "about", "it", "for", "you"}
-FORMAL, CASUAL = ("certainly", "please", "assistance", "kindly", "regards"), ("oh", "cool", "hey", "sure!", "!")
-FEATURES = {
-    "length": lambda t: len(t.split()),
-    "formality": lambda t: sum(m in t.lower() for m in FORMAL) - sum(m in t.lower() for m in CASUAL),
-    "english": lambda t: sum(w in ENGLISH for w in re.findall(r"[a-z]+", t.lower())) / max(len(t.split()), 1),
-    "list": lambda t: sum(line.lstrip().startswith(("- ", "* ", "1.")) for line in t.splitlines()),
-}
-MARGINS = {"length": 5, "formality": 1, "english": 0.3, "list": 1}
-
-
-def load_library(spec: str | None) -> list[dict]:
-    if not spec:
-        return []
-    from tracecore.configs.schema import PROFILE_DIR
-
-    path = PROFILE_DIR / "libraries" / "criteria.yaml" if spec == "builtin" else Path(spec)
-    entries = yaml.safe_load(path.read_text()) or []
-    for i, e in enumerate(entries):
-        if e.get("type") not in CONTEXT_TYPES[:3] or e.get("feature") not in FEATURES or e.get("prefers") not in (
-                "higher", "lower") or not str(e.get("context", "")).strip():
-            raise ValueError(f"{path}: entry {i} needs context, type in {CONTEXT_TYPES[:3]}, feature in "
-                             f"{sorted(FEATURES)} and prefers in ('higher', 'lower'); got {e}")
-    return entries
-
-
 # ---- parsing and validation ---------------------------------------------------------------------
 def to_pair(rec: object, fmt: str) -> tuple[dict | None, str | None]:
     """Normalize a row to {prompt, a, b, default, contexts: [(text, type, preferred, source)]} or a reason."""
@@ -110,85 +88,6 @@ def to_pair(rec: object, fmt: str) -> tuple[dict | None, str | None]:
     # reversible (its factual pairs); RPR pairs and reversible pairs have none, so they get no no-context record
     default = "a" if fmt == "pairwise" or (fmt == "sample" and rec.get("reversible") is False) else None
     return {"prompt": prompt, "a": a, "b": b, "default": default, "contexts": contexts}, None
-
-
-def feature_side(entry: dict, pair: dict) -> str | None:
-    """The response a library entry prefers on this pair, or None when its feature does not tell them apart."""
-    diff = FEATURES[entry["feature"]](pair["a"]) - FEATURES[entry["feature"]](pair["b"])
-    if abs(diff) < MARGINS[entry["feature"]]:
-        return None
-    higher = "a" if diff > 0 else "b"
-    return higher if entry["prefers"] == "higher" else ("b" if higher == "a" else "a")
-
-
-def library_contexts(pair: dict, library: list[dict]) -> list[tuple]:
-    """Library criteria for a pair, with the side each prefers. A pair with labeled contexts of its own gets only
-    the features those contexts name (a library entry with the same words) and only where the feature picks the
-    side they labeled, because a feature proxy applied across axes contradicts the pair (the `english` share made
-    'the reader only understands Zelan' prefer a bulleted list); a pair without contexts gets every feature
-    that separates its responses, the scorer being its only labeler."""
-    sides = [feature_side(e, pair) for e in library]
-    own = {normalize_text(c): side for c, _, side, _ in pair["contexts"]}
-    features = {e["feature"] for e in library}
-    if own:
-        named = [(e["feature"], side == own[normalize_text(e["context"])]) for e, side in zip(library, sides)
-                 if normalize_text(e["context"]) in own]
-        features = {f for f, _ in named} - {f for f, agrees in named if not agrees}
-    return [(e["context"], e["type"], side, "library") for e, side in zip(library, sides)
-            if side and e["feature"] in features]
-
-
-def unique_contexts(contexts: list[tuple]) -> list[tuple]:
-    """One context per normalised text, the first kept (the pair's own before the library's): the same words
-    entering twice were scored twice."""
-    seen, out = set(), []
-    for c in contexts:
-        if (key := normalize_text(c[0])) not in seen:
-            seen.add(key)
-            out.append(c)
-    return out
-
-
-def parse_judgement(text: str) -> str | None:
-    """'A'/'B' (first standalone letter) from a judge's answer; None when it names neither."""
-    match = re.search(r"\b([AB])\b", text.strip().upper())
-    return match.group(1).lower() if match else None
-
-
-def lm_contexts(pair: dict, lm, template: str) -> list[tuple]:
-    """A criterion proposed by a local instruct LM, and the side the same LM says it favours (tagged `lm`)."""
-    tok, model = lm
-
-    def generate(prompt: str) -> str:
-        if getattr(tok, "chat_template", None):  # an instruct model answers in its own format
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
-        else:
-            ids = tok(prompt, return_tensors="pt")
-        out = model.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-    criterion = generate(template.format(prompt=pair["prompt"], a=pair["a"], b=pair["b"])).split("\n")[0].strip()
-    if not criterion:
-        return []
-    verdict = parse_judgement(generate(f"Criterion: {criterion}\nResponse A: {pair['a']}\nResponse B: {pair['b']}\n"
-                                       "Under this criterion the better response is (A or B):"))
-    return [(criterion, "criteria", verdict, "lm")] if verdict else []
-
-
-def load_context_lm(path: str, store: ArtifactStore | None = None):
-    """(tokenizer, model) of a folder, or of a GGUF file / packaged model imported into `store` once."""
-    import contextlib
-
-    from tracecore.tasks.gguf_models import import_gguf, is_gguf
-    from tracecore.tasks.models import model_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    where = model_dir(store, import_gguf(store, path, "preference.context_lm_path")) if is_gguf(path) else \
-        contextlib.nullcontext(path)
-    with where as folder, MODEL_LOAD_LOCK:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        return tok, AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
 
 
 def read_lines(path: str) -> list[tuple[int, object]]:
@@ -233,8 +132,8 @@ def parse_input(store_uri: str, ref: str, shard: int, item: tuple, cfg: Preferen
 
 # ---- dataset assembly ---------------------------------------------------------------------------
 def shingles(text: str, k: int = 3) -> set[str]:
-    words = text.lower().split()
-    return {" ".join(words[i:i + k]) for i in range(max(1, len(words) - k + 1))}
+    """Word k-shingles (the shared tokeniser and windower: case and punctuation do not make a pair new)."""
+    return set(word_ngrams(words(text), k))
 
 
 def dedup_pairs(pairs: list[dict], threshold: float) -> tuple[list[dict], int, int]:
@@ -247,7 +146,7 @@ def dedup_pairs(pairs: list[dict], threshold: float) -> tuple[list[dict], int, i
             exact += 1
             continue
         sh = shingles(" ".join((p["prompt"], *sorted((p["a"], p["b"])))))
-        if any(len(sh & o) / len(sh | o) >= threshold for o in by_prompt.get(p["prompt"], [])):
+        if any(jaccard(sh, o) >= threshold for o in by_prompt.get(p["prompt"], [])):
             near += 1
             continue
         seen.add(key)
@@ -366,10 +265,9 @@ def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactSto
 
 
 def run_preference(run: StageRun) -> None:
-    store, cfg, log, cluster = run.store, run.cfg, run.log, run.cluster
+    store, cfg, log = run.store, run.cfg, run.log
     refs, model_ref, inputs = run.plan.refs, run.inputs["model"], run.args["pairs_files"]
-    parsed = map_shards("preference", store, refs["parsed"], parse_input,
-                        [(path, fmt, refs["rejects"]) for path, fmt in inputs], cluster, cfg=cfg)
+    parsed = run.map("parsed", parse_input, [(path, fmt, refs["rejects"]) for path, fmt in inputs], cfg=cfg)
     run.commit("rejects", expected_shards=len(inputs))
     run.commit("parsed", {"intermediate": True, "seconds": parsed.seconds, "skipped_shards": parsed.skipped},
                expected_shards=len(inputs))
@@ -384,16 +282,15 @@ def run_preference(run: StageRun) -> None:
         store.write_shard(refs["data"], shard, pa.Table.from_pylist([r for r in rows if r["split"] == split],
                                                                     schema=RECORD_SCHEMA))
     run.commit("data", {"pairs": len(pairs), "splits": list(SPLITS)}, expected_shards=len(SPLITS))
-    store.write_shard(refs["stats"], 0, pa.Table.from_pylist(statistics(rows, len(pairs), exact, near, rejected,
-                                                                             heldout_stats)))
-    run.commit("stats", {"report_columns": ["metric", "value"]}, expected_shards=1)
+    stats = statistics(rows, len(pairs), exact, near, rejected, heldout_stats)
+    run.write("stats", pa.Table.from_pylist(stats), {"report_columns": ["metric", "value"]})
 
     for shard in range(len(RM_KINDS)):  # a model's curve and its scores are one unit of work
         if not (store.shard_done(refs["reward_model"], shard) and store.shard_done(refs["rm_scores"], shard)):
             store.drop_shard(refs["rm_scores"], shard)
-    trained = map_shards("preference", store, refs["rm_scores"], train_and_score,
-                         [{"kind": kind, "model_ref": model_ref, "data_ref": refs["data"],
-                           "rm_ref": refs["reward_model"]} for kind in RM_KINDS], cluster, cfg=cfg)
+    models = [{"kind": kind, "model_ref": model_ref, "data_ref": refs["data"], "rm_ref": refs["reward_model"]}
+              for kind in RM_KINDS]
+    trained = run.map("rm_scores", train_and_score, models, cfg=cfg)
     run.commit("reward_model", expected_shards=len(RM_KINDS))
     run.commit("rm_scores", {"seconds": trained.seconds}, expected_shards=len(RM_KINDS))
     aware, blind_score = (scorer(store.read_table(refs["rm_scores"]).to_pylist(), kind) for kind in RM_KINDS)
@@ -401,12 +298,10 @@ def run_preference(run: StageRun) -> None:
     seen = [r for r in rows if r["split"] == "test_seen_phrasing"]
     table += [{**r, "metric": f"{r['metric']}_seen_phrasing"}
               for r in evaluate(aware, blind_score, seen) if r["metric"] == "context_conditioned"]
-    store.write_shard(refs["accuracy"], 0, pa.Table.from_pylist(table))
     store.write_file(refs["accuracy"], "plots/accuracy.png", accuracy_png(table))
-    run.commit("accuracy", {"plots": ["plots/accuracy.png"],
-                            "report_columns": ["metric", "model", "context_type", "n", "accuracy", "lo", "hi",
-                                               "chance", "blind_ceiling"]},
-               expected_shards=1)
+    run.write("accuracy", pa.Table.from_pylist(table), {
+        "plots": ["plots/accuracy.png"],
+        "report_columns": ["metric", "model", "context_type", "n", "accuracy", "lo", "hi", "chance", "blind_ceiling"]})
     for r in table:
         if r["context_type"] == "all":
             log.info("preference %s %s accuracy %.3f [%.3f, %.3f] (n=%d)", r["metric"], r["model"],

@@ -105,14 +105,25 @@ def run_pretrain(run: StageRun) -> None:
         tokenizer.save_pretrained(tmp)
         store.put_dir(run.ref("model"), tmp)
     store.write_shard(run.ref("model"), 0, pa.Table.from_pylist(curve))
+    store.write_file(run.ref("model"), "plots/loss.png", loss_curve_png(curve, run.ref("model")))
     seconds = curve[-1]["seconds"]
     stats = {"parameters": sum(p.numel() for p in model.parameters()), "steps": len(curve),
              "train_tokens": curve[-1]["tokens"], "tokens_per_second": round(curve[-1]["tokens"] / seconds, 1),
              "eval_loss_initial": round(initial, 4), "eval_loss": round(final, 4),
              "eval_perplexity": round(math.exp(min(final, 50)), 3), "seconds": round(seconds, 2), "device": device,
-             **corpus_coverage(curve[-1]["tokens"], train_blocks.size, len(stream))}
+             **corpus_coverage(curve[-1]["tokens"], train_blocks.size, len(stream)), "plots": ["plots/loss.png"]}
     run.commit("model", stats, expected_shards=1)
     log.info("pretrain: %d params, eval loss %.3f -> %.3f in %.0fs", stats["parameters"], initial, final, seconds)
+
+
+def loss_curve_png(curve: list[dict], model_ref: str) -> bytes:
+    """The training loss over tokens, drawn when the model is trained (the report only copies the file)."""
+    from tracecore.tasks.plots import figure_png, subplots
+
+    fig, ax = subplots(figsize=(6, 3.5))
+    ax.plot([c["tokens"] for c in curve], [c["loss"] for c in curve], lw=1)
+    ax.set(xlabel="training tokens", ylabel="loss", title=f"pretrain loss ({model_ref})")
+    return figure_png(fig)
 
 
 STAGE = Stage("pretrain", PretrainConfig, {"model": "model"}, run_pretrain, needs=pretrain_needs,

@@ -29,7 +29,6 @@ from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.instructions import load_pool, pool_inputs, pool_needs
 from tracecore.tasks.intervals import below_rate_p, wilson
 from tracecore.tasks.plots import figure_png, subplots
-from tracecore.tasks.runtime.common import map_shards
 from tracecore.tasks.runtime.stage import Stage, StageRun
 
 # `draw`: which random draw a baseline row belongs to (one per fine-tuning seed, modulo baseline_draws);
@@ -200,7 +199,7 @@ def cluster_size_png(sizes: list[int], budgets: list[int]) -> bytes:
 def run_select(run: StageRun) -> None:
     from tracecore.tasks.features import read_features
 
-    store, cfg, log, cluster, features_ref = run.store, run.cfg, run.log, run.cluster, run.inputs["features"]
+    store, cfg, log, features_ref = run.store, run.cfg, run.log, run.inputs["features"]
     refs = run.plan.refs
     ids, X = read_features(store, features_ref)
     bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
@@ -213,8 +212,8 @@ def run_select(run: StageRun) -> None:
         members = np.flatnonzero(labels == c)
         items.append(([ids[i] for i in members], X[members], centroids[c], int(cfg.rate * len(members))))
     work = refs["selection"]
-    report = map_shards("select", store, work, select_cluster, items, cluster, lam=cfg.omp_lambda,
-                        tol=cfg.omp_tolerance, seed=cfg.seed, draws=cfg.baseline_draws)
+    report = run.map("selection", select_cluster, items, lam=cfg.omp_lambda, tol=cfg.omp_tolerance, seed=cfg.seed,
+                     draws=cfg.baseline_draws)
     run.commit("selection", expected_shards=len(items))
     both = store.read_table(work)
     tagcos = both.filter(pc.invert(both["baseline"])).drop_columns(["baseline"])
@@ -236,13 +235,12 @@ def run_select(run: StageRun) -> None:
     for name, table in (("random", random), ("cluster_random", cluster_random), ("clusters", clusters)):
         store.write_shard(refs[name], 0, table)
         run.commit(name, stats, expected_shards=1)
-    store.write_shard(refs["families"], 0, pa.Table.from_pylist(family_coverage(pool, selections)))
-    run.commit("families", {"report_columns": FAMILY_COLUMNS}, expected_shards=1)
+    run.write("families", pa.Table.from_pylist(family_coverage(pool, selections)),
+              {"report_columns": FAMILY_COLUMNS})
     store.write_file(refs["coreset"], "plots/cluster_sizes.png",
                      cluster_size_png(clusters["size"].to_pylist(), clusters["budget"].to_pylist()))
     store.write_file(refs["coreset"], "rates.json", json.dumps(rates, indent=2).encode())
-    store.write_shard(refs["coreset"], 0, tagcos)
-    run.commit("coreset", {**stats, "plots": ["plots/cluster_sizes.png"]}, expected_shards=1)
+    run.write("coreset", tagcos, {**stats, "plots": ["plots/cluster_sizes.png"]})
     log.info("select: %d of %d records in %d clusters; centroid residual (what OMP minimises) TAGCOS %.3f vs "
              "cluster-random %.3f; low-quality rate %.3f (pool %.3f, one-sided p %.2f)", tagcos.num_rows, len(ids),
              len(items), stats["mean_residual_tagcos"], stats["mean_residual_cluster_random"],

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tracecore.configs.schema import TokenizeConfig
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.runtime.common import map_shards, worker_threads
+from tracecore.tasks.runtime.common import worker_threads
 from tracecore.tasks.runtime.stage import Stage, StageRun
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -252,9 +252,8 @@ def run_tokenize(run: StageRun) -> None:
     sizes = [m["bytes"] for m in sorted(store.markers(documents_ref), key=lambda m: m["shard"])]
     setting = run.cfg.parallel_encode
     parallel = parallel_shards(setting, sizes, worker_threads(run.cluster) if setting == "auto" else 1)
-    report = map_shards("tokenize", store, run.ref("tokens"), tokenize_shard,
-                        [(documents_ref, run.ref("tokenizer"), p) for p in parallel], run.cluster,
-                        batch_size=run.cfg.batch_size)
+    report = run.map("tokens", tokenize_shard, [(documents_ref, run.ref("tokenizer"), p) for p in parallel],
+                     batch_size=run.cfg.batch_size)
     tokens = sum(m["tokens"] for m in report.markers)
     computed_tokens = report.sum_computed("tokens")
     stats = {"tokens": tokens, "seconds": report.seconds, "skipped_shards": report.skipped,

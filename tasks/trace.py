@@ -27,26 +27,20 @@ GPT-3 / NeMo Curator: pieces under `min_piece_chars` go, a document split over `
 
 from __future__ import annotations
 
-import re
-
 import pyarrow as pa
 from tracecore.configs.schema import TraceConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.intervals import wilson
 from tracecore.tasks.plots import figure_png, subplots
-from tracecore.tasks.runtime.common import log_dropped, map_shards
+from tracecore.tasks.runtime.common import log_dropped
 from tracecore.tasks.runtime.stage import Planned, Stage, StageRun, plan_artifact
 from tracecore.tasks.taskfiles import load_task
+from tracecore.tasks.text import word_ngrams, word_spans, words
 
-WORD = re.compile(r"\w+")
 HIT_SCHEMA = pa.schema([("item", pa.string()), ("task", pa.string()), ("doc_id", pa.string()),
                         ("file", pa.string()), ("line", pa.int64()), ("ngram", pa.string())])
 TASK_COLUMNS = ["task", "items", "judged", "too_short", "contaminated", "share", "share_lo", "share_hi",
                 "median_question_words", "median_question_span", "answer_found", "documents"]
-
-
-def words(text: str) -> list[str]:
-    return WORD.findall(text.lower())
 
 
 # ---- which items, which n-grams -----------------------------------------------------------------------
@@ -59,10 +53,7 @@ def item_ngrams(item: dict, n: int, min_words: int, rule: str = "question_answer
     """The item's word n-grams (rule `question_answer`: question then answer; `question`: the question alone,
     as NeMo Curator); the whole item when it is shorter than n; none when it is shorter than `min_words`."""
     w = words(item["input"]) + (words(item["output"]) if rule == "question_answer" else [])
-    if len(w) < min_words:
-        return []
-    size = min(n, len(w))
-    return list(dict.fromkeys(" ".join(w[i:i + size]) for i in range(len(w) - size + 1)))
+    return word_ngrams(w, n) if len(w) >= min_words else []
 
 
 def gram_index(items: list[dict], n: int, min_words: int, rule: str = "question_answer") -> dict[int, dict[str, list[str]]]:
@@ -90,7 +81,7 @@ def remove_spans(text: str, grams: list[str], margin: int, min_chars: int, max_s
     """The document's pieces after cutting every occurrence of `grams` (word n-grams as `words` makes them)
     plus `margin` characters each side (GPT-3 / NeMo Curator); pieces under `min_chars` are dropped; None
     when it would split more than `max_splits` times (the whole document goes)."""
-    found = [(m.start(), m.end(), m.group().lower()) for m in WORD.finditer(text)]
+    found = word_spans(text)
     tokens = [w for _, _, w in found]
     cuts = []
     for gram in grams:
@@ -309,17 +300,17 @@ def run_trace(run: StageRun) -> None:
     store, cfg, log, refs = run.store, run.cfg, run.log, run.plan.refs
     items, rejects = load_items(run)
     if not store.is_committed(refs["rejects"]):
-        store.write_shard(refs["rejects"], 0, pa.Table.from_pylist(
-            rejects, schema=pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])))
-        run.commit("rejects", {"rejected": len(rejects)}, expected_shards=1)
+        run.write("rejects", pa.Table.from_pylist(
+            rejects, schema=pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])),
+            {"rejected": len(rejects)})
     if rejects:
         log.info("trace: %d task rows rejected (first: %s line %d: %s); see %s", len(rejects), rejects[0]["file"],
                  rejects[0]["line"], rejects[0]["reason"], refs["rejects"])
     grams = gram_index(items, cfg.contamination_n, cfg.min_words, cfg.rule)
     documents_ref, by_key = run.inputs["documents"], {i["key"]: i for i in items}
     n_shards = store.manifest(documents_ref)["shards"]
-    report = map_shards("trace", store, refs["hits"], scan_shard, [documents_ref] * n_shards, run.cluster,
-                        grams=grams, owners={k: {"id": i["id"], "task": i["task"]} for k, i in by_key.items()})
+    report = run.map("hits", scan_shard, [documents_ref] * n_shards, grams=grams,
+                     owners={k: {"id": i["id"], "task": i["task"]} for k, i in by_key.items()})
     if not store.is_committed(refs["hits"]):
         run.commit("hits", {"seconds": report.seconds, "skipped_shards": report.skipped}, expected_shards=n_shards)
     hits, frequent = frequent_filter(store.read_table(refs["hits"]).to_pylist(), cfg.max_matches)
@@ -335,19 +326,17 @@ def run_trace(run: StageRun) -> None:
                                               "contamination": sum(not r["judged"] for r in rows)})
     tasks = task_table(rows, cfg.max_docs)
     if not store.is_committed(refs["tasks"]):
-        store.write_shard(refs["tasks"], 0, pa.Table.from_pylist(tasks))
         store.write_file(refs["tasks"], "plots/trace_contamination.png", trace_png(rows, tasks))
-        run.commit("tasks", {"report_columns": TASK_COLUMNS, "plots": ["plots/trace_contamination.png"],
-                             "contamination_n": cfg.contamination_n, "rule": cfg.rule,
-                             "ngrams_over_max_matches": len(frequent)}, expected_shards=1)
+        run.write("tasks", pa.Table.from_pylist(tasks), {
+            "report_columns": TASK_COLUMNS, "plots": ["plots/trace_contamination.png"],
+            "contamination_n": cfg.contamination_n, "rule": cfg.rule, "ngrams_over_max_matches": len(frequent)})
     if cfg.decontaminate and not store.is_committed(refs["documents_decontaminated"]):
         matches: dict[str, list[str]] = {}
         for h in hits:
             matches.setdefault(h["doc_id"], []).append(h["ngram"])
         decontaminate(run, matches)
-    store.write_shard(refs["items"], 0, pa.Table.from_pylist(rows))
-    run.commit("items", {"items": len(rows), "contaminated": sum(r["contaminated"] for r in rows)},
-               expected_shards=1)
+    run.write("items", pa.Table.from_pylist(rows),
+              {"items": len(rows), "contaminated": sum(r["contaminated"] for r in rows)})
     for t in tasks:
         log.info("trace %s: %d/%d judged items contaminated (%d-word n-grams), median longest question span %d words",
                  t["task"], t["contaminated"], t["judged"], cfg.contamination_n, t["median_question_span"])
@@ -367,8 +356,8 @@ def decontaminate(run: StageRun, matches: dict[str, list[str]]) -> None:
     """The documents without contamination (same shards, same schema), by `trace.decontaminate_mode`."""
     documents_ref, ref = run.inputs["documents"], run.plan.refs["documents_decontaminated"]
     n_shards = run.store.manifest(documents_ref)["shards"]
-    report = map_shards("trace", run.store, ref, decontaminate_shard, [documents_ref] * n_shards, run.cluster,
-                        matches=matches, cfg=run.cfg)
+    report = run.map("documents_decontaminated", decontaminate_shard, [documents_ref] * n_shards, matches=matches,
+                     cfg=run.cfg)
     dropped, split = (sum(m.get(k, 0) for m in report.markers) for k in ("dropped", "split"))
     run.commit("documents_decontaminated", {"mode": run.cfg.decontaminate_mode, "dropped_documents": dropped,
                                             "split_documents": split}, expected_shards=n_shards)

@@ -200,10 +200,11 @@ def test_prefect_artifacts_of_every_stage_read_back_from_the_server(tiny_run):
     # progress and plots come from the stages this run computed (all of them, unless TRACECORE_ACCEPT_STORE
     # pointed at a filled store whose stages were reused)
     computed = {s for s, info in read_run(store, "acceptance")["stages"].items() if info["status"] == "computed"}
-    loops = {"ingest": "ingest", "dedup": "ingest", "tokenize": "tokenize", "pretrain": "pretrain",
-             "ngram-index": "ngram", "ngram-map": "ngram", "ngram-reduce": "ngram", "memorization": "memorization",
-             "gradients": "gradients", "select": "select", "preference": "preference", "finetune": "finetune",
-             "eval": "eval"}
+    loops = {"ingest-parsed": "ingest", "ingest": "ingest", "tokenize": "tokenize", "pretrain": "pretrain",
+             "ngram-index": "ngram", "ngram-counts-map": "ngram", "ngram-counts": "ngram",
+             "memorization-pairs": "memorization", "gradients": "gradients", "select-selection": "select",
+             "preference-parsed": "preference", "preference-rm-scores": "preference", "finetune": "finetune",
+             "eval-quality": "eval"}
     assert os.environ.get("TRACECORE_ACCEPT_STORE") or computed == set(STAGES), computed
     for loop, stage in loops.items():
         if stage in computed:

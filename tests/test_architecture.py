@@ -22,7 +22,7 @@ from tracecore.tasks.runtime.stage import INFRASTRUCTURE_PACKAGE, code_modules, 
 BOOKKEEPING = {
     "common": {"MODEL_LOAD_LOCK", "FAULT_ENV", "RAISE_ENV", "DELAY_ENV", "InjectedFailure", "ShardReport",
                "in_prefect_run", "get_logger", "log_dropped", "Progress", "inject_fault", "run_shard", "dask_client",
-               "worker_threads", "host_threads", "map_shards", "set_torch_threads"},
+               "worker_threads", "host_threads", "usable_markers", "map_shards", "set_torch_threads"},
 }
 
 
@@ -109,3 +109,22 @@ def test_resume_finds_a_run_in_the_store_its_profile_names(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="^--resume 20261207-000000-abcdef: no such run"):
         resume_store("20261207-000000-abcdef", "tiny", None)
 
+
+
+def test_one_word_tokeniser_and_windower():
+    """Word-level rules share `tasks/text.py`: no other module compiles its own word pattern (there were three,
+    with different edge rules: preference split on whitespace, so "Hello," and "hello" were different words)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    own = [str(p.relative_to(root)) for folder in ("tasks", "kernels", "flows") for p in (root / folder).rglob("*.py")
+           if p.name != "text.py" and re.search(r"re\.(compile|findall|finditer)\(r\"\\\\w\+", p.read_text())]
+    assert own == []
+    from tracecore.tasks.preference import shingles
+    from tracecore.tasks.trace import item_ngrams
+
+    assert shingles("Hello, world!  How are you?") == shingles("hello world how are you")  # failed on the old code
+    assert shingles("") == set() and shingles("Hi there") == {"hi there"}  # shorter than k: one shingle
+    item = {"input": "Where was Anan born?", "output": "Mivel"}
+    assert item_ngrams(item, 13, 1) == ["where was anan born mivel"]  # the same short-sequence rule

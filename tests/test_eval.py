@@ -154,7 +154,7 @@ def test_needle_heatmaps_carry_a_colour_bar_the_values_and_integer_ticks():
 def test_multiple_choice_is_scored_by_mean_token_logprob_not_the_length_biased_sum():
     """Summed log-prob favours the shortest choice (fewer negative terms): the verdict's MC accuracy was below
     chance for every checkpoint. lm-eval's acc_norm normalises by length; we normalise by tokens."""
-    from tracecore.tasks.eval import mc_pick
+    from tracecore.tasks.eval_quality import mc_pick
 
     short_wrong, long_right = (-6.0, False, 2), (-9.0, False, 6)  # (summed log-prob, greedy hit, tokens)
     assert mc_pick([short_wrong, long_right]) == 1

@@ -10,7 +10,7 @@ import torch
 from conftest import planned_args
 from tracecore.flows.pipeline import execute_stage
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.finetune import Resume, load_model, step_batches, train
+from tracecore.tasks.finetune_training import Resume, load_model, step_batches, train
 from tracecore.tasks.instructions import encode, load_pool
 from tracecore.tasks.models import model_dir
 

@@ -217,7 +217,7 @@ def test_preference_context_lm_may_be_a_gguf_model_checked_at_planning(tiny_gguf
     the path was fingerprinted as a folder and loaded with from_pretrained)."""
     from tracecore.configs.schema import PreferenceConfig
     from tracecore.flows.plan import plan_pipeline
-    from tracecore.tasks.preference import lm_contexts, load_context_lm
+    from tracecore.tasks.preference_contexts import lm_contexts, load_context_lm
 
     cfg = test_config(f"preference.context_lm_path={tiny_gguf}", "preference.context_lm_max_pairs=3")
     plans = plan_pipeline(cfg, ArtifactStore(cfg.store))

@@ -12,7 +12,7 @@ from tracecore.configs.schema import MemorizationConfig, NgramConfig, TaskSpec
 from tracecore.flows.pipeline import run_stages
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.index_query import phrase_variants
-from tracecore.tasks.memorization import candidate_pairs, load_task, threshold, word_ngrams
+from tracecore.tasks.memorization import candidate_pairs, load_task, task_grams, threshold
 from tracecore.tasks.ngram import EmptyCorpusError
 from tracecore.tasks.ngram_engine import VocabMismatchError, open_engine
 from tracecore.tasks.ngram_table import packed_ngrams
@@ -160,9 +160,9 @@ def test_packing_is_exact_for_wide_ids(bits):
 
 
 def test_task_gram_rules():
-    assert word_ngrams("Where was Anan Galthergal born?", 2) == ["Where was", "was Anan", "Anan Galthergal",
+    assert task_grams("Where was Anan Galthergal born?", 2) == ["Where was", "was Anan", "Anan Galthergal",
                                                                   "Galthergal born"]
-    assert word_ngrams("Mivel.", 2) == ["Mivel"]  # shorter than n: one gram (documented deviation)
+    assert task_grams("Mivel.", 2) == ["Mivel"]  # shorter than n: one gram (documented deviation)
     item = {"input": "the red house", "output": "the red roof"}
     assert candidate_pairs(item, 2) == []  # x and y share "the red": the item yields no pairs
     pairs = candidate_pairs({"input": "Where was Anan born?", "output": "Mivel"}, 2)

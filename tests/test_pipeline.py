@@ -43,13 +43,31 @@ def test_pipeline_end_to_end_then_fully_cached(pipeline_run):
             "tracecore-pretrain-loss", "tracecore-memorization-rho-by-task", "tracecore-select-cluster-sizes",
             "tracecore-finetune-finetune-loss", "tracecore-eval-verdict", "tracecore-eval-quality",
             "tracecore-eval-needle-heatmaps", "tracecore-eval-retrieval-heads", "tracecore-finetune-outputs",
-            "tracecore-pretrain-progress", "tracecore-finetune-progress", "tracecore-eval-progress"]
+            "tracecore-pretrain-progress", "tracecore-finetune-progress", "tracecore-eval-quality-progress"]
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     assert {a.key for a in found} == set(keys)
     summary = next(a for a in found if a.key == "tracecore-pipeline-summary"  # this test's run (shared server)
                    and a.flow_run_id == state.state_details.flow_run_id)
     assert "memorization_scores" in summary.data
+
+
+def test_a_cached_rerun_reads_no_artifact_data(pipeline_run, monkeypatch):
+    """A fully cached re-run answers "done and intact" from manifests, markers and file listings: it opens no
+    Parquet file and hashes no file (it used to checksum every reused artifact's bytes, and the report re-read
+    every table it shows); an artifact written before stamps existed would still be hashed."""
+    import fsspec.implementations.local as local
+    import tracecore.storage.store as store_module
+    from tracecore.flows.pipeline import pipeline
+
+    opened, hashed = [], []
+    real_open = local.LocalFileSystem._open
+    monkeypatch.setattr(local.LocalFileSystem, "_open",
+                        lambda self, path, *a, **k: opened.append(str(path)) or real_open(self, path, *a, **k))
+    monkeypatch.setattr(store_module, "file_checksum", lambda fs, path, *a: hashed.append(path) or "")
+    pipeline(config=pipeline_run.cfg.model_dump(mode="json"), run_id="run-cached-reads")
+    assert not [p for p in opened if p.endswith(".parquet")] and not hashed
+    assert any(p.endswith("_MANIFEST.json") for p in opened)  # it did look: through the manifests
 
 
 def test_stage_runs_on_an_existing_cluster_by_address(prefect_harness, test_config):

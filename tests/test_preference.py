@@ -11,11 +11,11 @@ from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.preference import (
     dedup_pairs,
     expand,
-    load_library,
     parse_input,
     reversal_pairs,
     to_pair,
 )
+from tracecore.tasks.preference_contexts import load_library
 
 GOOD = {"prompt": "Tell me about tea.", "chosen": "Tea is a drink.", "rejected": "Tea is a drink made from leaves. "
         "It is grown in many countries. People drink it hot or cold."}
@@ -55,7 +55,7 @@ def test_malformed_inputs_become_rejects_and_good_rows_survive(tmp_path):
 def test_dataset_guarantees():
     pair, _ = to_pair({**GOOD, "criteria_chosen": "Prefer a concise answer of one sentence.",
                        "criteria_rejected": "Prefer a detailed answer with several sentences."}, "sample")
-    from tracecore.tasks.preference import library_contexts
+    from tracecore.tasks.preference_contexts import library_contexts
 
     contexts = pair["contexts"] + library_contexts(pair, load_library("builtin"))
     row = {"prompt": pair["prompt"], "a": pair["a"], "b": pair["b"], "default": "a",
@@ -120,7 +120,7 @@ def test_guarantees_are_counted_and_zero():
 
 
 def test_lm_judgements_are_parsed():
-    from tracecore.tasks.preference import parse_judgement
+    from tracecore.tasks.preference_contexts import parse_judgement
 
     assert parse_judgement(" B, because it is shorter") == "b"
     assert parse_judgement("a") == "a"
@@ -131,7 +131,7 @@ def test_context_lm_and_lora_reward_model_run(pretrained, tmp_path):
     """The GPU-profile options on the tiny model: LM-proposed contexts (tagged `lm` when the judge answers)
     and a LoRA reward model that trains and merges into a plain sequence-classification folder."""
     from tracecore.tasks.models import model_dir
-    from tracecore.tasks.preference import lm_contexts, load_context_lm
+    from tracecore.tasks.preference_contexts import lm_contexts, load_context_lm
     from tracecore.tasks.reward_model import load_reward_model, train_reward_model
 
     cfg, refs = pretrained

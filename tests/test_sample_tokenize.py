@@ -297,7 +297,7 @@ def test_split_digits_gives_one_token_per_digit(tmp_path, split_digits):
 def test_held_out_and_evaluation_items_are_disjoint_from_the_pool(tmp_path):
     """No held-out instruction and no QA / multiple-choice evaluation question is in the training pool, compared
     after lower-casing and stripping punctuation (the tiny profile's world: 3,000 pool records)."""
-    from tracecore.tasks.eval import load_tasks
+    from tracecore.tasks.eval_quality import load_tasks
     from tracecore.tasks.instructions import load_pool
     from tracecore.tasks.runtime.registry import load_config
     from tracecore.tasks.text import instruction_key, normalize_text

@@ -156,23 +156,27 @@ def host_threads(cluster: Any) -> tuple[int, int]:
         return max(per_host.values(), default=1), sum(per_host.values()) or 1
 
 
-def _usable_shard(store: ArtifactStore, ref: str, shard: int) -> bool:
-    """A finished shard whose bytes match its marker; a corrupt one is dropped (and logged) for recompute."""
-    if not store.shard_done(ref, shard):
-        return False
-    if store.shard_intact(ref, shard):
-        return True
-    get_logger().warning("shard %s is corrupt (checksum mismatch); recomputing it", store.shard_path(ref, shard))
-    store.drop_shard(ref, shard)
-    return False
+def usable_markers(store: ArtifactStore, ref: str) -> dict[int, dict]:
+    """Markers of the finished shards whose files still match them (`part_intact`: no byte read when their
+    stamps agree); a corrupt shard is dropped, and logged, so it is recomputed."""
+    usable = {}
+    for marker in store.markers(ref):
+        path = store.shard_path(ref, marker["shard"])
+        if store.part_intact(path, marker):
+            usable[marker["shard"]] = marker
+        else:
+            get_logger().warning("shard %s is corrupt (checksum mismatch); recomputing it", path)
+            store.drop_shard(ref, marker["shard"])
+    return usable
 
 
 def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dict], items: list[Any],
                cluster: Any, **kwargs: Any) -> ShardReport:
     """Run `fn(store_uri, ref, shard, item, **kwargs) -> marker` for every shard not yet complete, on `cluster`
-    (see `dask_client`)."""
+    (see `dask_client`). The report's markers are the kept shards' plus those the workers returned (not re-read)."""
     start = time.perf_counter()
-    todo = [(i, item) for i, item in enumerate(items) if not _usable_shard(store, ref, i)]
+    done = usable_markers(store, ref)
+    todo = [(i, item) for i, item in enumerate(items) if i not in done]
     skipped = len(items) - len(todo)
     log = get_logger()
     if skipped:
@@ -191,13 +195,14 @@ def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dic
                            for i, item in todo]
                 results = (f.result() for f in as_completed(futures, loop=client.loop))
             for marker in results:
+                done[marker["shard"]] = marker
                 computed.append(marker["shard"])
                 progress.step()
                 inject_fault(stage, len(computed))
     finally:
         progress.close()
     return ShardReport(total=len(items), skipped=skipped, computed=len(computed),
-                       seconds=round(time.perf_counter() - start, 3), markers=store.markers(ref),
+                       seconds=round(time.perf_counter() - start, 3), markers=[done[i] for i in sorted(done)],
                        computed_shards=sorted(computed))
 
 

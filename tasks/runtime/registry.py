@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -63,6 +64,14 @@ STAGES: tuple[str, ...] = tuple(registry(()))
 
 
 def validate_config(data: dict, source: str = "config") -> Any:
+    """The pipeline config of a mapping, validated once per process per distinct mapping (the flow hands every
+    stage task the same dict); each caller gets its own copy, so no caller sees another's edits."""
+    return _validated(json.dumps(data, sort_keys=True, default=str), source).model_copy(deep=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _validated(canonical: str, source: str) -> Any:
+    data = json.loads(canonical)
     extra = tuple(data.get("extra_stages") or ())
     try:
         return pipeline_model(extra).model_validate(data)

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracecore.storage.lineage import fingerprint, lineage
-from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.runtime.common import dask_client, get_logger
+from tracecore.storage.store import ArtifactStatus, ArtifactStore
+import pyarrow as pa
+from tracecore.tasks.runtime.common import ShardReport, dask_client, get_logger, map_shards
 
 # The runner's own package: left out of every code version, by package (it holds no domain logic;
 # tests/test_architecture.py checks that), so a runner change does not recompute results.
@@ -216,31 +217,78 @@ class StageRun:
         return self.plan.outputs[name].lineage
 
     def commit(self, name: str, stats: dict | None = None, expected_shards: int | None = None) -> dict:
-        """Commit an output with the lineage it was planned from, plus the stage's stats."""
-        return self.store.commit(self.ref(name), {**self.lineage(name), **(stats or {})}, expected_shards)
+        """Commit an output with the lineage it was planned from, plus the stage's stats; an output that names
+        `report_columns` keeps its first rows in the manifest, so reports never read its data."""
+        stats = dict(stats or {})
+        if "report_columns" in stats:
+            stats["report_rows"] = preview_rows(self.first_rows(name), stats["report_columns"])
+        return self.store.commit(self.ref(name), {**self.lineage(name), **stats}, expected_shards)
+
+    def first_rows(self, name: str, limit: int = 0) -> list[dict]:
+        """The first `limit` (default `PREVIEW_ROWS`) rows of an output's written shards, in shard order."""
+        limit, rows = limit or PREVIEW_ROWS, []
+        for marker in sorted(self.store.markers(self.ref(name)), key=lambda m: m["shard"]):
+            rows += self.store.read_shard(self.ref(name), marker["shard"]).to_pylist()
+            if len(rows) >= limit:
+                break
+        return rows[:limit]
+
+    def map(self, name: str, fn: Callable[..., dict], items: list[Any], **kwargs: Any) -> ShardReport:
+        """`fn(store_uri, ref, shard, item, **kwargs)` over `items` into output `name`, one shard per item, on the
+        stage's cluster, skipping finished shards (`map_shards`, named after the stage and output)."""
+        return map_shards(self.step(name), self.store, self.ref(name), fn, items, self.cluster, **kwargs)
+
+    def step(self, name: str) -> str:
+        """The label of the pass that writes output `name` (logs, progress, fault specs such as `ngram-index:1`):
+        the stage's name for its primary output, else `<stage>-<output>`."""
+        primary = next(iter(self.plan.outputs))
+        return self.plan.stage if name == primary else f"{self.plan.stage}-{name.replace('_', '-')}"
+
+    def write(self, name: str, table: pa.Table, stats: dict | None = None) -> dict:
+        """A single-table output: written as its one shard and committed with `stats`."""
+        self.store.write_shard(self.ref(name), 0, table)
+        return self.commit(name, stats, expected_shards=1)
 
 
-def already_committed(store: ArtifactStore, stage: str, ref: str) -> bool:
+PREVIEW_ROWS = 200  # rows of a report table kept in its manifest: the report shows 50, a Prefect table artifact 200
+
+
+def preview_rows(rows: list[dict], columns: list[str]) -> list[dict]:
+    """A report table's rows in its columns, JSON-safe (a manifest is JSON), at most `PREVIEW_ROWS`."""
+    def plain(value: Any) -> Any:
+        return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+    return [{c: plain(r.get(c)) for c in columns} for r in rows[:PREVIEW_ROWS]]
+
+
+def already_committed(store: ArtifactStore, stage: str, ref: str, status: ArtifactStatus | None = None) -> bool:
     """True, and logged, when a stage's primary artifact is in the store and intact: the stage is skipped.
-    A committed artifact whose bytes fail their checksums is repaired (un-committed, corrupt shards
-    dropped, paths logged) and the stage recomputes what is missing: corrupt data is never used."""
-    bad = store.repair(ref)
-    if bad:
-        get_logger().warning("%s: %s has corrupt parts, recomputing: %s", stage, ref, ", ".join(bad))
+    A committed artifact whose parts no longer match their records is repaired (un-committed, corrupt shards
+    dropped, paths logged) and the stage recomputes what is missing: corrupt data is never used. `status`: the
+    store's answer the caller already has (the flow asks once per artifact per run)."""
+    status = status or store.status(ref)
+    if status.corrupt:
+        store.repair(ref, status)
+        get_logger().warning("%s: %s has corrupt parts, recomputing: %s", stage, ref, ", ".join(status.corrupt))
         return False
-    if store.is_committed(ref):
+    if status.committed:
         get_logger().info("%s: %s already committed, skipping", stage, ref)
         return True
     return False
 
 
-def run_stage(stage: Stage, cfg: Any, plan: StagePlan, store_uri: str, address: str | None = None) -> dict[str, str]:
-    """lock -> verify/repair -> skip if committed -> compute -> check the primary was committed. A stage that
-    computes gets one Dask client for all its passes (one per pass cost ~17 ms each: a tenth of ingest at
-    10^6 tokens)."""
+def run_stage(stage: Stage, cfg: Any, plan: StagePlan, store_uri: str, address: str | None = None,
+              reusable: bool = False) -> dict[str, str]:
+    """skip if committed and intact -> lock -> verify/repair -> compute -> check the primary was committed.
+    `reusable`: the caller's answer from `store.status` was "committed and intact", so the stage is skipped
+    without asking again (committed artifacts never change). A stage that computes gets one Dask client for all
+    its passes (one per pass cost ~17 ms each)."""
     store = ArtifactStore(store_uri)
     primary = plan.primary.ref
-    with store.lock(primary):
+    if reusable:
+        get_logger().info("%s: %s already committed, skipping", stage.name, primary)
+        return plan.refs
+    with store.lock(primary):  # the answer is asked again under the lock: another run may have committed it
         if not already_committed(store, stage.name, primary):
             with dask_client(address) as client:
                 stage.compute(StageRun(store, cfg, plan, client))

@@ -19,10 +19,11 @@ from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.runtime.registry import STAGES
 
 pytestmark = pytest.mark.slow
-# Sharded stages -> the name their shard loop reports to the fault hook (ngram's first loop is its index).
-MID_STAGE = {"ingest": "ingest", "tokenize": "tokenize", "ngram": "ngram-index", "memorization": "memorization",
-             "gradients": "gradients", "select": "select", "preference": "preference", "finetune": "finetune",
-             "eval": "eval"}
+# Sharded stages -> the label of their first shard loop (`StageRun.step`: the stage for its primary output,
+# else `<stage>-<output>`), as the fault hook sees it.
+MID_STAGE = {"ingest": "ingest-parsed", "tokenize": "tokenize", "ngram": "ngram-index",
+             "memorization": "memorization-pairs", "gradients": "gradients", "select": "select-selection",
+             "preference": "preference-parsed", "finetune": "finetune", "eval": "eval-quality"}
 POINTS = [p for stage in STAGES for p in ([f"{MID_STAGE[stage]}:1"] if stage in MID_STAGE else []) + [f"after-{stage}:1"]]
 STAGE_OF = {f"{loop}:1": stage for stage, loop in MID_STAGE.items()} | {f"after-{s}:1": s for s in STAGES}
 # One stage at a time: the chain walks every stage boundary in order, which concurrent branches would reorder
