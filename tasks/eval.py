@@ -281,17 +281,17 @@ def eval_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) ->
     trained = {"trained_len": pipeline_cfg.pretrain.seq_len, "eval_fraction": pipeline_cfg.pretrain.eval_fraction}
     models = {f"long_context_model.{spec.name}.{key}": value
               for i, spec in enumerate(pipeline_cfg.eval.long_context_models)
-              for key, value in model_identity(spec.path, f"eval.long_context_models[{i}].path").items()}
+              for key, value in model_identity(spec.path, f"eval.long_context_models[{i}].path", store).items()}
     return {**inputs, **models, **{k: str(v) for k, v in trained.items()}}, {**args, **trained}
 
 
-def model_identity(path: str, field: str) -> dict:
+def model_identity(path: str, field: str, store: ArtifactStore | None = None) -> dict:
     """A model input's fingerprint (`model_fingerprint`), after checking it is a causal LM the long-context
     kernels cover, so an unsupported model fails before any work."""
     from tracecore.configs.schema import ConfigError
     from tracecore.tasks.models import causal_lm_config, model_fingerprint
 
-    obstacle = decoding_obstacle(causal_lm_config(path, field))
+    obstacle = decoding_obstacle(causal_lm_config(path, field, store))
     if obstacle:
         raise ConfigError(f"{field}: {path!r}: {obstacle}")
     return model_fingerprint(path, field)

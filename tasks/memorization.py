@@ -267,7 +267,7 @@ def user_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) ->
               for s in cfg.tasks if s.path}
     for i, model in enumerate(cfg.models):
         if model != RUN_MODEL:
-            causal_lm_config(model, f"memorization.models[{i}]")
+            causal_lm_config(model, f"memorization.models[{i}]", store)
             inputs |= {f"model{i}.{k}": v for k, v in model_fingerprint(model, f"memorization.models[{i}]").items()}
     models = [upstream["model"] if m == RUN_MODEL else m for m in cfg.models] or [upstream["model"]]
     return inputs, {"models": models}

@@ -5,6 +5,8 @@ Its own module so stages do not import each other for them (no cycle, one `resol
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from pathlib import Path
 
 from tracecore.storage.store import ArtifactStore
@@ -41,23 +43,25 @@ def user_model_config(pipeline_cfg):
     return causal_lm_config(path, "pretrain.model_path") if path else None
 
 
-def causal_lm_config(path: str, field: str):
+def causal_lm_config(path: str, field: str, store: ArtifactStore | None = None):
     """The config of a local model folder or GGUF file that must be a causal LM transformers knows (no remote
-    code); a GGUF file's header is checked first (architecture, tensor types)."""
+    code); a GGUF file's header is checked first (architecture, tensor types), unless `store` holds its import
+    (checked when it was imported: its folder's config is read instead of the file's metadata)."""
     from tracecore.configs.schema import ConfigError
-    from tracecore.tasks.gguf_models import gguf_header, gguf_path, is_gguf
-    from transformers import AutoConfig
+    from tracecore.tasks.gguf_models import gguf_path, is_gguf
 
-    location = {"pretrained_model_name_or_path": path}
     if is_gguf(path):
         file = gguf_path(path, field)
-        gguf_header(file, field)
-        location = {"pretrained_model_name_or_path": str(file.parent), "gguf_file": file.name}
-    try:
-        config = AutoConfig.from_pretrained(**location, local_files_only=True, trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ConfigError(f"{field}: {path!r} is not a model folder transformers reads without remote code "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        stat = file.stat()
+        imported = imported_folder(store, file) if store is not None else None
+        if imported:
+            return causal_lm_config(imported, field)
+        try:
+            config = copy.deepcopy(checked_gguf_config(str(file), stat.st_size, stat.st_mtime_ns))  # caller's own
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(FIELD, field, 1)) from None
+    else:
+        config = read_config({"pretrained_model_name_or_path": path}, path, field)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -65,15 +69,63 @@ def causal_lm_config(path: str, field: str):
     return config
 
 
+FIELD = "<field>"  # stands for the setting's name in a cached check's error, filled in by the caller
+
+
+@functools.lru_cache(maxsize=8)
+def checked_gguf_config(file: str, size: int, mtime_ns: int):
+    """A GGUF file's header check and config, once per process per file version: parsing its metadata (the
+    tokenizer's vocabulary included) takes seconds, and several settings may name the same model."""
+    from tracecore.tasks.gguf_models import gguf_header
+
+    gguf_header(Path(file), FIELD)
+    location = {"pretrained_model_name_or_path": str(Path(file).parent), "gguf_file": Path(file).name}
+    return read_config(location, file, FIELD)
+
+
+def imported_folder(store: ArtifactStore, file: Path) -> str | None:
+    """The local folder of this GGUF file's import (`model_import/<fp>`), when the store holds it committed."""
+    from tracecore.storage.fs import is_local
+    from tracecore.tasks.gguf_models import import_ref
+
+    ref = import_ref(cached_sha256(file))
+    return store.files_path(ref) if is_local(store.fs) and store.is_committed(ref) else None
+
+
+def cached_sha256(path: Path) -> str:
+    """A file's sha256, once per process per file version (size, modification time): planning asks per setting."""
+    stat = path.stat()
+    return _sha256_of_version(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+    from tracecore.tasks.gguf_models import file_sha256
+
+    return file_sha256(Path(path))
+
+
+def read_config(location: dict, path: str, field: str):
+    """transformers' config of a model location, without remote code; an unreadable one named in one line."""
+    from tracecore.configs.schema import ConfigError
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(**location, local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ConfigError(f"{field}: {path!r} is not a model folder transformers reads without remote code "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+
+
 def model_fingerprint(path: str, field: str) -> dict:
     """A model input's identity, one rule for every stage: a GGUF file (or packaged model) by its sha256, a
     folder by its files' identity; the path itself is part of it (`model_path`)."""
     from tracecore.storage.fs import folder_fingerprint
-    from tracecore.tasks.gguf_models import file_sha256, gguf_path, is_gguf
+    from tracecore.tasks.gguf_models import gguf_path, is_gguf
 
     if is_gguf(path):
         file = gguf_path(path, field)
-        return {"model_path": str(file), "model_sha256": file_sha256(file)}
+        return {"model_path": str(file), "model_sha256": cached_sha256(file)}
     return {"model_path": str(Path(path).resolve()), "model_files": folder_fingerprint(path)}
 
 

@@ -258,7 +258,7 @@ def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactSto
     if cfg.context_lm_path:  # a causal LM transformers knows, checked before any work
         from tracecore.tasks.models import causal_lm_config, model_fingerprint
 
-        causal_lm_config(cfg.context_lm_path, "preference.context_lm_path")
+        causal_lm_config(cfg.context_lm_path, "preference.context_lm_path", store)
         inputs |= {f"context_lm.{k}": v for k, v in model_fingerprint(cfg.context_lm_path,
                                                                       "preference.context_lm_path").items()}
     return inputs, {"pairs_files": pairs}

@@ -108,6 +108,30 @@ def test_imported_folder_gives_the_gguf_models_logits(tiny_gguf, tmp_path):
     assert import_gguf(store, str(tiny_gguf), "test") == ref  # converted once; the second call reuses it
 
 
+def test_planning_parses_a_gguf_once_and_not_at_all_once_it_is_imported(tiny_gguf, tmp_path, monkeypatch):
+    """Its metadata (the vocabulary included) took seconds per setting naming it, on every cached re-run (failed
+    on the old code: parsed per call, and `causal_lm_config` took no store)."""
+    import shutil
+
+    import tracecore.tasks.gguf_models as gguf_models
+    from tracecore.tasks.gguf_models import import_gguf
+    from tracecore.tasks.models import causal_lm_config
+
+    file = tmp_path / "copy.gguf"  # a file version no other test has checked in this process
+    shutil.copy(tiny_gguf, file)
+    parsed, real = [], gguf_models.gguf_header
+    monkeypatch.setattr(gguf_models, "gguf_header", lambda path, field: parsed.append(path) or real(path, field))
+    first, second = causal_lm_config(str(file), "a"), causal_lm_config(str(file), "b")
+    assert len(parsed) == 1 and first.model_type == second.model_type == "llama" and first is not second
+    store = ArtifactStore(tmp_path / "store")
+    import_gguf(store, str(file), "test")
+    file.touch()  # a new file version: unknown to the in-process check, known to the store by its sha256
+    parsed.clear()
+    assert causal_lm_config(str(file), "c", store).model_type == "llama" and parsed == []
+    with pytest.raises(ConfigError, match="^d: .*nope.gguf"):
+        causal_lm_config(str(tmp_path / "nope.gguf"), "d", store)
+
+
 def test_unsupported_architecture_and_tensor_type_fail_in_one_line(tmp_path):
     from tracecore.tasks.gguf_models import gguf_header
 

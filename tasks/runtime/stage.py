@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 from tracecore.storage.lineage import fingerprint, lineage
 from tracecore.storage.store import ArtifactStatus, ArtifactStore
-import pyarrow as pa
 from tracecore.tasks.runtime.common import ShardReport, dask_client, get_logger, map_shards
 
 # The runner's own package: left out of every code version, by package (it holds no domain logic;
