@@ -10,6 +10,19 @@ from tracecore.storage.store import ArtifactStore
 COLUMNS = ["stage", "artifact", "status", "shards", "skipped_shards", "rows", "rejects", "seconds", "notes"]
 
 
+# What the store and the runner write into every manifest; everything else in it is the stage's own statistics.
+BOOKKEEPING_KEYS = {"ref", "stage", "config_hash", "inputs", "code_version", "packages", "shards", "rows", "bytes",
+                    "schema", "checksum", "shard_checksums", "files", "committed_at", "plots", "report_columns",
+                    "report_rows", "intermediate", "cleaned", "skipped_shards", "seconds", "rejected"}
+
+
+def stats_of(manifest: dict, width: int = 48) -> dict:
+    """A manifest's statistics: the scalar values a stage recorded through `commit`/`write`, whatever their names
+    (the report shows them all, so a stage adds one without touching the report)."""
+    return {k: (v if not isinstance(v, str) or len(v) <= width else v[:width - 1] + "…") for k, v in manifest.items()
+            if k not in BOOKKEEPING_KEYS and isinstance(v, (bool, int, float, str))}
+
+
 def artifact_rows(store: ArtifactStore, record: dict, checksums: bool = False) -> list[dict]:
     """One row per artifact a run planned: what the run recorded and what the store holds now (= what a
     re-run skips), from one `store.status` per artifact (`checksums`: hash every part, not only stamps).
@@ -20,8 +33,7 @@ def artifact_rows(store: ArtifactStore, record: dict, checksums: bool = False) -
             status = store.status(ref, checksums)
             markers, committed = status.markers, status.committed
             m = store.manifest(ref) if committed else {}
-            notes = {k: m[k] for k in ("skipped", "tokens", "tokens_per_second", "duplicates", "reject_fraction",
-                                       "eval_loss_initial", "eval_loss", "parameters", "external_path") if k in m}
+            notes = stats_of(m)
             rows.append({"stage": stage, "output": name, "artifact": ref, "status": info.get("status", "?"),
                          "committed": committed, "shards_done": len(markers), "shards": m.get("shards", "?"),
                          "skipped_shards": m.get("skipped_shards", 0), "rows": sum(x["rows"] for x in markers),

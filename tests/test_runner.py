@@ -124,3 +124,15 @@ def test_bit_rot_under_an_unchanged_stamp_is_found_only_by_hashing(tmp_path):
     assert store.status("squares/fp", checksums=True).corrupt == (path,)
     with pytest.raises(store_module.CorruptShardError, match="part-00000"):
         store.read_shard("squares/fp", 0)
+
+
+def test_the_report_shows_any_statistic_a_stage_records(tmp_path):
+    """Statistics go through one API (`commit`/`write` stats) and the report renders them generically (failed on
+    the old code: it picked nine names, so a stage's new statistic never showed)."""
+    from tracecore.flows.report import artifact_rows
+
+    run = stage_run(tmp_path, {"summary": "demo_summary"})
+    run.write("summary", pa.table({"x": [1]}), {"widgets": 3, "ratio": 0.25, "plots": []})
+    record = {"stages": {"demo": {"refs": {"summary": "demo_summary/fp"}, "status": "computed"}}}
+    (row,) = artifact_rows(run.store, record)
+    assert row["notes"] == "ratio=0.25, widgets=3" and row["on_rerun"] == "skip"
