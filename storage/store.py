@@ -217,9 +217,8 @@ class ArtifactStore(ArtifactFiles):
         return table.filter(inside)  # the filter copies every row
 
     def verify_shard(self, ref: str, shard: int) -> None:
-        marker = read_json(self.fs, self._marker_path(ref, shard))
         path = self.shard_path(ref, shard)
-        if not self.fs.exists(path) or file_checksum(self.fs, path) != marker["checksum"]:
+        if not self.part_intact(path, read_json(self.fs, self._marker_path(ref, shard)), checksums=True):
             raise corrupt_shard(path)
 
     def part_intact(self, path: str, entry: dict, checksums: bool = False) -> bool:
@@ -231,13 +230,6 @@ class ArtifactStore(ArtifactFiles):
         if not checksums and entry.get("mtime") and stamp[1] == entry["mtime"]:
             return True
         return file_checksum(self.fs, path) == entry["checksum"]
-
-    def shard_intact(self, ref: str, shard: int, checksums: bool = False) -> bool:
-        try:
-            marker = read_json(self.fs, self._marker_path(ref, shard))
-        except FileNotFoundError:
-            return False
-        return self.part_intact(self.shard_path(ref, shard), marker, checksums)
 
     def status(self, ref: str, checksums: bool = False) -> ArtifactStatus:
         """Committed?, its markers, and the committed artifact's parts that no longer match their records: what

@@ -52,10 +52,10 @@ def causal_lm_config(path: str, field: str, store: ArtifactStore | None = None):
 
     if is_gguf(path):
         file = gguf_path(path, field)
-        stat = file.stat()
         imported = imported_folder(store, file) if store is not None else None
         if imported:
             return causal_lm_config(imported, field)
+        stat = file.stat()
         try:
             config = copy.deepcopy(checked_gguf_config(str(file), stat.st_size, stat.st_mtime_ns))  # caller's own
         except ConfigError as exc:

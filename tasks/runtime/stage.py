@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 from tracecore.storage.lineage import fingerprint, lineage
-from tracecore.storage.store import ArtifactStatus, ArtifactStore
+from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.runtime.common import ShardReport, dask_client, get_logger, map_shards
 
 # The runner's own package: left out of every code version, by package (it holds no domain logic;
@@ -216,12 +216,15 @@ class StageRun:
     def lineage(self, name: str) -> dict:
         return self.plan.outputs[name].lineage
 
-    def commit(self, name: str, stats: dict | None = None, expected_shards: int | None = None) -> dict:
+    def commit(self, name: str, stats: dict | None = None, expected_shards: int | None = None,
+               table: pa.Table | None = None) -> dict:
         """Commit an output with the lineage it was planned from, plus the stage's stats; an output that names
-        `report_columns` keeps its first rows in the manifest, so reports never read its data."""
+        `report_columns` keeps its first rows in the manifest, so reports never read its data (`table`: the
+        output's one table, when the caller holds it, so they are not read back)."""
         stats = dict(stats or {})
         if "report_columns" in stats:
-            stats["report_rows"] = preview_rows(self.first_rows(name), stats["report_columns"])
+            rows = table.slice(0, PREVIEW_ROWS).to_pylist() if table is not None else self.first_rows(name)
+            stats["report_rows"] = preview_rows(rows, stats["report_columns"])
         return self.store.commit(self.ref(name), {**self.lineage(name), **stats}, expected_shards)
 
     def first_rows(self, name: str, limit: int = 0) -> list[dict]:
@@ -247,7 +250,7 @@ class StageRun:
     def write(self, name: str, table: pa.Table, stats: dict | None = None) -> dict:
         """A single-table output: written as its one shard and committed with `stats`."""
         self.store.write_shard(self.ref(name), 0, table)
-        return self.commit(name, stats, expected_shards=1)
+        return self.commit(name, stats, expected_shards=1, table=table)
 
 
 PREVIEW_ROWS = 200  # rows of a report table kept in its manifest: the report shows 50, a Prefect table artifact 200
@@ -261,12 +264,11 @@ def preview_rows(rows: list[dict], columns: list[str]) -> list[dict]:
     return [{c: plain(r.get(c)) for c in columns} for r in rows[:PREVIEW_ROWS]]
 
 
-def already_committed(store: ArtifactStore, stage: str, ref: str, status: ArtifactStatus | None = None) -> bool:
+def already_committed(store: ArtifactStore, stage: str, ref: str) -> bool:
     """True, and logged, when a stage's primary artifact is in the store and intact: the stage is skipped.
     A committed artifact whose parts no longer match their records is repaired (un-committed, corrupt shards
-    dropped, paths logged) and the stage recomputes what is missing: corrupt data is never used. `status`: the
-    store's answer the caller already has (the flow asks once per artifact per run)."""
-    status = status or store.status(ref)
+    dropped, paths logged) and the stage recomputes what is missing: corrupt data is never used."""
+    status = store.status(ref)
     if status.corrupt:
         store.repair(ref, status)
         get_logger().warning("%s: %s has corrupt parts, recomputing: %s", stage, ref, ", ".join(status.corrupt))
