@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tracecore.configs.schema import DaskConfig
+from tracecore.configs.base import DaskConfig
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",

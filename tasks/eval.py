@@ -22,13 +22,74 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
-from tracecore.configs.schema import EvalConfig
+from pydantic import Field
+from tracecore.configs.base import Strict
 from tracecore.kernels.families import decoding_obstacle
+from tracecore.kernels.settings import LongCacheConfig, RazorConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.eval_quality import METRICS, evaluate_checkpoint
 from tracecore.tasks.instructions import load_pool, pool_inputs, pool_needs
 from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK
 from tracecore.tasks.runtime.stage import Stage, StageRun
+
+
+class RagSettings(Strict):
+    """ChatQA 2-style retrieval: token chunks with overlap, MiniLM embeddings, top-k chunks in context."""
+
+    chunk_tokens: int = Field(64, ge=8, description="ChatQA 2 used 1200")
+    overlap: int = Field(16, ge=0)
+    top_k: list[int] = Field(default_factory=lambda: [1, 3, 5], min_length=1)
+
+
+class LongContextModel(Strict):
+    """A pretrained model the long-context methods are evaluated on beside the run's own (which, tiny, cannot
+    retrieve): Razor's head probe, the needle grid, RAG vs. long context, KV bytes; one Dask task."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$", description="label in tables and plot names")
+    path: str = Field(description="HF causal-LM folder, .gguf file, or packaged model (smollm2-135m-instruct)")
+    lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096], min_length=1,
+                               description="prompt tokens (SmolLM2 was trained to 8,192)")
+    depths: list[float] = Field(default_factory=lambda: [0.1, 0.35, 0.65, 0.9], min_length=1)
+    needles_per_cell: int = Field(2, ge=1, description="needles per (length, depth); per length: x len(depths)")
+    rag_top_k: list[int] = Field(default_factory=lambda: [1, 3])
+    rag_chunk_tokens: int = Field(128, ge=8)
+    prefill_chunk: int = Field(512, ge=16)
+    longcache: bool = Field(False, description="also LongCache (meant past the trained length: 16k-32k, opt-in)")
+    longcache_settings: LongCacheConfig = Field(default_factory=LongCacheConfig, description="official defaults")
+    razor: RazorConfig = Field(  # paper: S0 in the thousands (no compression below it); S0 64 compresses 1-4k
+        # prompts; 18 % of heads and a 256-token probe: the best of a sweep under 30 % KV (bench/RESULTS.md)
+        default_factory=lambda: RazorConfig(induction_fraction=0.18, min_buffer=64, compression=8.0, probe_block=256))
+    threads: int = Field(2, ge=0, description=(
+        "torch threads for this task (it runs alone at the end of eval); 0 = torch default, which is 1 in a "
+        "Dask worker (Dask pins its workers' math libraries to one thread)"))
+    seed: int = 0
+
+
+class EvalConfig(Strict):
+    """Model quality per checkpoint, the data-selection verdict, and long-context evaluation."""
+
+    max_items: int = Field(100, ge=1, description="items per task and model")
+    batch_size: int = Field(16, ge=1)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    needle_lengths: list[int] = Field(default_factory=lambda: [256, 1024, 2048], min_length=1)
+    needle_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    needles_per_cell: int = Field(2, ge=1)
+    retrieval_train_steps: int = Field(0, ge=0, description="retrieval curriculum steps at the trained length; 0 = none")
+    retrieval_train_lr: float = Field(1e-3, gt=0, lt=1, description="constant after warm-up")
+    retrieval_batch_size: int = Field(16, ge=1)
+    retrieval_recall_share: float = Field(0.3, ge=0, le=1, description="passkey-recall documents; the rest repeated lists")
+    razor: RazorConfig = Field(  # paper: S0 in the thousands, C 5, probe 2500 tokens; scaled for small models
+        default_factory=lambda: RazorConfig(min_buffer=32, compression=8.0, probe_block=64),
+        description="RazorAttention (arXiv 2407.15891), the kernel's own settings type")
+    longcache: LongCacheConfig = Field(  # official 32 / 4096 / 1 / 32, clip 64, chunk 512
+        default_factory=lambda: LongCacheConfig(global_size=4, local_size=64, mid_size=1, span_size=16, recall_clip=4,
+                                                chunk_size=64),
+        description="LongCache/ReAttention (arXiv 2407.15176), the kernel's own settings type")
+    rag: RagSettings = Field(default_factory=RagSettings)
+    long_context_models: list[LongContextModel] = Field(default_factory=list, description=(
+        "pretrained models evaluated on the long-context methods too (tiny: SmolLM2-135M-Instruct)"))
+    threads: int = Field(1, ge=0)
+    seed: int = 0
 
 
 # ---- verdict ------------------------------------------------------------------------------------------

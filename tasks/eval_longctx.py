@@ -69,13 +69,12 @@ def train_retrieval(model, tok, cfg, max_len: int, log) -> list[float]:
     """The retrieval curriculum: full LM loss on repeated lists and passkey-recall documents in blocks of the
     trained length, with the pretraining loop at a constant rate after warm-up (a decaying rate stalled
     before the induction heads formed in our runs); returns the loss per step."""
-    from tracecore.configs.schema import PretrainConfig
-    from tracecore.tasks.lm_training import train
+    from tracecore.tasks.lm_training import TrainSchedule, train
 
     steps, batch = cfg.retrieval_train_steps, cfg.retrieval_batch_size
     blocks = curriculum_blocks(tok, random.Random(cfg.seed), steps * batch, max_len, cfg.retrieval_recall_share)
-    schedule = PretrainConfig(seq_len=max_len, batch_size=batch, max_tokens=blocks.size, lr=cfg.retrieval_train_lr,
-                              schedule="constant", warmup_steps=20, seed=cfg.seed)
+    schedule = TrainSchedule(seq_len=max_len, batch_size=batch, max_tokens=blocks.size, lr=cfg.retrieval_train_lr,
+                             schedule="constant", warmup_steps=20, seed=cfg.seed)
     curve = train(model, blocks, schedule, "cpu", log, name="eval-retrieval")
     model.eval()
     return [c["loss"] for c in curve]

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-from tracecore.configs.schema import EvalConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.instructions import TEMPLATE, collate, encode, load_pool
 from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, set_torch_threads
 from tracecore.tasks.text import instruction_key, normalize_text
+
+if TYPE_CHECKING:  # the type only: the stage's config is not code this library runs
+    from tracecore.tasks.eval import EvalConfig
 
 METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"]
 

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import tempfile
 import time
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from tracecore.configs.schema import ConfigError, FinetuneConfig
+from pydantic import Field
+from tracecore.configs.base import Strict
+from tracecore.configs.schema import ConfigError
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.finetune_training import Resume, load_model, response_loss, save_model, train
 from tracecore.tasks.instructions import encode, load_pool, pool_inputs, pool_needs
@@ -34,6 +37,56 @@ from tracecore.tasks.models import (
 from tracecore.tasks.plots import figure_png, integer_ticks, subplots
 from tracecore.tasks.runtime.common import get_logger, set_torch_threads
 from tracecore.tasks.runtime.stage import Planned, Stage, StageRun, plan_artifact
+
+
+class LongContextConfig(Strict):
+    """ChatQA 2-style context extension before fine-tuning: raise the RoPE base, continue training on
+    corpus documents packed into long sequences with a separator string between documents."""
+
+    enabled: bool = False
+    rope_theta: float = Field(1.5e8, gt=0, description="ChatQA 2: 500k -> 150M for 8K -> 128K")
+    seq_len: int = Field(1024, ge=16, le=1_048_576)
+    steps: int = Field(50, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(3e-5, gt=0, lt=1, description="ChatQA 2: 3e-5")
+    separator: str = Field("<s>", min_length=1, description="between packed documents (not the EOS token)")
+
+
+class FinetuneConfig(Strict):
+    """Fine-tune the base model on selected subsets (TAGCOS, baselines, full pool), several seeds each."""
+
+    subsets: list[Literal["tagcos", "random", "cluster_random", "full"]] = Field(
+        default_factory=lambda: ["tagcos", "random", "cluster_random", "full"], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    full_seeds: int | None = Field(None, ge=1, description=(
+        "the `full` pool reference trains on only the first N seeds (it is a reference, not part of the paired "
+        "TAGCOS - random verdict, and on CPU its run is the longest); None = every seed"))
+    eval_path: str | None = Field(None, description="held-out Alpaca-style JSONL; None = sample eval split")
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per variant")
+    lr: float = Field(2e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="micro-batch")
+    grad_accum: int = Field(4, ge=1)
+    max_seq_len: int = Field(512, ge=8)
+    lora: bool = Field(False, description="LoRA via peft (merged before saving) instead of full fine-tuning")
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="LoRA targets; None = the architecture's attention "
+                                             "projections (kernels/families.py: q/k/v/o_proj, GPT-NeoX "
+                                             "query_key_value + attention.dense, GPT-2 c_attn + attn.c_proj)")
+    mini_sequence: bool = Field(True, description="MsT chunked LM head + MLP with activation recomputation")
+    lm_chunks: int | None = Field(None, ge=1, description="None = ceil(vocab / hidden)")
+    mlp_chunks: int | None = Field(None, ge=1, description="None = ceil(intermediate / hidden)")
+    checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
+    log_every: int = Field(10, ge=1, description="optimizer steps between Prefect log lines (the curve keeps all)")
+    long_context: LongContextConfig = Field(default_factory=LongContextConfig)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+    threads: int = Field(1, ge=0, description="torch threads per Dask worker; 0 = default")
+    seed: int = 0
+
 
 SUMMARY_COLUMNS = ["variant", "subset", "seed", "records", "steps", "train_loss", "eval_loss_base", "eval_loss",
                    "tokens_per_second", "peak_memory_mb", "seconds", "resumed_from_step", "device"]

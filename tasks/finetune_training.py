@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tracecore.configs.schema import FinetuneConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.instructions import collate
 from tracecore.tasks.models import (
     lora_kwargs,
 )
 from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger
+
+if TYPE_CHECKING:  # the type only: the stage's config is not code this library runs
+    from tracecore.tasks.finetune import FinetuneConfig
 
 
 # ---- model ---------------------------------------------------------------------------------------

@@ -21,15 +21,52 @@ distribution, not bit-identical to TRAK.
 from __future__ import annotations
 
 import random
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from tracecore.configs.schema import GradientsConfig
+from pydantic import Field, model_validator
+from tracecore.configs.base import Strict
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.instructions import collate, encode, load_pool, pool_inputs, pool_needs
 from tracecore.tasks.models import check_user_lora_targets, lora_kwargs, model_dir, resolve_device
 from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped, set_torch_threads
 from tracecore.tasks.runtime.stage import Stage, StageRun
+
+
+class GradientsConfig(Strict):
+    """TAGCOS/LESS gradient features. Official values in comments; the tiny profile scales them down."""
+
+    pool_path: str | None = Field(None, description="Alpaca-style JSONL; None = sample world instructions")
+    warmup_fraction: float = Field(0.05, gt=0, le=1)
+    checkpoint_steps: list[int] = Field(default_factory=lambda: [10, 20, 30], min_length=1)
+    lr: float = Field(2e-5, gt=0, lt=1, description="peak lr of the planned linear warm-up schedule")
+    lr_warmup_steps: int | None = Field(None, ge=1, description="linear warm-up length; None = 2 x the last "
+                                        "checkpoint step, so checkpoints train at rising lrs (TAGCOS 10/20/30)")
+    planned_epochs: int = Field(4, ge=1, description="planned schedule length in epochs over the warm-up "
+                                "subset (LESS: 4); decay starts after the warm-up")
+    batch_size: int = Field(8, ge=1, description="warm-up batch (official 1 x 32 accumulation x GPUs)")
+    lora_r: int = Field(128, ge=1)
+    lora_alpha: int = Field(512, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="LoRA targets; None = the architecture's attention "
+                                             "projections (kernels/families.py: q/k/v/o_proj, GPT-NeoX "
+                                             "query_key_value + attention.dense, GPT-2 c_attn + attn.c_proj)")
+    max_seq_len: int = Field(512, ge=8)
+    proj_dim: int = Field(8192, ge=8, le=65_536)
+    proj_seed: int = 0
+    feature_batch_size: int = Field(16, ge=1)
+    shards: int = Field(4, ge=1, le=100_000)
+    threads: int = Field(1, ge=0, description="torch threads per Dask worker; 0 = default")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sorted_steps(self) -> GradientsConfig:
+        if sorted(set(self.checkpoint_steps)) != self.checkpoint_steps or self.checkpoint_steps[0] < 1:
+            raise ValueError("checkpoint_steps must be increasing positive integers")
+        return self
+
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 

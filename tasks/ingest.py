@@ -23,10 +23,35 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-from tracecore.configs.schema import IngestConfig
+from pydantic import Field
+from tracecore.configs.base import Strict
 from tracecore.storage.fs import NoInputError, input_fingerprint, list_input_files  # noqa: F401 (re-exported)
 from tracecore.storage.store import ArtifactStore, read_parquet
 from tracecore.tasks.runtime.stage import Stage, StageRun
+
+
+class IngestConfig(Strict):
+    """Read corpora into validated, de-duplicated document shards."""
+
+    paths: list[str] = Field(default_factory=list, description="globs/URIs; empty = the sample corpus")
+    text_field: str = "text"
+    id_field: str = "id"
+    max_doc_chars: int = Field(1_000_000, ge=1)
+    max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    shard_mb: int = Field(256, ge=1, le=65_536, description=(
+        "files larger than this are split into shards of about this size (plain JSONL by byte ranges on line "
+        "boundaries, Parquet by row groups), so memory per shard is bounded by it; compressed files stay whole"))
+    dedup: bool = True
+    keep_intermediates: bool = Field(False, description=(
+        "keep the parsed (pre-dedup) copy of the corpus and the dedup partitions after documents are committed; "
+        "false: their shards are deleted (manifests kept, flagged cleaned)"))
+    dedup_buckets: int = Field(16, ge=1, le=4096, description=(
+        "hash partitions of exact dedup: no task holds more than max(dedup_task_rows, 1/buckets of the corpus's) "
+        "hashes"))
+    dedup_task_rows: int = Field(250_000, ge=1, description=(
+        "hashes one dedup task takes on: consecutive buckets are grouped up to about this many rows (a task per "
+        "bucket was a cluster round trip each, a third of ingest on a 10^6-token corpus)"))
+
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
                         ("file", pa.string()), ("line", pa.int64()), ("doc_hash", pa.string())])

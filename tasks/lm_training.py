@@ -6,11 +6,44 @@ Llama, the eval loss and the AdamW loop (a library module, so both stages finger
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import numpy as np
-from tracecore.configs.schema import PretrainConfig
+from pydantic import Field, model_validator
+from tracecore.configs.base import Strict
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.runtime.common import Progress
+
+
+class TrainSchedule(Strict):
+    """The training loop's settings: one type for pretraining and eval's retrieval curriculum, so neither
+    stage reaches the other's config."""
+
+    seq_len: int = Field(256, ge=16, le=131_072)
+    batch_size: int = Field(16, ge=1)
+    max_tokens: int = Field(1_000_000, ge=1, description="training tokens (stops early when the corpus ends)")
+    lr: float = Field(3e-3, gt=0, lt=1)
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="after the linear warm-up")
+    epochs: float = Field(1.0, gt=0, le=1000, description="passes over the corpus (max_tokens still caps)")
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    seed: int = 0
+
+
+class ModelShape(Strict):
+    """The bootstrap Llama's shape."""
+
+    hidden_size: int = Field(128, ge=16, le=8192)
+    layers: int = Field(2, ge=1, le=128)
+    heads: int = Field(4, ge=1, le=128)
+    kv_heads: int = Field(2, ge=1, le=128)
+    intermediate_size: int = Field(384, ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelShape:
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden_size must be divisible by heads, and heads by kv_heads")
+        return self
 
 
 def token_stream(store: ArtifactStore, tokens_ref: str, separator: list[int]) -> np.ndarray:
@@ -31,7 +64,7 @@ def split_blocks(stream: np.ndarray, seq_len: int, eval_fraction: float) -> tupl
     return blocks[:-n_eval], blocks[-n_eval:]
 
 
-def build_model(cfg: PretrainConfig, vocab_size: int, eos_id: int, pad_id: int):
+def build_model(cfg: ModelShape, vocab_size: int, eos_id: int, pad_id: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -65,7 +98,7 @@ def corpus_coverage(train_tokens: int, train_block_tokens: int, corpus_tokens: i
             "corpus_share_seen": round(seen / max(corpus_tokens, 1), 4)}
 
 
-def train(model, train_blocks: np.ndarray, cfg: PretrainConfig, device: str, log, name: str = "pretrain") -> list[dict]:
+def train(model, train_blocks: np.ndarray, cfg: TrainSchedule, device: str, log, name: str = "pretrain") -> list[dict]:
     """AdamW, warm-up then cosine (or constant) rate, `epochs` passes capped at `max_tokens`; returns the curve.
 
     A constant rate is there for induction-head formation (`configs/tiny-retrieval.yaml`): in our runs a

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tracecore.configs.schema import MemorizationConfig, TaskSpec
+from pydantic import Field
+from tracecore.configs.base import Strict
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.index_query import phrase_variants
 from tracecore.tasks.memorization_scores import item_scores, score_table
@@ -33,8 +34,31 @@ from tracecore.tasks.ngram_engine import VocabMismatchError, open_engine
 from tracecore.tasks.plots import figure_png, subplots
 from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, log_dropped
 from tracecore.tasks.runtime.stage import Stage, StageRun
-from tracecore.tasks.taskfiles import load_task
+from tracecore.tasks.taskfiles import TaskSpec, load_task, sample_task_specs
 from tracecore.tasks.text import word_ngrams, words
+
+
+class MemorizationConfig(Strict):
+    """Task-gram pairs, their corpus counts, LM probabilities and the memorization scores (v5 definitions)."""
+
+    tasks: list[TaskSpec] = Field(default_factory=sample_task_specs)
+    n: int = Field(2, ge=1, le=8, description="word n-gram size for task-gram pairs")
+    max_items: int = Field(400, ge=0, description="items per task (0 = all)")
+    align: bool = True
+    align_threshold_short: float = Field(0.6, ge=-1, le=1, description="cosine threshold for n <= 2 (paper)")
+    align_threshold_long: float = Field(0.9, ge=-1, le=1, description="cosine threshold for n >= 3 (paper)")
+    embedder_path: str | None = Field(None, description="sentence-transformers folder; None = packaged MiniLM")
+    max_diff_tokens: int = Field(1000, ge=1, description="co-occurrence window for count_cnf")
+    max_clause_freq: int = Field(50_000, ge=1)
+    models: list[str] = Field(default_factory=list, description=(
+        "models to score: `pretrain.model` (this run's), HF causal-LM folders, .gguf files or packaged models "
+        "(smollm2-135m-instruct); empty = this run's model. A model pretrained elsewhere is labelled: its rho "
+        "measures overlap with the indexed corpus, not memorization of it"))
+    bootstrap: int = Field(1000, ge=10, le=100_000)
+    items_per_chunk: int = Field(50, ge=1, description="items per Dask counting task")
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
 
 REPORT_COLUMNS = ["model", "task", "items_cooccurring", "n_cooccurring", "spearman", "spearman_lo", "spearman_hi",
                   "n_all", "spearman_all", "spearman_all_lo", "spearman_all_hi", "kendall_tau_distance", "infgram_spearman"]

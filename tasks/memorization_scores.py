@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-from tracecore.configs.schema import MemorizationConfig
+
+if TYPE_CHECKING:  # the type only: the stage's config is not code this library runs
+    from tracecore.tasks.memorization import MemorizationConfig
 
 
 def correlations(lm: np.ndarray, ref: np.ndarray, n_boot: int, seed: int, groups: np.ndarray | None = None) -> dict:

@@ -24,11 +24,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Annotated, Literal
 
 import infini_gram.indexing
 import numpy as np
 import pyarrow as pa
-from tracecore.configs.schema import NgramConfig
+from pydantic import Field
+from tracecore.configs.base import Strict
 from tracecore.storage.files import FILES_DIR
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.ngram_engine import MAX_PAIRED_ID, VocabMismatchError, to_symbols, token_dtype
@@ -44,6 +46,28 @@ from tracecore.tasks.ngram_table import (
 )
 from tracecore.tasks.runtime.common import host_threads
 from tracecore.tasks.runtime.stage import Stage, StageRun
+
+
+class NgramConfig(Strict):
+    """Corpus n-gram counting: infini-gram index + exact small-n table."""
+
+    shard_groups: int = Field(2, ge=1, le=4096, description="infini-gram indexes built in parallel, at least")
+    group_tokens: int = Field(10_000_000, ge=1_000, description=(
+        "at most this many tokens per index group (unless one token shard is larger): the indexer's memory "
+        "(~20 bytes per token of its group) stays bounded as the corpus grows"))
+    index_mem_gib: int = Field(2, ge=1, le=4096)
+    index_cpus: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field("auto", description=(
+        "cpus per indexer process; auto = the cluster's threads shared by the index groups by their tokens (at "
+        "most one host's), so one or two groups do not index on one core while the rest idle"))
+    max_n: int = Field(3, ge=1, le=4, description="exact table holds n-grams for n = 1..max_n")
+    buckets: int = Field(16, ge=1, le=65_535, description="exact-table reduce partitions, at least")
+    bucket_tokens: int = Field(2_000_000, ge=1_000, description=(
+        "one more bucket per this many corpus tokens (beyond `buckets`), so a reduce task's memory stays "
+        "bounded as the corpus grows"))
+    map_tokens: int = Field(4_000_000, ge=1_000, description=(
+        "exact-table map tasks hold about this many tokens: a larger token shard is cut into row ranges (a "
+        "document is never cut), so a map task's memory (~120 bytes per token) is bounded by this setting"))
+    top_k: int = Field(100, ge=1)
 
 
 class EmptyCorpusError(ValueError):

@@ -26,9 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
-from tracecore.configs.schema import PreferenceConfig
+from pydantic import Field
+from tracecore.configs.base import Strict
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.preference_contexts import (
     CONTEXT_TYPES,
@@ -43,6 +45,42 @@ from tracecore.tasks.reward_model import RM_KINDS, accuracy_png, evaluate, score
 from tracecore.tasks.runtime.common import log_dropped
 from tracecore.tasks.runtime.stage import Stage, StageRun
 from tracecore.tasks.text import jaccard, normalize_text, word_ngrams, words
+
+
+class PreferenceInput(Strict):
+    path: str
+    format: Literal["pairwise", "rpr", "sample"] = "pairwise"
+
+
+class PreferenceConfig(Strict):
+    """Context-conditioned preference data with reversals and a context-aware reward model."""
+
+    inputs: list[PreferenceInput] = Field(default_factory=list, description="empty = the sample world's pairs")
+    criteria_library: str | None = Field(
+        "builtin", description="YAML path; builtin = configs/libraries/criteria.yaml; null = none")
+    context_lm_path: str | None = Field(None, description=(
+        "local instruct LM that proposes criteria (folder, .gguf or packaged model, e.g. smollm2-135m-instruct); "
+        "its contexts are tagged `lm`"))
+    context_lm_max_pairs: int | None = Field(None, ge=1, description=(
+        "pairs per input file that get LM contexts, the first ones (two greedy generations each: seconds per "
+        "pair on a CPU); None = all"))
+    context_lm_template: str = ("Prompt: {prompt}\nResponse A: {a}\nResponse B: {b}\n"
+                                "One criterion that tells these responses apart:")
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share of prompts held out")
+    context_test_fraction: float = Field(0.3, gt=0, lt=1, description="share of context phrasings held out: "
+                                         "test records use only phrasings no training record has")
+    rm_epochs: int = Field(3, ge=1)
+    rm_lr: float = Field(1e-4, gt=0, lt=1)
+    rm_batch_size: int = Field(16, ge=1)
+    rm_max_len: int = Field(128, ge=16)
+    rm_lora: bool = False
+    rm_target_modules: list[str] | None = Field(None, description="LoRA targets with rm_lora; None = the "
+                                                "architecture's attention projections")
+    threads: int = Field(1, ge=0, description="torch threads per Dask worker; the context-aware and the "
+                         "context-blind reward models train as two shards, in parallel; 0 = torch default")
+    seed: int = 0
+
 
 RECORD_SCHEMA = pa.schema([(c, pa.string()) for c in ("prompt", "context", "context_type", "response_a",
                                                         "response_b", "preferred", "pair_id", "source", "split")])

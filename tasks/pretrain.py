@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
-from tracecore.configs.schema import PretrainConfig
+from pydantic import Field
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.lm_training import (
+    ModelShape,
+    TrainSchedule,
     build_model,
     corpus_coverage,
     eval_loss,
@@ -25,6 +28,18 @@ from tracecore.tasks.lm_training import (
 from tracecore.tasks.models import resolve_device, user_model_config
 from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, set_torch_threads
 from tracecore.tasks.runtime.stage import Stage, StageRun
+
+
+class PretrainConfig(TrainSchedule, ModelShape):
+    """The bootstrap Llama-architecture model, or a user's model by path."""
+
+    model_path: str | None = Field(None, description=(
+        "local HF causal-LM folder, a .gguf file, or a packaged model (smollm2-135m-instruct); None = pretrain a "
+        "tiny Llama"))
+    eval_fraction: float = Field(0.02, gt=0, lt=0.5)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default")
 
 
 class ModelPathError(ValueError):

@@ -5,12 +5,16 @@ the rewards into accuracies with Wilson intervals."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pyarrow as pa
-from tracecore.configs.schema import PreferenceConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.intervals import wilson
 from tracecore.tasks.plots import figure_png, subplots
 from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, get_logger, set_torch_threads
+
+if TYPE_CHECKING:  # the type only: the stage's config is not code this library runs
+    from tracecore.tasks.preference import PreferenceConfig
 
 
 def rm_ids(tok, context: str, prompt: str, response: str, max_len: int) -> list[int]:

@@ -24,12 +24,26 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tracecore.configs.schema import SelectConfig
+from pydantic import Field
+from tracecore.configs.base import Strict
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.instructions import load_pool, pool_inputs, pool_needs
 from tracecore.tasks.intervals import below_rate_p, wilson
 from tracecore.tasks.plots import figure_png, subplots
 from tracecore.tasks.runtime.stage import Stage, StageRun
+
+
+class SelectConfig(Strict):
+    """TAGCOS coreset selection: K-means, then per-cluster non-negative ridge OMP."""
+
+    clusters: int = Field(100, ge=1)
+    rate: float = Field(0.05, gt=0, le=1)
+    omp_lambda: float = Field(1.0, ge=0)
+    omp_tolerance: float = Field(1e-4, gt=0)
+    minibatch_above: int = Field(100_000, ge=1, description="use MiniBatchKMeans above this many rows")
+    baseline_draws: int = Field(3, ge=1, description="random / cluster-random draws; fine-tuning seed s uses "
+                                "draw s mod baseline_draws, so intervals over seeds include selection noise")
+    seed: int = 0
 
 # `draw`: which random draw a baseline row belongs to (one per fine-tuning seed, modulo baseline_draws);
 # TAGCOS rows are deterministic and all carry draw 0

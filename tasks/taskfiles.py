@@ -4,9 +4,46 @@ read tasks (memorization; tracing)."""
 
 from __future__ import annotations
 
-from tracecore.configs.schema import TaskSpec
+from typing import Literal
+
+from pydantic import Field, field_validator
+from tracecore.configs.base import Strict
 from tracecore.storage.store import read_parquet
 from tracecore.tasks.runtime.common import get_logger
+
+
+class TaskSpec(Strict):
+    """A task file in one of the public shapes: translation (source/target), qa (question/answer),
+    multiple_choice (question/choices/answer index)."""
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    kind: Literal["translation", "qa", "multiple_choice"]
+    path: str | None = Field(None, description="JSONL/Parquet file or glob; None = the sample world's task")
+    align_threshold: float | None = Field(None, ge=-1, le=1, description="overrides the n-based default")
+    prompt: str | None = Field(None, description=(
+        "what the LM is conditioned on, '{input}' replaced by x; None = the kind's template in PROMPTS "
+        "(lm-eval's: 'Question: {input}\\nAnswer:' for qa and multiple_choice)"))
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_input(cls, value: str | None) -> str | None:
+        if value is not None and "{input}" not in value:
+            raise ValueError(f"prompt {value!r} must contain '{{input}}' (where the task's x goes)")
+        return value
+
+    def lm_prompt(self, x: str) -> str:
+        """x in the task's prompt template: a model is scored on the prompt it is evaluated with, not raw x."""
+        return (self.prompt or PROMPTS[self.kind]).replace("{input}", x)
+
+
+# lm-eval-harness' zero-shot templates (TriviaQA / MMLU-style questions; GPT-3's translation phrase format)
+PROMPTS = {"qa": "Question: {input}\nAnswer:", "multiple_choice": "Question: {input}\nAnswer:",
+           "translation": "Source phrase: {input}\nTarget phrase:"}
+
+
+def sample_task_specs() -> list[TaskSpec]:
+    return [TaskSpec(name="translation", kind="translation", prompt="English phrase: {input}\nZelan phrase:"),
+            TaskSpec(name="qa", kind="qa"), TaskSpec(name="multiple_choice", kind="multiple_choice")]
 
 
 def read_task_rows(path: str) -> list[tuple[int, object]]:

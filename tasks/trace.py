@@ -27,15 +27,43 @@ GPT-3 / NeMo Curator: pieces under `min_piece_chars` go, a document split over `
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pyarrow as pa
-from tracecore.configs.schema import TraceConfig
+from pydantic import Field
+from tracecore.configs.base import Strict
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.intervals import wilson
 from tracecore.tasks.plots import figure_png, subplots
 from tracecore.tasks.runtime.common import log_dropped
 from tracecore.tasks.runtime.stage import Planned, Stage, StageRun, plan_artifact
-from tracecore.tasks.taskfiles import load_task
+from tracecore.tasks.taskfiles import TaskSpec, load_task
 from tracecore.tasks.text import word_ngrams, word_spans, words
+
+
+class TraceConfig(Strict):
+    """Trace task items back to the corpus (stage `trace`): longest spans with their documents, n-gram
+    contamination as in GPT-3 / NeMo Curator."""
+
+    tasks: list[TaskSpec] | None = Field(None, description="task files to trace; None = memorization.tasks")
+    max_items: int = Field(0, ge=0, description="items per task; 0 = every item")
+    contamination_n: int = Field(13, ge=1, le=64, description=(
+        "an item is contaminated when it shares an n-gram of this many words with a document (GPT-3: 13)"))
+    min_words: int = Field(5, ge=1, description=(
+        "an item shorter than contamination_n words counts as contaminated only when it occurs whole; "
+        "items shorter than this are not judged (counted and logged)"))
+    max_docs: int = Field(3, ge=1, le=1000, description="documents listed per span and per contaminated item")
+    rule: Literal["question_answer", "question"] = Field("question_answer", description=(
+        "the text an item's n-grams come from: question + answer, or the question alone (NeMo Curator)"))
+    max_matches: int | None = Field(None, ge=1, description=(
+        "ignore an n-gram found in more documents than this (NeMo Curator's max_matches: boilerplate); None = no cap"))
+    decontaminate: bool = Field(False, description="also write documents_decontaminated for a later training run")
+    decontaminate_mode: Literal["drop_document", "remove_span"] = Field("drop_document", description=(
+        "drop each contaminating document, or cut the matched n-grams +- remove_margin characters and split it"))
+    remove_margin: int = Field(200, ge=0, description="characters removed each side of a match (GPT-3: 200)")
+    min_piece_chars: int = Field(200, ge=0, description="pieces of a split document shorter than this are dropped")
+    max_splits: int = Field(10, ge=0, description="a document split more often than this is dropped whole")
+
 
 HIT_SCHEMA = pa.schema([("item", pa.string()), ("task", pa.string()), ("doc_id", pa.string()),
                         ("file", pa.string()), ("line", pa.int64()), ("ngram", pa.string())])
@@ -286,8 +314,6 @@ def decontaminated_output(cfg: TraceConfig, inputs: dict[str, str], code: str) -
 
 
 def load_items(run: StageRun) -> tuple[list[dict], list[dict]]:
-    from tracecore.configs.schema import TaskSpec
-
     items, rejects = [], []
     for spec in map(TaskSpec.model_validate, run.args["tasks"]):
         path = spec.path or f"{run.store.files_path(run.inputs['sample'])}/tasks/{spec.kind}.jsonl"

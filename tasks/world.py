@@ -18,12 +18,15 @@ import gzip
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tracecore.configs.schema import SampleConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.text import instruction_key
+
+if TYPE_CHECKING:  # the type only: the stage's config is not code this library runs
+    from tracecore.tasks.sample import SampleConfig
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "so", "ta", "vel", "dor", "an", "is", "um", "qua", "zel", "bri",
              "no", "pa", "ther", "gal", "fi", "ou", "rak", "sen", "wy", "mor"]

@@ -73,6 +73,24 @@ def test_every_stage_module_is_registered():
     assert set(stage_modules().values()) == set(BUILTIN)
 
 
+def test_each_stage_config_is_defined_beside_its_stage():
+    """The module that computes is the module that says what can be set (failed on the old code: every
+    config class lived in configs/schema.py)."""
+    for name, stage in registry().items():
+        assert stage.config.__module__ == stage.compute.__module__, (name, stage.config.__module__)
+
+
+def test_a_type_only_import_is_no_dependency():
+    """A library annotating with a stage's config (under `if TYPE_CHECKING:`) does not pull that stage into
+    the code version of another stage that uses the library."""
+    from tracecore.tasks.runtime.stage import _imported_modules
+
+    source = ("from typing import TYPE_CHECKING\nimport tracecore.tasks.text\n"
+              "if TYPE_CHECKING:\n    from tracecore.tasks.eval import EvalConfig\n")
+    assert _imported_modules("probe", source) == {"tracecore.tasks.text"}
+    assert "tracecore.tasks.pretrain" not in code_modules("tracecore.tasks.eval")
+
+
 @pytest.mark.parametrize("helper, reaching, not_reaching", [
     ("tracecore.tasks.text", {"eval", "preference", "sample"}, set()),
     ("tracecore.tasks.memorization_scores", {"memorization"}, {"trace", "ngram"}),

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, create_model
+from tracecore.configs.base import ConfigError, PipelineBase
 from tracecore.configs.profiles import format_errors, read_profile
-from tracecore.configs.schema import ConfigError, PipelineBase
 from tracecore.tasks.runtime.stage import Stage
 
 BUILTIN = ("tracecore.tasks.sample", "tracecore.tasks.ingest", "tracecore.tasks.tokenize",

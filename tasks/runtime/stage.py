@@ -62,7 +62,7 @@ def _imported_modules(name: str, source: str) -> frozenset[str]:
     """Keyed by the source text, so an edited module is parsed again: parsing a stage's modules took ~25 ms,
     and every plan of a stage re-plans its upstream (measured: 23-26 ms per `code_modules` of the ngram stage)."""
     found = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in _runtime_nodes(ast.parse(source)):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module in ("tracecore.tasks", "tracecore.kernels"):
@@ -71,6 +71,24 @@ def _imported_modules(name: str, source: str) -> frozenset[str]:
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
         found |= {n for n in names if n.startswith(("tracecore.tasks.", "tracecore.kernels"))}
     return frozenset(n for n in found if not n.startswith(INFRASTRUCTURE_PACKAGE))
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node except those under `if TYPE_CHECKING:`: an import made only for a type annotation runs no
+    code, so it is no dependency of a result (a library annotating with a stage's config stays that library)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo += node.orelse
+            continue
+        todo += ast.iter_child_nodes(node)
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 def _submodule(package: str, name: str) -> str:
