@@ -134,6 +134,12 @@ def stage_flow(stage: str):
 STAGE_FLOWS = {stage: stage_flow(stage) for stage in STAGES}  # the built-ins, for deployments
 
 
+def everything_reused(cfg: Any, store: ArtifactStore) -> bool:
+    """Every stage's primary output already committed and intact: the run will compute nothing, so there are
+    no timings for a calibration to qualify (it would be most of a cached re-run's time)."""
+    return all(store.status(plan.primary.ref).reusable for plan in plan_pipeline(cfg, store).values())
+
+
 @flow(name="tracecore-pipeline", log_prints=True)
 def pipeline(config: dict, run_id: str | None = None) -> dict[str, Any]:
     """The whole pipeline: the needed stages as a graph on one Dask cluster; returns refs + report path.
@@ -143,11 +149,14 @@ def pipeline(config: dict, run_id: str | None = None) -> dict[str, Any]:
     run_id = run_id or new_run_id()
     store = ArtifactStore(cfg.store)
     record = start_run(store, run_id, cfg.model_dump(mode="json"))
-    if cfg.calibrate:
+    if cfg.calibrate and not everything_reused(cfg, store):
         from tracecore.flows.calibrate import calibrate, calibration_line
 
         record["calibration"] = calibrate()
         print(calibration_line(record["calibration"]))  # the run's first line (log_prints: also in Prefect)
+    elif cfg.calibrate:
+        record["calibration_skipped"] = "every stage reused: nothing was timed"
+        print("calibration: skipped, every stage's output is already in the store (nothing to time)")
     recorder, started, refs = RunRecorder(store, record), time.perf_counter(), {}
     try:
         with dask_cluster(cfg.dask) as address:

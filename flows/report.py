@@ -103,7 +103,9 @@ def wall_clock_line(record: dict) -> str:
     wall = record.get("wall_seconds")
     head = f"wall clock {wall:.0f} s ({wall / 60:.1f} min)" if wall is not None else "wall clock not recorded"
     calib = record.get("calibration")
-    return f"{head}; " + (calibration_line(calib) if calib else "calibration off (`calibrate: false`)")
+    if calib:
+        return f"{head}; {calibration_line(calib)}"
+    return f"{head}; " + record.get("calibration_skipped", "calibration off (`calibrate: false`)")
 
 
 def write_report(store: ArtifactStore, record: dict) -> str:

@@ -65,9 +65,17 @@ def test_a_cached_rerun_reads_no_artifact_data(pipeline_run, monkeypatch):
     monkeypatch.setattr(local.LocalFileSystem, "_open",
                         lambda self, path, *a, **k: opened.append(str(path)) or real_open(self, path, *a, **k))
     monkeypatch.setattr(store_module, "file_checksum", lambda fs, path, *a: hashed.append(path) or "")
-    pipeline(config=pipeline_run.cfg.model_dump(mode="json"), run_id="run-cached-reads")
+    import tracecore.flows.calibrate as calibrate_module
+
+    calibrated, real_calibrate = [], calibrate_module.calibrate
+    monkeypatch.setattr(calibrate_module, "calibrate", lambda: calibrated.append(1) or real_calibrate())
+    pipeline(config=pipeline_run.cfg.model_dump(mode="json") | {"calibrate": True}, run_id="run-cached-reads")
     assert not [p for p in opened if p.endswith(".parquet")] and not hashed
     assert any(p.endswith("_MANIFEST.json") for p in opened)  # it did look: through the manifests
+    # nothing computed, so nothing to calibrate (its ~3 s were most of a cached re-run); failed on the old code
+    store = pipeline_run.store
+    record = json.loads(store.fs.open(f"{store.run_dir('run-cached-reads')}/run.json").read())
+    assert not calibrated and "calibration" not in record and record["calibration_skipped"]
 
 
 def test_stage_runs_on_an_existing_cluster_by_address(prefect_harness, test_config):
