@@ -11,9 +11,10 @@ export HF_DATASETS_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 PROFILE ?= tiny
+LINTED := flows tasks kernels storage configs tests bench docs
 STORE ?=  # empty: the profile's own store (tiny: .tracecore/store)
 
-.PHONY: setup lock test-latest run test test-accept test-long test-cluster lint bench readme clean
+.PHONY: setup lock test-latest run test test-accept test-long test-cluster lint docs docs-serve bench readme clean
 
 setup: $(STAMP)
 
@@ -51,6 +52,8 @@ run: setup  # the run measures and prints the machine's calibration itself (`cal
 
 test: setup  # first line: the machine's calibration, so the suite's time can be compared across machines
 	@$(BIN)/python -m tracecore.flows.calibrate
+	$(BIN)/ruff check $(LINTED)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 	$(BIN)/python -m pytest -q --durations=10 tests
 
 test-accept: setup  # the acceptance assertions on the full `tiny` profile (~25 min on a slow machine); before a release
@@ -65,14 +68,21 @@ test-cluster: setup  # SeaweedFS (S3), a CLI-started Dask cluster and a Prefect 
 	@$(BIN)/python -m tracecore.flows.calibrate
 	TRACECORE_CLUSTER=1 $(BIN)/python -m pytest -q --durations=10 tests/cluster tests/test_object_store.py
 
-readme: setup  # re-render the README's measured tables from the latest run of PROFILE (tracecore readme)
+readme: setup  # re-render the README's and the docs' measured tables from the latest run of PROFILE
 	$(BIN)/tracecore readme --profile $(PROFILE) $(if $(strip $(STORE)),--store $(STORE))
 
-lint: setup
-	$(BIN)/ruff check flows tasks kernels storage configs tests bench
+lint: setup  # pyflakes, pycodestyle, isort, bugbear at 110 columns (pyproject.toml); also run by `make test`
+	$(BIN)/ruff check $(LINTED)
+
+docs: setup  # the docs site into .site/ (--strict: a broken link or reference fails); also run by `make test`
+	$(BIN)/tracecore docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: setup  # preview the docs site on http://127.0.0.1:8000 with live reload
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 bench: setup
 	$(BIN)/python bench/run_all.py
 
 clean:
-	rm -rf .tracecore .pytest_cache
+	rm -rf .tracecore .pytest_cache .site .docs-src

@@ -1,13 +1,15 @@
 """Benchmark: per-sample gradient features, batched (hooks) vs. a batch-size-1 loop, and the projection.
 
     .venv/bin/python bench/gradients.py [--records 256] [--batch 32]
-    python bench/gradients.py --synthetic --hidden 768 --layers 12 --vocab 32000 --lora-r 128 --seq 256   # GPU
+    python bench/gradients.py --synthetic --hidden 768 --layers 12 --vocab 32000 --lora-r 128 --seq 256   #
+    GPU
 
 Model: the tiny profile's Llama shape (hidden 192, 3 layers, vocab 4096, LoRA r 8 on q/k/v/o, 32k
 LoRA parameters), randomly initialized (throughput does not depend on the weights); records: the sample
 world's instructions, max 128 tokens. `--synthetic` needs only PyTorch, transformers and peft (no pipeline
 imports, for a GPU machine): a random Llama of the given shape (768 x 12 layers x 32k vocab is ~110 M
-parameters) and random records of `--seq` tokens whose second half is the response. Both paths compute the same exact gradients (checked here); times are best of 3. The loop is the naive
+parameters) and random records of `--seq` tokens whose second half is the response. Both paths compute the
+same exact gradients (checked here); times are best of 3. The loop is the naive
 baseline: the model's own loss per record (full logits); the batched path also runs the LM head only on
 response positions.
 """
@@ -54,7 +56,8 @@ def sample_world_batches(args) -> tuple[object, list, int]:
         tok, model = lora_model(f"{tmp}/model", cfg)
         records, _ = load_pool(f"{tmp}/world/instructions/train.jsonl")
     data = sorted((encode(tok, r, cfg.max_seq_len) for r in records[: args.records]), key=lambda d: len(d[0]))
-    return model, [collate(data[i:i + args.batch], tok.pad_token_id) for i in range(0, len(data), args.batch)], len(data)
+    return model, [collate(data[i:i + args.batch], tok.pad_token_id)
+                   for i in range(0, len(data), args.batch)], len(data)
 
 
 def synthetic_batches(args) -> tuple[object, list, int]:
@@ -63,10 +66,12 @@ def synthetic_batches(args) -> tuple[object, list, int]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                         intermediate_size=args.hidden * 8 // 3,
                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                          num_key_value_heads=args.hidden // 64, max_position_embeddings=max(2048, args.seq))
-    lora = LoraConfig(r=args.lora_r, lora_alpha=4 * args.lora_r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    lora = LoraConfig(r=args.lora_r, lora_alpha=4 * args.lora_r,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(LlamaForCausalLM(config), lora).to(args.device)
     ids = torch.randint(3, args.vocab, (args.records, args.seq), device=args.device)
@@ -79,7 +84,8 @@ def synthetic_batches(args) -> tuple[object, list, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--synthetic", action="store_true", help="random Llama + random records (torch only)")
@@ -88,7 +94,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--lora-r", type=int, default=128)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--loop-records", type=int, default=None, help="time the loop on this many records only "
+    parser.add_argument("--loop-records", type=int, default=None,
+                        help="time the loop on this many records only "
                         "(it is the slow side); default: all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -99,7 +106,8 @@ def main() -> None:
             p.normal_(0, 0.02)
     n_params = sum(p.numel() for p in model.parameters())
     batched_grads(model, batches[0])  # warm-up
-    loop_batches = batches if args.loop_records is None else batches[: max(1, args.loop_records // args.batch)]
+    loop_batches = batches if args.loop_records is None else batches[: max(1,
+                                                                           args.loop_records // args.batch)]
 
     def best_of_3(fn, which, keep):
         """Best wall time of 3 passes; the gradients of the first `keep` batches stay (on the device: a

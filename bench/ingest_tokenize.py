@@ -45,7 +45,8 @@ def plain_loop(files: list[Path], tokenizer_json: Path, out_dir: Path) -> int:
         texts = list(new_valid_texts(gzip.decompress(path.read_bytes()).splitlines(), cfg, seen))
         ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         total += sum(map(len, ids))
-        pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16()))}), out_dir / f"{k}.parquet")
+        pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16()))}),
+                       out_dir / f"{k}.parquet")
     return total
 
 
@@ -65,7 +66,8 @@ def timed(fn, *args) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=8, help="corpus files (shards)")
     parser.add_argument("--filler-documents", type=int, default=10000)
     parser.add_argument("--repeats", type=int, default=2, help="best of N per row")
@@ -75,23 +77,28 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="tracecore-bench-") as tmp:
         tmp = Path(tmp)
-        write_sample(SampleConfig(filler_documents=args.filler_documents, corpus_files=args.files), tmp / "world")
+        write_sample(SampleConfig(filler_documents=args.filler_documents, corpus_files=args.files),
+                     tmp / "world")
         paths = sorted((tmp / "world/corpus").glob("*.jsonl.gz"))
         texts = [json.loads(x)["text"] for x in gzip.decompress(paths[0].read_bytes()).splitlines()]
         train_bpe(texts, 4096, 2, tmp / "tok")
         rows = []
-        best = min(timed(plain_loop, paths, tmp / "tok/tokenizer.json", _fresh(tmp, "loop")) for _ in range(args.repeats))
+        best = min(timed(plain_loop, paths, tmp / "tok/tokenizer.json", _fresh(tmp, "loop"))
+                   for _ in range(args.repeats))
         rows.append(("plain loop, 1 process", *best, 0.0))
         files = list_input_files([str(tmp / "world/corpus/*.jsonl.gz")])
         for workers in (1, 2):
             start = time.perf_counter()
-            with dask_cluster(DaskConfig(n_workers=workers, threads_per_worker=1)) as address:  # as a run's own
+            # as a run's own
+            with dask_cluster(DaskConfig(n_workers=workers, threads_per_worker=1)) as address:
                 startup = time.perf_counter() - start
-                best = min(timed(tracecore_stages, files, tmp / "tok", str(_fresh(tmp, f"w{workers}")), address)
+                best = min(timed(tracecore_stages, files, tmp / "tok", str(_fresh(tmp, f"w{workers}")),
+                                 address)
                            for _ in range(args.repeats))
             rows.append((f"tracecore on Dask, {workers} worker(s)", *best, startup))
     base = rows[0][2] / rows[0][1]
-    print(f"\ningest+tokenize, {args.files} files, {rows[0][2]:,} tokens, best of {args.repeats}, {os.cpu_count()} cores")
+    print(f"\ningest+tokenize, {args.files} files, {rows[0][2]:,} tokens, best of {args.repeats}, "
+          f"{os.cpu_count()} cores")
     print(f"| {'run':<30} | {'seconds':>8} | {'tokens/s':>10} | {'vs loop':>7} | {'cluster start s':>15} |")
     print(f"|{'-' * 32}|{'-' * 10}|{'-' * 12}|{'-' * 9}|{'-' * 17}|")
     for name, seconds, tokens, startup in rows:

@@ -57,8 +57,8 @@ STEP_MODELS = {  # --step-model: Llama shapes for the training-step table
     "toy-neox": {"model_type": "gpt_neox", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
                  "num_hidden_layers": 2, "num_attention_heads": 4},
     # Pythia-410m's shape (GPT-NeoX), the memorization paper's family: MsT on a non-Llama architecture
-    "pythia-410m": {"model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 1024, "intermediate_size": 4096,
-                    "num_hidden_layers": 24, "num_attention_heads": 16},
+    "pythia-410m": {"model_type": "gpt_neox", "vocab_size": 50304, "hidden_size": 1024,
+                    "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16},
 }
 
 
@@ -82,16 +82,19 @@ def head_cell(method: str, seq: int, vocab: int, device: str, repeats: int, d: i
     if method == "plain":
         fn = plain_lm_head_ce
     elif method == "chunked":
-        fn = lambda h, w, y: lm_head_ce(h, w, y, chunks)
+        def fn(h, w, y):
+            return lm_head_ce(h, w, y, chunks)
     elif method == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         liger = LigerFusedLinearCrossEntropyLoss()
-        fn = lambda h, w, y: liger(w, h, y)
+        def fn(h, w, y):
+            return liger(w, h, y)
     else:
         from tracecore.kernels.triton_ce import triton_lm_head_ce
 
-        fn = lambda h, w, y: triton_lm_head_ce(h, w, y, chunks)
+        def fn(h, w, y):
+            return triton_lm_head_ce(h, w, y, chunks)
     return timed(lambda: fn(hidden, weight, labels).backward(), device, repeats, seq)
 
 
@@ -116,14 +119,17 @@ def ce_sweep(rows: int, vocab: int, repeats: int = 20) -> None:
 
     gbytes = 3 * rows * vocab * 2 / 1e9  # two reads and one write of bf16 logits
     default = launch_shape(vocab)
-    print(f"fused CE kernel alone, {rows} rows x {vocab} bf16 logits (default BLOCK {default[0]}, {default[1]} warps)")
+    print(f"fused CE kernel alone, {rows} rows x {vocab} bf16 logits (default BLOCK {default[0]}, "
+          f"{default[1]} warps)")
     print(f"{'BLOCK':>6} {'warps':>5} | {'ms':>7} | {'GB/s':>6}")
     for block in (4096, 8192, 16384, 32768):
         for warps in (4, 8, 16, 32):
             t = ms(lambda b=block, w=warps: triton_ce_grad_(logits, labels, 1.0, b, w))
-            print(f"{block:>6} {warps:>5} | {t:7.3f} | {gbytes / t * 1e3:6.0f}" + ("  <- default" if (block, warps) == default else ""))
+            print(f"{block:>6} {warps:>5} | {t:7.3f} | {gbytes / t * 1e3:6.0f}"
+                  + ("  <- default" if (block, warps) == default else ""))
     fp32 = logits.float()
-    print(f"PyTorch reference step on fp32 logits: {ms(lambda: torch_ce_grad_(fp32, labels, 1.0)):.3f} ms\n", flush=True)
+    print(f"PyTorch reference step on fp32 logits: {ms(lambda: torch_ce_grad_(fp32, labels, 1.0)):.3f} ms\n",
+          flush=True)
 
 
 def step_cell(method: str, seq: int, device: str, repeats: int, size: str = "small") -> dict:
@@ -131,7 +137,8 @@ def step_cell(method: str, seq: int, device: str, repeats: int, size: str = "sma
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = dict(STEP_MODELS[size])
-    config = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape, max_position_embeddings=max(seq, 2048))
+    config = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape,
+                                  max_position_embeddings=max(seq, 2048))
     vocab = shape["vocab_size"]
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the GPU: a 1.2 B model's CPU init alone takes tens of seconds
@@ -173,7 +180,8 @@ def timed(fn, device: str, repeats: int, tokens: int) -> dict:
         fn()
         sync(device)
         best = min(best, time.perf_counter() - start)
-    return {"peak_mb": max(peak_mb(device) - base, 0.0), "total_mb": peak_mb(device), "tokens_per_s": tokens / best}
+    return {"peak_mb": max(peak_mb(device) - base, 0.0), "total_mb": peak_mb(device),
+            "tokens_per_s": tokens / best}
 
 
 def run_cell(args: list[str], timeout: int, in_process: bool = False) -> dict | None:
@@ -185,7 +193,8 @@ def run_cell(args: list[str], timeout: int, in_process: bool = False) -> dict | 
         repeats = int(args[args.index("--repeats") + 1]) if "--repeats" in args else 1
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            return (head_cell(method, int(sizes[0]), int(sizes[1]), device, repeats, int(sizes[2])) if kind == "head"
+            return (head_cell(method, int(sizes[0]), int(sizes[1]), device, repeats, int(sizes[2]))
+                    if kind == "head"
                     else step_cell(method, int(sizes[0]), device, repeats, sizes[1]))
         except torch.OutOfMemoryError:
             return None
@@ -215,7 +224,8 @@ def fmt(cell: dict | None, base: dict | None) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cell", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer lengths (CI-sized machine)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes that finish in seconds on a CPU (CI)")
@@ -228,7 +238,8 @@ def main() -> None:
     parser.add_argument("--mst-lengths", type=int, nargs="*", default=[],
                         help="extra step lengths for the MsT column only (where plain no longer fits)")
     parser.add_argument("--cell-timeout", type=int, default=900, help="seconds per measurement")
-    parser.add_argument("--budget-mb", type=float, default=None, help="memory budget for the max-length estimate")
+    parser.add_argument("--budget-mb", type=float, default=None,
+                        help="memory budget for the max-length estimate")
     parser.add_argument("--no-step", action="store_true", help="the LM-head table only")
     parser.add_argument("--ce-sweep", type=int, nargs=2, metavar=("ROWS", "VOCAB"),
                         help="CUDA: time the fused CE kernel alone over tile widths / warp counts, then exit")
@@ -242,7 +253,8 @@ def main() -> None:
         return
     if args.cell:
         kind, method, *sizes = args.cell
-        cell = (head_cell(method, int(sizes[0]), int(sizes[1]), device, args.repeats, int(sizes[2])) if kind == "head"
+        cell = (head_cell(method, int(sizes[0]), int(sizes[1]), device, args.repeats, int(sizes[2]))
+                if kind == "head"
                 else step_cell(method, int(sizes[0]), device, args.repeats, sizes[1]))
         print(json.dumps(cell))
         return
@@ -251,7 +263,8 @@ def main() -> None:
     if args.smoke:
         args.hidden, args.vocabs, args.repeats = 64, [1000], 1
         args.step_model = "toy" if args.step_model == "small" else args.step_model
-    head_methods = ["plain", "chunked"] + (["triton"] if gpu else []) + (["liger"] if gpu and liger_available() else [])
+    head_methods = ["plain", "chunked"] + (["triton"] if gpu else []) + (["liger"] if gpu
+                                                                         and liger_available() else [])
     head_lengths = args.head_lengths or ([128, 256] if args.smoke else [2048, 8192, 32768, 65536] if gpu
                                          else [1024, 4096] if args.quick else [1024, 2048, 4096])
     step_lengths = args.step_lengths or ([64, 128] if args.smoke else [4096, 16384, 32768, 65536] if gpu
@@ -265,30 +278,35 @@ def main() -> None:
     print(f"{'vocab':>7} {'seq':>6} | " + " | ".join(f"{m:^26}" for m in head_methods))
     for vocab in args.vocabs:
         for seq in head_lengths:
-            cells = {m: run_cell(["head", m, str(seq), str(vocab), str(args.hidden), "--repeats", str(args.repeats)],
+            cells = {m: run_cell(["head", m, str(seq), str(vocab), str(args.hidden), "--repeats",
+                                  str(args.repeats)],
                                  args.cell_timeout, in_process) for m in head_methods}
-            print(f"{vocab:>7} {seq:>6} | " + " | ".join(fmt(cells[m], cells["plain"] if m != "plain" else None)
+            print(f"{vocab:>7} {seq:>6} | "
+                  + " | ".join(fmt(cells[m], cells["plain"] if m != "plain" else None)
                                                          for m in head_methods), flush=True)
     if args.no_step:
         return
     step_methods = ["plain", "checkpointing", "chunked"] + (["triton"] if gpu else [])
     shape = STEP_MODELS[args.step_model]
-    print(f"\nTraining step ({shape.get('model_type', 'llama')} {args.step_model}: d={shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+    print(f"\nTraining step ({shape.get('model_type', 'llama')} {args.step_model}: d={shape['hidden_size']}, "
+          f"{shape['num_hidden_layers']} layers, "
           f"vocab {shape['vocab_size']}, batch 1, AdamW)")
     print(f"{'seq':>6} | " + " | ".join(f"{m:^26}" for m in step_methods))
     fits = {m: [] for m in step_methods}
     mst = step_methods[-1]  # the Triton path on CUDA, chunked PyTorch elsewhere
     for seq in step_lengths + args.mst_lengths:
         methods = step_methods if seq in step_lengths else [mst]
-        cells = {m: run_cell(["step", m, str(seq), args.step_model, "--repeats", str(args.repeats)], args.cell_timeout,
-                             in_process) for m in methods}
+        cells = {m: run_cell(["step", m, str(seq), args.step_model, "--repeats", str(args.repeats)],
+                             args.cell_timeout, in_process) for m in methods}
         for m, c in cells.items():
             if c:  # CUDA: everything allocated (weights, gradients, AdamW state); CPU: RSS above the inputs
                 fits[m].append((seq, c["total_mb"] if gpu else c["peak_mb"]))
-        print(f"{seq:>6} | " + " | ".join(fmt(cells[m], cells.get("plain") if m != "plain" else None) if m in cells else f"{'-':^26}"
+        print(f"{seq:>6} | " + " | ".join(fmt(cells[m], cells.get("plain") if m != "plain" else None)
+                                          if m in cells else f"{'-':^26}"
                                           for m in step_methods), flush=True)
     budget = args.budget_mb or (40_000 if gpu else 8_000)
-    print(f"\nLongest trainable sequence within {budget:.0f} MB of {'total allocated' if gpu else 'peak above inputs'} "
+    print(f"\nLongest trainable sequence within {budget:.0f} MB of "
+          f"{'total allocated' if gpu else 'peak above inputs'} "
           "memory ('chunked'/'triton' = MsT, which includes checkpointing), linear between the two measured "
           "lengths that bracket the budget, else from the last two:")
     for m, points in fits.items():
@@ -307,7 +325,8 @@ def max_length(points: list[tuple[int, float]], budget: float) -> str:
     if slope * 1024 < 1:  # < 1 MB per 1k tokens: the optimizer's peak hides the activations, no fit
         return f"> {s1:,} tokens (memory flat over the measured lengths: {shown})"
     kind = "interpolated" if above else "extrapolated"
-    return f"~{int(s0 + (budget - p0) / slope):,} tokens ({kind}; {slope * 1024:.0f} MB per 1k tokens; {shown})"
+    return (f"~{int(s0 + (budget - p0) / slope):,} tokens ({kind}; {slope * 1024:.0f} MB per 1k tokens; "
+            f"{shown})")
 
 if __name__ == "__main__":
     main()

@@ -42,7 +42,8 @@ def counter_baseline(docs: list[list[int]], max_n: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--filler-documents", type=int, default=10000)
     parser.add_argument("--queries", type=int, default=2000)
     args = parser.parse_args()
@@ -53,7 +54,8 @@ def main() -> None:
             dask_cluster(DaskConfig(n_workers=2, threads_per_worker=1)) as address:  # as a run starts its own
         store_uri = f"{tmp}/store"
         write_sample(SampleConfig(filler_documents=args.filler_documents), f"{tmp}/world")
-        pipeline_cfg = validate_config({"store": store_uri, "ingest": {"paths": [f"{tmp}/world/corpus/*.jsonl.gz"]}})
+        pipeline_cfg = validate_config({"store": store_uri,
+                                        "ingest": {"paths": [f"{tmp}/world/corpus/*.jsonl.gz"]}})
         all_refs, cfg = run_stages(pipeline_cfg, ["ngram"], address), pipeline_cfg.ngram
         refs = {k.split(".", 1)[1]: v for k, v in all_refs.items() if k.startswith("ngram.")}
         store = ArtifactStore(store_uri)
@@ -86,8 +88,10 @@ def main() -> None:
         print(f"| {name:<42} | {secs:>7.2f} | {tokens / secs:>10,.0f} | {tokens / secs / base:>9.2f}x |")
     print("\n| query                               | queries | seconds |  queries/s |")
     print("|-------------------------------------|---------|---------|------------|")
-    print(f"| count(n-gram)                       | {len(sample):>7} | {count_s:>7.3f} | {len(sample) / count_s:>10,.0f} |")
-    print(f"| count_cnf(a AND b, window 100)      | {len(pairs):>7} | {cnf_s:>7.3f} | {len(pairs) / cnf_s:>10,.0f} |")
+    print(f"| count(n-gram)                       | {len(sample):>7} | {count_s:>7.3f} | "
+          f"{len(sample) / count_s:>10,.0f} |")
+    print(f"| count_cnf(a AND b, window 100)      | {len(pairs):>7} | {cnf_s:>7.3f} | "
+          f"{len(pairs) / cnf_s:>10,.0f} |")
 
 
 if __name__ == "__main__":

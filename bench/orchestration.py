@@ -59,14 +59,17 @@ def table(first: float, cached: float, stages: dict[str, dict], cached_stages: d
     slowest = sorted(stages.items(), key=lambda kv: -kv[1].get("seconds", 0))[:5]
     lines += ["", "slowest stages: " + ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in slowest),
               (f"goal for the tiny profile (cached re-run <= 5 % of the first run): "
-               f"{'met' if cached <= 0.05 * first else 'not met'} here; the ~10 s fixed cost dominates small profiles")]
+               f"{'met' if cached <= 0.05 * first else 'not met'} here; the ~10 s fixed cost dominates small "
+               f"profiles")]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="tiny", help="profile name or YAML path (default: tiny)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], help="config override, as for tracecore run")
+    parser.add_argument("--set", dest="sets", action="append", default=[],
+                        help="config override, as for tracecore run")
     parser.add_argument("--json", action="store_true", help="also print the raw numbers as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tracecore-bench-orch-") as tmp:

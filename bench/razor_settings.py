@@ -39,8 +39,8 @@ def variants(args) -> dict[str, tuple[RazorConfig, int]]:
     grid = itertools.product(args.probe_blocks, args.fractions, args.s0, args.compression, args.sinks,
                              args.compensation)
     for block, fraction, s0, c, sinks, comp in grid:
-        cfg = RazorConfig(induction_fraction=fraction, min_buffer=s0, compression=c, probe_block=block, sinks=sinks,
-                          compensation=comp == "on")
+        cfg = RazorConfig(induction_fraction=fraction, min_buffer=s0, compression=c, probe_block=block,
+                          sinks=sinks, compensation=comp == "on")
         out[f"probe{block}_heads{fraction:.2f}_S0{s0}_C{c:g}_sinks{sinks}_comp{comp}"] = (cfg, block)
     return out
 
@@ -61,7 +61,8 @@ def sweep(model, tok, specs, heads, lengths, needles: int, seed: int) -> list[di
     starts = {"full": lambda full: full}
     for name, (cfg, _) in specs.items():
         starts[name] = lambda full, m=heads[name], c=cfg: RazorCache(model, m, c, full)
-        starts[name + "_random"] = lambda full, m=heads[name + "_random"], c=cfg: RazorCache(model, m, c, full)
+        random_heads = heads[name + "_random"]
+        starts[name + "_random"] = lambda full, m=random_heads, c=cfg: RazorCache(model, m, c, full)
     for length in lengths:
         began = time.perf_counter()
         for i in range(needles):
@@ -82,7 +83,8 @@ def table(rows: list[dict], heads: dict) -> list[dict]:
         full = [r for r in rows if (r["variant"], r["length"]) == ("full", length)]
         acc, full_acc = sum(r["hit"] for r in cell) / len(cell), sum(r["hit"] for r in full) / len(full)
         out.append({"variant": variant, "length": length, "needles": len(cell), "accuracy": acc,
-                    "minus_full": acc - full_acc, "kv_share": sum(r["kv"] for r in cell) / sum(r["kv"] for r in full),
+                    "minus_full": acc - full_acc,
+                    "kv_share": sum(r["kv"] for r in cell) / sum(r["kv"] for r in full),
                     "heads": int(heads[variant].sum()) if variant in heads else None})
     return out
 
@@ -108,9 +110,11 @@ def main() -> None:
     specs = variants(args)
     heads = head_sets(model, tok, specs, args.seed)
     rows = table(sweep(model, tok, specs, heads, args.lengths, args.needles, args.seed), heads)
-    print("| variant | length | needles | accuracy | minus full | KV share | heads |\n|---|---|---|---|---|---|---|")
+    print("| variant | length | needles | accuracy | minus full | KV share | heads "
+          "|\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['length']} | {r['needles']} | {r['accuracy']:.3f} | {r['minus_full']:+.3f} | "
+        print(f"| {r['variant']} | {r['length']} | {r['needles']} | {r['accuracy']:.3f} | "
+              f"{r['minus_full']:+.3f} | "
               f"{r['kv_share']:.3f} | {r['heads'] if r['heads'] is not None else '-'} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -25,7 +25,8 @@ QUICK = {  # script -> arguments for the ~10-minute umbrella run
     "gradients.py": ["--records", "128"],
     "select_coreset.py": [],
     "mini_sequence.py": ["--quick", "--repeats", "1"],
-    "razor_settings.py": ["--lengths", "1024", "--needles", "1", "--probe-blocks", "64", "--fractions", "0.14", "--s0", "64"],
+    "razor_settings.py": ["--lengths", "1024", "--needles", "1", "--probe-blocks", "64", "--fractions",
+                          "0.14", "--s0", "64"],
     "long_context.py": ["--lengths", "1024", "2048", "4096"],
     "scale.py": ["--sizes", "1e6", "1e7", "--big-file-gb", "0.05"],  # the full 10^8 + 2 GB run: ~36 min
     "orchestration.py": ["--profile", "tests/profile_test.yaml"],  # the tiny profile itself takes ~11 min
@@ -40,13 +41,15 @@ def machine() -> str:
     from tracecore.flows.calibrate import calibration_line
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, torch {torch.__version__}; "
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}, torch "
+            f"{torch.__version__}; "
             f"{calibration_line()}")
 
 
 def run(script: str, args: list[str]) -> tuple[str, float, int]:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          check=False)
     output = proc.stdout if proc.returncode == 0 else proc.stdout + "\n" + proc.stderr[-2000:]
     return output.strip(), time.perf_counter() - start, proc.returncode
 
@@ -68,7 +71,8 @@ def update_results(path: Path, section: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args()
     missing = sorted(p.name for p in BENCH.glob("*.py") if p.name not in QUICK and p.name != "run_all.py")

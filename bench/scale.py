@@ -1,32 +1,35 @@
 """Benchmark: the n-gram pipeline (ingest -> tokenize -> ngram) at 10^6, 10^7, 10^8 tokens and on one large
 file; wall time and peak RSS per stage and per process, and throughput against the raw peers on the same data.
 
-    .venv/bin/python bench/scale.py [--sizes 1e6 1e7 1e8] [--big-file-gb 2] [--repeats 5 --repeat-below 1e6] [--work DIR]
+    .venv/bin/python bench/scale.py [--sizes 1e6 1e7 1e8] [--big-file-gb 2] [--repeats 5 --repeat-below 1e6]
+    [--work DIR]
 
 Corpus: generated text (pseudo-words drawn Zipf-like from a 50 k-word vocabulary, sentences of ~12 words,
 120-360 words per document, every document distinct), gzip JSONL files of `--file-tokens` tokens each (real
 corpora ship as fixed-size shards), plus one plain JSONL file of `--big-file-gb` GB (split by byte ranges into
 `--shard-mb` shards). One 32,000-token BPE trained on 20 k documents serves every run.
 
-Every measured run is its own process (ours: a 2-worker LocalCluster started inside it as a run starts its own,
-`flows.runtime.dask_cluster` with the default `dask` config section, cluster start-up and the
-stage module's import on the workers shown apart, as the peers' imports are not timed; a fresh cluster per
-stage so each stage's worker peak is its own; every stage planned once before any runs, as a pipeline run
-does, the planning shown apart: the tenth and earlier runs re-planned each stage and its upstream inside the
-stage's window); this process polls the RSS of
-that process tree every 0.1 s. Roles: `main` (the flow process, with the scheduler), `worker` (the largest Dask
-worker), `indexer` (infini-gram's indexer, a child of a worker), `sum` (peak of the sum over all processes).
+Every measured run is its own process (ours: a 2-worker LocalCluster started inside it as a run starts its
+own, `flows.runtime.dask_cluster` with the default `dask` config section, cluster start-up and the stage
+module's import on the workers shown apart, as the peers' imports are not timed; a fresh cluster per stage so
+each stage's worker peak is its own; every stage planned once before any runs, as a pipeline run does, the
+planning shown apart: the tenth and earlier runs re-planned each stage and its upstream inside the stage's
+window); this process polls the RSS of that process tree every 0.1 s. Roles: `main` (the flow process, with
+the scheduler), `worker` (the largest Dask worker), `indexer` (infini-gram's indexer, a child of a worker),
+`sum` (peak of the sum over all processes).
 
 Peers, each on the same data in one process using both cores where the library can; the tokenizing peers load
-the tokenizer inside their clock, as ours does in every task (the tenth and earlier runs in RESULTS.md left it out; the report
-gives the ratio both ways):
-- e2e: read the input files, parse, validate, exact-dedup (one set), `tokenizers` `encode_batch`, write Parquet;
+the tokenizer inside their clock, as ours does in every task (the tenth and earlier runs in RESULTS.md left it
+out; the report gives the ratio both ways):
+- e2e: read the input files, parse, validate, exact-dedup (one set), `tokenizers` `encode_batch`, write
+Parquet;
 - tokenize: our committed documents shards -> `encode_batch` (rayon, all cores) -> Parquet;
 - index: infini-gram's own indexer as a user runs it (`python -m infini_gram.indexing`, --cpus = cores) on the
   whole corpus's tokenized.0/offset.0 (writing those files is timed apart and not counted); ours runs the same
   package's `rust_indexing` binary steps without that Python driver (`tasks.ngram.build_suffix_array`);
 - numpy n-gram: every n-gram (n = 1..max_n) packed into uint64 and counted with `np.unique`, one process whose
-  address space is capped at the machine's memory, so running out of memory is a MemoryError, not the OOM killer.
+  address space is capped at the machine's memory, so running out of memory is a MemoryError, not the OOM
+  killer.
 """
 
 from __future__ import annotations
@@ -155,7 +158,8 @@ def measured(cmd: list[str], timeout: float = 7200) -> tuple[dict, list]:
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples: list = []
     stop = threading.Event()
-    thread = threading.Thread(target=sample_tree, args=(psutil.Process(child.pid), stop, samples), daemon=True)
+    thread = threading.Thread(target=sample_tree, args=(psutil.Process(child.pid), stop, samples),
+                              daemon=True)
     thread.start()
     out, err = child.communicate(timeout=timeout)
     stop.set()
@@ -176,7 +180,8 @@ def peaks(samples: list, start: float = 0.0, end: float = float("inf")) -> dict[
 
 
 def new_valid_texts(lines, cfg, seen: set) -> Iterator[str]:
-    """The naive ingest a peer loop runs: parse, validate, drop exact duplicates with one in-memory hash set."""
+    """The naive ingest a peer loop runs: parse, validate, drop exact duplicates with one in-memory hash
+    set."""
     import hashlib
 
     from tracecore.tasks.ingest import validate_record
@@ -192,8 +197,9 @@ def new_valid_texts(lines, cfg, seen: set) -> Iterator[str]:
 
 # ---- our pipeline, in its own process ---------------------------------------------------------
 def ours(args) -> dict:
-    """ingest, tokenize, ngram one after another on a fresh 2-worker LocalCluster each; planned once first, as a
-    pipeline run plans every stage before any works (`flows.pipeline.run_graph`); stage windows in wall time."""
+    """ingest, tokenize, ngram one after another on a fresh 2-worker LocalCluster each; planned once first, as
+    a pipeline run plans every stage before any works (`flows.pipeline.run_graph`); stage windows in wall
+    time."""
     import tracecore.flows.pipeline  # noqa: F401 (a run's flow process has Prefect imported before any stage)
     from tracecore.configs.schema import DaskConfig
     from tracecore.flows.plan import pipeline_refs, plan_pipeline
@@ -209,7 +215,8 @@ def ours(args) -> dict:
     result = {"stages": {}, "plan_seconds": round(time.perf_counter() - start, 3)}
     for stage in STAGES:  # a fresh cluster per stage: each stage's worker peak is its own (`client.restart()`
         start = time.perf_counter()  # instead hung at times here: the nannies never respawned their workers)
-        with dask_cluster(DaskConfig(n_workers=args.workers, threads_per_worker=1)) as address:  # as a run's own
+        # as a run's own
+        with dask_cluster(DaskConfig(n_workers=args.workers, threads_per_worker=1)) as address:
             warm_workers(address, stage)
             result.setdefault("cluster_start_s", round(time.perf_counter() - start, 2))
             t0 = time.time()
@@ -217,7 +224,8 @@ def ours(args) -> dict:
             result["stages"][stage] = {"start": t0, "end": time.time(), "seconds": round(time.time() - t0, 2)}
     refs = pipeline_refs(plans)
     tokens = store.manifest(refs["tokenize.tokens"])
-    result.update(tokens=tokens["tokens"], documents_ref=refs["ingest.documents"], tokens_ref=refs["tokenize.tokens"],
+    result.update(tokens=tokens["tokens"], documents_ref=refs["ingest.documents"],
+                  tokens_ref=refs["tokenize.tokens"],
                   index_seconds=store.manifest(refs["ngram.index"])["seconds"],
                   table_seconds=store.manifest(refs["ngram.counts"])["seconds"],
                   shards=store.manifest(refs["tokenize.tokens"])["shards"])
@@ -226,7 +234,8 @@ def ours(args) -> dict:
 
 def warm_workers(address: str, stage: str) -> None:
     """Import the stage's module on every worker before the clock starts, and pandas (`warm_pyarrow`): the
-    peers' imports are not timed either, and in a pipeline run the workers serve every stage (imported once)."""
+    peers' imports are not timed either, and in a pipeline run the workers serve every stage (imported
+    once)."""
     import importlib
 
     from distributed import Client
@@ -237,8 +246,9 @@ def warm_workers(address: str, stage: str) -> None:
 
 
 def warm_pyarrow() -> None:
-    """pyarrow imports pandas on its first `pa.array` of a process (0.3 s here, measured: ours paid it once per
-    stage and worker, on a fresh cluster per stage, and each peer once, inside their clocks); every measured
+    """pyarrow imports pandas on its first `pa.array` of a process (0.3 s here, measured: ours paid it once
+    per stage and worker, on a fresh cluster per stage, and each peer once, inside their clocks); every
+    measured
     process does it before its clock, as a run's warm workers have."""
     import pyarrow as pa
 
@@ -254,7 +264,8 @@ def peer_e2e(args) -> dict:
     from tracecore.configs.schema import IngestConfig
 
     start = time.perf_counter()
-    tok, cfg, seen, total, part = Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json"), IngestConfig(), set(), 0, 0
+    tok, cfg = Tokenizer.from_file(f"{args.tokenizer}/tokenizer.json"), IngestConfig()
+    seen, total, part = set(), 0, 0
     load = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,7 +273,8 @@ def peer_e2e(args) -> dict:
     def flush(texts: list[str]) -> int:
         nonlocal part
         ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-        pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16()))}), out / f"{part}.parquet")
+        pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16()))}),
+                       out / f"{part}.parquet")
         part += 1
         return sum(map(len, ids))
 
@@ -292,7 +304,8 @@ def peer_tokenize(args) -> dict:
     for m in store.markers(args.ref):
         texts = store.read_shard(args.ref, m["shard"], columns=["text"], verify=False).column(0).to_pylist()
         ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-        pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16()))}), out / f"{m['shard']}.parquet")
+        pq.write_table(pa.table({"tokens": pa.array(ids, type=pa.list_(pa.uint16()))}),
+                       out / f"{m['shard']}.parquet")
         total += sum(map(len, ids))
     return {"seconds": time.perf_counter() - start, "load_seconds": load, "tokens": total}
 
@@ -313,7 +326,8 @@ def peer_index(args) -> dict:
 
 
 def peer_numpy(args) -> dict:
-    """pack + np.unique per n over the whole corpus in one process; address space capped at physical memory."""
+    """pack + np.unique per n over the whole corpus in one process; address space capped at physical
+    memory."""
     import psutil
     from tracecore.storage.store import ArtifactStore
 
@@ -357,11 +371,13 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--shard-mb", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-n", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=1, help="peer-numpy: count the corpus this many times over")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="peer-numpy: count the corpus this many times over")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRACECORE_NO_PROGRESS", "1")
     if args.what == "ours":
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as the tracecore CLI sets it (tokenize turns it on per task)
+        # as the tracecore CLI sets it (tokenize turns it on per task)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     warm_pyarrow()
     print(json.dumps(CHILDREN[args.what](args)))
 
@@ -378,8 +394,8 @@ def run_case(name: str, paths: list[str], case_dir: Path, tokenizer: Path, args)
     """Ours, then each peer on the same data; every figure of one case comes from one run of this function."""
     store = case_dir / "store"
     subprocess.run(["rm", "-rf", str(store)], check=False)  # a repeat computes everything again
-    result, samples = measured(child("ours", paths=paths, store=store, tokenizer=tokenizer, shard_mb=args.shard_mb,
-                                     workers=args.workers))
+    result, samples = measured(child("ours", paths=paths, store=store, tokenizer=tokenizer,
+                                     shard_mb=args.shard_mb, workers=args.workers))
     if "error" in result:
         raise SystemExit(f"{name}: our pipeline failed: {result['error']}")
     result["rss"] = {s: peaks(samples, w["start"], w["end"]) for s, w in result["stages"].items()}
@@ -390,7 +406,8 @@ def run_case(name: str, paths: list[str], case_dir: Path, tokenizer: Path, args)
                           "out": case_dir / "peer-tok"},
              "index": {"store": store, "ref": result["tokens_ref"], "out": case_dir / "peer-index",
                        "workers": args.workers},
-             **{("numpy" if r == 1 else f"numpy x{r}"): {"store": store, "ref": result["tokens_ref"], "repeat": r}
+             **{("numpy" if r == 1 else f"numpy x{r}"): {"store": store, "ref": result["tokens_ref"],
+                                                         "repeat": r}
                 for r in args.numpy_repeats}}
     for peer, flags in peers.items():
         if peer.split()[0] in args.skip_peers:
@@ -406,7 +423,8 @@ def run_case(name: str, paths: list[str], case_dir: Path, tokenizer: Path, args)
 
 def median_run(runs: list[dict]) -> dict:
     """One result of `--repeats` runs of a case: the median of every time, the largest of every peak, and each
-    ours/peer ratio's range over the runs (`ratio_range`). A shared machine moves single-run ratios by 0.1-0.2."""
+    ours/peer ratio's range over the runs (`ratio_range`). A shared machine moves single-run ratios by
+    0.1-0.2."""
     def median(values):
         return float(np.median(values))
 
@@ -416,16 +434,21 @@ def median_run(runs: list[dict]) -> dict:
            "table_seconds": median([r["table_seconds"] for r in runs]),
            "stages": {s: {**w, "seconds": median([r["stages"][s]["seconds"] for r in runs])}
                       for s, w in first["stages"].items()},
-           "rss": {s: {k: max(r["rss"][s].get(k, 0) for r in runs) for k in first["rss"][s]} for s in first["rss"]}}
+           "rss": {s: {k: max(r["rss"][s].get(k, 0) for r in runs) for k in first["rss"][s]}
+                   for s in first["rss"]}}
     out["peers"] = {}
     for peer, result in first["peers"].items():
-        done = [r["peers"][peer] for r in runs if "error" not in r["peers"][peer] and not r["peers"][peer].get("oom")]
-        out["peers"][peer] = {**result, **{k: median([d[k] for d in done]) for k in ("seconds", "load_seconds")
+        done = [r["peers"][peer] for r in runs if "error" not in r["peers"][peer]
+                and not r["peers"][peer].get("oom")]
+        out["peers"][peer] = {**result,
+                              **{k: median([d[k] for d in done]) for k in ("seconds", "load_seconds")
                                            if done and k in result},
-                              "rss": {k: max(r["peers"][peer]["rss"].get(k, 0) for r in runs) for k in result["rss"]}}
+                              "rss": {k: max(r["peers"][peer]["rss"].get(k, 0) for r in runs)
+                                      for k in result["rss"]}}
     ratios = per_run_ratios(runs)
     out["ratio_range"] = {peer: (min(v), max(v)) for peer, v in ratios.items()}
-    out["ratio_median"] = {peer: median(v) for peer, v in ratios.items()}  # pairs of one repeat, not of medians
+    # pairs of one repeat, not of medians
+    out["ratio_median"] = {peer: median(v) for peer, v in ratios.items()}
     out["runs"] = runs if len(runs) > 1 else []  # every repeat's own figures, for the --json file
     return out
 
@@ -435,10 +458,12 @@ def per_run_ratios(runs: list[dict]) -> dict[str, list[float]]:
     for r in runs:
         for peer, (_, ours_s) in compared_seconds(r).items():
             result = r["peers"].get(peer, {})
-            if "seconds" in result and "error" not in result and not result.get("oom") and not peer.startswith("numpy x"):
+            if ("seconds" in result and "error" not in result and not result.get("oom")
+                    and not peer.startswith("numpy x")):
                 ratios.setdefault(peer, []).append(result["seconds"] / ours_s)
                 if "load_seconds" in result:
-                    ratios.setdefault(f"{peer} bare", []).append((result["seconds"] - result["load_seconds"]) / ours_s)
+                    ratios.setdefault(f"{peer} bare",
+                                      []).append((result["seconds"] - result["load_seconds"]) / ours_s)
     return ratios
 
 
@@ -459,26 +484,29 @@ def rate(tokens: int, seconds: float) -> str:
 
 def report(results: dict[str, dict]) -> str:
     """Markdown: growth of time and RSS per stage, then ours vs the peers."""
-    lines = [("| corpus | tokens | shards | stage | seconds | tokens/s | time vs linear | main MiB | worker MiB | "
-              "indexer MiB | sum MiB |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| corpus | tokens | shards | stage | seconds | tokens/s | time vs linear | main MiB | worker "
+              "MiB | indexer MiB | sum MiB |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     previous: dict | None = None
     for name, r in results.items():
         for stage, w in r["stages"].items():
             grow = "-"
             if previous and not name.startswith("single"):
-                expected = w["seconds"] / previous["stages"][stage]["seconds"] / (r["tokens"] / previous["tokens"])
+                expected = (w["seconds"] / previous["stages"][stage]["seconds"]
+                            / (r["tokens"] / previous["tokens"]))
                 grow = f"{expected:.2f}x"
             rss = r["rss"][stage]
             lines.append(f"| {name} | {r['tokens']:,} | {r['shards']} | {stage} | {w['seconds']:.1f} | "
                          f"{rate(r['tokens'], w['seconds'])} | {grow} | {rss.get('main', 0):.0f} | "
-                         f"{rss.get('worker', 0):.0f} | {rss.get('indexer', 0):.0f} | {rss.get('sum', 0):.0f} |")
+                         f"{rss.get('worker', 0):.0f} | {rss.get('indexer', 0):.0f} | "
+                         f"{rss.get('sum', 0):.0f} |")
         if "plan_seconds" in r:
-            lines.append(f"| {name} | {r['tokens']:,} | {r['shards']} | plan (once per run) | {r['plan_seconds']:.2f} "
+            lines.append(f"| {name} | {r['tokens']:,} | {r['shards']} | plan (once per run) | "
+                         f"{r['plan_seconds']:.2f} "
                          "| - | - | - | - | - | - |")
         if not name.startswith("single"):
             previous = r
-    lines += ["", ("| corpus | what | ours (median) | peer (median) | ours / peer (repeats: median of each repeat's "
-                   "ratio, range) | peer peak MiB |"),
+    lines += ["", ("| corpus | what | ours (median) | peer (median) | ours / peer (repeats: median of each "
+                   "repeat's ratio, range) | peer peak MiB |"),
               "|---|---|---|---|---|---|"]
     for name, r in results.items():
         p = r["peers"]
@@ -491,7 +519,8 @@ def report(results: dict[str, dict]) -> str:
                              f"{p[peer]['rss'].get('sum', 0):.0f} |")
                 continue
             if peer.startswith("numpy x"):
-                lines.append(f"| {name} | {what} | - | {p[peer]['tokens'] / p[peer]['seconds'] / 1e6:.2f} M/s | - | "
+                lines.append(f"| {name} | {what} | - | {p[peer]['tokens'] / p[peer]['seconds'] / 1e6:.2f} "
+                             f"M/s | - | "
                              f"{p[peer]['rss'].get('sum', 0):.0f} |")
                 continue
             peer_rate = p[peer]["tokens"] / p[peer]["seconds"]
@@ -505,24 +534,32 @@ def report(results: dict[str, dict]) -> str:
             if "load_seconds" in p[peer]:  # the tenth and earlier runs did not count it
                 bare = p[peer]["tokens"] / (p[peer]["seconds"] - p[peer]["load_seconds"])
                 ratio = r["ratio_median"][f"{peer} bare"] if repeated else ours_rate / bare
-                lines.append(f"| {name} | {what}, peer's tokenizer load ({p[peer]['load_seconds']:.2f} s) not "
-                             f"counted | {rate(r['tokens'], ours_s)} | {bare / 1e6:.2f} M/s | {ratio:.2f} | - |")
+                lines.append(f"| {name} | {what}, peer's tokenizer load ({p[peer]['load_seconds']:.2f} s) "
+                             f"not "
+                             f"counted | {rate(r['tokens'], ours_s)} | {bare / 1e6:.2f} M/s | {ratio:.2f} | "
+                             f"- |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="*", type=float, default=[1e6, 1e7, 1e8], help="corpus sizes in tokens")
-    parser.add_argument("--big-file-gb", type=float, default=2.0, help="one plain JSONL file of this size; 0 = none")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="*", type=float, default=[1e6, 1e7, 1e8],
+                        help="corpus sizes in tokens")
+    parser.add_argument("--big-file-gb", type=float, default=2.0,
+                        help="one plain JSONL file of this size; 0 = none")
     parser.add_argument("--file-tokens", type=float, default=8e6, help="tokens per gzip JSONL file")
     parser.add_argument("--shard-mb", type=int, default=32, help="ingest.shard_mb (splits the large file)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-peers", nargs="*", default=[], choices=["e2e", "tokenize", "index", "numpy"])
     parser.add_argument("--numpy-repeats", nargs="*", type=int, default=[1],
-                        help="also run the numpy peer on the corpus counted r times (finds where it runs out of memory)")
+                        help="also run the numpy peer on the corpus counted r times (finds where it runs out "
+                             "of memory)")
     parser.add_argument("--repeats", type=int, default=5,
-                        help="run each case up to --repeat-below tokens this many times: medians, ratio ranges")
-    parser.add_argument("--repeat-below", type=float, default=1e6, help="largest corpus size that is repeated")
+                        help="run each case up to --repeat-below tokens this many times: medians, ratio "
+                             "ranges")
+    parser.add_argument("--repeat-below", type=float, default=1e6,
+                        help="largest corpus size that is repeated")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, deleted)")
     parser.add_argument("--keep", action="store_true", help="keep each case's corpus and store under --work")
     parser.add_argument("--json", default=None, help="also write every measurement here")
@@ -543,12 +580,13 @@ def main() -> None:
             case_dir = work / f"case-{k}"
             subprocess.run(["rm", "-rf", str(case_dir)], check=False)
             start = time.perf_counter()
-            paths = make_corpus(case_dir / "corpus", int(size), int(args.file_tokens), per_doc, 100 + k, words, weights,
-                                big)
+            paths = make_corpus(case_dir / "corpus", int(size), int(args.file_tokens), per_doc, 100 + k,
+                                words, weights, big)
             print(f"{name}: corpus of {len(paths)} file(s) written in {time.perf_counter() - start:.0f} s",
                   file=sys.stderr, flush=True)
             results[name] = median_run([run_case(name, paths, case_dir, tokenizer, args)
-                                        for _ in range(args.repeats if size and size <= args.repeat_below else 1)])
+                                        for _ in range(args.repeats if size and size <= args.repeat_below
+                                                       else 1)])
             if not args.keep:
                 subprocess.run(["rm", "-rf", str(case_dir)], check=False)
             if args.json:

@@ -25,7 +25,8 @@ from tracecore.tasks.select import cluster_features, select_cluster
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--clusters", type=int, default=100)
@@ -39,7 +40,8 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(args.clusters, args.dim)).astype(np.float32)
-    X = centers[rng.integers(0, args.clusters, args.rows)] + 2.0 * rng.normal(size=(args.rows, args.dim)).astype(np.float32)
+    X = centers[rng.integers(0, args.clusters,
+                             args.rows)] + 2.0 * rng.normal(size=(args.rows, args.dim)).astype(np.float32)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     ids = [f"r{i}" for i in range(args.rows)]
     cfg = SelectConfig(clusters=args.clusters)
@@ -56,7 +58,8 @@ def main() -> None:
         start = time.perf_counter()
         map_shards("select", store, "bench/serial", select_cluster, items, None, lam=1.0, tol=1e-4, seed=0)
         timings["serial"] = time.perf_counter() - start
-        with dask_cluster(DaskConfig(n_workers=2, threads_per_worker=1)) as address:  # as a run starts its own
+        # as a run starts its own
+        with dask_cluster(DaskConfig(n_workers=2, threads_per_worker=1)) as address:
             start = time.perf_counter()
             map_shards("select", store, "bench/dask", select_cluster, items, address,
                        lam=1.0, tol=1e-4, seed=0)

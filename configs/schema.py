@@ -17,8 +17,10 @@ PROFILE_DIR = Path(__file__).parent
 
 # name -> the module that defines it (lazy: importing a stage module pulls in its libraries)
 HOMES = {
-    "SampleConfig": "sample", "IngestConfig": "ingest", "TokenizeConfig": "tokenize", "PretrainConfig": "pretrain",
-    "NgramConfig": "ngram", "TaskSpec": "taskfiles", "PROMPTS": "taskfiles", "MemorizationConfig": "memorization",
+    "SampleConfig": "sample", "IngestConfig": "ingest", "TokenizeConfig": "tokenize",
+    "PretrainConfig": "pretrain",
+    "NgramConfig": "ngram", "TaskSpec": "taskfiles", "PROMPTS": "taskfiles",
+    "MemorizationConfig": "memorization",
     "GradientsConfig": "gradients", "SelectConfig": "select", "PreferenceInput": "preference",
     "PreferenceConfig": "preference", "TraceConfig": "trace", "LongContextConfig": "finetune",
     "FinetuneConfig": "finetune", "RagSettings": "eval", "LongContextModel": "eval", "EvalConfig": "eval",

@@ -42,7 +42,8 @@ def matmul_gflops(threads: int | None = None) -> float:
 
 def _fixed_text(seed: int = 0, sentences: int = 4000) -> list[str]:
     rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(3000)]
     return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 24))) + "." for _ in range(sentences)]
 
 
@@ -61,7 +62,8 @@ def tokenizer_tokens_per_second() -> float:
 
 
 def calibrate() -> dict:
-    """The calibration dict; `load_1min` is the load average before measuring (a loaded machine reads slow)."""
+    """The calibration dict; `load_1min` is the load average before measuring (a loaded machine reads
+    slow)."""
     import os
 
     import torch
@@ -75,7 +77,8 @@ def calibrate() -> dict:
 def calibration_line(c: dict | None = None) -> str:
     c = c or calibrate()
     return (f"calibration: fp32 matmul {c['matmul_gflops']:.0f} GFLOP/s ({c['torch_threads']} threads; "
-            f"{c['matmul_gflops_1thread']:.0f} on 1), BPE {c['tokenizer_tokens_per_s'] / 1e3:.0f} k tokens/s, "
+            f"{c['matmul_gflops_1thread']:.0f} on 1), BPE {c['tokenizer_tokens_per_s'] / 1e3:.0f} k "
+            f"tokens/s, "
             f"{c['cores']} cores, load {c['load_1min']:.1f} before")
 
 

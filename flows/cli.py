@@ -40,14 +40,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tracecore", description="Prefect + Dask pipelines for LLM data work; "
+    parser = argparse.ArgumentParser(prog="tracecore",
+                                     description="Prefect + Dask pipelines for LLM data work; "
                                      "every stage reads and writes Parquet artifacts in a store.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline (or some stages) as a Prefect flow on a Dask cluster")
     _add_common(run)
-    run.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(STAGES)}; the upstream "
+    run.add_argument("--stages", default=None,
+                     help=f"comma-separated subset of {','.join(STAGES)}; the upstream "
                      "stages they need are reused from the store or computed (default: all)")
     run.add_argument("--dask-address", default=None, help="existing Dask scheduler, e.g. tcp://host:8786 "
                      "(default: start a LocalCluster for this run)")
@@ -60,20 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(sample)
     sample.add_argument("--out", default="sample_world", help="output folder (default: ./sample_world)")
 
-    serve = sub.add_parser("serve", help="serve the pipeline as a scheduled Prefect deployment (needs a server: "
+    serve = sub.add_parser("serve",
+                           help="serve the pipeline as a scheduled Prefect deployment (needs a server: "
                            "`tracecore ui` in another shell and PREFECT_API_URL set)")
     _add_common(serve)
     serve.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * *" (03:00 daily)')
-    serve.add_argument("--name", default="tracecore-scheduled", help="deployment name (default: tracecore-scheduled)")
+    serve.add_argument("--name", default="tracecore-scheduled",
+                       help="deployment name (default: tracecore-scheduled)")
     serve.add_argument("--no-pause-on-shutdown", dest="pause_on_shutdown", action="store_false",
                        help="keep the schedule active after this process stops (default: Prefect pauses it)")
 
     ui = sub.add_parser("ui", help="start the Prefect server + UI on loopback and print PREFECT_API_URL")
-    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; other hosts expose "
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="bind address (default: 127.0.0.1; other hosts expose "
                     "the UI and API to the network)")
     ui.add_argument("--port", type=int, default=4200)
 
-    sub.add_parser("calibrate", help="a few seconds of fixed work (fp32 matmul GFLOP/s, BPE tokens/s): quote it "
+    docs = sub.add_parser("docs",
+                          help="write the docs' stage pages (docs/stages/*.md) from the registry and the "
+                          "stages' pydantic configs; --check changes nothing and exits 1 when a page is "
+                          "stale")
+    docs.add_argument("--check", action="store_true",
+                      help="change nothing; exit 1 if a page differs from the code")
+
+    sub.add_parser("calibrate",
+                   help="a few seconds of fixed work (fp32 matmul GFLOP/s, BPE tokens/s): quote it "
                    "beside any wall-clock figure, since same-size machines differ ~2x")
 
     ngram = sub.add_parser("ngram", help="query a committed infini-gram index: count, docs, cnf",
@@ -84,38 +97,46 @@ def build_parser() -> argparse.ArgumentParser:
                        ("docs", "documents containing a phrase: id, file, line, snippet"),
                        ("cnf", 'co-occurrence count: "a" AND "b" [OR "c"] within --window tokens')):
         q = ngram_sub.add_parser(name, help=text)
-        q.add_argument("terms", nargs="+", help="the phrase" if name != "cnf" else 'phrases joined by AND / OR')
+        q.add_argument("terms", nargs="+",
+                       help="the phrase" if name != "cnf" else 'phrases joined by AND / OR')
         q.add_argument("--profile", default="tiny", help="profile whose store to read (default: tiny)")
         q.add_argument("--store", default=None, help="artifact store root (default: the profile's store)")
-        q.add_argument("--index", default=None, help="index artifact, e.g. ngram_index/<fp> (default: latest)")
+        q.add_argument("--index", default=None,
+                       help="index artifact, e.g. ngram_index/<fp> (default: latest)")
         q.add_argument("--json", action="store_true", help="print JSON for scripts")
         if name == "docs":
             q.add_argument("--limit", type=int, default=10, help="documents to show (default: 10)")
         if name == "cnf":
-            q.add_argument("--window", type=int, default=100, help="max tokens between the clauses (default: 100)")
+            q.add_argument("--window", type=int, default=100,
+                           help="max tokens between the clauses (default: 100)")
 
     model = sub.add_parser("model", help="model files as store artifacts: import a GGUF once",
-                           description="Convert a GGUF file (or a packaged model: smollm2-135m-instruct) into a "
-                           "Hugging Face safetensors folder in the store, once; stages taking a model path do "
-                           "the same on their own.")
+                           description="Convert a GGUF file (or a packaged model: smollm2-135m-instruct) "
+                                       "into a "
+                           "Hugging Face safetensors folder in the store, once; stages taking a model path "
+                           "do the same on their own.")
     model_sub = model.add_subparsers(dest="action", required=True)
     imp = model_sub.add_parser("import", help="convert FILE.gguf into model_import/<fp> and print its folder")
     imp.add_argument("file", help="a .gguf file or a packaged model's name")
     imp.add_argument("--profile", default="tiny", help="profile whose store to use (default: tiny)")
     imp.add_argument("--store", default=None, help="artifact store root (default: the profile's store)")
 
-    status_help = "stages of a run: state, artifacts, shards done, rows, rejects, and what a re-run would skip"
+    status_help = ("stages of a run: state, artifacts, shards done, rows, rejects, and what a re-run would "
+                   "skip")
     for name, text in (("status", status_help),
                        ("artifacts", "artifacts of a run with their paths, rows and checksums"),
-                       ("readme", ("re-render the README's measured tables (<!-- tracecore:begin NAME --> blocks) "
+                       ("readme",
+                        ("re-render the README's measured tables (<!-- tracecore:begin NAME --> blocks) "
                                   "from a run's artifacts, so they cannot go stale"))):
         p = sub.add_parser(name, help=text)
         p.add_argument("run_id", nargs="?", default=None, help="run id (default: the latest run)")
         p.add_argument("--profile", default="tiny", help="profile whose store to read (default: tiny)")
         p.add_argument("--store", default=None, help="artifact store root (default: the profile's store)")
         if name == "readme":
-            p.add_argument("--readme", default="README.md", help="file to update (default: README.md)")
-            p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a result block would "
+            p.add_argument("--readme", action="append", default=None, help=(
+                "file to update; repeatable (default: README.md and every docs/**/*.md with a block)"))
+            p.add_argument("--check", action="store_true",
+                           help="change nothing; exit 1 if a result block would "
                            "change (the timings block is machine-dependent and not checked)")
         else:
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -142,12 +163,14 @@ def resume_store(run_id: str, profile: str, store: str | None):
 
     if store:
         return ArtifactStore(store)
-    candidates = dict.fromkeys([profile_store(profile)] + [profile_store(p.stem) for p in sorted(PROFILE_DIR.glob("*.yaml"))])
+    candidates = dict.fromkeys([profile_store(profile)] + [profile_store(p.stem)
+                                                           for p in sorted(PROFILE_DIR.glob("*.yaml"))])
     for uri in candidates:
         found = ArtifactStore(uri)
         if found.fs.exists(run_path(found, run_id)):
             return found
-    raise ConfigError(f"--resume {run_id}: no such run in the stores of profile {profile!r} or the built-in profiles "
+    raise ConfigError(f"--resume {run_id}: no such run in the stores of profile {profile!r} or the built-in "
+                      f"profiles "
                       f"({', '.join(candidates)}); pass --store")
 
 
@@ -203,8 +226,18 @@ def store_of(args: argparse.Namespace) -> str:
     uri = args.store or load_config(args.profile).store
     fs, path = fsspec.core.url_to_fs(uri)
     if not fs.exists(path):
-        raise FileNotFoundError(f"store {uri!r} does not exist (profile {args.profile!r}; pass --store or --profile)")
+        raise FileNotFoundError(f"store {uri!r} does not exist (profile {args.profile!r}; pass --store or "
+                                f"--profile)")
     return uri
+
+
+def block_files(given: list[str] | None, root: Path = Path(".")) -> list[Path]:
+    """The files `tracecore readme` renders: those given, else the README and every docs page with a block
+    (relative to `root`)."""
+    if given:
+        return [Path(p) for p in given]
+    pages = sorted(p for p in (root / "docs").rglob("*.md") if "tracecore:begin" in p.read_text())
+    return [Path("README.md"), *(p.relative_to(root) for p in pages)]
 
 
 def cmd_readme(args: argparse.Namespace) -> int:
@@ -214,15 +247,28 @@ def cmd_readme(args: argparse.Namespace) -> int:
 
     store = ArtifactStore(store_of(args))
     record = read_run(store, args.run_id)
-    path = Path(args.readme)
-    text, changed = update_readme(path.read_text(), store, record)
-    if args.check:  # wall-clock timings differ between machines; results are deterministic
-        results = [name for name in changed if name != "timings"]
-        print(f"{path}: result blocks that differ from run {record['run_id']}: {', '.join(results) or 'none'}")
-        return 1 if results else 0
-    path.write_text(text)
-    print(f"{path}: {len(changed)} block(s) re-rendered from run {record['run_id']}: {', '.join(changed) or 'none'}")
-    return 0
+    stale = 0
+    for path in block_files(args.readme):
+        text, changed = update_readme(path.read_text(), store, record)
+        if args.check:  # wall-clock timings differ between machines; results are deterministic
+            results = [name for name in changed if name != "timings"]
+            print(f"{path}: result blocks that differ from run {record['run_id']}: "
+                  f"{', '.join(results) or 'none'}")
+            stale += bool(results)
+            continue
+        path.write_text(text)
+        print(f"{path}: {len(changed)} block(s) re-rendered from run {record['run_id']}: "
+              f"{', '.join(changed) or 'none'}")
+    return 1 if stale else 0
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    from tracecore.flows.docs import write_stage_pages
+
+    changed = write_stage_pages(check=args.check)
+    verb = "stale" if args.check else "written"
+    print(f"stage pages {verb}: {', '.join(p.name for p in changed) or 'none'}")
+    return 1 if (args.check and changed) else 0
 
 
 def cnf_clauses(terms: list[str]) -> list[list[str]]:
@@ -260,7 +306,8 @@ def cmd_ngram(args: argparse.Namespace) -> int:
         print(f"{result['text']!r}: {result['count']}  (" + ", ".join(
             f"{f['tokens']}: {f['count']}" for f in result["forms"]) + ")")
     elif args.query == "docs":
-        print(f"{result['text']!r}: {result['occurrences']} occurrences; {len(result['documents'])} documents")
+        print(f"{result['text']!r}: {result['occurrences']} occurrences; "
+              f"{len(result['documents'])} documents")
         for d in result["documents"]:
             print(f"  {d['id']}  {d['file']}:{d['line']}\n    {d['snippet']}")
     else:
@@ -278,7 +325,8 @@ def cmd_model(args: argparse.Namespace) -> int:
     store = ArtifactStore(args.store or load_config(args.profile).store)  # importing may start a store
     ref = import_gguf(store, args.file, "model import", get_logger())
     manifest = store.manifest(ref)
-    print(f"{ref}: {manifest['model_type']}, {manifest['parameters']:,} parameters, from {manifest['source']} "
+    print(f"{ref}: {manifest['model_type']}, {manifest['parameters']:,} parameters, from "
+          f"{manifest['source']} "
           f"(sha256 {manifest['source_sha256'][:16]})\nfolder: {store.display_path(ref)}")
     return 0
 
@@ -291,9 +339,11 @@ def status_rows(store_uri: str, run_id: str | None, checksums: bool = False) -> 
 
     store = ArtifactStore(store_uri)
     record = read_run(store, run_id)
-    columns = ("stage", "output", "artifact", "run_status", "committed", "shards_done", "shards", "rows", "rejects",
-               "on_rerun", "error")
-    rows = [{c: r[c] for c in columns} for r in ({**r, "run_status": r["status"]} for r in artifact_rows(store, record, checksums))]
+    columns = ("stage", "output", "artifact", "run_status", "committed", "shards_done", "shards", "rows",
+               "rejects", "on_rerun", "error")
+    rows = [{c: r[c] for c in columns} for r in ({**r,
+                                                  "run_status": r["status"]}
+                                                      for r in artifact_rows(store, record, checksums))]
     return record, rows
 
 
@@ -308,7 +358,8 @@ def cmd_status(args: argparse.Namespace, artifacts: bool = False) -> int:
 
         store = ArtifactStore(uri)
         rows = [{"artifact": r["artifact"], "path": store.display_path(r["artifact"]), "rows": r["rows"],
-                 "checksum": store.manifest(r["artifact"])["checksum"][:16] if r["committed"] else "(uncommitted)"}
+                 "checksum": store.manifest(r["artifact"])["checksum"][:16] if r["committed"]
+                     else "(uncommitted)"}
                 for r in rows]
     if args.json:
         print(json.dumps({"run_id": record["run_id"], "state": record["state"], "rows": rows}, indent=2))
@@ -342,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             return ui(args.host, args.port)
         if args.command == "readme":
             return cmd_readme(args)
+        if args.command == "docs":
+            return cmd_docs(args)
         if args.command == "ngram":
             return cmd_ngram(args)
         if args.command == "model":
@@ -352,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # noqa: BLE001 - the stage already logged its traceback through Prefect
         print(f"tracecore: run failed: {type(exc).__name__}: {exc}\n"
-              "  `tracecore status` shows what finished; `tracecore run --resume RUN_ID` continues.", file=sys.stderr)
+              "  `tracecore status` shows what finished; `tracecore run --resume RUN_ID` continues.",
+              file=sys.stderr)
         return 1
 
 

@@ -2,7 +2,8 @@
 
 `serve` builds a deployment of the `tracecore-profile` flow whose parameters are the profile, the
 `--set` overrides and the store (validated when the deployment is built, so a scheduled run is exactly
-`tracecore run` with those arguments) and serves it from this process (`flow.serve`). `prefect.yaml` at the repository root declares the same deployment for a work
+`tracecore run` with those arguments) and serves it from this process (`flow.serve`). `prefect.yaml` at the
+repository root declares the same deployment for a work
 pool (`prefect deploy`), plus `finetune`/`eval` flows for a GPU pool.
 """
 
@@ -29,7 +30,8 @@ def pipeline_deployment(profile: str, overrides: list[str], store: str | None, c
     """A RunnerDeployment of `tracecore-profile` with a cron schedule (None = unscheduled)."""
     from tracecore.flows.pipeline import run_profile
 
-    return run_profile.to_deployment(name=name, cron=cron, parameters=deployment_parameters(profile, overrides, store),
+    return run_profile.to_deployment(name=name, cron=cron,
+                                     parameters=deployment_parameters(profile, overrides, store),
                                      tags=["tracecore", f"profile:{profile}"],
                                      description=f"tracecore pipeline, profile {profile}")
 
@@ -53,7 +55,9 @@ def ui_environment(host: str, port: int) -> dict[str, str]:
 def ui(host: str = UI_HOST, port: int = UI_PORT) -> int:
     """`prefect server start` on loopback (by default); prints the URL and the API setting to export."""
     url = f"http://{host}:{port}"
-    print(f"Prefect UI: {url}\nIn the shell that runs tracecore:\n  export PREFECT_API_URL={url}/api", flush=True)
+    print(f"Prefect UI: {url}\nIn the shell that runs tracecore:\n  export PREFECT_API_URL={url}/api",
+          flush=True)
     env = {**os.environ, **ui_environment(host, port)}
-    return subprocess.call([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+    return subprocess.call([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port",
+                            str(port)],
                            env=env)

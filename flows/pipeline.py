@@ -58,7 +58,8 @@ def execute(config: dict, plan: dict, store_uri: str, address: str | None = None
     if recorder:
         recorder.started(stage.name)
     try:
-        refs = run_stage(stage, getattr(cfg, stage.name), StagePlan.from_json(plan), store_uri, address, reusable)
+        refs = run_stage(stage, getattr(cfg, stage.name), StagePlan.from_json(plan), store_uri, address,
+                         reusable)
     except BaseException as exc:
         if recorder:
             recorder.failed(stage.name, exc)
@@ -103,12 +104,13 @@ def run_graph(cfg: Any, config: dict, address: str | None, selected: list[str] |
         if recorder:
             recorder.planned(name, plan.refs, reused=done_before)
         wait_for = [futures[u] for u in graph[name]]
-        if limit and len(futures) >= limit:  # at most `limit` at once: wait for the stage `limit` places earlier
+        # at most `limit` at once: wait for the stage `limit` places earlier
+        if limit and len(futures) >= limit:
             wait_for.append(list(futures.values())[-limit])
         futures[name] = stage_task(name).with_options(refresh_cache=not done_before).submit(
             config, plan.to_json(), store.uri, address, recorder, done_before, wait_for=wait_for)
     wait(list(futures.values()))
-    for name, future in futures.items():
+    for future in futures.values():
         if future.state.is_failed() or future.state.is_crashed() or future.state.is_cancelled():
             future.result()  # raises the stage's own exception
     if recorder:

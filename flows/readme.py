@@ -13,7 +13,8 @@ import re
 from tracecore.flows.report import markdown_table
 from tracecore.storage.store import ArtifactStore
 
-BLOCK = re.compile(r"(<!-- tracecore:begin (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- tracecore:end (?P=name) -->)",
+BLOCK = re.compile(r"(<!-- tracecore:begin (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- tracecore:end "
+                   r"(?P=name) -->)",
                    re.DOTALL)
 SUBSET_NAMES = {"tagcos": "TAGCOS 5 %", "random": "random 5 %", "cluster_random": "cluster-random 5 %",
                 "full": "full pool", "tagcos-random": "TAGCOS − random (paired by seed)"}
@@ -55,15 +56,19 @@ def render_timings(store: ArtifactStore, record: dict) -> str:
 
     stages = {s: record["stages"][s] for s in STAGES
               if isinstance(record["stages"].get(s, {}).get("seconds"), (int, float))}
-    rows = [{"stage": s, "seconds": f"{i['seconds']:.0f}", "status": i.get("status", "")} for s, i in stages.items()]
+    rows = [{"stage": s, "seconds": f"{i['seconds']:.0f}", "status": i.get("status", "")} for s,
+            i in stages.items()]
     total = record.get("wall_seconds") or sum(i["seconds"] for i in stages.values())
-    rows.append({"stage": "**whole run**", "seconds": f"**{total:.0f}** ({total / 60:.1f} min)", "status": ""})
-    return (f"Run `{record['run_id']}`, profile `{record['config'].get('profile')}`; {calibration_text(record)}.\n\n"
+    rows.append({"stage": "**whole run**", "seconds": f"**{total:.0f}** ({total / 60:.1f} min)",
+                 "status": ""})
+    return (f"Run `{record['run_id']}`, profile `{record['config'].get('profile')}`; "
+            f"{calibration_text(record)}.\n\n"
             + markdown_table(rows, ["stage", "seconds", "status"]))
 
 
 def render_verdict(store: ArtifactStore, record: dict) -> str:
-    """Held-out instruction loss and MC accuracy per subset, with intervals, and TAGCOS − random; each subset's
+    """Held-out instruction loss and MC accuracy per subset, with intervals, and TAGCOS − random; each
+    subset's
     training steps beside it, because the full pool trains longer than the coresets (unequal compute)."""
     by = {(r["subset"], r["metric"]): r for r in _rows(store, record, "eval", "verdict")}
     steps: dict[str, set[int]] = {}
@@ -73,13 +78,15 @@ def render_verdict(store: ArtifactStore, record: dict) -> str:
     rows = []
     for subset in order:
         loss, acc = by[(subset, "instruction_loss")], by[(subset, "mc_accuracy")]
-        name = SUBSET_NAMES[subset] + (f" ({loss['seeds']} seed{'s' * (loss['seeds'] > 1)})" if subset != "tagcos-random"
+        name = SUBSET_NAMES[subset] + (f" ({loss['seeds']} seed{'s' * (loss['seeds'] > 1)})"
+                                       if subset != "tagcos-random"
                                        else "")
         chance = f"{acc['chance']:.3f}" if acc.get("chance") is not None else ""
         rows.append({"subset": name, "training steps": "–".join(map(str, sorted(steps.get(subset, ())))),
                      "held-out loss": _with_interval(loss, 3), "MC accuracy": _with_interval(acc, 3),
                      "MC chance": chance, "note": acc.get("note") or ""})
-    return markdown_table(rows, ["subset", "training steps", "held-out loss", "MC accuracy", "MC chance", "note"])
+    return markdown_table(rows, ["subset", "training steps", "held-out loss", "MC accuracy", "MC chance",
+                                 "note"])
 
 
 def render_families(store: ArtifactStore, record: dict) -> str:
@@ -94,18 +101,22 @@ def render_selection_quality(store: ArtifactStore, record: dict) -> str:
     """Low-quality and near-duplicate rates of the pool and each selection (sample-world flags)."""
     manifest = store.manifest(_ref(record, "select", "coreset"))
     rates, n = manifest["rates"], manifest["selected"]
-    residual = {"tagcos": manifest["mean_residual_tagcos"], "cluster_random": manifest["mean_residual_cluster_random"]}
+    residual = {"tagcos": manifest["mean_residual_tagcos"],
+                "cluster_random": manifest["mean_residual_cluster_random"]}
     names = {"pool": "pool", "tagcos": "TAGCOS", "cluster_random": "cluster-random (same budgets; all draws)",
              "random": "random (all draws)"}
     rows = [{"selection": names[k], "size": manifest["records"] if k == "pool" else n,
-             "low-quality rate": _rate(rates[k], "low_quality"), "near-duplicate rate": _rate(rates[k], "near_duplicate"),
-             "centroid residual (what OMP minimises)": f"{residual[k]:.3f}" if k in residual else "–"} for k in names]
+             "low-quality rate": _rate(rates[k], "low_quality"),
+             "near-duplicate rate": _rate(rates[k], "near_duplicate"),
+             "centroid residual (what OMP minimises)": f"{residual[k]:.3f}" if k in residual else "–"}
+                 for k in names]
     return markdown_table(rows, ["selection", "size", "low-quality rate", "near-duplicate rate",
                                  "centroid residual (what OMP minimises)"])
 
 
 def _rate(r: dict, flag: str) -> str:
-    """`3.1 % [1.1, 8.8] (p 0.27)`: the rate, its Wilson interval and the one-sided p against the pool's rate."""
+    """`3.1 % [1.1, 8.8] (p 0.27)`: the rate, its Wilson interval and the one-sided p against the pool's
+    rate."""
     text = f"{100 * r[f'{flag}_rate']:.1f} %"
     if f"{flag}_lo" in r:
         text += f" [{100 * r[f'{flag}_lo']:.1f}, {100 * r[f'{flag}_hi']:.1f}]"
@@ -124,15 +135,18 @@ def render_memorization(store: ArtifactStore, record: dict) -> str:
              "targets with co-occurring pairs": r["n_cooccurring"],
              "ρ (task-gram)": f"{r['spearman']:.2f} [{r['spearman_lo']:.2f}, {r['spearman_hi']:.2f}]",
              "all targets": r["n_all"],
-             "ρ all (smoothed)": f"{r['spearman_all']:.2f} [{r['spearman_all_lo']:.2f}, {r['spearman_all_hi']:.2f}]",
-             "Kendall-τ distance": f"{r['kendall_tau_distance']:.2f}", "ρ (∞-gram)": f"{r['infgram_spearman']:.2f}",
+             "ρ all (smoothed)": f"{r['spearman_all']:.2f} [{r['spearman_all_lo']:.2f}, "
+                                 f"{r['spearman_all_hi']:.2f}]",
+             "Kendall-τ distance": f"{r['kendall_tau_distance']:.2f}",
+             "ρ (∞-gram)": f"{r['infgram_spearman']:.2f}",
              "index seen in training": share(r.get("corpus_share_seen"))}
             for r in _rows(store, record, "memorization", "scores")]
     return markdown_table(rows, list(rows[0]) if rows else ["task"])
 
 
 def render_reward_model(store: ArtifactStore, record: dict) -> str:
-    """Held-out reward-model accuracies with Wilson intervals, joint reversal first, each beside its chance line
+    """Held-out reward-model accuracies with Wilson intervals, joint reversal first, each beside its chance
+    line
     (a coin per record) and the best a context-ignoring scorer could reach on the same records."""
     def line(value) -> str:
         return "–" if value is None else f"{value:.3f}"
@@ -141,7 +155,8 @@ def render_reward_model(store: ArtifactStore, record: dict) -> str:
              "accuracy": f"{r['accuracy']:.3f}", "95 % CI": f"[{r['lo']:.3f}, {r['hi']:.3f}]",
              "chance": line(r.get("chance")), "blind ceiling": line(r.get("blind_ceiling"))}
             for r in _rows(store, record, "preference", "accuracy") if r.get("n")]
-    return markdown_table(rows, ["metric", "contexts", "model", "n", "accuracy", "95 % CI", "chance", "blind ceiling"])
+    return markdown_table(rows, ["metric", "contexts", "model", "n", "accuracy", "95 % CI", "chance",
+                                 "blind ceiling"])
 
 
 def render_long_context(store: ArtifactStore, record: dict) -> str:
@@ -152,7 +167,8 @@ def render_long_context(store: ArtifactStore, record: dict) -> str:
     cell = {(r["method"], r["length"]): r for r in table}
     rows = []
     for m in methods:
-        row = {"method": m, **{str(n): f"{cell[(m, n)]['accuracy']:.3f}" if (m, n) in cell else "" for n in lengths}}
+        row = {"method": m,
+               **{str(n): f"{cell[(m, n)]['accuracy']:.3f}" if (m, n) in cell else "" for n in lengths}}
         last = cell.get((m, lengths[-1]))
         row[f"KV vs. full at {lengths[-1]}"] = f"{last['kv_vs_full']:.3f}" if last else ""
         rows.append(row)
@@ -160,7 +176,8 @@ def render_long_context(store: ArtifactStore, record: dict) -> str:
 
 
 def render_long_context_models(store: ArtifactStore, record: dict) -> str:
-    """Per extra model and method: needle accuracy per length with its Wilson interval and needle count, and the
+    """Per extra model and method: needle accuracy per length with its Wilson interval and needle count, and
+    the
     KV bytes held (measured from the caches) relative to full attention at the longest length."""
     table = _rows(store, record, "eval", "long_context_models")
     lengths = sorted({r["length"] for r in table})
@@ -172,24 +189,73 @@ def render_long_context_models(store: ArtifactStore, record: dict) -> str:
             r = cell.get((model, method, n))
             row[str(n)] = f"{r['accuracy']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] ({r['needles']})" if r else ""
         last = cell.get((model, method, lengths[-1]))
-        row[f"KV vs. full at {lengths[-1]}"] = f"{last['kv_vs_full']:.3f}" if last and last["kv_vs_full"] else ""
+        has_kv = last and last["kv_vs_full"]
+        row[f"KV vs. full at {lengths[-1]}"] = f"{last['kv_vs_full']:.3f}" if has_kv else ""
         rows.append(row)
     heads = [f"KV vs. full at {lengths[-1]}"] if lengths else []
     return markdown_table(rows, ["model", "method", *map(str, lengths), *heads])
 
 
 def render_contamination(store: ArtifactStore, record: dict) -> str:
-    """Per task: items contaminated (13-word n-grams, Wilson interval), how much of a question the corpus holds."""
+    """Per task: items contaminated (13-word n-grams, Wilson interval), how much of a question the corpus
+    holds."""
     rows = [{"task": r["task"], "items": r["items"], "judged": r["judged"], "contaminated": r["contaminated"],
              "share [95 % CI]": f"{r['share'] or 0:.3f} [{r['share_lo']:.3f}, {r['share_hi']:.3f}]",
              "median question words": r["median_question_words"],
              "median longest question span (words)": r["median_question_span"],
              "answers found whole": f"{100 * r['answer_found']:.0f} %",
-             "contaminating documents": r["documents"] or "–"} for r in _rows(store, record, "trace", "tasks")]
+             "contaminating documents": r["documents"] or "–"} for r in _rows(store, record, "trace",
+                                                                              "tasks")]
     return markdown_table(rows, list(rows[0]) if rows else ["task"])
 
 
-RENDERERS = {"contamination": render_contamination, "timings": render_timings, "verdict": render_verdict, "families": render_families,
+def render_headline(store: ArtifactStore, record: dict) -> str:
+    """The README's few headline results of the default run, each linking to the docs page with its full table
+    (deterministic figures only: the wall clock is on the performance page)."""
+    rows = []
+    by = {(r["subset"], r["metric"]): r for r in _rows(store, record, "eval", "verdict")}
+    if ("tagcos-random", "instruction_loss") in by:
+        rows.append({"result": "Data selection: TAGCOS − random, held-out instruction loss (paired by seed)",
+                     "figure": _with_interval(by[("tagcos-random", "instruction_loss")], 3),
+                     "details": "[results](docs/results.md#verdict)"})
+    acc = {(r["metric"], r["context_type"], r["model"]): r for r in _rows(store, record, "preference",
+                                                                          "accuracy")
+           if r.get("n")}
+    aware, blind = acc.get(("context_conditioned", "all", "context_aware")), acc.get(
+        ("context_conditioned", "all", "context_blind"))
+    if aware and blind:
+        rows.append({"result": "Reward model on unseen context phrasings: context-aware vs. context-blind "
+                     "accuracy",
+                     "figure": f"{aware['accuracy']:.3f} [{aware['lo']:.3f}, {aware['hi']:.3f}] vs. "
+                               f"{blind['accuracy']:.3f} [{blind['lo']:.3f}, {blind['hi']:.3f}]",
+                     "details": "[results](docs/results.md#reward_model)"})
+    scores = _rows(store, record, "memorization", "scores")
+    if scores:
+        own = [r for r in scores if r["model"] == scores[0]["model"]]
+        rows.append({"result": f"Memorization: Spearman ρ of `{own[0]['model']}` vs. task-gram counts, per "
+                     f"task",
+                     "figure": ", ".join(f"{r['task']} {r['spearman']:.2f}" for r in own),
+                     "details": "[results](docs/results.md#memorization)"})
+    contaminated = [r for r in _rows(store, record, "trace", "tasks") if r["contaminated"]]
+    if contaminated:
+        rows.append({"result": "Contaminated task items (13-word n-grams in the corpus)",
+                     "figure": ", ".join(f"{r['task']} {r['contaminated']}/{r['judged']}"
+                                         for r in contaminated),
+                     "details": "[results](docs/results.md#contamination)"})
+    long = _rows(store, record, "eval", "long_context_models")
+    if long:
+        longest = max(r["length"] for r in long)
+        cell = {r["method"]: r for r in long if r["length"] == longest and r["model"] == long[0]["model"]}
+        shown = [m for m in ("full", "razor", "rag_top1") if m in cell]
+        rows.append({"result": f"Needle retrieval, `{long[0]['model']}` at {longest} tokens: "
+                               + " / ".join(shown),
+                     "figure": " / ".join(f"{cell[m]['accuracy']:.2f} ({cell[m]['needles']})" for m in shown),
+                     "details": "[kernels and long context](docs/kernels.md#long_context_models)"})
+    return markdown_table(rows, ["result", "figure", "details"])
+
+
+RENDERERS = {"headline": render_headline, "contamination": render_contamination, "timings": render_timings,
+             "verdict": render_verdict, "families": render_families,
              "selection_quality": render_selection_quality, "memorization": render_memorization,
              "reward_model": render_reward_model, "long_context": render_long_context,
              "long_context_models": render_long_context_models}

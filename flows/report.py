@@ -10,16 +10,21 @@ from tracecore.storage.store import ArtifactStore
 COLUMNS = ["stage", "artifact", "status", "shards", "skipped_shards", "rows", "rejects", "seconds", "notes"]
 
 
-# What the store and the runner write into every manifest; everything else in it is the stage's own statistics.
-BOOKKEEPING_KEYS = {"ref", "stage", "config_hash", "inputs", "code_version", "packages", "shards", "rows", "bytes",
-                    "schema", "checksum", "shard_checksums", "files", "committed_at", "plots", "report_columns",
+# What the store and the runner write into every manifest; everything else in it is the stage's own
+# statistics.
+BOOKKEEPING_KEYS = {"ref", "stage", "config_hash", "inputs", "code_version", "packages", "shards", "rows",
+                    "bytes",
+                    "schema", "checksum", "shard_checksums", "files", "committed_at", "plots",
+                    "report_columns",
                     "report_rows", "intermediate", "cleaned", "skipped_shards", "seconds", "rejected"}
 
 
 def stats_of(manifest: dict, width: int = 48) -> dict:
-    """A manifest's statistics: the scalar values a stage recorded through `commit`/`write`, whatever their names
+    """A manifest's statistics: the scalar values a stage recorded through `commit`/`write`, whatever their
+    names
     (the report shows them all, so a stage adds one without touching the report)."""
-    return {k: (v if not isinstance(v, str) or len(v) <= width else v[:width - 1] + "…") for k, v in manifest.items()
+    return {k: (v if not isinstance(v, str) or len(v) <= width else v[:width - 1] + "…")
+            for k, v in manifest.items()
             if k not in BOOKKEEPING_KEYS and isinstance(v, (bool, int, float, str))}
 
 
@@ -36,10 +41,12 @@ def artifact_rows(store: ArtifactStore, record: dict, checksums: bool = False) -
             notes = stats_of(m)
             rows.append({"stage": stage, "output": name, "artifact": ref, "status": info.get("status", "?"),
                          "committed": committed, "shards_done": len(markers), "shards": m.get("shards", "?"),
-                         "skipped_shards": m.get("skipped_shards", 0), "rows": sum(x["rows"] for x in markers),
+                         "skipped_shards": m.get("skipped_shards", 0),
+                         "rows": sum(x["rows"] for x in markers),
                          "rejects": m.get("rejected", ""), "seconds": m.get("seconds", ""),
                          "notes": ", ".join(f"{k}={v}" for k, v in notes.items()),
-                         "on_rerun": (f"repair ({len(status.corrupt)} corrupt parts recomputed)" if status.corrupt
+                         "on_rerun": (f"repair ({len(status.corrupt)} corrupt parts recomputed)"
+                                      if status.corrupt
                                       else "skip" if committed
                                       else f"resume ({len(markers)} shards kept)" if markers else "compute"),
                          "error": info.get("error") or "", "intermediate": bool(m.get("intermediate"))})
@@ -47,7 +54,8 @@ def artifact_rows(store: ArtifactStore, record: dict, checksums: bool = False) -
 
 
 def stage_rows(store: ArtifactStore, record: dict) -> list[dict]:
-    """The report's table: committed artifacts (intermediates, e.g. ingest's `parsed` and dedup tables, left out)."""
+    """The report's table: committed artifacts (intermediates, e.g. ingest's `parsed` and dedup tables, left
+    out)."""
     return [r for r in artifact_rows(store, record) if r["committed"] and not r["intermediate"]]
 
 
@@ -97,7 +105,8 @@ def stage_tables(store: ArtifactStore, record: dict) -> list[str]:
 
 
 def wall_clock_line(record: dict) -> str:
-    """The run's wall clock with the calibration measured at its start (timings differ ~2x between machines)."""
+    """The run's wall clock with the calibration measured at its start (timings differ twofold between
+    machines)."""
     from tracecore.flows.calibrate import calibration_line
 
     wall = record.get("wall_seconds")
@@ -113,7 +122,8 @@ def write_report(store: ArtifactStore, record: dict) -> str:
     run_dir = store.run_dir(record["run_id"])
     rows = stage_rows(store, record)
     parts = [f"# tracecore run {record['run_id']}", "",
-             f"state: **{record['state']}** · profile `{record['config'].get('profile')}` · store `{store.display_path()}`",
+             f"state: **{record['state']}** · profile `{record['config'].get('profile')}` · store "
+             f"`{store.display_path()}`",
              "", f"{wall_clock_line(record)}", "", markdown_table(rows), ""] + stage_tables(store, record)
     plots = collect_plots(store, record)
     for title, name, png in plots:
@@ -145,14 +155,16 @@ def publish(store: ArtifactStore, record: dict, rows: list[dict], markdown: str,
     for stage in {r["stage"] for r in rows}:
         create_table_artifact([r for r in rows if r["stage"] == stage], key=f"tracecore-{stage}-outputs",
                               description=f"{stage} outputs of run {record['run_id']}")
-    create_markdown_artifact(markdown, key="tracecore-pipeline-summary", description=f"run {record['run_id']}")
-    for stage, info in record["stages"].items():
+    create_markdown_artifact(markdown, key="tracecore-pipeline-summary",
+                             description=f"run {record['run_id']}")
+    for info in record["stages"].values():
         for ref in info.get("refs", {}).values():
             manifest = store.manifest(ref) if store.is_committed(ref) else {}
             columns = manifest.get("report_columns")
             if columns:
                 table = [{c: r.get(c) for c in columns} for r in report_rows(store, ref, manifest)]
-                create_table_artifact(table, key="tracecore-" + ref.split("/")[0].replace("_", "-"), description=ref)
+                create_table_artifact(table, key="tracecore-" + ref.split("/")[0].replace("_", "-"),
+                                      description=ref)
     for title, name, png in plots:  # inline PNG: the UI cannot reach files in the artifact store
         key = "tracecore-" + re.sub(r"[^a-z0-9]+", "-", name.lower().removesuffix(".png")).strip("-")
         image = base64.b64encode(png).decode()

@@ -29,12 +29,14 @@ def configure_environment(store_uri: str | None = None) -> None:
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if store_uri and "://" not in store_uri:
-        os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", os.path.join(os.path.abspath(store_uri), "prefect-results"))
+        os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH",
+                              os.path.join(os.path.abspath(store_uri), "prefect-results"))
 
 
 # the variables a Nanny sets before spawning its worker; a None value unsets one (distributed.nanny)
 MALLOC_TRIM_KEY = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
-# `dask.monitoring: light`: Dask's periodic bookkeeping, slowed down (see DaskConfig.monitoring for the measurement)
+# `dask.monitoring: light`: Dask's periodic bookkeeping, slowed down (see DaskConfig.monitoring for the
+# measurement)
 LIGHT_MONITORING = {
     "distributed.admin.tick.interval": "1s",
     "distributed.worker.profile.enabled": False,
@@ -44,9 +46,11 @@ LIGHT_MONITORING = {
 
 
 def local_cluster_settings(cfg: DaskConfig) -> dict:
-    """Dask config for the LocalCluster this run starts: its scheduler reads it here, and each Nanny hands it to
+    """Dask config for the LocalCluster this run starts: its scheduler reads it here, and each Nanny hands it
+    to
     the worker process it spawns."""
-    return {MALLOC_TRIM_KEY: cfg.malloc_trim_threshold, **(LIGHT_MONITORING if cfg.monitoring == "light" else {})}
+    return {MALLOC_TRIM_KEY: cfg.malloc_trim_threshold,
+            **(LIGHT_MONITORING if cfg.monitoring == "light" else {})}
 
 
 @contextmanager
@@ -65,8 +69,8 @@ def dask_cluster(cfg: DaskConfig, address: str | None = None) -> Iterator[str]:
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # after Prefect's logging set-up
     with dask.config.set(local_cluster_settings(cfg)), \
-            LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker, processes=cfg.processes,
-                         memory_limit=cfg.memory_limit, dashboard_address=None,
+            LocalCluster(n_workers=cfg.n_workers, threads_per_worker=cfg.threads_per_worker,
+                         processes=cfg.processes, memory_limit=cfg.memory_limit, dashboard_address=None,
                          host="127.0.0.1" if cfg.processes else None,  # threads use in-process comms
                          silence_logs=logging.WARNING) as cluster:
         yield cluster.scheduler_address

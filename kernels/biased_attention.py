@@ -65,7 +65,8 @@ def merge_splits(acc: torch.Tensor, running_max: torch.Tensor, denom: torch.Tens
 
 
 def biased_attention(q, k, v, bias=None, q_pos=None, k_pos=None) -> torch.Tensor:
-    """Drop-in for `kernels.decoding.attention` (q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], bias [B|1, Hkv, Tk])."""
+    """Drop-in for `kernels.decoding.attention` (q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], bias [B|1, Hkv,
+    Tk])."""
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     if bias is None:
@@ -79,8 +80,9 @@ def biased_attention(q, k, v, bias=None, q_pos=None, k_pos=None) -> torch.Tensor
     running_max = torch.empty(b, hq, tq, n_splits, dtype=torch.float32, device=q.device)
     denom = torch.empty_like(running_max)
     grid = (b * hq, tq, n_splits)
-    _biased_attention_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), bias, q_pos.long().contiguous(),
-                                   k_pos.long().contiguous(), acc, running_max, denom, tq, tk, d, hq, hkv, n_splits,
-                                   1.0 / math.sqrt(d), SPLIT=split, BLOCK_N=BLOCK_N,
+    _biased_attention_kernel[grid](q.contiguous(), k.contiguous(), v.contiguous(), bias,
+                                   q_pos.long().contiguous(),
+                                   k_pos.long().contiguous(), acc, running_max, denom, tq, tk, d, hq, hkv,
+                                   n_splits, 1.0 / math.sqrt(d), SPLIT=split, BLOCK_N=BLOCK_N,
                                    BLOCK_D=triton.next_power_of_2(d))
     return merge_splits(acc, running_max, denom).to(q.dtype)

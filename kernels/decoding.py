@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+           scaling: float = 1.0) -> torch.Tensor:
     """RoPE as in HF Llama (rotate_half convention); x [B, H, T, D], positions [T]."""
     freqs = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -53,7 +54,7 @@ def fast_attention(q, k, v, q_pos=None, k_pos=None) -> torch.Tensor:
 
 
 # cuDNN's SDPA builds a graph per shape: a cache that grows by one key per decoded token rebuilt it every
-# step (40 ms per token on an H200, measured), so decoding uses flash / memory-efficient / math only.
+# step (most of a decode step's time on an H200), so decoding uses flash / memory-efficient / math only.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -131,7 +132,8 @@ class FullAttention:
 
     def clone(self) -> FullAttention:
         """An independent copy of this cache, so one prefill serves every policy that starts from full
-        attention (full, RazorAttention with any heads): the long prompt runs once per needle, not per policy."""
+        attention (full, RazorAttention with any heads): the long prompt runs once per needle, not per
+        policy."""
         twin = FullAttention.__new__(FullAttention)
         twin.rope = self.rope
         twin.cache = {layer: tuple(Growing(g.view().clone(), g.dim) for g in cache)
@@ -153,7 +155,8 @@ def forward(model, ids: torch.Tensor, policy, start: int) -> torch.Tensor:
     h = lm.embed_tokens(ids)
     for i, layer in enumerate(lm.layers):
         attn, x = layer.self_attn, layer.input_layernorm(h)
-        q, k, v = (split_heads(p(x), n) for p, n in ((attn.q_proj, hq), (attn.k_proj, hkv), (attn.v_proj, hkv)))
+        q, k, v = (split_heads(p(x), n)
+                   for p, n in ((attn.q_proj, hq), (attn.k_proj, hkv), (attn.v_proj, hkv)))
         out = policy.attend(i, q, k, v, positions)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))

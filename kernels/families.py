@@ -104,4 +104,5 @@ def decoding_obstacle(config) -> str | None:
 
 def intermediate_size(config) -> int:
     """The MLP width under each family's name for it (GPT-2: n_inner, None = 4 x hidden)."""
-    return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+    return getattr(config, "intermediate_size", None) or getattr(config, "n_inner",
+                                                                 None) or 4 * config.hidden_size

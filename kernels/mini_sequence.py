@@ -1,7 +1,7 @@
 """`apply_mini_sequence`: Mini-Sequence Transformer (arXiv 2407.15892) for any HF causal LM.
 
-As the official `minisequence(model)`: every decoder MLP runs per sequence chunk (`mini_sequence_mlp`), the causal
-LM's loss is computed by the chunked LM head + CE (the `[tokens, vocab]` logits never exist), and
+As the official `minisequence(model)`: every decoder MLP runs per sequence chunk (`mini_sequence_mlp`), the
+causal LM's loss is computed by the chunked LM head + CE (the `[tokens, vocab]` logits never exist), and
 gradient checkpointing is switched on so that only decoder-layer inputs persist. The paper calls MsT
 implementation-agnostic: the LM-head part needs only the base model's final hidden states and
 `get_output_embeddings()`, so it applies to every family; the MLP part needs to know which module is the
@@ -36,7 +36,7 @@ def default_chunks(config) -> tuple[int, int]:
 def auto_lm_chunks(rows: int, vocab: int, hidden: int) -> int:
     """M = ceil(V / d) chunks, but at least MIN_CHUNK_ROWS rows each. At short lengths the paper's M
     gives chunks of a few rows (8 for 1k tokens at V 128k, d 1k), each re-reading the whole LM-head
-    weight; measured 0.27x the plain speed on CPU, while the logits it saves are small there anyway."""
+    weight, several times slower than the plain head on CPU, while the logits it saves are small there."""
     return max(1, min(math.ceil(vocab / hidden), rows // MIN_CHUNK_ROWS))
 
 
@@ -49,7 +49,8 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, PreTrainedModel) and module.base_model is not module \
                 and module.get_output_embeddings() is not None:
             return module
-    raise TypeError(f"apply_mini_sequence: {type(model).__name__} has no causal-LM head (get_output_embeddings)")
+    raise TypeError(f"apply_mini_sequence: {type(model).__name__} has no causal-LM head "
+                    f"(get_output_embeddings)")
 
 
 def apply_mini_sequence(model: torch.nn.Module, lm_chunks: int | None = None, mlp_chunks: int | None = None,

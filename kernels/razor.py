@@ -25,7 +25,8 @@ from tracecore.kernels.settings import RazorConfig
 
 
 @torch.no_grad()
-def head_scores(model, block: int, repeats: int, low: int, high: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def head_scores(model, block: int, repeats: int, low: int, high: int,
+                seed: int = 0) -> tuple[torch.Tensor, ...]:
     """(induction, echo) scores, each [layers, kv_heads], from one eager forward pass over the probe."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(low, high, (block,), generator=gen).repeat(repeats)
@@ -37,7 +38,8 @@ def head_scores(model, block: int, repeats: int, low: int, high: int, seed: int 
         a = att[0].float()
         copies = [i - r * block for r in range(1, repeats) if r * block <= i.max()]
         echo_h = sum(torch.where(c >= 1, a[:, i, c.clamp(min=1)], 0) for c in copies)
-        induction_h = sum(torch.where(c >= 1, a[:, i, (c + 1).clamp(max=ids.shape[1] - 1)], 0) for c in copies)
+        induction_h = sum(torch.where(c >= 1, a[:, i, (c + 1).clamp(max=ids.shape[1] - 1)], 0)
+                          for c in copies)
         echo.append(echo_h.mean(-1))
         induction.append(induction_h.mean(-1))
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
@@ -50,8 +52,8 @@ def retrieval_heads(induction: torch.Tensor, echo: torch.Tensor, cfg: RazorConfi
     """Boolean [layers, kv_heads]: top fraction by induction (global ranking) union top fraction by echo.
 
     Counts are rounded: at least one induction head is kept, but the echo share may round to none (1 % of a
-    tiny model's 9 KV heads is 0.09 heads; forcing one would keep 11 % of the heads for a 1 % rule, and
-    measured on tiny-retrieval it only cost KV: needle accuracy 0.975 with or without the extra head)."""
+    tiny model's 9 KV heads is 0.09 heads; forcing one would keep 11 % of the heads for a 1 % rule, and on
+    tiny-retrieval it only cost KV bytes, not accuracy)."""
     n = induction.numel()
     mask = torch.zeros(n, dtype=torch.bool)
     mask[induction.flatten().topk(max(1, round(cfg.induction_fraction * n))).indices] = True
@@ -68,7 +70,8 @@ def attention_impl(device: torch.device):
     return attention
 
 
-def compensated_attention(q, keys, values, n_dropped, comp_key, comp_value, q_pos=None, k_pos=None, attn=None):
+def compensated_attention(q, keys, values, n_dropped, comp_key, comp_value, q_pos=None, k_pos=None,
+                          attn=None):
     """Attention over kept keys plus one compensation key worth `n_dropped` tokens (bias log n_d).
 
     q [B, Hq, Tq, D]; keys/values [B, Hkv, Tk, D]; n_dropped [Hkv] (0 = no compensation token)."""
@@ -93,10 +96,12 @@ class RazorCache:
     costs two attention calls per layer and no copy of the cache."""
 
     def __init__(self, model, heads: torch.Tensor, cfg: RazorConfig, prefilled: FullAttention | None = None):
-        """`prefilled`: a full-attention cache that already holds the prompt (shared prefill), else a new one."""
+        """`prefilled`: a full-attention cache that already holds the prompt (shared prefill), else a new
+        one."""
         self.rope, self.heads, self.cfg = Rope(model), heads, cfg
         self.groups = model.config.num_attention_heads // model.config.num_key_value_heads
-        self.prefill = prefilled or FullAttention(model)  # the prompt runs with full attention and a full cache
+        # the prompt runs with full attention and a full cache
+        self.prefill = prefilled or FullAttention(model)
         self.compressed: dict[int, dict[str, dict]] = {}  # layer -> {"retrieval": group, "compressed": group}
 
     def attend(self, layer: int, q, k, v, positions):
@@ -109,7 +114,8 @@ class RazorCache:
 
     def _decode_one(self, layer: int, q, k, v, position):
         out = torch.empty_like(q)
-        retrieval, compressed = self.compressed[layer].get("retrieval"), self.compressed[layer].get("compressed")
+        caches = self.compressed[layer]
+        retrieval, compressed = caches.get("retrieval"), caches.get("compressed")
         if retrieval is not None:
             for key, new in (("k", k[:, retrieval["kv"]]), ("v", v[:, retrieval["kv"]]), ("pos", position)):
                 retrieval[key] = retrieval["growing"][key].append(new)
@@ -157,11 +163,13 @@ class RazorCache:
             members = {"retrieval": [h for h, r in enumerate(retrieval) if r],
                        "compressed": [h for h, r in enumerate(retrieval) if not r]}
             self.compressed[layer] = {name: (self._full(k, v, pos, m) if name == "retrieval" else
-                                             self._compress(k, v, pos, m)) for name, m in members.items() if m}
+                                             self._compress(k, v, pos, m)) for name, m in members.items()
+                                                 if m}
 
     def _heads(self, members: list[int], device) -> dict:
         return {"kv": torch.tensor(members, device=device),
-                "q": torch.tensor([h * self.groups + g for h in members for g in range(self.groups)], device=device)}
+                "q": torch.tensor([h * self.groups + g for h in members for g in range(self.groups)],
+                                  device=device)}
 
     def _full(self, k, v, pos, members: list[int]) -> dict:
         group = self._heads(members, k.device)
@@ -185,8 +193,10 @@ class RazorCache:
                   "bias": torch.full((1, heads, capacity), float("-inf"), device=k.device),
                   "filled": 1 + len(keep), "ring": 0, "buffer": buffer,
                   "n_dropped": dropped if cfg.compensation else 0,
-                  "ck": k[:, :, cfg.sinks:n - buffer].float().mean(2) if dropped else k.new_zeros(b, heads, d).float(),
-                  "cv": v[:, :, cfg.sinks:n - buffer].float().mean(2) if dropped else v.new_zeros(b, heads, d).float()}
+                  "ck": k[:, :, cfg.sinks:n - buffer].float().mean(2) if dropped
+                      else k.new_zeros(b, heads, d).float(),
+                  "cv": v[:, :, cfg.sinks:n - buffer].float().mean(2) if dropped
+                      else v.new_zeros(b, heads, d).float()}
         group["k"][:, :, 1:1 + len(keep)], group["v"][:, :, 1:1 + len(keep)] = k[:, :, keep], v[:, :, keep]
         group["pos"][1:1 + len(keep)] = pos[keep]
         group["bias"][:, :, 1:1 + len(keep)] = 0.0
@@ -215,5 +225,6 @@ class RazorCache:
         for groups in self.compressed.values():
             for g in groups.values():
                 tokens = int((g["pos"] >= 0).sum()) + int(g["n_dropped"] > 0)
-                total += 2 * tokens * g["k"].shape[-1] * g["k"].element_size() * g["k"].shape[0] * g["k"].shape[1]
+                k = g["k"]
+                total += 2 * tokens * k.shape[-1] * k.element_size() * k.shape[0] * k.shape[1]
         return total + self.prefill.cache_bytes()

@@ -6,7 +6,8 @@
   of the LM-head weight gradient are formed at once, both as matmuls in the weight's dtype (bf16 tensor
   cores on a GPU; the weight gradient accumulates in that dtype, as Liger-Kernel's does: an fp32
   accumulator made the H200 step 4x slower than plain, fp32 GEMMs, and cost 2 GB more at Llama-3 shapes).
-  Backward only rescales the stored gradients by the upstream gradient, in place. This is the same maths as the official `LMheadWarpper`,
+  Backward only rescales the stored gradients by the upstream gradient, in place. This is the same maths as
+  the official `LMheadWarpper`,
   but its gradients are formed during the forward pass (as Liger-Kernel's fused linear CE does) instead
   of recomputing the logits in backward: one matmul pass fewer, same peak.
   Deviation from the official code, on purpose: chunks come from `tensor_split`, so a length that does
@@ -45,7 +46,8 @@ class ChunkedLMHeadCE(torch.autograd.Function):
     """sum_rows CE(hidden @ weight.T, labels) / denominator, chunk by chunk (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunks: int, denominator: float, ce_grad: CeGrad, fp32_logits: bool):
+    def forward(ctx, hidden, weight, labels, chunks: int, denominator: float, ce_grad: CeGrad,
+                fp32_logits: bool):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         scale = 1.0 / denominator
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -91,7 +93,8 @@ def lm_head_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"lm_head_ce: {hidden.shape[0]} hidden rows but {labels.shape[0]} labels")
     if denominator is None:
         denominator = float((labels != IGNORE_INDEX).sum())
-    return ChunkedLMHeadCE.apply(hidden, weight, labels, max(1, chunks), max(float(denominator), 1.0), ce_grad,
+    return ChunkedLMHeadCE.apply(hidden, weight, labels, max(1, chunks), max(float(denominator), 1.0),
+                                 ce_grad,
                                   fp32_logits)
 
 

@@ -5,7 +5,8 @@ per-chunk softmax/CE/gradient step with one fused kernel: one program per row st
 tile twice (online max + sum-exp, then `softmax - onehot` written back in place), so the step reads each
 logit twice and writes it once instead of the ~6 passes of the PyTorch reference and allocates nothing of
 size `[rows, vocab]`. It works on the matmul's own output (bf16 on a GPU; maths in fp32 registers), as
-Liger-Kernel's fused linear CE does, so no fp32 copy of a chunk's logits exists. On CUDA it is the default; on CPU it runs only under Triton's
+Liger-Kernel's fused linear CE does, so no fp32 copy of a chunk's logits exists. On CUDA it is the default; on
+CPU it runs only under Triton's
 interpreter (`TRITON_INTERPRET=1`, set before `import triton`), which is how CI tests it.
 """
 
@@ -78,5 +79,6 @@ def triton_available(device: torch.device) -> bool:
 
 def triton_lm_head_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunks: int,
                       denominator: float | None = None) -> torch.Tensor:
-    """`reference.lm_head_ce` with the fused Triton softmax/CE/gradient step, in place on the matmul's logits."""
+    """`reference.lm_head_ce` with the fused Triton softmax/CE/gradient step, in place on the matmul's
+    logits."""
     return lm_head_ce(hidden, weight, labels, chunks, denominator, ce_grad=triton_ce_grad_, fp32_logits=False)

@@ -82,7 +82,8 @@ class ArtifactFiles:
         os.replace(tmp, target)
 
     def put_dir(self, ref: str, local_dir: str | os.PathLike) -> None:
-        """Copy a local folder (HF tokenizer/model folder) into the artifact's files, file by file, streamed."""
+        """Copy a local folder (HF tokenizer/model folder) into the artifact's files, file by file,
+        streamed."""
         local_dir = Path(local_dir)
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             self.put_file(ref, path.relative_to(local_dir).as_posix(), path)

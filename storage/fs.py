@@ -102,7 +102,8 @@ class NoInputError(FileNotFoundError):
 
 
 def list_input_files(patterns: list[str], field: str = "ingest.paths") -> list[str]:
-    """Expand globs/URIs into a sorted, de-duplicated list of file URIs; `field` names the setting in errors."""
+    """Expand globs/URIs into a sorted, de-duplicated list of file URIs; `field` names the setting in
+    errors."""
     files: list[str] = []
     for pattern in patterns:
         fs, _ = fsspec.core.url_to_fs(pattern)
@@ -116,7 +117,8 @@ def list_input_files(patterns: list[str], field: str = "ingest.paths") -> list[s
 
 
 def modified(info: dict) -> str | None:
-    """A listing's modification stamp, whatever the filesystem calls it (local mtime, S3 LastModified/ETag)."""
+    """A listing's modification stamp, whatever the filesystem calls it (local mtime, S3
+    LastModified/ETag)."""
     stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag")
     return None if stamp is None else str(stamp)
 
@@ -142,7 +144,8 @@ def input_fingerprint(files: list[str]) -> str:
 
 
 def folder_fingerprint(folder: str | PurePath) -> str:
-    """Identity of a local folder's files (a user's model): `input_fingerprint` of every file directly in it."""
+    """Identity of a local folder's files (a user's model): `input_fingerprint` of every file directly in
+    it."""
     from pathlib import Path
 
     return input_fingerprint(sorted(str(f) for f in Path(folder).resolve().glob("*") if f.is_file()))

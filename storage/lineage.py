@@ -17,7 +17,8 @@ def fingerprint(stage: str, config_hash: str, inputs: dict[str, str], code: str)
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-@functools.cache  # installed versions do not change inside a process; planning asked 7 times per stage (0.1 s)
+# installed versions do not change inside a process; planning asked 7 times per stage (0.1 s)
+@functools.cache
 def installed_versions() -> tuple[tuple[str, str], ...]:
     versions = {"python": sys.version.split()[0]}
     for name in TRACKED_PACKAGES:

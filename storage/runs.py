@@ -35,7 +35,8 @@ def read_run(store: ArtifactStore, run_id: str | None = None) -> dict:
         run_id = runs[-1]
     path = run_path(store, run_id)
     if not store.fs.exists(path):
-        raise FileNotFoundError(f"run {run_id!r} not found in store {store.uri} (known: {store.list_runs()[-5:]})")
+        raise FileNotFoundError(f"run {run_id!r} not found in store {store.uri} (known: "
+                                f"{store.list_runs()[-5:]})")
     return read_json(store.fs, path)
 
 

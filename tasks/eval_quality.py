@@ -22,7 +22,8 @@ from tracecore.tasks.text import instruction_key, normalize_text
 if TYPE_CHECKING:  # the type only: the stage's config is not code this library runs
     from tracecore.tasks.eval import EvalConfig
 
-METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"]
+METRICS = ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss",
+           "instruction_accuracy"]
 
 
 # ---- per-checkpoint quality ---------------------------------------------------------------------------
@@ -44,7 +45,8 @@ def continuation_logprobs(model, tok, pairs: list[tuple[list[int], list[int]]], 
         keep = target != -100
         logp = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
         hits = (logits.argmax(-1) == target) | ~keep
-        out += [(float((logp[b] * keep[b]).sum()), bool(hits[b].all()), int(keep[b].sum())) for b in range(len(batch))]
+        out += [(float((logp[b] * keep[b]).sum()), bool(hits[b].all()), int(keep[b].sum()))
+                for b in range(len(batch))]
     return out
 
 
@@ -71,7 +73,8 @@ def generate(model, tok, prompts: list[list[int]], max_new: int) -> list[str]:
     return texts
 
 
-def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dict], blocks, cfg: EvalConfig) -> dict:
+def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dict], blocks,
+                    cfg: EvalConfig) -> dict:
     import sacrebleu
     from tracecore.tasks.lm_training import eval_loss
 
@@ -85,19 +88,23 @@ def quality_metrics(model, tok, tasks: dict[str, list[dict]], held_out: list[dic
         scores = continuation_logprobs(model, tok, [(p, tok(c, add_special_tokens=False)["input_ids"] + eos)
                                                     for c in r["choices"]], cfg.batch_size)
         mc_hits.append(mc_pick(scores) == r["answer"])
-    translations = generate(model, tok, [prompt_ids(tok, "Translate the phrase from English to Zelan.", r["source"])
+    translations = generate(model, tok,
+                            [prompt_ids(tok, "Translate the phrase from English to Zelan.", r["source"])
                                          for r in tasks["translation"]], 16)
-    per = continuation_logprobs(model, tok, [split_prompt(*encode(tok, r, 256)) for r in held_out], cfg.batch_size)
+    per = continuation_logprobs(model, tok, [split_prompt(*encode(tok, r, 256)) for r in held_out],
+                                cfg.batch_size)
     families: dict[str, list[tuple]] = {}
     for r, scored in zip(held_out, per):
         families.setdefault(r.get("family", "all"), []).append(scored)
     return {"perplexity": math.exp(min(eval_loss(model, blocks, cfg.batch_size, "cpu"), 50)),
             "qa_accuracy": float(np.mean([h for _, h, _ in qa])), "mc_accuracy": float(np.mean(mc_hits)),
             "mc_chance": float(np.mean([1 / len(r["choices"]) for r in tasks["multiple_choice"]])),
-            "translation_chrf": sacrebleu.corpus_chrf(translations, [[r["target"] for r in tasks["translation"]]]).score,
+            "translation_chrf": sacrebleu.corpus_chrf(translations,
+                                                      [[r["target"] for r in tasks["translation"]]]).score,
             "instruction_loss": -sum(lp for lp, _, _ in per) / max(sum(n for _, _, n in per), 1),
             "instruction_accuracy": float(np.mean([h for _, h, _ in per])),
-            "family_accuracy": json.dumps({f: float(np.mean([h for _, h, _ in v])) for f, v in sorted(families.items())}),
+            "family_accuracy": json.dumps({f: float(np.mean([h for _, h, _ in v]))
+                                           for f, v in sorted(families.items())}),
             "family_loss": json.dumps({f: -sum(lp for lp, _, _ in v) / max(sum(n for _, _, n in v), 1)
                                        for f, v in sorted(families.items())})}
 
@@ -113,7 +120,8 @@ def load_tasks(sample_dir: str, max_items: int, pool: list[dict]) -> dict[str, l
         with fsspec.open(f"{sample_dir}/tasks/{name}.jsonl", "rt") as fh:
             every = list(map(json.loads, filter(str.strip, fh)))
         rows = [r for r in every if normalize_text(r[field]) not in seen]
-        log_dropped("eval", f"{name} items", len(every), {"whose text is in the fine-tuning pool": len(every) - len(rows)})
+        log_dropped("eval", f"{name} items", len(every),
+                    {"whose text is in the fine-tuning pool": len(every) - len(rows)})
         tasks[name] = rows[:: max(1, len(rows) // max_items)][:max_items]
     return tasks
 
@@ -127,16 +135,19 @@ def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: E
     store = ArtifactStore(store_uri)
     with model_dir(store, item["model_ref"]) as folder, MODEL_LOAD_LOCK:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                     trust_remote_code=False).eval()
     sample_dir = store.files_path(item["sample_ref"])
     pool = load_pool(item["pool_path"])[0]
     seen = {instruction_key(r) for r in pool}
     every = load_pool(f"{sample_dir}/instructions/eval.jsonl")[0]
     held_out = [r for r in every if instruction_key(r) not in seen]
-    log_dropped("eval", "held-out instructions", len(every), {"also in the fine-tuning pool": len(every) - len(held_out)})
+    log_dropped("eval", "held-out instructions", len(every),
+                {"also in the fine-tuning pool": len(every) - len(held_out)})
     _, blocks = split_blocks(token_stream(store, item["tokens_ref"], [tok.eos_token_id]), item["seq_len"],
                              item["eval_fraction"])
-    metrics = quality_metrics(model, tok, load_tasks(sample_dir, cfg.max_items, pool), held_out[:: max(1, len(held_out)
+    metrics = quality_metrics(model, tok, load_tasks(sample_dir, cfg.max_items, pool),
+                              held_out[:: max(1, len(held_out)
                               // (4 * cfg.max_items))], blocks[: cfg.max_items], cfg)
     row = {k: item[k] for k in ("model", "subset", "seed", "model_ref")} | metrics
     return store.write_shard(ref, shard, pa.Table.from_pylist([row]), records=1)

@@ -7,7 +7,8 @@ import numpy as np
 from tracecore.storage.store import ArtifactStore
 
 
-def read_features(store: ArtifactStore, features_ref: str, column: str = "feature") -> tuple[list[str], np.ndarray]:
+def read_features(store: ArtifactStore, features_ref: str,
+                  column: str = "feature") -> tuple[list[str], np.ndarray]:
     table = store.read_table(features_ref, columns=["record_id", column])
     dim = table.schema.field(column).type.list_size
     flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)

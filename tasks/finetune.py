@@ -1,4 +1,5 @@
-"""Stage `finetune`: train the base causal LM on selected subsets, with Mini-Sequence Transformer memory savings.
+"""Stage `finetune`: train the base causal LM on selected subsets, with Mini-Sequence Transformer memory
+savings.
 
 One variant per (subset, seed): `tagcos`, `random`, `cluster_random` (the select stage's coresets) or
 `full` (the whole pool). Each variant is one Dask task and one content-addressed model artifact, so a
@@ -59,8 +60,8 @@ class FinetuneConfig(Strict):
         default_factory=lambda: ["tagcos", "random", "cluster_random", "full"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     full_seeds: int | None = Field(None, ge=1, description=(
-        "the `full` pool reference trains on only the first N seeds (it is a reference, not part of the paired "
-        "TAGCOS - random verdict, and on CPU its run is the longest); None = every seed"))
+        "the `full` pool reference trains on only the first N seeds (it is a reference, not part of the "
+        "paired TAGCOS - random verdict, and on CPU its run is the longest); None = every seed"))
     eval_path: str | None = Field(None, description="held-out Alpaca-style JSONL; None = sample eval split")
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps per variant")
@@ -74,21 +75,24 @@ class FinetuneConfig(Strict):
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = Field(None, description="LoRA targets; None = the architecture's attention "
+    target_modules: list[str] | None = Field(None,
+                                             description="LoRA targets; None = the architecture's attention "
                                              "projections (kernels/families.py: q/k/v/o_proj, GPT-NeoX "
                                              "query_key_value + attention.dense, GPT-2 c_attn + attn.c_proj)")
     mini_sequence: bool = Field(True, description="MsT chunked LM head + MLP with activation recomputation")
     lm_chunks: int | None = Field(None, ge=1, description="None = ceil(vocab / hidden)")
     mlp_chunks: int | None = Field(None, ge=1, description="None = ceil(intermediate / hidden)")
     checkpoint_every: int = Field(50, ge=1, description="optimizer steps between resumable checkpoints")
-    log_every: int = Field(10, ge=1, description="optimizer steps between Prefect log lines (the curve keeps all)")
+    log_every: int = Field(10, ge=1,
+                           description="optimizer steps between Prefect log lines (the curve keeps all)")
     long_context: LongContextConfig = Field(default_factory=LongContextConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
     threads: int = Field(1, ge=0, description="torch threads per Dask worker; 0 = default")
     seed: int = 0
 
 
-SUMMARY_COLUMNS = ["variant", "subset", "seed", "records", "steps", "train_loss", "eval_loss_base", "eval_loss",
+SUMMARY_COLUMNS = ["variant", "subset", "seed", "records", "steps", "train_loss", "eval_loss_base",
+                   "eval_loss",
                    "tokens_per_second", "peak_memory_mb", "seconds", "resumed_from_step", "device"]
 
 
@@ -164,7 +168,8 @@ def variant_models(cfg: FinetuneConfig, inputs: dict[str, str], code: str) -> di
 
 
 # ---- one variant (a Dask task) ------------------------------------------------------------------------
-def subset_records(store: ArtifactStore, pool: list[dict], subset_ref: str | None, seed: int = 0) -> list[dict]:
+def subset_records(store: ArtifactStore, pool: list[dict], subset_ref: str | None,
+                   seed: int = 0) -> list[dict]:
     """The pool records of a subset; a baseline with several random draws gives seed s draw s mod draws."""
     if subset_ref is None:
         return pool
@@ -200,7 +205,8 @@ def train_variant(store_uri: str, summary_ref: str, shard: int, item: dict, cfg:
             resume.clear()
             store.put_dir(ref, tmp)
         store.write_shard(ref, 0, pa.Table.from_pylist(curve))
-        stats = {"variant": item["variant"], "subset": item["subset"], "seed": item["seed"], "records": len(data),
+        stats = {"variant": item["variant"], "subset": item["subset"], "seed": item["seed"],
+                 "records": len(data),
                  "steps": len(curve), "train_loss": curve[-1]["loss"], "eval_loss_base": base_loss,
                  "eval_loss": final, "tokens_per_second": curve[-1]["tokens_per_second"],
                  "peak_memory_mb": curve[-1]["peak_memory_mb"], "seconds": time.perf_counter() - start,
@@ -212,14 +218,16 @@ def train_variant(store_uri: str, summary_ref: str, shard: int, item: dict, cfg:
 
 
 # ---- ChatQA 2 context extension ------------------------------------------------------------------------
-def packed_long_blocks(store: ArtifactStore, tokens_ref: str, separator: list[int], seq_len: int) -> np.ndarray:
+def packed_long_blocks(store: ArtifactStore, tokens_ref: str, separator: list[int],
+                       seq_len: int) -> np.ndarray:
     """Corpus documents joined with the separator tokens, cut into `seq_len` blocks."""
     from tracecore.tasks.lm_training import token_stream
 
     stream = token_stream(store, tokens_ref, separator)
     n = len(stream) // seq_len
     if n < 1:
-        raise ValueError(f"finetune.long_context: corpus has {len(stream)} tokens, less than seq_len={seq_len}")
+        raise ValueError(f"finetune.long_context: corpus has {len(stream)} tokens, less than "
+                         f"seq_len={seq_len}")
     return stream[: n * seq_len].reshape(n, seq_len)
 
 
@@ -235,13 +243,15 @@ def extend_context(run: StageRun, log) -> None:
     import torch
     from transformers import AutoConfig
 
-    store, cfg, model_ref, tokens_ref, ref = run.store, run.cfg, run.inputs["model"], run.inputs["tokens"], run.ref("long_model")
+    store, cfg, ref = run.store, run.cfg, run.ref("long_model")
+    model_ref, tokens_ref = run.inputs["model"], run.inputs["tokens"]
     lc, (device, dtype) = cfg.long_context, device_and_dtype(cfg.device)
     with model_dir(store, model_ref) as folder:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         set_rope_theta(config, lc.rope_theta, lc.seq_len)
         tok, model = load_model(folder, cfg.model_copy(update={"lora": False}), device, dtype, config=config)
-    blocks = packed_long_blocks(store, tokens_ref, tok(lc.separator, add_special_tokens=False)["input_ids"], lc.seq_len)
+    blocks = packed_long_blocks(store, tokens_ref, tok(lc.separator, add_special_tokens=False)["input_ids"],
+                                lc.seq_len)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lc.lr)
     rng, curve, start = np.random.default_rng(cfg.seed), [], time.perf_counter()
     model.train()
@@ -255,10 +265,11 @@ def extend_context(run: StageRun, log) -> None:
         save_model(model, tok, tmp)
         store.put_dir(ref, tmp)
     store.write_shard(ref, 0, pa.Table.from_pylist(curve))
-    run.commit("long_model", {"rope_theta": lc.rope_theta, "seq_len": lc.seq_len, "final_loss": curve[-1]["loss"],
+    run.commit("long_model",
+               {"rope_theta": lc.rope_theta, "seq_len": lc.seq_len, "final_loss": curve[-1]["loss"],
                               "seconds": curve[-1]["seconds"]}, expected_shards=1)
-    log.info("finetune: context extended to %d tokens (rope_theta %.3g), loss %.3f", lc.seq_len, lc.rope_theta,
-             curve[-1]["loss"])
+    log.info("finetune: context extended to %d tokens (rope_theta %.3g), loss %.3f", lc.seq_len,
+             lc.rope_theta, curve[-1]["loss"])
 
 
 # ---- the stage -------------------------------------------------------------------------------------------

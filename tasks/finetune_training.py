@@ -39,12 +39,13 @@ def load_model(folder: str, cfg: FinetuneConfig, device: str, dtype, config=None
 
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, bias="none",
                                                  lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                                                 **lora_kwargs(model, cfg.target_modules, "finetune.target_modules")))
+                                                 **lora_kwargs(model, cfg.target_modules,
+                                                               "finetune.target_modules")))
     if cfg.mini_sequence:
         apply_mini_sequence(model, cfg.lm_chunks, cfg.mlp_chunks)
         if not model.mini_sequence["mlp_layers"]:
-            get_logger().info("finetune: Mini-Sequence chunks the LM head only: model type %r has no MLP entry in "
-                              "kernels/families.py", model.config.model_type)
+            get_logger().info("finetune: Mini-Sequence chunks the LM head only: model type %r has no MLP "
+                              "entry in kernels/families.py", model.config.model_type)
     return tok, model.to(device)
 
 
@@ -95,7 +96,8 @@ def response_loss(model, data: list, pad_id: int, batch_size: int, device: str) 
     return total / max(tokens, 1)
 
 
-def train(model, data: list, pad_id: int, cfg: FinetuneConfig, seed: int, device: str, resume, log) -> list[dict]:
+def train(model, data: list, pad_id: int, cfg: FinetuneConfig, seed: int, device: str, resume,
+          log) -> list[dict]:
     """The optimizer loop; `resume` loads/saves checkpoints (see `Resume`). Returns the loss curve."""
     import torch
     from transformers import get_cosine_schedule_with_warmup
@@ -115,7 +117,8 @@ def train(model, data: list, pad_id: int, cfg: FinetuneConfig, seed: int, device
         loss_sum = 0.0
         for ids, labels, mask in batches:
             n = int((labels[:, 1:] != -100).sum())
-            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                         labels=labels.to(device)).loss
             (loss * n / max(step_tokens, 1)).backward()
             loss_sum += float(loss) * n
             tokens += int(mask.sum())
@@ -123,7 +126,8 @@ def train(model, data: list, pad_id: int, cfg: FinetuneConfig, seed: int, device
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - begin
         curve.append({"step": step + 1, "loss": loss_sum / max(step_tokens, 1), "lr": sched.get_last_lr()[0],
-                      "tokens_per_second": tokens / max(seconds, 1e-9), "peak_memory_mb": peak_memory_mb(device)})
+                      "tokens_per_second": tokens / max(seconds, 1e-9),
+                      "peak_memory_mb": peak_memory_mb(device)})
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(plan):
             resume.save(step + 1, model, opt, sched, curve)
         if (step + 1) % cfg.log_every == 0 or step + 1 == len(plan):

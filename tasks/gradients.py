@@ -1,4 +1,5 @@
-"""Stage `gradients`: LoRA warm-up and per-sample Adam-aware gradient features (TAGCOS, arXiv 2407.15235; LESS).
+"""Stage `gradients`: LoRA warm-up and per-sample Adam-aware gradient features (TAGCOS, arXiv 2407.15235;
+LESS).
 
 1. Warm-up: LoRA (peft) on a seeded random `warmup_fraction` of the instruction pool, loss on response
    tokens only; adapter + AdamW state (exp_avg, exp_avg_sq, in parameter order) saved as safetensors at
@@ -7,13 +8,14 @@
 2. Features, per pool shard on Dask and per checkpoint: the gradient g of the sample's mean response-token
    loss w.r.t. the LoRA parameters, turned into the Adam direction m'/(sqrt(v') + eps) with
    m' = b1 m + (1-b1) g, v' = b2 v + (1-b2) g^2 (b1 0.9, b2 0.999, eps 1e-8, no bias correction, as the
-   official code; eps outside the sqrt as in the paper, the code has it inside), projected by a seeded Rademacher matrix, L2-normalized, then averaged over checkpoints
+   official code; eps outside the sqrt as in the paper, the code has it inside), projected by a seeded
+   Rademacher matrix, L2-normalized, then averaged over checkpoints
    with the learning-rate weights (normalized to sum 1).
 
 Per-sample gradients are exact and batched without a batch-size-1 loop (`kernels/per_sample.py`): a LoRA
-factor is a bias-free Linear, so its per-sample gradient is sum_t grad_out[b, t] (x) input[b, t] (the
-Opacus identity); hooks capture both in one backward pass of the summed per-sample losses. The projection matrix is generated
-block by block from (seed, block) so memory stays bounded and results do not depend on sharding.
+factor is a bias-free Linear, so its per-sample gradient is sum_t grad_out[b, t] (x) input[b, t] (the Opacus
+identity); hooks capture both in one backward pass of the summed per-sample losses. The projection matrix is
+generated block by block from (seed, block) so memory stays bounded and results do not depend on sharding.
 Deviation: the official projector is TRAK's; ours is a plain Rademacher/sqrt(k) projection with the same
 distribution, not bit-identical to TRAK.
 """
@@ -42,14 +44,16 @@ class GradientsConfig(Strict):
     checkpoint_steps: list[int] = Field(default_factory=lambda: [10, 20, 30], min_length=1)
     lr: float = Field(2e-5, gt=0, lt=1, description="peak lr of the planned linear warm-up schedule")
     lr_warmup_steps: int | None = Field(None, ge=1, description="linear warm-up length; None = 2 x the last "
-                                        "checkpoint step, so checkpoints train at rising lrs (TAGCOS 10/20/30)")
+                                        "checkpoint step, so checkpoints train at rising lrs (TAGCOS "
+                                        "10/20/30)")
     planned_epochs: int = Field(4, ge=1, description="planned schedule length in epochs over the warm-up "
                                 "subset (LESS: 4); decay starts after the warm-up")
     batch_size: int = Field(8, ge=1, description="warm-up batch (official 1 x 32 accumulation x GPUs)")
     lora_r: int = Field(128, ge=1)
     lora_alpha: int = Field(512, ge=1)
     lora_dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] | None = Field(None, description="LoRA targets; None = the architecture's attention "
+    target_modules: list[str] | None = Field(None,
+                                             description="LoRA targets; None = the architecture's attention "
                                              "projections (kernels/families.py: q/k/v/o_proj, GPT-NeoX "
                                              "query_key_value + attention.dense, GPT-2 c_attn + attn.c_proj)")
     max_seq_len: int = Field(512, ge=8)
@@ -81,8 +85,10 @@ def lora_model(model_dir: str, cfg: GradientsConfig):
         torch.manual_seed(cfg.seed)
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
         base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                            task_type="CAUSAL_LM", **lora_kwargs(base, cfg.target_modules, "gradients.target_modules"))
+        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            bias="none",
+                            task_type="CAUSAL_LM",
+                            **lora_kwargs(base, cfg.target_modules, "gradients.target_modules"))
         return tok, get_peft_model(base, config)
 
 
@@ -92,7 +98,8 @@ def lora_params(model) -> list[tuple[str, object]]:
 
 def warmup_lr(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
     """The lr optimizer step `step` (1-based) trains with: linear warm-up to `peak` over `warmup_steps`, then
-    linear decay to 0 at `total_steps` (LESS's linear schedule). Step 1 already trains at peak / warmup_steps."""
+    linear decay to 0 at `total_steps` (LESS's linear schedule). Step 1 already trains at peak /
+    warmup_steps."""
     if step <= warmup_steps:
         return peak * step / warmup_steps
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
@@ -145,7 +152,8 @@ def save_checkpoints(store: ArtifactStore, ref: str, names: list[str], checkpoin
     for c in checkpoints:
         for kind in ("adapter", "exp_avg", "exp_avg_sq"):
             store.write_tensors(ref, f"ckpt-{c['step']}/{kind}.safetensors", dict(zip(names, c[kind])))
-    store.write_shard(ref, 0, pa.Table.from_pylist([{k: c[k] for k in ("step", "lr", "loss")} for c in checkpoints]))
+    store.write_shard(ref, 0,
+                      pa.Table.from_pylist([{k: c[k] for k in ("step", "lr", "loss")} for c in checkpoints]))
 
 
 def adam_direction(g, exp_avg, exp_avg_sq):
@@ -183,7 +191,8 @@ class Projector:
 
         out = torch.zeros(x.shape[0], self.dim, device=x.device)
         for start in range(0, x.shape[1], self.block):
-            out += x[:, start:start + self.block] @ self._signs(start, min(self.block, x.shape[1] - start), x.device)
+            out += x[:, start:start + self.block] @ self._signs(start, min(self.block, x.shape[1] - start),
+                                                                x.device)
         return out / self.dim ** 0.5
 
 
@@ -269,7 +278,8 @@ def run_gradients(run: StageRun) -> None:
     report = run.map("features", shard_features, [(model_ref, run.ref("warmup"), s) for s in shards], cfg=cfg)
     run.commit("features", {**pool, "seconds": report.seconds, "skipped_shards": report.skipped,
                             "records_per_second": round(report.sum_computed("records") / report.seconds, 2)
-                            if report.computed else None, "proj_dim": cfg.proj_dim}, expected_shards=cfg.shards)
+                            if report.computed else None, "proj_dim": cfg.proj_dim},
+                            expected_shards=cfg.shards)
     run.log.info("gradients: %d features of dim %d in %d shards (%d skipped)", len(records), cfg.proj_dim,
                  cfg.shards, report.skipped)
 

@@ -47,7 +47,7 @@ def opened(store: ArtifactStore, index_ref: str) -> Iterator[tuple]:
 
 def forms(tok, text: str) -> list[list[int]]:
     """The token ids of a phrase mid-text and at a document start (one form when they coincide)."""
-    
+
     return phrase_variants(tok, text)
 
 
@@ -105,7 +105,8 @@ def docs(store: ArtifactStore, index_ref: str, engine, tok, text: str, limit: in
 def document_rows(store: ArtifactStore, index_ref: str, doc_ixs: list[int]) -> dict[int, dict]:
     """Global document numbers of the index -> the ingest stage's (id, file, line, text): index groups hold
     token shards in order, and token shard k holds documents shard k's rows in their order (tokenize writes
-    one token shard per documents shard), so each needed documents shard is read once, only its hit rows kept."""
+    one token shard per documents shard), so each needed documents shard is read once, only its hit rows
+    kept."""
     tokens_ref = store.manifest(index_ref)["inputs"]["tokens"]
     documents_ref = store.manifest(tokens_ref)["inputs"]["documents"]
     groups = sorted(store.read_table(index_ref).to_pylist(), key=lambda g: g["group"])

@@ -40,17 +40,18 @@ class IngestConfig(Strict):
     max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)
     shard_mb: int = Field(256, ge=1, le=65_536, description=(
         "files larger than this are split into shards of about this size (plain JSONL by byte ranges on line "
-        "boundaries, Parquet by row groups), so memory per shard is bounded by it; compressed files stay whole"))
+        "boundaries, Parquet by row groups), so memory per shard is bounded by it; compressed files stay "
+        "whole"))
     dedup: bool = True
     keep_intermediates: bool = Field(False, description=(
-        "keep the parsed (pre-dedup) copy of the corpus and the dedup partitions after documents are committed; "
-        "false: their shards are deleted (manifests kept, flagged cleaned)"))
+        "keep the parsed (pre-dedup) copy of the corpus and the dedup partitions after documents are "
+        "committed; false: their shards are deleted (manifests kept, flagged cleaned)"))
     dedup_buckets: int = Field(16, ge=1, le=4096, description=(
-        "hash partitions of exact dedup: no task holds more than max(dedup_task_rows, 1/buckets of the corpus's) "
-        "hashes"))
+        "hash partitions of exact dedup: no task holds more than max(dedup_task_rows, 1/buckets of the "
+        "corpus's) hashes"))
     dedup_task_rows: int = Field(250_000, ge=1, description=(
-        "hashes one dedup task takes on: consecutive buckets are grouped up to about this many rows (a task per "
-        "bucket was a cluster round trip each, a third of ingest on a 10^6-token corpus)"))
+        "hashes one dedup task takes on: consecutive buckets are grouped up to about this many rows (a task "
+        "per bucket was a cluster round trip each, a third of ingest on a 10^6-token corpus)"))
 
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
@@ -138,7 +139,8 @@ def _iter_jsonl(uri: str, split: dict | None = None) -> Iterator[tuple[int, Any,
         yield line_no + 1, None, f"unreadable stream after line {line_no}: {type(exc).__name__}: {exc}", b""
 
 
-def _iter_parquet(uri: str, cfg: IngestConfig, split: dict | None = None) -> Iterator[tuple[int, Any, str | None, bytes]]:
+def _iter_parquet(uri: str, cfg: IngestConfig,
+                  split: dict | None = None) -> Iterator[tuple[int, Any, str | None, bytes]]:
     split = split or {}
     try:
         with fsspec.open(uri, "rb") as fh:
@@ -181,8 +183,9 @@ def iter_records(split: dict, cfg: IngestConfig) -> Iterator[tuple[int, Any, str
 
 def parse_file(store_uri: str, ref: str, shard: int, split: dict, cfg: IngestConfig, rejects_ref: str,
                hashes: tuple[str, int]) -> dict:
-    """Parse + validate one split of an input file into a documents shard, a rejects shard and the shard's dedup
-    hash partitions (`hashes`: ref, buckets), all with the same index; the documents shard is written last, so
+    """Parse + validate one split of an input file into a documents shard, a rejects shard and the shard's
+    dedup hash partitions (`hashes`: ref, buckets), all with the same index; the documents shard is written
+    last, so
     its marker means all three are there."""
     store, uri, name = ArtifactStore(store_uri), split["uri"], PurePosixPath(split["uri"]).name
     columns: dict[str, list] = {field: [] for field in DOC_SCHEMA.names}
@@ -191,22 +194,24 @@ def parse_file(store_uri: str, ref: str, shard: int, split: dict, cfg: IngestCon
         reason = reason or validate_record(obj, cfg)
         if reason:
             rejects.append({"file": uri, "line": line, "reason": reason,
-                            "snippet": _snippet(raw or (json.dumps(obj, default=str) if obj is not None else ""))})
+                            "snippet": _snippet(raw or (json.dumps(obj, default=str) if obj is not None
+                                                        else ""))})
             continue
         text, doc_id, source = obj[cfg.text_field], obj.get(cfg.id_field), obj.get("source")
         for field, value in (("id", str(doc_id) if doc_id is not None else f"{name}:{line}"), ("text", text),
-                             ("source", source if isinstance(source, str) else name), ("file", uri), ("line", line),
-                             ("doc_hash", hashlib.sha256(text.encode()).hexdigest()[:32])):
+                             ("source", source if isinstance(source, str) else name), ("file", uri),
+                             ("line", line), ("doc_hash", hashlib.sha256(text.encode()).hexdigest()[:32])):
             columns[field].append(value)
     store.write_shard(rejects_ref, shard, pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
     hashes_ref, buckets = hashes
-    store.write_shard(hashes_ref, shard, hash_partitions(columns["doc_hash"], shard, buckets), row_groups_by="bucket")
+    store.write_shard(hashes_ref, shard, hash_partitions(columns["doc_hash"], shard, buckets),
+                      row_groups_by="bucket")
     docs = pa.Table.from_pydict(columns, schema=DOC_SCHEMA)
     return store.write_shard(ref, shard, docs, rejects=len(rejects))
 
 
-# ---- exact dedup, partitioned by hash on the cluster ----------------------------------------------------
-# No process holds every hash: (1) each parse task splits its shard's hashes into `buckets` partitions, written
+# ---- exact dedup, partitioned by hash on the cluster ---------------------------------------------------- No
+# process holds every hash: (1) each parse task splits its shard's hashes into `buckets` partitions, written
 # as one file per parsed shard with one row group per bucket; (2) one task per group of consecutive buckets
 # (~`dedup_task_rows` hashes) reads those row groups of every such file, finds for each hash its first
 # occurrence in (shard, row) order and lists the later ones; (3) each shard drops its listed rows. The flow
@@ -229,7 +234,8 @@ def hash_partitions(hashes: list[str], shard: int, buckets: int) -> pa.Table:
 
 
 def partition_hashes(store_uri: str, ref: str, shard: int, item: tuple[str, int]) -> dict:
-    """Re-create the hash partitions of parsed shard `shard` (parse writes them; this only repairs a missing or
+    """Re-create the hash partitions of parsed shard `shard` (parse writes them; this only repairs a missing
+    or
     corrupt one)."""
     store = ArtifactStore(store_uri)
     parsed_ref, buckets = item
@@ -253,7 +259,8 @@ def bucket_duplicates(store_uri: str, ref: str, group: int, item: tuple[str, int
     checksumming a whole file per group would read it once per group."""
     store = ArtifactStore(store_uri)
     hashes_ref, n_shards, (first, last) = item
-    table = pa.concat_tables([store.read_shard_rows(hashes_ref, s, "bucket", first, last) for s in range(n_shards)])
+    table = pa.concat_tables([store.read_shard_rows(hashes_ref, s, "bucket", first, last)
+                              for s in range(n_shards)])
     table = table.sort_by([("shard", "ascending"), ("row", "ascending")])
     seen, drops = set(), []
     for h, s, r in zip(*(table.column(c).to_pylist() for c in ("doc_hash", "shard", "row"))):
@@ -279,9 +286,11 @@ def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[int]
 
 
 def duplicate_rows(run: StageRun, parsed_markers: list[dict]) -> dict[int, list[int]]:
-    """shard -> rows to drop, from the partitioned passes (each resumable per shard / per group of buckets)."""
+    """shard -> rows to drop, from the partitioned passes (each resumable per shard / per group of
+    buckets)."""
     store, buckets, refs, n_shards = run.store, run.cfg.dedup_buckets, run.plan.refs, len(parsed_markers)
-    run.map("hashes", partition_hashes, [(refs["parsed"], buckets)] * n_shards)  # re-creates only a missing one
+    # re-creates only a missing one
+    run.map("hashes", partition_hashes, [(refs["parsed"], buckets)] * n_shards)
     run.commit("hashes", {"intermediate": True, "buckets": buckets}, expected_shards=n_shards)
     groups = bucket_groups(sum(m["rows"] for m in parsed_markers), buckets, run.cfg.dedup_task_rows)
     run.map("drops", bucket_duplicates, [(refs["hashes"], n_shards, group) for group in groups])
@@ -299,7 +308,8 @@ def check_reject_fraction(parsed_markers: list[dict], rejects_uri: str, cfg: Ing
     if fraction > cfg.max_reject_fraction:
         raise TooManyRejectsError(
             f"ingest: {rejected} of {rows + rejected} records rejected ({fraction:.1%}) > "
-            f"ingest.max_reject_fraction={cfg.max_reject_fraction:.1%}; see the rejects artifact at {rejects_uri}")
+            f"ingest.max_reject_fraction={cfg.max_reject_fraction:.1%}; see the rejects artifact at "
+            f"{rejects_uri}")
     return {"documents_read": rows + rejected, "rejected": rejected, "reject_fraction": round(fraction, 6)}
 
 
@@ -317,7 +327,8 @@ def user_files(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> 
 
 
 def input_splits(files: list[str], cfg: IngestConfig, log) -> list[dict]:
-    """Every file's shards (`tasks/splits.py`), in file order (dedup's first occurrence stays (file, line))."""
+    """Every file's shards (`tasks/splits.py`), in file order (dedup's first occurrence stays (file,
+    line))."""
     from tracecore.tasks.splits import COMPRESSED, plan_splits
 
     bound, splits = cfg.shard_mb << 20, []
@@ -326,8 +337,9 @@ def input_splits(files: list[str], cfg: IngestConfig, log) -> list[dict]:
         if len(parts) == 1 and uri.lower().endswith(COMPRESSED):
             with fsspec.open(uri, "rb") as fh:
                 if fh.fs.size(fh.path) > bound:
-                    log.info("ingest: %s is compressed and larger than ingest.shard_mb=%d; it is one shard (its "
-                             "memory grows with it): split it, or store it uncompressed or as Parquet", uri,
+                    log.info("ingest: %s is compressed and larger than ingest.shard_mb=%d; it is one shard "
+                             "(its memory grows with it): split it, or store it uncompressed or as "
+                             "Parquet", uri,
                              cfg.shard_mb)
         splits += parts
     if len(splits) > len(files):
@@ -369,12 +381,14 @@ def ingest_documents(run: StageRun) -> None:
     stats["duplicates"] = sum(m.get("duplicates", 0) for m in deduped.markers)
     run.commit("documents", {**stats, "input_files": files, "seconds": parsed.seconds + deduped.seconds,
                              "skipped_shards": parsed.skipped + deduped.skipped}, expected_shards=len(splits))
-    if not cfg.keep_intermediates:  # documents are committed: the parsed copy and the hash partitions are spent
+    # documents are committed: the parsed copy and the hash partitions are spent
+    if not cfg.keep_intermediates:
         for name in ("parsed", "hashes", "drops"):
             if store.is_committed(run.ref(name)):
                 store.clean(run.ref(name))
     run.log.info("ingest: %d documents, %d rejects, %d duplicates -> %s", stats["documents_read"] -
-                 stats["rejected"] - stats["duplicates"], stats["rejected"], stats["duplicates"], run.ref("documents"))
+                 stats["rejected"] - stats["duplicates"], stats["rejected"], stats["duplicates"],
+                 run.ref("documents"))
 
 
 STAGE = Stage("ingest", IngestConfig, {"documents": "documents", "rejects": "rejects", "parsed": "parsed",

@@ -23,13 +23,14 @@ def load_pool(path: str) -> tuple[list[dict], list[dict]]:
             except json.JSONDecodeError as exc:
                 rejects.append({"file": path, "line": line_no, "reason": f"bad JSON: {exc.msg}"})
                 continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip():
+            if not isinstance(rec, dict) or not isinstance(rec.get("instruction"),
+                                                           str) or not rec["instruction"].strip():
                 rejects.append({"file": path, "line": line_no, "reason": "missing or empty 'instruction'"})
             elif not isinstance(rec.get("output", ""), str) or not isinstance(rec.get("input", ""), str):
                 rejects.append({"file": path, "line": line_no, "reason": "'input'/'output' must be strings"})
             else:
-                records.append({**rec, "id": str(rec.get("id", f"line-{line_no}")), "input": rec.get("input", ""),
-                                "output": rec.get("output", "")})
+                records.append({**rec, "id": str(rec.get("id", f"line-{line_no}")),
+                                "input": rec.get("input", ""), "output": rec.get("output", "")})
     return records, rejects
 
 
@@ -38,7 +39,8 @@ def encode(tok, rec: dict, max_len: int) -> tuple[list[int], list[int]]:
 
     Too long: the response keeps up to half the budget and the prompt is cut from the left, so every
     record keeps response tokens (cutting from the right would leave some with no loss at all)."""
-    prompt = tok(TEMPLATE.format(instruction=rec["instruction"], input=rec["input"]), add_special_tokens=False)["input_ids"]
+    prompt = tok(TEMPLATE.format(instruction=rec["instruction"], input=rec["input"]),
+                 add_special_tokens=False)["input_ids"]
     response = (tok(rec["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     if len(prompt) + len(response) > max_len:
         response = response[: max(max_len // 2, max_len - len(prompt))]
@@ -64,10 +66,12 @@ def pool_needs(pipeline_cfg) -> dict[str, str]:
 
 
 def pool_inputs(pipeline_cfg, upstream: dict[str, str], store) -> tuple[dict, dict]:
-    """(fingerprinted inputs, args): a user's pool by its file identity; the sample's by the sample artifact."""
+    """(fingerprinted inputs, args): a user's pool by its file identity; the sample's by the sample
+    artifact."""
     from tracecore.storage.fs import input_fingerprint, list_input_files
 
     path = pipeline_cfg.gradients.pool_path
     if path:
-        return {"pool": input_fingerprint(list_input_files([path], "gradients.pool_path"))}, {"pool_path": path}
+        return {"pool": input_fingerprint(list_input_files([path],
+                                                           "gradients.pool_path"))}, {"pool_path": path}
     return {}, {"pool_path": f"{store.files_path(upstream['sample'])}/instructions/train.jsonl"}

@@ -47,10 +47,12 @@ class ModelShape(Strict):
 
 
 def token_stream(store: ArtifactStore, tokens_ref: str, separator: list[int]) -> np.ndarray:
-    """All documents concatenated in shard order, each followed by `separator` ([EOS]: standard LM packing)."""
+    """All documents concatenated in shard order, each followed by `separator` ([EOS]: standard LM
+    packing)."""
     pieces, sep = [], np.asarray(separator, dtype=np.int64)
     for m in store.markers(tokens_ref):
-        for ids in store.read_shard(tokens_ref, m["shard"], columns=["tokens"]).column(0).to_numpy(zero_copy_only=False):
+        for ids in store.read_shard(tokens_ref, m["shard"],
+                                    columns=["tokens"]).column(0).to_numpy(zero_copy_only=False):
             pieces += [np.asarray(ids, dtype=np.int64), sep]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
@@ -58,7 +60,8 @@ def token_stream(store: ArtifactStore, tokens_ref: str, separator: list[int]) ->
 def split_blocks(stream: np.ndarray, seq_len: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     n_blocks = len(stream) // seq_len
     if n_blocks < 2:
-        raise ValueError(f"pretrain: corpus has {len(stream)} tokens, fewer than 2 blocks of seq_len={seq_len}")
+        raise ValueError(f"pretrain: corpus has {len(stream)} tokens, fewer than 2 blocks of "
+                         f"seq_len={seq_len}")
     blocks = stream[: n_blocks * seq_len].reshape(n_blocks, seq_len)
     n_eval = max(1, int(n_blocks * eval_fraction))
     return blocks[:-n_eval], blocks[-n_eval:]
@@ -71,8 +74,10 @@ def build_model(cfg: ModelShape, vocab_size: int, eos_id: int, pad_id: int):
     torch.manual_seed(cfg.seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
                          num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-                         intermediate_size=cfg.intermediate_size, max_position_embeddings=max(2048, cfg.seq_len),
-                         tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+                         intermediate_size=cfg.intermediate_size,
+                         max_position_embeddings=max(2048, cfg.seq_len),
+                         tie_word_embeddings=True, bos_token_id=eos_id, eos_token_id=eos_id,
+                         pad_token_id=pad_id)
     return LlamaForCausalLM(config)
 
 
@@ -98,8 +103,10 @@ def corpus_coverage(train_tokens: int, train_block_tokens: int, corpus_tokens: i
             "corpus_share_seen": round(seen / max(corpus_tokens, 1), 4)}
 
 
-def train(model, train_blocks: np.ndarray, cfg: TrainSchedule, device: str, log, name: str = "pretrain") -> list[dict]:
-    """AdamW, warm-up then cosine (or constant) rate, `epochs` passes capped at `max_tokens`; returns the curve.
+def train(model, train_blocks: np.ndarray, cfg: TrainSchedule, device: str, log,
+          name: str = "pretrain") -> list[dict]:
+    """AdamW, warm-up then cosine (or constant) rate, `epochs` passes capped at `max_tokens`; returns the
+    curve.
 
     A constant rate is there for induction-head formation (`configs/tiny-retrieval.yaml`): in our runs a
     rate decaying to zero ended training inside the loss plateau that precedes them. `name` labels the

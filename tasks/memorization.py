@@ -1,18 +1,21 @@
 """Stage `memorization`: task-gram pairs -> corpus counts -> task-gram LM vs. the model (arXiv 2407.14985 v5).
 
 For each task item (x, y): word n-grams s_x of x and s_y of y, Cartesian pairs, items with a y-gram that
-occurs in x dropped (paper's rule; a multiple-choice x is the question only), pairs kept if their sentence embeddings are similar enough
+occurs in x dropped (paper's rule; a multiple-choice x is the question only), pairs kept if their sentence
+embeddings are similar enough
 (MiniLM; thresholds 0.6 for n <= 2, 0.9 for n >= 3 by default — applied to the cosine itself, not to
 100x the cosine as in the official code). Counts come from infini-gram: C(s_x) by `count`, C(s_x, s_y)
 by `count_cnf` within `max_diff_tokens`. Task-gram LM: P_T(s_y | s_x) = C(s_x, s_y) / C(s_x).
 Per (item, s_y): log P_T averaged over its pairs (official code), the ∞-gram log-prob of s_y given x,
-and the summed LM log-prob of s_y given x in the task's prompt template ("Question: x\nAnswer:") for every model.
+and the summed LM log-prob of s_y given x in the task's prompt template ("Question: x\nAnswer:") for every
+model.
 
 Deviations, on purpose: an n-gram side shorter than n words counts as one gram (short answers such as
 "Paris" would otherwise yield no pairs; the overlap rule still checks it against x); pairs with
 C(s_x, s_y) = 0 have no finite log P_T and are left out of the item mean (counted in `pairs_zero`), so the
 paper's rho covers co-occurring items only (`n_cooccurring`), and rho over all items (`n_all`) uses the
-estimate (C(s_x, s_y) + 1/|Y|) / (C(s_x) + 1) beside it (|Y|: the task's distinct y-grams); a phrase is counted with and without a
+estimate (C(s_x, s_y) + 1/|Y|) / (C(s_x) + 1) beside it (|Y|: the task's distinct y-grams); a phrase is
+counted with and without a
 leading space (byte-level BPE tokenizes a word differently at document start). A score row also counts
 the items each rule dropped (`items_overlap_dropped`, `items_unaligned`).
 """
@@ -47,27 +50,31 @@ class MemorizationConfig(Strict):
     align: bool = True
     align_threshold_short: float = Field(0.6, ge=-1, le=1, description="cosine threshold for n <= 2 (paper)")
     align_threshold_long: float = Field(0.9, ge=-1, le=1, description="cosine threshold for n >= 3 (paper)")
-    embedder_path: str | None = Field(None, description="sentence-transformers folder; None = packaged MiniLM")
+    embedder_path: str | None = Field(None,
+                                      description="sentence-transformers folder; None = packaged MiniLM")
     max_diff_tokens: int = Field(1000, ge=1, description="co-occurrence window for count_cnf")
     max_clause_freq: int = Field(50_000, ge=1)
     models: list[str] = Field(default_factory=list, description=(
-        "models to score: `pretrain.model` (this run's), HF causal-LM folders, .gguf files or packaged models "
-        "(smollm2-135m-instruct); empty = this run's model. A model pretrained elsewhere is labelled: its rho "
-        "measures overlap with the indexed corpus, not memorization of it"))
+        "models to score: `pretrain.model` (this run's), HF causal-LM folders, .gguf files or packaged "
+        "models (smollm2-135m-instruct); empty = this run's model. A model pretrained elsewhere is labelled: "
+        "its rho measures overlap with the indexed corpus, not memorization of it"))
     bootstrap: int = Field(1000, ge=10, le=100_000)
     items_per_chunk: int = Field(50, ge=1, description="items per Dask counting task")
     batch_size: int = Field(32, ge=1)
     seed: int = 0
 
 
-REPORT_COLUMNS = ["model", "task", "items_cooccurring", "n_cooccurring", "spearman", "spearman_lo", "spearman_hi",
-                  "n_all", "spearman_all", "spearman_all_lo", "spearman_all_hi", "kendall_tau_distance", "infgram_spearman"]
+REPORT_COLUMNS = ["model", "task", "items_cooccurring", "n_cooccurring", "spearman", "spearman_lo",
+                  "spearman_hi",
+                  "n_all", "spearman_all", "spearman_all_lo", "spearman_all_hi", "kendall_tau_distance",
+                  "infgram_spearman"]
 REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 
 
 # ---- task-gram pairs --------------------------------------------------------------------------
 def task_grams(text: str, n: int) -> list[str]:
-    """A task field's word n-grams, case kept (they are counted in the case-sensitive corpus index); punctuation
+    """A task field's word n-grams, case kept (they are counted in the case-sensitive corpus index);
+    punctuation
     is filtered, as in the paper."""
     return word_ngrams(words(text, lower=False), n)
 
@@ -178,7 +185,8 @@ def lm_logprobs(model_dir: str, rows: list[dict], batch_size: int) -> list[float
 
     with MODEL_LOAD_LOCK:
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True,
+                                                     trust_remote_code=False).eval()
     out = []
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
@@ -237,7 +245,8 @@ def plots(scores: list[dict], rows: list[dict]) -> dict[str, bytes]:
         xs = [(edges[b] + edges[b + 1]) / 2 for b in range(6) if (which == b).any()]
         ys = [lm[which == b].mean() for b in range(6) if (which == b).any()]
         ax.plot(xs, ys, marker="o", label=task)
-    ax.set(xlabel="log10(1 + pair count C(s_x, s_y))", ylabel="mean log P_LM(s_y | x)", title=f"binned, {largest}")
+    ax.set(xlabel="log10(1 + pair count C(s_x, s_y))", ylabel="mean log P_LM(s_y | x)",
+           title=f"binned, {largest}")
     ax.legend(fontsize=8)
     out["plots/lm_vs_pair_count.png"] = figure_png(fig)
     return out
@@ -287,12 +296,14 @@ def user_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) ->
     from tracecore.tasks.models import causal_lm_config, model_fingerprint
 
     cfg = pipeline_cfg.memorization
-    inputs = {f"task_{s.name}": input_fingerprint(list_input_files([s.path], f"memorization.tasks.{s.name}.path"))
+    inputs = {f"task_{s.name}": input_fingerprint(list_input_files([s.path],
+                                                                   f"memorization.tasks.{s.name}.path"))
               for s in cfg.tasks if s.path}
     for i, model in enumerate(cfg.models):
         if model != RUN_MODEL:
             causal_lm_config(model, f"memorization.models[{i}]", store)
-            inputs |= {f"model{i}.{k}": v for k, v in model_fingerprint(model, f"memorization.models[{i}]").items()}
+            inputs |= {f"model{i}.{k}": v
+                       for k, v in model_fingerprint(model, f"memorization.models[{i}]").items()}
     models = [upstream["model"] if m == RUN_MODEL else m for m in cfg.models] or [upstream["model"]]
     return inputs, {"models": models}
 
@@ -325,10 +336,12 @@ def run_memorization(run: StageRun) -> None:
     items, rejects = task_items(run)
     run.write("rejects", pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA))
     if not items:
-        raise ValueError(f"memorization: no usable task items ({len(rejects)} rejected); see {run.ref('rejects')}")
+        raise ValueError(f"memorization: no usable task items ({len(rejects)} rejected); see "
+                         f"{run.ref('rejects')}")
     specs = {s.name: s for s in cfg.tasks}
     pairs = [{"task": it["task"], "item_id": it["id"], "input": it["input"], "prompt": it["prompt"],
-              "frequency": it["frequency"], "s_x": sx, "s_y": sy} for it in items for sx, sy in candidate_pairs(it, cfg.n)]
+              "frequency": it["frequency"], "s_x": sx, "s_y": sy} for it in items
+                  for sx, sy in candidate_pairs(it, cfg.n)]
     sims = alignment_scores([(p["s_x"], p["s_y"]) for p in pairs], cfg.embedder_path, cfg.batch_size) \
         if cfg.align and pairs else np.ones(len(pairs))
     kept = [{**p, "similarity": float(s)} for p, s in zip(pairs, sims)
@@ -336,7 +349,8 @@ def run_memorization(run: StageRun) -> None:
     chunks = _chunks_by_item(kept, cfg.items_per_chunk)
     counted = run.map("pairs", count_chunk, [(index_ref, tokenizer_ref, c) for c in chunks],
                       max_diff_tokens=cfg.max_diff_tokens, max_clause_freq=cfg.max_clause_freq)
-    run.commit("pairs", {"candidate_pairs": len(pairs), "aligned_pairs": len(kept)}, expected_shards=len(chunks))
+    run.commit("pairs", {"candidate_pairs": len(pairs), "aligned_pairs": len(kept)},
+               expected_shards=len(chunks))
     base = item_scores(store.read_table(run.ref("pairs")).to_pylist()) if chunks else []
     rows = []
     for label, folder in models.items():
@@ -357,11 +371,12 @@ def run_memorization(run: StageRun) -> None:
     for name, data in images.items():
         store.write_file(run.ref("scores"), name, data)
     run.commit("scores", {"items": len(items), "rejected": len(rejects), "aligned_pairs": len(kept),
-                          "seconds": counted.seconds, "skipped_shards": counted.skipped, "plots": sorted(images),
-                          "report_columns": REPORT_COLUMNS}, expected_shards=1)
+                          "seconds": counted.seconds, "skipped_shards": counted.skipped,
+                          "plots": sorted(images), "report_columns": REPORT_COLUMNS}, expected_shards=1)
     for s in scores:
         log.info("memorization %s/%s: spearman %s over %d co-occurring item targets, %s over all %d",
-                 s["model"], s["task"], s.get("spearman"), s["n_cooccurring"], s.get("spearman_all"), s["n_all"])
+                 s["model"], s["task"], s.get("spearman"), s["n_cooccurring"], s.get("spearman_all"),
+                 s["n_all"])
 
 
 def _parameters(config) -> int:

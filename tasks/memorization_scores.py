@@ -13,11 +13,13 @@ if TYPE_CHECKING:  # the type only: the stage's config is not code this library 
     from tracecore.tasks.memorization import MemorizationConfig
 
 
-def correlations(lm: np.ndarray, ref: np.ndarray, n_boot: int, seed: int, groups: np.ndarray | None = None) -> dict:
-    """Spearman and Pearson with percentile bootstrap CIs, Kendall tau distance = (1 - tau) / 2 (a point value,
-    as the paper reports it). With `groups` (an item id per row), whole items are resampled: rows of one item
-    (translation's five targets) are not independent, and resampling rows made intervals too narrow. Resamples
-    are drawn and ranked as one array where they have one width (one at a time was slow); a resample where
+def correlations(lm: np.ndarray, ref: np.ndarray, n_boot: int, seed: int,
+                 groups: np.ndarray | None = None) -> dict:
+    """Spearman and Pearson with percentile bootstrap CIs, Kendall tau distance = (1 - tau) / 2 (a point
+    value, as the paper reports it). With `groups` (an item id per row), whole items are resampled: rows of
+    one item (translation's five targets) are not independent, and resampling rows made intervals too narrow.
+    Resamples are drawn and ranked as one array where they have one width (one at a time was slow); a resample
+    where
     either side is constant has no correlation and is skipped."""
     from scipy import stats
 
@@ -77,7 +79,8 @@ def item_scores(pairs: list[dict]) -> list[dict]:
         smoothed = [min(0.0, math.log((p["c_xy"] + prior) / (p["c_x"] + 1))) for p in group]
         rows.append({"task": task, "item_id": item_id, "s_y": s_y, "input": group[0]["input"],
                      "prompt": group[0]["prompt"],
-                     "frequency": group[0]["frequency"], "pairs": len(group), "pairs_zero": len(group) - len(logs),
+                     "frequency": group[0]["frequency"], "pairs": len(group),
+                     "pairs_zero": len(group) - len(logs),
                      "pair_count": sum(p["c_xy"] for p in group), "approx": any(p["approx"] for p in group),
                      "cooccurring": bool(logs), "log_p_t": float(np.mean(logs)) if logs else float("nan"),
                      "log_p_t_smoothed": float(np.mean(smoothed)), "log_p_inf": group[0]["log_p_inf"]})
@@ -98,16 +101,18 @@ def score_table(rows: list[dict], cfg: MemorizationConfig) -> list[dict]:
         lm_all = np.array([r["log_p_lm"] for r in group])
         items_all = np.array([str(r["item_id"]) for r in group])
         if len(group) >= 3:
-            every = correlations(lm_all, np.array([r["log_p_t_smoothed"] for r in group]), cfg.bootstrap, cfg.seed,
-                                 items_all)
+            every = correlations(lm_all, np.array([r["log_p_t_smoothed"] for r in group]), cfg.bootstrap,
+                                 cfg.seed, items_all)
             row |= {"spearman_all": every["spearman"], "spearman_all_lo": every["spearman_lo"],
                     "spearman_all_hi": every["spearman_hi"]}
         if len(seen) >= 3:
             lm = np.array([r["log_p_lm"] for r in seen])
             items = np.array([str(r["item_id"]) for r in seen])
             scores = correlations(lm, np.array([r["log_p_t"] for r in seen]), cfg.bootstrap, cfg.seed, items)
-            baseline = correlations(lm, np.array([r["log_p_inf"] for r in seen]), cfg.bootstrap, cfg.seed, items)
-            row |= {**scores, "infgram_spearman": baseline["spearman"], "infgram_spearman_lo": baseline["spearman_lo"],
+            baseline = correlations(lm, np.array([r["log_p_inf"] for r in seen]), cfg.bootstrap, cfg.seed,
+                                    items)
+            row |= {**scores, "infgram_spearman": baseline["spearman"],
+                    "infgram_spearman_lo": baseline["spearman_lo"],
                     "infgram_spearman_hi": baseline["spearman_hi"]}
         out.append(row)
     return out

@@ -12,6 +12,11 @@ from pathlib import Path
 from tracecore.storage.store import ArtifactStore
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for one-line errors (a library's message can run to pages)."""
+    return str(exc).splitlines()[0] if str(exc) else ""
+
+
 def resolve_device(device: str) -> str:
     """`auto` = CUDA when available, else CPU; `cpu`/`cuda` as given."""
     import torch
@@ -57,7 +62,8 @@ def causal_lm_config(path: str, field: str, store: ArtifactStore | None = None):
             return causal_lm_config(imported, field)
         stat = file.stat()
         try:
-            config = copy.deepcopy(checked_gguf_config(str(file), stat.st_size, stat.st_mtime_ns))  # caller's own
+            # caller's own
+            config = copy.deepcopy(checked_gguf_config(str(file), stat.st_size, stat.st_mtime_ns))
         except ConfigError as exc:
             raise ConfigError(str(exc).replace(FIELD, field, 1)) from None
     else:
@@ -84,7 +90,8 @@ def checked_gguf_config(file: str, size: int, mtime_ns: int):
 
 
 def imported_folder(store: ArtifactStore, file: Path) -> str | None:
-    """The local folder of this GGUF file's import (`model_import/<fp>`), when the store holds it committed."""
+    """The local folder of this GGUF file's import (`model_import/<fp>`), when the store holds it
+    committed."""
     from tracecore.storage.fs import is_local
     from tracecore.tasks.gguf_models import import_ref
 
@@ -93,7 +100,8 @@ def imported_folder(store: ArtifactStore, file: Path) -> str | None:
 
 
 def cached_sha256(path: Path) -> str:
-    """A file's sha256, once per process per file version (size, modification time): planning asks per setting."""
+    """A file's sha256, once per process per file version (size, modification time): planning asks per
+    setting."""
     stat = path.stat()
     return _sha256_of_version(str(path), stat.st_size, stat.st_mtime_ns)
 
@@ -114,7 +122,7 @@ def read_config(location: dict, path: str, field: str):
         return AutoConfig.from_pretrained(**location, local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError, OSError) as exc:
         raise ConfigError(f"{field}: {path!r} is not a model folder transformers reads without remote code "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+                          f"({type(exc).__name__}: {first_line(exc)[:200]})") from None
 
 
 def model_fingerprint(path: str, field: str) -> dict:
@@ -138,11 +146,13 @@ def resolve_lora_targets(config, configured: list[str] | None, field: str, model
     model = model if model is not None else buildable(config, meta_model)
     targets = lora_targets(config, configured)
     if targets is None:
-        raise ConfigError(f"{field}: no LoRA targets known for model type {config.model_type!r}; set {field} to "
+        raise ConfigError(f"{field}: no LoRA targets known for model type {config.model_type!r}; set {field} "
+                          f"to "
                           f"its attention projections (its linear layers: {', '.join(linear_names(model))})")
     missing = missing_targets(model, targets)
     if missing:
-        raise ConfigError(f"{field}: {', '.join(missing)} match no module of model type {config.model_type!r} "
+        raise ConfigError(f"{field}: {', '.join(missing)} match no module of model type "
+                          f"{config.model_type!r} "
                           f"(its linear layers: {', '.join(linear_names(model))})")
     return targets
 
@@ -154,8 +164,8 @@ def buildable(config, build):
     try:
         return build(config)
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a config it cannot build
-        raise ConfigError(f"pretrain.model_path: transformers cannot build model type {config.model_type!r} from "
-                          f"its config.json: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise ConfigError(f"pretrain.model_path: transformers cannot build model type {config.model_type!r} "
+                          f"from its config.json: {type(exc).__name__}: {first_line(exc)}") from None
 
 
 def check_user_lora_targets(pipeline_cfg, configured: list[str] | None, field: str) -> None:

@@ -4,7 +4,8 @@
   ourselves (`tokenized.0`: each document = 0xFFFF separator + little-endian ids; `offset.0`: u64
   byte offset of each document) and build the suffix array with the package's `rust_indexing` binary,
   driven as `python -m infini_gram.indexing` drives it (`build_suffix_array` says why not through that).
-  One index per shard group, groups built in parallel on Dask, queried together through one `InfiniGramEngine`.
+  One index per shard group, groups built in parallel on Dask, queried together through one
+  `InfiniGramEngine`.
 * exact table (`tasks/ngram_table.py`): map-reduce over token shards, n-grams packed losslessly into
   integer keys, counted per partition (map), summed per hash bucket (reduce), and written as Parquet
   (`ngram`, `n`, `count`) plus a top-k table.
@@ -57,8 +58,8 @@ class NgramConfig(Strict):
         "(~20 bytes per token of its group) stays bounded as the corpus grows"))
     index_mem_gib: int = Field(2, ge=1, le=4096)
     index_cpus: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field("auto", description=(
-        "cpus per indexer process; auto = the cluster's threads shared by the index groups by their tokens (at "
-        "most one host's), so one or two groups do not index on one core while the rest idle"))
+        "cpus per indexer process; auto = the cluster's threads shared by the index groups by their tokens "
+        "(at most one host's), so one or two groups do not index on one core while the rest idle"))
     max_n: int = Field(3, ge=1, le=4, description="exact table holds n-grams for n = 1..max_n")
     buckets: int = Field(16, ge=1, le=65_535, description="exact-table reduce partitions, at least")
     bucket_tokens: int = Field(2_000_000, ge=1_000, description=(
@@ -93,7 +94,7 @@ def check_inputs(store: ArtifactStore, cfg: NgramConfig, tokens_ref: str, vocab_
 def group_shards(shard_tokens: list[int], groups: int, group_tokens: int) -> list[list[int]]:
     """Contiguous token shards per index group (document order is kept): at least `groups` groups when there
     are enough shards, and at most `group_tokens` tokens per group unless one shard is larger, so the
-    indexer's memory (~20 bytes per token of its group, measured) does not grow with the corpus."""
+    indexer's memory (about 20 bytes per token of its group) does not grow with the corpus."""
     target = min(-(-sum(shard_tokens) // max(1, groups)), group_tokens)
     out: list[list[int]] = []
     size = 0
@@ -133,21 +134,25 @@ def write_infinigram_files(store: ArtifactStore, tokens_ref: str, shards: list[i
 
 
 def run_package_indexer(folder: Path, mem_gib: int, cpus: int) -> None:
-    """The package's own driver, as a user runs it (`python -m infini_gram.indexing`; its tokenize step is skipped
-    because tokenized.0/offset.0 exist): the reference `build_suffix_array` is tested against, and the bench's peer."""
+    """The package's own driver, as a user runs it (`python -m infini_gram.indexing`; its tokenize step is
+    skipped because tokenized.0/offset.0 exist): the reference `build_suffix_array` is tested against, and the
+    bench's
+    peer."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     ulimit = hard if hard != resource.RLIM_INFINITY else 1 << 20
     cmd = [sys.executable, "-m", "infini_gram.indexing", "--data_dir", str(folder), "--save_dir", str(folder),
-           "--temp_dir", str(folder / "tmp"), "--token_dtype", "u16", "--mem", str(mem_gib), "--cpus", str(cpus),
-           "--ulimit", str(ulimit)]
+           "--temp_dir", str(folder / "tmp"), "--token_dtype", "u16", "--mem", str(mem_gib), "--cpus",
+           str(cpus), "--ulimit", str(ulimit)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not (folder / "table.0").exists():
-        raise RuntimeError(f"infini-gram indexer failed in {folder}: {proc.stdout[-500:]} {proc.stderr[-1000:]}")
+        raise RuntimeError(f"infini-gram indexer failed in {folder}: {proc.stdout[-500:]} "
+                           f"{proc.stderr[-1000:]}")
 
 
 def suffix_array_jobs(size: int, mem_bytes: int, cpus: int, width: int = 2) -> list[list[tuple[int, int]]]:
     """Byte ranges of the make-part jobs, in batches of `cpus` run together: infini-gram's own split
-    (`indexing.build_sa`): batches double until a batch's parts fit in memory at 8 bytes per u16 token, each part
+    (`indexing.build_sa`): batches double until a batch's parts fit in memory at 8 bytes per u16 token, each
+    part
     is a whole number of tokens and overlaps the next by the package's HACK bytes."""
     batches = 1
     while batches * max(1, mem_bytes // 8) < size:
@@ -180,11 +185,11 @@ def panic_message(stderr: str) -> str:
 
 
 def build_suffix_array(folder: Path, mem_bytes: int, cpus: int) -> None:
-    """`table.0` for `tokenized.0`: infini-gram's suffix-array steps (make-part, merge, concat) run straight from
-    the package's `rust_indexing` binary with the arguments its Python driver gives them (`build_sa`), so the
-    index is byte-identical to `python -m infini_gram.indexing` (tested). Why not that driver: as a process it
-    costs ~0.2 s of interpreter start and numpy/tqdm imports per group (measured: 0.17 s of 0.35 s at 10^6
-    tokens, where the binary's work is ~0.2 s), and called in-process it chdirs the whole Dask worker."""
+    """`table.0` for `tokenized.0`: infini-gram's suffix-array steps (make-part, merge, concat) run straight
+    from the package's `rust_indexing` binary with the arguments its Python driver gives them (`build_sa`), so
+    the index is byte-identical to `python -m infini_gram.indexing` (tested). Why not that driver: as a
+    process it costs an interpreter start and numpy/tqdm imports per group, as much as the binary's own work
+    on a small group, and called in-process it chdirs the whole Dask worker."""
     data = folder / "tokenized.0"
     size = data.stat().st_size
     ratio = int(np.ceil(np.log2(size) / 8))
@@ -194,7 +199,8 @@ def build_suffix_array(folder: Path, mem_bytes: int, cpus: int) -> None:
     raise_open_files_limit()  # the merge opens every part at once, as the package's --ulimit allows
     for batch in suffix_array_jobs(size, mem_bytes, cpus):
         wait_all([rust_indexing("make-part", "--data-file", data, "--parts-dir", parts, "--start-byte", start,
-                                "--end-byte", end, "--ratio", ratio, "--token-width", 2) for start, end in batch],
+                                "--end-byte", end, "--ratio", ratio, "--token-width", 2)
+                                    for start, end in batch],
                  "make-part", folder)
     wait_all([rust_indexing("merge", "--data-file", data, "--parts-dir", parts, "--merged-dir", merged,
                             "--num-threads", cpus, "--hacksize", infini_gram.indexing.HACK, "--ratio", ratio,
@@ -216,8 +222,8 @@ def indexer_cpus(setting: int | str, group_tokens: list[int], host_threads: int,
                  total_threads: int | None = None) -> list[int]:
     """`ngram.index_cpus` per group. auto: the cluster's threads shared by the groups in proportion to their
     tokens, at least 1 and at most one host's threads each (the indexer is one process on one machine), so a
-    corpus of one or two groups does not index on one core while the others idle (measured on 2 cores: 8 M
-    tokens in 3.3 s on 1 cpu, 1.5 s on 2; the index is byte-identical)."""
+    corpus of one or two groups does not index on one core while the others idle (the index is
+    byte-identical whatever the cpus)."""
     if setting != "auto":
         return [int(setting)] * len(group_tokens)
     threads, total = total_threads or host_threads, sum(group_tokens) or 1
@@ -235,7 +241,8 @@ def build_index_group(store_uri: str, ref: str, group: int, item: tuple, mem_gib
         build_suffix_array(folder, mem_gib * 2**30, cpus if tokens * 2 >= cpus * 200_000 else 1)
         for name in ("tokenized.0", "offset.0", "table.0"):
             store.put_file(ref, f"group-{group:03d}/{name}", folder / name, move=True)  # streamed: GBs
-    summary = pa.table({"group": [group], "folder": [f"{FILES_DIR}/group-{group:03d}"], "token_shards": [shards],
+    summary = pa.table({"group": [group], "folder": [f"{FILES_DIR}/group-{group:03d}"],
+                        "token_shards": [shards],
                         "documents": [docs], "tokens": [tokens], "tokenizer": [tokenizer_ref],
                         "vocab_size": [vocab_size], "token_dtype": [token_dtype(bits)]})
     return store.write_shard(ref, group, summary, documents=docs, tokens=tokens)
@@ -263,7 +270,8 @@ def run_ngram(run: StageRun) -> None:
                          "tokens": sum(m["tokens"] for m in index.markers),
                          "documents": sum(m["documents"] for m in index.markers),
                          "seconds": index.seconds, "skipped_shards": index.skipped,
-                         "tokens_per_second": round(index_tokens / index.seconds, 1) if index.computed else None},
+                         "tokens_per_second": round(index_tokens / index.seconds, 1) if index.computed
+                             else None},
                expected_shards=len(groups))
     buckets = bucket_count(cfg, tokens_manifest["tokens"])
     parts = map_partitions(store, tokens_ref, cfg.map_tokens)

@@ -35,7 +35,8 @@ def to_symbols(ids: np.ndarray) -> np.ndarray:
 
 
 class PairedEngine:
-    """The engine API tracecore uses (`count`, `count_cnf`, `infgram_prob`) over an index of paired symbols."""
+    """The engine API tracecore uses (`count`, `count_cnf`, `infgram_prob`) over an index of paired
+    symbols."""
 
     def __init__(self, engine):
         self.engine = engine
@@ -49,7 +50,8 @@ class PairedEngine:
 
     def count_cnf(self, cnf, max_clause_freq=None, max_diff_tokens=None) -> dict:
         diff = None if max_diff_tokens is None else 2 * max_diff_tokens  # two symbols per token
-        return self.engine.count_cnf([[self.encode(t) for t in clause] for clause in cnf], max_clause_freq, diff)
+        return self.engine.count_cnf([[self.encode(t) for t in clause] for clause in cnf], max_clause_freq,
+                                     diff)
 
     def infgram_prob(self, prompt_ids, cont_id: int) -> dict:
         """cnt(s + t) / cnt(s) for the longest suffix s of the prompt that occurs (infini-gram's definition);
@@ -77,6 +79,7 @@ def open_engine(store: ArtifactStore, index_ref: str, max_clause_freq: int = 50_
         paired = manifest.get("token_dtype", "u16") == "u32"
         eos = manifest["eos_token_id"]
         engine = InfiniGramEngine(index_dir=dirs, eos_token_id=to_symbols([eos])[0].item() if paired else eos,
-                                  vocab_size=65535, version=4, token_dtype="u16", max_clause_freq=max_clause_freq,
+                                  vocab_size=65535, version=4, token_dtype="u16",
+                                  max_clause_freq=max_clause_freq,
                                   max_diff_tokens=2 * max_diff_tokens if paired else max_diff_tokens)
         yield PairedEngine(engine) if paired else engine

@@ -2,18 +2,18 @@
 
 An n-gram packs losslessly into a two-word key (`key0`, `key1`: 128 bits, so n <= 8 with u16 ids and n <= 4
 with u32 ids), so "hashing" is exact. Map: every n-gram inside a document of one token shard, counted, in the
-order of its *mixed* key (a bijective integer hash of the packed key, `mix`); a bucket is a range of
-mixed keys, so each n's sorted rows already fall into buckets as contiguous slices and are written as they
-are (zero-copy slices), one Parquet row group per bucket holding each n's slice. Reduce: one bucket's rows from
+order of its *mixed* key (a bijective integer hash of the packed key, `mix`); a bucket is a range of mixed
+keys, so each n's sorted rows already fall into buckets as contiguous slices and are written as they are
+(zero-copy slices), one Parquet row group per bucket holding each n's slice. Reduce: one bucket's rows from
 every partition summed by key, unmixed, ordered by count, keys decoded to ids. Memory per task is bounded by
 the shard size and the bucket count (`bucket_count`), not by the corpus.
 
-Where the time goes (measured on 4 M-token partitions): sorting. A key that fits a machine word is sorted as
+Where the time goes: sorting. A key that fits a machine word is sorted as
 one (uint32 when it fits 32 bits: the vectorized sort handles twice as many per instruction), unigrams are
 counted with `bincount` (no sort), and the reduce merges the partitions' already sorted runs with a stable
 sort (timsort finds the runs) instead of sorting again. Hash buckets instead of ranges cost a bucket sort and
-a gather of every column per partition (0.54 of 1.6 s per 4 M tokens, measured). At 10^8 tokens (serial, 34
-partitions, 51 buckets) the map is ~45 % sorting; the reduce ~30 % writing the output's list column.
+a gather of every column per partition, a third of the map's time. In the map most of the time is sorting;
+in the reduce, writing the output's list column (profiles in bench/log/).
 On Dask, the workers' malloc setting matters as much as any of this (see `DaskConfig.malloc_trim_threshold`).
 """
 
@@ -52,8 +52,8 @@ def _unshift(x: np.ndarray, shift: int, width: int) -> np.ndarray:
 
 
 # (dtype, xor-shifts, odd multipliers): splitmix64's finalizer; murmur3's fmix32 for keys of <= 32 bits, which
-# then still sort as uint32; for keys of 33-48 bits (trigrams of 16-bit ids) splitmix64's multipliers cut to 48
-# bits, so the mixed key stays below 2^48 and a reduce can merge it with a 16-bit count as one word
+# then still sort as uint32; for keys of 33-48 bits (trigrams of 16-bit ids) splitmix64's multipliers cut to
+# 48 bits, so the mixed key stays below 2^48 and a reduce can merge it with a 16-bit count as one word
 _MIXERS = {64: (np.uint64, (30, 27, 31), (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)),
            48: (np.uint64, (24, 23, 24), (0x476D1CE4E5B9, 0x49BB133111EB)),
            32: (np.uint32, (16, 13, 16), (0x85EBCA6B, 0xC2B2AE35))}
@@ -174,14 +174,15 @@ def ngram_counts(flat: np.ndarray, ends: np.ndarray, n: int, bits: int = 16) -> 
     `mixed_words`; `unmixed_words` gives key0 back); key1 is zeros unless the key needs two words. Unigrams of
     ids below 2^24 by `bincount`; a key of <= 32 bits sorted as uint32, of <= 64 bits as uint64 (np.unique's
     vectorized sort); wider keys row-wise. Words come back as separate 1-D arrays: an [m, 2] key array cost a
-    strided copy per word (measured 0.24 s per 8 M tokens)."""
+    strided copy per word."""
     width = key_width(n, bits)
     if n == 1 and len(flat) and int(flat.max()) < BINCOUNT_MAX_ID:
         counts = np.bincount(flat.astype(np.int64, copy=False))
         ids = np.flatnonzero(counts)
         mixed = mixed_words(ids, None, width)
         order = np.argsort(mixed)
-        return mixed[order].astype(np.uint64), np.zeros(len(ids), np.uint64), counts[ids][order].astype(np.uint64)
+        return mixed[order].astype(np.uint64), np.zeros(len(ids),
+                                                        np.uint64), counts[ids][order].astype(np.uint64)
     if width <= 64:
         word = packed_word(flat, ends, n, bits)
         distinct, counts = np.unique(mixed_words(word, None, width), return_counts=True)
@@ -189,12 +190,14 @@ def ngram_counts(flat: np.ndarray, ends: np.ndarray, n: int, bits: int = 16) -> 
     keys = packed_flat(flat, ends, n, bits)
     keys[:, 0] = mixed_words(keys[:, 0], keys[:, 1], width)
     distinct, counts = np.unique(keys, axis=0, return_counts=True)
-    return np.ascontiguousarray(distinct[:, 0]), np.ascontiguousarray(distinct[:, 1]), counts.astype(np.uint64)
+    high, low = np.ascontiguousarray(distinct[:, 0]), np.ascontiguousarray(distinct[:, 1])
+    return high, low, counts.astype(np.uint64)
 
 
 def bucket_bounds(mixed: np.ndarray, width: int, buckets: int) -> np.ndarray:
     """[buckets + 1] row bounds of each bucket in sorted mixed keys: bucket b holds the mixed first words in
-    [b, b + 1) * 2^w / buckets (w: the mixed word's width, 32, 48 or 64), the same ranges in every partition."""
+    [b, b + 1) * 2^w / buckets (w: the mixed word's width, 32, 48 or 64), the same ranges in every
+    partition."""
     w = min(width, 64)
     splitters = np.array([-(-(b << w) // buckets) for b in range(1, buckets)], np.uint64)
     return np.r_[0, np.searchsorted(mixed, splitters), len(mixed)].astype(np.int64)
@@ -203,9 +206,9 @@ def bucket_bounds(mixed: np.ndarray, width: int, buckets: int) -> np.ndarray:
 def sum_sorted_runs(key0: np.ndarray, key1: np.ndarray | None, counts: np.ndarray) -> tuple[np.ndarray, ...]:
     """(key0, key1, summed uint64 counts) of the distinct keys in key order, from concatenated runs that are
     each in key order (one per map partition): a stable sort merges the runs (timsort finds them). `key1`
-    None: one-word keys. A key and its count that fit one 64-bit word together (bigrams; trigrams of 16-bit ids,
-    mixed within 48 bits, whose count is below 2^16) are merged as that word by value, which skips the
-    argsort's gathers (0.25 -> 0.12 s per 5 M bigram rows, measured)."""
+    None: one-word keys. A key and its count that fit one 64-bit word together (bigrams; trigrams of 16-bit
+    ids, mixed within 48 bits, whose count is below 2^16) are merged as that word by value, which skips the
+    argsort's gathers (half the merge's time)."""
     wide = key1 is not None and bool(key1.any())
     if not len(key0):
         return key0, np.zeros(0, np.uint64), counts.astype(np.uint64)
@@ -271,7 +274,8 @@ def count_partition(store_uri: str, ref: str, part: int, item: tuple, max_n: int
     bucket's). No sort or gather beyond the count's own."""
     store = ArtifactStore(store_uri)
     tokens_ref, shard, lo, hi = item
-    column = store.read_shard(tokens_ref, shard, columns=["tokens"]).column(0).slice(lo, hi - lo).combine_chunks()
+    column = store.read_shard(tokens_ref, shard,
+                              columns=["tokens"]).column(0).slice(lo, hi - lo).combine_chunks()
     bits = id_bits(store, tokens_ref)
     flat, bounds = flat_ids(column)
     batches, bounds_by_n, wide = [], [], False
@@ -294,13 +298,15 @@ def count_partition(store_uri: str, ref: str, part: int, item: tuple, max_n: int
     table = pa.Table.from_batches([batch.slice(lo[b], lo[b + 1] - lo[b]) for b in range(buckets)
                                    for batch, lo in zip(by_n, bounds_by_n)], schema=by_n[0].schema)
     # lz4, no dictionaries: read once by the reduce; keys are mostly distinct and bucket/n constant per row
-    # group (measured per 4 M tokens: write 0.12 -> 0.09 s, 3 % larger)
-    return store.write_shard(ref, part, table, row_groups_by="bucket", compression="lz4", use_dictionary=False)
+    # group, so dictionaries would cost write time and save almost nothing
+    return store.write_shard(ref, part, table, row_groups_by="bucket", compression="lz4",
+                             use_dictionary=False)
 
 
 def bucket_runs(pieces: list[pa.Table]) -> dict[int, tuple]:
-    """{n: (key0, key1 or None, uint64 counts)} of one bucket's rows from every map partition, each partition's
-    rows a run in key order. A partition's bucket is ordered by n, so each n is a slice of it (no filter
+    """{n: (key0, key1 or None, uint64 counts)} of one bucket's rows from every map partition, each
+    partition's rows a run in key order. A partition's bucket is ordered by n, so each n is a slice of it (no
+    filter
     copies)."""
     runs: dict[int, list] = {}
     for piece in (p for p in pieces if p.num_rows):
@@ -311,7 +317,8 @@ def bucket_runs(pieces: list[pa.Table]) -> dict[int, tuple]:
         for lo, hi in itertools.pairwise(cuts):
             runs.setdefault(int(n_col[lo]), []).append((key0[lo:hi], key1 if key1 is None else key1[lo:hi],
                                                         counts[lo:hi]))
-    return {n: (np.concatenate([r[0] for r in parts]), join_second_words(parts), np.concatenate([r[2] for r in parts]))
+    return {n: (np.concatenate([r[0] for r in parts]), join_second_words(parts),
+                np.concatenate([r[2] for r in parts]))
             for n, parts in sorted(runs.items())}
 
 
@@ -324,8 +331,9 @@ def join_second_words(parts: list[tuple]) -> np.ndarray | None:
 
 def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:
     """Reduce: sum one bucket's counts over all partitions, each n ordered by count (ties in mixed-key order:
-    fixed, not lexicographic); keys unmixed and decoded to ids. Map partitions are read unverified: `map_shards`
-    verified every reused one just before (fresh ones were written by this run), and checksumming a whole
+    fixed, not lexicographic); keys unmixed and decoded to ids. Map partitions are read unverified:
+    `map_shards` verified every reused one just before (fresh ones were written by this run), and checksumming
+    a whole
     partition per bucket would read it `buckets` times."""
     store = ArtifactStore(store_uri)
     map_ref, n_partitions, bits = item
@@ -340,7 +348,8 @@ def reduce_bucket(store_uri: str, ref: str, bucket: int, item: tuple) -> dict:
         ids = unpacked_words([key0, key1], n, bits, np.uint16 if bits == 16 else np.uint32).ravel()
         offsets = pa.array(np.arange(0, len(ids) + 1, n, dtype=np.int32))
         out.append(pa.table({"ngram": pa.ListArray.from_arrays(offsets, pa.array(ids, type=id_type)),
-                             "n": pa.array(np.full(len(order), n, np.uint8)), "count": pa.array(counts[order])}))
+                             "n": pa.array(np.full(len(order), n, np.uint8)),
+                             "count": pa.array(counts[order])}))
     schema = pa.schema([("ngram", pa.list_(id_type)), ("n", pa.uint8()), ("count", pa.uint64())])
     table = pa.concat_tables(out) if out else schema.empty_table()
     # dictionaries for every column, ids included: smaller and faster to write (0.10 -> 0.08 s per 1.2 M rows)

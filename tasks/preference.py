@@ -3,7 +3,8 @@
 
 Builder (Dask-parallel over input files): pairwise exports (`prompt`, `chosen`, `rejected`), RPR-style
 rows (`prompt`, `response_a`, `response_b`, `criteria_x|y`, `scenario_x|y`), and the sample world. Each
-pair gets contexts from (a) its own context columns, (b) the criteria library (`configs/libraries/criteria.yaml`)
+pair gets contexts from (a) its own context columns, (b) the criteria library
+(`configs/libraries/criteria.yaml`)
 matched by a feature scorer on the pair's own features, (c) optionally a local instruct LM by path; one
 context per normalised text. Every (pair, context) becomes two
 records, one per response order, so labels are balanced and position carries no signal; every pair also
@@ -55,12 +56,13 @@ class PreferenceInput(Strict):
 class PreferenceConfig(Strict):
     """Context-conditioned preference data with reversals and a context-aware reward model."""
 
-    inputs: list[PreferenceInput] = Field(default_factory=list, description="empty = the sample world's pairs")
+    inputs: list[PreferenceInput] = Field(default_factory=list,
+                                          description="empty = the sample world's pairs")
     criteria_library: str | None = Field(
         "builtin", description="YAML path; builtin = configs/libraries/criteria.yaml; null = none")
     context_lm_path: str | None = Field(None, description=(
-        "local instruct LM that proposes criteria (folder, .gguf or packaged model, e.g. smollm2-135m-instruct); "
-        "its contexts are tagged `lm`"))
+        "local instruct LM that proposes criteria (folder, .gguf or packaged model, e.g. "
+        "smollm2-135m-instruct); its contexts are tagged `lm`"))
     context_lm_max_pairs: int | None = Field(None, ge=1, description=(
         "pairs per input file that get LM contexts, the first ones (two greedy generations each: seconds per "
         "pair on a CPU); None = all"))
@@ -83,7 +85,8 @@ class PreferenceConfig(Strict):
 
 
 RECORD_SCHEMA = pa.schema([(c, pa.string()) for c in ("prompt", "context", "context_type", "response_a",
-                                                        "response_b", "preferred", "pair_id", "source", "split")])
+                                                        "response_b", "preferred", "pair_id", "source",
+                                                        "split")])
 REJECT_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 # test: held-out prompts under held-out phrasings (the metrics); test_seen_phrasing: held-out prompts under
 # training phrasings, an in-distribution diagnostic reported beside them (`*_seen_phrasing` rows)
@@ -93,7 +96,8 @@ def to_pair(rec: object, fmt: str) -> tuple[dict | None, str | None]:
     """Normalize a row to {prompt, a, b, default, contexts: [(text, type, preferred, source)]} or a reason."""
     if not isinstance(rec, dict):
         return None, f"record is a {type(rec).__name__}, not an object"
-    names = {"pairwise": ("chosen", "rejected"), "sample": ("chosen", "rejected"), "rpr": ("response_a", "response_b")}
+    names = {"pairwise": ("chosen", "rejected"), "sample": ("chosen", "rejected"),
+             "rpr": ("response_a", "response_b")}
     if fmt not in names:
         return None, f"unknown input format {fmt!r}"
     ka, kb = names[fmt]
@@ -111,10 +115,12 @@ def to_pair(rec: object, fmt: str) -> tuple[dict | None, str | None]:
     if fmt == "sample":  # one criterion or a list of phrasings per side
         for side, key in (("a", "criteria_chosen"), ("b", "criteria_rejected")):
             value = rec.get(key)
-            contexts += [(c, "criteria", side, "input") for c in (value if isinstance(value, list) else [value])]
+            contexts += [(c, "criteria", side, "input")
+                         for c in (value if isinstance(value, list) else [value])]
     if fmt == "rpr":
         for kind in ("criteria", "scenario"):
-            contexts += [(rec.get(f"{kind}_x"), kind, "a", "input"), (rec.get(f"{kind}_y"), kind, "b", "input")]
+            contexts += [(rec.get(f"{kind}_x"), kind, "a", "input"),
+                         (rec.get(f"{kind}_y"), kind, "b", "input")]
     for ctx in rec.get("contexts", []) or []:  # explicit list: {context, type, preferred}
         if not isinstance(ctx, dict) or ctx.get("type") not in CONTEXT_TYPES[:3]:
             return None, f"unknown context type {ctx.get('type') if isinstance(ctx, dict) else ctx!r}"
@@ -122,8 +128,8 @@ def to_pair(rec: object, fmt: str) -> tuple[dict | None, str | None]:
             return None, f"label {ctx.get('preferred')!r} outside {{a, b}}"
         contexts.append((ctx.get("context"), ctx["type"], ctx["preferred"], "input"))
     contexts = [c for c in contexts if isinstance(c[0], str) and c[0].strip()]
-    # a context-free winner exists for a pairwise export's chosen side and a sample pair marked not
-    # reversible (its factual pairs); RPR pairs and reversible pairs have none, so they get no no-context record
+    # a context-free winner exists for a pairwise export's chosen side and a sample pair marked not reversible
+    # (its factual pairs); RPR pairs and reversible pairs have none, so they get no no-context record
     default = "a" if fmt == "pairwise" or (fmt == "sample" and rec.get("reversible") is False) else None
     return {"prompt": prompt, "a": a, "b": b, "default": default, "contexts": contexts}, None
 
@@ -197,7 +203,8 @@ def expand(pair: dict, split: str, heldout: set[str] | None = None) -> list[dict
     """Records for every (context, order), plus the no-context record in both orders where the pair has a
     context-free winner. With `heldout` (normalised texts), a train pair keeps only the other phrasings, and
     a test pair's other phrasings become the `test_seen_phrasing` diagnostic."""
-    pair_id = hashlib.sha256(json.dumps([pair["prompt"], sorted((pair["a"], pair["b"]))]).encode()).hexdigest()[:16]
+    pair_id = hashlib.sha256(json.dumps([pair["prompt"],
+                                         sorted((pair["a"], pair["b"]))]).encode()).hexdigest()[:16]
     contexts = []
     for c, t, pref, src in json.loads(pair["contexts"]):
         phrasing = split if heldout is None else ("test" if normalize_text(c) in heldout else "train")
@@ -222,7 +229,8 @@ def records(pairs: list[dict], cfg: PreferenceConfig) -> tuple[list[dict], dict[
     """The dataset (every pair expanded under its prompt's split, held-out phrasings balanced per pole) and
     the held-out phrasings' statistics."""
     heldout, stats = heldout_phrasings(pairs, load_library(cfg.criteria_library), cfg.context_test_fraction)
-    rows = [row for p in pairs for row in expand(p, split_of(p["prompt"], cfg.test_fraction, cfg.seed), heldout)]
+    rows = [row for p in pairs
+            for row in expand(p, split_of(p["prompt"], cfg.test_fraction, cfg.seed), heldout)]
     return rows, stats
 
 
@@ -231,7 +239,8 @@ def reversal_pairs(rows: list[dict]) -> set[str]:
     sides: dict[str, set[str]] = {}
     for r in rows:
         if r["context_type"] != "none":
-            first = r["preferred"] if r["response_a"] <= r["response_b"] else {"a": "b", "b": "a"}[r["preferred"]]
+            first = r["preferred"] if r["response_a"] <= r["response_b"] else {"a": "b",
+                                                                               "b": "a"}[r["preferred"]]
             sides.setdefault(r["pair_id"], set()).add(first)
     return {p for p, s in sides.items() if len(s) == 2}
 
@@ -244,13 +253,16 @@ def statistics(rows: list[dict], pairs: int, exact: int, near: int, rejected: in
     reversals = reversal_pairs(rows)
     stats = [{"metric": f"records[{t}]", "value": float(sum(r["context_type"] == t for r in rows))}
              for t in CONTEXT_TYPES]
-    stats += [{"metric": "pairs", "value": float(pairs)}, {"metric": "reversal_pairs", "value": float(len(reversals))},
+    stats += [{"metric": "pairs", "value": float(pairs)},
+              {"metric": "reversal_pairs", "value": float(len(reversals))},
               {"metric": "reversal_rate", "value": len(reversals) / max(pairs, 1)},
-              {"metric": "label_a_share", "value": sum(r["preferred"] == "a" for r in rows) / max(len(rows), 1)},
+              {"metric": "label_a_share",
+               "value": sum(r["preferred"] == "a" for r in rows) / max(len(rows), 1)},
               {"metric": "exact_duplicates_removed", "value": float(exact)},
               {"metric": "near_duplicates_removed", "value": float(near)},
               {"metric": "rejected", "value": float(rejected)}]
-    stats += [{"metric": f"response_words_p{q}", "value": float(np.percentile(lengths, q))} for q in (10, 50, 90)]
+    stats += [{"metric": f"response_words_p{q}", "value": float(np.percentile(lengths, q))}
+              for q in (10, 50, 90)]
     stats += [{"metric": name, "value": float(value)} for name, value in heldout.items()]
     stats += [{"metric": name, "value": float(value)} for name, value in guarantee_violations(rows).items()]
     return stats
@@ -274,11 +286,13 @@ def guarantee_violations(rows: list[dict]) -> dict[str, int]:
 
 def preference_needs(pipeline_cfg) -> dict[str, str]:
     """The base model (the reward model starts from it); the sample world's pairs unless inputs are given."""
-    return {"model": "pretrain.model", **({} if pipeline_cfg.preference.inputs else {"sample": "sample.sample"})}
+    return {"model": "pretrain.model",
+            **({} if pipeline_cfg.preference.inputs else {"sample": "sample.sample"})}
 
 
 def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
-    """Fingerprinted: the criteria library's content, the user's input files and context LM (file identity)."""
+    """Fingerprinted: the criteria library's content, the user's input files and context LM (file
+    identity)."""
     from tracecore.storage.fs import input_fingerprint, list_input_files
 
     cfg = pipeline_cfg.preference
@@ -286,7 +300,8 @@ def preference_inputs(pipeline_cfg, upstream: dict[str, str], store: ArtifactSto
         from tracecore.tasks.models import check_user_lora_targets
 
         check_user_lora_targets(pipeline_cfg, cfg.rm_target_modules, "preference.rm_target_modules")
-    inputs = {"library": hashlib.sha256(json.dumps(load_library(cfg.criteria_library)).encode()).hexdigest()[:16]}
+    library = json.dumps(load_library(cfg.criteria_library)).encode()
+    inputs = {"library": hashlib.sha256(library).hexdigest()[:16]}
     if cfg.inputs:
         files = list_input_files([i.path for i in cfg.inputs], "preference.inputs")
         inputs["inputs"] = input_fingerprint(files)
@@ -339,7 +354,8 @@ def run_preference(run: StageRun) -> None:
     store.write_file(refs["accuracy"], "plots/accuracy.png", accuracy_png(table))
     run.write("accuracy", pa.Table.from_pylist(table), {
         "plots": ["plots/accuracy.png"],
-        "report_columns": ["metric", "model", "context_type", "n", "accuracy", "lo", "hi", "chance", "blind_ceiling"]})
+        "report_columns": ["metric", "model", "context_type", "n", "accuracy", "lo", "hi", "chance",
+                           "blind_ceiling"]})
     for r in table:
         if r["context_type"] == "all":
             log.info("preference %s %s accuracy %.3f [%.3f, %.3f] (n=%d)", r["metric"], r["model"],
@@ -350,4 +366,5 @@ STAGE = Stage("preference", PreferenceConfig,
               {"accuracy": "preference_eval", "data": "preference_data", "parsed": "preference_parsed",
                "rejects": "preference_rejects", "stats": "preference_stats", "reward_model": "reward_model",
                "rm_scores": "preference_rm_scores"}, run_preference, needs=preference_needs,
-              external=preference_inputs, description="context-conditioned preference data + context-aware RM")
+              external=preference_inputs,
+              description="context-conditioned preference data + context-aware RM")

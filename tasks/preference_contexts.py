@@ -1,6 +1,6 @@
-"""Where a preference pair's contexts come from: the criteria library matched by a feature scorer on the pair's
-own features, or a local instruct LM by path (asked for a criterion and its verdict). A library module of the
-preference stage (fingerprinted with it), apart so the stage module reads top to bottom.
+"""Where a preference pair's contexts come from: the criteria library matched by a feature scorer on the
+pair's own features, or a local instruct LM by path (asked for a criterion and its verdict). A library module
+of the preference stage (fingerprinted with it), apart so the stage module reads top to bottom.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK
 from tracecore.tasks.text import normalize_text
 
 CONTEXT_TYPES = ("criteria", "scenario", "profile", "none")
-ENGLISH = {"the", "is", "a", "to", "of", "and", "in", "was", "connected", "i", "hope", "this", "cool", "right",
-           "certainly", "sure", "near", "answer", "about", "it", "for", "you"}
-FORMAL, CASUAL = ("certainly", "please", "assistance", "kindly", "regards"), ("oh", "cool", "hey", "sure!", "!")
+ENGLISH = {"the", "is", "a", "to", "of", "and", "in", "was", "connected", "i", "hope", "this", "cool",
+           "right", "certainly", "sure", "near", "answer", "about", "it", "for", "you"}
+FORMAL, CASUAL = ("certainly", "please", "assistance", "kindly", "regards"), ("oh", "cool", "hey", "sure!",
+                                                                              "!")
 FEATURES = {
     "length": lambda t: len(t.split()),
     "formality": lambda t: sum(m in t.lower() for m in FORMAL) - sum(m in t.lower() for m in CASUAL),
@@ -34,15 +35,16 @@ def load_library(spec: str | None) -> list[dict]:
     path = PROFILE_DIR / "libraries" / "criteria.yaml" if spec == "builtin" else Path(spec)
     entries = yaml.safe_load(path.read_text()) or []
     for i, e in enumerate(entries):
-        if e.get("type") not in CONTEXT_TYPES[:3] or e.get("feature") not in FEATURES or e.get("prefers") not in (
-                "higher", "lower") or not str(e.get("context", "")).strip():
+        if (e.get("type") not in CONTEXT_TYPES[:3] or e.get("feature") not in FEATURES
+                or e.get("prefers") not in ("higher", "lower") or not str(e.get("context", "")).strip()):
             raise ValueError(f"{path}: entry {i} needs context, type in {CONTEXT_TYPES[:3]}, feature in "
                              f"{sorted(FEATURES)} and prefers in ('higher', 'lower'); got {e}")
     return entries
 
 
 def feature_side(entry: dict, pair: dict) -> str | None:
-    """The response a library entry prefers on this pair, or None when its feature does not tell them apart."""
+    """The response a library entry prefers on this pair, or None when its feature does not tell them
+    apart."""
     diff = FEATURES[entry["feature"]](pair["a"]) - FEATURES[entry["feature"]](pair["b"])
     if abs(diff) < MARGINS[entry["feature"]]:
         return None
@@ -51,10 +53,11 @@ def feature_side(entry: dict, pair: dict) -> str | None:
 
 
 def library_contexts(pair: dict, library: list[dict]) -> list[tuple]:
-    """Library criteria for a pair, with the side each prefers. A pair with labeled contexts of its own gets only
-    the features those contexts name (a library entry with the same words) and only where the feature picks the
-    side they labeled, because a feature proxy applied across axes contradicts the pair (the `english` share made
-    'the reader only understands Zelan' prefer a bulleted list); a pair without contexts gets every feature
+    """Library criteria for a pair, with the side each prefers. A pair with labeled contexts of its own gets
+    only the features those contexts name (a library entry with the same words) and only where the feature
+    picks the side they labeled, because a feature proxy applied across axes contradicts the pair (the
+    `english` share made 'the reader only understands Zelan' prefer a bulleted list); a pair without contexts
+    gets every feature
     that separates its responses, the scorer being its only labeler."""
     sides = [feature_side(e, pair) for e in library]
     own = {normalize_text(c): side for c, _, side, _ in pair["contexts"]}
@@ -97,10 +100,12 @@ def lm_contexts(pair: dict, lm, template: str) -> list[tuple]:
         out = model.generate(**ids, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
         return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
-    criterion = generate(template.format(prompt=pair["prompt"], a=pair["a"], b=pair["b"])).split("\n")[0].strip()
+    criterion = generate(template.format(prompt=pair["prompt"], a=pair["a"],
+                                         b=pair["b"])).split("\n")[0].strip()
     if not criterion:
         return []
-    verdict = parse_judgement(generate(f"Criterion: {criterion}\nResponse A: {pair['a']}\nResponse B: {pair['b']}\n"
+    verdict = parse_judgement(generate(f"Criterion: {criterion}\nResponse A: {pair['a']}\nResponse B: "
+                                       f"{pair['b']}\n"
                                        "Under this criterion the better response is (A or B):"))
     return [(criterion, "criteria", verdict, "lm")] if verdict else []
 
@@ -117,4 +122,5 @@ def load_context_lm(path: str, store: ArtifactStore | None = None):
         contextlib.nullcontext(path)
     with where as folder, MODEL_LOAD_LOCK:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        return tok, AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False).eval()
+        return tok, AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                         trust_remote_code=False).eval()

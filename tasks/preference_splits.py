@@ -1,8 +1,8 @@
 """How the preference dataset is split: prompts by a hash, context phrasings held out balanced per pole.
 
 Apart from `tasks/preference.py` because the split decides what every reported accuracy means: a held-out
-set whose wordings favour one side rewards a context-blind model's side preference (measured: 0.39 vs. a
-0.50 chance line), so it is its own reviewed unit with its own tests (`tests/test_preference.py`).
+set whose wordings favour one side rewards (or punishes) a context-blind model's side preference, so it
+is its own reviewed unit with its own tests (`tests/test_preference.py`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def context_poles(pairs: list[dict], library: list[dict]) -> tuple[dict[str, tup
     for feature in {e["feature"] for e in library}:
         entries = [e for e in library if e["feature"] == feature]
         for e in entries[1:]:
-            link(normalize_text(e["context"]), normalize_text(entries[0]["context"]), e["prefers"] != entries[0]["prefers"])
+            link(normalize_text(e["context"]), normalize_text(entries[0]["context"]),
+                 e["prefers"] != entries[0]["prefers"])
     used = set()
     for pair in pairs:
         contexts = [(normalize_text(c), side, src) for c, _, side, src in json.loads(pair["contexts"])]
@@ -60,12 +61,14 @@ def context_poles(pairs: list[dict], library: list[dict]) -> tuple[dict[str, tup
     return {t: find(t) for t in sorted(used)}, conflicts
 
 
-def heldout_phrasings(pairs: list[dict], library: list[dict], fraction: float) -> tuple[set[str], dict[str, int]]:
+def heldout_phrasings(pairs: list[dict], library: list[dict],
+                      fraction: float) -> tuple[set[str], dict[str, int]]:
     """Normalised texts of the held-out phrasings, as many from each pole of every (axis, context type): then
-    every context-blind scorer scores chance on them (a hash of the wording alone held out one pole's phrasings
-    more often than the other's, and the blind model's training-side bias set its score). Per stratum
-    k = round(fraction x the smaller pole), at least 1 when both poles have two phrasings or more; with one on a
-    pole, the stratum is held out whole (one per pole) or kept by a hash of its phrasings; a one-pole stratum
+    every context-blind scorer scores chance on them (a hash of the wording alone held out one pole's
+    phrasings more often than the other's, and the blind model's training-side bias set its score). Per
+    stratum k = round(fraction x the smaller pole), at least 1 when both poles have two phrasings or more;
+    with one on a pole, the stratum is held out whole (one per pole) or kept by a hash of its phrasings; a
+    one-pole stratum
     (no reversal: e.g., "correct facts matter") is never held out. Within a pole, the first k by a hash."""
     poles, conflicts = context_poles(pairs, library)
     types = {normalize_text(c): t for p in pairs for c, t, _, _ in json.loads(p["contexts"])}

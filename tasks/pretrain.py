@@ -34,8 +34,8 @@ class PretrainConfig(TrainSchedule, ModelShape):
     """The bootstrap Llama-architecture model, or a user's model by path."""
 
     model_path: str | None = Field(None, description=(
-        "local HF causal-LM folder, a .gguf file, or a packaged model (smollm2-135m-instruct); None = pretrain a "
-        "tiny Llama"))
+        "local HF causal-LM folder, a .gguf file, or a packaged model (smollm2-135m-instruct); None = "
+        "pretrain a tiny Llama"))
     eval_fraction: float = Field(0.02, gt=0, lt=0.5)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -53,7 +53,8 @@ def pretrain_needs(pipeline_cfg) -> dict[str, str]:
 
 
 def user_model(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> tuple[dict, dict]:
-    """A user's model (folder, GGUF file or packaged model) is an input: checked to be a causal LM transformers
+    """A user's model (folder, GGUF file or packaged model) is an input: checked to be a causal LM
+    transformers
     knows before any work, fingerprinted by `model_fingerprint` (a GGUF is converted when the stage runs)."""
     from tracecore.tasks.gguf_models import is_gguf
     from tracecore.tasks.models import model_fingerprint
@@ -68,7 +69,8 @@ def user_model(pipeline_cfg, upstream: dict[str, str], store: ArtifactStore) -> 
 
 
 def check_model_folder(path: str) -> Path:
-    """A local Hugging Face folder with safetensors weights, checked when the run is planned (before any work)."""
+    """A local Hugging Face folder with safetensors weights, checked when the run is planned (before any
+    work)."""
     folder = Path(path)
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise ModelPathError(f"pretrain.model_path: {path!r} is not a Hugging Face model folder "
@@ -108,7 +110,8 @@ def run_pretrain(run: StageRun) -> None:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
     stream = token_stream(store, run.inputs["tokens"], [tokenizer.eos_token_id])
     train_blocks, eval_blocks = split_blocks(stream, cfg.seq_len, cfg.eval_fraction)
-    with MODEL_LOAD_LOCK:  # construction too: another thread's from_pretrained patches module init process-wide
+    # construction too: another thread's from_pretrained patches module init process-wide
+    with MODEL_LOAD_LOCK:
         model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id).to(device)
     if cfg.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
@@ -123,12 +126,16 @@ def run_pretrain(run: StageRun) -> None:
     store.write_file(run.ref("model"), "plots/loss.png", loss_curve_png(curve, run.ref("model")))
     seconds = curve[-1]["seconds"]
     stats = {"parameters": sum(p.numel() for p in model.parameters()), "steps": len(curve),
-             "train_tokens": curve[-1]["tokens"], "tokens_per_second": round(curve[-1]["tokens"] / seconds, 1),
+             "train_tokens": curve[-1]["tokens"],
+             "tokens_per_second": round(curve[-1]["tokens"] / seconds, 1),
              "eval_loss_initial": round(initial, 4), "eval_loss": round(final, 4),
-             "eval_perplexity": round(math.exp(min(final, 50)), 3), "seconds": round(seconds, 2), "device": device,
-             **corpus_coverage(curve[-1]["tokens"], train_blocks.size, len(stream)), "plots": ["plots/loss.png"]}
+             "eval_perplexity": round(math.exp(min(final, 50)), 3), "seconds": round(seconds, 2),
+             "device": device,
+             **corpus_coverage(curve[-1]["tokens"], train_blocks.size, len(stream)),
+             "plots": ["plots/loss.png"]}
     run.commit("model", stats, expected_shards=1)
-    log.info("pretrain: %d params, eval loss %.3f -> %.3f in %.0fs", stats["parameters"], initial, final, seconds)
+    log.info("pretrain: %d params, eval loss %.3f -> %.3f in %.0fs", stats["parameters"], initial, final,
+             seconds)
 
 
 def loss_curve_png(curve: list[dict], model_ref: str) -> bytes:

@@ -24,7 +24,8 @@ def rm_ids(tok, context: str, prompt: str, response: str, max_len: int) -> list[
         return tok(text, add_special_tokens=False)["input_ids"]
 
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    ctx, prm, resp = enc(f"[context] {context or 'none'}\n"), enc(f"[prompt] {prompt}\n"), enc(f"[response] {response}")
+    ctx, prm, resp = enc(f"[context] {context or 'none'}\n"), enc(f"[prompt] {prompt}\n"), enc(f"[response] "
+                                                                                               f"{response}")
     room = max(0, max_len - len(bos) - len(resp))
     prm = prm[max(0, len(prm) - max(0, room - len(ctx))):] if len(ctx) + len(prm) > room else prm
     ctx = ctx[:max(0, room - len(prm))]
@@ -39,7 +40,8 @@ def load_reward_model(model_dir: str, cfg: PreferenceConfig):
         torch.manual_seed(cfg.seed)
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=1, local_files_only=True, trust_remote_code=False, pad_token_id=tok.pad_token_id)
+            model_dir, num_labels=1, local_files_only=True, trust_remote_code=False,
+            pad_token_id=tok.pad_token_id)
     if cfg.rm_lora:
         from peft import LoraConfig, get_peft_model
         from tracecore.tasks.models import lora_kwargs
@@ -78,7 +80,8 @@ def bt_examples(rows: list[dict], with_context: bool = True) -> list[tuple[str, 
     return out
 
 
-def train_reward_model(model, tok, rows: list[dict], cfg: PreferenceConfig, log, with_context: bool = True) -> list[dict]:
+def train_reward_model(model, tok, rows: list[dict], cfg: PreferenceConfig, log,
+                       with_context: bool = True) -> list[dict]:
     """Bradley-Terry: minimize -log sigmoid(r(preferred) - r(other)) over (context, prompt) comparisons
     (`bt_examples`). The context-blind baseline trains on the same comparisons with every context removed."""
     import random
@@ -134,15 +137,17 @@ def evaluate(score_aware, score_blind, rows: list[dict]) -> list[dict]:
     context_rows = [r for r in rows if r["context_type"] != "none"]
     plain_rows = [r for r in rows if r["context_type"] == "none"]
     diffs = {}
-    for name, score, with_context in (("context_aware", score_aware, True), ("context_blind", score_blind, False)):
+    for name, score, with_context in (("context_aware", score_aware, True),
+                                      ("context_blind", score_blind, False)):
         items = scored_items(rows, with_context)
         table = dict(zip(items, [float(x) for x in score(items)]))
-        diffs[name] = {id(r): table[rm_item(r, "response_a", with_context)] - table[rm_item(r, "response_b", with_context)]
+        diffs[name] = {id(r): table[rm_item(r, "response_a",
+                                            with_context)] - table[rm_item(r, "response_b", with_context)]
                        for r in rows}
     by_type = {ctype: [r for r in context_rows if ctype == "all" or r["context_type"] == ctype]
                for ctype in ("all", "criteria", "scenario", "profile")}
-    out = [_accuracy_row("joint_reversal", "context_aware", ctype, joint_outcomes(sel, diffs["context_aware"]),
-                         chance=0.25, ceiling=0.0)
+    out = [_accuracy_row("joint_reversal", "context_aware", ctype,
+                         joint_outcomes(sel, diffs["context_aware"]), chance=0.25, ceiling=0.0)
            for ctype, sel in by_type.items()]  # joint first: the one a blind model cannot reach
     for ctype, sel in by_type.items():
         for model in ("context_aware", "context_blind"):
@@ -151,13 +156,15 @@ def evaluate(score_aware, score_blind, rows: list[dict]) -> list[dict]:
                                      chance=0.5, ceiling=blind_ceiling(sel)))
     for model in ("context_aware", "context_blind"):
         out.append(_accuracy_row("no_context_unconditional", model, "all",
-                                 [is_correct(diffs[model][id(r)], r["preferred"]) for r in plain_rows], chance=0.5))
+                                 [is_correct(diffs[model][id(r)], r["preferred"]) for r in plain_rows],
+                                 chance=0.5))
     return [r for r in out if r["n"]]
 
 
 def blind_ceiling(rows: list[dict]) -> float:
-    """The best accuracy any context-ignoring scorer reaches on `rows`: per pair, it can only pick the response
-    more of the records favour. On a side-balanced set this is 0.5, the chance line a context-aware model must
+    """The best accuracy any context-ignoring scorer reaches on `rows`: per pair, it can only pick the
+    response more of the records favour. On a side-balanced set this is 0.5, the chance line a context-aware
+    model must
     clear; above 0.5 the set itself rewards a side preference."""
     favoured: dict[str, dict[str, int]] = {}
     for r in rows:
@@ -177,7 +184,8 @@ def joint_outcomes(rows: list[dict], diffs: dict[int, float]) -> list[bool]:
 
 def _accuracy_row(metric: str, model: str, ctype: str, outcomes: list[bool], chance: float,
                   ceiling: float | None = None) -> dict:
-    """`chance`: a scorer flipping a fair coin per record (per record pair for joint); `blind_ceiling`: the best
+    """`chance`: a scorer flipping a fair coin per record (per record pair for joint); `blind_ceiling`: the
+    best
     context-ignoring scorer (None where a context-free label exists)."""
     lo, hi = wilson(sum(outcomes), len(outcomes))
     return {"metric": metric, "model": model, "context_type": ctype, "n": len(outcomes),
@@ -195,7 +203,8 @@ def accuracy_png(table: list[dict]) -> bytes:
             color=["tab:green" if r["model"] == "context_aware" else "grey" for r in rows], capsize=3)
     ax.axvline(0.5, color="black", lw=0.5, ls="--")
     ax.tick_params(axis="y", labelsize=7)
-    ax.set(xlim=(0, 1), xlabel="accuracy (95 % Wilson)", title="reward models on held-out pairs and phrasings")
+    ax.set(xlim=(0, 1), xlabel="accuracy (95 % Wilson)",
+           title="reward models on held-out pairs and phrasings")
     return figure_png(fig)
 
 
@@ -212,7 +221,8 @@ def score_with(model, tok, max_len: int):
 
     def score(items):
         with torch.no_grad():
-            return [x for i in range(0, len(items), 64) for x in rewards(model, tok, items[i:i + 64], max_len).tolist()]
+            return [x for i in range(0, len(items), 64) for x in rewards(model, tok, items[i:i + 64],
+                                                                         max_len).tolist()]
     return score
 
 
@@ -229,7 +239,8 @@ def train_and_score(store_uri: str, ref: str, shard: int, item: dict, cfg: Prefe
     with model_dir(store, item["model_ref"]) as folder:
         tok, model = load_reward_model(folder, cfg)
     curve = [{**c, "model": item["kind"]}
-             for c in train_reward_model(model, tok, [r for r in rows if r["split"] == "train"], cfg, log, aware)]
+             for c in train_reward_model(model, tok, [r for r in rows if r["split"] == "train"], cfg, log,
+                                         aware)]
     store.write_shard(item["rm_ref"], shard, pa.Table.from_pylist(curve))
     if aware:
         with tempfile.TemporaryDirectory(prefix="tracecore-rm-") as tmp:
@@ -238,7 +249,8 @@ def train_and_score(store_uri: str, ref: str, shard: int, item: dict, cfg: Prefe
             store.put_dir(item["rm_ref"], tmp)
     items = scored_items([r for r in rows if r["split"] != "train"], aware)
     scores = score_with(model, tok, cfg.rm_max_len)(items)
-    table = pa.Table.from_pylist([{"kind": item["kind"], "context": c, "prompt": p, "response": resp, "reward": float(x)}
+    table = pa.Table.from_pylist([{"kind": item["kind"], "context": c, "prompt": p, "response": resp,
+                                   "reward": float(x)}
                                   for (c, p, resp), x in zip(items, scores)], schema=SCORE_SCHEMA)
     return store.write_shard(ref, shard, table, records=len(items))
 

@@ -1,14 +1,13 @@
 """Stage `select`: TAGCOS coreset selection (arXiv 2407.15235) over the gradient features.
 
-K-means (k-means++) over the features; in every cluster, with budget B_c = floor(rate * n_c), a
-non-negative ridge-regularized orthogonal matching pursuit greedily approximates the cluster centroid:
-add the member with the largest positive correlation with the residual, refit the coefficients by
-ridge least squares (lambda = 1), drop members whose coefficient turns negative (repeated until none is),
-stop when the relative
-residual < 1e-4, a member repeats, or B_c members are chosen; if it stops early, the chosen members are
-set aside and OMP reruns on the remainder until B_c are chosen (the official "fill-up"). Clusters run in
-parallel on Dask. Baselines with the same sizes are written the same way: `random` and `cluster_random`
-(same per-cluster budgets, random members).
+K-means (k-means++) over the features; in every cluster, with budget B_c = floor(rate * n_c), a non-negative
+ridge-regularized orthogonal matching pursuit greedily approximates the cluster centroid: add the member with
+the largest positive correlation with the residual, refit the coefficients by ridge least squares (lambda =
+1), drop members whose coefficient turns negative (repeated until none is), stop when the relative residual <
+1e-4, a member repeats, or B_c members are chosen; if it stops early, the chosen members are set aside and OMP
+reruns on the remainder until B_c are chosen (the official "fill-up"). Clusters run in parallel on Dask.
+Baselines with the same sizes are written the same way: `random` and `cluster_random` (same per-cluster
+budgets, random members).
 
 The ridge system is the official one, written for A_S with members as columns: (A_S^T A_S + lambda I) x =
 A_S^T b. Deviations: a dropped member never re-enters the same pass (the fill-up pass may pick it again), and
@@ -56,7 +55,8 @@ def ridge_fit(A: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
     return np.linalg.lstsq(A.T @ A + lam * np.eye(A.shape[1]), A.T @ b, rcond=None)[0]
 
 
-def nonnegative_refit(A: np.ndarray, b: np.ndarray, chosen: list[int], lam: float) -> tuple[list[int], np.ndarray]:
+def nonnegative_refit(A: np.ndarray, b: np.ndarray, chosen: list[int],
+                      lam: float) -> tuple[list[int], np.ndarray]:
     """Ridge refit on `chosen`, dropping negative coefficients until none is left: one drop-and-refit can turn
     another coefficient negative, so a single check let negative `omp_weight`s through."""
     coef = ridge_fit(A[:, chosen], b, lam) if chosen else np.zeros(0)
@@ -122,7 +122,8 @@ def select_cluster(store_uri: str, ref: str, shard: int, item: tuple, lam: float
     ids, feats, centroid, budget = item
     A = feats.T.astype(np.float64)
     picks = omp_fill(A, centroid.astype(np.float64), budget, lam, tol)
-    random_cols = [sorted(np.random.default_rng([seed, shard, d]).choice(len(ids), size=budget, replace=False).tolist())
+    random_cols = [sorted(np.random.default_rng([seed, shard, d]).choice(len(ids), size=budget,
+                                                                         replace=False).tolist())
                    if budget else [] for d in range(draws)]
     rows = [{"record_id": ids[c], "cluster": shard, "omp_weight": w, "rank": r, "draw": 0}
             for r, (c, w) in enumerate(picks)]
@@ -133,8 +134,8 @@ def select_cluster(store_uri: str, ref: str, shard: int, item: tuple, lam: float
     return store.write_shard(ref, shard, table, size=len(ids), budget=budget,
                              centroid_norm=float(np.linalg.norm(centroid)),
                              residual_tagcos=relative_residual(A[:, [c for c, _ in picks]], centroid, lam),
-                             residual_cluster_random=float(np.mean([relative_residual(A[:, cols], centroid, lam)
-                                                                    for cols in random_cols])))
+                             residual_cluster_random=float(np.mean(
+                                 [relative_residual(A[:, cols], centroid, lam) for cols in random_cols])))
 
 
 def random_draws(ids: list[str], labels: np.ndarray, size: int, seed: int, draws: int) -> pa.Table:
@@ -157,7 +158,8 @@ def cluster_features(X: np.ndarray, cfg: SelectConfig) -> tuple[np.ndarray, np.n
     return model.labels_, model.cluster_centers_
 
 
-FLAGS = {"low_quality": lambda r: r.get("quality") == "low", "near_duplicate": lambda r: bool(r.get("near_duplicate_of"))}
+FLAGS = {"low_quality": lambda r: r.get("quality") == "low",
+         "near_duplicate": lambda r: bool(r.get("near_duplicate_of"))}
 
 
 def flag_rates(pool: list[dict], ids: list[str]) -> dict[str, float]:
@@ -181,7 +183,8 @@ def selection_rates(pool: list[dict], selections: dict[str, list[str]]) -> dict[
     for name, r in rates.items():
         if name != "pool":
             for flag in FLAGS:
-                r[f"{flag}_p_below_pool"] = below_rate_p(r[f"{flag}_k"], r[f"{flag}_n"], rates["pool"][f"{flag}_rate"])
+                r[f"{flag}_p_below_pool"] = below_rate_p(r[f"{flag}_k"], r[f"{flag}_n"],
+                                                         rates["pool"][f"{flag}_rate"])
     return rates
 
 
@@ -196,7 +199,8 @@ def family_coverage(pool: list[dict], selections: dict[str, list[str]]) -> list[
     counts = {name: Counter(family_of.get(i, "unknown") for i in ids) for name, ids in selections.items()}
     # by pool size, ties by name: a set's order changes with the process's hash seed (a resumed run differed)
     families = sorted(set().union(*counts.values()), key=lambda f: (-counts["pool"].get(f, 0), f))
-    return [{"family": f, **{name: counts[name].get(f, 0) / max(len(ids), 1) for name, ids in selections.items()},
+    return [{"family": f,
+             **{name: counts[name].get(f, 0) / max(len(ids), 1) for name, ids in selections.items()},
              "tagcos_records": counts["tagcos"].get(f, 0)} for f in families]
 
 
@@ -226,8 +230,8 @@ def run_select(run: StageRun) -> None:
         members = np.flatnonzero(labels == c)
         items.append(([ids[i] for i in members], X[members], centroids[c], int(cfg.rate * len(members))))
     work = refs["selection"]
-    report = run.map("selection", select_cluster, items, lam=cfg.omp_lambda, tol=cfg.omp_tolerance, seed=cfg.seed,
-                     draws=cfg.baseline_draws)
+    report = run.map("selection", select_cluster, items, lam=cfg.omp_lambda, tol=cfg.omp_tolerance,
+                     seed=cfg.seed, draws=cfg.baseline_draws)
     run.commit("selection", expected_shards=len(items))
     both = store.read_table(work)
     tagcos = both.filter(pc.invert(both["baseline"])).drop_columns(["baseline"])
@@ -240,8 +244,10 @@ def run_select(run: StageRun) -> None:
                                   ("cluster_random", cluster_random), ("random", random))}
     rates = selection_rates(pool, selections)
     clusters = pa.Table.from_pylist([{"cluster": m["shard"], "size": m["size"], "budget": m["budget"],
-                                      "centroid_norm": m["centroid_norm"], "residual_tagcos": m["residual_tagcos"],
-                                      "residual_cluster_random": m["residual_cluster_random"]} for m in markers])
+                                      "centroid_norm": m["centroid_norm"],
+                                      "residual_tagcos": m["residual_tagcos"],
+                                      "residual_cluster_random": m["residual_cluster_random"]}
+                                          for m in markers])
     stats = {"records": len(ids), "clusters_k": len(items), "selected": tagcos.num_rows, "rates": rates,
              "mean_residual_tagcos": float(np.mean([m["residual_tagcos"] for m in markers])),
              "mean_residual_cluster_random": float(np.mean([m["residual_cluster_random"] for m in markers])),
@@ -256,13 +262,14 @@ def run_select(run: StageRun) -> None:
     store.write_file(refs["coreset"], "rates.json", json.dumps(rates, indent=2).encode())
     run.write("coreset", tagcos, {**stats, "plots": ["plots/cluster_sizes.png"]})
     log.info("select: %d of %d records in %d clusters; centroid residual (what OMP minimises) TAGCOS %.3f vs "
-             "cluster-random %.3f; low-quality rate %.3f (pool %.3f, one-sided p %.2f)", tagcos.num_rows, len(ids),
-             len(items), stats["mean_residual_tagcos"], stats["mean_residual_cluster_random"],
+             "cluster-random %.3f; low-quality rate %.3f (pool %.3f, one-sided p %.2f)", tagcos.num_rows,
+             len(ids), len(items), stats["mean_residual_tagcos"], stats["mean_residual_cluster_random"],
              rates["tagcos"]["low_quality_rate"], rates["pool"]["low_quality_rate"],
              rates["tagcos"]["low_quality_p_below_pool"])
 
 
-STAGE = Stage("select", SelectConfig, {"coreset": "coreset", "clusters": "clusters", "random": "coreset_random",
+STAGE = Stage("select", SelectConfig,
+              {"coreset": "coreset", "clusters": "clusters", "random": "coreset_random",
                                        "cluster_random": "coreset_cluster_random", "selection": "selection",
                                        "families": "coreset_families"}, run_select,
               needs=lambda c: {"features": "gradients.features", **pool_needs(c)}, external=pool_inputs,

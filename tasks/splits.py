@@ -45,7 +45,8 @@ def line_splits(uri: str, shard_bytes: int) -> list[dict]:
     with fsspec.open(uri, "rb") as fh:
         while block := fh.read(BLOCK):
             cut = 0
-            while pos + len(block) > target:  # a boundary falls in this block: the first newline at/after target
+            # a boundary falls in this block: the first newline at/after target
+            while pos + len(block) > target:
                 newline = block.find(b"\n", max(target - pos, cut))
                 if newline < 0:
                     break

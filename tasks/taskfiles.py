@@ -32,7 +32,8 @@ class TaskSpec(Strict):
         return value
 
     def lm_prompt(self, x: str) -> str:
-        """x in the task's prompt template: a model is scored on the prompt it is evaluated with, not raw x."""
+        """x in the task's prompt template: a model is scored on the prompt it is evaluated with, not raw
+        x."""
         return (self.prompt or PROMPTS[self.kind]).replace("{input}", x)
 
 
@@ -88,7 +89,8 @@ def to_item(kind: str, rec: object) -> tuple[dict | None, str | None]:
     return {"id": str(rec.get("id", "")), "input": x, "output": y, "frequency": rec.get("frequency")}, None
 
 
-def load_task(spec: TaskSpec, path: str, max_items: int, stage: str = "memorization") -> tuple[list[dict], list[dict]]:
+def load_task(spec: TaskSpec, path: str, max_items: int,
+              stage: str = "memorization") -> tuple[list[dict], list[dict]]:
     items, rejects = [], []
     for line, rec in read_task_rows(path):
         item, reason = to_item(spec.kind, rec)

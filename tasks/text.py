@@ -22,7 +22,8 @@ def instruction_key(rec: dict) -> str:
 
 
 def words(text: str, lower: bool = True) -> list[str]:
-    """Word tokens (\\w+, punctuation dropped): one tokeniser for every word-level rule; `lower=False` keeps the
+    """Word tokens (\\w+, punctuation dropped): one tokeniser for every word-level rule; `lower=False` keeps
+    the
     case where the words are looked up in a case-sensitive corpus index (memorization's task-grams)."""
     return WORD.findall(text.lower() if lower else text)
 
@@ -33,10 +34,12 @@ def word_spans(text: str) -> list[tuple[int, int, str]]:
 
 
 def word_ngrams(tokens: list[str], n: int) -> list[str]:
-    """The distinct n-word windows of `tokens` in order of first occurrence; the whole sequence when it is shorter
-    than n (a short answer is still one gram); none for no words. The one windower of every word-level rule."""
+    """The distinct n-word windows of `tokens` in order of first occurrence; the whole sequence when it is
+    shorter than n (a short answer is still one gram); none for no words. The one windower of every word-level
+    rule."""
     size = min(n, len(tokens))
-    return list(dict.fromkeys(" ".join(tokens[i:i + size]) for i in range(len(tokens) - size + 1))) if size else []
+    return list(dict.fromkeys(" ".join(tokens[i:i + size])
+                              for i in range(len(tokens) - size + 1))) if size else []
 
 
 def jaccard(a: set, b: set) -> float:

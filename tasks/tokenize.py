@@ -39,12 +39,11 @@ class TokenizeConfig(Strict):
                                "digit by digit; needed for the needle task on a tiny model")
     batch_size: int = Field(512, ge=1)
     parallel_encode: Literal["auto"] | bool = Field("auto", description=(
-        "a task encodes with the tokenizers library's own thread pool (every core of its machine), so a worker "
-        "left with the last shard uses the cores its finished peers leave idle. auto: with fewer than 2 documents "
-        "shards per Dask worker thread, on for each shard larger than an even share of the work (measured: 2 "
-        "shards on 2 workers, 0.61 -> 0.84 of raw encode_batch at 10^7 tokens with both on; 0.86-0.91 -> "
-        "0.90-0.95 M tokens/s with only the larger of a 7.7 M- and a 2 M-token shard on), else only for the last "
-        "threads - 1 shards of the queue (on for all oversubscribes the cores: 0.87 -> 0.78 at 10^8, 13 shards)"))
+        "a task encodes with the tokenizers library's own thread pool (every core of its machine), so a "
+        "worker left with the last shard uses the cores its finished peers leave idle. auto: with fewer than "
+        "2 documents shards per Dask worker thread, on for each shard larger than an even share of the work, "
+        "else only for the last threads - 1 shards of the queue (on for all would oversubscribe the cores; "
+        "see docs/development/decisions.md)"))
 
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
@@ -54,7 +53,8 @@ class TokenizerError(ValueError):
     pass
 
 
-def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, out_dir: Path, split_digits: bool = False) -> None:
+def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, out_dir: Path,
+              split_digits: bool = False) -> None:
     """Byte-level BPE with `tokenizers`, saved as a Hugging Face tokenizer folder. `split_digits` keeps every
     digit its own token (as Llama's and Qwen's tokenizers do), so a number is never merged into a word piece
     that depends on its neighbours: a model can then copy a passkey digit by digit."""
@@ -66,7 +66,8 @@ def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, out_dir: Pa
     tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
                          if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOS, PAD],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=[EOS, PAD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
@@ -74,17 +75,19 @@ def train_bpe(texts: list[str], vocab_size: int, min_frequency: int, out_dir: Pa
 
 
 def check_user_tokenizer(path: str) -> Path:
-    """A fast HF tokenizer folder whose declared eos_token is in its vocabulary, checked when the run is planned
-    (before any stage works). Read from the folder's JSON, not built: building it took the flow process 0.05-0.1 s
-    of a 1.3 s tokenize stage at 10^6 tokens, and every task builds it anyway (`load_tokenizer`, which names a
-    file the library cannot build). Not `transformers` either: importing it cost 1.4 s, and AutoTokenizer
+    """A fast HF tokenizer folder whose declared eos_token is in its vocabulary, checked when the run is
+    planned (before any stage works). Read from the folder's JSON, not built: building it took the flow
+    process 0.05-0.1 s of a 1.3 s tokenize stage at 10^6 tokens, and every task builds it anyway
+    (`load_tokenizer`, which names a file the library cannot build). Not `transformers` either: importing it
+    cost 1.4 s, and AutoTokenizer
     silently *adds* an eos_token missing from the vocabulary, an id the model's embedding does not have."""
     checked_tokenizer_json(path)
     return Path(path)
 
 
 def checked_tokenizer_json(path: str) -> bytes:
-    """The bytes of a user tokenizer folder's tokenizer.json, after `check_user_tokenizer`'s checks (read once:
+    """The bytes of a user tokenizer folder's tokenizer.json, after `check_user_tokenizer`'s checks (read
+    once:
     planning hashes the same bytes)."""
     folder = Path(path)
     file = folder / "tokenizer.json"
@@ -102,7 +105,8 @@ def checked_tokenizer_json(path: str) -> bytes:
         raise TokenizerError(f"tokenize.tokenizer_path: tokenizer at {path!r} defines no eos_token "
                              "(tokenizer_config.json / special_tokens_map.json)")
     if eos not in vocabulary:
-        raise TokenizerError(f"tokenize.tokenizer_path: tokenizer at {path!r}: eos_token {eos!r} is not in its "
+        raise TokenizerError(f"tokenize.tokenizer_path: tokenizer at {path!r}: eos_token {eos!r} is not in "
+                             f"its "
                              "vocabulary")
     return data
 
@@ -117,7 +121,8 @@ def tokenizer_vocabulary(spec: dict) -> set[str]:
 
 def load_tokenizer(folder: str | Path, source: str):
     """`tokenizers.Tokenizer` of a tokenizer folder; one that the library cannot build (valid JSON, unknown
-    model type, a newer format) is named in one line, not a library traceback (`source`: where it is stored)."""
+    model type, a newer format) is named in one line, not a library traceback (`source`: where it is
+    stored)."""
     from tokenizers import Tokenizer
 
     try:
@@ -149,12 +154,10 @@ def token_type(vocab_size: int) -> pa.DataType:
 
 
 def encoded_batches(tok, texts: list[str], batch_size: int, overlap: bool) -> Iterator[list]:
-    """The encodings of `texts`, one list per batch, in order. `overlap`: the next batch encodes in a helper thread
-    while the caller converts this one (`encode_batch` releases the GIL). With the tokenizers pool on, the pool
-    otherwise idles while one thread turns a batch into arrays (measured inside a Dask worker on 2 cores, 10^6
-    tokens in batches of 512, 6 alternated repeats: 1.50 s median without, 1.31 s with, `encode_batch` on the
-    whole shard 1.30 s). Without the pool
-    a worker's own thread is the only encoder and its cores are shared with other workers: nothing idles."""
+    """The encodings of `texts`, one list per batch, in order. `overlap`: the next batch encodes in a helper
+    thread while the caller converts this one (`encode_batch` releases the GIL). With the tokenizers pool on,
+    the pool would otherwise idle while one thread turns a batch into arrays. Without the pool a worker's own
+    thread is the only encoder and its cores are shared with other workers: nothing idles."""
     batches = (texts[i:i + batch_size] for i in range(0, len(texts), batch_size))
     if not overlap:
         yield from (tok.encode_batch(batch, add_special_tokens=False) for batch in batches)
@@ -162,7 +165,8 @@ def encoded_batches(tok, texts: list[str], batch_size: int, overlap: bool) -> It
     with ThreadPoolExecutor(1, thread_name_prefix="tracecore-encode") as pool:
         pending = None
         for batch in batches:
-            queued = pool.submit(tok.encode_batch, batch, add_special_tokens=False)  # starts when `pending` ends
+            # starts when `pending` ends
+            queued = pool.submit(tok.encode_batch, batch, add_special_tokens=False)
             if pending is not None:
                 yield pending.result()
             pending = queued
@@ -170,14 +174,15 @@ def encoded_batches(tok, texts: list[str], batch_size: int, overlap: bool) -> It
             yield pending.result()
 
 
-def encode_column(tok, texts: list[str], batch_size: int, dtype: pa.DataType, overlap: bool = False) -> pa.ListArray:
+def encode_column(tok, texts: list[str], batch_size: int, dtype: pa.DataType,
+                  overlap: bool = False) -> pa.ListArray:
     """Token ids as one Arrow list column, built from flat numpy chunks per batch: the shard's ids never
     exist as Python lists of ints (~36 bytes per token), so memory stays ~the Arrow column's."""
     values, lengths = [], []
     for encodings in encoded_batches(tok, texts, batch_size, overlap):
         sizes = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
-        values.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype.to_pandas_dtype(),
-                                  int(sizes.sum())))
+        values.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings),
+                                  dtype.to_pandas_dtype(), int(sizes.sum())))
         lengths.append(sizes)
     sizes = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     offsets = np.zeros(len(sizes) + 1, np.int64)
@@ -190,7 +195,7 @@ def encode_column(tok, texts: list[str], batch_size: int, dtype: pa.DataType, ov
 def encoder_parallelism(enabled: bool):
     """TOKENIZERS_PARALLELISM for one task (the runtime sets it false for the process; the library reads it at
     every call). On: shards are uneven (a file is a shard), so without it the last worker encodes alone on one
-    core while the others idle (measured: 0.6 of raw encode_batch on 2 workers at 10^7 tokens)."""
+    core while the others idle."""
     key = "TOKENIZERS_PARALLELISM"
     before = os.environ.get(key)
     os.environ[key] = "true" if enabled else "false"
@@ -203,8 +208,10 @@ def encoder_parallelism(enabled: bool):
             os.environ[key] = before
 
 
-def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str, bool], batch_size: int) -> dict:
-    """Encode one documents shard into a token shard (item: documents ref, tokenizer ref, parallel encoding)."""
+def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str, bool],
+                   batch_size: int) -> dict:
+    """Encode one documents shard into a token shard (item: documents ref, tokenizer ref, parallel
+    encoding)."""
     store = ArtifactStore(store_uri)
     documents_ref, tokenizer_ref, parallel = item
     with store.local_dir(tokenizer_ref) as folder:
@@ -212,8 +219,8 @@ def tokenize_shard(store_uri: str, ref: str, shard: int, item: tuple[str, str, b
     table = store.read_shard(documents_ref, shard, columns=["id", "text"])
     start = time.perf_counter()
     with encoder_parallelism(parallel):
-        tokens = encode_column(tok, table.column("text").to_pylist(), batch_size, token_type(tok.get_vocab_size()),
-                               overlap=parallel)
+        tokens = encode_column(tok, table.column("text").to_pylist(), batch_size,
+                               token_type(tok.get_vocab_size()), overlap=parallel)
     seconds = time.perf_counter() - start
     out = pa.table({"doc_id": table.column("id"), "tokens": tokens,
                     "n_tokens": pc.list_value_length(tokens).cast(pa.int32())})
@@ -251,11 +258,9 @@ def build_tokenizer(run: StageRun) -> None:
 def parallel_shards(setting: str | bool, sizes: list[int], threads: int) -> list[bool]:
     """`tokenize.parallel_encode` per shard (`sizes`: the documents shards' bytes). auto, with fewer than 2
     shards per worker thread: on for a shard larger than an even share of the work, which alone outlasts the
-    others while their workers idle; off for the rest, which would only oversubscribe the cores (measured on 2
-    workers, a 7.7 M- and a 2 M-token shard: 0.86-0.91 M tokens/s with both on, 0.90-0.95 with the large one
-    only). With more shards: the last `threads - 1` of the queue (Dask starts tasks in submission order), which
-    run while the finished workers idle (measured at 10^8 tokens, 13 shards on 2 workers: all off 0.83 of raw
-    encode_batch, all on 0.79)."""
+    others while their workers idle; off for the rest, which would only oversubscribe the cores. With more
+    shards: the last `threads - 1` of the queue (Dask starts tasks in submission order), which run while the
+    finished workers idle. The measurements behind both rules: docs/development/decisions.md."""
     shards = len(sizes)
     if setting != "auto":
         return [bool(setting)] * shards
@@ -282,8 +287,8 @@ def run_tokenize(run: StageRun) -> None:
              "tokens_per_second": round(computed_tokens / report.seconds, 1) if report.computed else None,
              "tokenizer": run.ref("tokenizer")}
     run.commit("tokens", stats, expected_shards=n_shards)
-    run.log.info("tokenize: %d tokens in %d shards (%d skipped), %s tokens/s", tokens, n_shards, report.skipped,
-                 stats["tokens_per_second"])
+    run.log.info("tokenize: %d tokens in %d shards (%d skipped), %s tokens/s", tokens, n_shards,
+                 report.skipped, stats["tokens_per_second"])
 
 
 STAGE = Stage("tokenize", TokenizeConfig, {"tokens": "tokens", "tokenizer": "tokenizer"}, run_tokenize,

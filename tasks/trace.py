@@ -50,18 +50,22 @@ class TraceConfig(Strict):
     contamination_n: int = Field(13, ge=1, le=64, description=(
         "an item is contaminated when it shares an n-gram of this many words with a document (GPT-3: 13)"))
     min_words: int = Field(5, ge=1, description=(
-        "an item shorter than contamination_n words counts as contaminated only when it occurs whole; "
-        "items shorter than this are not judged (counted and logged)"))
+        "an item shorter than contamination_n words counts as contaminated only when it occurs whole; items "
+        "shorter than this are not judged (counted and logged)"))
     max_docs: int = Field(3, ge=1, le=1000, description="documents listed per span and per contaminated item")
     rule: Literal["question_answer", "question"] = Field("question_answer", description=(
         "the text an item's n-grams come from: question + answer, or the question alone (NeMo Curator)"))
     max_matches: int | None = Field(None, ge=1, description=(
-        "ignore an n-gram found in more documents than this (NeMo Curator's max_matches: boilerplate); None = no cap"))
-    decontaminate: bool = Field(False, description="also write documents_decontaminated for a later training run")
+        "ignore an n-gram found in more documents than this (NeMo Curator's max_matches: boilerplate); None "
+        "= no cap"))
+    decontaminate: bool = Field(False,
+                                description="also write documents_decontaminated for a later training run")
     decontaminate_mode: Literal["drop_document", "remove_span"] = Field("drop_document", description=(
-        "drop each contaminating document, or cut the matched n-grams +- remove_margin characters and split it"))
+        "drop each contaminating document, or cut the matched n-grams +- remove_margin characters and split "
+        "it"))
     remove_margin: int = Field(200, ge=0, description="characters removed each side of a match (GPT-3: 200)")
-    min_piece_chars: int = Field(200, ge=0, description="pieces of a split document shorter than this are dropped")
+    min_piece_chars: int = Field(200, ge=0,
+                                 description="pieces of a split document shorter than this are dropped")
     max_splits: int = Field(10, ge=0, description="a document split more often than this is dropped whole")
 
 
@@ -74,7 +78,8 @@ TASK_COLUMNS = ["task", "items", "judged", "too_short", "contaminated", "share",
 # ---- which items, which n-grams -----------------------------------------------------------------------
 def task_specs(pipeline_cfg) -> list:
     """`trace.tasks`, or the memorization stage's tasks when none are given."""
-    return list(pipeline_cfg.trace.tasks if pipeline_cfg.trace.tasks is not None else pipeline_cfg.memorization.tasks)
+    return list(pipeline_cfg.trace.tasks if pipeline_cfg.trace.tasks is not None
+                else pipeline_cfg.memorization.tasks)
 
 
 def item_ngrams(item: dict, n: int, min_words: int, rule: str = "question_answer") -> list[str]:
@@ -84,7 +89,8 @@ def item_ngrams(item: dict, n: int, min_words: int, rule: str = "question_answer
     return word_ngrams(w, n) if len(w) >= min_words else []
 
 
-def gram_index(items: list[dict], n: int, min_words: int, rule: str = "question_answer") -> dict[int, dict[str, list[str]]]:
+def gram_index(items: list[dict], n: int, min_words: int,
+               rule: str = "question_answer") -> dict[int, dict[str, list[str]]]:
     """n-gram size -> n-gram -> item keys (several items may share one)."""
     index: dict[int, dict[str, list[str]]] = {}
     for item in items:
@@ -105,7 +111,8 @@ def frequent_filter(hits: list[dict], max_matches: int | None) -> tuple[list[dic
     return [h for h in hits if h["ngram"] not in ignored], ignored
 
 
-def remove_spans(text: str, grams: list[str], margin: int, min_chars: int, max_splits: int) -> list[str] | None:
+def remove_spans(text: str, grams: list[str], margin: int, min_chars: int,
+                 max_splits: int) -> list[str] | None:
     """The document's pieces after cutting every occurrence of `grams` (word n-grams as `words` makes them)
     plus `margin` characters each side (GPT-3 / NeMo Curator); pieces under `min_chars` are dropped; None
     when it would split more than `max_splits` times (the whole document goes)."""
@@ -152,11 +159,12 @@ def scan_shard(store_uri: str, ref: str, shard: int, documents_ref: str, grams: 
         for key, gram in document_hits(doc["text"], grams, firsts):
             rows.append({"item": owners[key]["id"], "task": owners[key]["task"], "doc_id": doc["id"],
                          "file": doc["file"], "line": doc["line"], "ngram": gram})
-    return store.write_shard(ref, shard, pa.Table.from_pylist(rows, schema=HIT_SCHEMA), records=table.num_rows)
+    return store.write_shard(ref, shard, pa.Table.from_pylist(rows, schema=HIT_SCHEMA),
+                             records=table.num_rows)
 
 
-def decontaminate_shard(store_uri: str, ref: str, shard: int, documents_ref: str, matches: dict[str, list[str]],
-                        cfg: TraceConfig) -> dict:
+def decontaminate_shard(store_uri: str, ref: str, shard: int, documents_ref: str,
+                        matches: dict[str, list[str]], cfg: TraceConfig) -> dict:
     """The shard without contamination: mode `drop_document` drops every matching document; `remove_span`
     cuts the matched n-grams with `remove_margin` characters each side and keeps the pieces as documents
     `<id>-<k>` (a document split more than `max_splits` times, or with nothing left, is dropped)."""
@@ -167,7 +175,8 @@ def decontaminate_shard(store_uri: str, ref: str, shard: int, documents_ref: str
             rows.append(doc)
             continue
         pieces = (None if cfg.decontaminate_mode == "drop_document" else
-                  remove_spans(doc["text"], matches[doc["id"]], cfg.remove_margin, cfg.min_piece_chars, cfg.max_splits))
+                  remove_spans(doc["text"], matches[doc["id"]], cfg.remove_margin, cfg.min_piece_chars,
+                               cfg.max_splits))
         dropped += not pieces
         split += bool(pieces)
         rows += [{**doc, "id": f"{doc['id']}-{k}", "text": piece} for k, piece in enumerate(pieces or [])]
@@ -191,7 +200,8 @@ def longest_span(engine, ids: list[int]) -> tuple[int, int]:
 
 def longest_form_span(engine, tok, text: str) -> list[int]:
     """The longest run of the text's tokens that the corpus holds, over both tokenizations (mid-text with a
-    leading space, bare at a document start): the spaced form alone missed a question that opens a document."""
+    leading space, bare at a document start): the spaced form alone missed a question that opens a
+    document."""
     from tracecore.tasks.index_query import forms
 
     best: list[int] = []
@@ -218,7 +228,8 @@ RANKS_PER_CALL = 256  # the engine starts a thread per rank: one call for 70k ra
 def docs_by_ranks(raw, ranks: list[tuple]) -> list[dict]:
     """The engine's batched document retrieval (the `_2` call: infini-gram 2.6's `get_docs_by_ranks` calls a
     method its C++ engine lacks), in batches of RANKS_PER_CALL."""
-    return [h for i in range(0, len(ranks), RANKS_PER_CALL) for h in raw.get_docs_by_ranks_2(ranks[i:i + RANKS_PER_CALL])]
+    return [h for i in range(0, len(ranks),
+                             RANKS_PER_CALL) for h in raw.get_docs_by_ranks_2(ranks[i:i + RANKS_PER_CALL])]
 
 
 def trace_spans(store: ArtifactStore, index_ref: str, items: list[dict], max_docs: int) -> list[dict]:
@@ -243,7 +254,8 @@ def trace_spans(store: ArtifactStore, index_ref: str, items: list[dict], max_doc
         hits = docs_by_ranks(raw, [r for _, _, ranks in pending for r in ranks])
         offset, per_row = 0, []
         for row, field, ranks in pending:
-            per_row.append((row, field, list(dict.fromkeys(h["doc_ix"] for h in hits[offset:offset + len(ranks)]))))
+            per_row.append((row, field,
+                            list(dict.fromkeys(h["doc_ix"] for h in hits[offset:offset + len(ranks)]))))
             offset += len(ranks)
     located = document_rows(store, index_ref, sorted({ix for _, _, ixs in per_row for ix in ixs}))
     for row, field, ixs in per_row:
@@ -261,13 +273,16 @@ def task_table(items: list[dict], max_docs: int) -> list[dict]:
         lo, hi = wilson(len(bad), len(judged))
         spans = sorted(i["question_span_words"] for i in group)
         docs = list(dict.fromkeys(d["doc_id"] for i in bad for d in i["contaminating_docs"]))
-        out.append({"task": task, "items": len(group), "judged": len(judged), "too_short": len(group) - len(judged),
+        out.append({"task": task, "items": len(group), "judged": len(judged),
+                    "too_short": len(group) - len(judged),
                     "contaminated": len(bad), "share": len(bad) / len(judged) if judged else None,
                     "share_lo": lo, "share_hi": hi,
                     "median_question_words": sorted(len(words(i["input"])) for i in group)[len(group) // 2],
                     "median_question_span": spans[len(spans) // 2] if spans else 0,
-                    "answer_found": sum(i["answer_span"] == i["output"].strip() for i in group) / max(len(group), 1),
-                    "documents": ", ".join(docs[:max_docs]) + (f" (+{len(docs) - max_docs})" if len(docs) > max_docs
+                    "answer_found": sum(i["answer_span"] == i["output"].strip()
+                                        for i in group) / max(len(group), 1),
+                    "documents": ", ".join(docs[:max_docs])
+                        + (f" (+{len(docs) - max_docs})" if len(docs) > max_docs
                                                                    else "")})
     return out
 
@@ -278,11 +293,13 @@ def trace_png(items: list[dict], tasks: list[dict]) -> bytes:
     fig, (left, right) = subplots(nrows=1, ncols=2, figsize=(8, 3))
     names = [t["task"] for t in tasks]
     shares = [t["share"] or 0.0 for t in tasks]
-    err = [[s - t["share_lo"] for s, t in zip(shares, tasks)], [t["share_hi"] - s for s, t in zip(shares, tasks)]]
+    err = [[s - t["share_lo"] for s, t in zip(shares, tasks)],
+           [t["share_hi"] - s for s, t in zip(shares, tasks)]]
     left.bar(names, shares, yerr=err, capsize=4, color="tab:red")
     left.set(ylim=(0, 1), ylabel="share contaminated", title="contaminated items (95% Wilson)")
     for name in names:
-        ratios = [i["question_span_words"] / max(len(words(i["input"])), 1) for i in items if i["task"] == name]
+        ratios = [i["question_span_words"] / max(len(words(i["input"])), 1) for i in items
+                  if i["task"] == name]
         right.hist(ratios, bins=10, range=(0, 1), alpha=0.5, label=name)
     right.set(xlabel="longest question span / question words", ylabel="items", title="longest span in corpus")
     right.legend(fontsize=7)
@@ -327,18 +344,20 @@ def run_trace(run: StageRun) -> None:
     items, rejects = load_items(run)
     if not store.is_committed(refs["rejects"]):
         run.write("rejects", pa.Table.from_pylist(
-            rejects, schema=pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])),
+            rejects,
+            schema=pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])),
             {"rejected": len(rejects)})
     if rejects:
-        log.info("trace: %d task rows rejected (first: %s line %d: %s); see %s", len(rejects), rejects[0]["file"],
-                 rejects[0]["line"], rejects[0]["reason"], refs["rejects"])
+        log.info("trace: %d task rows rejected (first: %s line %d: %s); see %s", len(rejects),
+                 rejects[0]["file"], rejects[0]["line"], rejects[0]["reason"], refs["rejects"])
     grams = gram_index(items, cfg.contamination_n, cfg.min_words, cfg.rule)
     documents_ref, by_key = run.inputs["documents"], {i["key"]: i for i in items}
     n_shards = store.manifest(documents_ref)["shards"]
     report = run.map("hits", scan_shard, [documents_ref] * n_shards, grams=grams,
                      owners={k: {"id": i["id"], "task": i["task"]} for k, i in by_key.items()})
     if not store.is_committed(refs["hits"]):
-        run.commit("hits", {"seconds": report.seconds, "skipped_shards": report.skipped}, expected_shards=n_shards)
+        run.commit("hits", {"seconds": report.seconds, "skipped_shards": report.skipped},
+                   expected_shards=n_shards)
     hits, frequent = frequent_filter(store.read_table(refs["hits"]).to_pylist(), cfg.max_matches)
     if frequent:
         log.info("trace: %d n-grams found in more than trace.max_matches=%d documents ignored (e.g. %r)",
@@ -355,7 +374,8 @@ def run_trace(run: StageRun) -> None:
         store.write_file(refs["tasks"], "plots/trace_contamination.png", trace_png(rows, tasks))
         run.write("tasks", pa.Table.from_pylist(tasks), {
             "report_columns": TASK_COLUMNS, "plots": ["plots/trace_contamination.png"],
-            "contamination_n": cfg.contamination_n, "rule": cfg.rule, "ngrams_over_max_matches": len(frequent)})
+            "contamination_n": cfg.contamination_n, "rule": cfg.rule,
+            "ngrams_over_max_matches": len(frequent)})
     if cfg.decontaminate and not store.is_committed(refs["documents_decontaminated"]):
         matches: dict[str, list[str]] = {}
         for h in hits:
@@ -364,13 +384,15 @@ def run_trace(run: StageRun) -> None:
     run.write("items", pa.Table.from_pylist(rows),
               {"items": len(rows), "contaminated": sum(r["contaminated"] for r in rows)})
     for t in tasks:
-        log.info("trace %s: %d/%d judged items contaminated (%d-word n-grams), median longest question span %d words",
+        log.info("trace %s: %d/%d judged items contaminated (%d-word n-grams), median longest question span "
+                 "%d words",
                  t["task"], t["contaminated"], t["judged"], cfg.contamination_n, t["median_question_span"])
 
 
 def item_row(item: dict, spans: dict, own: list[dict], cfg: TraceConfig) -> dict:
     """One item's row: its spans, whether it could be judged, the documents it shares an n-gram with."""
-    docs = list({h["doc_id"]: {"doc_id": h["doc_id"], "file": h["file"], "line": h["line"], "ngram": h["ngram"]}
+    docs = list({h["doc_id"]: {"doc_id": h["doc_id"], "file": h["file"], "line": h["line"],
+                               "ngram": h["ngram"]}
                  for h in own}.values())
     judged = bool(item_ngrams(item, cfg.contamination_n, cfg.min_words, cfg.rule))
     return {"task": item["task"], "id": item["id"], "input": item["input"], "output": item["output"],
@@ -382,8 +404,8 @@ def decontaminate(run: StageRun, matches: dict[str, list[str]]) -> None:
     """The documents without contamination (same shards, same schema), by `trace.decontaminate_mode`."""
     documents_ref, ref = run.inputs["documents"], run.plan.refs["documents_decontaminated"]
     n_shards = run.store.manifest(documents_ref)["shards"]
-    report = run.map("documents_decontaminated", decontaminate_shard, [documents_ref] * n_shards, matches=matches,
-                     cfg=run.cfg)
+    report = run.map("documents_decontaminated", decontaminate_shard, [documents_ref] * n_shards,
+                     matches=matches, cfg=run.cfg)
     dropped, split = (sum(m.get(k, 0) for m in report.markers) for k in ("dropped", "split"))
     run.commit("documents_decontaminated", {"mode": run.cfg.decontaminate_mode, "dropped_documents": dropped,
                                             "split_documents": split}, expected_shards=n_shards)

@@ -65,15 +65,20 @@ AXES = {
                 "Keep it concise: one sentence is enough."],
                ["Prefer a detailed answer with several sentences.", "A detailed reply is best here.",
                 "Several detailed sentences, please."]),
-    "register": (["Prefer a formal, polite tone.", "A polite, formal reply is best here.", "Please keep the tone formal."],
+    "register": (["Prefer a formal, polite tone.", "A polite, formal reply is best here.",
+                  "Please keep the tone formal."],
                  ["Prefer a casual, friendly tone.", "A friendly, casual reply is best here.",
                   "Please keep the tone casual."]),
-    "language": (["The reader only understands English.", "Answer in English only.", "The reply must be in English."],
-                 ["The reader only understands Zelan.", "Answer in Zelan only.", "The reply must be in Zelan."]),
-    "format": (["Prefer the answer as a bulleted list.", "A bulleted list is best here.", "Bullet points, please."],
+    "language": (["The reader only understands English.", "Answer in English only.",
+                  "The reply must be in English."],
+                 ["The reader only understands Zelan.", "Answer in Zelan only.",
+                  "The reply must be in Zelan."]),
+    "format": (["Prefer the answer as a bulleted list.", "A bulleted list is best here.",
+                "Bullet points, please."],
                ["Prefer the answer as flowing prose.", "Please format the reply as prose.", "Use prose."]),
 }
-FACTUAL = ["Prefer factually correct answers.", "Correct facts matter most.", "Please make sure the answer is correct."]
+FACTUAL = ["Prefer factually correct answers.", "Correct facts matter most.",
+           "Please make sure the answer is correct."]
 
 
 def word(rng: random.Random, syllables: int) -> str:
@@ -135,12 +140,14 @@ def build_corpus(cfg: SampleConfig, facts: list[dict], phrases: list[dict], rng:
     for f in facts:
         templates = FACT_TEMPLATES[f["attribute"]]
         chosen = [rng.randrange(len(templates)) for _ in range(f["frequency"])]  # the draws rng.choice makes
-        f["qa_shaped"] = chosen.count(len(templates) - 1)  # ground truth: the QA item occurs verbatim this often
+        # ground truth: the QA item occurs verbatim this often
+        f["qa_shaped"] = chosen.count(len(templates) - 1)
         planted += [templates[t].format(name=f["entity"], value=f["value"]) for t in chosen]
     for p in phrases:
         planted += [f"In Zelan, {p['source']} is said as {p['target']}."] * p["frequency"]
     n_docs = max(cfg.filler_documents, 1)
-    docs: list[list[str]] = [[filler_sentence(rng) for _ in range(cfg.sentences_per_document)] for _ in range(n_docs)]
+    docs: list[list[str]] = [[filler_sentence(rng) for _ in range(cfg.sentences_per_document)]
+                             for _ in range(n_docs)]
     for sentence in planted:
         doc = docs[rng.randrange(n_docs)]
         doc.insert(rng.randint(0, len(doc)), sentence)
@@ -172,7 +179,8 @@ def plant_contamination(docs: list[dict], qa: list[dict], n: int, seed: int) -> 
     chosen = sorted(rng.sample(range(len(qa)), min(n, len(qa))))
     out = list(docs)
     for i in chosen:
-        text = " ".join([filler_sentence(rng), f"{qa[i]['question']} {qa[i]['answer']}.", filler_sentence(rng)])
+        text = " ".join([filler_sentence(rng), f"{qa[i]['question']} {qa[i]['answer']}.",
+                         filler_sentence(rng)])
         out.insert(rng.randint(0, len(out)), {"id": f"planted-{qa[i]['id']}", "text": text,
                                               "source": "sample-world-planted"})
     return out, [{"task": "qa", "id": qa[i]["id"], "doc_id": f"planted-{qa[i]['id']}"} for i in chosen]
@@ -180,7 +188,8 @@ def plant_contamination(docs: list[dict], qa: list[dict], n: int, seed: int) -> 
 
 def build_tasks(facts: list[dict], phrases: list[dict], rng: random.Random) -> dict[str, list[dict]]:
     qa = [{"id": f"qa-{i:05d}", "question": QUESTIONS[f["attribute"]].format(name=f["entity"]),
-           "answer": f["value"], "frequency": f["frequency"], "entity": f["entity"], "attribute": f["attribute"]}
+           "answer": f["value"], "frequency": f["frequency"], "entity": f["entity"],
+           "attribute": f["attribute"]}
           for i, f in enumerate(facts)]
     by_attr: dict[str, list[str]] = {}
     for f in facts:
@@ -213,15 +222,16 @@ def _instruction(family: str, rng: random.Random, facts: list[dict], lexicon: di
         return {"instruction": "Sort the numbers in ascending order.", "input": ", ".join(map(str, nums)),
                 "output": ", ".join(map(str, sorted(nums)))}
     if family == "count_words":
-        return {"instruction": "How many words are in the text?", "input": " ".join(words), "output": str(len(words))}
+        return {"instruction": "How many words are in the text?", "input": " ".join(words),
+                "output": str(len(words))}
     if family == "translate":
         phrase = f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
         return {"instruction": "Translate the phrase from English to Zelan.", "input": phrase,
                 "output": to_zelan(phrase, lexicon)}
     if family == "fact_qa":
         f = rng.choice(facts)
-        return {"instruction": "Answer the question.", "input": QUESTIONS[f["attribute"]].format(name=f["entity"]),
-                "output": f["value"]}
+        return {"instruction": "Answer the question.",
+                "input": QUESTIONS[f["attribute"]].format(name=f["entity"]), "output": f["value"]}
     return {"instruction": "Give the first word of the text.", "input": " ".join(words), "output": words[0]}
 
 
@@ -267,13 +277,16 @@ def build_instructions(cfg: SampleConfig, facts, lexicon, rng) -> tuple[list[dic
         pool.append(rec)
     per_family = max(10, cfg.instructions // 60)
     seen = {instruction_key(r) for r in pool}
-    held_out = [{"id": f"eval-{fam}-{j:04d}", "family": fam, **_unseen_instruction(fam, rng, facts, lexicon, seen)}
+    held_out = [{"id": f"eval-{fam}-{j:04d}", "family": fam,
+                 **_unseen_instruction(fam, rng, facts, lexicon, seen)}
                 for fam in FAMILIES for j in range(per_family)]
     return pool, held_out
 
 
-def _unseen_instruction(family: str, rng: random.Random, facts, lexicon, seen: set[str], tries: int = 10_000) -> dict:
-    """A held-out record whose instruction + input (normalized) is in neither the pool nor the held-out set."""
+def _unseen_instruction(family: str, rng: random.Random, facts, lexicon, seen: set[str],
+                        tries: int = 10_000) -> dict:
+    """A held-out record whose instruction + input (normalized) is in neither the pool nor the held-out
+    set."""
     for _ in range(tries):
         rec = _instruction(family, rng, facts, lexicon)
         key = instruction_key(rec)
@@ -296,7 +309,8 @@ def build_preferences(cfg: SampleConfig, facts, lexicon, rng) -> list[dict]:
         axis = axes[i % len(axes)]
         poles = {
             "length": (short, detail),
-            "register": (f"Certainly. {short} I hope this is of assistance.", f"Oh sure! {short} Cool, right?"),
+            "register": (f"Certainly. {short} I hope this is of assistance.",
+                         f"Oh sure! {short} Cool, right?"),
             "language": (short, to_zelan(filler_sentence(rng).lower().rstrip("."), lexicon) + "."),
             "format": (f"- {f['entity']}\n- {f['value']}", short),
         }[axis]
@@ -347,7 +361,8 @@ def write_sample(cfg: SampleConfig, out_dir: str | Path) -> dict[str, int]:
     _write_jsonl(out / "ground_truth" / "planted.jsonl", planted)
     per_file = -(-len(corpus) // cfg.corpus_files)
     for k in range(cfg.corpus_files):
-        _write_jsonl(out / "corpus" / f"part-{k:03d}.jsonl.gz", corpus[k * per_file:(k + 1) * per_file], gz=True)
+        _write_jsonl(out / "corpus" / f"part-{k:03d}.jsonl.gz", corpus[k * per_file:(k + 1) * per_file],
+                     gz=True)
     for name, rows in tasks.items():
         _write_jsonl(out / "tasks" / f"{name}.jsonl", rows)
     pool, held_out = build_instructions(cfg, facts, lexicon, rng)

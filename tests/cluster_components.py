@@ -52,8 +52,8 @@ def wait_until(check, timeout: float, what: str) -> None:
 
 def start(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
     """A component in its own process group (so stopping it takes its children too)."""
-    return subprocess.Popen(cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(cmd, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, **(env or {})})
 
 
 def stop(proc: subprocess.Popen, grace: float = 10) -> None:
@@ -78,7 +78,8 @@ def seaweedfs(workdir: Path, bucket: str = "tracecore") -> Iterator[dict]:
     """`weed server -s3` on loopback; yields the environment a store client needs (endpoint + credentials
     from the environment, never from a profile) with the bucket created."""
     names = ("s3", "master", "volume", "filer")
-    ports = dict(zip(names, free_ports(2 * len(names))))  # every HTTP port and its gRPC port chosen, none default
+    # every HTTP port and its gRPC port chosen, none default
+    ports = dict(zip(names, free_ports(2 * len(names))))
     data = workdir / "weed-data"
     data.mkdir(parents=True, exist_ok=True)
     grpc = dict(zip(names, free_ports(len(names))))
@@ -113,8 +114,8 @@ def dask_cluster(workdir: Path, workers: int, env: dict | None = None,
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     common = ["--dashboard-address", "127.0.0.1:0"]
-    procs = [start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), *common], workdir,
-                   workdir / "scheduler.log", env)]
+    procs = [start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), *common],
+                   workdir, workdir / "scheduler.log", env)]
     try:
         for i in range(workers):
             procs.append(start([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
@@ -142,7 +143,8 @@ def prefect_server(workdir: Path, env: dict | None = None) -> Iterator[dict]:
                  server_env)
     api = f"http://127.0.0.1:{port}/api"
     try:
-        wait_until(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 120, "Prefect server")
+        wait_until(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, 120,
+                   "Prefect server")
         yield {**server_env, "PREFECT_API_URL": api, "port": str(port)}
     finally:
         stop(proc, grace=15)

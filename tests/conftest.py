@@ -13,7 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TEST_PROFILE = REPO / "tests" / "profile_test.yaml"
 
-os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "DO_NOT_TRACK": "1", "TRACECORE_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"})
 
 
@@ -27,7 +28,8 @@ HAS_CUDA = _cuda()
 if not HAS_CUDA:  # Triton kernels run through Triton's CPU interpreter; must be set before `import triton`
     os.environ.setdefault("TRITON_INTERPRET", "1")
 def gpu(test):
-    """Marks a test `gpu` (selected by `pytest -m gpu`, as bench/gpu_check.sh does) and skips it without CUDA."""
+    """Marks a test `gpu` (selected by `pytest -m gpu`, as bench/gpu_check.sh does) and skips it without
+    CUDA."""
     return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
 
 
@@ -50,11 +52,13 @@ def test_config(tmp_path):
     return make
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
+            **kwargs) -> subprocess.CompletedProcess:
     """Run `tracecore ...` in a subprocess in its own session (so SIGKILL of the group spares pytest)."""
     full_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # default: no server
     full_env.update(env or {})  # a test may point the run at a server (PREFECT_API_URL)
-    return subprocess.run([sys.executable, "-m", "tracecore.flows.cli", *args], cwd=REPO, env=full_env, capture_output=True, check=False,
+    return subprocess.run([sys.executable, "-m", "tracecore.flows.cli", *args], cwd=REPO, env=full_env,
+                          capture_output=True, check=False,
                           text=True, timeout=timeout, start_new_session=True, **kwargs)
 
 
@@ -65,7 +69,8 @@ def reduced_sets() -> list[str]:
     args = []
     for section, values in yaml.safe_load(TEST_PROFILE.read_text()).items():
         if isinstance(values, dict):
-            args += [x for key, value in values.items() for x in ("--set", f"{section}.{key}={json.dumps(value)}")]
+            args += [x for key, value in values.items()
+                     for x in ("--set", f"{section}.{key}={json.dumps(value)}")]
         elif section != "store":  # top-level settings (calibrate)
             args += ["--set", f"{section}={json.dumps(values)}"]
     return args
@@ -125,7 +130,8 @@ def pipeline_run(prefect_harness, tmp_path_factory):
     from tracecore.tasks.runtime.registry import load_config
 
     # stages overlap (in-process Dask would otherwise run them one at a time: see `parallel_stages`)
-    cfg = load_config(str(TEST_PROFILE), ["parallel_stages=4"], store=str(tmp_path_factory.mktemp("pipeline") / "store"))
+    cfg = load_config(str(TEST_PROFILE), ["parallel_stages=4"],
+                      store=str(tmp_path_factory.mktemp("pipeline") / "store"))
     result = pipeline(config=cfg.model_dump(mode="json"), run_id="run-a")
     store = ArtifactStore(cfg.store)
     record = json.loads(store.fs.open(f"{store.run_dir('run-a')}/run.json").read())

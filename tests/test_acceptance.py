@@ -43,7 +43,8 @@ def test_bootstrap_model_memorizes_factual_qa(tiny_run):
     assert qa["n_cooccurring"] >= MIN_QA_ITEMS and qa["n_all"] >= qa["n_cooccurring"]
     assert -1 <= qa["spearman_lo"] <= qa["spearman"] <= qa["spearman_hi"] <= 1, qa
     if FULL:  # tiny: rho 0.43 [0.32, 0.52]; the reduced profile's smaller model reads -0.20 under the prompt
-        # template ("Question: x\nAnswer:"), which its corpus never shows (README): reported, not asserted there
+        # template ("Question: x\nAnswer:"), which its corpus never shows (README): reported, not asserted
+        # there
         assert qa["spearman"] > 0.2 and qa["spearman_lo"] > 0.1, qa
         assert qa["spearman"] > qa["infgram_spearman"]  # the task-gram LM explains the model better
     assert qa["corpus_share_seen"] >= 0.9, qa  # the model saw (nearly) the whole index its counts come from
@@ -89,9 +90,10 @@ def test_context_aware_reward_model_reads_the_context(tiny_run):
     seen_blind = acc[("context_conditioned_seen_phrasing", "context_blind", "all")]
     assert seen_aware["lo"] > seen_blind["hi"] and seen_aware["accuracy"] >= seen_blind["accuracy"] + 0.2, acc
     assert acc[("no_context_unconditional", "context_aware", "all")]["accuracy"] >= 0.8, acc
-    for key in (("context_conditioned", "context_aware", "all"), ("context_conditioned", "context_blind", "all"),
-                ("joint_reversal", "context_aware", "all")):
-        assert acc[key]["n"] >= 50 and 0 <= acc[key]["lo"] <= acc[key]["accuracy"] <= acc[key]["hi"] <= 1, acc[key]
+    for key in (("context_conditioned", "context_aware", "all"),
+                ("context_conditioned", "context_blind", "all"), ("joint_reversal", "context_aware", "all")):
+        assert acc[key]["n"] >= 50, acc[key]
+        assert 0 <= acc[key]["lo"] <= acc[key]["accuracy"] <= acc[key]["hi"] <= 1, acc[key]
         assert acc[key]["blind_ceiling"] == (0.0 if key[0] == "joint_reversal" else 0.5), acc[key]
     if FULL:
         aware = acc[("context_conditioned", "context_aware", "all")]
@@ -106,7 +108,8 @@ def test_fine_tuning_on_coresets_lowers_held_out_loss(tiny_run):
     """Held-out response loss falls by more than a nat after fine-tuning on a 5 % coreset, and the full pool
     (capped steps) beats 5 % (README: measured values per profile)."""
     store, result = tiny_run
-    rows = {r["subset"]: r for r in store.read_table(result["refs"]["finetune.finetune"]).to_pylist() if r["seed"] == 0}
+    rows = {r["subset"]: r for r in store.read_table(result["refs"]["finetune.finetune"]).to_pylist()
+            if r["seed"] == 0}
     assert set(rows) == {"tagcos", "random", "cluster_random", "full"}
     for subset in ("tagcos", "random"):
         assert rows[subset]["eval_loss"] < rows[subset]["eval_loss_base"] - 1.0, rows[subset]
@@ -129,7 +132,8 @@ def test_eval_tables_and_razor_kv_savings(tiny_run):
     quality = store.read_table(refs["eval.quality"]).to_pylist()
     finetune = load_config(PROFILE).finetune
     seeds = len(finetune.seeds)
-    assert len(quality) == 1 + 3 * seeds + min(seeds, finetune.full_seeds or seeds)  # base + 3 subsets x seeds + full
+    # base + 3 subsets x seeds + full
+    assert len(quality) == 1 + 3 * seeds + min(seeds, finetune.full_seeds or seeds)
     report = store.fs.cat(result["report"]).decode()
     assert "needle_heatmaps.png" in report and "retrieval_heads.png" in report and "eval_verdict" in report
 
@@ -160,7 +164,8 @@ def test_a_real_pretrained_model_retrieves_and_razor_keeps_under_a_third_of_the_
 
 def test_per_family_selection_table_with_intervals_over_seeds(tiny_run):
     """Zipf-sized families: TAGCOS, random and cluster-random per held-out family, with the pool share and
-    intervals over seeds, and TAGCOS - random paired by seed (which way it comes out is the finding; README)."""
+    intervals over seeds, and TAGCOS - random paired by seed (which way it comes out is the finding;
+    README)."""
     store, result = tiny_run
     rows = store.read_table(result["refs"]["eval.families"]).to_pylist()
     shares = {r["family"]: r["pool_share"] for r in rows}
@@ -170,7 +175,8 @@ def test_per_family_selection_table_with_intervals_over_seeds(tiny_run):
         sel = [r for r in rows if r["subset"] == subset]
         assert len(sel) == 8 and all(r["seeds"] == seeds for r in sel), subset
         for r in sel:
-            assert r["loss_lo"] <= r["loss"] <= r["loss_hi"] and r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"]
+            assert r["loss_lo"] <= r["loss"] <= r["loss_hi"]
+            assert r["accuracy_lo"] <= r["accuracy"] <= r["accuracy_hi"]
             if subset != "tagcos-random":
                 assert r["loss_lo"] > 0 and 0 <= r["accuracy_lo"] and r["accuracy_hi"] <= 1
     assert any(r["loss_hi"] > r["loss_lo"] for r in rows)  # seeds differ: real intervals
@@ -199,7 +205,8 @@ def test_prefect_artifacts_of_every_stage_read_back_from_the_server(tiny_run):
 
     # progress and plots come from the stages this run computed (all of them, unless TRACECORE_ACCEPT_STORE
     # pointed at a filled store whose stages were reused)
-    computed = {s for s, info in read_run(store, "acceptance")["stages"].items() if info["status"] == "computed"}
+    computed = {s for s, info in read_run(store, "acceptance")["stages"].items()
+                if info["status"] == "computed"}
     loops = {"ingest-parsed": "ingest", "ingest": "ingest", "tokenize": "tokenize", "pretrain": "pretrain",
              "ngram-index": "ngram", "ngram-counts-map": "ngram", "ngram-counts": "ngram",
              "memorization-pairs": "memorization", "gradients": "gradients", "select-selection": "select",
@@ -217,31 +224,46 @@ def test_prefect_artifacts_of_every_stage_read_back_from_the_server(tiny_run):
 
 
 def test_readme_tables_are_rendered_from_the_run(tiny_run, tmp_path):
-    """The README's measured tables are generated (`tracecore readme`), so they cannot go stale: every block
-    renders from this run and holds its numbers; on the full profile the README already holds them."""
+    """The README's and the docs' measured tables are generated (`tracecore readme`), so they cannot go stale:
+    every block renders from this run and holds its numbers; on the full profile the files already hold
+    them."""
     import re
 
     from conftest import run_cli
+    from tracecore.flows.cli import block_files
     from tracecore.flows.readme import BLOCK, RENDERERS, update_readme
     from tracecore.storage.runs import read_run
 
     store, result = tiny_run
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    names = {m["name"] for m in BLOCK.finditer(readme)}
-    assert {"timings", "verdict", "families", "selection_quality", "memorization", "reward_model",
+    root = Path(__file__).parents[1]
+    files = [root / p for p in block_files(None, root)]
+    texts = {f: f.read_text() for f in files}
+    names = {m["name"] for text in texts.values() for m in BLOCK.finditer(text)}
+    assert {"headline", "timings", "verdict", "families", "selection_quality", "memorization", "reward_model",
             "long_context"} <= names <= set(RENDERERS)
     record = read_run(store, "acceptance")
-    text, changed = update_readme(readme, store, record)
-    blocks = {m["name"]: m["body"] for m in BLOCK.finditer(text)}
-    verdict = {(r["subset"], r["metric"]): r for r in store.read_table(result["refs"]["eval.verdict"]).to_pylist()}
+    rendered, changed = {}, []
+    for f, text in texts.items():
+        rendered[f], names_changed = update_readme(text, store, record)
+        changed += names_changed
+    blocks = {m["name"]: m["body"] for text in rendered.values() for m in BLOCK.finditer(text)}
+    verdict = {(r["subset"], r["metric"]): r
+               for r in store.read_table(result["refs"]["eval.verdict"]).to_pylist()}
     assert f"{verdict[('tagcos', 'instruction_loss')]['mean']:.3f}" in blocks["verdict"]
+    difference = verdict[("tagcos-random", "instruction_loss")]["mean"]
+    assert f"{difference:.3f}".replace("-", "−") in blocks["headline"]
     assert f"{record['calibration']['matmul_gflops']:.0f} GFLOP/s" in blocks["timings"]
     assert re.search(r"\*\*whole run\*\* \| \*\*\d+\*\*", blocks["timings"])
-    if FULL:  # deterministic results: only the machine-dependent timings may differ from the README
+    if FULL:  # deterministic results: only the machine-dependent timings may differ from the files
         assert set(changed) <= {"timings"}, changed
-    copy = tmp_path / "README.md"
-    copy.write_text(readme)
-    assert run_cli("readme", "acceptance", "--store", store.uri, "--readme", str(copy)).returncode == 0
-    assert copy.read_text() == text
-    check = run_cli("readme", "acceptance", "--store", store.uri, "--readme", str(copy), "--check")
+    copies = []
+    for f, text in texts.items():
+        copy = tmp_path / f.relative_to(root)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(text)
+        copies += ["--readme", str(copy)]
+    assert run_cli("readme", "acceptance", "--store", store.uri, *copies).returncode == 0
+    for f in files:
+        assert (tmp_path / f.relative_to(root)).read_text() == rendered[f]
+    check = run_cli("readme", "acceptance", "--store", store.uri, *copies, "--check")
     assert check.returncode == 0, check.stdout + check.stderr

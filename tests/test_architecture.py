@@ -21,7 +21,8 @@ from tracecore.tasks.runtime.stage import INFRASTRUCTURE_PACKAGE, code_modules, 
 # What the infrastructure package may define: bookkeeping a stage calls, never a computation's logic.
 BOOKKEEPING = {
     "common": {"MODEL_LOAD_LOCK", "FAULT_ENV", "RAISE_ENV", "DELAY_ENV", "InjectedFailure", "ShardReport",
-               "in_prefect_run", "get_logger", "log_dropped", "Progress", "inject_fault", "run_shard", "dask_client",
+               "in_prefect_run", "get_logger", "log_dropped", "Progress", "inject_fault", "run_shard",
+               "dask_client",
                "worker_threads", "host_threads", "usable_markers", "map_shards", "set_torch_threads"},
 }
 
@@ -64,9 +65,11 @@ def test_the_infrastructure_package_defines_bookkeeping_only():
         module = importlib.import_module(f"{package.__name__}.{short}")
         tree = ast.parse(inspect.getsource(module))
         defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
-        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                    if isinstance(t, ast.Name)}
         extra = {d for d in defined if not d.startswith("_")} - BOOKKEEPING[short]
-        assert not extra, f"{module.__name__} defines {sorted(extra)}: domain code belongs in a library module"
+        assert not extra, (f"{module.__name__} defines {sorted(extra)}: domain code belongs in a library "
+                           "module")
 
 
 def test_every_stage_module_is_registered():
@@ -111,7 +114,8 @@ def test_editing_a_library_helper_changes_exactly_the_stages_that_reach_it(monke
 
 
 def test_resume_finds_a_run_in_the_store_its_profile_names(tmp_path, monkeypatch):
-    """`tracecore run --resume RUN_ID --profile P` looks in P's store, and a run of a built-in profile is found
+    """`tracecore run --resume RUN_ID --profile P` looks in P's store, and a run of a built-in profile is
+    found
     without --profile (failed on the old code: it opened `--store` or `.tracecore/store` only)."""
     from tracecore.configs.schema import ConfigError
     from tracecore.flows.cli import resume_store
@@ -122,7 +126,8 @@ def test_resume_finds_a_run_in_the_store_its_profile_names(tmp_path, monkeypatch
     other = tmp_path / "elsewhere" / "store"
     profile = tmp_path / "mine.yaml"
     profile.write_text(f"extends: tiny\nstore: {other}\n")
-    write_run(ArtifactStore(other), start_run(ArtifactStore(other), "20261207-000000-abcdef", {"store": str(other)}))
+    write_run(ArtifactStore(other),
+              start_run(ArtifactStore(other), "20261207-000000-abcdef", {"store": str(other)}))
     assert resume_store("20261207-000000-abcdef", str(profile), None).uri.endswith("elsewhere/store")
     with pytest.raises(ConfigError, match="^--resume 20261207-000000-abcdef: no such run"):
         resume_store("20261207-000000-abcdef", "tiny", None)
@@ -130,19 +135,22 @@ def test_resume_finds_a_run_in_the_store_its_profile_names(tmp_path, monkeypatch
 
 
 def test_one_word_tokeniser_and_windower():
-    """Word-level rules share `tasks/text.py`: no other module compiles its own word pattern (there were three,
-    with different edge rules: preference split on whitespace, so "Hello," and "hello" were different words)."""
+    """Word-level rules share `tasks/text.py`: no other module compiles its own word pattern (there were
+    three, with different edge rules: preference split on whitespace, so "Hello," and "hello" were different
+    words)."""
     import pathlib
     import re
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    own = [str(p.relative_to(root)) for folder in ("tasks", "kernels", "flows") for p in (root / folder).rglob("*.py")
+    own = [str(p.relative_to(root)) for folder in ("tasks", "kernels", "flows")
+           for p in (root / folder).rglob("*.py")
            if p.name != "text.py" and re.search(r"re\.(compile|findall|finditer)\(r\"\\\\w\+", p.read_text())]
     assert own == []
     from tracecore.tasks.preference import shingles
     from tracecore.tasks.trace import item_ngrams
 
-    assert shingles("Hello, world!  How are you?") == shingles("hello world how are you")  # failed on the old code
+    # failed on the old code
+    assert shingles("Hello, world!  How are you?") == shingles("hello world how are you")
     assert shingles("") == set() and shingles("Hi there") == {"hi there"}  # shorter than k: one shingle
     item = {"input": "Where was Anan born?", "output": "Mivel"}
     assert item_ngrams(item, 13, 1) == ["where was anan born mivel"]  # the same short-sequence rule

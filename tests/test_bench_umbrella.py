@@ -10,8 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_bench_script_has_a_quick_setting():
-    out = subprocess.run([sys.executable, "bench/run_all.py", "--dry-run"], cwd=REPO, capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run([sys.executable, "bench/run_all.py", "--dry-run"], cwd=REPO, capture_output=True,
+                         text=True, check=False)
     assert out.returncode == 0, out.stderr
     listed = {line.split()[1].split("/")[1] for line in out.stdout.splitlines()}
     assert listed == {p.name for p in (REPO / "bench").glob("*.py")} - {"run_all.py"}

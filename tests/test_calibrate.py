@@ -16,5 +16,6 @@ def test_calibration_measures_fixed_work_in_seconds():
     assert c["matmul_gflops"] > 0 and c["matmul_gflops_1thread"] > 0 and c["tokenizer_tokens_per_s"] > 1000
     assert c["cores"] >= 1 and c["load_1min"] >= 0
     line = calibration_line(c)
-    assert re.fullmatch(r"calibration: fp32 matmul \d+ GFLOP/s \(\d+ threads; \d+ on 1\), BPE \d+ k tokens/s, "
+    assert re.fullmatch(r"calibration: fp32 matmul \d+ GFLOP/s \(\d+ threads; \d+ on 1\), BPE \d+ k "
+                        r"tokens/s, "
                         r"\d+ cores, load \d+\.\d before", line), line

@@ -24,7 +24,8 @@ def test_unknown_key_names_the_field():
 
 
 def test_out_of_range_names_the_field_and_bound():
-    with pytest.raises(ConfigError, match=r"tokenize\.vocab_size: Input should be less than or equal to 65535"):
+    with pytest.raises(ConfigError,
+                       match=r"tokenize\.vocab_size: Input should be less than or equal to 65535"):
         load_config("tiny", ["tokenize.vocab_size=70000"])
 
 
@@ -50,7 +51,8 @@ def test_overrides_parse_yaml_values():
 def test_bad_override_syntax_and_profile():
     with pytest.raises(ConfigError, match="key=value"):
         load_config("tiny", ["tokenize.vocab_size"])
-    with pytest.raises(ConfigError, match=r"profile 'nope' not found: use one of \['gpu', 'smollm2-long', 'tiny', 'tiny-retrieval'\]"):
+    with pytest.raises(ConfigError, match=r"profile 'nope' not found: use one of \['gpu', 'smollm2-long', "
+                       r"'tiny', 'tiny-retrieval'\]"):
         load_config("nope")
 
 
@@ -62,10 +64,13 @@ def test_fingerprint_tracks_settings():
 
 def test_extends_merges_sections_over_the_base_profile(tmp_path):
     cfg, tiny = load_config("tiny-retrieval"), load_config("tiny")
-    assert cfg.pretrain.schedule == "constant" and cfg.pretrain.seq_len == tiny.pretrain.seq_len  # merged key by key
-    assert cfg.pretrain.hidden_size == 192 != tiny.pretrain.hidden_size  # pinned: the model its numbers came from
+    # merged key by key
+    assert cfg.pretrain.schedule == "constant" and cfg.pretrain.seq_len == tiny.pretrain.seq_len
+    # pinned: the model its numbers came from
+    assert cfg.pretrain.hidden_size == 192 != tiny.pretrain.hidden_size
     assert cfg.sample.repeated_list_documents > 0 and cfg.sample.n_entities == tiny.sample.n_entities
-    assert cfg.finetune.seeds == tiny.finetune.seeds and cfg.finetune.max_steps == 120 and cfg.profile == "tiny-retrieval"
+    assert cfg.finetune.seeds == tiny.finetune.seeds and cfg.finetune.max_steps == 120
+    assert cfg.profile == "tiny-retrieval"
     loop = tmp_path / "a.yaml"
     loop.write_text(f"extends: {loop}\n")
     with pytest.raises(ConfigError, match="circular"):

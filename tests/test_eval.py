@@ -15,7 +15,8 @@ def evaluated(pretrained):
     cfg, refs = pretrained
     refs = dict(refs)
     config = cfg.model_dump(mode="json")
-    config["finetune"] = {**config["finetune"], "subsets": ["tagcos", "random"], "seeds": [0, 1], "max_steps": 4}
+    config["finetune"] = {**config["finetune"], "subsets": ["tagcos", "random"], "seeds": [0, 1],
+                          "max_steps": 4}
     for stage in ("gradients", "select", "preference", "finetune", "eval"):
         refs.update(execute_stage(stage, config))
     return ArtifactStore(cfg.store), cfg, refs
@@ -43,9 +44,11 @@ def test_verdict_has_intervals_over_seeds_and_the_paired_difference(evaluated):
 
 def test_interval_and_paired_difference_values():
     mean, lo, hi = interval([1.0, 2.0, 3.0], 0.95)
-    assert mean == 2.0 and math.isclose(hi - mean, 4.303 / math.sqrt(3), rel_tol=1e-3) and math.isclose(mean - lo, hi - mean)
+    assert mean == 2.0 and math.isclose(hi - mean, 4.303 / math.sqrt(3),
+                                        rel_tol=1e-3) and math.isclose(mean - lo, hi - mean)
     rows = [{"subset": s, "seed": k, **dict.fromkeys(
-        ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss", "instruction_accuracy"],
+        ["perplexity", "qa_accuracy", "mc_accuracy", "translation_chrf", "instruction_loss",
+         "instruction_accuracy"],
         v + k)} for s, v in (("tagcos", 1.0), ("random", 3.0)) for k in (0, 1, 2)]
     diff = [r for r in verdict(rows, 0.95) if r["subset"] == "tagcos-random"]
     assert all(r["mean"] == -2.0 and r["lo"] == r["hi"] == -2.0 for r in diff)  # paired: no seed noise
@@ -63,10 +66,12 @@ def test_family_verdict_per_family_and_subset_with_the_paired_difference():
     assert {(r["family"], r["subset"]) for r in table} == {(f, s) for f in ("rare", "common")
                                                            for s in ("tagcos", "random", "tagcos-random")}
     diff = {r["family"]: r for r in table if r["subset"] == "tagcos-random"}
-    assert diff["rare"]["loss"] == diff["rare"]["loss_lo"] == diff["rare"]["loss_hi"] == -0.5  # paired by seed
+    # paired by seed
+    assert diff["rare"]["loss"] == diff["rare"]["loss_lo"] == diff["rare"]["loss_hi"] == -0.5
     rare = next(r for r in table if r["family"] == "rare" and r["subset"] == "tagcos")
     assert rare["pool_share"] == 0.05 and rare["seeds"] == 3 and 0 <= rare["accuracy_lo"] <= rare["accuracy"]
-    assert rare["loss_lo"] < rare["loss"] < rare["loss_hi"] and rare["loss_lo"] > 0  # log scale: stays positive
+    # log scale: stays positive
+    assert rare["loss_lo"] < rare["loss"] < rare["loss_hi"] and rare["loss_lo"] > 0
 
 
 def test_family_table_is_written_for_the_default_verdict(evaluated):
@@ -92,7 +97,8 @@ def test_long_context_tables_heads_and_plots(evaluated):
     assert store.manifest(refs["eval.heads"])["plots"] == ["plots/retrieval_heads.png"]
     assert store.read_file(refs["eval.needle"], "plots/needle_heatmaps.png")[:4] == b"\x89PNG"
     pref = store.read_table(refs["eval.preference"]).to_pylist()
-    assert {r["metric"] for r in pref} >= {"context_conditioned", "joint_reversal", "no_context_unconditional"}
+    assert {r["metric"] for r in pref} >= {"context_conditioned", "joint_reversal",
+                                           "no_context_unconditional"}
 
 
 def test_retrieval_curriculum_documents_are_answerable_from_context(pretrained):
@@ -138,7 +144,8 @@ def test_verdict_intervals_stay_inside_each_metrics_range():
 
 
 def test_needle_heatmaps_carry_a_colour_bar_the_values_and_integer_ticks():
-    """A reader must see each cell's accuracy without guessing colours, and lengths as the integers they are."""
+    """A reader must see each cell's accuracy without guessing colours, and lengths as the integers they
+    are."""
     from tracecore.tasks.eval_longctx import heatmaps_figure
 
     rows = [{"method": m, "length": n, "depth": d, "accuracy": a}

@@ -68,8 +68,8 @@ class Crash(RuntimeError):
 def small_run(cfg, refs, tmp_path, crash_after_first_checkpoint: bool):
     """10 optimizer steps on 40 records, checkpoint every 4; optionally crash right after step 4's save."""
     store = ArtifactStore(str(tmp_path / "resume-store"))
-    fcfg = cfg.finetune.model_copy(update={"epochs": 2, "batch_size": 4, "grad_accum": 1, "checkpoint_every": 4,
-                                           "max_steps": 10, "device": "cpu"})
+    fcfg = cfg.finetune.model_copy(update={"epochs": 2, "batch_size": 4, "grad_accum": 1,
+                                           "checkpoint_every": 4, "max_steps": 10, "device": "cpu"})
     src = ArtifactStore(cfg.store)
     with model_dir(src, refs["pretrain.model"]) as folder:
         tok, model = load_model(folder, fcfg, "cpu", torch.float32)
@@ -86,7 +86,8 @@ def small_run(cfg, refs, tmp_path, crash_after_first_checkpoint: bool):
         resume.save = save_then_crash
         with pytest.raises(Crash):
             train(model, data, tok.pad_token_id, fcfg, 0, "cpu", resume, _Log())
-        with model_dir(src, refs["pretrain.model"]) as folder:  # a fresh process: fresh model, state from the store
+        # a fresh process: fresh model, state from the store
+        with model_dir(src, refs["pretrain.model"]) as folder:
             tok, model = load_model(folder, fcfg, "cpu", torch.float32)
         resume = Resume(store, "finetuned/test")
     curve = train(model, data, tok.pad_token_id, fcfg, 0, "cpu", resume, _Log())
@@ -138,7 +139,8 @@ def test_long_context_extension_raises_rope_base(pretrained, tmp_path):
     assert manifest["rope_theta"] == 1e6 and manifest["seq_len"] == 256
     with store.local_dir(new["finetune.long_model"]) as folder:
         long_cfg = AutoConfig.from_pretrained(folder)
-    theta = (getattr(long_cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(long_cfg, "rope_theta", None))
+    theta = (getattr(long_cfg, "rope_parameters", None) or {}).get("rope_theta",
+                                                                   getattr(long_cfg, "rope_theta", None))
     assert theta == 1e6 and long_cfg.max_position_embeddings >= 256
     row = store.read_table(new["finetune.finetune"]).to_pylist()[0]
     assert store.manifest(row["model_ref"])["inputs"]["model"] == new["finetune.long_model"]
@@ -161,4 +163,5 @@ def test_full_pool_reference_trains_on_the_first_full_seeds_only():
     cfg = FinetuneConfig(subsets=["tagcos", "full"], seeds=[0, 1, 2], full_seeds=1)
     assert variants(cfg) == [("tagcos", 0), ("tagcos", 1), ("tagcos", 2), ("full", 0)]
     assert variants(cfg.model_copy(update={"full_seeds": None}))[-1] == ("full", 2)
-    assert training_hash(cfg) == training_hash(cfg.model_copy(update={"full_seeds": None}))  # variants are reused
+    # variants are reused
+    assert training_hash(cfg) == training_hash(cfg.model_copy(update={"full_seeds": None}))

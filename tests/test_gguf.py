@@ -26,7 +26,8 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama(path: Path, architecture: str = "llama", int_tensor: bool = False, seed: int = 0) -> None:
+def write_tiny_llama(path: Path, architecture: str = "llama", int_tensor: bool = False,
+                     seed: int = 0) -> None:
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -109,7 +110,8 @@ def test_imported_folder_gives_the_gguf_models_logits(tiny_gguf, tmp_path):
 
 
 def test_planning_parses_a_gguf_once_and_not_at_all_once_it_is_imported(tiny_gguf, tmp_path, monkeypatch):
-    """Its metadata (the vocabulary included) took seconds per setting naming it, on every cached re-run (failed
+    """Its metadata (the vocabulary included) took seconds per setting naming it, on every cached re-run
+    (failed
     on the old code: parsed per call, and `causal_lm_config` took no store)."""
     import shutil
 
@@ -120,7 +122,8 @@ def test_planning_parses_a_gguf_once_and_not_at_all_once_it_is_imported(tiny_ggu
     file = tmp_path / "copy.gguf"  # a file version no other test has checked in this process
     shutil.copy(tiny_gguf, file)
     parsed, real = [], gguf_models.gguf_header
-    monkeypatch.setattr(gguf_models, "gguf_header", lambda path, field: parsed.append(path) or real(path, field))
+    monkeypatch.setattr(gguf_models, "gguf_header", lambda path, field: parsed.append(path)
+                        or real(path, field))
     first, second = causal_lm_config(str(file), "a"), causal_lm_config(str(file), "b")
     assert len(parsed) == 1 and first.model_type == second.model_type == "llama" and first is not second
     store = ArtifactStore(tmp_path / "store")
@@ -157,7 +160,8 @@ def test_packaged_smollm2_imports_when_installed(smollm2_folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, manifest = smollm2_folder
-    assert manifest["architecture"] == "llama" and "Q4_1" in manifest["tensor_types"] and manifest["chat_template"]
+    assert manifest["architecture"] == "llama" and "Q4_1" in manifest["tensor_types"]
+    assert manifest["chat_template"]
     assert 130e6 < manifest["parameters"] < 140e6
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
@@ -168,7 +172,8 @@ def test_packaged_smollm2_imports_when_installed(smollm2_folder):
 
 def test_a_gguf_model_path_is_checked_at_planning_and_imported_by_the_pretrain_stage(tiny_gguf, test_config,
                                                                                       tmp_path):
-    """Transparently wherever a stage takes a model path: planning reads the header (a bad file fails before any
+    """Transparently wherever a stage takes a model path: planning reads the header (a bad file fails before
+    any
     work), the pretrain stage imports the file once and later stages load the imported folder."""
     from tracecore.configs.schema import ConfigError
     from tracecore.flows.pipeline import run_stages
@@ -202,7 +207,8 @@ def test_cli_model_import_prints_the_artifact_and_refuses_a_bad_file_in_one_line
     garbage.write_bytes(b"nope")
     assert main(["model", "import", str(garbage), "--store", str(store)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("tracecore: error: model import: ") and "not a readable GGUF file" in err and "\n" not in err
+    assert err.startswith("tracecore: error: model import: ") and "not a readable GGUF file" in err
+    assert "\n" not in err
 
 
 def test_memorization_scores_a_second_model_from_gguf_beside_the_runs_own(tiny_gguf, pipeline_run, tmp_path):
@@ -227,8 +233,10 @@ def test_memorization_scores_a_second_model_from_gguf_beside_the_runs_own(tiny_g
     other = tiny_gguf.stem
     assert {r["model"] for r in scores} == {run_model, other}
     assert all((r["corpus_share_seen"] is None) == (r["model"] == other) for r in scores), scores
-    lm = {(r["model"], r["item_id"], r["s_y"]): r["log_p_lm"] for r in store.read_table(refs["memorization.items"]).to_pylist()}
-    assert any(lm[(other, i, y)] != p for (m, i, y), p in lm.items() if m == run_model)  # two models, two scores
+    lm = {(r["model"], r["item_id"], r["s_y"]): r["log_p_lm"]
+          for r in store.read_table(refs["memorization.items"]).to_pylist()}
+    # two models, two scores
+    assert any(lm[(other, i, y)] != p for (m, i, y), p in lm.items() if m == run_model)
     bad = load_config(str(TEST_PROFILE), [f"memorization.models=[{tmp_path / 'missing.gguf'}]"],
                       store=str(tmp_path / "store"))
     with pytest.raises(ConfigError, match=r"^memorization.models\[0\]: GGUF file .* does not exist"):
@@ -236,8 +244,9 @@ def test_memorization_scores_a_second_model_from_gguf_beside_the_runs_own(tiny_g
 
 
 def test_preference_context_lm_may_be_a_gguf_model_checked_at_planning(tiny_gguf, test_config, tmp_path):
-    """`preference.context_lm_path` takes a GGUF file like every model path: checked and fingerprinted (sha256)
-    when the run is planned, imported into the store once, its contexts tagged `lm` (failed on the old code:
+    """`preference.context_lm_path` takes a GGUF file like every model path: checked and fingerprinted
+    (sha256) when the run is planned, imported into the store once, its contexts tagged `lm` (failed on the
+    old code:
     the path was fingerprinted as a folder and loaded with from_pretrained)."""
     from tracecore.configs.schema import PreferenceConfig
     from tracecore.flows.plan import plan_pipeline
@@ -248,11 +257,14 @@ def test_preference_context_lm_may_be_a_gguf_model_checked_at_planning(tiny_gguf
     assert len(plans["preference"].inputs["context_lm.model_sha256"]) == 64
     store = ArtifactStore(tmp_path / "store")
     tok, model = load_context_lm(str(tiny_gguf), store)
-    assert any(a.startswith("model_import/") for a in store.list_artifacts()) and model.config.model_type == "llama"
-    contexts = lm_contexts({"prompt": "p", "a": "x", "b": "y"}, (tok, model), PreferenceConfig().context_lm_template)
+    assert any(a.startswith("model_import/")
+               for a in store.list_artifacts()) and model.config.model_type == "llama"
+    contexts = lm_contexts({"prompt": "p", "a": "x", "b": "y"}, (tok, model),
+                           PreferenceConfig().context_lm_template)
     assert all(c[1] == "criteria" and c[2] in ("a", "b") and c[3] == "lm" for c in contexts)
     rwkv = tmp_path / "rwkv.gguf"
     write_tiny_llama(rwkv, architecture="rwkv6")
     bad = test_config(f"preference.context_lm_path={rwkv}")
-    with pytest.raises(ConfigError, match="^preference.context_lm_path: rwkv.gguf has GGUF architecture 'rwkv6'"):
+    with pytest.raises(ConfigError,
+                       match="^preference.context_lm_path: rwkv.gguf has GGUF architecture 'rwkv6'"):
         plan_pipeline(bad, ArtifactStore(bad.store))

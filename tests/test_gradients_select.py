@@ -21,7 +21,8 @@ from tracecore.tasks.select import omp, omp_fill
 def features(cfg, refs, store_uri, **overrides):
     """The gradients stage with changed settings; returns the store, every ref and the pool path."""
     cfg = with_section(cfg, "gradients", **overrides)
-    return ArtifactStore(store_uri), run_stages(cfg, ["gradients"]), planned_args(cfg, "gradients")["pool_path"]
+    return ArtifactStore(store_uri), run_stages(cfg,
+                                                ["gradients"]), planned_args(cfg, "gradients")["pool_path"]
 
 
 def select_refs(cfg) -> dict[str, str]:
@@ -123,10 +124,12 @@ def test_adam_direction_is_the_papers_formula_by_hand():
     for gi, mi, vi in zip(g.tolist(), m.tolist(), v.tolist()):
         m2, v2 = 0.9 * mi + 0.1 * gi, 0.999 * vi + 0.001 * gi * gi
         expected.append(m2 / (v2 ** 0.5 + 1e-8))
-    torch.testing.assert_close(adam_direction(g, m, v), torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=0)
+    torch.testing.assert_close(adam_direction(g, m, v), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-9, atol=0)
 
 
-def test_warmup_checkpoints_sit_in_the_rising_warmup_and_record_the_lr_they_trained_with(pretrained, monkeypatch):
+def test_warmup_checkpoints_sit_in_the_rising_warmup_and_record_the_lr_they_trained_with(pretrained,
+                                                                                          monkeypatch):
     """TAGCOS's checkpoints (10/20/30 steps) lie inside the linear warm-up: the lr rises, the last checkpoint
     weighs most, and step 1 trains at a positive lr. Each checkpoint records the lr its own step used."""
     from tracecore.tasks.gradients import checkpoint_weights, lora_params, warmup

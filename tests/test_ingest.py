@@ -34,7 +34,8 @@ BAD_LINES = [
     (b'{"id": "e", "text": ""}', "is empty"),
     (b'{"id": "f", "text": "  \\n\\t "}', "is empty"),
     (b'{"id": "g", "text": "caf\xe9 au lait"}', "non-UTF-8 bytes"),
-    (json.dumps({"id": "h", "text": "x" * 5000}).encode(), "oversize record: 5000 chars > max_doc_chars=1000"),
+    (json.dumps({"id": "h", "text": "x" * 5000}).encode(),
+     "oversize record: 5000 chars > max_doc_chars=1000"),
     (b'{"id": "i", "text": "nul\\u0000byte"}', "NUL characters"),
     (b'{"id": "j", "text": "half \\ud800 pair"}', "lone surrogate"),
     (b'{"id": [1], "text": "list id"}', "field 'id' must be a string or integer, got list"),
@@ -43,7 +44,8 @@ BAD_LINES = [
 
 @pytest.fixture
 def corpus(tmp_path):
-    """A mixed-format corpus: returns (files dir, expected good ids, expected (file, line, reason) rejects)."""
+    """A mixed-format corpus: returns (files dir, expected good ids, expected (file, line, reason)
+    rejects)."""
     d = tmp_path / "in"
     d.mkdir()
     lines, expected, good_ids = [], [], []
@@ -73,7 +75,8 @@ def corpus(tmp_path):
 
 
 def ingest_config(store, files, **ingest):
-    return validate_config({"store": str(store), "calibrate": False, "ingest": {"paths": list(files), **ingest}})
+    return validate_config({"store": str(store), "calibrate": False,
+                            "ingest": {"paths": list(files), **ingest}})
 
 
 def ingest_refs(cfg) -> dict[str, str]:
@@ -82,7 +85,8 @@ def ingest_refs(cfg) -> dict[str, str]:
 
 
 def ingest(tmp_path, files, **cfg_kwargs):
-    cfg = ingest_config(tmp_path / "store", files, **{"max_doc_chars": 1000, "max_reject_fraction": 1.0, **cfg_kwargs})
+    cfg = ingest_config(tmp_path / "store", files,
+                        **{"max_doc_chars": 1000, "max_reject_fraction": 1.0, **cfg_kwargs})
     refs = ingest_refs(cfg)
     run_stages(cfg, ["ingest"])
     return ArtifactStore(cfg.store), refs
@@ -100,7 +104,8 @@ def test_every_malformed_input_is_rejected_with_file_line_reason(tmp_path, corpu
     docs = store.read_table(refs["documents"])
     ids = docs.column("id").to_pylist()
     assert set(good_ids) <= set(ids)
-    truncated = [i for i in ids if i.startswith("good-") and 200 <= int(i[5:]) < 300]  # good lines before the corruption survive
+    # good lines before the corruption survive
+    truncated = [i for i in ids if i.startswith("good-") and 200 <= int(i[5:]) < 300]
     assert truncated and truncated == [f"good-{i}" for i in range(200, 200 + len(truncated))]
     assert len(ids) == len(good_ids) + len(truncated)
 
@@ -108,8 +113,10 @@ def test_every_malformed_input_is_rejected_with_file_line_reason(tmp_path, corpu
 def test_exact_duplicates_removed_first_occurrence_kept(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
-    (d / "a.jsonl").write_text("\n".join(json.dumps({"id": f"a{i}", "text": f"text {i % 3}"}) for i in range(6)))
-    (d / "b.jsonl").write_text(json.dumps({"id": "b0", "text": "text 1"}) + "\n" + json.dumps({"id": "b1", "text": "new"}))
+    (d / "a.jsonl").write_text("\n".join(json.dumps({"id": f"a{i}", "text": f"text {i % 3}"})
+                                         for i in range(6)))
+    (d / "b.jsonl").write_text(json.dumps({"id": "b0", "text": "text 1"}) + "\n"
+                               + json.dumps({"id": "b1", "text": "new"}))
     store, refs = ingest(tmp_path, list_input_files([str(d / "*.jsonl")]))
     assert store.read_table(refs["documents"]).column("id").to_pylist() == ["a0", "a1", "a2", "b1"]
     assert store.manifest(refs["documents"])["duplicates"] == 4
@@ -120,7 +127,8 @@ def test_exact_duplicates_removed_first_occurrence_kept(tmp_path):
 def test_too_many_rejects_fails_clearly_and_keeps_the_rejects(tmp_path, corpus):
     d, _, _ = corpus
     files = list_input_files([str(d / "mixed.jsonl")])
-    with pytest.raises(TooManyRejectsError, match=r"12 of 24 records rejected \(50.0%\) > ingest.max_reject_fraction"):
+    with pytest.raises(TooManyRejectsError,
+                       match=r"12 of 24 records rejected \(50.0%\) > ingest.max_reject_fraction"):
         ingest(tmp_path, files, max_reject_fraction=0.1)
     store = ArtifactStore(tmp_path / "store")
     refs = ingest_refs(ingest_config(tmp_path / "store", files, max_doc_chars=1000, max_reject_fraction=0.1))
@@ -153,7 +161,8 @@ def test_memory_store_and_memory_inputs(tmp_path):
     assert ArtifactStore("memory://store-t").read_table(refs["documents"]).num_rows == 5
 
 
-# ---- large inputs are split: memory per shard bounded by ingest.shard_mb -------------------------------------
+# ---- large inputs are split: memory per shard bounded by ingest.shard_mb
+# -------------------------------------
 @pytest.mark.parametrize("shard_bytes", [1, 7, 40, 41, 100, 10_000])
 def test_line_splits_cover_the_file_on_line_boundaries_with_their_first_line(tmp_path, shard_bytes):
     from tracecore.tasks.splits import line_splits
@@ -162,16 +171,19 @@ def test_line_splits_cover_the_file_on_line_boundaries_with_their_first_line(tmp
     path = tmp_path / "f.jsonl"
     path.write_bytes(data)
     splits = line_splits(str(path), shard_bytes)
-    assert [s["start"] for s in splits] == [0] + [s["end"] for s in splits[:-1]] and splits[-1]["end"] == len(data)
+    assert [s["start"] for s in splits] == [0] + [s["end"]
+                                                  for s in splits[:-1]] and splits[-1]["end"] == len(data)
     for s in splits:
         chunk = data[s["start"]:s["end"]]
         assert s["start"] == 0 or data[s["start"] - 1:s["start"]] == b"\n"
         assert s["first_line"] == data[:s["start"]].count(b"\n") + 1
-        assert len(chunk) <= shard_bytes + max(len(line) + 1 for line in data.split(b"\n")) or len(splits) == 1
+        assert len(chunk) <= shard_bytes + max(len(line) + 1
+                                               for line in data.split(b"\n")) or len(splits) == 1
 
 
 def big_jsonl(path, n: int, bad_every: int) -> list[int]:
-    """~n lines of ~150 bytes (> 1 MB for n >= 8,000); a malformed line every `bad_every`; their line numbers."""
+    """~n lines of ~150 bytes (> 1 MB for n >= 8,000); a malformed line every `bad_every`; their line
+    numbers."""
     bad, lines = [], []
     for i in range(1, n + 1):
         if i % bad_every == 0:
@@ -242,7 +254,8 @@ def test_dedup_is_partitioned_by_hash_and_equals_one_global_pass(tmp_path):
 
 
 def repeated_texts_corpus(folder, files=4, rows=40):
-    """`files` JSONL files of `rows` documents over 23 distinct texts; returns (paths, ids a global set keeps)."""
+    """`files` JSONL files of `rows` documents over 23 distinct texts; returns (paths, ids a global set
+    keeps)."""
     folder.mkdir()
     seen, expected = set(), []
     for f in range(files):
@@ -255,12 +268,14 @@ def repeated_texts_corpus(folder, files=4, rows=40):
 
 def test_parse_writes_the_hash_partitions_so_no_pass_rereads_the_parsed_shards(tmp_path, monkeypatch):
     """The parse task has every hash of its shard in hand: it writes the shard's hash partitions too, so the
-    hash pass only re-creates a missing or corrupt one (it re-read and checksummed every parsed shard, and cost a
+    hash pass only re-creates a missing or corrupt one (it re-read and checksummed every parsed shard, and
+    cost a
     cluster round trip per stage: 0.04 s of a 0.3 s ingest at 10^6 tokens)."""
     import tracecore.tasks.ingest as ingest_module
 
     files, expected = repeated_texts_corpus(tmp_path / "in")
-    monkeypatch.setattr(ingest_module, "partition_hashes", lambda *a, **k: pytest.fail("re-read a parsed shard"))
+    monkeypatch.setattr(ingest_module, "partition_hashes", lambda *a,
+                        **k: pytest.fail("re-read a parsed shard"))
     store, refs = ingest(tmp_path, files, dedup_buckets=3, keep_intermediates=True)
     assert store.read_table(refs["documents"]).column("id").to_pylist() == expected
     assert len(store.markers(refs["hashes"])) == 4
@@ -279,11 +294,13 @@ def test_a_missing_hash_partition_is_recomputed_from_its_parsed_shard(tmp_path):
 
 
 def test_small_corpora_group_dedup_buckets_into_few_tasks(tmp_path):
-    """A dedup task per bucket is a cluster round trip each (16 of them were a third of ingest at 10^6 tokens):
-    buckets are grouped so a task holds ~`dedup_task_rows` hashes, never more than max(that, rows / buckets)."""
+    """A dedup task per bucket is a cluster round trip each (16 of them were a third of ingest at 10^6
+    tokens): buckets are grouped so a task holds ~`dedup_task_rows` hashes, never more than max(that, rows /
+    buckets)."""
     files, expected = repeated_texts_corpus(tmp_path / "in")
     for task_rows, tasks in ((1000, 1), (50, 4), (1, 16)):
-        store, refs = ingest(tmp_path / f"r{task_rows}", files, dedup_task_rows=task_rows, keep_intermediates=True)
+        store, refs = ingest(tmp_path / f"r{task_rows}", files, dedup_task_rows=task_rows,
+                             keep_intermediates=True)
         assert store.read_table(refs["documents"]).column("id").to_pylist() == expected
         assert store.manifest(refs["drops"])["shards"] == tasks
 
@@ -296,17 +313,20 @@ def test_a_shard_without_duplicates_is_copied_not_re_encoded(tmp_path, monkeypat
     store = ArtifactStore(str(tmp_path / "store"))
     table = pa.table({"id": ["a", "b"], "text": ["one", "two"]})
     parsed = store.write_shard("parsed/p", 0, table, rejects=1)
-    monkeypatch.setattr(ArtifactStore, "read_shard", lambda *a, **k: pytest.fail("decoded a shard it could copy"))
+    monkeypatch.setattr(ArtifactStore, "read_shard", lambda *a,
+                        **k: pytest.fail("decoded a shard it could copy"))
     marker = dedup_shard(store.uri, "documents/d", 0, ("parsed/p", []))
     assert marker["checksum"] == parsed["checksum"] and marker["rows"] == 2 and marker["duplicates"] == 0
     assert "rejects" not in marker
-    assert store.fs.cat_file(store.shard_path("documents/d", 0)) == store.fs.cat_file(store.shard_path("parsed/p", 0))
+    assert store.fs.cat_file(store.shard_path("documents/d",
+                                              0)) == store.fs.cat_file(store.shard_path("parsed/p", 0))
 
 
 def test_the_parsed_copy_is_cleaned_once_documents_are_committed(tmp_path):
     d = tmp_path / "in"
     d.mkdir()
-    (d / "a.jsonl").write_text("".join(json.dumps({"id": f"a{i}", "text": f"text {i}"}) + "\n" for i in range(50)))
+    (d / "a.jsonl").write_text("".join(json.dumps({"id": f"a{i}", "text": f"text {i}"}) + "\n"
+                                       for i in range(50)))
     store, refs = ingest(tmp_path, [str(d / "a.jsonl")])
     for name in ("parsed", "hashes", "drops"):
         assert store.manifest(refs[name])["cleaned"] and not store.markers(refs[name])

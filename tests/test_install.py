@@ -1,4 +1,5 @@
-"""Install guards: nothing in the checkout shadows an installed distribution, and the venv is the committed lock.
+"""Install guards: nothing in the checkout shadows an installed distribution, and the venv is the committed
+lock.
 
 A fresh clone once failed at collection because the repository's `kernels/` folder shadowed Hugging Face's
 `kernels` package (imported by transformers) whenever the working directory was on `sys.path`.
@@ -46,7 +47,8 @@ def import_names(dist: str) -> list[str]:
     """Top-level import names a distribution installs (from its RECORD), skipping private and test modules."""
     names = {name for name, dists in md.packages_distributions().items()
              if canonical(dist) in {canonical(d) for d in dists}}
-    return sorted(n for n in names if n.isidentifier() and not n.startswith("_") and n not in {"tests", "test"})
+    return sorted(n for n in names if n.isidentifier() and not n.startswith("_")
+                  and n not in {"tests", "test"})
 
 
 def import_from_repo_root(modules: list[str]) -> dict:
@@ -94,9 +96,11 @@ def test_lock_covers_pyproject_within_its_ranges():
     for req in project_requirements():
         name = canonical(req.name)
         assert name in locked, f"requirements.lock: no pin for {req.name} (run `make lock`)"
-        assert req.specifier.contains(locked[name], prereleases=True), \
-            f"requirements.lock: {name}=={locked[name]} is outside pyproject's {req.specifier} (run `make lock`)"
-    assert locked["torch"].startswith("2.13.0") and locked["torch"].endswith("+cpu"), "torch must stay 2.13.0 CPU"
+        assert req.specifier.contains(locked[name], prereleases=True), (
+            f"requirements.lock: {name}=={locked[name]} is outside pyproject's {req.specifier} "
+            "(run `make lock`)")
+    torch = locked["torch"]
+    assert torch.startswith("2.13.0") and torch.endswith("+cpu"), "torch must stay 2.13.0 CPU"
 
 
 def test_lock_pins_every_entry_with_a_hash():

@@ -29,7 +29,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-TINY = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
+TINY = {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+        "num_attention_heads": 4,
             "num_key_value_heads": 2}
 
 
@@ -122,7 +123,8 @@ def test_triton_lm_head_hands_the_kernel_logits_in_the_weight_dtype(monkeypatch)
     from tracecore.kernels import triton_ce
 
     seen, kernel = [], triton_ce.triton_ce_grad_
-    monkeypatch.setattr(triton_ce, "triton_ce_grad_", lambda logits, *a: seen.append(logits.dtype) or kernel(logits, *a))
+    monkeypatch.setattr(triton_ce, "triton_ce_grad_", lambda logits, *a: seen.append(logits.dtype)
+                        or kernel(logits, *a))
     hidden, weight, labels = head_inputs(rows=45, d=32, vocab=300, dtype=torch.bfloat16)
     loss = triton_ce.triton_lm_head_ce(hidden, weight, labels, 4)
     ref = lm_head_ce(hidden, weight, labels, 4)
@@ -231,7 +233,8 @@ def test_model_without_lm_head_is_rejected():
 
 
 @gpu
-@pytest.mark.parametrize("dtype,rows,d,vocab", [(torch.bfloat16, 4097, 256, 32000), (torch.float32, 4097, 256, 32000),
+@pytest.mark.parametrize("dtype,rows,d,vocab",
+                         [(torch.bfloat16, 4097, 256, 32000), (torch.float32, 4097, 256, 32000),
                                                 (torch.bfloat16, 8192, 1024, 128256)])
 def test_triton_kernel_on_cuda_matches_reference(dtype, rows, d, vocab):
     """Compiled kernel vs. the PyTorch reference, bf16 and fp32, up to Llama-3's vocabulary."""
@@ -251,7 +254,8 @@ def test_triton_kernel_on_cuda_matches_reference(dtype, rows, d, vocab):
 @gpu
 def test_chunked_head_peak_memory_is_lower_on_cuda():
     hidden, weight, labels = head_inputs(rows=16384, d=512, vocab=32000, dtype=torch.bfloat16)
-    hidden, weight, labels = hidden.detach().cuda().requires_grad_(), weight.detach().cuda().requires_grad_(), labels.cuda()
+    hidden, weight = hidden.detach().cuda().requires_grad_(), weight.detach().cuda().requires_grad_()
+    labels = labels.cuda()
 
     def peak(fn):
         torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
@@ -274,7 +278,8 @@ def test_automatic_lm_chunks_keep_at_least_256_rows():
 
 
 def test_every_kernel_module_imports_under_the_tracecore_namespace():
-    """The repository's `kernels/` folder is a namespace portion (no `__init__.py`), so its modules are reached
+    """The repository's `kernels/` folder is a namespace portion (no `__init__.py`), so its modules are
+    reached
     only as `tracecore.kernels.*`; a bare `kernels` is Hugging Face's package, which transformers imports."""
     import importlib
     import pkgutil

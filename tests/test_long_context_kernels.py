@@ -47,7 +47,8 @@ def test_longcache_equals_full_attention_when_the_window_covers_everything(model
     x = ids()
     with torch.no_grad():
         ref = model(input_ids=x).logits
-    lc = LongCache(model, LongCacheConfig(global_size=4, local_size=200, mid_size=1, span_size=4, recall_clip=2))
+    lc = LongCache(model,
+                   LongCacheConfig(global_size=4, local_size=200, mid_size=1, span_size=4, recall_clip=2))
     parts = [forward(model, x[:, s:s + 30], lc, s) for s in range(0, 120, 30)]
     torch.testing.assert_close(torch.cat(parts, 1), ref, rtol=1e-4, atol=1e-5)
 
@@ -67,7 +68,8 @@ def test_middle_selection_and_spans():
     scores = torch.tensor([[0.0, 5.0, 1.0, 0.0, 4.0], [0.0, 5.0, 0.0, 3.0, 0.0], [9.0, 5.0, 0.0, 0.0, 0.0]])
     assert select_middle(scores, 1, -1).tolist() == [0, 1]
     assert select_middle(scores, 2, 1).tolist() == [1]  # clip keeps the most frequently chosen
-    assert expand_spans(torch.tensor([0, 7]), 4, start=32, stop=40).tolist() == [32, 33, 37, 38, 39]  # clamped
+    # clamped
+    assert expand_spans(torch.tensor([0, 7]), 4, start=32, stop=40).tolist() == [32, 33, 37, 38, 39]
 
 
 def test_compensation_token_equals_duplicating_the_mean_token():
@@ -90,8 +92,8 @@ def test_triton_biased_attention_matches_reference_with_causal_mask_and_padding(
     bias = torch.randn(2, 2, 70, generator=gen)
     bias[:, 1, 60:] = float("-inf")  # padding on one head
     q_pos, k_pos = torch.tensor([0, 10, 30, 65, 69]), torch.arange(70)
-    torch.testing.assert_close(biased_attention(q, k, v, bias, q_pos, k_pos), attention(q, k, v, bias, q_pos, k_pos),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(biased_attention(q, k, v, bias, q_pos, k_pos),
+                               attention(q, k, v, bias, q_pos, k_pos), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("tq", [1, 7])
@@ -114,8 +116,8 @@ def test_triton_biased_attention_merges_key_splits():
     bias = torch.randn(1, 1, 1100, generator=gen)
     bias[..., 700:900] = float("-inf")
     q_pos, k_pos = torch.tensor([100, 600, 1099]), torch.arange(1100)  # query 0 sees only the first split
-    torch.testing.assert_close(biased_attention(q, k, v, bias, q_pos, k_pos), attention(q, k, v, bias, q_pos, k_pos),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(biased_attention(q, k, v, bias, q_pos, k_pos),
+                               attention(q, k, v, bias, q_pos, k_pos), rtol=1e-5, atol=1e-6)
 
 
 def test_retrieval_heads_and_compressed_cache(model):
@@ -134,7 +136,8 @@ def test_retrieval_heads_and_compressed_cache(model):
     kept = 2 + max(8, -(-190 // 8)) + 1  # sinks + buffer + compensation token
     per_head = 2 * 16 * 4  # k and v, head_dim 16, fp32
     n_retrieval = int(heads.sum())
-    expected = n_retrieval * (190 + 10) * per_head + (4 - n_retrieval) * kept * per_head  # decoding keeps the size
+    # decoding keeps the size
+    expected = n_retrieval * (190 + 10) * per_head + (4 - n_retrieval) * kept * per_head
     assert razor.cache_bytes() == expected and razor.cache_bytes() < 0.5 * full.cache_bytes()
 
 
@@ -168,10 +171,12 @@ def test_retrieval_head_counts_follow_the_fractions():
     cfg = RazorConfig(induction_fraction=0.14, echo_fraction=0.01)
     induction, echo = torch.rand(3, 3, generator=gen), torch.rand(3, 3, generator=gen)
     heads = retrieval_heads(induction, echo, cfg)
-    assert heads.sum() == 1 and heads.flatten()[induction.flatten().argmax()]  # round(1.26) = 1, round(0.09) = 0
+    # round(1.26) = 1, round(0.09) = 0
+    assert heads.sum() == 1 and heads.flatten()[induction.flatten().argmax()]
     induction, echo = torch.rand(32, 8, generator=gen), torch.rand(32, 8, generator=gen)
     heads = retrieval_heads(induction, echo, cfg).flatten()
-    top_induction, top_echo = set(induction.flatten().topk(36).indices.tolist()), set(echo.flatten().topk(3).indices.tolist())
+    top_induction = set(induction.flatten().topk(36).indices.tolist())
+    top_echo = set(echo.flatten().topk(3).indices.tolist())
     assert set(heads.nonzero().flatten().tolist()) == top_induction | top_echo  # 14 % of 256 = 36, 1 % = 3
 
 
@@ -198,12 +203,14 @@ def test_razor_keeps_sinks_buffer_and_compensation_while_decoding(model):
                 continue
             dropped = full.k[layer][:, h, 2:120 - buffer]
             torch.testing.assert_close(head["ck"][:, 0], dropped.mean(1), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(head["cv"][:, 0], full.v[layer][:, h, 2:120 - buffer].mean(1), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(head["cv"][:, 0], full.v[layer][:, h, 2:120 - buffer].mean(1),
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_razor_decoding_a_chunk_equals_decoding_token_by_token(model):
     """A teacher-forced answer chunk sees the same caches as decoding its tokens one at a time."""
-    cfg, heads, x = RazorConfig(sinks=2, min_buffer=8, compression=8), torch.tensor([[False, True], [False, False]]), ids(110)
+    cfg, heads, x = RazorConfig(sinks=2, min_buffer=8,
+                                compression=8), torch.tensor([[False, True], [False, False]]), ids(110)
     one, chunk = RazorCache(model, heads, cfg), RazorCache(model, heads, cfg)
     for policy in (one, chunk):
         forward(model, x[:, :100], policy, 0)
@@ -215,7 +222,8 @@ def test_razor_decoding_a_chunk_equals_decoding_token_by_token(model):
 def test_razor_and_full_decode_a_batch_as_each_sequence_alone(model):
     """bench/long_context.py --batch decodes several sequences at once: each row's logits equal decoding that
     sequence alone, so the batched speed measures the same computation."""
-    cfg, heads = RazorConfig(sinks=2, min_buffer=8, compression=8), torch.tensor([[False, True], [False, False]])
+    cfg, heads = RazorConfig(sinks=2, min_buffer=8,
+                             compression=8), torch.tensor([[False, True], [False, False]])
     rows = torch.cat([ids(106, seed=1), ids(106, seed=2)])
 
     def decode(x, make):
@@ -232,7 +240,8 @@ def test_razor_and_full_decode_a_batch_as_each_sequence_alone(model):
 
 class _ScriptedAttention:
     """A stand-in model whose attention maps are scripted: head 0 echoes (attends to the earlier copy of the
-    current token), head 1 induces (attends to the token after that copy). Both heads share one KV head each."""
+    current token), head 1 induces (attends to the token after that copy). Both heads share one KV head
+    each."""
 
     def __init__(self):
         from types import SimpleNamespace
@@ -278,7 +287,8 @@ def _longcache_reference(q, k_all, v_all, cfg, rope):
                 scores = [float(qm @ k_all[bi, g, start + j].float()) for j in range(stop - start)]
                 best = sorted(range(len(scores)), key=lambda j: -scores[j])[:cfg.mid_size]
                 counts.update(best)
-    centres = sorted(counts, key=lambda j: (-counts[j], j))[:cfg.recall_clip] if cfg.recall_clip > 0 else list(counts)
+    centres = sorted(counts,
+                     key=lambda j: (-counts[j], j))[:cfg.recall_clip] if cfg.recall_clip > 0 else list(counts)
     spans = sorted({min(max(c + start + o, start), stop - 1) for c in centres
                     for o in range(-(cfg.span_size // 2), cfg.span_size - cfg.span_size // 2)})
     index = list(range(start)) + spans + list(range(stop, total))
@@ -320,14 +330,16 @@ def test_razor_decoding_on_cuda_matches_cpu(model):
     Triton/SDPA path decodes what the CPU reference decodes."""
     import copy
 
-    cfg, heads, x = RazorConfig(sinks=2, min_buffer=8, compression=8), torch.tensor([[False, True], [False, False]]), ids(130)
+    cfg, heads, x = RazorConfig(sinks=2, min_buffer=8,
+                                compression=8), torch.tensor([[False, True], [False, False]]), ids(130)
     logits = []
     for device in ("cpu", "cuda"):
         m = copy.deepcopy(model).to(device)
         razor = RazorCache(m, heads, cfg)
         forward(m, x[:, :100].to(device), razor, 0)
         razor.after_prefill()
-        logits.append(torch.cat([forward(m, x[:, t:t + 1].to(device), razor, t) for t in range(100, 130)], 1).cpu())
+        logits.append(torch.cat([forward(m, x[:, t:t + 1].to(device), razor, t) for t in range(100, 130)],
+                                1).cpu())
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-4)
 
 
@@ -370,7 +382,8 @@ def test_one_shared_prefill_decodes_exactly_as_a_prefill_per_policy(model):
     decoding must not touch another's copy."""
     from tracecore.kernels.decoding import answers_after_one_prefill, greedy_decode
 
-    x, cfg = ids(150), RazorConfig(induction_fraction=0.25, echo_fraction=0.01, sinks=2, min_buffer=8, compression=8)
+    x, cfg = ids(150), RazorConfig(induction_fraction=0.25, echo_fraction=0.01, sinks=2, min_buffer=8,
+                                   compression=8)
     heads = torch.tensor([[True, False], [False, False]])
     other = torch.tensor([[False, False], [False, True]])
     with torch.no_grad():

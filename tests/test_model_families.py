@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 SIZES = {  # each family's config names for a 2-layer, 64-wide model
     "gpt2": {"n_embd": 64, "n_inner": 128, "n_layer": 2, "n_head": 4, "n_positions": 256},
-    "gpt_neox": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "gpt_neox": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                 "num_attention_heads": 4},
 }
 LLAMA_LIKE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "head_dim": 16}
@@ -56,8 +57,10 @@ def test_families_without_the_functional_forward_are_named():
 def save_user_model(folder, model_type: str, tok) -> None:
     """A tiny randomly initialised model of `model_type` with the given tokenizer, as a user would save it."""
     torch.manual_seed(0)
-    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    config = AutoConfig.for_model(model_type, vocab_size=len(tok), **SIZES.get(model_type, LLAMA_LIKE), **special)
+    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+               "pad_token_id": tok.pad_token_id}
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), **SIZES.get(model_type, LLAMA_LIKE),
+                                  **special)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tok.save_pretrained(folder)
 
@@ -71,8 +74,8 @@ def user_model_overrides(folder) -> list[str]:
 
 
 @pytest.mark.parametrize("model_type", ["gpt_neox", "llama"])
-def test_a_user_model_of_each_family_runs_every_stage_that_applies(model_type, pretrained, test_config, tmp_path,
-                                                                   caplog):
+def test_a_user_model_of_each_family_runs_every_stage_that_applies(model_type, pretrained, test_config,
+                                                                   tmp_path, caplog):
     import logging
 
     from tracecore.flows.pipeline import run_stages
@@ -92,7 +95,8 @@ def test_a_user_model_of_each_family_runs_every_stage_that_applies(model_type, p
     assert store.read_table(refs["finetune.finetune"]).num_rows == 1
     assert store.read_table(refs["eval.quality"]).num_rows == 2  # the user's model and its fine-tuned copy
     dropped = {r.getMessage() for r in caplog.records if " left out: " in r.getMessage()}
-    for score in store.read_table(refs["memorization.scores"]).to_pylist()[:1]:  # every drop is counted, with why
+    # every drop is counted, with why
+    for score in store.read_table(refs["memorization.scores"]).to_pylist()[:1]:
         lost = score["items_overlap_dropped"] + score["items_unaligned"]
         expected = f"memorization: {lost} of {score['items']} {score['task']} items left out"
         assert not lost or any(m.startswith(expected) for m in dropped), (expected, dropped)
@@ -104,7 +108,8 @@ def test_a_user_model_of_each_family_runs_every_stage_that_applies(model_type, p
         assert not skipped
     else:  # one line naming the model type; the artifacts say why, the rest of the stage ran
         assert len(skipped) == 1 and "'gpt_neox'" in skipped[0]
-        assert "'gpt_neox'" in long_context["skipped"] and store.read_table(refs["eval.long_context"]).num_rows == 0
+        assert "'gpt_neox'" in long_context["skipped"]
+        assert store.read_table(refs["eval.long_context"]).num_rows == 0
 
 
 def planning_error(test_config, folder, *overrides):
@@ -127,7 +132,8 @@ def config_only_folder(folder, model_type: str, **size):
 
 
 def test_unsupported_models_are_refused_when_the_run_is_planned(test_config, tmp_path):
-    phi3 = config_only_folder(tmp_path / "phi3", "phi3", pad_token_id=0, **LLAMA_LIKE)  # fused qkv_proj: not in the table
+    # fused qkv_proj: not in the table
+    phi3 = config_only_folder(tmp_path / "phi3", "phi3", pad_token_id=0, **LLAMA_LIKE)
     message = planning_error(test_config, phi3)
     assert "gradients.target_modules" in message and "'phi3'" in message and "qkv_proj" in message
     assert "\n" not in message
@@ -140,5 +146,6 @@ def test_unsupported_models_are_refused_when_the_run_is_planned(test_config, tmp
     message = planning_error(test_config, llama, f"memorization.models=[{llama}, {encoder}]")
     assert message.startswith("memorization.models[1]: ") and "not a causal LM" in message
     broken = config_only_folder(tmp_path / "broken", "llama", pad_token_id=9999, **LLAMA_LIKE)
-    assert planning_error(test_config, broken).startswith("pretrain.model_path: transformers cannot build model "
+    assert planning_error(test_config,
+                          broken).startswith("pretrain.model_path: transformers cannot build model "
                                                           "type 'llama' from its config.json: AssertionError")

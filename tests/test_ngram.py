@@ -69,7 +69,8 @@ def test_exact_table_matches_infinigram(indexed):
     unigrams = sum(r["count"] for r in rows if r["n"] == 1)
     assert unigrams == store.manifest(refs["tokenize.tokens"])["tokens"]
     topk = store.read_table(refs["ngram.topk"]).to_pylist()
-    assert topk[0]["rank"] == 1 and topk[0]["count"] == max(r["count"] for r in rows if r["n"] == topk[0]["n"])
+    assert topk[0]["rank"] == 1 and topk[0]["count"] == max(r["count"] for r in rows
+                                                            if r["n"] == topk[0]["n"])
 
 
 def test_a_lost_bucket_is_recomputed_alone(indexed):
@@ -129,15 +130,18 @@ def test_every_counting_path_equals_an_independent_count(bits):
 
 
 def test_key_mixing_is_a_bijection_and_fills_bucket_ranges_evenly():
-    """The map orders keys by a mixed (hashed) key whose ranges are the reduce buckets: unmixing must give every
-    key back (32-, 48-, 64-bit and two-word keys, edge values included), and buckets of a skewed key set must be
+    """The map orders keys by a mixed (hashed) key whose ranges are the reduce buckets: unmixing must give
+    every key back (32-, 48-, 64-bit and two-word keys, edge values included), and buckets of a skewed key set
+    must be
     even."""
     from tracecore.tasks.ngram_table import bucket_bounds, mixed_words, unmixed_words
 
     rng = np.random.default_rng(0)
     for width, top in ((32, (1 << 32) - 1), (48, (1 << 48) - 1), (64, (1 << 64) - 1), (128, (1 << 64) - 1)):
-        key0 = np.r_[np.array([0, 1, top], np.uint64), rng.integers(0, top, 10_000, dtype=np.uint64, endpoint=True)]
-        key1 = rng.integers(0, 1 << 40, len(key0), dtype=np.uint64) if width == 128 else np.zeros(len(key0), np.uint64)
+        key0 = np.r_[np.array([0, 1, top], np.uint64), rng.integers(0, top, 10_000, dtype=np.uint64,
+                                                                    endpoint=True)]
+        key1 = rng.integers(0, 1 << 40, len(key0),
+                            dtype=np.uint64) if width == 128 else np.zeros(len(key0), np.uint64)
         mixed = mixed_words(key0, key1, width).astype(np.uint64)
         assert np.array_equal(unmixed_words(mixed, key1, width), key0), width
         if width == 48:  # a 48-bit key stays within 48 bits, so a reduce can pack a 16-bit count beside it
@@ -173,17 +177,19 @@ def test_task_gram_rules():
 
 
 def test_malformed_task_records_are_rejected(tmp_path):
-    rows = [{"id": "ok", "question": "Where was A born?", "answer": "B"}, {"id": "no-answer", "question": "Q?"},
-            {"question": "Q?", "answer": ""}, ["not", "an", "object"]]
+    rows = [{"id": "ok", "question": "Where was A born?", "answer": "B"},
+            {"id": "no-answer", "question": "Q?"}, {"question": "Q?", "answer": ""}, ["not", "an", "object"]]
     path = tmp_path / "qa.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken json\n")
     items, rejects = load_task(TaskSpec(name="qa", kind="qa"), str(path), 0)
     assert [i["id"] for i in items] == ["ok"]
     assert [(r["line"], r["reason"].split(":")[1].strip()[:20]) for r in rejects] == [
-        (2, "missing or empty fie"), (3, "missing or empty fie"), (4, "record is a list, no"), (5, "bad JSON")]
+        (2, "missing or empty fie"), (3, "missing or empty fie"), (4, "record is a list, no"),
+        (5, "bad JSON")]
     mc = tmp_path / "mc.jsonl"
     mc.write_text(json.dumps({"question": "Q?", "choices": ["a", "b"], "answer": 5}))
-    assert "integer 'answer' index" in load_task(TaskSpec(name="mc", kind="multiple_choice"), str(mc), 0)[1][0]["reason"]
+    assert "integer 'answer' index" in load_task(TaskSpec(name="mc", kind="multiple_choice"), str(mc),
+                                                 0)[1][0]["reason"]
 
 
 def test_empty_corpus_and_vocab_mismatch_fail_before_work(indexed, tmp_path):
@@ -235,7 +241,8 @@ def test_the_lm_is_scored_on_the_tasks_prompt_template_not_raw_x(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "Where was Mivel born?", "answer": "Daro"}\n')
     (item,), _ = load_task(TaskSpec(name="qa", kind="qa"), str(path), 0)
-    assert item["prompt"] == "Question: Where was Mivel born?\nAnswer:" and item["input"] == "Where was Mivel born?"
+    assert item["prompt"] == "Question: Where was Mivel born?\nAnswer:"
+    assert item["input"] == "Where was Mivel born?"
     (own,), _ = load_task(TaskSpec(name="qa", kind="qa", prompt="Q: {input} A:"), str(path), 0)
     assert own["prompt"] == "Q: Where was Mivel born? A:"
     translation = {t.name: t for t in MemorizationConfig().tasks}["translation"]
@@ -252,7 +259,8 @@ def test_scores_cover_every_item_smoothed_and_the_cooccurring_subset_labelled():
     pairs = []
     for i in range(12):
         c_xy = 0 if i < 4 else i
-        pairs.append({"task": "qa", "item_id": f"q{i}", "input": "x", "prompt": "x", "frequency": None, "s_x": "a b",
+        pairs.append({"task": "qa", "item_id": f"q{i}", "input": "x", "prompt": "x", "frequency": None,
+                      "s_x": "a b",
                       "s_y": f"y{i}", "c_x": 50, "c_y": 5, "c_xy": c_xy, "approx": False, "log_p_inf": -1.0})
     rows = item_scores(pairs)
     assert all(np.isfinite(r["log_p_t_smoothed"]) for r in rows)
@@ -262,7 +270,8 @@ def test_scores_cover_every_item_smoothed_and_the_cooccurring_subset_labelled():
     (score,) = score_table(lm_rows, MemorizationConfig(bootstrap=50))
     assert score["n_all"] == 12 and score["n_cooccurring"] == 8 and "n_items" not in score
     assert score["spearman_all"] > 0.9 and score["spearman"] > 0.9
-    assert set(REPORT_COLUMNS) <= set(score), set(REPORT_COLUMNS) - set(score)  # every reported column is filled
+    # every reported column is filled
+    assert set(REPORT_COLUMNS) <= set(score), set(REPORT_COLUMNS) - set(score)
     assert score["spearman_all_lo"] <= score["spearman_all"] <= score["spearman_all_hi"]
 
 
@@ -278,10 +287,13 @@ def test_constructed_agreement_gives_positive_rho(indexed):
     with store.local_dir(refs["sample.sample"]) as folder:
         items, _ = load_task(spec, f"{folder}/tasks/qa.jsonl", 0)
     pairs = [{"task": "qa", "item_id": it["id"], "input": it["input"], "prompt": it["prompt"],
-              "frequency": it["frequency"], "s_x": sx, "s_y": sy} for it in items for sx, sy in candidate_pairs(it, 2)]
-    count_chunk(store.uri, "test/constructed", 0, (refs["ngram.index"], refs["tokenize.tokenizer"], pairs), 100, 50_000)
+              "frequency": it["frequency"], "s_x": sx, "s_y": sy} for it in items
+                  for sx, sy in candidate_pairs(it, 2)]
+    count_chunk(store.uri, "test/constructed", 0, (refs["ngram.index"], refs["tokenize.tokenizer"], pairs),
+                100, 50_000)
     rows = item_scores(store.read_shard("test/constructed", 0).to_pylist())
-    designed = [{**r, "model": "planted", "parameters": 1, "log_p_lm": float(np.log(r["frequency"]))} for r in rows]
+    designed = [{**r, "model": "planted", "parameters": 1, "log_p_lm": float(np.log(r["frequency"]))}
+                for r in rows]
     (score,) = score_table(designed, MemorizationConfig(bootstrap=200))
     assert score["n_cooccurring"] >= 20 and score["spearman"] > 0.3 and score["spearman_lo"] > 0, score
     assert score["spearman_all"] > 0.3, score
@@ -291,10 +303,12 @@ def test_thresholds_below_the_papers_are_said_for_user_tasks():
     from tracecore.tasks.memorization import threshold_warnings
 
     toy = MemorizationConfig(align_threshold_short=0.0, tasks=[TaskSpec(name="qa", kind="qa"),
-                                                              TaskSpec(name="mine", kind="qa", path="my/qa.jsonl")])
+                                                              TaskSpec(name="mine", kind="qa",
+                                                                       path="my/qa.jsonl")])
     (warning,) = threshold_warnings(toy)
     assert "mine" in warning and "0.6" in warning
-    assert threshold_warnings(MemorizationConfig(tasks=[TaskSpec(name="mine", kind="qa", path="my/qa.jsonl")])) == []
+    assert threshold_warnings(MemorizationConfig(tasks=[TaskSpec(name="mine", kind="qa",
+                                                                 path="my/qa.jsonl")])) == []
 
 
 def _loop_bootstrap_spearman(lm, ref, n_boot, seed):
@@ -310,7 +324,8 @@ def _loop_bootstrap_spearman(lm, ref, n_boot, seed):
 
 
 def test_vectorized_bootstrap_equals_one_resample_at_a_time():
-    """`correlations` draws all resamples at once (it was ~12 s of the default run); same draws, same interval,
+    """`correlations` draws all resamples at once (it was ~12 s of the default run); same draws, same
+    interval,
     ties (integer counts) ranked as averages, constant resamples skipped."""
     from scipy import stats
     from tracecore.tasks.memorization_scores import correlations
@@ -320,7 +335,8 @@ def test_vectorized_bootstrap_equals_one_resample_at_a_time():
     lm = ref + rng.normal(0, 2, 40)
     got = correlations(lm, ref, 300, seed=7)
     lo, hi = _loop_bootstrap_spearman(lm, ref, 300, 7)
-    assert got["spearman_lo"] == pytest.approx(lo, abs=1e-9) and got["spearman_hi"] == pytest.approx(hi, abs=1e-9)
+    assert got["spearman_lo"] == pytest.approx(lo,
+                                               abs=1e-9) and got["spearman_hi"] == pytest.approx(hi, abs=1e-9)
     assert got["spearman"] == pytest.approx(stats.spearmanr(lm, ref).statistic)
     assert got["kendall_tau_distance"] == pytest.approx((1 - stats.kendalltau(lm, ref).statistic) / 2)
     const = correlations(np.arange(5.0), np.array([1.0, 1, 1, 1, 2]), 200, seed=0)  # many constant resamples
@@ -342,7 +358,8 @@ def test_ngram_cli_count_docs_and_cnf(indexed):
     args = ["--store", store.uri, "--index", refs["ngram.index"], "--json"]
     counted = json.loads(run_cli("ngram", "count", phrase, *args).stdout)
     assert counted["count"] == expected > 0 and counted["text"] == phrase
-    assert sum(f["count"] for f in counted["forms"]) == counted["count"] and all(f["tokens"] for f in counted["forms"])
+    assert sum(f["count"]
+               for f in counted["forms"]) == counted["count"] and all(f["tokens"] for f in counted["forms"])
     found = json.loads(run_cli("ngram", "docs", phrase, *args, "--limit", "50").stdout)
     assert found["occurrences"] == expected and 0 < len(found["documents"]) <= 50
     ids = {d["id"] for d in found["documents"]}
@@ -353,7 +370,8 @@ def test_ngram_cli_count_docs_and_cnf(indexed):
     cooc = json.loads(run_cli("ngram", "cnf", "was born", "AND", "year", *args, "--window", "20").stdout)
     with open_engine(store, refs["ngram.index"]) as engine:
         tok = tokenizer(store, refs)
-        direct = engine.count_cnf([phrase_variants(tok, "was born"), phrase_variants(tok, "year")], max_diff_tokens=20)
+        direct = engine.count_cnf([phrase_variants(tok, "was born"), phrase_variants(tok, "year")],
+                                  max_diff_tokens=20)
     assert cooc["count"] == direct["count"] > 0 and cooc["approx"] is False
     text = run_cli("ngram", "count", phrase, "--store", store.uri, "--index", refs["ngram.index"])
     assert text.returncode == 0 and f": {expected}" in text.stdout
@@ -373,7 +391,8 @@ def test_more_buckets_for_a_larger_corpus_give_the_same_exact_table(indexed, tmp
 
     def rows(ref):
         table = store.read_table(ref)
-        return sorted(zip(table["n"].to_pylist(), map(tuple, table["ngram"].to_pylist()), table["count"].to_pylist()))
+        return sorted(zip(table["n"].to_pylist(), map(tuple, table["ngram"].to_pylist()),
+                          table["count"].to_pylist()))
 
     assert rows(refs_small["ngram.counts"]) == rows(refs["ngram.counts"])
     topk = [(r["n"], r["count"]) for r in store.read_table(refs_small["ngram.topk"]).to_pylist()]
@@ -386,7 +405,8 @@ def test_token_shards_larger_than_map_tokens_are_cut_into_row_ranges(indexed):
     store, cfg, refs = indexed
     tokens_ref = refs["tokenize.tokens"]
     largest = max(m["tokens"] for m in store.markers(tokens_ref))
-    small = cfg.model_copy(update={"ngram": cfg.ngram.model_copy(update={"map_tokens": max(1_000, largest // 5)})})
+    ngram = cfg.ngram.model_copy(update={"map_tokens": max(1_000, largest // 5)})
+    small = cfg.model_copy(update={"ngram": ngram})
     refs_small = run_stages(small, ["ngram"])
     parts = store.manifest(refs_small["ngram.counts_map"])["partitions"]
     shards = store.markers(tokens_ref)
@@ -398,7 +418,8 @@ def test_token_shards_larger_than_map_tokens_are_cut_into_row_ranges(indexed):
 
     def rows(ref):
         table = store.read_table(ref)
-        return sorted(zip(table["n"].to_pylist(), map(tuple, table["ngram"].to_pylist()), table["count"].to_pylist()))
+        return sorted(zip(table["n"].to_pylist(), map(tuple, table["ngram"].to_pylist()),
+                          table["count"].to_pylist()))
 
     assert rows(refs_small["ngram.counts"]) == rows(refs["ngram.counts"])
 
@@ -435,7 +456,8 @@ def test_smaller_index_groups_answer_the_same_counts(indexed):
 
 
 def test_indexer_cpus_share_the_cluster_by_group_size():
-    """`ngram.index_cpus: auto`: one group gets every thread of a host (measured 3.3 -> 1.5 s for 8 M tokens on
+    """`ngram.index_cpus: auto`: one group gets every thread of a host (measured 3.3 -> 1.5 s for 8 M tokens
+    on
     2 cores), unequal groups get shares by their tokens, never 0, never more than one host has."""
     from tracecore.tasks.ngram import indexer_cpus
 
@@ -447,8 +469,9 @@ def test_indexer_cpus_share_the_cluster_by_group_size():
 
 
 def test_our_suffix_array_driver_builds_the_packages_index_byte_for_byte(tmp_path):
-    """`build_suffix_array` runs infini-gram's binary steps itself (no interpreter per group): its table must be
-    the package driver's (`python -m infini_gram.indexing`), on 1 or 2 cpus and when memory forces 2 batches."""
+    """`build_suffix_array` runs infini-gram's binary steps itself (no interpreter per group): its table must
+    be the package driver's (`python -m infini_gram.indexing`), on 1 or 2 cpus and when memory forces 2
+    batches."""
     from tracecore.tasks.ngram import build_suffix_array, run_package_indexer, suffix_array_jobs
 
     rng = np.random.default_rng(0)
@@ -481,7 +504,8 @@ def test_a_failing_indexer_step_names_the_step_and_folder(tmp_path):
     (tmp_path / "offset.0").write_bytes(np.zeros(1, "<u8").tobytes())
     with pytest.raises(RuntimeError, match=f"infini-gram indexer step .* failed in {tmp_path}") as err:
         build_suffix_array(tmp_path, 2**30, 1)
-    assert "\n" not in str(err.value) and "token_width" in str(err.value)  # the binary's assertion, not its backtrace
+    # the binary's assertion, not its backtrace
+    assert "\n" not in str(err.value) and "token_width" in str(err.value)
 
 
 def test_map_partitions_with_and_without_a_second_key_word_reduce_together(tmp_path):
@@ -498,7 +522,8 @@ def test_map_partitions_with_and_without_a_second_key_word_reduce_together(tmp_p
               [rng.integers(0, 70_000, 12).tolist() for _ in range(5)]]
     for i, docs in enumerate(shards):
         tokens = pa.array(docs, type=pa.list_(pa.uint32()))
-        store.write_shard("tokens/t", i, pa.table({"doc_id": [str(k) for k in range(len(docs))], "tokens": tokens,
+        store.write_shard("tokens/t", i,
+                          pa.table({"doc_id": [str(k) for k in range(len(docs))], "tokens": tokens,
                                                   "n_tokens": pa.array([len(d) for d in docs], pa.int32())}))
     for i, docs in enumerate(shards):
         count_partition(store.uri, "map/m", i, ("tokens/t", i, 0, len(docs)), 3, 4)
@@ -509,7 +534,8 @@ def test_map_partitions_with_and_without_a_second_key_word_reduce_together(tmp_p
         reduce_bucket(store.uri, "counts/c", bucket, ("map/m", 2, 32))
         for row in store.read_shard("counts/c", bucket).to_pylist():
             got[tuple(row["ngram"])] += row["count"]
-    truth = Counter(tuple(d[i:i + n]) for docs in shards for d in docs for n in (1, 2, 3) for i in range(len(d) - n + 1))
+    truth = Counter(tuple(d[i:i + n]) for docs in shards for d in docs for n in (1, 2, 3)
+                    for i in range(len(d) - n + 1))
     assert got == truth
 
 
@@ -531,7 +557,8 @@ def test_bootstrap_resamples_items_so_repeated_targets_do_not_narrow_the_interva
     assert width["by_item"] > 1.6 * width["by_row"], width
     assert abs(width["by_item"] - width["once"]) < 0.25 * width["once"], width
     assert by_item["bootstrap_units"] == 30
-    uneven = correlations(lm[:12], ref[:12], 200, seed=2, groups=np.array([0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 7]))
+    uneven = correlations(lm[:12], ref[:12], 200, seed=2,
+                          groups=np.array([0, 0, 1, 2, 2, 2, 3, 4, 5, 6, 7, 7]))
     assert -1 <= uneven["spearman_lo"] <= uneven["spearman_hi"] <= 1
 
 
@@ -544,8 +571,10 @@ def test_target_logprobs_equal_the_full_forward(family):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = (LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2)) if family == "llama" else
+    model = (LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2)) if family == "llama"
+                                              else
              GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4))).eval()
     ctx, tgt = [[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]]
     seqs = [c + t for c, t in zip(ctx, tgt)]

@@ -1,4 +1,5 @@
-"""The store on a real S3 API (SeaweedFS on loopback) with a Dask cluster started from the `dask` command line:
+"""The store on a real S3 API (SeaweedFS on loopback) with a Dask cluster started from the `dask` command
+line:
 the reduced case of `make test-cluster` (one stage and its upstream, ~1 minute)."""
 
 from __future__ import annotations

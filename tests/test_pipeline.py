@@ -35,7 +35,8 @@ def test_pipeline_end_to_end_then_fully_cached(pipeline_run):
     record = json.loads(store.fs.open(f"{store.run_dir('run-b')}/run.json").read())
     assert {i["status"] for i in record["stages"].values()} == {"reused"}
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        runs = client.read_task_runs(flow_run_filter=run_filter)
     assert sorted(r.state.name for r in runs) == ["Cached"] * len(STAGES)
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -47,7 +48,8 @@ def test_pipeline_end_to_end_then_fully_cached(pipeline_run):
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     assert {a.key for a in found} == set(keys)
-    summary = next(a for a in found if a.key == "tracecore-pipeline-summary"  # this test's run (shared server)
+    # this test's run (shared server)
+    summary = next(a for a in found if a.key == "tracecore-pipeline-summary"
                    and a.flow_run_id == state.state_details.flow_run_id)
     assert "memorization_scores" in summary.data
 
@@ -63,7 +65,8 @@ def test_a_cached_rerun_reads_no_artifact_data(pipeline_run, monkeypatch):
     opened, hashed = [], []
     real_open = local.LocalFileSystem._open
     monkeypatch.setattr(local.LocalFileSystem, "_open",
-                        lambda self, path, *a, **k: opened.append(str(path)) or real_open(self, path, *a, **k))
+                        lambda self, path, *a, **k: opened.append(str(path))
+                            or real_open(self, path, *a, **k))
     monkeypatch.setattr(store_module, "file_checksum", lambda fs, path, *a: hashed.append(path) or "")
     import tracecore.flows.calibrate as calibrate_module
 
@@ -72,7 +75,8 @@ def test_a_cached_rerun_reads_no_artifact_data(pipeline_run, monkeypatch):
     pipeline(config=pipeline_run.cfg.model_dump(mode="json") | {"calibrate": True}, run_id="run-cached-reads")
     assert not [p for p in opened if p.endswith(".parquet")] and not hashed
     assert any(p.endswith("_MANIFEST.json") for p in opened)  # it did look: through the manifests
-    # nothing computed, so nothing to calibrate (its ~3 s were most of a cached re-run); failed on the old code
+    # nothing computed, so nothing to calibrate (its ~3 s were most of a cached re-run); failed on the old
+    # code
     store = pipeline_run.store
     record = json.loads(store.fs.open(f"{store.run_dir('run-cached-reads')}/run.json").read())
     assert not calibrated and "calibration" not in record and record["calibration_skipped"]

@@ -17,7 +17,8 @@ from tracecore.tasks.preference import (
 )
 from tracecore.tasks.preference_contexts import load_library
 
-GOOD = {"prompt": "Tell me about tea.", "chosen": "Tea is a drink.", "rejected": "Tea is a drink made from leaves. "
+GOOD = {"prompt": "Tell me about tea.", "chosen": "Tea is a drink.",
+        "rejected": "Tea is a drink made from leaves. "
         "It is grown in many countries. People drink it hot or cold."}
 BAD = [  # (line content, reason fragment)
     ('{"prompt": "p", "chosen": "x"}', "missing field(s) ['rejected']"),
@@ -26,9 +27,11 @@ BAD = [  # (line content, reason fragment)
     ('{"prompt": "p", "chosen": "   ", "rejected": "y"}', "empty prompt or response"),
     ('{"prompt": "p", "chosen": "same", "rejected": "same "}', "identical responses"),
     ('{"prompt": "p", "chosen": 3, "rejected": "y"}', "must be strings"),
-    ('{"prompt": "p", "chosen": "x", "rejected": "y", "contexts": [{"context": "c", "type": "mood", "preferred": "a"}]}',
+    ('{"prompt": "p", "chosen": "x", "rejected": "y", "contexts": [{"context": "c", "type": "mood", '
+     '"preferred": "a"}]}',
      "unknown context type 'mood'"),
-    ('{"prompt": "p", "chosen": "x", "rejected": "y", "contexts": [{"context": "c", "type": "criteria", "preferred": "c"}]}',
+    ('{"prompt": "p", "chosen": "x", "rejected": "y", "contexts": [{"context": "c", "type": "criteria", '
+     '"preferred": "c"}]}',
      "label 'c' outside {a, b}"),
     ("[1, 2]", "not an object"),
     ('{"prompt": "p", "chosen": "x", ', "bad JSON"),
@@ -44,10 +47,11 @@ def test_malformed_inputs_become_rejects_and_good_rows_survive(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     store = ArtifactStore(tmp_path / "store")
-    marker = parse_input(store.uri, "parsed/x", 0, (str(path), "pairwise", "rejects/x"), cfg=PreferenceConfig())
+    marker = parse_input(store.uri, "parsed/x", 0, (str(path), "pairwise", "rejects/x"),
+                         cfg=PreferenceConfig())
     rejects = store.read_shard("rejects/x", 0).to_pylist()
     assert len(rejects) == len(BAD) >= 10 and marker["rows"] == len(BAD)
-    for (bad, reason), rej in zip(BAD, rejects):
+    for (_, reason), rej in zip(BAD, rejects):
         assert reason in rej["reason"], (reason, rej)
     assert [r["line"] for r in rejects] == [2 * i + 2 for i in range(len(BAD))]
 
@@ -138,7 +142,8 @@ def test_context_lm_and_lora_reward_model_run(pretrained, tmp_path):
     store = ArtifactStore(cfg.store)
     with model_dir(store, refs["pretrain.model"]) as folder:
         lm = load_context_lm(folder)
-        contexts = lm_contexts({"prompt": "p", "a": "x", "b": "y"}, lm, PreferenceConfig().context_lm_template)
+        contexts = lm_contexts({"prompt": "p", "a": "x", "b": "y"}, lm,
+                               PreferenceConfig().context_lm_template)
         assert all(c[1] == "criteria" and c[2] in ("a", "b") and c[3] == "lm" for c in contexts)
         pcfg = PreferenceConfig(rm_lora=True, rm_epochs=1, rm_batch_size=2, rm_max_len=32)
         tok, model = load_reward_model(folder, pcfg)
@@ -154,13 +159,15 @@ def test_context_lm_and_lora_reward_model_run(pretrained, tmp_path):
 
 def test_rpr_rows_bring_criteria_and_scenario_contexts():
     row = {"prompt": "Plan a trip.", "response_a": "Go by train.", "response_b": "Fly, then rent a car.",
-           "criteria_x": "Prefer low emissions.", "criteria_y": "Prefer speed.", "scenario_x": "I care about the climate.",
+           "criteria_x": "Prefer low emissions.", "criteria_y": "Prefer speed.",
+           "scenario_x": "I care about the climate.",
            "scenario_y": "I have one free day.", "profile_0": "A student."}
     pair, reason = to_pair(row, "rpr")
     assert reason is None and pair["default"] is None
     assert sorted(pair["contexts"]) == sorted([
         ("Prefer low emissions.", "criteria", "a", "input"), ("Prefer speed.", "criteria", "b", "input"),
-        ("I care about the climate.", "scenario", "a", "input"), ("I have one free day.", "scenario", "b", "input")])
+        ("I care about the climate.", "scenario", "a", "input"),
+        ("I have one free day.", "scenario", "b", "input")])
     assert to_pair(row, "csv")[1] == "unknown input format 'csv'"
 
 
@@ -169,9 +176,10 @@ def test_no_context_records_only_where_a_preference_holds_without_context():
     export's chosen side and a sample world's factual pair are unconditional preferences."""
     rpr, _ = to_pair({"prompt": "Plan a trip.", "response_a": "Train.", "response_b": "Fly.",
                       "criteria_x": "Prefer low emissions.", "criteria_y": "Prefer speed."}, "rpr")
-    reversible, _ = to_pair({**GOOD, "criteria_chosen": "Prefer short answers.", "criteria_rejected": "Prefer detail.",
-                             "reversible": True}, "sample")
-    factual, _ = to_pair({**GOOD, "criteria_chosen": "Prefer correct answers.", "reversible": False}, "sample")
+    reversible, _ = to_pair({**GOOD, "criteria_chosen": "Prefer short answers.",
+                             "criteria_rejected": "Prefer detail.", "reversible": True}, "sample")
+    factual, _ = to_pair({**GOOD, "criteria_chosen": "Prefer correct answers.", "reversible": False},
+                         "sample")
     pairwise, _ = to_pair(GOOD, "pairwise")
     for pair, expected in ((rpr, 0), (reversible, 0), (factual, 2), (pairwise, 2)):
         row = {**{k: pair[k] for k in ("prompt", "a", "b", "default")},
@@ -180,7 +188,8 @@ def test_no_context_records_only_where_a_preference_holds_without_context():
 
 
 def test_reward_model_input_never_cuts_the_response(pretrained):
-    """[context][prompt][response] over max_len: the prompt (then the context) gives way, the response stays whole."""
+    """[context][prompt][response] over max_len: the prompt (then the context) gives way, the response stays
+    whole."""
     from tracecore.tasks.models import model_dir
     from tracecore.tasks.reward_model import rm_ids
     from transformers import AutoTokenizer
@@ -204,7 +213,8 @@ def _scorer(reads_context: bool):
 
 def test_preference_metrics_can_fail():
     """A context-blind scorer and a context-reading scorer must come out differently on every metric that
-    claims to measure context use: conditioned accuracy and joint accuracy on reversal pairs. Ties are wrong."""
+    claims to measure context use: conditioned accuracy and joint accuracy on reversal pairs. Ties are
+    wrong."""
     from tracecore.tasks.reward_model import evaluate, is_correct
 
     assert not is_correct(0.0, "a") and not is_correct(0.0, "b") and is_correct(-1.0, "b")
@@ -214,7 +224,8 @@ def test_preference_metrics_can_fail():
                 "contexts": json.dumps([["Prefer detail.", "criteria", "b", "input"],
                                         ["Prefer brevity.", "criteria", "a", "input"]]), "source": "t"}
         rows += expand(pair, "test")
-    fact = {"prompt": "q", "a": "right.", "b": "wrong, and longer.", "default": "a", "contexts": "[]", "source": "t"}
+    fact = {"prompt": "q", "a": "right.", "b": "wrong, and longer.", "default": "a", "contexts": "[]",
+            "source": "t"}
     rows += expand(fact, "test")
     table = {(r["metric"], r["model"]): r for r in evaluate(_scorer(True), _scorer(False), rows)
              if r["context_type"] == "all"}
@@ -257,13 +268,16 @@ def test_reward_model_trains_once_per_comparison_not_per_response_order():
     from tracecore.tasks.reward_model import bt_examples
 
     pair = {"prompt": "p", "a": "short", "b": "long answer", "default": "a",
-            "contexts": json.dumps([["Be brief.", "criteria", "a", "library"], ["Be thorough.", "criteria", "b", "library"]])}
+            "contexts": json.dumps([["Be brief.", "criteria", "a", "library"],
+                                    ["Be thorough.", "criteria", "b", "library"]])}
     rows = expand(pair, "train")
     assert len(rows) == 6  # 3 contexts (incl. none) x 2 orders
     examples = bt_examples(rows, with_context=True)
-    assert sorted(examples) == sorted([("", "p", "short", "long answer"), ("Be brief.", "p", "short", "long answer"),
+    assert sorted(examples) == sorted([("", "p", "short", "long answer"),
+                                       ("Be brief.", "p", "short", "long answer"),
                                        ("Be thorough.", "p", "long answer", "short")])
-    blind = bt_examples(rows, with_context=False)  # without contexts, the reversal's two sides remain two examples
+    # without contexts, the reversal's two sides remain two examples
+    blind = bt_examples(rows, with_context=False)
     assert sorted(blind) == sorted([("", "p", "short", "long answer"), ("", "p", "short", "long answer"),
                                     ("", "p", "long answer", "short")])
 
@@ -287,9 +301,10 @@ def _sample_pairs(tmp_path, n: int = 120) -> list[dict]:
 
 
 def test_each_context_text_enters_a_pair_once_and_only_on_the_pairs_own_features(tmp_path):
-    """The library's criteria repeat the sample world's wordings: one copy per normalised text, or that context
-    is scored twice. A library feature applies only where the pair's own contexts name it and it picks the side
-    they labeled: the `english` proxy on a bulleted-list pair made 'the reader only understands Zelan' prefer
+    """The library's criteria repeat the sample world's wordings: one copy per normalised text, or that
+    context is scored twice. A library feature applies only where the pair's own contexts name it and it picks
+    the side they labeled: the `english` proxy on a bulleted-list pair made 'the reader only understands
+    Zelan' prefer
     the list (failed on the old code)."""
     from tracecore.tasks.text import normalize_text
 
@@ -300,7 +315,7 @@ def test_each_context_text_enters_a_pair_once_and_only_on_the_pairs_own_features
         assert len(texts) == len(set(texts)), contexts
         own = {normalize_text(c) for c, _, _, src in contexts if src == "input"}
         features = {e["feature"] for t, e in library.items() if normalize_text(t) in own}
-        for c, _, side, src in contexts:
+        for c, _, _side, src in contexts:
             if src == "library":
                 assert library[c]["feature"] in features, (c, pair["a"], pair["b"])
 
@@ -328,7 +343,8 @@ def test_an_unbalanced_held_out_set_shows_in_the_blind_ceiling():
     from tracecore.tasks.reward_model import blind_ceiling, evaluate
 
     pair = {"prompt": "p", "a": "short.", "b": "a long detailed answer.", "default": None, "source": "t",
-            "contexts": json.dumps([["Prefer detail.", "criteria", "b", "input"], ["More detail.", "criteria", "b",
+            "contexts": json.dumps([["Prefer detail.", "criteria", "b", "input"],
+                                    ["More detail.", "criteria", "b",
                                                                                   "input"],
                                     ["Prefer brevity.", "criteria", "a", "input"]])}
     rows = expand(pair, "test")

@@ -22,7 +22,8 @@ def write_square(store_uri: str, ref: str, shard: int, item: int) -> dict:
 def count_marker_reads(monkeypatch) -> list[str]:
     reads, real = [], store_module.read_json
     monkeypatch.setattr(store_module, "read_json",
-                        lambda fs, path: (reads.append(path) if "/_markers/" in path else None) or real(fs, path))
+                        lambda fs, path: (reads.append(path) if "/_markers/" in path else None)
+                            or real(fs, path))
     return reads
 
 
@@ -65,7 +66,8 @@ def test_a_copied_store_is_checked_by_content_not_by_stamp(tmp_path):
 
 
 def stage_run(tmp_path, outputs: dict[str, str]) -> StageRun:
-    plan = StagePlan("demo", {name: Planned(f"{folder}/fp", {"stage": "demo"}) for name, folder in outputs.items()},
+    plan = StagePlan("demo",
+                     {name: Planned(f"{folder}/fp", {"stage": "demo"}) for name, folder in outputs.items()},
                      {})
     return StageRun(ArtifactStore(tmp_path), None, plan)
 
@@ -88,7 +90,8 @@ def test_the_config_is_validated_once_per_mapping(monkeypatch):
     data["store"] = "/tmp/validated-once"  # a mapping no other test validated
     model_class = registry.pipeline_model(())
     calls, real = [], model_class.model_validate.__func__
-    monkeypatch.setattr(model_class, "model_validate", classmethod(lambda cls, d, **k: calls.append(1) or real(cls, d, **k)))
+    monkeypatch.setattr(model_class, "model_validate",
+                        classmethod(lambda cls, d, **k: calls.append(1) or real(cls, d, **k)))
     first, second = registry.validate_config(data), registry.validate_config(dict(data))
     assert len(calls) == 1 and first == second
     first.store = "/elsewhere"  # each caller owns its copy
@@ -127,7 +130,8 @@ def test_bit_rot_under_an_unchanged_stamp_is_found_only_by_hashing(tmp_path):
 
 
 def test_the_report_shows_any_statistic_a_stage_records(tmp_path):
-    """Statistics go through one API (`commit`/`write` stats) and the report renders them generically (failed on
+    """Statistics go through one API (`commit`/`write` stats) and the report renders them generically (failed
+    on
     the old code: it picked nine names, so a stage's new statistic never showed)."""
     from tracecore.flows.report import artifact_rows
 

@@ -15,7 +15,8 @@ from tracecore.tasks.tokenize import TokenizerError, check_user_tokenizer
 from tracecore.tasks.world import FACT_TEMPLATES, write_sample
 
 SMALL = SampleConfig(n_entities=30, max_fact_frequency=40, n_parallel_phrases=15, filler_documents=200,
-                     instructions=160, preference_pairs=20, haystacks=5, haystack_sentences=20, corpus_files=3)
+                     instructions=160, preference_pairs=20, haystacks=5, haystack_sentences=20,
+                     corpus_files=3)
 
 
 def corpus_text(folder: Path) -> str:
@@ -28,7 +29,8 @@ def corpus_text(folder: Path) -> str:
 def test_sample_world_is_deterministic(tmp_path):
     write_sample(SMALL, tmp_path / "a"), write_sample(SMALL, tmp_path / "b")
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
-    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    assert files and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+                         for f in files)
     write_sample(SMALL.model_copy(update={"seed": 1}), tmp_path / "c")
     assert (tmp_path / "c/tasks/qa.jsonl").read_bytes() != (tmp_path / "a/tasks/qa.jsonl").read_bytes()
 
@@ -41,7 +43,8 @@ def test_planted_frequencies_match_the_corpus(tmp_path):
     freqs = sorted(f["frequency"] for f in facts)
     assert freqs[0] == 1 and freqs[-1] == 40  # Zipf spread from 1 to the configured maximum
     for fact in facts:
-        found = sum(text.count(t.format(name=fact["entity"], value=fact["value"])) for t in FACT_TEMPLATES[fact["attribute"]])
+        found = sum(text.count(t.format(name=fact["entity"], value=fact["value"]))
+                    for t in FACT_TEMPLATES[fact["attribute"]])
         assert found == fact["frequency"], fact
     phrases = pq.read_table(tmp_path / "ground_truth/phrases.parquet").to_pylist()
     for p in phrases:
@@ -80,7 +83,8 @@ def test_tasks_instructions_preferences_haystacks_have_public_schemas(tmp_path):
     assert {r["family"] for r in rows("instructions/eval.jsonl")} == {r["family"] for r in pool}
     prefs = rows("preferences/pairs.jsonl")
     assert {"prompt", "chosen", "rejected"} <= set(prefs[0])
-    assert any(p["reversible"] and p["criteria_rejected"] for p in prefs) and any(not p["reversible"] for p in prefs)
+    assert any(p["reversible"] and p["criteria_rejected"]
+               for p in prefs) and any(not p["reversible"] for p in prefs)
     for hay in rows("longctx/haystacks.jsonl"):
         assert f"is {hay['answer']}." in hay["context"]
 
@@ -123,7 +127,8 @@ def test_parallel_encoding_is_on_where_a_worker_would_otherwise_idle():
     (it alone outlasts the others, whose workers then idle), off for the rest, so the cores are not
     oversubscribed while every worker still has a shard (measured: a 7.7 M- and a 2 M-token shard on 2
     workers, 0.86-0.91 M tokens/s with both on, 0.90-0.95 with only the large one). With more shards: the last
-    shards of the queue (one fewer than the threads), which run while other workers have nothing left to take."""
+    shards of the queue (one fewer than the threads), which run while other workers have nothing left to
+    take."""
     from tracecore.tasks.tokenize import parallel_shards
 
     assert parallel_shards("auto", [80, 20], threads=2) == [True, False]
@@ -150,7 +155,8 @@ def test_parallel_encoding_gives_the_same_tokens_and_restores_the_environment(do
     store = ArtifactStore(cfg.store)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     for parallel in (True, False):
-        tokenize_shard(cfg.store, f"check_{parallel}/x", 0, (docs_ref, refs["tokenize.tokenizer"], parallel), 64)
+        tokenize_shard(cfg.store, f"check_{parallel}/x", 0, (docs_ref, refs["tokenize.tokenizer"], parallel),
+                       64)
         assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
         got = store.read_shard(f"check_{parallel}/x", 0)
         assert got.equals(store.read_shard(refs["tokenize.tokens"], 0)), parallel
@@ -174,7 +180,8 @@ def test_overlapped_encoding_gives_the_batches_in_order_with_the_same_ids(docume
     expected = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
     for batch_size in (1, 7, 50, 64):
         got = encode_column(tok, texts, batch_size, pa.uint16(), overlap=True).to_pylist()
-        assert got == expected == encode_column(tok, texts, batch_size, pa.uint16(), overlap=False).to_pylist()
+        assert got == expected == encode_column(tok, texts, batch_size, pa.uint16(),
+                                                overlap=False).to_pylist()
     assert encode_column(tok, [], 8, pa.uint16(), overlap=True).to_pylist() == []
 
 
@@ -184,7 +191,8 @@ def test_user_tokenizer_path_is_checked(tmp_path):
 
 
 def user_tokenizer_folder(folder, config: dict | None, special: dict | None = None):
-    """A fast-tokenizer folder as Hugging Face writes it, with the given tokenizer_config / special_tokens_map."""
+    """A fast-tokenizer folder as Hugging Face writes it, with the given tokenizer_config /
+    special_tokens_map."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -228,8 +236,9 @@ def test_a_corrupt_tokenizer_json_is_named(tmp_path):
 
 
 def test_a_user_tokenizer_is_checked_when_the_run_is_planned_before_any_stage_works(documents, tmp_path):
-    """A tokenizer without a usable eos_token fails the plan, before ingest spends anything, and the check does
-    not build the tokenizer (the flow process built it in the tokenize stage: 0.05-0.1 s of a 1.3 s stage at
+    """A tokenizer without a usable eos_token fails the plan, before ingest spends anything, and the check
+    does not build the tokenizer (the flow process built it in the tokenize stage: 0.05-0.1 s of a 1.3 s stage
+    at
     10^6 tokens, and every task builds it again anyway)."""
     from tokenizers import Tokenizer
     from tracecore.flows.plan import plan_pipeline
@@ -260,7 +269,8 @@ def test_a_tokenizer_json_the_library_cannot_build_fails_the_stage_in_one_line(d
     spec["model"]["type"] = "NoSuchModel"
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     bad = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"tokenizer_path": str(folder)})})
-    with pytest.raises(TokenizerError, match=r"^tokenize.tokenizer_path: .*tokenizer.json cannot be loaded \(") as err:
+    with pytest.raises(TokenizerError,
+                       match=r"^tokenize.tokenizer_path: .*tokenizer.json cannot be loaded \(") as err:
         run_stages(bad, ["tokenize"])
     assert "\n" not in str(err.value)
 
@@ -295,7 +305,8 @@ def test_split_digits_gives_one_token_per_digit(tmp_path, split_digits):
 
 
 def test_held_out_and_evaluation_items_are_disjoint_from_the_pool(tmp_path):
-    """No held-out instruction and no QA / multiple-choice evaluation question is in the training pool, compared
+    """No held-out instruction and no QA / multiple-choice evaluation question is in the training pool,
+    compared
     after lower-casing and stripping punctuation (the tiny profile's world: 3,000 pool records)."""
     from tracecore.tasks.eval_quality import load_tasks
     from tracecore.tasks.instructions import load_pool
@@ -322,26 +333,33 @@ def test_instruction_families_are_zipf_sized_and_the_held_out_set_is_balanced(tm
     write_sample(SMALL.model_copy(update={"instructions": 2400, "n_entities": 400}), tmp_path)
     pool = [json.loads(x) for x in (tmp_path / "instructions/train.jsonl").read_text().splitlines()]
     sizes = sorted(Counter(r["family"] for r in pool).values(), reverse=True)
-    assert len(sizes) == 8 and sizes[0] / sizes[-1] >= 5  # Zipf exponent 1: rank 1 / rank 8 = 8 in expectation
+    # Zipf exponent 1: rank 1 / rank 8 = 8 in expectation
+    assert len(sizes) == 8 and sizes[0] / sizes[-1] >= 5
     assert sizes[0] / len(pool) > 0.28 and sizes[-1] >= 30  # head ~37 %, the rarest still learnable
-    held_out = Counter(json.loads(x)["family"] for x in (tmp_path / "instructions/eval.jsonl").read_text().splitlines())
+    held_out = Counter(json.loads(x)["family"]
+                       for x in (tmp_path / "instructions/eval.jsonl").read_text().splitlines())
     assert len(set(held_out.values())) == 1 and set(held_out) == {r["family"] for r in pool}
-    write_sample(SMALL.model_copy(update={"instructions": 2400, "n_entities": 400, "family_zipf_exponent": 0.0}),
+    write_sample(SMALL.model_copy(update={"instructions": 2400, "n_entities": 400,
+                                          "family_zipf_exponent": 0.0}),
                  tmp_path / "flat")
-    flat = Counter(json.loads(x)["family"] for x in (tmp_path / "flat/instructions/train.jsonl").read_text().splitlines())
+    flat = Counter(json.loads(x)["family"]
+                   for x in (tmp_path / "flat/instructions/train.jsonl").read_text().splitlines())
     assert max(flat.values()) / min(flat.values()) < 1.3  # near-duplicates copy their source's family
 
 
 def test_multiple_choice_items_are_not_the_qa_items_again(tmp_path):
-    """The memorization readout scores (input, answer) pairs per task: a multiple-choice item with the QA item's
-    question and answer is the same measurement reported twice (failed on the old code: every MC item was a
+    """The memorization readout scores (input, answer) pairs per task: a multiple-choice item with the QA
+    item's question and answer is the same measurement reported twice (failed on the old code: every MC item
+    was a
     QA item). The MC questions are worded apart, as MMLU-style items are."""
     from tracecore.tasks.taskfiles import to_item
 
     write_sample(SampleConfig(), tmp_path)
-    rows = {kind: [json.loads(line) for line in (tmp_path / "tasks" / f"{kind}.jsonl").read_text().splitlines()]
+    rows = {kind: [json.loads(line)
+                   for line in (tmp_path / "tasks" / f"{kind}.jsonl").read_text().splitlines()]
             for kind in ("qa", "multiple_choice")}
-    items = {kind: {(i["input"], i["output"]) for i in (to_item(kind, r)[0] for r in rs)} for kind, rs in rows.items()}
+    items = {kind: {(i["input"], i["output"]) for i in (to_item(kind, r)[0] for r in rs)}
+             for kind, rs in rows.items()}
     assert items["qa"] and items["multiple_choice"] and not items["qa"] & items["multiple_choice"]
     qa_inputs = {x.lower() for x, _ in items["qa"]}
     assert not any(x.lower() in qa_inputs for x, _ in items["multiple_choice"])

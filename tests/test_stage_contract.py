@@ -27,7 +27,8 @@ def test_the_installed_wheel_exposes_one_tracecore_namespace(tmp_path):
     for file in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / file, source / file)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(source)], check=False, capture_output=True, text=True,
+                            "-w", str(tmp_path / "dist"), str(source)], check=False, capture_output=True,
+                            text=True,
                            timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("tracecore-*.whl")
@@ -35,12 +36,14 @@ def test_the_installed_wheel_exposes_one_tracecore_namespace(tmp_path):
     assert {t for t in tops if not t.endswith(".dist-info")} == {"tracecore"}
     assert "tracecore/configs/tiny.yaml" in zipfile.ZipFile(wheel).namelist()
     site = tmp_path / "site"
-    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                                str(site),
                                 str(wheel)], check=False, capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr[-2000:]
     probe = ("import tracecore.tasks.runtime.registry as r, tracecore.flows.cli, tracecore.kernels;"
              "print(r.__file__); print(len(r.STAGES)); print(r.load_config('tiny').profile)")
-    out = subprocess.run([sys.executable, "-c", probe], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", probe], check=False, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300,
                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     path, n_stages, profile = out.stdout.split()
@@ -51,7 +54,8 @@ def test_every_artifact_manifest_reproduces_its_fingerprint(pipeline_run):
     """Lineage == fingerprint inputs, for every artifact of every stage (and the finetune sub-artifacts)."""
     cfg, store = pipeline_run.cfg, pipeline_run.store
     # a GGUF import (model_import/<sha>) is keyed by its file, not by a stage plan (tests/test_gguf.py)
-    artifacts = [a for a in store.list_artifacts() if store.is_committed(a) and not a.startswith("model_import/")]
+    artifacts = [a for a in store.list_artifacts() if store.is_committed(a)
+                 and not a.startswith("model_import/")]
     stages = {store.manifest(a)["stage"] for a in artifacts}
     assert stages == set(STAGES)
     for ref in artifacts:
@@ -75,14 +79,16 @@ def test_user_inputs_are_in_the_lineage(test_config, tmp_path):
     model.mkdir()
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(model)
+    LlamaConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(model)
     (model / "model.safetensors").write_bytes(b"")
     cfg = test_config(f"tokenize.tokenizer_path={folder}", f"pretrain.model_path={model}")
     plans = plan_pipeline(cfg, ArtifactStore(cfg.store))
     assert "user_tokenizer" in plans["tokenize"].inputs
     assert {"model_path", "model_files", "tokenizer"} == set(plans["pretrain"].inputs)
     assert {"library", "model", "sample"} <= set(plans["preference"].inputs)
-    assert {"trained_len", "eval_fraction", "finetune", "preference", "sample", "tokens"} <= set(plans["eval"].inputs)
+    assert {"trained_len", "eval_fraction", "finetune", "preference", "sample",
+            "tokens"} <= set(plans["eval"].inputs)
 
 
 def test_editing_a_helper_changes_the_fingerprint_of_the_stages_that_use_it(test_config, monkeypatch):
@@ -91,11 +97,13 @@ def test_editing_a_helper_changes_the_fingerprint_of_the_stages_that_use_it(test
     cfg = test_config()
     store = ArtifactStore(cfg.store)
     assert "tracecore.tasks.instructions" in stages_of(cfg)["finetune"].code_modules()
-    assert "tracecore.kernels.mini_sequence" in stages_of(cfg)["finetune"].code_modules()  # via tracecore.kernels
+    # via tracecore.kernels
+    assert "tracecore.kernels.mini_sequence" in stages_of(cfg)["finetune"].code_modules()
     before = {name: plan.primary.ref for name, plan in plan_pipeline(cfg, store).items()}
     real = stage_mod.module_source
     monkeypatch.setattr(stage_mod, "module_source",
-                        lambda name: real(name) + ("\n# edited" if name == "tracecore.tasks.instructions" else ""))
+                        lambda name: real(name)
+                            + ("\n# edited" if name == "tracecore.tasks.instructions" else ""))
     after = {name: plan.primary.ref for name, plan in plan_pipeline(cfg, store).items()}
     changed = {name for name in before if before[name] != after[name]}
     # the stages that import the helper, and everything downstream of them (their inputs changed)
@@ -113,12 +121,14 @@ def test_a_stage_that_needs_an_unknown_output_fails_naming_it(test_config, tmp_p
         dependencies(cfg)
 
 
-TOY_SOURCE = re.search(r"<!-- toy-stage begin -->\n```python\n(.*?)```", (REPO / "README.md").read_text(),
+TOY_PAGE = REPO / "docs" / "development" / "writing-a-stage.md"
+TOY_SOURCE = re.search(r"<!-- toy-stage begin -->\n```python\n(.*?)```", TOY_PAGE.read_text(),
                        re.DOTALL).group(1)
 
 
 def test_a_toy_stage_registers_and_runs_in_the_pipeline(prefect_harness, test_config, tmp_path, monkeypatch):
-    """The README's example stage: one module + the profile's `extra_stages`, run by the pipeline flow."""
+    """The docs' example stage (Writing a stage): one module + the profile's `extra_stages`, run by the
+    pipeline flow."""
     from tracecore.flows.pipeline import pipeline
 
     (tmp_path / "toy_stage.py").write_text(TOY_SOURCE)
@@ -163,13 +173,15 @@ def test_no_sample_world_unless_a_stage_reads_it(test_config, tmp_path):
     eval (whose items and haystacks are the sample world's) is the one stage that always reads it."""
     import json as _json
 
-    corpus, qa, pool, prefs = (tmp_path / n for n in ("corpus.jsonl", "qa.jsonl", "pool.jsonl", "prefs.jsonl"))
+    corpus, qa, pool, prefs = (tmp_path / n
+                               for n in ("corpus.jsonl", "qa.jsonl", "pool.jsonl", "prefs.jsonl"))
     corpus.write_text(_json.dumps({"id": "a", "text": "some text"}) + "\n")
     qa.write_text(_json.dumps({"question": "q?", "answer": "a"}) + "\n")
     pool.write_text(_json.dumps({"instruction": "i", "input": "", "output": "o"}) + "\n")
     prefs.write_text(_json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n")
     cfg = test_config(f"ingest.paths=[{corpus}]", f"memorization.tasks=[{{name: qa, kind: qa, path: {qa}}}]",
-                      f"gradients.pool_path={pool}", f"preference.inputs=[{{path: {prefs}, format: pairwise}}]")
+                      f"gradients.pool_path={pool}",
+                      f"preference.inputs=[{{path: {prefs}, format: pairwise}}]")
     store = ArtifactStore(cfg.store)
     user_stages = ["ingest", "tokenize", "pretrain", "ngram", "trace", "memorization", "gradients", "select",
                    "preference"]

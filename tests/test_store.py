@@ -83,7 +83,8 @@ def test_writer_killed_mid_shard_leaves_no_visible_shard(tmp_path):
         store.fs.mv = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
         store.write_shard("docs/fp", 0, pa.table({{"x": list(range(100000))}}))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], check=False, cwd=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", script], check=False,
+                          cwd=str(Path(__file__).resolve().parents[1]))
     assert proc.returncode == -9
     store = ArtifactStore(tmp_path)
     assert not store.shard_done("docs/fp", 0)
@@ -186,20 +187,24 @@ def test_a_process_that_read_shards_exits_cleanly(tmp_path):
     store = ArtifactStore(str(tmp_path / "store"))
     keys = np.random.default_rng(0).integers(0, 1 << 48, 2_000_000).astype(np.uint64)  # pages worth decoding
     store.write_shard("big/x", 0, pa.table({"key": keys}))
-    script = ("import sys; from tracecore.storage.store import ArtifactStore; s = ArtifactStore(sys.argv[1]); "
+    script = ("import sys; from tracecore.storage.store import ArtifactStore; s = "
+              "ArtifactStore(sys.argv[1]); "
               "s.read_shard('big/x', 0)")  # exiting right after a read: the abort needs the pool just used
-    codes = [subprocess.run([sys.executable, "-c", script, store.uri], capture_output=True, check=False).returncode
+    codes = [subprocess.run([sys.executable, "-c", script, store.uri], capture_output=True,
+                            check=False).returncode
              for _ in range(8)]
     assert codes == [0] * 8, codes  # the old code passed 8 runs with probability (7/12)^8 ~ 1 %
 
 
 def test_reading_a_shard_does_not_import_pandas(tmp_path):
-    """`pq.read_table` goes through pyarrow.dataset, which imports pandas: ~0.3 s of every process's first read
+    """`pq.read_table` goes through pyarrow.dataset, which imports pandas: ~0.3 s of every process's first
+    read
     (the flow process, each Dask worker), more than some stages' work at 10^6 tokens (measured)."""
     store = ArtifactStore(str(tmp_path / "store"))
     store.write_shard("small/x", 0, pa.table({"key": np.arange(10, dtype=np.uint64)}))
     script = ("import sys; from tracecore.storage.store import ArtifactStore; "
-              "t = ArtifactStore(sys.argv[1]).read_shard('small/x', 0, columns=['key']); "
-              "print(t.num_rows, 'pandas' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", script, store.uri], capture_output=True, text=True, check=True)
+              "t = ArtifactStore(sys.argv[1]).read_shard('small/x', 0, columns=['key']); print(t.num_rows, "
+              "'pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script, store.uri], capture_output=True, text=True,
+                         check=True)
     assert out.stdout.split() == ["10", "False"]

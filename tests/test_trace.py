@@ -19,7 +19,8 @@ def traced(tmp_path_factory):
     from tracecore.flows.pipeline import run_stages
     from tracecore.tasks.runtime.registry import load_config
 
-    cfg = load_config(str(TEST_PROFILE), [f"sample.planted_contamination={PLANTED}", "trace.decontaminate=true", "trace.max_items=0"],
+    cfg = load_config(str(TEST_PROFILE), [f"sample.planted_contamination={PLANTED}",
+                                          "trace.decontaminate=true", "trace.max_items=0"],
                       store=str(tmp_path_factory.mktemp("trace") / "store"))
     refs = run_stages(cfg, ["trace"])
     store = ArtifactStore(cfg.store)
@@ -36,7 +37,8 @@ def test_every_planted_item_is_found_and_no_other(traced):
     t = traced
     cfg, store, refs, planted, in_corpus = t.cfg, t.store, t.refs, t.planted, t.in_corpus
     items = store.read_table(refs["trace.items"]).to_pylist()
-    assert len(planted) == PLANTED and not {p["id"] for p in planted} <= in_corpus - {p["id"] for p in planted}
+    assert len(planted) == PLANTED and not {p["id"]
+                                            for p in planted} <= in_corpus - {p["id"] for p in planted}
     flagged = {(r["task"], r["id"]) for r in items if r["contaminated"]}
     traced_qa = {r["id"] for r in items if r["task"] == "qa"}
     assert flagged == {("qa", i) for i in in_corpus & traced_qa}  # planted + FAQ-style facts; nothing else
@@ -95,7 +97,8 @@ def test_a_later_run_reads_the_decontaminated_documents(traced, tmp_path):
     assert sorted(again) == sorted(kept) and not {p["doc_id"] for p in traced.planted} & set(again)
 
 
-# ---- the contamination rule on its own (no sample-world item reaches 13 words) ------------------------------
+# ---- the contamination rule on its own (no sample-world item reaches 13 words)
+# ------------------------------
 FIFTEEN = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
 
 
@@ -143,7 +146,8 @@ def test_remove_span_cuts_the_match_with_a_margin_and_splits_the_document():
     pieces = remove_spans(text, ["the capital of zelania is paris"], margin=10, min_chars=50, max_splits=10)
     assert len(pieces) == 2 and "Zelania" not in "".join(pieces)
     assert pieces[0] == text[:len(before) - 10] and pieces[1] == text[len(text) - len(after) + 10:]
-    assert remove_spans(text, ["the capital of zelania is paris"], margin=400, min_chars=50, max_splits=10) == []
+    assert remove_spans(text, ["the capital of zelania is paris"], margin=400, min_chars=50,
+                        max_splits=10) == []
     many = " x. ".join(["leak here"] * 12) + " " + "c" * 300
     assert remove_spans(many, ["leak here"], margin=0, min_chars=1, max_splits=10) is None
     assert remove_spans("at the start: " + "d" * 300, ["at the start"], 0, 10, 10) == [": " + "d" * 300]
@@ -164,7 +168,8 @@ def test_remove_span_mode_keeps_the_planted_documents_pieces_without_the_item(tr
     ref, docs_ref = "test/decontaminated_spans", refs["ingest.documents"]
     for shard in range(store.manifest(docs_ref)["shards"]):
         decontaminate_shard(store.root, ref, shard, docs_ref, matches, cfg)
-    out = {r["id"]: r["text"] for s in range(store.manifest(docs_ref)["shards"]) for r in store.read_shard(ref, s).to_pylist()}
+    out = {r["id"]: r["text"] for s in range(store.manifest(docs_ref)["shards"])
+           for r in store.read_shard(ref, s).to_pylist()}
     original = {r["id"]: r["text"] for r in store.read_table(docs_ref).to_pylist()}
     for doc_id, text in original.items():
         if doc_id not in matches:
@@ -176,7 +181,8 @@ def test_remove_span_mode_keeps_the_planted_documents_pieces_without_the_item(tr
     question = {r["id"]: r["input"].strip().lower() for r in store.read_table(refs["trace.items"]).to_pylist()
                 if r["task"] == "qa"}
     for p in traced.planted:
-        assert not any(question[p["id"]] in t.lower() for i, t in out.items() if i.startswith(f"{p['doc_id']}-")), p
+        assert not any(question[p["id"]] in t.lower() for i, t in out.items()
+                       if i.startswith(f"{p['doc_id']}-")), p
 
 
 class ListEngine:

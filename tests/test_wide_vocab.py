@@ -1,4 +1,5 @@
-"""A tokenizer with more than 65,535 tokens (Llama 3, Qwen 2, Gemma sizes) through ingest -> tokenize -> ngram ->
+"""A tokenizer with more than 65,535 tokens (Llama 3, Qwen 2, Gemma sizes) through ingest -> tokenize -> ngram
+->
 memorization: u32 ids end to end, with counts equal to an independent scan of the token shards."""
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def word_level_tokenizer(texts: list[str], folder: Path) -> int:
-    """A locally built Hugging Face tokenizer (word level, whitespace + punctuation split) of > 65,535 tokens."""
+    """A locally built Hugging Face tokenizer (word level, whitespace + punctuation split) of > 65,535
+    tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -66,7 +68,8 @@ def test_ids_above_65535_are_stored_as_uint32(wide):
 
 def test_exact_table_equals_an_independent_scan(wide):
     store, refs, _ = wide
-    scan = Counter(tuple(d[i:i + n]) for d in token_docs(store, refs) for n in (1, 2, 3) for i in range(len(d) - n + 1))
+    scan = Counter(tuple(d[i:i + n]) for d in token_docs(store, refs) for n in (1, 2, 3)
+                   for i in range(len(d) - n + 1))
     table = store.read_table(refs["ngram.counts"]).to_pylist()
     assert len(table) == len(scan)
     assert all(scan[tuple(r["ngram"])] == r["count"] for r in table)

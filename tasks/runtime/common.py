@@ -20,10 +20,10 @@ from typing import Any
 from tqdm.auto import tqdm
 from tracecore.storage.store import ArtifactStore
 
-# transformers' from_pretrained patches module initialisation process-wide while it loads, so two
-# threads loading at once (Dask workers with processes=False) can corrupt each other's weights
-# (seen here: untied embeddings, NaN features; a model built meanwhile ends up on the meta device). Every model
-# load or construction in a stage takes this lock: stages also run concurrently in threads of the flow process.
+# transformers' from_pretrained patches module initialisation process-wide while it loads, so two threads
+# loading at once (Dask workers with processes=False) can corrupt each other's weights (seen here: untied
+# embeddings, NaN features; a model built meanwhile ends up on the meta device). Every model load or
+# construction in a stage takes this lock: stages also run concurrently in threads of the flow process.
 MODEL_LOAD_LOCK = threading.Lock()
 FAULT_ENV = "TRACECORE_KILL_AT"  # "<stage>:<n>": SIGKILL the run's process group after n new shards (tests)
 RAISE_ENV = "TRACECORE_FAIL_AT"  # same spec: raise InjectedFailure instead (a stage error; tests)
@@ -85,7 +85,8 @@ class Progress:
             from prefect.artifacts import create_progress_artifact
 
             self.artifact_id = create_progress_artifact(
-                100.0 * done / self.total, key=f"tracecore-{stage}-progress", description=f"{stage}: {unit}s done")
+                100.0 * done / self.total, key=f"tracecore-{stage}-progress",
+                description=f"{stage}: {unit}s done")
 
     def step(self, n: int = 1) -> None:
         self.done += n
@@ -116,7 +117,8 @@ def inject_fault(stage: str, computed: int) -> None:
 
 
 def run_shard(fn: Callable[..., dict], *args: Any, **kwargs: Any) -> dict:
-    """One shard on a worker. Reliability hook: `TRACECORE_SHARD_DELAY_S` in a worker's environment slows every
+    """One shard on a worker. Reliability hook: `TRACECORE_SHARD_DELAY_S` in a worker's environment slows
+    every
     shard it runs, so a test can kill that worker while a stage is surely in flight."""
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     if delay:
@@ -145,7 +147,8 @@ def worker_threads(cluster: Any) -> int:
 
 
 def host_threads(cluster: Any) -> tuple[int, int]:
-    """(the most task slots on one host, all task slots) of the run's cluster; this machine's cores when shards
+    """(the most task slots on one host, all task slots) of the run's cluster; this machine's cores when
+    shards
     run in this process (a subprocess such as the infini-gram indexer may use them all)."""
     with dask_client(cluster) as client:
         if client is None:
@@ -172,8 +175,10 @@ def usable_markers(store: ArtifactStore, ref: str) -> dict[int, dict]:
 
 def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dict], items: list[Any],
                cluster: Any, **kwargs: Any) -> ShardReport:
-    """Run `fn(store_uri, ref, shard, item, **kwargs) -> marker` for every shard not yet complete, on `cluster`
-    (see `dask_client`). The report's markers are the kept shards' plus those the workers returned (not re-read)."""
+    """Run `fn(store_uri, ref, shard, item, **kwargs) -> marker` for every shard not yet complete, on
+    `cluster` (see `dask_client`). The report's markers are the kept shards' plus those the workers returned
+    (not
+    re-read)."""
     start = time.perf_counter()
     done = usable_markers(store, ref)
     todo = [(i, item) for i, item in enumerate(items) if i not in done]
@@ -190,8 +195,8 @@ def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dic
             else:
                 from distributed import as_completed
 
-                futures = [client.submit(run_shard, fn, store.uri, ref, i, item, key=f"{stage}-{ref}-{i}", pure=False,
-                                         **kwargs)
+                futures = [client.submit(run_shard, fn, store.uri, ref, i, item, key=f"{stage}-{ref}-{i}",
+                                         pure=False, **kwargs)
                            for i, item in todo]
                 results = (f.result() for f in as_completed(futures, loop=client.loop))
             for marker in results:

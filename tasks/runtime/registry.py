@@ -20,7 +20,8 @@ from tracecore.configs.profiles import format_errors, read_profile
 from tracecore.tasks.runtime.stage import Stage
 
 BUILTIN = ("tracecore.tasks.sample", "tracecore.tasks.ingest", "tracecore.tasks.tokenize",
-           "tracecore.tasks.pretrain", "tracecore.tasks.ngram", "tracecore.tasks.trace", "tracecore.tasks.memorization",
+           "tracecore.tasks.pretrain", "tracecore.tasks.ngram", "tracecore.tasks.trace",
+           "tracecore.tasks.memorization",
            "tracecore.tasks.gradients", "tracecore.tasks.select", "tracecore.tasks.preference",
            "tracecore.tasks.finetune", "tracecore.tasks.eval")
 
@@ -29,7 +30,8 @@ def load_stage(module: str) -> Stage:
     try:
         stage = importlib.import_module(module).STAGE
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"extra_stages: cannot load a stage from module {module!r} ({exc}); the module must "
+        raise ConfigError(f"extra_stages: cannot load a stage from module {module!r} ({exc}); the module "
+                          f"must "
                           "define STAGE = tracecore.tasks.runtime.stage.Stage(...)") from None
     if not isinstance(stage, Stage):
         raise ConfigError(f"extra_stages: {module}.STAGE is a {type(stage).__name__}, not a Stage")

@@ -35,7 +35,8 @@ class Planned:
     lineage: dict
 
 
-def plan_artifact(stage: str, artifact: str, config_hash: str, inputs: Mapping[str, str], code: str) -> Planned:
+def plan_artifact(stage: str, artifact: str, config_hash: str, inputs: Mapping[str, str],
+                  code: str) -> Planned:
     """`<artifact>/<fingerprint>` plus the lineage built from the same stage, config, inputs and code."""
     inputs = {k: str(v) for k, v in inputs.items()}
     return Planned(f"{artifact}/{fingerprint(stage, config_hash, inputs, code)}",
@@ -44,7 +45,8 @@ def plan_artifact(stage: str, artifact: str, config_hash: str, inputs: Mapping[s
 
 def fingerprint_of(manifest: dict) -> str:
     """Recompute an artifact's fingerprint from its manifest's lineage (tests: lineage == fingerprint)."""
-    return fingerprint(manifest["stage"], manifest["config_hash"], manifest["inputs"], manifest["code_version"])
+    return fingerprint(manifest["stage"], manifest["config_hash"], manifest["inputs"],
+                       manifest["code_version"])
 
 
 # ---- code versions ------------------------------------------------------------------------------------
@@ -59,8 +61,8 @@ def imported_modules(name: str) -> set[str]:
 
 @functools.lru_cache(maxsize=512)
 def _imported_modules(name: str, source: str) -> frozenset[str]:
-    """Keyed by the source text, so an edited module is parsed again: parsing a stage's modules took ~25 ms,
-    and every plan of a stage re-plans its upstream (measured: 23-26 ms per `code_modules` of the ngram stage)."""
+    """Keyed by the source text, so an edited module is parsed again: parsing is most of planning, and every
+    plan of a stage re-plans its upstream."""
     found = set()
     for node in _runtime_nodes(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -75,7 +77,8 @@ def _imported_modules(name: str, source: str) -> frozenset[str]:
 
 def _runtime_nodes(tree: ast.AST):
     """Every node except those under `if TYPE_CHECKING:`: an import made only for a type annotation runs no
-    code, so it is no dependency of a result (a library annotating with a stage's config stays that library)."""
+    code, so it is no dependency of a result (a library annotating with a stage's config stays that
+    library)."""
     todo = [tree]
     while todo:
         node = todo.pop()
@@ -209,7 +212,8 @@ class StageRun:
     store: ArtifactStore
     cfg: Any
     plan: StagePlan
-    cluster: Any = None  # the stage's own Dask client (`run_stage` opens one per stage run), or None: in-process
+    # the stage's own Dask client (`run_stage` opens one per stage run), or None: in-process
+    cluster: Any = None
 
     @property
     def inputs(self) -> dict[str, str]:
@@ -255,12 +259,14 @@ class StageRun:
         return rows[:limit]
 
     def map(self, name: str, fn: Callable[..., dict], items: list[Any], **kwargs: Any) -> ShardReport:
-        """`fn(store_uri, ref, shard, item, **kwargs)` over `items` into output `name`, one shard per item, on the
+        """`fn(store_uri, ref, shard, item, **kwargs)` over `items` into output `name`, one shard per item, on
+        the
         stage's cluster, skipping finished shards (`map_shards`, named after the stage and output)."""
         return map_shards(self.step(name), self.store, self.ref(name), fn, items, self.cluster, **kwargs)
 
     def step(self, name: str) -> str:
-        """The label of the pass that writes output `name` (logs, progress, fault specs such as `ngram-index:1`):
+        """The label of the pass that writes output `name` (logs, progress, fault specs such as
+        `ngram-index:1`):
         the stage's name for its primary output, else `<stage>-<output>`."""
         primary = next(iter(self.plan.outputs))
         return self.plan.stage if name == primary else f"{self.plan.stage}-{name.replace('_', '-')}"
@@ -271,7 +277,8 @@ class StageRun:
         return self.commit(name, stats, expected_shards=1, table=table)
 
 
-PREVIEW_ROWS = 200  # rows of a report table kept in its manifest: the report shows 50, a Prefect table artifact 200
+# rows of a report table kept in its manifest: the report shows 50, a Prefect table artifact 200
+PREVIEW_ROWS = 200
 
 
 def preview_rows(rows: list[dict], columns: list[str]) -> list[dict]:
@@ -289,7 +296,8 @@ def already_committed(store: ArtifactStore, stage: str, ref: str) -> bool:
     status = store.status(ref)
     if status.corrupt:
         store.repair(ref, status)
-        get_logger().warning("%s: %s has corrupt parts, recomputing: %s", stage, ref, ", ".join(status.corrupt))
+        get_logger().warning("%s: %s has corrupt parts, recomputing: %s", stage, ref,
+                             ", ".join(status.corrupt))
         return False
     if status.committed:
         get_logger().info("%s: %s already committed, skipping", stage, ref)
@@ -301,7 +309,8 @@ def run_stage(stage: Stage, cfg: Any, plan: StagePlan, store_uri: str, address: 
               reusable: bool = False) -> dict[str, str]:
     """skip if committed and intact -> lock -> verify/repair -> compute -> check the primary was committed.
     `reusable`: the caller's answer from `store.status` was "committed and intact", so the stage is skipped
-    without asking again (committed artifacts never change). A stage that computes gets one Dask client for all
+    without asking again (committed artifacts never change). A stage that computes gets one Dask client for
+    all
     its passes (one per pass cost ~17 ms each)."""
     store = ArtifactStore(store_uri)
     primary = plan.primary.ref

@@ -38,7 +38,8 @@ def s3fs_of(s3: dict):
 
 
 def committed_artifacts(store_uri: str, env: dict, run_id: str | None = None) -> dict[str, dict]:
-    """artifact -> {shard: checksum} of every committed artifact of a run (from `tracecore artifacts --json`)."""
+    """artifact -> {shard: checksum} of every committed artifact of a run (from `tracecore artifacts
+    --json`)."""
     out = run_cli("status", "--store", store_uri, "--json", *([run_id] if run_id else []), env=env)
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)["rows"]
@@ -66,7 +67,8 @@ def test_a_killed_dask_worker_mid_stage_loses_no_shard(s3, tmp_path):
     fs = s3fs_of(s3)
     with dask_cluster(tmp_path / "dask", workers=2, env=env, worker_env={"TRACECORE_SHARD_DELAY_S": "1"}) as (
             address, workers):
-        run = start([str(REPO / ".venv/bin/tracecore"), "run", "--profile", str(TEST_PROFILE), "--store", store,
+        run = start([str(REPO / ".venv/bin/tracecore"), "run", "--profile", str(TEST_PROFILE), "--store",
+                     store,
                      "--stages", "tokenize", "--dask-address", address], REPO, tmp_path / "run.log", env)
         wait_until(lambda: fs.glob(f"{s3['bucket']}/worker-loss/artifacts/tokens/*/_markers/*.json"), 240,
                    "the first tokenize shard")
@@ -81,7 +83,8 @@ def test_a_killed_dask_worker_mid_stage_loses_no_shard(s3, tmp_path):
 
     opts = {"endpoint_url": s3["FSSPEC_S3_ENDPOINT_URL"], "key": s3["AWS_ACCESS_KEY_ID"],
             "secret": s3["AWS_SECRET_ACCESS_KEY"]}
-    ids = pd.read_parquet(f"s3://{s3['bucket']}/worker-loss/artifacts/{tokens['artifact']}/", storage_options=opts)
+    ids = pd.read_parquet(f"s3://{s3['bucket']}/worker-loss/artifacts/{tokens['artifact']}/",
+                          storage_options=opts)
     assert ids["doc_id"].is_unique and len(ids) == documents["rows"]
 
 
@@ -91,7 +94,8 @@ def test_two_runs_of_one_config_on_one_s3_store_end_identical(s3, tmp_path):
     data, manifest last), and end with the same artifacts as a run on a local disk."""
     env, store = client_env(s3), f"s3://{s3['bucket']}/twice"
     args = ["run", "--profile", str(TEST_PROFILE), "--store", store, "--stages", "trace"]
-    procs = [start([str(REPO / ".venv/bin/tracecore"), *args], REPO, tmp_path / f"run{i}.log", env) for i in range(2)]
+    procs = [start([str(REPO / ".venv/bin/tracecore"), *args], REPO, tmp_path / f"run{i}.log", env)
+             for i in range(2)]
     for i, proc in enumerate(procs):
         assert proc.wait(600) == 0, (tmp_path / f"run{i}.log").read_text()[-3000:]
     local = tmp_path / "local-store"
@@ -128,8 +132,8 @@ def api(env: dict, method: str, path: str, body: dict | None = None):
 
 
 def prefect_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([str(REPO / ".venv/bin/prefect"), *args], cwd=REPO, env={**os.environ, **env}, check=False,
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run([str(REPO / ".venv/bin/prefect"), *args], cwd=REPO, env={**os.environ, **env},
+                         check=False, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return out
 
@@ -164,12 +168,13 @@ def test_a_work_pool_worker_runs_the_deployment_and_a_new_run_resumes_after_a_ki
 
     store = f"s3://{s3['bucket']}/prefect"
     with prefect_server(tmp_path / "server", client_env(s3)) as server:
-        env = {**client_env(s3), "PREFECT_API_URL": server["PREFECT_API_URL"], "PREFECT_HOME": server["PREFECT_HOME"],
-               "TRACECORE_HOME": str(REPO)}
+        env = {**client_env(s3), "PREFECT_API_URL": server["PREFECT_API_URL"],
+               "PREFECT_HOME": server["PREFECT_HOME"], "TRACECORE_HOME": str(REPO)}
         prefect_cli(env, "work-pool", "create", "tracecore-test", "--type", "process")
-        prefect_cli(env, "deploy", "--prefect-file", str(REPO / "prefect.yaml"), "--name", "tracecore-on-demand",
-                    "--pool", "tracecore-test",
-                    "--params", json.dumps({"profile": str(TEST_PROFILE), "store": store, "stages": ["tokenize"]}))
+        prefect_cli(env, "deploy", "--prefect-file", str(REPO / "prefect.yaml"), "--name",
+                    "tracecore-on-demand", "--pool", "tracecore-test",
+                    "--params",
+                    json.dumps({"profile": str(TEST_PROFILE), "store": store, "stages": ["tokenize"]}))
         worker = start([str(REPO / ".venv/bin/prefect"), "worker", "start", "--pool", "tracecore-test"], REPO,
                        tmp_path / "worker.log", {**env, "TRACECORE_SHARD_DELAY_S": "1"})
         try:
@@ -183,17 +188,20 @@ def test_a_work_pool_worker_runs_the_deployment_and_a_new_run_resumes_after_a_ki
 
             wait_until(first_tokens_shard, 300, "the first tokenize shard of the worker's run")
             os.kill(flow_run_pid(first), signal.SIGKILL)  # the worker's flow-run process, mid-stage
-            wait_until(lambda: flow_run_state(env, first) in {"CRASHED", "FAILED"}, 120, "the killed run's state")
+            wait_until(lambda: flow_run_state(env, first) in {"CRASHED", "FAILED"}, 120,
+                       "the killed run's state")
             second = api(env, "POST", f"/deployments/{deployment['id']}/create_flow_run", {})["id"]
             wait_until(lambda: flow_run_state(env, second) == "COMPLETED", 300, "the second run")
-            keys = {a["key"] for a in api(env, "POST", "/artifacts/filter", {}) if parent_run(env, a["flow_run_id"]) == second}
+            keys = {a["key"] for a in api(env, "POST", "/artifacts/filter", {})
+                    if parent_run(env, a["flow_run_id"]) == second}
         finally:
             stop(worker)
     assert "tracecore-pipeline-summary" in keys and "tracecore-tokenize-outputs" in keys
     fs.invalidate_cache()
     records = [json.loads(fs.cat(p)) for p in fs.glob(f"{s3['bucket']}/prefect/runs/*/run.json")]
     resumed = next(r for r in records if r["state"] == "completed")
-    assert resumed["stages"]["sample"]["status"] == "reused" and resumed["stages"]["ingest"]["status"] == "reused"
+    assert resumed["stages"]["sample"]["status"] == "reused"
+    assert resumed["stages"]["ingest"]["status"] == "reused"
     tokens = resumed["stages"]["tokenize"]["refs"]["tokens"]
     assert len(shard_checksums(fs, f"{s3['bucket']}/prefect/artifacts/{tokens}")) == 6
 
@@ -202,8 +210,10 @@ def test_a_work_pool_worker_runs_the_deployment_and_a_new_run_resumes_after_a_ki
 def rendered(url: str, chromium: str, budget_ms: int = 20000) -> str:
     """The page's DOM after its scripts ran (headless Chromium)."""
     out = subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                          "--window-size=1280,900", "--run-all-compositor-stages-before-draw",  # else logs unrendered
-                          f"--virtual-time-budget={budget_ms}", "--dump-dom", url], capture_output=True, text=True,
+                          # else logs unrendered
+                          "--window-size=1280,900", "--run-all-compositor-stages-before-draw",
+                          f"--virtual-time-budget={budget_ms}", "--dump-dom", url], capture_output=True,
+                          text=True,
                          timeout=120, check=False)
     return out.stdout
 
@@ -218,18 +228,21 @@ def test_the_ui_on_another_port_shows_the_run_its_stages_and_an_inline_plot(tmp_
         pytest.skip("needs Debian's `chromium` (apt-get install chromium)")
     with prefect_server(tmp_path / "server") as server:
         env = {"PREFECT_API_URL": server["PREFECT_API_URL"]}
-        run = run_cli("run", "--profile", str(TEST_PROFILE), "--store", str(tmp_path / "store"), "--stages", "trace",
-                      env=env, timeout=300)
+        run = run_cli("run", "--profile", str(TEST_PROFILE), "--store", str(tmp_path / "store"), "--stages",
+                      "trace", env=env, timeout=300)
         assert run.returncode == 0, run.stderr[-2000:]
         run_id = run.stdout.split("tracecore run ", 1)[1].split(":", 1)[0]
-        flow_run = api(env, "POST", "/flow_runs/filter", {"flow_runs": {"name": {"any_": [f"tracecore-{run_id}"]}}})[0]
+        flow_run = api(env, "POST", "/flow_runs/filter",
+                       {"flow_runs": {"name": {"any_": [f"tracecore-{run_id}"]}}})[0]
         base = f"http://127.0.0.1:{server['port']}"
         page = rendered(f"{base}/runs/flow-run/{flow_run['id']}", chromium)
         assert "Can't connect to Server API" not in page
-        for stage in ("sample", "ingest", "tokenize", "ngram", "trace"):  # each stage's task run, in its log rows
+        # each stage's task run, in its log rows
+        for stage in ("sample", "ingest", "tokenize", "ngram", "trace"):
             assert f">{stage}<" in page, stage
         assert "trace qa: " in page  # a stage's own log line, as the UI shows it
         plot = next(a for a in api(env, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {
-            "any_": [flow_run["id"]]}, "type": {"any_": ["markdown"]}}}) if "data:image/png" in (a.get("data") or ""))
+            "any_": [flow_run["id"]]}, "type": {"any_": ["markdown"]}}})
+                if "data:image/png" in (a.get("data") or ""))
         artifact_page = rendered(f"{base}/artifacts/artifact/{plot['id']}", chromium)
         assert 'src="data:image/png;base64,' in artifact_page

@@ -21,7 +21,8 @@ BAD_INSTRUCTIONS = [  # (line, reason fragment)
 
 
 def test_malformed_instructions_become_rejects_with_line_and_reason(tmp_path):
-    good = [json.dumps({"id": f"g{i}", "instruction": "Say hi.", "output": "hi"}) for i in range(len(BAD_INSTRUCTIONS))]
+    good = [json.dumps({"id": f"g{i}", "instruction": "Say hi.", "output": "hi"})
+            for i in range(len(BAD_INSTRUCTIONS))]
     lines = [x for pair in zip(good, (b for b, _ in BAD_INSTRUCTIONS)) for x in pair]
     path = tmp_path / "pool.jsonl"
     path.write_text("\n".join(lines) + "\n")

@@ -17,8 +17,8 @@ from tracecore.tasks.runtime.registry import load_config
     ("after-pretrain:1", None, ["ingest", "tokenize", "pretrain"], []),
     # concurrent branches: ngram fails while pretrain runs beside it; pretrain still finishes and is reused
     ("ngram-index:1", "ngram", ["ngram", "pretrain"], ["parallel_stages=4"])])
-def test_stage_error_fails_the_run_and_a_retry_resumes(prefect_harness, tmp_path, monkeypatch, fault, failed_stage,
-                                                       stages, overrides):
+def test_stage_error_fails_the_run_and_a_retry_resumes(prefect_harness, tmp_path, monkeypatch, fault,
+                                                       failed_stage, stages, overrides):
     from tracecore.flows.pipeline import pipeline
 
     cfg = load_config(str(TEST_PROFILE), overrides, store=str(tmp_path / "store"), stages=stages)

@@ -5,8 +5,8 @@ The kills run one after another on one store, so each case's re-run is the previ
 pipeline per point. Each case checks the kill landed where it should (the stage committed, or some of its
 shards kept and the stage not committed); the last case resumes to the end and compares every artifact
 with an uninterrupted run of the same config: the same artifacts, the same rows, equal checksums (tables
-with measured columns — wall clock, peak memory — are compared without them), and mid-stage kills' shards reused.
-Run the cases in order (the default); a single case also works, it just starts from an emptier store.
+with measured columns — wall clock, peak memory — are compared without them), and mid-stage kills' shards
+reused. Run the cases in order (the default); a single case also works, it just starts from an emptier store.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ pytestmark = pytest.mark.slow
 MID_STAGE = {"ingest": "ingest-parsed", "tokenize": "tokenize", "ngram": "ngram-index",
              "memorization": "memorization-pairs", "gradients": "gradients", "select": "select-selection",
              "preference": "preference-parsed", "finetune": "finetune", "eval": "eval-quality"}
-POINTS = [p for stage in STAGES for p in ([f"{MID_STAGE[stage]}:1"] if stage in MID_STAGE else []) + [f"after-{stage}:1"]]
+POINTS = [p for stage in STAGES for p in ([f"{MID_STAGE[stage]}:1"] if stage in MID_STAGE else [])
+          + [f"after-{stage}:1"]]
 STAGE_OF = {f"{loop}:1": stage for stage, loop in MID_STAGE.items()} | {f"after-{s}:1": s for s in STAGES}
 # One stage at a time: the chain walks every stage boundary in order, which concurrent branches would reorder
-# (a failure during concurrent stages, and its resume, is test_rel_failure_resume's ngram-beside-pretrain case).
+# (a failure during concurrent stages, and its resume, is test_rel_failure_resume's ngram-beside-pretrain
+# case).
 CONFIG = ["--profile", str(TEST_PROFILE), "--set", "dask.processes=true", "--set", "parallel_stages=1"]
 # Measured columns (wall clock, allocator peaks): two uninterrupted runs differ there and nowhere else
 # (measured: only the fine-tune curves and summary have them; weights, features, tables are byte-equal).
@@ -76,7 +78,8 @@ def run_until(chain: dict, fault: str | None):
 @pytest.mark.parametrize("fault", POINTS)
 def test_sigkill_lands_and_keeps_finished_work(chain, fault):
     proc = run_until(chain, fault)
-    assert proc.returncode == -9, f"expected SIGKILL at {fault}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == -9, (f"expected SIGKILL at {fault}: exit {proc.returncode}\n"
+                                   f"{proc.stderr[-3000:]}")
     state = status(chain["store"])
     chain["run_id"] = state["run_id"]
     stage = STAGE_OF[fault]
@@ -89,20 +92,24 @@ def test_sigkill_lands_and_keeps_finished_work(chain, fault):
         assert not all(r["committed"] for r in rows), rows
         assert any(r["shards_done"] >= 1 and r["on_rerun"].startswith("resume") for r in rows), rows
         chain["killed_mid"].append(stage)
-        chain["kept"].update({r["artifact"]: r["shards_done"] for r in rows if r["shards_done"] and not r["committed"]})
+        chain["kept"].update({r["artifact"]: r["shards_done"] for r in rows if r["shards_done"]
+                              and not r["committed"]})
 
 
 def comparable(store: ArtifactStore, ref: str):
     """An artifact's content minus measured columns: (rows per shard, table) or its checksum."""
     manifest = store.manifest(ref)
-    if manifest.get("cleaned"):  # an intermediate whose shards were deleted: what it held, not its bytes (paths)
+    # an intermediate whose shards were deleted: what it held, not its bytes (paths)
+    if manifest.get("cleaned"):
         return ("cleaned", manifest["rows"], manifest["shards"])
     table = store.read_table(ref) if store.markers(ref) else None
     if table is None:
         return manifest["checksum"]
-    keep = [c for c in table.column_names if c not in MEASURED_COLUMNS and c != "file"]  # `file`: a path in each store
+    # `file`: a path in each store
+    keep = [c for c in table.column_names if c not in MEASURED_COLUMNS and c != "file"]
     # nested `file` fields too (trace's document lists); JSON text, so NaN equals NaN
-    return json.dumps([without_files(row) for row in table.select(keep).to_pylist()], sort_keys=True, default=str)
+    return json.dumps([without_files(row) for row in table.select(keep).to_pylist()], sort_keys=True,
+                      default=str)
 
 
 def without_files(value):
@@ -120,7 +127,8 @@ def test_resume_after_every_kill_matches_uninterrupted(chain, uninterrupted):
     killed, clean = status(chain["store"]), status(uninterrupted)
     assert killed["state"] == "completed"
     rows_of = {r["artifact"]: (r["committed"], r["rows"]) for r in killed["rows"]}
-    assert rows_of == {r["artifact"]: (r["committed"], r["rows"]) for r in clean["rows"]}  # no lost/duplicated rows
+    # no lost/duplicated rows
+    assert rows_of == {r["artifact"]: (r["committed"], r["rows"]) for r in clean["rows"]}
     ours, theirs = ArtifactStore(chain["store"]), ArtifactStore(uninterrupted)
     mismatched = []
     for ref, (committed, _) in rows_of.items():
@@ -129,11 +137,15 @@ def test_resume_after_every_kill_matches_uninterrupted(chain, uninterrupted):
             if not (a.equals(b) if hasattr(a, "equals") else a == b):
                 mismatched.append(ref)
     assert not mismatched, f"artifacts differing from the uninterrupted run: {mismatched}"
-    for stage in chain["killed_mid"]:  # the shards finished before a mid-stage kill were reused, not recomputed
-        skipped = [ours.manifest(r["artifact"]).get("skipped_shards") for r in killed["rows"] if r["stage"] == stage]
-        assert any(n for n in skipped if n), f"{stage}: no shard kept across the kill (skipped_shards {skipped})"
+    # the shards finished before a mid-stage kill were reused, not recomputed
+    for stage in chain["killed_mid"]:
+        skipped = [ours.manifest(r["artifact"]).get("skipped_shards") for r in killed["rows"]
+                   if r["stage"] == stage]
+        assert any(n for n in skipped
+                   if n), f"{stage}: no shard kept across the kill (skipped_shards {skipped})"
     # exactly, where the artifact records it (the primary output of a shard loop: features, tokens, the index,
     # fine-tune variants...): every shard a kill left behind was skipped on resume, and only those recomputed
     skipped = {ref: n for ref in chain["kept"] if (n := ours.manifest(ref).get("skipped_shards")) is not None}
     assert skipped == {ref: chain["kept"][ref] for ref in skipped}, (chain["kept"], skipped)
-    assert any(ref.startswith("features/") for ref in skipped), skipped  # the feature-extraction kill, exactly
+    # the feature-extraction kill, exactly
+    assert any(ref.startswith("features/") for ref in skipped), skipped
