@@ -97,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("docs", "documents containing a phrase: id, file, line, snippet"),
                        ("cnf", 'co-occurrence count: "a" AND "b" [OR "c"] within --window tokens')):
         q = ngram_sub.add_parser(name, help=text)
-        q.add_argument("terms", nargs="+",
+        q.add_argument("terms", nargs="*",
                        help="the phrase" if name != "cnf" else 'phrases joined by AND / OR')
+        q.add_argument("--file", default=None, help=(
+            "one query per line (cnf: terms in shell quoting, joined by AND / OR), answered by one engine in "
+            "one process; prints one JSON object per line, an error object for a malformed line"))
         q.add_argument("--profile", default="tiny", help="profile whose store to read (default: tiny)")
         q.add_argument("--store", default=None, help="artifact store root (default: the profile's store)")
         q.add_argument("--index", default=None,
@@ -285,19 +288,52 @@ def cnf_clauses(terms: list[str]) -> list[list[str]]:
     return clauses
 
 
+def ngram_answer(store, index: str, engine, tok, args: argparse.Namespace, terms: list[str]) -> dict:
+    """One query's result: exactly what a single `tracecore ngram ...` call computes."""
+    from tracecore.tasks import index_query as query
+
+    if not terms or not " ".join(terms).strip():
+        raise ConfigError(f"ngram {args.query}: empty query")
+    if args.query == "count":
+        return query.count(engine, tok, " ".join(terms))
+    if args.query == "docs":
+        return query.docs(store, index, engine, tok, " ".join(terms), args.limit)
+    return query.cnf(engine, tok, cnf_clauses(terms), args.window)
+
+
+def ngram_batch(store, index: str, engine, tok, args: argparse.Namespace) -> int:
+    """`--file`: every line through one opened engine (the start-up a CLI call pays once), JSON lines out; a
+    malformed line gives an error object naming its line, and the rest still run."""
+    import shlex
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"ngram {args.query} --file: {path} does not exist")
+    failed = 0
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            terms = shlex.split(line) if args.query == "cnf" else [line.strip()]
+            print(json.dumps(ngram_answer(store, index, engine, tok, args, terms)))
+        except (ConfigError, ValueError) as exc:
+            failed += 1
+            print(json.dumps({"line": number, "query": line, "error": f"{path}:{number}: {exc}"}))
+    return 1 if failed else 0
+
+
 def cmd_ngram(args: argparse.Namespace) -> int:
     from tracecore.storage.store import ArtifactStore
     from tracecore.tasks import index_query as query
 
+    if bool(args.file) == bool(args.terms):
+        raise ConfigError(f"ngram {args.query}: give the query's terms or --file, not both or neither")
     store = ArtifactStore(store_of(args))
     index = args.index or query.latest_index(store)
     with query.opened(store, index) as (engine, tok):
-        if args.query == "count":
-            result = query.count(engine, tok, " ".join(args.terms))
-        elif args.query == "docs":
-            result = query.docs(store, index, engine, tok, " ".join(args.terms), args.limit)
-        else:
-            result = query.cnf(engine, tok, cnf_clauses(args.terms), args.window)
+        if args.file:
+            return ngram_batch(store, index, engine, tok, args)
+        result = ngram_answer(store, index, engine, tok, args, args.terms)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -379,6 +379,36 @@ def test_ngram_cli_count_docs_and_cnf(indexed):
     assert bad.returncode == 2 and "empty clause" in bad.stderr
 
 
+def test_ngram_batch_file_answers_exactly_what_single_calls_do(indexed, tmp_path):
+    """`--file`: one process, one engine, JSON lines equal to the single calls' output; a malformed line is an
+    error object naming its file and line, the other lines still answered, exit 1."""
+    from conftest import run_cli
+
+    store, _, refs = indexed
+    args = ["--store", store.uri, "--index", refs["ngram.index"]]
+    phrases = ["was born in the year", "the capital of", "zzz unseen phrase"]
+    (tmp_path / "count.txt").write_text("\n".join(phrases) + "\n\n")
+    batch = run_cli("ngram", "count", "--file", str(tmp_path / "count.txt"), *args)
+    assert batch.returncode == 0, batch.stderr
+    singles = [json.loads(run_cli("ngram", "count", p, *args, "--json").stdout) for p in phrases]
+    assert [json.loads(line) for line in batch.stdout.splitlines()] == singles
+    (tmp_path / "docs.txt").write_text("was born in the year\n")
+    docs = run_cli("ngram", "docs", "--file", str(tmp_path / "docs.txt"), *args, "--limit", "5")
+    single = json.loads(run_cli("ngram", "docs", "was born in the year", *args, "--limit", "5",
+                                "--json").stdout)
+    assert json.loads(docs.stdout) == single
+    (tmp_path / "cnf.txt").write_text('"was born" AND year\na AND\n"the capital" AND of\n')
+    cnf = run_cli("ngram", "cnf", "--file", str(tmp_path / "cnf.txt"), *args, "--window", "20")
+    rows = [json.loads(line) for line in cnf.stdout.splitlines()]
+    assert cnf.returncode == 1 and len(rows) == 3
+    assert rows[0] == json.loads(run_cli("ngram", "cnf", "was born", "AND", "year", *args, "--window", "20",
+                                         "--json").stdout)
+    assert rows[1]["line"] == 2 and rows[1]["error"].startswith(f"{tmp_path / 'cnf.txt'}:2: ")
+    assert "empty clause" in rows[1]["error"] and "count" in rows[2]
+    both = run_cli("ngram", "count", "x", "--file", str(tmp_path / "count.txt"), *args)
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
 def test_more_buckets_for_a_larger_corpus_give_the_same_exact_table(indexed, tmp_path):
     """Bounded reduce memory: `ngram.bucket_tokens` adds buckets as the corpus grows (a reduce task holds
     ~1/buckets of the distinct n-grams); the table and top-k are the same as with the configured minimum."""
