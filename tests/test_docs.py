@@ -66,6 +66,49 @@ def test_no_measurement_narrative_in_code_or_settings_help():
     assert not hits, "measurements belong in bench/log or docs/development/decisions.md:\n" + "\n".join(hits)
 
 
+PAGES = sorted(p for p in (ROOT / "docs").rglob("*.md") if p.name != "decisions.md") + [ROOT / "README.md"]
+BLOCK = re.compile(r"<!-- tracecore:begin (\S+) -->.*?<!-- tracecore:end \1 -->", re.S)
+LINK_TARGET = re.compile(r"\]\([^)\s]*\)")
+FIGURE = re.compile(r"(?<![\w.])\d[\d,]*\.\d+(?: ?(?:s|min|MB|GB|MiB|GiB|%|x|×))?(?![\w.])")
+
+
+def hand_written(page: Path) -> str:
+    """A page's text outside its generated blocks: what a person wrote and must keep current."""
+    return BLOCK.sub("", page.read_text())
+
+
+def current_figures() -> set[str]:
+    """The decimal figures of bench/RESULTS.md's current-figures table, the one home of those numbers."""
+    table = (ROOT / "bench" / "RESULTS.md").read_text().split("## Current figures", 1)[1].split("\n## ", 1)[0]
+    values = [row.split("|")[2] for row in table.splitlines() if row.startswith("| ") and "---" not in row]
+    return {m.group(0) for value in values[1:] for m in FIGURE.finditer(value)}
+
+
+def repeated_figures(text: str, figures: set[str]) -> list[str]:
+    return sorted({m.group(0) for m in FIGURE.finditer(text)} & figures)
+
+
+def test_no_measurement_narrative_in_the_docs():
+    """Dated figures and run histories live in bench/log and the decision records; pages link there."""
+    texts = {page: LINK_TARGET.sub("]", hand_written(page)) for page in PAGES}  # a log's dated name is a link
+    hits = [f"{page.relative_to(ROOT)}: {m.group(0)[:80]!r}" for page, text in texts.items()
+            for p in NARRATIVE for m in p.finditer(text)]
+    assert not hits, "move it to bench/log and link it:\n" + "\n".join(hits)
+
+
+def test_no_page_repeats_a_current_figure_by_hand():
+    figures = current_figures()
+    assert figures, "the current-figures table has no decimal figure: the check would pass on anything"
+    hits = [f"{page.relative_to(ROOT)}: {repeated_figures(hand_written(page), figures)}" for page in PAGES
+            if repeated_figures(hand_written(page), figures)]
+    assert not hits, "a figure of bench/RESULTS.md written by hand (link it instead):\n" + "\n".join(hits)
+
+
+def test_the_repeated_figure_check_can_fail():
+    assert repeated_figures("the run took 760.1 s, the peak 2,767.5 MB", {"760.1 s", "9.9 s"}) == ["760.1 s"]
+    assert hand_written(ROOT / "docs" / "performance.md").count("tracecore:begin") == 0
+
+
 def test_the_narrative_check_can_fail():
     assert any(p.search("(measured: 0.17 s of 0.35 s at 10^6 tokens)") for p in NARRATIVE)
     assert any(p.search("since the sixth run") for p in NARRATIVE)
