@@ -9,11 +9,14 @@ DataTrove's and NeMo Curator's task decontamination):
   sub-spans, so a two-pointer walk finds the longest span in O(tokens) `count` calls.
 * **Contamination** (a corpus scan on Dask, one task per documents shard): the item's text is its question
   followed by its answer (`rule: question_answer`) or the question alone (`rule: question`, NeMo Curator's),
-  normalized as in GPT-3 / NeMo Curator (lower case, words = runs of letters and
-  digits, punctuation dropped); it is contaminated when one of its n-grams of `contamination_n` words
-  (13) occurs in a document. Deviation, for short items (most sample-world items have 5-8 words): an
-  item shorter than `contamination_n` words counts as one n-gram, the whole item (as DataTrove does
-  for short tasks); items shorter than `min_words` are not judged, and are counted and logged as such.
+  normalized as in GPT-3 / NeMo Curator (lower case, words = runs of letters and digits, punctuation
+  dropped) after undoing reformatting on both sides (`text.match_words`: markup stripped, entities
+  decoded, words hyphenated across a line end or by soft hyphens joined, compatibility forms and accents
+  folded), so a re-wrapped or re-typeset copy still matches; it is contaminated when one of its n-grams of
+  `contamination_n` words (13) occurs in a document. Deviation, for short items (most sample-world items
+  have 5-8 words): an item shorter than `contamination_n` words counts as one n-gram, the whole item (as
+  DataTrove does for short tasks); items shorter than `min_words` are not judged, and are counted and
+  logged as such.
   The scan is exact (n-grams compared as strings), not a Bloom filter. An n-gram found in more than
   `max_matches` documents is ignored (NeMo Curator's cap on boilerplate n-grams).
 
@@ -38,7 +41,7 @@ from tracecore.tasks.plots import figure_png, subplots
 from tracecore.tasks.runtime.common import log_dropped
 from tracecore.tasks.runtime.stage import Planned, Stage, StageRun, plan_artifact
 from tracecore.tasks.taskfiles import TaskSpec, load_task
-from tracecore.tasks.text import word_ngrams, word_spans, words
+from tracecore.tasks.text import match_spans, match_words, word_ngrams, words
 
 
 class TraceConfig(Strict):
@@ -85,7 +88,7 @@ def task_specs(pipeline_cfg) -> list:
 def item_ngrams(item: dict, n: int, min_words: int, rule: str = "question_answer") -> list[str]:
     """The item's word n-grams (rule `question_answer`: question then answer; `question`: the question alone,
     as NeMo Curator); the whole item when it is shorter than n; none when it is shorter than `min_words`."""
-    w = words(item["input"]) + (words(item["output"]) if rule == "question_answer" else [])
+    w = match_words(item["input"]) + (match_words(item["output"]) if rule == "question_answer" else [])
     return word_ngrams(w, n) if len(w) >= min_words else []
 
 
@@ -113,10 +116,10 @@ def frequent_filter(hits: list[dict], max_matches: int | None) -> tuple[list[dic
 
 def remove_spans(text: str, grams: list[str], margin: int, min_chars: int,
                  max_splits: int) -> list[str] | None:
-    """The document's pieces after cutting every occurrence of `grams` (word n-grams as `words` makes them)
-    plus `margin` characters each side (GPT-3 / NeMo Curator); pieces under `min_chars` are dropped; None
-    when it would split more than `max_splits` times (the whole document goes)."""
-    found = word_spans(text)
+    """The document's pieces after cutting every occurrence of `grams` (word n-grams as `match_words` makes
+    them) plus `margin` characters each side (GPT-3 / NeMo Curator); pieces under `min_chars` are dropped;
+    None when it would split more than `max_splits` times (the whole document goes)."""
+    found = match_spans(text)
     tokens = [w for _, _, w in found]
     cuts = []
     for gram in grams:
@@ -140,7 +143,7 @@ def remove_spans(text: str, grams: list[str], margin: int, min_chars: int,
 # ---- the corpus scan (one Dask task per documents shard) ------------------------------------------------
 def document_hits(text: str, grams: dict[int, dict[str, list[str]]], firsts: dict[int, set[str]]):
     """(item key, n-gram) for every item n-gram in the document; a first-word filter skips most positions."""
-    w, found = words(text), {}
+    w, found = match_words(text), {}
     for size, table in grams.items():
         for i in range(len(w) - size + 1):
             if w[i] in firsts[size]:
