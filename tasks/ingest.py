@@ -8,7 +8,12 @@ Two sharded passes, both resumable per shard:
   2. dedup: exact duplicates (sha256 of the text) are removed across all files, first occurrence
      wins in (file, line) order, so the result does not depend on scheduling; hash-partitioned on the
      cluster (`ingest.dedup_buckets`, grouped into tasks of ~`ingest.dedup_task_rows` hashes), so no process
-     holds every hash of a large corpus.
+     holds every hash of a large corpus;
+  3. near-dedup (`ingest.near_dedup`; on for the sample world, off for a user corpus unless enabled):
+     MinHash-LSH over shingles with candidates verified by their true Jaccard (`tasks/near_dedup.py`), three
+     more sharded passes (signatures per shard, candidates per bucket group, verification per shard); each
+     cluster keeps its first document in (file, line) order, the rest go to the `near_duplicates` artifact
+     with their cluster (the kept document's id) and similarity, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import numpy as np
@@ -27,7 +32,30 @@ from pydantic import Field
 from tracecore.configs.base import Strict
 from tracecore.storage.fs import NoInputError, input_fingerprint, list_input_files  # noqa: F401 (re-exported)
 from tracecore.storage.store import ArtifactStore, read_parquet
-from tracecore.tasks.runtime.stage import Stage, StageRun
+from tracecore.tasks.runtime.stage import Planned, Stage, StageRun, plan_artifact
+
+
+class NearDedupConfig(Strict):
+    """MinHash-LSH near-duplicate removal, as DataTrove's and NeMo Curator's fuzzy dedup."""
+
+    enabled: bool | Literal["auto"] = Field("auto", description=(
+        "auto: on for the sample world, off for a user corpus (`ingest.paths`), whose near-copies may be "
+        "wanted"))
+    threshold: float = Field(0.8, gt=0.0, le=1.0, description=(
+        "documents whose shingle sets have at least this Jaccard are near-duplicates"))
+    shingle: Literal["words", "chars"] = Field("words", description=(
+        "shingles: word n-grams of the lower-cased words (DataTrove) or character n-grams (NeMo Curator)"))
+    shingle_size: int = Field(5, ge=1, le=64, description="words or characters per shingle")
+    num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations (signature length)")
+    bands: int | None = Field(None, ge=1, description=(
+        "LSH bands (rows per band = num_perm // bands); None: datasketch's optimum for the threshold, "
+        "weighted toward recall since every candidate is verified by its true Jaccard"))
+    seed: int = 1
+    buckets: int = Field(16, ge=1, le=4096, description="partitions of the band keys, as dedup_buckets")
+    task_rows: int = Field(1_000_000, ge=1, description="band keys one candidate task takes on")
+    max_group: int = Field(64, ge=2, description=(
+        "an LSH bucket with more members than this pairs each with its first two only (a template shared by "
+        "thousands stays linear)"))
 
 
 class IngestConfig(Strict):
@@ -52,6 +80,7 @@ class IngestConfig(Strict):
     dedup_task_rows: int = Field(250_000, ge=1, description=(
         "hashes one dedup task takes on: consecutive buckets are grouped up to about this many rows (a task "
         "per bucket was a cluster round trip each, a third of ingest on a 10^6-token corpus)"))
+    near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig)
 
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()),
@@ -272,17 +301,35 @@ def bucket_duplicates(store_uri: str, ref: str, group: int, item: tuple[str, int
     return store.write_shard(ref, group, out)
 
 
-def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[int]]) -> dict:
-    """A parsed shard without its duplicate rows; one with none to drop is copied as its bytes (no decode and
-    re-encode: with a unique corpus this pass was a full Parquet round trip of every document)."""
+NEAR_SCHEMA = pa.schema([*DOC_SCHEMA, ("cluster", pa.string()), ("similarity", pa.float64())])
+
+
+def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[int], dict],
+                near_ref: str | None = None) -> dict:
+    """A parsed shard without its duplicate and near-duplicate rows (the near ones, with their cluster, go to
+    `near_ref` first, so the documents marker means both are there); one with none to drop is copied as its
+    bytes (no decode and re-encode: with a unique corpus this pass was a full Parquet round trip of every
+    document)."""
     store = ArtifactStore(store_uri)
-    parsed_ref, drop_rows = item
-    if not drop_rows:
-        return store.copy_shard(parsed_ref, shard, ref, duplicates=0)
-    table = store.read_shard(parsed_ref, shard)
-    drop = set(drop_rows)
+    parsed_ref, drop_rows, near = item
+    table = store.read_shard(parsed_ref, shard) if drop_rows or near else None
+    if near_ref:
+        write_near_duplicates(store, near_ref, shard, table, near)
+    if table is None:
+        return store.copy_shard(parsed_ref, shard, ref, duplicates=0, near_duplicates=0)
+    drop = set(drop_rows) | set(near)
     kept = table.filter(pa.array([i not in drop for i in range(table.num_rows)], type=pa.bool_()))
-    return store.write_shard(ref, shard, kept, duplicates=table.num_rows - kept.num_rows)
+    return store.write_shard(ref, shard, kept, duplicates=len(drop_rows), near_duplicates=len(near))
+
+
+def write_near_duplicates(store: ArtifactStore, ref: str, shard: int, table: pa.Table | None,
+                          near: dict[int, tuple[str, float]]) -> None:
+    """The shard's near-duplicates, whole, with their cluster (the kept document's id) and similarity."""
+    rows = sorted(near)
+    docs = table.take(rows) if rows else DOC_SCHEMA.empty_table()
+    docs = docs.append_column("cluster", pa.array([near[r][0] for r in rows], pa.string()))
+    store.write_shard(ref, shard, docs.append_column("similarity", pa.array([near[r][1] for r in rows],
+                                                                            pa.float64())))
 
 
 def duplicate_rows(run: StageRun, parsed_markers: list[dict]) -> dict[int, list[int]]:
@@ -299,6 +346,52 @@ def duplicate_rows(run: StageRun, parsed_markers: list[dict]) -> dict[int, list[
     for s, r in zip(*(store.read_table(refs["drops"]).column(c).to_pylist() for c in ("shard", "row"))):
         out.setdefault(s, []).append(r)
     return out
+
+
+def near_duplicate_rows(run: StageRun, parsed_markers: list[dict],
+                        drops: dict[int, list[int]]) -> dict[int, dict[int, tuple[str, float]]]:
+    """shard -> row -> (cluster, similarity) of every near-duplicate to drop, from three sharded passes
+    (`tasks/near_dedup.py`: signatures, candidates, verification), each resumable per shard or group."""
+    from tracecore.tasks import near_dedup as nd
+
+    cfg, refs, n_shards = run.cfg.near_dedup, run.plan.refs, len(parsed_markers)
+    bands, rows = nd.band_shape(cfg.threshold, cfg.num_perm, cfg.bands)
+    params = {"shingle": cfg.shingle, "shingle_size": cfg.shingle_size, "num_perm": cfg.num_perm,
+              "seed": cfg.seed, "bands": bands, "rows": rows, "buckets": cfg.buckets}
+    signed = run.map("near_signatures", nd.signature_shard,
+                     [(refs["parsed"], drops.get(s, [])) for s in range(n_shards)], params=params)
+    run.commit("near_signatures", {"intermediate": True, "bands": bands, "rows_per_band": rows},
+               expected_shards=n_shards)
+    groups = bucket_groups(sum(m["rows"] for m in signed.markers), cfg.buckets, cfg.task_rows)
+    run.map("near_candidates", nd.candidate_group, [(refs["near_signatures"], n_shards, g) for g in groups],
+            max_group=cfg.max_group)
+    run.commit("near_candidates", {"intermediate": True}, expected_shards=len(groups))
+    candidates = run.store.read_table(refs["near_candidates"]).to_pylist()
+    by_shard: dict[int, set] = {}
+    for p in candidates:
+        by_shard.setdefault(p["shard_a"], set()).add((p["shard_a"], p["row_a"], p["shard_b"], p["row_b"]))
+    run.map("near_pairs", nd.verify_shard, [(refs["parsed"], sorted(by_shard.get(s, ()))) for s in
+                                            range(n_shards)], params=params)
+    run.commit("near_pairs", {"intermediate": True, "candidates": sum(map(len, by_shard.values()))},
+               expected_shards=n_shards)
+    edges = [e for e in run.store.read_table(refs["near_pairs"]).to_pylist() if e["jaccard"] >= cfg.threshold]
+    ids = {(e[f"shard_{x}"], e[f"row_{x}"]): e[f"id_{x}"] for e in edges for x in "ab"}
+    members = nd.clusters(((e["shard_a"], e["row_a"]), (e["shard_b"], e["row_b"]), e["jaccard"])
+                          for e in edges)
+    out: dict[int, dict[int, tuple[str, float]]] = {}
+    for (s, r), (kept, sim) in members.items():
+        out.setdefault(s, {})[r] = (ids[kept], round(sim, 6))
+    return out
+
+
+def near_dedup_outputs(cfg: IngestConfig, inputs: dict[str, str], code: str) -> dict[str, Planned]:
+    """The near-dedup outputs, planned only where it runs (`near_dedup.enabled`; auto: the sample world)."""
+    enabled = cfg.near_dedup.enabled
+    if not ("sample" in inputs if enabled == "auto" else enabled):
+        return {}
+    return {name: plan_artifact("ingest", folder, cfg.fingerprint(), inputs, code) for name, folder in
+            (("near_signatures", "near_dedup_signatures"), ("near_candidates", "near_dedup_candidates"),
+             ("near_pairs", "near_dedup_pairs"), ("near_duplicates", "near_duplicates"))}
 
 
 def check_reject_fraction(parsed_markers: list[dict], rejects_uri: str, cfg: IngestConfig) -> dict:
@@ -376,22 +469,31 @@ def ingest_documents(run: StageRun) -> None:
     run.commit("parsed", {"intermediate": True}, expected_shards=len(splits))
     stats = check_reject_fraction(parsed.markers, store.display_path(run.ref("rejects")), cfg)
     drops = duplicate_rows(run, parsed.markers) if cfg.dedup else {}
+    near_ref = run.plan.refs.get("near_duplicates")
+    near = near_duplicate_rows(run, parsed.markers, drops) if near_ref else {}
     deduped = run.map("documents", dedup_shard,
-                      [(run.ref("parsed"), drops.get(i, [])) for i in range(len(splits))])
+                      [(run.ref("parsed"), drops.get(i, []), near.get(i, {})) for i in range(len(splits))],
+                      near_ref=near_ref)
     stats["duplicates"] = sum(m.get("duplicates", 0) for m in deduped.markers)
+    if near_ref:
+        stats["near_duplicates"] = sum(m.get("near_duplicates", 0) for m in deduped.markers)
+        stats["near_duplicate_clusters"] = len({c for rows in near.values() for c, _ in rows.values()})
+        run.commit("near_duplicates", {"threshold": cfg.near_dedup.threshold, "report_columns": [
+            "cluster", "id", "file", "line", "similarity"]}, expected_shards=len(splits))
     run.commit("documents", {**stats, "input_files": files, "seconds": parsed.seconds + deduped.seconds,
                              "skipped_shards": parsed.skipped + deduped.skipped}, expected_shards=len(splits))
     # documents are committed: the parsed copy and the hash partitions are spent
     if not cfg.keep_intermediates:
-        for name in ("parsed", "hashes", "drops"):
-            if store.is_committed(run.ref(name)):
+        for name in ("parsed", "hashes", "drops", "near_signatures", "near_candidates", "near_pairs"):
+            if name in run.plan.refs and store.is_committed(run.ref(name)):
                 store.clean(run.ref(name))
-    run.log.info("ingest: %d documents, %d rejects, %d duplicates -> %s", stats["documents_read"] -
-                 stats["rejected"] - stats["duplicates"], stats["rejected"], stats["duplicates"],
-                 run.ref("documents"))
+    near_count = stats.get("near_duplicates", 0)
+    run.log.info("ingest: %d documents, %d rejects, %d duplicates, %d near-duplicates -> %s",
+                 stats["documents_read"] - stats["rejected"] - stats["duplicates"] - near_count,
+                 stats["rejected"], stats["duplicates"], near_count, run.ref("documents"))
 
 
 STAGE = Stage("ingest", IngestConfig, {"documents": "documents", "rejects": "rejects", "parsed": "parsed",
                                        "hashes": "dedup_hashes", "drops": "dedup_drops"},
-              run_ingest, needs=input_files, external=user_files,
+              run_ingest, needs=input_files, external=user_files, subartifacts=near_dedup_outputs,
               description="corpora -> validated, de-duplicated document shards (+ rejects)")

@@ -33,6 +33,10 @@ class SampleConfig(Strict):
     planted_contamination: int = Field(0, ge=0, le=100_000, description=(
         "QA items copied verbatim (question, then answer) into extra corpus documents, listed in "
         "ground_truth/planted.jsonl: known contamination for the trace stage to find"))
+    near_duplicate_documents: int = Field(0, ge=0, le=10_000_000, description=(
+        "near-copies of corpus documents (a word changed, a boilerplate line added, re-wrapped) in a corpus "
+        "file of their own, listed in ground_truth/near_duplicates.parquet: known near-duplicates for "
+        "ingest"))
 
 
 def run_sample(run: StageRun) -> None:

@@ -186,6 +186,46 @@ def plant_contamination(docs: list[dict], qa: list[dict], n: int, seed: int) -> 
     return out, [{"task": "qa", "id": qa[i]["id"], "doc_id": f"planted-{qa[i]['id']}"} for i in chosen]
 
 
+BOILERPLATE = ["Share this page with a friend.", "All rights reserved by the village press.",
+               "Subscribe to the weekly letter for more stories.", "Read the previous story in this series."]
+
+
+def near_copy(text: str, kind: str, rng: random.Random) -> str:
+    """A near-copy as corpora hold them: one word changed, a boilerplate line added, or re-wrapped into short
+    lines with doubled spaces and the first sentence upper-cased (same words: only the bytes differ)."""
+    words = text.split(" ")
+    if kind == "word_changed":
+        i = rng.randrange(len(words))
+        words[i] = rng.choice(NOUNS if words[i] not in NOUNS else ADJECTIVES)
+        return " ".join(words)
+    if kind == "boilerplate":
+        return f"{text} {rng.choice(BOILERPLATE)}"
+    head, _, tail = text.partition(". ")
+    lines, line = [], ""
+    for w in f"{head.upper()}. {tail}".split(" "):
+        lines, line = (lines + [line], w) if len(line) + len(w) > 40 else (lines, f"{line}  {w}".strip())
+    return "\n".join(lines + [line])
+
+
+def near_duplicates(docs: list[dict], n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """`n` near-copies of distinct corpus documents (kinds in turn, own RNG: with n = 0 the world is
+    unchanged), for a file after the corpus's, so each source comes first in (file, line) order; returns
+    (copies, ground truth: copy, source, kind, Jaccard of word 5-shingles as ingest's near-dedup counts)."""
+    from tracecore.tasks.near_dedup import shingles
+    from tracecore.tasks.text import jaccard
+
+    rng = random.Random(f"near-duplicates-{seed}")
+    kinds = ["word_changed", "boilerplate", "reformatted"]
+    copies, truth = [], []
+    for k, source in enumerate(rng.sample(docs, min(n, len(docs)))):
+        text = near_copy(source["text"], kinds[k % 3], rng)
+        copy_id = f"near-{k:06d}"
+        copies.append({"id": copy_id, "text": text, "source": "sample-world-near-duplicates"})
+        truth.append({"id": copy_id, "source_id": source["id"], "kind": kinds[k % 3],
+                      "jaccard": jaccard(shingles(text, "words", 5), shingles(source["text"], "words", 5))})
+    return copies, truth
+
+
 def build_tasks(facts: list[dict], phrases: list[dict], rng: random.Random) -> dict[str, list[dict]]:
     qa = [{"id": f"qa-{i:05d}", "question": QUESTIONS[f["attribute"]].format(name=f["entity"]),
            "answer": f["value"], "frequency": f["frequency"], "entity": f["entity"],
@@ -363,6 +403,11 @@ def write_sample(cfg: SampleConfig, out_dir: str | Path) -> dict[str, int]:
     for k in range(cfg.corpus_files):
         _write_jsonl(out / "corpus" / f"part-{k:03d}.jsonl.gz", corpus[k * per_file:(k + 1) * per_file],
                      gz=True)
+    copies, copied = near_duplicates(corpus, cfg.near_duplicate_documents, cfg.seed)
+    if copies:  # a file of their own, after the corpus's, which stay as they were
+        _write_jsonl(out / "corpus" / "part-near-duplicates.jsonl.gz", copies, gz=True)
+        (out / "ground_truth").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(copied), out / "ground_truth" / "near_duplicates.parquet")
     for name, rows in tasks.items():
         _write_jsonl(out / "tasks" / f"{name}.jsonl", rows)
     pool, held_out = build_instructions(cfg, facts, lexicon, rng)
@@ -379,7 +424,8 @@ def write_sample(cfg: SampleConfig, out_dir: str | Path) -> dict[str, int]:
     pq.write_table(pa.Table.from_pylist(phrases), out / "ground_truth" / "phrases.parquet")
     pq.write_table(pa.Table.from_pylist([{"english": e, "zelan": z} for e, z in sorted(lexicon.items())]),
                    out / "ground_truth" / "lexicon.parquet")
-    return {"corpus_documents": len(corpus), "facts": len(facts), "phrases": len(phrases),
+    return {"corpus_documents": len(corpus) + len(copies), "near_duplicate_documents": len(copies),
+            "facts": len(facts), "phrases": len(phrases),
             "instructions": len(pool), "instructions_eval": len(held_out), "preferences": len(prefs),
             "haystacks": len(haystacks), **{f"tasks_{k}": len(v) for k, v in tasks.items()}}
 

@@ -315,7 +315,7 @@ def test_a_shard_without_duplicates_is_copied_not_re_encoded(tmp_path, monkeypat
     parsed = store.write_shard("parsed/p", 0, table, rejects=1)
     monkeypatch.setattr(ArtifactStore, "read_shard", lambda *a,
                         **k: pytest.fail("decoded a shard it could copy"))
-    marker = dedup_shard(store.uri, "documents/d", 0, ("parsed/p", []))
+    marker = dedup_shard(store.uri, "documents/d", 0, ("parsed/p", [], {}))
     assert marker["checksum"] == parsed["checksum"] and marker["rows"] == 2 and marker["duplicates"] == 0
     assert "rejects" not in marker
     assert store.fs.cat_file(store.shard_path("documents/d",
