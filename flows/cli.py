@@ -113,6 +113,36 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--window", type=int, default=100,
                            help="max tokens between the clauses (default: 100)")
 
+    serve = ngram_sub.add_parser("serve", help="answer queries over loopback HTTP (JSON, infini-gram's)",
+                                 description="One opened index answers POST / {\"query_type\": count | "
+                                 "search_docs | cnf | prob | ntd | attribution, \"query\": ...}; count, "
+                                 "search_docs and cnf return what `tracecore ngram ... --json` prints. GET / "
+                                 "describes the index and the limits. Ctrl-C stops it.")
+    serve.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 = any free one)")
+    serve.add_argument("--host", default="127.0.0.1", help=(
+        "address to bind (default: 127.0.0.1, loopback only; anything else exposes the corpus)"))
+    serve.add_argument("--max-body-bytes", type=int, default=65_536, help="largest request body (64 KiB)")
+    serve.add_argument("--max-query-chars", type=int, default=2_000, help="longest query text (2000)")
+    for q in (serve, trace_text := sub.add_parser(
+            "trace", help="trace a text (a model's output) to the corpus: maximal spans, documents, coverage",
+            description="The maximal spans of each text that occur in the corpus's n-gram index (at least "
+            "--min-span tokens, seen at most --max-span-count times), with their documents (id, file, line, "
+            "snippet), and the share of its tokens inside an occurring span of at least --min-span tokens. "
+            "Prints one JSON object per text.")):
+        q.add_argument("--profile", default="tiny", help="profile whose store to read (default: tiny)")
+        q.add_argument("--store", default=None, help="artifact store root (default: the profile's store)")
+        q.add_argument("--index", default=None, help="index artifact, ngram_index/<fp> (default: latest)")
+    trace_text.add_argument("what", choices=["text"], help="what to trace (a text)")
+    trace_text.add_argument("text", nargs="?", default=None, help="the text (or --file)")
+    trace_text.add_argument("--file", default=None, help=(
+        "a JSONL file of generations (one object per line, the text in --field) or a .txt file (a text a "
+        "line), traced by one opened engine"))
+    trace_text.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    trace_text.add_argument("--min-span", type=int, default=8, help="shortest span, in tokens (default: 8)")
+    trace_text.add_argument("--max-span-count", type=int, default=10, help=(
+        "leave out spans seen more often than this (common phrases; default: 10)"))
+    trace_text.add_argument("--max-docs", type=int, default=3, help="documents listed per span (default: 3)")
+
     model = sub.add_parser("model", help="model files as store artifacts: import a GGUF once",
                            description="Convert a GGUF file (or a packaged model: smollm2-135m-instruct) "
                                        "into a "
@@ -274,20 +304,6 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return 1 if (args.check and changed) else 0
 
 
-def cnf_clauses(terms: list[str]) -> list[list[str]]:
-    """`a AND b OR c` -> [[a], [b, c]] (AND of ORs, as infini-gram's CNF)."""
-    clauses, current = [], []
-    for term in terms + ["AND"]:
-        if term == "AND":
-            if not current:
-                raise ConfigError(f"cnf: empty clause in {' '.join(terms)!r}")
-            clauses.append(current)
-            current = []
-        elif term != "OR":
-            current.append(term)
-    return clauses
-
-
 def ngram_answer(store, index: str, engine, tok, args: argparse.Namespace, terms: list[str]) -> dict:
     """One query's result: exactly what a single `tracecore ngram ...` call computes."""
     from tracecore.tasks import index_query as query
@@ -298,7 +314,7 @@ def ngram_answer(store, index: str, engine, tok, args: argparse.Namespace, terms
         return query.count(engine, tok, " ".join(terms))
     if args.query == "docs":
         return query.docs(store, index, engine, tok, " ".join(terms), args.limit)
-    return query.cnf(engine, tok, cnf_clauses(terms), args.window)
+    return query.cnf(engine, tok, query.cnf_clauses(terms), args.window)
 
 
 def ngram_batch(store, index: str, engine, tok, args: argparse.Namespace) -> int:
@@ -322,9 +338,73 @@ def ngram_batch(store, index: str, engine, tok, args: argparse.Namespace) -> int
     return 1 if failed else 0
 
 
+def cmd_ngram_serve(args: argparse.Namespace) -> int:
+    """`ngram serve`: the index opened once, answering until interrupted."""
+    from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks import index_query as query
+    from tracecore.tasks.index_server import Limits, make_server
+
+    store = ArtifactStore(store_of(args))
+    index = args.index or query.latest_index(store)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_query_chars=args.max_query_chars)
+    with query.opened(store, index) as (engine, tok):
+        server = make_server(store, index, engine, tok, args.host, args.port, limits)
+        host, port = server.server_address[:2]
+        print(f"serving {index} on http://{host}:{port}/ (POST JSON queries; Ctrl-C stops)", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+    return 0
+
+
+def trace_texts(args: argparse.Namespace) -> list[str]:
+    """The texts `trace text` traces: the argument, or every line of --file (JSONL: its --field)."""
+    if bool(args.file) == bool(args.text):
+        raise ConfigError("trace text: give the text or --file, not both or neither")
+    if args.text:
+        return [args.text]
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"trace text --file: {path} does not exist")
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    if path.suffix == ".txt":
+        return [line for _, line in lines]
+    texts = []
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{number}: bad JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get(args.field), str):
+            raise ConfigError(f"{path}:{number}: no string field {args.field!r} (set --field)")
+        texts.append(row[args.field])
+    return texts
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from tracecore.storage.store import ArtifactStore
+    from tracecore.tasks import index_query as query
+    from tracecore.tasks.output_trace import trace_output
+
+    texts = trace_texts(args)
+    store = ArtifactStore(store_of(args))
+    index = args.index or query.latest_index(store)
+    with query.opened(store, index) as (engine, tok):
+        for text in texts:
+            print(json.dumps(trace_output(store, index, engine, tok, text, args.min_span, args.max_span_count,
+                                          args.max_docs)))
+    return 0
+
+
 def cmd_ngram(args: argparse.Namespace) -> int:
     from tracecore.storage.store import ArtifactStore
     from tracecore.tasks import index_query as query
+
+    if args.query == "serve":
+        return cmd_ngram_serve(args)
 
     if bool(args.file) == bool(args.terms):
         raise ConfigError(f"ngram {args.query}: give the query's terms or --file, not both or neither")
@@ -435,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_ngram(args)
         if args.command == "model":
             return cmd_model(args)
+        if args.command == "trace":
+            return cmd_trace(args)
         return cmd_status(args, artifacts=args.command == "artifacts")
     except (ConfigError, FileNotFoundError) as exc:
         print(f"tracecore: error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from tracecore.configs.base import ConfigError
 from tracecore.storage.store import ArtifactStore
 
 
@@ -57,6 +58,20 @@ def count(engine, tok, text: str) -> dict:
     return {"text": text, "count": sum(f["count"] for f in per_form), "forms": per_form}
 
 
+def cnf_clauses(terms: list[str]) -> list[list[str]]:
+    """`a AND b OR c` -> [[a], [b, c]] (AND of ORs, as infini-gram's CNF)."""
+    clauses, current = [], []
+    for term in terms + ["AND"]:
+        if term == "AND":
+            if not current:
+                raise ConfigError(f"cnf: empty clause in {' '.join(terms)!r}")
+            clauses.append(current)
+            current = []
+        elif term != "OR":
+            current.append(term)
+    return clauses
+
+
 def cnf(engine, tok, clauses: list[list[str]], window: int) -> dict:
     """Co-occurrence of AND-ed clauses (each an OR of phrases, every tokenization included) within `window`
     tokens; `approx` is the engine's flag for clauses too frequent to enumerate."""
@@ -84,6 +99,16 @@ def phrase_ranks(engine, ids: list[int], limit: int | None = None) -> tuple[int,
         stop = hi if limit is None else min(hi, lo + limit - len(ranks))
         ranks += [(shard, r, len(query), 0) for r in range(lo, stop)]
     return found["cnt"], ranks
+
+
+RANKS_PER_CALL = 256  # the engine starts a thread per rank: one call for 70k ranks aborted the process
+
+
+def docs_by_ranks(raw, ranks: list[tuple]) -> list[dict]:
+    """The engine's batched document retrieval (the `_2` call: infini-gram 2.6's `get_docs_by_ranks` calls a
+    method its C++ engine lacks), in batches of RANKS_PER_CALL."""
+    return [h for i in range(0, len(ranks),
+                             RANKS_PER_CALL) for h in raw.get_docs_by_ranks_2(ranks[i:i + RANKS_PER_CALL])]
 
 
 def docs(store: ArtifactStore, index_ref: str, engine, tok, text: str, limit: int, context: int = 80) -> dict:

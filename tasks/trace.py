@@ -225,19 +225,9 @@ def span_ranks(engine, tok, span: list[int], limit: int) -> tuple[int, list[tupl
     return count, ranks
 
 
-RANKS_PER_CALL = 256  # the engine starts a thread per rank: one call for 70k ranks aborted the process
-
-
-def docs_by_ranks(raw, ranks: list[tuple]) -> list[dict]:
-    """The engine's batched document retrieval (the `_2` call: infini-gram 2.6's `get_docs_by_ranks` calls a
-    method its C++ engine lacks), in batches of RANKS_PER_CALL."""
-    return [h for i in range(0, len(ranks),
-                             RANKS_PER_CALL) for h in raw.get_docs_by_ranks_2(ranks[i:i + RANKS_PER_CALL])]
-
-
 def trace_spans(store: ArtifactStore, index_ref: str, items: list[dict], max_docs: int) -> list[dict]:
     """Per item: the longest question span and answer span, their counts and documents."""
-    from tracecore.tasks.index_query import document_rows, opened, raw_engine
+    from tracecore.tasks.index_query import docs_by_ranks, document_rows, opened, raw_engine
 
     out = []
     with opened(store, index_ref) as (engine, tok):

@@ -617,3 +617,147 @@ def test_target_logprobs_equal_the_full_forward(family):
                     for j, (c, t) in enumerate(zip(ctx, tgt))]
         got = target_logprobs(model, ids, mask, ctx, tgt)
     assert got == pytest.approx(expected, abs=1e-5)
+
+
+# ---- output tracing and the query server ------------------------------------------------------------------
+def brute_force_trace(docs: list[list[int]], ids: list[int], min_span: int, max_count: int):
+    """Reach, maximal spans and coverage by scanning every document for every span (the reference)."""
+    def occurrences(span):
+        return sum(d[i:i + len(span)] == span for d in docs for i in range(len(d) - len(span) + 1))
+
+    ends = []
+    for i in range(len(ids)):
+        end = i
+        while end < len(ids) and occurrences(ids[i:end + 1]):
+            end += 1
+        ends.append(end)
+    spans, previous = [], 0
+    for i, end in enumerate(ends):
+        if end > previous and end - i >= min_span and occurrences(ids[i:end]) <= max_count:
+            spans.append({"l": i, "r": end, "count": occurrences(ids[i:end])})
+        previous = max(previous, end)
+    covered = [any(i <= j < e and e - i >= min_span for i, e in enumerate(ends)) for j in range(len(ids))]
+    return ends, spans, sum(covered) / len(ids)
+
+
+def generations(store, refs, n: int = 6) -> list[list[int]]:
+    """Made-up 'model outputs': random tokens around pieces of corpus documents (known to occur)."""
+    import random
+
+    docs = store.read_table(refs["tokenize.tokens"]).column("tokens").to_pylist()
+    rng = random.Random(1)
+    out = []
+    for _ in range(n):
+        d, e = rng.choice(docs), rng.choice(docs)
+        a = rng.randrange(max(1, len(d) - 30))
+        noise = [rng.randrange(300) for _ in range(9)]
+        out.append(noise[:4] + d[a:a + 20] + noise[4:7] + e[:10] + noise[7:])
+    return docs, out
+
+
+@pytest.mark.parametrize("path", ["engine", "counts"])
+def test_output_spans_equal_a_brute_force_scan(indexed, path, monkeypatch):
+    """The engine's creativity()/attribute() (u16) and the count walk (the paired-index path, forced here on
+    the same index) both give the spans and coverage of an exhaustive scan of the token shards."""
+    from tracecore.tasks import output_trace
+
+    store, _, refs = indexed
+    docs, outputs = generations(store, refs)
+    with open_engine(store, refs["ngram.index"]) as engine:
+        if path == "counts":
+            monkeypatch.setattr(output_trace, "PairedEngine", type(engine))
+        for ids in outputs:
+            ends, spans, covered = brute_force_trace(docs, ids, 5, 10)
+            assert output_trace.reach(engine, ids) == ends
+            assert output_trace.maximal_spans(engine, ids, 5, 10) == spans and spans
+            assert output_trace.coverage(ends, 5) == pytest.approx(covered)
+
+
+def test_trace_text_lists_each_spans_documents_and_the_file_path_equals_single_calls(indexed, tmp_path):
+    from conftest import run_cli
+
+    store, _, refs = indexed
+    docs = store.read_table(refs["ingest.documents"]).to_pylist()
+    text = f"Unheard-of opening words. {docs[3]['text'][:150]}"
+    args = ["--store", store.uri, "--index", refs["ngram.index"], "--min-span", "6"]
+    single = json.loads(run_cli("trace", "text", text, *args).stdout)
+    assert single["spans"] and 0 < single["covered"] < 1 and single["tokens"] > 0
+    for span in single["spans"]:
+        assert span["tokens"] >= 6 and span["count"] <= 10 and span["documents"]
+        by_id = {d["id"]: d for d in docs}
+        assert all(span["text"] in by_id[d["id"]]["text"] and (d["file"], d["line"]) ==
+                   (by_id[d["id"]]["file"], by_id[d["id"]]["line"]) for d in span["documents"])
+    lines = [json.dumps({"generation": text}), json.dumps({"generation": "x"})]
+    (tmp_path / "gen.jsonl").write_text("\n".join(lines))
+    batch = run_cli("trace", "text", "--file", str(tmp_path / "gen.jsonl"), "--field", "generation", *args)
+    rows = [json.loads(line) for line in batch.stdout.splitlines()]
+    assert rows[0] == single and rows[1]["spans"] == [] and len(rows) == 2
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": 1}\n')
+    bad = run_cli("trace", "text", "--file", str(tmp_path / "bad.jsonl"), *args)
+    assert bad.returncode == 2 and f"{tmp_path / 'bad.jsonl'}:2: no string field 'text'" in bad.stderr
+
+
+def post(url: str, body) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST"), timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_the_server_answers_exactly_what_the_cli_prints_and_refuses_malformed_queries(indexed):
+    """count / search_docs / cnf / attribution equal the CLI's JSON; prob and ntd equal the engine's counts;
+    a malformed request is a 400 with a one-line error; the default bind is loopback only."""
+    import threading
+
+    from conftest import run_cli
+    from tracecore.tasks import index_query as query
+    from tracecore.tasks.index_server import Limits, make_server
+
+    store, _, refs = indexed
+    index, args = refs["ngram.index"], ["--store", store.uri, "--index", refs["ngram.index"]]
+    with query.opened(store, index) as (engine, tok):
+        limits = Limits(max_query_chars=200, max_body_bytes=4096)
+        server = make_server(store, index, engine, tok, limits=limits)
+        assert server.server_address[0] == "127.0.0.1"
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            phrase = "was born in the year"
+            assert post(url, {"query_type": "count", "query": phrase}) == (200, json.loads(
+                run_cli("ngram", "count", phrase, *args, "--json").stdout))
+            docs = json.loads(run_cli("ngram", "docs", phrase, *args, "--limit", "4", "--json").stdout)
+            assert post(url, {"query_type": "search_docs", "query": phrase, "maxnum": 4}) == (200, docs)
+            assert post(url, {"query_type": "cnf", "query": '"was born" AND year', "window": 20}) == (
+                200, json.loads(run_cli("ngram", "cnf", "was born", "AND", "year", *args, "--window", "20",
+                                        "--json").stdout))
+            text = store.read_table(refs["ingest.documents"]).column("text")[5].as_py()[:120]
+            traced = json.loads(run_cli("trace", "text", text, *args, "--min-span", "6").stdout)
+            assert post(url, {"query_type": "attribution", "query": text, "min_span": 6}) == (200, traced)
+            status, p = post(url, {"query_type": "prob", "query": "was born in the"})
+            ids = tok.encode(" was born in the", add_special_tokens=False).ids
+            assert status == 200 and (p["prompt_cnt"], p["cont_cnt"]) == (
+                engine.count(ids[:-1])["count"], engine.count(ids)["count"]) and 0 < p["prob"] <= 1
+            status, n = post(url, {"query_type": "ntd", "query": "was born in the"})
+            assert status == 200 and n == {"text": "was born in the", **{k: v for k, v in engine.ntd(
+                ids).items() if k in ("prompt_cnt", "approx")}, "result_by_token_id": {
+                    str(i): {**r, "token": tok.decode([i])}
+                    for i, r in engine.ntd(ids)["result_by_token_id"].items()}}
+            malformed = [(b"{not json", "the body is not JSON"), ({"query": "x"}, "'query_type' must"),
+                         ({"query_type": "grep", "query": "x"}, "unknown query_type 'grep'"),
+                         ({"query_type": "count", "query": "  "}, "'query' is empty"),
+                         ({"query_type": "count", "query": "x" * 201}, "201 characters > the server's 200"),
+                         ({"query_type": "search_docs", "query": "x", "maxnum": 0}, "'maxnum' must be in"),
+                         ({"query_type": "cnf", "query": "a AND"}, "empty clause")]
+            for body, message in malformed:
+                status, reply = post(url, body)
+                assert status == 400 and message in reply["error"] and "\n" not in reply["error"], body
+            status, reply = post(url, {"query_type": "count", "query": "x" * 5000})
+            assert status == 413 and "> the server's 4096" in reply["error"]
+        finally:
+            server.shutdown()
+            server.server_close()
