@@ -28,6 +28,7 @@ from tracecore.kernels.families import decoding_obstacle
 from tracecore.kernels.settings import LongCacheConfig, RazorConfig
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.eval_quality import METRICS, evaluate_checkpoint
+from tracecore.tasks.eval_traces import coverage_png, coverage_summary, trace_checkpoint
 from tracecore.tasks.instructions import load_pool, pool_inputs, pool_needs
 from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK
 from tracecore.tasks.runtime.stage import Stage, StageRun
@@ -70,6 +71,20 @@ class LongContextModel(Strict):
     seed: int = 0
 
 
+class OutputTraceSettings(Strict):
+    """Greedy generations of every checkpoint traced to the corpus (OLMoTrace's maximal spans)."""
+
+    prompts: int = Field(20, ge=0, description="held-out prompts per checkpoint; 0 = no output tracing")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="greedy tokens generated per prompt")
+    stop_at_eos: bool = Field(False, description=(
+        "end a generation at its end-of-sequence token; false: exactly max_new_tokens (a small model that "
+        "stops at once still leaves an output to trace)"))
+    min_span: int = Field(8, ge=1, description="shortest span counted, in the index's tokens")
+    max_span_count: int = Field(10, ge=1, description=(
+        "spans seen more often than this are not listed (they still count toward coverage)"))
+    max_docs: int = Field(3, ge=0, le=100, description="documents listed per span")
+
+
 class EvalConfig(Strict):
     """Model quality per checkpoint, the data-selection verdict, and long-context evaluation."""
 
@@ -95,6 +110,7 @@ class EvalConfig(Strict):
     rag: RagSettings = Field(default_factory=RagSettings)
     long_context_models: list[LongContextModel] = Field(default_factory=list, description=(
         "pretrained models evaluated on the long-context methods too (tiny: SmolLM2-135M-Instruct)"))
+    output_trace: OutputTraceSettings = Field(default_factory=OutputTraceSettings)
     threads: int = Field(1, ge=0)
     seed: int = 0
 
@@ -400,6 +416,7 @@ def run_eval(run: StageRun) -> None:
     shares = family_shares(load_pool(pool_path)[0])
     run.write("families", pa.Table.from_pylist(family_verdict(rows, cfg.confidence, shares)),
               {"report_columns": FAMILY_COLUMNS})
+    trace_generations(run, items)
     pref = store.read_table(run.inputs["preference"])
     run.write("preference", pref, {"report_columns": pref.column_names})
     if not store.is_committed(refs["long_context"]):
@@ -412,15 +429,40 @@ def run_eval(run: StageRun) -> None:
     log.info("eval: %d checkpoints, verdict and long-context tables written", len(items))
 
 
+def trace_generations(run: StageRun, items: list[dict]) -> None:
+    """Every checkpoint's held-out generations traced to the corpus (`tasks/eval_traces.py`), their
+    coverage per checkpoint as a table and a plot."""
+    settings = run.cfg.output_trace
+    if not settings.prompts:
+        for name in ("generation_traces", "creativity"):
+            run.write(name, pa.table({"model": pa.array([], pa.string())}),
+                      {"skipped": "output tracing off (eval.output_trace.prompts: 0)"})
+        return
+    traced = run.map("generation_traces", trace_checkpoint, items, cfg=run.cfg, index_ref=run.inputs["index"])
+    run.commit("generation_traces", {"seconds": traced.seconds, "min_span": settings.min_span,
+                                     "report_columns": ["model", "prompt", "generation", "covered", "spans",
+                                                        "longest_span"]}, expected_shards=len(items))
+    summary = coverage_summary(run.store.read_table(run.ref("generation_traces")).to_pylist(),
+                               run.cfg.confidence)
+    run.store.write_file(run.ref("creativity"), "plots/output_coverage.png",
+                         coverage_png(summary, settings.min_span))
+    run.write("creativity", pa.Table.from_pylist(summary),
+              {"min_span": settings.min_span, "plots": ["plots/output_coverage.png"],
+               "report_columns": ["model", "generations", "tokens", "covered", "lo", "hi", "mean_spans",
+                                  "longest_span"]})
+
+
 STAGE = Stage("eval", EvalConfig,
               {"summary": "eval_summary", "quality": "eval_quality", "verdict": "eval_verdict",
                "families": "eval_families", "preference": "eval_preference", "heads": "eval_retrieval_heads",
                "needle_model": "eval_needle_model", "needle": "eval_needle",
                "long_context": "eval_long_context",
                "heads_models": "eval_retrieval_heads_models", "needle_models": "eval_needle_models",
-               "long_context_models": "eval_long_context_models"},
+               "long_context_models": "eval_long_context_models",
+               "generation_traces": "eval_generation_traces", "creativity": "eval_output_coverage"},
               run_eval, needs=lambda c: {"model": "pretrain.model", "finetune": "finetune.finetune",
                                          "preference": "preference.accuracy", "sample": "sample.sample",
-                                         "tokens": "tokenize.tokens", **pool_needs(c)},
+                                         "tokens": "tokenize.tokens", "index": "ngram.index",
+                                         **pool_needs(c)},
               external=eval_inputs,
               description="checkpoint quality, the selection verdict, long-context methods")

@@ -61,14 +61,16 @@ def split_prompt(ids: list[int], labels: list[int]) -> tuple[list[int], list[int
     return ids[:n], ids[n:]
 
 
-def generate(model, tok, prompts: list[list[int]], max_new: int) -> list[str]:
+def generate(model, tok, prompts: list[list[int]], max_new: int, min_new: int = 0) -> list[str]:
+    """Greedy continuations (`min_new`: tokens before an end-of-sequence may stop one)."""
     import torch
 
     texts = []
     for p in prompts:
         with torch.no_grad():
-            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, min_new_tokens=min_new,
+                                 do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
         texts.append(tok.decode(ids[0, len(p):], skip_special_tokens=True).strip())
     return texts
 
@@ -126,6 +128,16 @@ def load_tasks(sample_dir: str, max_items: int, pool: list[dict]) -> dict[str, l
     return tasks
 
 
+def held_out_instructions(sample_dir: str, pool: list[dict]) -> list[dict]:
+    """The sample world's held-out instructions without any whose identity is in the fine-tuning pool."""
+    seen = {instruction_key(r) for r in pool}
+    every = load_pool(f"{sample_dir}/instructions/eval.jsonl")[0]
+    held_out = [r for r in every if instruction_key(r) not in seen]
+    log_dropped("eval", "held-out instructions", len(every),
+                {"also in the fine-tuning pool": len(every) - len(held_out)})
+    return held_out
+
+
 def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig) -> dict:
     from tracecore.tasks.lm_training import split_blocks, token_stream
     from tracecore.tasks.models import model_dir
@@ -139,11 +151,7 @@ def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: E
                                                      trust_remote_code=False).eval()
     sample_dir = store.files_path(item["sample_ref"])
     pool = load_pool(item["pool_path"])[0]
-    seen = {instruction_key(r) for r in pool}
-    every = load_pool(f"{sample_dir}/instructions/eval.jsonl")[0]
-    held_out = [r for r in every if instruction_key(r) not in seen]
-    log_dropped("eval", "held-out instructions", len(every),
-                {"also in the fine-tuning pool": len(every) - len(held_out)})
+    held_out = held_out_instructions(sample_dir, pool)
     _, blocks = split_blocks(token_stream(store, item["tokens_ref"], [tok.eos_token_id]), item["seq_len"],
                              item["eval_fraction"])
     metrics = quality_metrics(model, tok, load_tasks(sample_dir, cfg.max_items, pool),

@@ -17,7 +17,7 @@ def evaluated(pretrained):
     config = cfg.model_dump(mode="json")
     config["finetune"] = {**config["finetune"], "subsets": ["tagcos", "random"], "seeds": [0, 1],
                           "max_steps": 4}
-    for stage in ("gradients", "select", "preference", "finetune", "eval"):
+    for stage in ("ngram", "gradients", "select", "preference", "finetune", "eval"):
         refs.update(execute_stage(stage, config))
     return ArtifactStore(cfg.store), cfg, refs
 
@@ -79,6 +79,52 @@ def test_family_table_is_written_for_the_default_verdict(evaluated):
     rows = store.read_table(refs["eval.families"]).to_pylist()
     assert {r["subset"] for r in rows} == {"tagcos", "random", "tagcos-random"}
     assert len({r["family"] for r in rows}) >= 2 and all(r["seeds"] == 2 for r in rows)
+
+
+def test_every_checkpoints_generations_are_traced_to_documents_that_hold_the_spans(evaluated):
+    """Greedy generations on held-out prompts (none in the fine-tuning pool), each span listed with
+    documents whose text holds it, the stored coverage equal to tracing the generation again, and the share
+    per checkpoint inside its interval inside [0, 1]."""
+    import json
+
+    from tracecore.tasks import index_query as query
+    from tracecore.tasks.instructions import load_pool
+    from tracecore.tasks.output_trace import trace_output
+
+    store, cfg, refs = evaluated
+    rows = store.read_table(refs["eval.generation_traces"]).to_pylist()
+    models = {r["model"] for r in store.read_table(refs["eval.quality"]).to_pylist()}
+    assert {r["model"] for r in rows} == models and len(rows) == len(models) * cfg.eval.output_trace.prompts
+    pool = load_pool(planned_pool(cfg))[0]
+    prompts = {f"{p['instruction']} {p.get('input', '')}".strip() for p in pool}
+    assert not prompts & {r["prompt"] for r in rows}
+    texts = {d["id"]: d["text"] for d in store.read_table(refs["ingest.documents"]).to_pylist()}
+    s = cfg.eval.output_trace
+    with query.opened(store, refs["ngram.index"]) as (engine, tok):
+        for r in rows:
+            again = trace_output(store, refs["ngram.index"], engine, tok, r["generation"], s.min_span,
+                                 s.max_span_count, s.max_docs)
+            assert r["covered"] == again["covered"] and json.loads(r["trace"]) == again["spans"]
+            for span in again["spans"]:
+                assert span["tokens"] >= s.min_span and all(span["text"] in texts[d["id"]]
+                                                            for d in span["documents"])
+    # the test profile's one-layer models emit blanks; a corpus sentence as a "generation" has spans
+    from tracecore.tasks.eval_traces import trace_rows
+
+    sentence = next(iter(texts.values()))[:160]
+    row = trace_rows(store, refs["ngram.index"], {"model": "m", "subset": "s", "seed": 0},
+                     [{"instruction": "say", "input": ""}], [sentence], cfg.eval)[0]
+    assert row["spans"] >= 1 and row["covered"] > 0.5 and row["longest_span"] >= s.min_span
+    summary = store.read_table(refs["eval.creativity"]).to_pylist()
+    assert {x["model"] for x in summary} == models
+    assert all(0 <= x["lo"] <= x["covered"] <= x["hi"] <= 1 for x in summary)
+    assert store.read_file(refs["eval.creativity"], "plots/output_coverage.png")[:4] == b"\x89PNG"
+
+
+def planned_pool(cfg) -> str:
+    from conftest import planned_args
+
+    return planned_args(cfg, "gradients")["pool_path"]
 
 
 def test_long_context_tables_heads_and_plots(evaluated):
