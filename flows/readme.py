@@ -209,6 +209,55 @@ def render_contamination(store: ArtifactStore, record: dict) -> str:
     return markdown_table(rows, list(rows[0]) if rows else ["task"])
 
 
+def near_duplicate_counts(store: ArtifactStore, record: dict) -> dict | None:
+    """Ingest's near-dedup figures from its manifests, and the sample world's planted truth where it has one
+    (None when the run did not near-dedup)."""
+    ref = _ref(record, "ingest", "near_duplicates")
+    if not ref or not store.is_committed(ref):
+        return None
+    removed = store.read_table(ref).to_pylist()
+    docs = store.manifest(_ref(record, "ingest", "documents"))
+    out = {"removed": len(removed), "clusters": docs.get("near_duplicate_clusters", 0),
+           "read": docs.get("documents_read", 0), "threshold": store.manifest(ref).get("threshold")}
+    sample = _ref(record, "sample", "sample")
+    truth_path = f"{store.files_path(sample)}/ground_truth/near_duplicates.parquet" if sample else None
+    if truth_path and store.fs.exists(truth_path):
+        import pyarrow.parquet as pq
+
+        with store.fs.open(truth_path, "rb") as fh:
+            truth = pq.ParquetFile(fh).read().to_pylist()
+        planted = {t["id"]: t["source_id"] for t in truth if t["jaccard"] >= out["threshold"]}
+        found = {r["id"]: r["cluster"] for r in removed}
+        out |= {"planted": len(planted), "recall": sum(found.get(k) == v for k, v in planted.items()),
+                "false": sum(1 for k in found if k not in planted)}
+    return out
+
+
+def render_near_duplicates(store: ArtifactStore, record: dict) -> str:
+    """Near-duplicate removal in ingest: documents read and removed, clusters, and against the sample
+    world's planted near-copies the ones found with their source and the ones removed that were not
+    planted."""
+    c = near_duplicate_counts(store, record)
+    if c is None:
+        return "_near-duplicate removal was off in this run (`ingest.near_dedup.enabled`)_"
+    row = {"documents read": c["read"], "near-duplicates removed": c["removed"], "clusters": c["clusters"],
+           "threshold (Jaccard)": c["threshold"]}
+    if "planted" in c:
+        row |= {"planted copies at or above it": c["planted"], "found with their source": c["recall"],
+                "removed, not planted": c["false"]}
+    return markdown_table([row], list(row))
+
+
+def render_output_coverage(store: ArtifactStore, record: dict) -> str:
+    """Per checkpoint: greedy generations traced, tokens, and the share inside corpus spans with its
+    bootstrap interval."""
+    rows = [{"checkpoint": r["model"], "generations": r["generations"], "tokens": r["tokens"],
+             "covered [95 % CI]": f"{r['covered']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]",
+             "spans per generation": f"{r['mean_spans']:.1f}", "longest span (tokens)": r["longest_span"]}
+            for r in _rows(store, record, "eval", "creativity")]
+    return markdown_table(rows, list(rows[0]) if rows else ["checkpoint"])
+
+
 def render_headline(store: ArtifactStore, record: dict) -> str:
     """The README's few headline results of the default run, each linking to the docs page with its full table
     (deterministic figures only: the wall clock is on the performance page)."""
@@ -242,6 +291,18 @@ def render_headline(store: ArtifactStore, record: dict) -> str:
                      "figure": ", ".join(f"{r['task']} {r['contaminated']}/{r['judged']}"
                                          for r in contaminated),
                      "details": "[results](docs/results.md#contamination)"})
+    near = near_duplicate_counts(store, record)
+    if near and "planted" in near:
+        rows.append({"result": "Near-duplicates (MinHash-LSH, Jaccard >= 0.8): planted copies found with "
+                               "their source; removed, not planted",
+                     "figure": f"{near['recall']}/{near['planted']}; {near['false']}",
+                     "details": "[results](docs/results.md#near_duplicates)"})
+    coverage = {r["model"]: r for r in _rows(store, record, "eval", "creativity")} if _ref(
+        record, "eval", "creativity") else {}
+    if "base" in coverage:
+        rows.append({"result": "Greedy generations inside corpus spans (share of tokens), base model",
+                     "figure": _with_interval(coverage["base"], 3, mean="covered"),
+                     "details": "[results](docs/results.md#output_coverage)"})
     long = _rows(store, record, "eval", "long_context_models")
     if long:
         longest = max(r["length"] for r in long)
@@ -258,7 +319,8 @@ RENDERERS = {"headline": render_headline, "contamination": render_contamination,
              "verdict": render_verdict, "families": render_families,
              "selection_quality": render_selection_quality, "memorization": render_memorization,
              "reward_model": render_reward_model, "long_context": render_long_context,
-             "long_context_models": render_long_context_models}
+             "long_context_models": render_long_context_models, "near_duplicates": render_near_duplicates,
+             "output_coverage": render_output_coverage}
 
 
 def update_readme(text: str, store: ArtifactStore, record: dict) -> tuple[str, list[str]]:

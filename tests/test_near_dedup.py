@@ -151,3 +151,9 @@ def test_the_sample_worlds_planted_near_duplicates_are_removed_and_nothing_else(
                  for line in gzip.open(f"{world}/corpus/part-{k:03d}.jsonl.gz")]
     kept = store.read_table(refs["documents"]).column("id").to_pylist()
     assert kept == originals + [t["id"] for t in truth if t["jaccard"] < 0.8]
+    from tracecore.flows.readme import near_duplicate_counts, render_near_duplicates
+
+    record = {"run_id": "r", "stages": {"ingest": {"refs": refs}, "sample": {"refs": plan["sample"].refs}}}
+    counts = near_duplicate_counts(store, record)
+    assert counts["planted"] == counts["recall"] == len(removed) and counts["false"] == 0
+    assert f"| {counts['read']} | {len(removed)} |" in render_near_duplicates(store, record)
