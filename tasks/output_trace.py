@@ -2,13 +2,13 @@
 indexed corpus, their documents, and the share of the text's tokens that such spans cover.
 
 A library module (the CLI's `tracecore trace text` and the eval stage both call it; stages never import
-each other). On a u16 index the engine's own calls do the work: `creativity()` gives, for every token
-position i, the end r_i of the longest span starting at i that occurs; `attribute()` gives the maximal spans
-(not inside the span of an earlier start) of at least `min_span` tokens occurring at most `max_count` times.
-On a paired (u32) index those calls would work in index symbols, so the same quantities come from counts
-(the two-pointer walk: occurrence is closed under sub-spans, so r_i never decreases). Coverage is the
-creativity measure's complement (Lu et al., 2024): the share of tokens inside some occurring span of at
-least `min_span` tokens, whatever its count.
+each other). On a u16 index the engine's `creativity()` gives, for every token position i, the end r_i of the
+longest span starting at i that occurs; on a paired (u32) index, where that call would work in index symbols,
+r_i comes from counts (the two-pointer walk: occurrence is closed under sub-spans, so r_i never decreases).
+The maximal spans (not inside the span of an earlier start) of at least `min_span` tokens occurring at most
+`max_count` times are read off r_i with one count each: the set the engine's `attribute()` returns.
+Coverage is the creativity measure's complement (Lu et al., 2024): the share of tokens inside some
+occurring span of at least `min_span` tokens, whatever its count.
 """
 
 from __future__ import annotations
@@ -41,16 +41,14 @@ def coverage(ends: list[int], min_span: int) -> float:
     return covered / len(ends) if ends else 0.0
 
 
-def maximal_spans(engine, ids: list[int], min_span: int, max_count: int) -> list[dict]:
+def maximal_spans(engine, ids: list[int], min_span: int, max_count: int,
+                  ends: list[int] | None = None) -> list[dict]:
     """`{"l", "r", "count"}` of every maximal occurring span of >= `min_span` tokens seen <= `max_count`
-    times, in order (the engine's `attribute()` on a u16 index)."""
-    if not ids:
-        return []
-    if not isinstance(engine, PairedEngine):
-        found = engine.attribute(ids, [], min_span, max_count, False)["spans"]
-        return [{"l": s["l"], "r": s["r"], "count": s["count"]} for s in found]
+    times, in order: what the engine's `attribute()` returns (tested equal), from the reach `ends` plus one
+    count per maximal span, since `attribute()` walks the suffix arrays again and took longer than
+    `creativity()` itself on a large index."""
     spans, previous = [], 0
-    for start, end in enumerate(reach(engine, ids)):
+    for start, end in enumerate(reach(engine, ids) if ends is None else ends):
         if end > previous and end - start >= min_span:
             count = engine.count(ids[start:end])["count"]
             if count <= max_count:
@@ -65,7 +63,8 @@ def trace_output(store: ArtifactStore, index_ref: str, engine, tok, text: str, m
     (id, file, line and a snippet around the span); `ids`: the text's own token ids (a generation's), else
     it is tokenized as running text (leading space)."""
     ids = list(ids) if ids is not None else tok.encode(" " + text.strip(), add_special_tokens=False).ids
-    spans = maximal_spans(engine, ids, min_span, max_count)
+    ends = reach(engine, ids)
+    spans = maximal_spans(engine, ids, min_span, max_count, ends)
     raw, _ = raw_engine(engine)
     ranks = [phrase_ranks(engine, ids[s["l"]:s["r"]], 4 * max_docs)[1] for s in spans]
     hits = docs_by_ranks(raw, [r for rs in ranks for r in rs])
@@ -81,5 +80,5 @@ def trace_output(store: ArtifactStore, index_ref: str, engine, tok, text: str, m
             {k: located[ix][k] for k in ("id", "file", "line")} | {"snippet": snippet(located[ix]["text"],
                                                                                         span_text, 60)}
             for ix in ixs]})
-    return {"text": text, "tokens": len(ids), "covered": round(coverage(reach(engine, ids), min_span), 6),
+    return {"text": text, "tokens": len(ids), "covered": round(coverage(ends, min_span), 6),
             "min_span": min_span, "max_span_count": max_count, "spans": out}

@@ -671,6 +671,9 @@ def test_output_spans_equal_a_brute_force_scan(indexed, path, monkeypatch):
             assert output_trace.reach(engine, ids) == ends
             assert output_trace.maximal_spans(engine, ids, 5, 10) == spans and spans
             assert output_trace.coverage(ends, 5) == pytest.approx(covered)
+            if path == "engine":  # the spans are the set the engine's own attribute() returns
+                found = engine.attribute(ids, [], 5, 10, False)["spans"]
+                assert [{k: s[k] for k in ("l", "r", "count")} for s in found] == spans
 
 
 def test_trace_text_lists_each_spans_documents_and_the_file_path_equals_single_calls(indexed, tmp_path):
