@@ -5,7 +5,8 @@ datasketch loop on the same corpus.
 
 Corpus: `bench/scale.py`'s generated documents (Zipf words, 120-360 words each, all distinct) in gzip JSONL
 files of `--file-tokens` tokens, then one more file of near-copies of a `--copy-share` of them, each with a
-known share of its words substituted (the edit rates in `EDIT_RATES`, in turn), so each copy's true Jaccard to
+known share of its words substituted (the edit rates in `EDIT_RATES`, in turn; in files of the same size, so
+the largest shard does not grow with the corpus), so each copy's true Jaccard to
 its source (word 5-shingles, as ingest counts it) is known: the ground truth is every copy at >= 0.8.
 
 Ours: the `ingest` stage with `ingest.near_dedup` on a fresh 2-worker LocalCluster (as a run starts one), and
@@ -45,7 +46,7 @@ def planted_copies(texts: list[str], share: float, seed: int) -> tuple[list[str]
         words = texts[i].split(" ")
         rate = EDIT_RATES[k % len(EDIT_RATES)]
         for j in rng.sample(range(len(words)), max(1, round(rate * len(words)))):
-            words[j] = rng.choice(words)
+            words[j] = rng.choice([w for w in words[:50] if w != words[j]])  # a real change: no exact copy
         copy = " ".join(words)
         copies.append(copy)
         truth.append({"source": i, "rate": rate,
@@ -70,10 +71,13 @@ def corpus(folder: Path, tokens: float, file_tokens: int, share: float, seed: in
         paths.append(str(path))
         ids += [f"f{k // per_file}-{i}" for i in range(len(texts[k:k + per_file]))]
     copies, truth = planted_copies(texts, share, seed)
-    path = folder / "part-zz-copies.jsonl.gz"
-    write_jsonl(path, copies, "copy", compress=True)
-    keyed = {f"copy-{i}": {**t, "source_id": ids[t["source"]]} for i, t in enumerate(truth)}
-    return paths + [str(path)], keyed
+    for k in range(0, len(copies), per_file):  # files the size of the originals' (bounded shards)
+        path = folder / f"part-zz-copies-{k // per_file:05d}.jsonl.gz"
+        write_jsonl(path, copies[k:k + per_file], f"copy{k // per_file}", compress=True)
+        paths.append(str(path))
+    keyed = {f"copy{i // per_file}-{i % per_file}": {**t, "source_id": ids[t["source"]]}
+             for i, t in enumerate(truth)}
+    return paths, keyed
 
 
 def worker_peak(stop: threading.Event, peak: list[float]) -> None:
