@@ -142,11 +142,13 @@ def verify_shard(store_uri: str, ref: str, shard: int, item: tuple, params: dict
         needed.setdefault(sb, set()).add(rb)
     docs: dict[tuple[int, int], tuple[str, set[str]]] = {}
     for s, rows in needed.items():
-        if rows:
-            table = store.read_shard(parsed_ref, s, columns=["id", "text"])
+        if rows:  # only the needed rows become Python objects, and the shard's table is dropped at once
+            wanted = sorted(rows)
+            table = store.read_shard(parsed_ref, s, columns=["id", "text"]).take(wanted)
             ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
-            docs.update({(s, r): (ids[r], shingles(texts[r], params["shingle"], params["shingle_size"]))
-                         for r in rows})
+            for r, doc_id, text in zip(wanted, ids, texts):
+                docs[s, r] = (doc_id, shingles(text, params["shingle"], params["shingle_size"]))
+            del table
     out = [{"shard_a": sa, "row_a": ra, "id_a": docs[sa, ra][0], "shard_b": sb, "row_b": rb,
             "id_b": docs[sb, rb][0], "jaccard": jaccard(docs[sa, ra][1], docs[sb, rb][1])}
            for sa, ra, sb, rb in pairs]
