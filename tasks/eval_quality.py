@@ -138,17 +138,24 @@ def held_out_instructions(sample_dir: str, pool: list[dict]) -> list[dict]:
     return held_out
 
 
-def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig) -> dict:
-    from tracecore.tasks.lm_training import split_blocks, token_stream
+def load_checkpoint(store: ArtifactStore, model_ref: str) -> tuple:
+    """(tokenizer, model in eval mode) of a checkpoint artifact: one loading rule for every eval pass."""
     from tracecore.tasks.models import model_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    set_torch_threads(cfg.threads)
-    store = ArtifactStore(store_uri)
-    with model_dir(store, item["model_ref"]) as folder, MODEL_LOAD_LOCK:
+    with model_dir(store, model_ref) as folder, MODEL_LOAD_LOCK:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
                                                      trust_remote_code=False).eval()
+    return tok, model
+
+
+def evaluate_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig) -> dict:
+    from tracecore.tasks.lm_training import split_blocks, token_stream
+
+    set_torch_threads(cfg.threads)
+    store = ArtifactStore(store_uri)
+    tok, model = load_checkpoint(store, item["model_ref"])
     sample_dir = store.files_path(item["sample_ref"])
     pool = load_pool(item["pool_path"])[0]
     held_out = held_out_instructions(sample_dir, pool)

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 from tracecore.storage.store import ArtifactStore
-from tracecore.tasks.eval_quality import generate, held_out_instructions, prompt_ids
+from tracecore.tasks.eval_quality import generate, held_out_instructions, load_checkpoint, prompt_ids
 from tracecore.tasks.instructions import load_pool
 from tracecore.tasks.plots import figure_png, subplots
-from tracecore.tasks.runtime.common import MODEL_LOAD_LOCK, set_torch_threads
+from tracecore.tasks.runtime.common import set_torch_threads
 
 if TYPE_CHECKING:  # the type only: the stage's config is not code this library runs
     from tracecore.tasks.eval import EvalConfig
@@ -59,15 +59,9 @@ def trace_rows(store: ArtifactStore, index_ref: str, labels: dict, prompts: list
 def trace_checkpoint(store_uri: str, ref: str, shard: int, item: dict, cfg: EvalConfig,
                      index_ref: str) -> dict:
     """A checkpoint's greedy generations on the held-out prompts, each traced to the corpus."""
-    from tracecore.tasks.models import model_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     set_torch_threads(cfg.threads)
     store = ArtifactStore(store_uri)
-    with model_dir(store, item["model_ref"]) as folder, MODEL_LOAD_LOCK:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
-                                                     trust_remote_code=False).eval()
+    tok, model = load_checkpoint(store, item["model_ref"])
     prompts = held_out_prompts(store.files_path(item["sample_ref"]), item["pool_path"],
                                cfg.output_trace.prompts)
     settings = cfg.output_trace
