@@ -301,9 +301,6 @@ def bucket_duplicates(store_uri: str, ref: str, group: int, item: tuple[str, int
     return store.write_shard(ref, group, out)
 
 
-NEAR_SCHEMA = pa.schema([*DOC_SCHEMA, ("cluster", pa.string()), ("similarity", pa.float64())])
-
-
 def dedup_shard(store_uri: str, ref: str, shard: int, item: tuple[str, list[int], dict],
                 near_ref: str | None = None) -> dict:
     """A parsed shard without its duplicate and near-duplicate rows (the near ones, with their cluster, go to
