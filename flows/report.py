@@ -13,17 +13,22 @@ COLUMNS = ["stage", "artifact", "status", "shards", "skipped_shards", "rows", "r
 # What the store and the runner write into every manifest; everything else in it is the stage's own
 # statistics.
 BOOKKEEPING_KEYS = {"ref", "stage", "config_hash", "inputs", "code_version", "packages", "shards", "rows",
-                    "bytes",
-                    "schema", "checksum", "shard_checksums", "files", "committed_at", "plots",
-                    "report_columns",
-                    "report_rows", "intermediate", "cleaned", "skipped_shards", "seconds", "rejected"}
+                    "bytes", "schema", "checksum", "shard_checksums", "files", "committed_at", "plots",
+                    "report_columns", "report_rows", "intermediate", "cleaned", "skipped_shards", "seconds",
+                    "rejected"}
+
+
+def shown(value):
+    """A float at 4 significant digits (sums of pass times carry float noise, e.g. 0.30000000000000004);
+    anything else as it is."""
+    return f"{value:.4g}" if isinstance(value, float) and abs(value) < 1e4 else \
+        f"{value:.0f}" if isinstance(value, float) else value
 
 
 def stats_of(manifest: dict, width: int = 48) -> dict:
     """A manifest's statistics: the scalar values a stage recorded through `commit`/`write`, whatever their
-    names
-    (the report shows them all, so a stage adds one without touching the report)."""
-    return {k: (v if not isinstance(v, str) or len(v) <= width else v[:width - 1] + "…")
+    names (the report shows them all, so a stage adds one without touching the report)."""
+    return {k: (shown(v) if not isinstance(v, str) or len(v) <= width else v[:width - 1] + "…")
             for k, v in manifest.items()
             if k not in BOOKKEEPING_KEYS and isinstance(v, (bool, int, float, str))}
 
@@ -43,7 +48,7 @@ def artifact_rows(store: ArtifactStore, record: dict, checksums: bool = False) -
                          "committed": committed, "shards_done": len(markers), "shards": m.get("shards", "?"),
                          "skipped_shards": m.get("skipped_shards", 0),
                          "rows": sum(x["rows"] for x in markers),
-                         "rejects": m.get("rejected", ""), "seconds": m.get("seconds", ""),
+                         "rejects": m.get("rejected", ""), "seconds": shown(m.get("seconds", "")),
                          "notes": ", ".join(f"{k}={v}" for k, v in notes.items()),
                          "on_rerun": (f"repair ({len(status.corrupt)} corrupt parts recomputed)"
                                       if status.corrupt

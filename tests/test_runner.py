@@ -131,8 +131,7 @@ def test_bit_rot_under_an_unchanged_stamp_is_found_only_by_hashing(tmp_path):
 
 def test_the_report_shows_any_statistic_a_stage_records(tmp_path):
     """Statistics go through one API (`commit`/`write` stats) and the report renders them generically (failed
-    on
-    the old code: it picked nine names, so a stage's new statistic never showed)."""
+    on the old code: it picked nine names, so a stage's new statistic never showed)."""
     from tracecore.flows.report import artifact_rows
 
     run = stage_run(tmp_path, {"summary": "demo_summary"})
@@ -140,3 +139,14 @@ def test_the_report_shows_any_statistic_a_stage_records(tmp_path):
     record = {"stages": {"demo": {"refs": {"summary": "demo_summary/fp"}, "status": "computed"}}}
     (row,) = artifact_rows(run.store, record)
     assert row["notes"] == "ratio=0.25, widgets=3" and row["on_rerun"] == "skip"
+
+
+def test_the_report_rounds_float_noise_in_seconds_and_statistics(tmp_path):
+    """A sum of pass times (0.1 + 0.2) shows as 0.3, not 0.30000000000000004 (failed on the old code)."""
+    from tracecore.flows.report import artifact_rows
+
+    run = stage_run(tmp_path, {"summary": "demo_summary"})
+    run.write("summary", pa.table({"x": [1]}), {"seconds": 0.1 + 0.2, "ratio": 2 / 3, "lr": 5e-05, "n": 7})
+    record = {"stages": {"demo": {"refs": {"summary": "demo_summary/fp"}, "status": "computed"}}}
+    (row,) = artifact_rows(run.store, record)
+    assert row["seconds"] == "0.3" and row["notes"] == "lr=5e-05, n=7, ratio=0.6667"
