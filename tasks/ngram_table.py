@@ -306,8 +306,7 @@ def count_partition(store_uri: str, ref: str, part: int, item: tuple, max_n: int
 def bucket_runs(pieces: list[pa.Table]) -> dict[int, tuple]:
     """{n: (key0, key1 or None, uint64 counts)} of one bucket's rows from every map partition, each
     partition's rows a run in key order. A partition's bucket is ordered by n, so each n is a slice of it (no
-    filter
-    copies)."""
+    filter copies)."""
     runs: dict[int, list] = {}
     for piece in (p for p in pieces if p.num_rows):
         n_col = piece["n"].to_numpy()

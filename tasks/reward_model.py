@@ -185,8 +185,7 @@ def joint_outcomes(rows: list[dict], diffs: dict[int, float]) -> list[bool]:
 def _accuracy_row(metric: str, model: str, ctype: str, outcomes: list[bool], chance: float,
                   ceiling: float | None = None) -> dict:
     """`chance`: a scorer flipping a fair coin per record (per record pair for joint); `blind_ceiling`: the
-    best
-    context-ignoring scorer (None where a context-free label exists)."""
+    best context-ignoring scorer (None where a context-free label exists)."""
     lo, hi = wilson(sum(outcomes), len(outcomes))
     return {"metric": metric, "model": model, "context_type": ctype, "n": len(outcomes),
             "accuracy": sum(outcomes) / len(outcomes) if outcomes else float("nan"), "lo": lo, "hi": hi,

@@ -118,8 +118,7 @@ def inject_fault(stage: str, computed: int) -> None:
 
 def run_shard(fn: Callable[..., dict], *args: Any, **kwargs: Any) -> dict:
     """One shard on a worker. Reliability hook: `TRACECORE_SHARD_DELAY_S` in a worker's environment slows
-    every
-    shard it runs, so a test can kill that worker while a stage is surely in flight."""
+    every shard it runs, so a test can kill that worker while a stage is surely in flight."""
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     if delay:
         time.sleep(delay)
@@ -148,8 +147,7 @@ def worker_threads(cluster: Any) -> int:
 
 def host_threads(cluster: Any) -> tuple[int, int]:
     """(the most task slots on one host, all task slots) of the run's cluster; this machine's cores when
-    shards
-    run in this process (a subprocess such as the infini-gram indexer may use them all)."""
+    shards run in this process (a subprocess such as the infini-gram indexer may use them all)."""
     with dask_client(cluster) as client:
         if client is None:
             return (os.cpu_count() or 1,) * 2
@@ -177,8 +175,7 @@ def map_shards(stage: str, store: ArtifactStore, ref: str, fn: Callable[..., dic
                cluster: Any, **kwargs: Any) -> ShardReport:
     """Run `fn(store_uri, ref, shard, item, **kwargs) -> marker` for every shard not yet complete, on
     `cluster` (see `dask_client`). The report's markers are the kept shards' plus those the workers returned
-    (not
-    re-read)."""
+    (not re-read)."""
     start = time.perf_counter()
     done = usable_markers(store, ref)
     todo = [(i, item) for i, item in enumerate(items) if i not in done]

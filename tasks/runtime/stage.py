@@ -260,8 +260,7 @@ class StageRun:
 
     def map(self, name: str, fn: Callable[..., dict], items: list[Any], **kwargs: Any) -> ShardReport:
         """`fn(store_uri, ref, shard, item, **kwargs)` over `items` into output `name`, one shard per item, on
-        the
-        stage's cluster, skipping finished shards (`map_shards`, named after the stage and output)."""
+        the stage's cluster, skipping finished shards (`map_shards`, named after the stage and output)."""
         return map_shards(self.step(name), self.store, self.ref(name), fn, items, self.cluster, **kwargs)
 
     def step(self, name: str) -> str:
@@ -310,8 +309,7 @@ def run_stage(stage: Stage, cfg: Any, plan: StagePlan, store_uri: str, address: 
     """skip if committed and intact -> lock -> verify/repair -> compute -> check the primary was committed.
     `reusable`: the caller's answer from `store.status` was "committed and intact", so the stage is skipped
     without asking again (committed artifacts never change). A stage that computes gets one Dask client for
-    all
-    its passes (one per pass cost ~17 ms each)."""
+    all its passes (one per pass cost ~17 ms each)."""
     store = ArtifactStore(store_uri)
     primary = plan.primary.ref
     if reusable:
