@@ -4,17 +4,17 @@ datasketch loop on the same corpus.
     .venv/bin/python bench/near_dedup.py [--sizes 1e6 1e7] [--copy-share 0.1] [--work DIR]
 
 Corpus: `bench/scale.py`'s generated documents (Zipf words, 120-360 words each, all distinct) in gzip JSONL
-files of `--file-tokens` tokens, then one more file of near-copies of a `--copy-share` of them, each with a
-known share of its words substituted (the edit rates in `EDIT_RATES`, in turn; in files of the same size, so
-the largest shard does not grow with the corpus), so each copy's true Jaccard to
-its source (word 5-shingles, as ingest counts it) is known: the ground truth is every copy at >= 0.8.
+files of `--file-tokens` tokens, plus near-copies of a `--copy-share` of them, each with a known share of its
+words substituted (the edit rates in `EDIT_RATES`, in turn) and appended to the file after its source's, so
+each copy's true Jaccard to its source (word 5-shingles, as ingest counts it) is known (the ground truth is
+every copy at >= 0.8) and every shard has about the same size at every corpus size.
 
 Ours: the `ingest` stage with `ingest.near_dedup` on a fresh 2-worker LocalCluster (as a run starts one), and
 the same stage without it on the same files; near-dedup's cost is the difference. Peak RSS of the largest Dask
-worker is sampled every 0.1 s. Peer: what a user writes with datasketch in one process: a MinHash per
-document (`MinHash.bulk` over the same shingles, same permutations), a `MinHashLSH` at the same threshold and
-num_perm, a query per document, candidates verified by true Jaccard, first occurrence kept. Both are measured
-in this process, one after the other, with the machine's calibration printed first.
+worker is sampled every 0.1 s, per pass of the stage. Peer: what a user writes with datasketch in one
+process: a MinHash per document (`MinHash.bulk` over the same shingles, same permutations), a `MinHashLSH` at
+the same threshold and num_perm, a query per document, candidates verified by true Jaccard, first occurrence
+kept. Both are measured in this process, one after the other, with the machine's calibration printed first.
 """
 
 from __future__ import annotations
@@ -55,8 +55,13 @@ def planted_copies(texts: list[str], share: float, seed: int) -> tuple[list[str]
 
 
 def corpus(folder: Path, tokens: float, file_tokens: int, share: float, seed: int) -> tuple[list[str], dict]:
-    """The files (originals, then the copies' file) and the ground truth keyed by the copies' ids."""
-    from scale import documents, lexicon, write_jsonl
+    """The files and the ground truth keyed by the copies' ids. Each copy is appended to the file after its
+    source's (the last file's own copies to itself), so it follows its source in (file, line) order, most
+    pairs span two shards, and every file has about the same size at every corpus size: the largest shard,
+    and with it the memory a task may hold, does not grow with the corpus."""
+    import gzip
+
+    from scale import documents, lexicon
 
     rng = np.random.default_rng(seed)
     words, weights = lexicon(rng)
@@ -64,59 +69,75 @@ def corpus(folder: Path, tokens: float, file_tokens: int, share: float, seed: in
     texts = documents(rng, words, weights, max(1, int(tokens / per_doc)))
     folder.mkdir(parents=True, exist_ok=True)
     per_file = max(1, int(file_tokens / per_doc))
-    paths, ids = [], []
-    for k in range(0, len(texts), per_file):
-        path = folder / f"part-{k // per_file:05d}.jsonl.gz"
-        write_jsonl(path, texts[k:k + per_file], f"f{k // per_file}", compress=True)
-        paths.append(str(path))
-        ids += [f"f{k // per_file}-{i}" for i in range(len(texts[k:k + per_file]))]
+    n_files = -(-len(texts) // per_file)
+    rows: list[list[tuple[str, str]]] = [[(f"f{i // per_file}-{i % per_file}", t) for i, t in
+                                          enumerate(texts[f * per_file:(f + 1) * per_file], f * per_file)]
+                                         for f in range(n_files)]
     copies, truth = planted_copies(texts, share, seed)
-    for k in range(0, len(copies), per_file):  # files the size of the originals' (bounded shards)
-        path = folder / f"part-zz-copies-{k // per_file:05d}.jsonl.gz"
-        write_jsonl(path, copies[k:k + per_file], f"copy{k // per_file}", compress=True)
+    keyed = {}
+    for k, (copy, t) in enumerate(zip(copies, truth)):
+        source_file = t["source"] // per_file
+        rows[min(source_file + 1, n_files - 1)].append((f"copy-{k}", copy))
+        keyed[f"copy-{k}"] = {**t, "source_id": f"f{source_file}-{t['source'] % per_file}"}
+    paths = []
+    for f, file_rows in enumerate(rows):
+        path = folder / f"part-{f:05d}.jsonl.gz"
+        with gzip.open(path, "wt", compresslevel=1) as fh:  # [a-z .] texts: no escaping needed
+            fh.writelines(f'{{"id": "{i}", "text": "{t}"}}\n' for i, t in file_rows)
         paths.append(str(path))
-    keyed = {f"copy{i // per_file}-{i % per_file}": {**t, "source_id": ids[t["source"]]}
-             for i, t in enumerate(truth)}
     return paths, keyed
 
 
-def worker_peak(stop: threading.Event, peak: list[float]) -> None:
-    """The largest RSS (MiB) of any child process of this one (the Dask workers) until `stop`."""
+def worker_peak(stop: threading.Event, peak: dict[str, float], current: list[str]) -> None:
+    """The largest RSS (MiB) of any child process of this one (the Dask workers) until `stop`, per pass
+    (`current[0]`: the output the stage is mapping, set by `ours`)."""
     import psutil
 
     me = psutil.Process()
     while not stop.is_set():
         for child in me.children(recursive=True):
             try:
-                peak[0] = max(peak[0], child.memory_info().rss / 2**20)
+                rss = child.memory_info().rss / 2**20
             except psutil.Error:
-                pass
+                continue
+            peak[current[0]] = max(peak.get(current[0], 0.0), rss)
         stop.wait(0.1)
 
 
-def ours(paths: list[str], store: str, near: bool) -> tuple[float, float, list[dict]]:
-    """(ingest seconds, largest worker MiB, removed rows) on a fresh 2-worker LocalCluster."""
+def ours(paths: list[str], store: str, near: bool) -> tuple[float, dict[str, float], list[dict]]:
+    """(ingest seconds, largest worker MiB per pass, removed rows) on a fresh 2-worker LocalCluster."""
     from tracecore.configs.schema import DaskConfig
     from tracecore.flows.plan import plan_pipeline
     from tracecore.flows.runtime import dask_cluster
     from tracecore.storage.store import ArtifactStore
     from tracecore.tasks.runtime.registry import stages_of, validate_config
-    from tracecore.tasks.runtime.stage import run_stage
+    from tracecore.tasks.runtime.stage import StageRun, run_stage
 
     cfg = validate_config({"store": store, "calibrate": False,
                            "ingest": {"paths": paths, "near_dedup": {"enabled": near}}})
     plan = plan_pipeline(cfg, ArtifactStore(store), ["ingest"])["ingest"]
+    current, mapping = ["start"], StageRun.map
+
+    def labelled(run, name, *args, **kwargs):  # which pass the sampled peak belongs to
+        current[0] = name
+        try:
+            return mapping(run, name, *args, **kwargs)
+        finally:
+            current[0] = "between passes"
+
+    StageRun.map = labelled
     with dask_cluster(DaskConfig(n_workers=2, threads_per_worker=1)) as address:
-        stop, peak = threading.Event(), [0.0]
-        sampler = threading.Thread(target=worker_peak, args=(stop, peak), daemon=True)
+        stop, peak = threading.Event(), {}
+        sampler = threading.Thread(target=worker_peak, args=(stop, peak, current), daemon=True)
         sampler.start()
         start = time.perf_counter()
         run_stage(stages_of(cfg)["ingest"], cfg.ingest, plan, store, address)
         seconds = time.perf_counter() - start
         stop.set()
         sampler.join()
+    StageRun.map = mapping
     removed = ArtifactStore(store).read_table(plan.refs["near_duplicates"]).to_pylist() if near else []
-    return seconds, peak[0], removed
+    return seconds, peak, removed
 
 
 def peer(paths: list[str], threshold: float, num_perm: int) -> tuple[float, set[str]]:
@@ -153,29 +174,38 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7])
     parser.add_argument("--copy-share", type=float, default=0.1)
-    parser.add_argument("--file-tokens", type=int, default=5_000_000)
+    parser.add_argument("--file-tokens", type=int, default=1_000_000)
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
     from tracecore.flows.calibrate import calibrate, calibration_line
 
     print(calibration_line(calibrate()), flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="near-dedup-bench-"))
-    print("| corpus tokens | documents | copies at J >= 0.8 | ours: precision / recall | peer: precision / "
-          "recall | near-dedup s, ours (2 workers) | peer s (1 process) | peer / ours | largest worker MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| corpus tokens | documents | shards | copies at J >= 0.8 | ours: precision / recall | peer: "
+          "precision / recall | near-dedup s, ours (2 workers) | peer s (1 process) | peer / ours | largest "
+          "worker MiB, ingest without / with near-dedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    passes = {}
     for size in args.sizes:
         paths, truth = corpus(work / f"corpus-{size:.0e}", size, args.file_tokens, args.copy_share, 0)
-        base, _, _ = ours(paths, str(work / f"store-plain-{size:.0e}"), near=False)
+        base, base_peak, _ = ours(paths, str(work / f"store-plain-{size:.0e}"), near=False)
         total, peak, removed = ours(paths, str(work / f"store-near-{size:.0e}"), near=True)
+        passes[size] = peak
         peer_s, peer_removed = peer(paths, 0.8, 128)
         p, r = scores({row["id"] for row in removed}, truth, 0.8)
         pp, pr = scores(peer_removed, truth, 0.8)
         near_s = total - base
         n_docs = round(len(truth) / args.copy_share) + len(truth)
         positives = sum(t["jaccard"] >= 0.8 for t in truth.values())
-        print(f"| {size:.0e} | {n_docs:,.0f} | {positives} | {p:.3f} / {r:.3f} | {pp:.3f} / {pr:.3f} | "
-              f"{near_s:.1f} | {peer_s:.1f} | {peer_s / max(near_s, 1e-9):.2f} | {peak:.0f} |", flush=True)
-
+        print(f"| {size:.0e} | {n_docs:,.0f} | {len(paths)} | {positives} | {p:.3f} / {r:.3f} | {pp:.3f} / "
+              f"{pr:.3f} | {near_s:.1f} | {peer_s:.1f} | {peer_s / max(near_s, 1e-9):.2f} | "
+              f"{max(base_peak.values()):.0f} / {max(peak.values()):.0f} |", flush=True)
+    names = list(dict.fromkeys(n for peak in passes.values() for n in peak))
+    print("\nLargest worker MiB per pass of ingest with near-dedup:\n")
+    print("| corpus tokens | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for size, peak in passes.items():
+        print(f"| {size:.0e} | " + " | ".join(f"{peak[n]:.0f}" if n in peak else "" for n in names) + " |")
 
 if __name__ == "__main__":
     main()

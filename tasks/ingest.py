@@ -51,8 +51,14 @@ class NearDedupConfig(Strict):
         "LSH bands (rows per band = num_perm // bands); None: datasketch's optimum for the threshold, "
         "weighted toward recall since every candidate is verified by its true Jaccard"))
     seed: int = 1
-    buckets: int = Field(16, ge=1, le=4096, description="partitions of the band keys, as dedup_buckets")
-    task_rows: int = Field(1_000_000, ge=1, description="band keys one candidate task takes on")
+    buckets: int = Field(64, ge=1, le=4096, description=(
+        "partitions of the band keys, as dedup_buckets (a corpus has bands x documents keys, so more "
+        "partitions than exact dedup's keep candidate tasks small up to ~10^9 tokens)"))
+    task_rows: int = Field(250_000, ge=1, description=(
+        "band keys one candidate task takes on (consecutive partitions are grouped up to about this many)"))
+    verify_pairs: int = Field(4096, ge=1, description=(
+        "candidate pairs one verification step holds the shingle sets of (memory per task stays flat "
+        "however many candidates a shard has)"))
     max_group: int = Field(64, ge=2, description=(
         "an LSH bucket with more members than this pairs each with its first two only (a template shared by "
         "thousands stays linear)"))
@@ -264,8 +270,7 @@ def hash_partitions(hashes: list[str], shard: int, buckets: int) -> pa.Table:
 
 def partition_hashes(store_uri: str, ref: str, shard: int, item: tuple[str, int]) -> dict:
     """Re-create the hash partitions of parsed shard `shard` (parse writes them; this only repairs a missing
-    or
-    corrupt one)."""
+    or corrupt one)."""
     store = ArtifactStore(store_uri)
     parsed_ref, buckets = item
     hashes = store.read_shard(parsed_ref, shard, columns=["doc_hash"]).column(0).to_pylist()
@@ -354,7 +359,8 @@ def near_duplicate_rows(run: StageRun, parsed_markers: list[dict],
     cfg, refs, n_shards = run.cfg.near_dedup, run.plan.refs, len(parsed_markers)
     bands, rows = nd.band_shape(cfg.threshold, cfg.num_perm, cfg.bands)
     params = {"shingle": cfg.shingle, "shingle_size": cfg.shingle_size, "num_perm": cfg.num_perm,
-              "seed": cfg.seed, "bands": bands, "rows": rows, "buckets": cfg.buckets}
+              "seed": cfg.seed, "bands": bands, "rows": rows, "buckets": cfg.buckets,
+              "verify_pairs": cfg.verify_pairs}
     signed = run.map("near_signatures", nd.signature_shard,
                      [(refs["parsed"], drops.get(s, [])) for s in range(n_shards)], params=params)
     run.commit("near_signatures", {"intermediate": True, "bands": bands, "rows_per_band": rows},

@@ -12,8 +12,8 @@ depend on scheduling.
 
 Memory per task is bounded like exact dedup: signatures are written per parsed shard, partitioned by
 bucket of their band key (one Parquet row group per bucket); a candidate task reads one group of buckets of
-every shard; a verification task holds one shard's texts and the candidates' partners. The flow process
-holds only candidate pairs and edges.
+every shard; a verification task holds its shard's and one partner shard's texts (as Arrow columns) and
+one run of pairs' shingle sets. The flow process holds only candidate pairs and edges.
 """
 
 from __future__ import annotations
@@ -131,27 +131,44 @@ def candidate_group(store_uri: str, ref: str, group: int, item: tuple, max_group
     return store.write_shard(ref, group, out)
 
 
+def pair_chunks(pairs: list[tuple[int, int, int, int]], max_pairs: int) -> Iterable[list[tuple]]:
+    """The pairs in runs of one partner shard and at most `max_pairs` each, so a verification task holds
+    the shingle sets of one run only, however many candidates its shard has."""
+    by_partner: dict[int, list[tuple]] = {}
+    for pair in pairs:
+        by_partner.setdefault(pair[2], []).append(pair)
+    for partner in sorted(by_partner):
+        run = by_partner[partner]
+        for lo in range(0, len(run), max_pairs):
+            yield run[lo:lo + max_pairs]
+
+
+def _documents(table: pa.Table, rows: set[int], params: dict) -> dict[int, tuple[str, set[str]]]:
+    """row -> (id, shingle set) of the wanted rows only (the rest of the shard stays in Arrow)."""
+    wanted = sorted(rows)
+    part = table.take(wanted)
+    ids, texts = part.column("id").to_pylist(), part.column("text").to_pylist()
+    return {r: (doc_id, shingles(text, params["shingle"], params["shingle_size"]))
+            for r, doc_id, text in zip(wanted, ids, texts)}
+
+
 def verify_shard(store_uri: str, ref: str, shard: int, item: tuple, params: dict) -> dict:
-    """The true Jaccard of every candidate pair whose first document is in this shard (its partners are read
-    from their shards, a shard at a time)."""
+    """The true Jaccard of every candidate pair whose first document is in this shard: partners are read a
+    shard at a time and pairs verified in runs of `verify_pairs` (`pair_chunks`), so memory is one shard's
+    and one partner shard's Arrow columns plus one run's shingle sets."""
     store = ArtifactStore(store_uri)
     parsed_ref, pairs = item
-    needed: dict[int, set[int]] = {shard: set()}
-    for _, ra, sb, rb in pairs:
-        needed[shard].add(ra)
-        needed.setdefault(sb, set()).add(rb)
-    docs: dict[tuple[int, int], tuple[str, set[str]]] = {}
-    for s, rows in needed.items():
-        if rows:  # only the needed rows become Python objects, and the shard's table is dropped at once
-            wanted = sorted(rows)
-            table = store.read_shard(parsed_ref, s, columns=["id", "text"]).take(wanted)
-            ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
-            for r, doc_id, text in zip(wanted, ids, texts):
-                docs[s, r] = (doc_id, shingles(text, params["shingle"], params["shingle_size"]))
-            del table
-    out = [{"shard_a": sa, "row_a": ra, "id_a": docs[sa, ra][0], "shard_b": sb, "row_b": rb,
-            "id_b": docs[sb, rb][0], "jaccard": jaccard(docs[sa, ra][1], docs[sb, rb][1])}
-           for sa, ra, sb, rb in pairs]
+    own = store.read_shard(parsed_ref, shard, columns=["id", "text"]) if pairs else None
+    partner_shard, partner, out = None, None, []
+    for chunk in pair_chunks(pairs, params.get("verify_pairs", 4096)):
+        if chunk[0][2] != partner_shard:
+            partner_shard = chunk[0][2]
+            partner = own if partner_shard == shard else store.read_shard(parsed_ref, partner_shard,
+                                                                          columns=["id", "text"])
+        a = _documents(own, {p[1] for p in chunk}, params)
+        b = _documents(partner, {p[3] for p in chunk}, params)
+        out += [{"shard_a": sa, "row_a": ra, "id_a": a[ra][0], "shard_b": sb, "row_b": rb, "id_b": b[rb][0],
+                 "jaccard": jaccard(a[ra][1], b[rb][1])} for sa, ra, sb, rb in chunk]
     return store.write_shard(ref, shard, pa.Table.from_pylist(out, schema=EDGE_SCHEMA))
 
 

@@ -157,3 +157,44 @@ def test_the_sample_worlds_planted_near_duplicates_are_removed_and_nothing_else(
     counts = near_duplicate_counts(store, record)
     assert counts["planted"] == counts["recall"] == len(removed) and counts["false"] == 0
     assert f"| {counts['read']} | {len(removed)} |" in render_near_duplicates(store, record)
+
+
+def test_pair_chunks_are_runs_of_one_partner_shard_covering_every_pair_once():
+    from tracecore.tasks.near_dedup import pair_chunks
+
+    pairs = [(0, r, s, r + s) for r in range(7) for s in (0, 2, 1)]
+    chunks = list(pair_chunks(pairs, 3))
+    assert all(len(c) <= 3 and len({p[2] for p in c}) == 1 for c in chunks)
+    assert sorted(p for c in chunks for p in c) == sorted(pairs)
+    assert [c[0][2] for c in chunks] == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # a partner shard is read once
+
+
+def test_verification_holds_one_run_of_pairs_at_a_time_and_gives_the_same_edges(tmp_path, monkeypatch):
+    """Memory per verification task is flat: however many candidates a shard has, no step builds shingle
+    sets for more than `verify_pairs` pairs' documents, and the edges equal the unchunked pass's."""
+    from tracecore.tasks import near_dedup as nd
+
+    (tmp_path / "in").mkdir()
+    files, near, _ = planted_corpus(tmp_path / "in")
+    from tracecore.flows.pipeline import run_stages
+
+    cfg = validate_config({"store": str(tmp_path / "store"), "calibrate": False, "ingest": {
+        "paths": files, "keep_intermediates": True, "near_dedup": {"enabled": True, "threshold": 0.5}}})
+    refs = plan_pipeline(cfg, ArtifactStore(cfg.store), ["ingest"])["ingest"].refs
+    run_stages(cfg, ["ingest"])
+    store = ArtifactStore(cfg.store)
+    candidates = store.read_table(refs["near_candidates"]).to_pylist()
+    shard = max({c["shard_a"] for c in candidates}, key=lambda s: sum(c["shard_a"] == s for c in candidates))
+    pairs = sorted((c["shard_a"], c["row_a"], c["shard_b"], c["row_b"]) for c in candidates
+                   if c["shard_a"] == shard)
+    assert len(pairs) > 3
+    sizes, documents = [], nd._documents
+    monkeypatch.setattr(nd, "_documents", lambda table, rows, params: sizes.append(len(rows)) or
+                        documents(table, rows, params))
+    params = {"shingle": "words", "shingle_size": 5, "verify_pairs": 3}
+    nd.verify_shard(cfg.store, "check/near_pairs", shard, (refs["parsed"], pairs), params)
+    assert sizes and max(sizes) <= 3
+    expected = [e for e in store.read_table(refs["near_pairs"]).to_pylist() if e["shard_a"] == shard]
+    key = lambda e: (e["row_a"], e["shard_b"], e["row_b"])  # noqa: E731
+    found = store.read_shard("check/near_pairs", shard).to_pylist()
+    assert sorted(found, key=key) == sorted(expected, key=key)
