@@ -27,10 +27,12 @@ QUICK = {  # script -> arguments for the ~10-minute umbrella run
     "mini_sequence.py": ["--quick", "--repeats", "1"],
     "razor_settings.py": ["--lengths", "1024", "--needles", "1", "--probe-blocks", "64", "--fractions",
                           "0.14", "--s0", "64"],
+    "razor_oracle.py": ["--lengths", "1024", "--needles", "1", "--calibration-lengths", "1024",
+                        "--calibration-needles", "1", "--fractions", "0.18"],
     "long_context.py": ["--lengths", "1024", "2048", "4096"],
     "scale.py": ["--sizes", "1e6", "1e7", "--big-file-gb", "0.05"],  # the full 10^8 + 2 GB run: ~36 min
     "orchestration.py": ["--profile", "tests/profile_test.yaml"],
-    "near_dedup.py": ["--sizes", "1e6"],  # the full 10^7 run: --sizes 1e6 1e7
+    "near_dedup.py": ["--sizes", "1e6"],  # the full run: --sizes 1e6 1e7 1e8
     "index_queries.py": ["--tokens", "1e6", "--queries", "200", "--cli-calls", "5",
                          "--generations", "20"],  # the tiny profile itself takes ~11 min
 }
