@@ -17,8 +17,6 @@ its own copy, KV bytes measured from the caches.
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 from pathlib import Path
@@ -27,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from razor_settings import DEPTHS, sweep, table
+from razor_settings import DEPTHS, needle_arguments, print_rows, sweep, table
 from tracecore.kernels.razor import head_scores, retrieval_heads
 from tracecore.storage.store import ArtifactStore
 from tracecore.tasks.eval import LongContextModel
@@ -70,17 +68,11 @@ def top_heads(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="folder, .gguf or packaged model")
-    ap.add_argument("--store", default=".tracecore/store", help="where the GGUF import is cached")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
-    ap.add_argument("--needles", type=int, default=8, help="per length, depths cycled")
+    ap = needle_arguments(__doc__)
     ap.add_argument("--calibration-lengths", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--calibration-needles", type=int, default=8)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.18, 0.25],
                     help="oracle head shares (the probe's share is the default run's)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok, model = load_eval_model(ArtifactStore(args.store), args.model, "--model")
@@ -96,14 +88,7 @@ def main() -> None:
           f"{int((probe & top_heads(oracle, n)).sum())}", flush=True)
     specs = {name: (cfg, cfg.probe_block) for name in heads}
     rows = table(sweep_with(model, tok, specs, heads, args), heads | {"probe_random": random_heads(probe, 1)})
-    print("| variant | length | needles | accuracy | minus full | KV share | heads |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['length']} | {r['needles']} | {r['accuracy']:.3f} | "
-              f"{r['minus_full']:+.3f} | {r['kv_share']:.3f} | {r['heads']} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-
+    print_rows(rows, args.json)
 
 def sweep_with(model, tok, specs, heads, args) -> list[dict]:
     """`razor_settings.sweep` over these head sets (its `_random` controls are the named ones here)."""

@@ -89,35 +89,47 @@ def table(rows: list[dict], heads: dict) -> list[dict]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def needle_arguments(description: str) -> argparse.ArgumentParser:
+    """The flags every Razor decision record shares: the model and the evaluation needles."""
+    ap = argparse.ArgumentParser(description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="folder, .gguf or packaged model")
     ap.add_argument("--store", default=".tracecore/store", help="where the GGUF import is cached")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--needles", type=int, default=8, help="per length, depths cycled")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    return ap
+
+
+def print_rows(rows: list[dict], json_path: Path | None) -> None:
+    """The variants' table as Markdown, and as JSON where asked."""
+    print("| variant | length | needles | accuracy | minus full | KV share | heads |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        heads = r["heads"] if r["heads"] is not None else "-"
+        print(f"| {r['variant']} | {r['length']} | {r['needles']} | {r['accuracy']:.3f} | "
+              f"{r['minus_full']:+.3f} | {r['kv_share']:.3f} | {heads} |")
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    ap = needle_arguments(__doc__)
     ap.add_argument("--probe-blocks", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.14, 0.2])
     ap.add_argument("--s0", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--compression", type=float, nargs="+", default=[8.0])
     ap.add_argument("--sinks", type=int, nargs="+", default=[4])
     ap.add_argument("--compensation", choices=["on", "off"], nargs="+", default=["on"])
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok, model = load_eval_model(ArtifactStore(args.store), args.model, "--model")
     specs = variants(args)
     heads = head_sets(model, tok, specs, args.seed)
-    rows = table(sweep(model, tok, specs, heads, args.lengths, args.needles, args.seed), heads)
-    print("| variant | length | needles | accuracy | minus full | KV share | heads "
-          "|\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['length']} | {r['needles']} | {r['accuracy']:.3f} | "
-              f"{r['minus_full']:+.3f} | "
-              f"{r['kv_share']:.3f} | {r['heads'] if r['heads'] is not None else '-'} |")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    rows = sweep(model, tok, specs, heads, args.lengths, args.needles, args.seed)
+    print_rows(table(rows, heads), args.json)
 
 
 if __name__ == "__main__":
