@@ -126,16 +126,18 @@ def ours(paths: list[str], store: str, near: bool) -> tuple[float, dict[str, flo
             current[0] = "between passes"
 
     StageRun.map = labelled
-    with dask_cluster(DaskConfig(n_workers=2, threads_per_worker=1)) as address:
-        stop, peak = threading.Event(), {}
-        sampler = threading.Thread(target=worker_peak, args=(stop, peak, current), daemon=True)
-        sampler.start()
-        start = time.perf_counter()
-        run_stage(stages_of(cfg)["ingest"], cfg.ingest, plan, store, address)
-        seconds = time.perf_counter() - start
-        stop.set()
-        sampler.join()
-    StageRun.map = mapping
+    try:
+        with dask_cluster(DaskConfig(n_workers=2, threads_per_worker=1)) as address:
+            stop, peak = threading.Event(), {}
+            sampler = threading.Thread(target=worker_peak, args=(stop, peak, current), daemon=True)
+            sampler.start()
+            start = time.perf_counter()
+            run_stage(stages_of(cfg)["ingest"], cfg.ingest, plan, store, address)
+            seconds = time.perf_counter() - start
+            stop.set()
+            sampler.join()
+    finally:  # the next size's plain run must not be labelled by this one
+        StageRun.map = mapping
     removed = ArtifactStore(store).read_table(plan.refs["near_duplicates"]).to_pylist() if near else []
     return seconds, peak, removed
 

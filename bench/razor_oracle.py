@@ -87,16 +87,11 @@ def main() -> None:
     print(f"# probe heads {n}; shared with the oracle's top {n}: "
           f"{int((probe & top_heads(oracle, n)).sum())}", flush=True)
     specs = {name: (cfg, cfg.probe_block) for name in heads}
-    rows = table(sweep_with(model, tok, specs, heads, args), heads | {"probe_random": random_heads(probe, 1)})
-    print_rows(rows, args.json)
-
-def sweep_with(model, tok, specs, heads, args) -> list[dict]:
-    """`razor_settings.sweep` over these head sets (its `_random` controls are the named ones here)."""
-    control = random_heads(heads["probe"], 1)
-    padded = dict(heads) | {f"{name}_random": control for name in heads}
-    rows = sweep(model, tok, specs, padded, args.lengths, args.needles, 1)
-    return [r for r in rows if not r["variant"].endswith("_random") or r["variant"] == "probe_random"]
-
+    control = random_heads(probe, 1)  # razor_settings.sweep decodes a `<name>_random` control per variant
+    rows = sweep(model, tok, specs, heads | {f"{name}_random": control for name in heads}, args.lengths,
+                 args.needles, 1)
+    rows = [r for r in rows if not r["variant"].endswith("_random") or r["variant"] == "probe_random"]
+    print_rows(table(rows, heads | {"probe_random": control}), args.json)
 
 if __name__ == "__main__":
     main()

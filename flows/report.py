@@ -21,8 +21,9 @@ BOOKKEEPING_KEYS = {"ref", "stage", "config_hash", "inputs", "code_version", "pa
 def shown(value):
     """A float at 4 significant digits (sums of pass times carry float noise, e.g. 0.30000000000000004);
     anything else as it is."""
-    return f"{value:.4g}" if isinstance(value, float) and abs(value) < 1e4 else \
-        f"{value:.0f}" if isinstance(value, float) else value
+    if not isinstance(value, float):
+        return value
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
 
 
 def stats_of(manifest: dict, width: int = 48) -> dict:

@@ -160,7 +160,7 @@ def verify_shard(store_uri: str, ref: str, shard: int, item: tuple, params: dict
     parsed_ref, pairs = item
     own = store.read_shard(parsed_ref, shard, columns=["id", "text"]) if pairs else None
     partner_shard, partner, out = None, None, []
-    for chunk in pair_chunks(pairs, params.get("verify_pairs", 4096)):
+    for chunk in pair_chunks(pairs, params["verify_pairs"]):
         if chunk[0][2] != partner_shard:
             partner_shard = chunk[0][2]
             partner = own if partner_shard == shard else store.read_shard(parsed_ref, partner_shard,
